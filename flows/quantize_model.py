@@ -1,0 +1,36 @@
+"""The quantize-model flow: download → reference → for each recipe: quantize → validate → evaluate
+→ benchmark → publish. Tasks pass paths; one recipe failing leaves the others running."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow
+
+from quantgate.config import DEFAULT_CONFIG, load_config
+from quantgate.record import RunRecord, run_step
+from tasks.download import download_task
+from tasks.quantize import make_plans, quantize_task
+from tasks.reference import reference_task
+
+
+@flow(name="quantize-model")
+def quantize_model(config_path: str = str(DEFAULT_CONFIG), overrides: list[str] | None = None) -> str:
+    config = load_config(config_path, overrides or [])
+    make_plans(config, config_path)  # bad skip patterns or block sizes stop here, before any download
+    run = RunRecord(config, config_path)
+    model, steps = config.model, config.steps
+
+    download = run_step(download_task, steps.download, source=model.source, revision=model.revision,
+                        cache_dir=str(config.output.cache_dir), dtype=model.dtype)
+    run.set_model(download)
+    if download["status"] == "ok":
+        run.set_reference(run_step(reference_task, steps.quantize, checkpoint=download["checkpoint"],
+                                   dtype=model.dtype, device=model.device))
+        for recipe in config.recipes:
+            result = run_step(quantize_task, steps.quantize, checkpoint=download["checkpoint"],
+                              recipe=recipe.model_dump(mode="json"), dtype=model.dtype, device=model.device,
+                              out_dir=str(run.recipe_dir(recipe.name)),
+                              roundtrip_min_top1=steps.quantize.roundtrip_min_top1)
+            run.set_step(recipe.name, "quantize", result)
+    run.finish()
+    return str(run.dir)

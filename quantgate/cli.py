@@ -1,0 +1,83 @@
+"""quantgate plan CONFIG | quantgate run [CONFIG] — the command line."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+# Prefect shows these loggers' records in the UI and on the terminal.
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "quantgate")
+
+from quantgate.config import DEFAULT_CONFIG, ConfigError, load_config  # noqa: E402
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def plan(args) -> int:
+    from tasks.quantize import make_plans, summarize
+
+    config = load_config(args.config, args.set)
+    plans = make_plans(config, args.config)
+    if args.json:
+        print(json.dumps(plans, indent=2))
+        return 0
+    print(f"model: {config.model.source} ({config.model.dtype}); plans made on the meta-device skeleton")
+    rows = []
+    for name, entries in plans.items():
+        counts = summarize(entries)
+        rows.append([name, counts["quantized"], counts["skipped"], counts["fallback"]])
+    print(_table(["recipe", "quantized", "skipped", "fallback"], rows))
+    for name, entries in plans.items():
+        # Layers repeat: group them as model.layers.*.mlp.up_proj (x30) per reason.
+        groups: dict[tuple, int] = {}
+        for entry in entries:
+            if entry["status"] != "quantized":
+                key = (entry["status"], re.sub(r"\.\d+\.", ".*.", entry["module"]), entry["reason"])
+                groups[key] = groups.get(key, 0) + 1
+        for (status, module, reason), count in groups.items():
+            print(f"  {name}: {status} {module}" + (f" (x{count})" if count > 1 else "") + f": {reason}")
+    return 0
+
+
+def run(args) -> int:
+    from flows.quantize_model import quantize_model
+    from quantgate.record import SUMMARY_HEADER, summary_rows
+
+    load_config(args.config, args.set)  # a bad config fails here with its message, before Prefect starts
+    run_dir = Path(quantize_model(config_path=str(args.config), overrides=args.set))
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    print()
+    print(_table(SUMMARY_HEADER, summary_rows(metrics)))
+    print(f"\nrun {metrics['run_id']}: {metrics['status']}")
+    print(f"run directory: {run_dir}")
+    return 0 if metrics["status"] == "passed" else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="quantgate", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, fn, help_text in (("plan", plan, "validate a config and print each recipe's plan (no weights loaded)"),
+                                ("run", run, "run the quantize-model flow on a config")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("config", nargs="?" if name == "run" else None, type=Path, default=DEFAULT_CONFIG)
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config field, e.g. --set steps.quantize.timeout_s=600")
+        p.set_defaults(fn=fn)
+    sub.choices["plan"].add_argument("--json", action="store_true", help="print the plans as JSON")
+    args = parser.parse_args(argv)
+    try:
+        return args.fn(args)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

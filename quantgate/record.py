@@ -1,0 +1,200 @@
+"""The run record (../shared/contract/run-record.md): runs/<run_id>/ with config.yaml, env.json,
+metrics.json (always written atomically), report.md and <recipe>/plan.json."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import secrets
+import time
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+from quantgate.config import RunConfig, dump_config
+
+SCHEMA = 1
+STEPS = ("quantize", "validate", "evaluate", "benchmark", "publish")
+# Steps whose issues are still open: recorded as not_run, never with numbers.
+NOT_BUILT = {"validate": "issue 3", "evaluate": "issue 6", "benchmark": "issue 4", "publish": "issue 7"}
+PACKAGES = ("python", "torch", "transformers", "accelerate", "bitsandbytes", "torchao", "optimum-quanto",
+            "lm_eval", "prefect", "safetensors", "huggingface_hub", "gguf")
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def write_json(path: Path, data) -> None:
+    """Temporary file, then rename: a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    tmp.replace(path)
+
+
+def environment() -> dict:
+    import psutil
+    import torch
+
+    env = {"python": platform.python_version()}
+    for name in PACKAGES[1:]:
+        try:
+            env[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            env[name] = None
+    env["host"] = {"platform": platform.platform(), "cpu_cores": os.cpu_count(),
+                   "memory_bytes": psutil.virtual_memory().total}
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        env["device"] = {"name": props.name, "memory_bytes": props.total_memory, "cuda": torch.version.cuda,
+                         "count": torch.cuda.device_count(), "driver": _nvidia_driver()}
+    else:
+        env["device"] = {"name": "cpu", "cuda": None}
+    return env
+
+
+def _nvidia_driver() -> str | None:
+    try:
+        return Path("/proc/driver/nvidia/version").read_text().split("Kernel Module")[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+class RunRecord:
+    def __init__(self, config: RunConfig, config_path: str):
+        self.run_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+        self.dir = Path(config.output.runs_dir).resolve() / self.run_id
+        self.dir.mkdir(parents=True)
+        (self.dir / "config.yaml").write_text(f"# resolved from {config_path}\n" + dump_config(config))
+        write_json(self.dir / "env.json", environment())
+        self.metrics = {"schema": SCHEMA, "run_id": self.run_id, "status": "running", "started_at": now(),
+                        "finished_at": None, "config_path": str(config_path),
+                        "model": {"source": config.model.source, "revision": config.model.revision},
+                        "reference": {}, "recipes": {}}
+        for recipe in config.recipes:
+            self.metrics["recipes"][recipe.name] = {
+                "status": "pending", "steps": {s: {"status": "not_run"} for s in STEPS}}
+        self.save()
+
+    def save(self) -> None:
+        write_json(self.dir / "metrics.json", self.metrics)
+
+    def recipe_dir(self, name: str) -> Path:
+        return self.dir / name
+
+    def set_model(self, download: dict) -> None:
+        model = self.metrics["model"]
+        model["download"] = _step_view(download)
+        if download["status"] == "ok":
+            model.update({k: download.get(k) for k in ("revision", "checkpoint_sha256", "checkpoint", "base_model",
+                                                       "license")})
+        else:
+            for entry in self.metrics["recipes"].values():
+                entry.update(status="error", reason=f"download: {download['reason']}")
+        self.save()
+
+    def set_reference(self, result: dict) -> None:
+        self.metrics["reference"] = result
+        self.save()
+
+    def set_step(self, recipe: str, step: str, result: dict) -> None:
+        """Record one step of a recipe; a step that did not end ok settles the recipe's status."""
+        entry = self.metrics["recipes"][recipe]
+        entry["steps"][step] = _step_view(result)
+        measured = {k: v for k, v in result.items() if k not in ("status", "reason", "seconds", "cached", "warnings")}
+        if measured:
+            entry[step] = measured
+        entry.setdefault("warnings", []).extend(f"{step}: {w}" for w in result.get("warnings", []))
+        if result["status"] != "ok":
+            entry["status"] = {"failed": "failed", "skipped": "skipped"}.get(result["status"], "error")
+            entry["reason"] = f"{step}: {result.get('reason', '')}"
+        self.save()
+
+    def finish(self) -> dict:
+        for entry in self.metrics["recipes"].values():
+            if entry["status"] == "pending":
+                entry["status"] = "passed"
+            for step, why in NOT_BUILT.items():
+                if entry["steps"][step]["status"] == "not_run":
+                    entry["steps"][step]["reason"] = f"not built yet ({why})"
+        statuses = {e["status"] for e in self.metrics["recipes"].values()}
+        self.metrics["status"] = "error" if "error" in statuses else "failed" if "failed" in statuses else "passed"
+        self.metrics["finished_at"] = now()
+        self.save()
+        (self.dir / "report.md").write_text(render_report(self.metrics))
+        return self.metrics
+
+
+def _step_view(result: dict) -> dict:
+    # A step that could not run here (e.g. needs CUDA) is not_run, with the reason.
+    view = {"status": "not_run" if result["status"] == "skipped" else result["status"],
+            "seconds": result.get("seconds")}
+    for key in ("reason", "cached"):
+        if result.get(key) is not None:
+            view[key] = result[key]
+    return view
+
+
+def run_step(step_task, settings, **params) -> dict:
+    """Run a Prefect task with the step's timeout and retries; a crash becomes a record, not a raise."""
+    t0 = time.perf_counter()
+    state = step_task.with_options(timeout_seconds=settings.timeout_s, retries=settings.retries)(
+        **params, return_state=True)
+    seconds = round(time.perf_counter() - t0, 2)
+    if state.is_completed():
+        result = dict(state.result())
+        result.setdefault("status", "ok")
+        return {**result, "seconds": seconds, "cached": state.name == "Cached"}
+    error = state.result(raise_on_failure=False)
+    if state.name == "TimedOut" or isinstance(error, TimeoutError):
+        reason = f"timed out after {settings.timeout_s:g} s"
+    elif isinstance(error, BaseException):
+        reason = f"{type(error).__name__}: {error}"
+    else:
+        reason = f"{state.name}: {state.message}"
+    return {"status": "error", "reason": reason, "seconds": seconds}
+
+
+# ---------------------------------------------------------------- the report
+
+def _gb(n) -> str:
+    return f"{n / 1e9:.3f} GB" if isinstance(n, (int, float)) else "–"
+
+
+def summary_rows(metrics: dict) -> list[list[str]]:
+    ref_bytes = metrics["reference"].get("real_bytes")
+    rows = [["reference", metrics["reference"].get("status", "–"), _gb(ref_bytes), "100%", "", "", ""]]
+    for name, entry in metrics["recipes"].items():
+        q = entry.get("quantize", {})
+        ratio = f"{q['real_bytes'] / ref_bytes:.1%}" if q.get("real_bytes") and ref_bytes else "–"
+        counts = f"{q['quantized_modules']}/{q['skipped_modules']}/{q['fallback_modules']}" if "quantized_modules" in q else "–"
+        rt = q.get("roundtrip", {})
+        agree = f"{rt['top1_agreement']:.3f}" if "top1_agreement" in rt else "–"
+        note = entry.get("reason") or "; ".join(entry.get("warnings", []))
+        rows.append([name, entry["status"], _gb(q.get("real_bytes")), ratio, counts, agree, note])
+    return rows
+
+
+SUMMARY_HEADER = ["recipe", "status", "real bytes", "of reference", "quantized/skipped/fallback",
+                  "round-trip top-1", "reason or warnings"]
+
+
+def render_report(metrics: dict) -> str:
+    model = metrics["model"]
+    lines = [f"# quantgate run {metrics['run_id']}", "",
+             f"- model: `{model['source']}` (revision `{model.get('revision')}`, checkpoint sha256 "
+             f"`{str(model.get('checkpoint_sha256'))[:16]}…`)",
+             f"- status: **{metrics['status']}**, {metrics['started_at']} → {metrics['finished_at']}", "",
+             "| " + " | ".join(SUMMARY_HEADER) + " |", "|" + " --- |" * len(SUMMARY_HEADER)]
+    lines += ["| " + " | ".join(row) + " |" for row in summary_rows(metrics)]
+    lines += ["", "## Steps", "", "| recipe | " + " | ".join(STEPS) + " |", "| --- |" + " --- |" * len(STEPS)]
+    for name, entry in metrics["recipes"].items():
+        cells = []
+        for step in STEPS:
+            s = entry["steps"][step]
+            cells.append(s["status"] + (f" ({s['seconds']:.1f} s)" if s.get("seconds") is not None else ""))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "Steps marked not_run have not been built yet or did not run; they carry no numbers.",
+              "Each recipe's plan (which Linear layers were quantized, skipped or left in high precision) "
+              "is in `<recipe>/plan.json`.", ""]
+    return "\n".join(lines)

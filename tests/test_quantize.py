@@ -1,0 +1,97 @@
+"""Quantize step on the real SmolLM2: every CPU recipe quantizes, saves and loads back."""
+import json
+
+import pytest
+import torch
+
+from quantgate import modeling
+from quantgate.config import available_recipes, load_config, needs_cuda
+from tasks import quantize as step
+from tests.conftest import PROJECT
+
+RECIPES = {name: load_config(PROJECT / "configs" / "default.yaml", [f"recipes=[{name}]"]).recipes[0]
+           for name in available_recipes()}
+CPU_RECIPES = [name for name, recipe in RECIPES.items() if not needs_cuda(recipe)]
+CUDA_RECIPES = [name for name in RECIPES if name not in CPU_RECIPES and name != "fp8-block128"]
+
+
+@pytest.fixture(scope="module")
+def reference_bytes(smollm2):
+    return step.modeling.real_bytes(modeling.load(smollm2, "bfloat16", "cpu"))
+
+
+def run_recipe(smollm2, tmp_path, name, **kw):
+    return step.quantize(str(smollm2), RECIPES[name].model_dump(), "bfloat16", kw.get("device", "cpu"),
+                         str(tmp_path / name), roundtrip_min_top1=kw.get("min_top1", 0.9))
+
+
+@pytest.mark.parametrize("name", CPU_RECIPES)
+def test_cpu_recipe_quantizes_and_round_trips(smollm2, tmp_path, reference_bytes, name):
+    result = run_recipe(smollm2, tmp_path, name)
+    assert result["status"] == "ok", result.get("reason")
+    assert result["quantized_modules"] == 210 and result["skipped_modules"] == 1  # lm_head (tied embedding)
+    ratio = result["real_bytes"] / reference_bytes
+    assert ratio < (0.45 if name in ("bnb-nf4", "quanto-int4") else 0.70), ratio
+    rt = result["roundtrip"]
+    assert rt["finite"] and rt["tokens"] > 50 and rt["top1_agreement"] >= 0.9
+    assert (tmp_path / name / "checkpoint" / "model.safetensors").is_file()
+    plan = json.loads((tmp_path / name / "plan.json").read_text())
+    assert plan["summary"] == {"quantized": 210, "skipped": 1, "fallback": 0}
+    assert plan["modules"][-1] == {"module": "lm_head", "shape": [49152, 576], "status": "skipped",
+                                   "reason": "output embedding (kept in high precision by default)"}
+
+
+def test_real_bytes_count_the_inner_tensors(smollm2, reference_bytes):
+    from transformers import TorchAoConfig
+    from torchao.quantization import Int8WeightOnlyConfig
+
+    assert reference_bytes == 269030272  # 134.5 M bf16 parameters, the tied embedding once
+    model = modeling.load(smollm2, "bfloat16", "cpu", TorchAoConfig(Int8WeightOnlyConfig()))
+    # transformers counts a torchao tensor at its logical dtype; its int8 data is what it holds.
+    assert model.get_memory_footprint() == reference_bytes
+    assert modeling.real_bytes(model) < 0.65 * reference_bytes
+
+
+@pytest.mark.parametrize("name", ["torchao-int4-weight-only", "fp8-block64"])
+def test_cuda_recipe_says_so_on_cpu(smollm2, tmp_path, name):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    result = run_recipe(smollm2, tmp_path, name)
+    assert result["status"] == "skipped" and result["reason"].startswith("needs CUDA (")
+    assert not (tmp_path / name).exists()
+
+
+def test_broken_round_trip_fails_the_step(smollm2, tmp_path, monkeypatch):
+    real = step.load_saved
+
+    def damaged(path, recipe, device):
+        model = real(path, recipe, device)
+        with torch.no_grad():
+            model.model.norm.weight.mul_(-3)  # a checkpoint that loads but does not match
+        return model
+
+    monkeypatch.setattr(step, "load_saved", damaged)
+    result = run_recipe(smollm2, tmp_path, "bnb-int8")
+    assert result["status"] == "failed"
+    assert result["reason"].startswith("the reloaded checkpoint disagrees with the in-memory model: top-1 agreement")
+    assert result["roundtrip"]["top1_agreement"] < 0.9
+
+
+def test_fallback_is_planned_then_checked_against_the_model(smollm2):
+    from transformers import AutoConfig
+
+    skeleton = modeling.skeleton(AutoConfig.from_pretrained(smollm2))
+    plan = step.plan_recipe(skeleton, RECIPES["torchao-int4-weight-only"])
+    assert step.summarize(plan) == {"quantized": 30, "skipped": 1, "fallback": 180}
+    # A layer the library left alone without the plan knowing is reported, not counted as quantized.
+    model = modeling.load(smollm2, "bfloat16", "cpu")
+    checked = step.reconcile(step.plan_recipe(skeleton, RECIPES["bnb-int8"]), model)
+    assert step.summarize(checked) == {"quantized": 0, "skipped": 1, "fallback": 210}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", CUDA_RECIPES + CPU_RECIPES)
+def test_recipe_on_gpu(smollm2, tmp_path, name):
+    result = run_recipe(smollm2, tmp_path, name, device="cuda")
+    assert result["status"] == "ok", result.get("reason")
+    assert result["roundtrip"]["finite"]
