@@ -1,0 +1,97 @@
+"""What docs/BENCHMARKS.md reports from the GPU: the quantize step's real functions on CUDA.
+
+The lent GPU machine has no package registry and carries at most 64 MiB a call, so Prefect is not
+installed there; when it is missing, its decorators are replaced by pass-throughs (printed) and
+the steps' plain functions run as they do inside the flow. Usage (see run_on_gpu.sh):
+  python docs/gpu/quantize_on_gpu.py smollm2 GGUF_PATH RECIPE...
+  python docs/gpu/quantize_on_gpu.py gemma3-12b-shaped CKPT_DIR RECIPE...
+"""
+import json
+import os
+import shutil
+import sys
+import time
+import types
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+try:
+    import prefect  # noqa: F401
+except ImportError:
+    print("prefect is not installed here: calling the steps' plain functions", flush=True)
+    shim = types.ModuleType("prefect")
+    shim.task = lambda fn=None, **kw: fn if fn is not None else (lambda f: f)
+    shim.flow = shim.task
+    shim.context = types.ModuleType("prefect.context")
+    shim.context.TaskRunContext = object
+    sys.modules["prefect"], sys.modules["prefect.context"] = shim, shim.context
+
+import torch  # noqa: E402
+
+from quantgate.config import load_config  # noqa: E402
+from tasks import quantize as step  # noqa: E402
+from tasks.download import download  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+DEVICE = os.environ.get("DEVICE", "cuda")  # DEVICE=cpu LAYERS=1: a dry run of this script on a CPU
+
+
+def recipe(name: str) -> dict:
+    return load_config(ROOT / "configs" / "default.yaml", [f"recipes=[{name}]"]).recipes[0].model_dump(mode="json")
+
+
+def make_gemma3_12b_shaped(folder: Path) -> None:
+    """Random bf16 weights in Gemma 3 12B's text shapes (as shared/gpu/load_probe.py builds it)."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    config = Gemma3TextConfig(vocab_size=262208, hidden_size=3840, intermediate_size=15360, num_hidden_layers=int(os.environ.get("LAYERS", 48)),
+                              num_attention_heads=16, num_key_value_heads=8, head_dim=256, sliding_window=1024,
+                              query_pre_attn_scalar=256, max_position_embeddings=4096)
+    config.architectures = ["Gemma3ForCausalLM"]
+    t0 = time.time()
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device(DEVICE):
+        model = Gemma3ForCausalLM(config)
+    torch.set_default_dtype(torch.float32)
+    model.save_pretrained(folder, max_shard_size="5GB")
+    # Gemma 3's tokenizer is not needed for shapes; SmolLM2's stands in so the step can tokenize.
+    del model
+    torch.cuda.empty_cache()
+    print(json.dumps({"made": str(folder), "seconds": round(time.time() - t0, 1)}), flush=True)
+
+
+def main() -> None:
+    which, path, names = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
+    print(json.dumps({"torch": torch.__version__, "cuda": torch.version.cuda,
+                      "device": torch.cuda.get_device_name(0) if DEVICE == "cuda" else DEVICE}), flush=True)
+    if which == "smollm2":
+        t0 = time.time()
+        checkpoint = download(f"gguf:{path}", None, "/tmp/qg-cache", "bfloat16")["checkpoint"]
+        print(json.dumps({"converted": checkpoint, "seconds": round(time.time() - t0, 1)}), flush=True)
+    else:
+        checkpoint = str(path)
+        if not (path / "config.json").is_file():
+            make_gemma3_12b_shaped(path)
+        for f in Path("/tmp/qg-cache").rglob("tokenizer*.json"):
+            shutil.copy(f, path / f.name)
+    reference = step.modeling.real_bytes(step.modeling.load(checkpoint, "bfloat16", DEVICE))
+    torch.cuda.empty_cache()
+    print(json.dumps({"reference_real_bytes": reference}), flush=True)
+    for name in names:
+        out = Path("/tmp/qg-out") / which / name
+        t0 = time.time()
+        try:
+            result = step.quantize(checkpoint, recipe(name), "bfloat16", DEVICE, str(out), 0.95)
+        except Exception as e:  # the flow records these the same way
+            result = {"status": "error", "reason": f"{type(e).__name__}: {str(e)[:400]}"}
+        result["seconds"] = round(time.time() - t0, 1)
+        if "real_bytes" in result:
+            result["of_reference"] = round(result["real_bytes"] / reference, 4)
+        result.pop("checkpoint", None)
+        print(json.dumps({"model": which, "recipe": name, **result}), flush=True)
+        shutil.rmtree(out, ignore_errors=True)
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

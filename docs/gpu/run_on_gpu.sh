@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The device calls behind docs/BENCHMARKS.md. A call carries at most 64 MiB, so the SmolLM2 GGUF
+# (98 MB) and the wheels travel in three calls to one warm machine (files in /tmp survive between
+# calls while it stays warm). Prepared here with:
+#   split -b 60000000 -d SmolLM2-135M-Instruct.Q4_1.gguf .gpu/smol.gguf.   (.00 -> .gpu/a, .01 -> .gpu/b)
+#   pip download --no-deps ... -d .gpu/b torchao==0.18.0 optimum-quanto==0.2.7 gguf==0.19.0 pydantic==2.14.3 \
+#       pydantic-core annotated-types typing-inspection;  -d .gpu/c bitsandbytes==0.50.2
+# Usage on the device: bash docs/gpu/run_on_gpu.sh a|b|c   (carry .gpu/a, .gpu/b, .gpu/c)
+set -u
+mkdir -p /tmp/g
+case "$1" in
+  a) cp .gpu/a/smol.gguf.00 /tmp/g/ && nvidia-smi -L && python3 -c "import torch, transformers, accelerate; print(torch.__version__, transformers.__version__, accelerate.__version__)" ;;
+  b) cp .gpu/b/smol.gguf.01 /tmp/g/ && cat /tmp/g/smol.gguf.00 /tmp/g/smol.gguf.01 > /tmp/g/SmolLM2-135M-Instruct.Q4_1.gguf \
+       && sha256sum /tmp/g/SmolLM2-135M-Instruct.Q4_1.gguf \
+       && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/b/*.whl && echo installed ;;
+  c) python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/c/*.whl || exit 1
+     export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
+     python3 docs/gpu/quantize_on_gpu.py smollm2 /tmp/g/SmolLM2-135M-Instruct.Q4_1.gguf \
+       bnb-nf4 bnb-int8 torchao-int8-weight-only torchao-int8-dynamic quanto-int8 quanto-int4 \
+       torchao-int4-weight-only torchao-float8-dynamic fp8-block64 2>"$OUT/smollm2.err" | tee "$OUT/smollm2.jsonl"
+     grep -vE "Loading weights|Writing model|Converting" "$OUT/smollm2.err" | tail -5
+     timeout 420 python3 docs/gpu/quantize_on_gpu.py gemma3-12b-shaped /tmp/g3-12b \
+       torchao-int4-weight-only bnb-nf4 torchao-float8-dynamic fp8-block128 2>"$OUT/g3.err" | tee "$OUT/g3.jsonl"
+     grep -vE "Loading weights|Writing model|Converting" "$OUT/g3.err" | tail -5 ;;
+esac
