@@ -1,5 +1,6 @@
 """The quantize-model flow: download → reference → for each recipe: quantize → validate → evaluate
-→ benchmark → publish. Tasks pass paths; one recipe failing leaves the others running."""
+→ benchmark → publish. Tasks pass paths; one recipe failing leaves the others running, and a
+recipe stops at its first step that does not end ok."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,6 +12,7 @@ from quantgate.record import RunRecord, run_step
 from tasks.download import download_task
 from tasks.quantize import make_plans, quantize_task
 from tasks.reference import reference_task
+from tasks.validate import validate_task
 
 
 @flow(name="quantize-model")
@@ -24,13 +26,23 @@ def quantize_model(config_path: str = str(DEFAULT_CONFIG), overrides: list[str] 
                         cache_dir=str(config.output.cache_dir), dtype=model.dtype)
     run.set_model(download)
     if download["status"] == "ok":
-        run.set_reference(run_step(reference_task, steps.quantize, checkpoint=download["checkpoint"],
-                                   dtype=model.dtype, device=model.device))
+        reference = run_step(reference_task, steps.validate, checkpoint=download["checkpoint"],
+                             checkpoint_sha256=download["checkpoint_sha256"], dtype=model.dtype,
+                             device=model.device, cache_dir=str(config.output.cache_dir),
+                             validate_settings=steps.validate.model_dump())
+        run.set_reference(reference)
         for recipe in config.recipes:
-            result = run_step(quantize_task, steps.quantize, checkpoint=download["checkpoint"],
-                              recipe=recipe.model_dump(mode="json"), dtype=model.dtype, device=model.device,
-                              out_dir=str(run.recipe_dir(recipe.name)),
-                              roundtrip_min_top1=steps.quantize.roundtrip_min_top1)
-            run.set_step(recipe.name, "quantize", result)
+            quantized = run_step(quantize_task, steps.quantize, checkpoint=download["checkpoint"],
+                                 recipe=recipe.model_dump(mode="json"), dtype=model.dtype, device=model.device,
+                                 out_dir=str(run.recipe_dir(recipe.name)),
+                                 roundtrip_min_top1=steps.quantize.roundtrip_min_top1)
+            run.set_step(recipe.name, "quantize", quantized)
+            if quantized["status"] != "ok":
+                continue
+            validated = run_step(validate_task, steps.validate, checkpoint=quantized["checkpoint"],
+                                 recipe=recipe.model_dump(mode="json"), reference=reference["validate"],
+                                 device=model.device, settings=steps.validate.model_dump()) \
+                if reference["status"] == "ok" else {"status": "error", "reason": f"reference: {reference['reason']}"}
+            run.set_step(recipe.name, "validate", validated)
     run.finish()
     return str(run.dir)

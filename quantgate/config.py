@@ -6,6 +6,7 @@ before validation, so every error names the file and field it came from.
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -51,9 +52,21 @@ class ModelSpec(Strict):
         return value
 
 
+class ValidateThresholds(Strict):
+    """When the validate step warns or fails a recipe. KL is per token, KL(reference || quantized),
+    in nats; a recipe file sets its family's own (4-bit recipes drift more than 8-bit ones)."""
+    kl_mean_warn: float = Field(0.05, ge=0)
+    kl_mean_fail: float = Field(0.25, ge=0)
+    kl_p99_warn: float = Field(0.5, ge=0)
+    kl_p99_fail: float = Field(3.0, ge=0)
+    top1_warn: float = Field(0.85, ge=0, le=1)
+    top1_fail: float = Field(0.7, ge=0, le=1)
+
+
 class RecipeBase(Strict):
     name: str
     description: str = ""
+    thresholds: ValidateThresholds = ValidateThresholds()
     # Full dotted module paths (a path also covers everything under it; '*' stands for one
     # path segment). A pattern that matches no module is an error, not a silent no-op.
     skip: list[str] = []
@@ -115,9 +128,21 @@ class QuantizeSettings(StepSettings):
     roundtrip_min_top1: float = Field(0.95, ge=0, le=1)
 
 
-class Steps(Strict):
-    download: DownloadSettings = DownloadSettings()
-    quantize: QuantizeSettings = QuantizeSettings()
+class ValidateSettings(StepSettings):
+    top_k: PositiveInt = 64  # reference log-probs kept per token; KL adds one bucket for the rest
+    hidden_positions: PositiveInt = 32  # token positions per prompt whose hidden states are compared
+    generate_prompts: int = Field(3, ge=0)  # chat prompts decoded greedily by both models
+    max_new_tokens: PositiveInt = 32
+
+
+with warnings.catch_warnings():
+    # The step is called validate; pydantic's deprecated BaseModel.validate is the only clash.
+    warnings.simplefilter("ignore", UserWarning)
+
+    class Steps(Strict):
+        download: DownloadSettings = DownloadSettings()
+        quantize: QuantizeSettings = QuantizeSettings()
+        validate: ValidateSettings = ValidateSettings()
 
 
 class Output(Strict):
@@ -170,7 +195,10 @@ def _resolve_recipe(entry: Any, index: int, path: Path) -> tuple[dict, Path]:
     if not isinstance(use, str) or not recipe_file.is_file():
         raise ConfigError(path, field, f"unknown recipe {use!r}; allowed: {', '.join(available_recipes())}")
     base = _read_yaml(recipe_file)
-    return {**base, **override}, recipe_file
+    # One level deep, so `thresholds: {top1_fail: 0.5}` keeps the family's other thresholds.
+    merged = {k: {**base[k], **v} if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+              for k, v in override.items()}
+    return {**base, **merged}, recipe_file
 
 
 def _set_dotted(data: dict, key: str, value: Any) -> None:

@@ -16,7 +16,7 @@ from quantgate.config import RunConfig, dump_config
 SCHEMA = 1
 STEPS = ("quantize", "validate", "evaluate", "benchmark", "publish")
 # Steps whose issues are still open: recorded as not_run, never with numbers.
-NOT_BUILT = {"validate": "issue 3", "evaluate": "issue 6", "benchmark": "issue 4", "publish": "issue 7"}
+NOT_BUILT = {"evaluate": "issue 6", "benchmark": "issue 4", "publish": "issue 7"}
 PACKAGES = ("python", "torch", "transformers", "accelerate", "bitsandbytes", "torchao", "optimum-quanto",
             "lm_eval", "prefect", "safetensors", "huggingface_hub", "gguf")
 
@@ -114,9 +114,11 @@ class RunRecord:
         for entry in self.metrics["recipes"].values():
             if entry["status"] == "pending":
                 entry["status"] = "passed"
-            for step, why in NOT_BUILT.items():
-                if entry["steps"][step]["status"] == "not_run":
-                    entry["steps"][step]["reason"] = f"not built yet ({why})"
+            for step in STEPS:
+                state = entry["steps"][step]
+                if state["status"] == "not_run" and "reason" not in state:
+                    state["reason"] = (f"not built yet ({NOT_BUILT[step]})" if step in NOT_BUILT
+                                       else f"the recipe stopped: {entry.get('reason', '')}")
         statuses = {e["status"] for e in self.metrics["recipes"].values()}
         self.metrics["status"] = "error" if "error" in statuses else "failed" if "failed" in statuses else "passed"
         self.metrics["finished_at"] = now()
@@ -135,10 +137,10 @@ def _step_view(result: dict) -> dict:
     return view
 
 
-def run_step(step_task, settings, **params) -> dict:
+def run_step(step_task, step_settings, /, **params) -> dict:
     """Run a Prefect task with the step's timeout and retries; a crash becomes a record, not a raise."""
     t0 = time.perf_counter()
-    state = step_task.with_options(timeout_seconds=settings.timeout_s, retries=settings.retries)(
+    state = step_task.with_options(timeout_seconds=step_settings.timeout_s, retries=step_settings.retries)(
         **params, return_state=True)
     seconds = round(time.perf_counter() - t0, 2)
     if state.is_completed():
@@ -147,7 +149,7 @@ def run_step(step_task, settings, **params) -> dict:
         return {**result, "seconds": seconds, "cached": state.name == "Cached"}
     error = state.result(raise_on_failure=False)
     if state.name == "TimedOut" or isinstance(error, TimeoutError):
-        reason = f"timed out after {settings.timeout_s:g} s"
+        reason = f"timed out after {step_settings.timeout_s:g} s"
     elif isinstance(error, BaseException):
         reason = f"{type(error).__name__}: {error}"
     else:
@@ -161,22 +163,32 @@ def _gb(n) -> str:
     return f"{n / 1e9:.3f} GB" if isinstance(n, (int, float)) else "–"
 
 
+def _num(value, fmt: str) -> str:
+    return format(value, fmt) if isinstance(value, (int, float)) else "–"
+
+
 def summary_rows(metrics: dict) -> list[list[str]]:
     ref_bytes = metrics["reference"].get("real_bytes")
-    rows = [["reference", metrics["reference"].get("status", "–"), _gb(ref_bytes), "100%", "", "", ""]]
+    rows = [["reference", metrics["reference"].get("status", "–"), _gb(ref_bytes), "100%", "", "", "", "", "", ""]]
     for name, entry in metrics["recipes"].items():
-        q = entry.get("quantize", {})
+        q, v = entry.get("quantize", {}), entry.get("validate", {})
         ratio = f"{q['real_bytes'] / ref_bytes:.1%}" if q.get("real_bytes") and ref_bytes else "–"
         counts = f"{q['quantized_modules']}/{q['skipped_modules']}/{q['fallback_modules']}" if "quantized_modules" in q else "–"
-        rt = q.get("roundtrip", {})
-        agree = f"{rt['top1_agreement']:.3f}" if "top1_agreement" in rt else "–"
-        note = entry.get("reason") or "; ".join(entry.get("warnings", []))
-        rows.append([name, entry["status"], _gb(q.get("real_bytes")), ratio, counts, agree, note])
+        warnings = entry.get("warnings", [])
+        note = entry.get("reason") or (f"{warnings[0]}" + (f" (+{len(warnings) - 1} more)" if len(warnings) > 1 else "")
+                                       if warnings else "")
+        rows.append([name, entry["status"], _gb(q.get("real_bytes")), ratio, counts,
+                     _num(q.get("roundtrip", {}).get("top1_agreement"), ".3f"), v.get("verdict", "–"),
+                     _num(v.get("kl_mean"), ".4f"), _num(v.get("top1_agreement"), ".3f"), note])
     return rows
 
 
 SUMMARY_HEADER = ["recipe", "status", "real bytes", "of reference", "quantized/skipped/fallback",
-                  "round-trip top-1", "reason or warnings"]
+                  "round-trip top-1", "verdict", "KL mean", "top-1 vs ref", "reason or warnings"]
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ⏎ ").strip()
 
 
 def render_report(metrics: dict) -> str:
@@ -194,6 +206,18 @@ def render_report(metrics: dict) -> str:
             s = entry["steps"][step]
             cells.append(s["status"] + (f" ({s['seconds']:.1f} s)" if s.get("seconds") is not None else ""))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    for name, entry in metrics["recipes"].items():
+        v = entry.get("validate", {})
+        if v.get("nonfinite"):
+            nf = v["nonfinite"]
+            lines += ["", f"## {name}: non-finite", "",
+                      f"First non-finite module: `{nf['first_nonfinite_module']}` (prompt `{nf['prompt']}`; input "
+                      f"{nf.get('input_dtype')}, max |x| {nf.get('input_max_abs')}, input finite: {nf.get('input_finite')}, "
+                      f"weight finite: {nf.get('weight_finite')}); {nf['affected_count']} modules affected after it."]
+        if v.get("generations"):
+            lines += ["", f"## {name}: greedy generations", "", "| prompt | reference | " + name + " |",
+                      "| --- | --- | --- |"]
+            lines += [f"| {g['prompt']} | {_cell(g['reference'])} | {_cell(g['quantized'])} |" for g in v["generations"]]
     lines += ["", "Steps marked not_run have not been built yet or did not run; they carry no numbers.",
               "Each recipe's plan (which Linear layers were quantized, skipped or left in high precision) "
               "is in `<recipe>/plan.json`.", ""]
