@@ -26,7 +26,8 @@ def run_dir(tmp_path_factory, smollm2, cache_dir, prefect_server):
     try:
         path = quantize_model(str(PROJECT / "configs" / "default.yaml"), overrides=[
             f"output.runs_dir={runs}", f"output.cache_dir={cache_dir}",
-            "recipes=[bnb-nf4, bnb-int8, torchao-int8-weight-only, fp8-block64]"])
+            "recipes=[bnb-nf4, {use: bnb-nf4, name: nf4-strict, thresholds: {kl_mean_fail: 0.001}}, bnb-int8, "
+            "torchao-int8-weight-only, fp8-block64]"])
     finally:
         step.quantize_model = real
     from pathlib import Path
@@ -40,7 +41,11 @@ def test_run_record_files(run_dir):
     assert env["torch"] and env["transformers"] == "5.23.0" and env["prefect"] == "3.8.8"
     assert env["host"]["cpu_cores"] >= 1 and "device" in env
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    assert [r["name"] for r in config["recipes"]] == ["bnb-nf4", "bnb-int8", "torchao-int8-weight-only", "fp8-block64"]
+    assert [r["name"] for r in config["recipes"]] == ["bnb-nf4", "nf4-strict", "bnb-int8", "torchao-int8-weight-only",
+                                                      "fp8-block64"]
+    # A partial thresholds override keeps the rest of the recipe family's thresholds.
+    assert config["recipes"][1]["thresholds"]["kl_mean_fail"] == 0.001
+    assert config["recipes"][1]["thresholds"]["top1_fail"] == config["recipes"][0]["thresholds"]["top1_fail"] == 0.6
 
 
 def test_metrics_follow_the_contract(run_dir):
@@ -54,10 +59,34 @@ def test_metrics_follow_the_contract(run_dir):
     assert nf4["steps"]["quantize"]["seconds"] > 0
     assert nf4["quantize"]["real_bytes"] < 0.45 * m["reference"]["real_bytes"]
     assert nf4["quantize"]["quantized_modules"] == 210 and nf4["quantize"]["skipped_modules"] == 1
-    for step in ("validate", "evaluate", "benchmark", "publish"):
+    for step in ("evaluate", "benchmark", "publish"):
         assert nf4["steps"][step]["status"] == "not_run" and step not in nf4  # no invented numbers
     int8wo = m["recipes"]["torchao-int8-weight-only"]
     assert int8wo["status"] == "passed" and int8wo["quantize"]["real_bytes"] < 0.70 * m["reference"]["real_bytes"]
+
+
+def test_validation_verdicts_in_the_record(run_dir):
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m["reference"]["validate"]["first_nonfinite_module"] is None
+    nf4, int8 = m["recipes"]["bnb-nf4"], m["recipes"]["torchao-int8-weight-only"]
+    for entry in (nf4, int8):
+        v = entry["validate"]
+        assert entry["steps"]["validate"]["status"] == "ok" and v["verdict"] in ("pass", "warn")
+        assert v["first_nonfinite_module"] is None and 0 < v["kl_mean"] and 0 < v["top1_agreement"] <= 1
+        assert len(v["generations"]) == 3
+    assert nf4["validate"]["kl_mean"] > 3 * int8["validate"]["kl_mean"]  # 4-bit drifts further than 8-bit
+    assert nf4["validate"]["top1_agreement"] < int8["validate"]["top1_agreement"]
+
+
+def test_failed_validation_stops_the_recipe_only(run_dir):
+    m = json.loads((run_dir / "metrics.json").read_text())
+    strict = m["recipes"]["nf4-strict"]
+    assert strict["status"] == "failed" and strict["validate"]["verdict"] == "fail"
+    assert strict["reason"].startswith("validate: mean KL") and "(fail threshold)" in strict["reason"]
+    assert strict["steps"]["validate"]["status"] == "failed"
+    for step in ("evaluate", "benchmark", "publish"):
+        assert strict["steps"][step]["status"] == "not_run"
+    assert m["recipes"]["bnb-nf4"]["status"] == "passed"  # same quantization, its own thresholds
 
 
 def test_one_recipe_failing_leaves_the_others(run_dir):
@@ -73,6 +102,7 @@ def test_one_recipe_failing_leaves_the_others(run_dir):
 
 def test_report_lists_every_recipe(run_dir):
     report = (run_dir / "report.md").read_text()
-    for name in ("bnb-nf4", "bnb-int8", "torchao-int8-weight-only", "fp8-block64"):
+    for name in ("bnb-nf4", "nf4-strict", "bnb-int8", "torchao-int8-weight-only", "fp8-block64"):
         assert f"| {name} |" in report
     assert "planted failure" in report and "not_run" in report
+    assert "## bnb-nf4: greedy generations" in report
