@@ -5,6 +5,8 @@ installed there; when it is missing, its decorators are replaced by pass-through
 the steps' plain functions run as they do inside the flow. Usage (see run_on_gpu.sh):
   python docs/gpu/quantize_on_gpu.py smollm2 GGUF_PATH RECIPE...
   python docs/gpu/quantize_on_gpu.py gemma3-12b-shaped CKPT_DIR RECIPE...
+With VALIDATE=1 the reference is measured once (and the scan's cost against a plain forward over
+the prompt set), and each quantized recipe is validated against it.
 """
 import json
 import os
@@ -30,6 +32,7 @@ import torch  # noqa: E402
 
 from quantgate.config import load_config  # noqa: E402
 from tasks import quantize as step  # noqa: E402
+from tasks import validate as validation  # noqa: E402
 from tasks.download import download  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -60,6 +63,47 @@ def make_gemma3_12b_shaped(folder: Path) -> None:
     print(json.dumps({"made": str(folder), "seconds": round(time.time() - t0, 1)}), flush=True)
 
 
+def sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure_reference(model, checkpoint: str) -> dict:
+    """The reference's validation measurements, and what the non-finite scan costs: the median of 3
+    passes over the prompt set, plain forward against forward_scanned (hooks + hidden states)."""
+    from statistics import median
+
+    from transformers import AutoTokenizer
+
+    from quantgate.config import ValidateSettings
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    ids = [validation.encode(tokenizer, p).to(DEVICE) for p in validation.load_prompts()]
+
+    def timed(fn) -> float:
+        times = []
+        for _ in range(4):  # the first pass warms up
+            sync()
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                for x in ids:
+                    fn(x)
+            sync()
+            times.append(time.perf_counter() - t0)
+        return median(times[1:])
+
+    plain = timed(lambda x: model(input_ids=x))
+    scanned = timed(lambda x: validation.forward_scanned(model, x))
+    t0 = time.perf_counter()
+    stats = validation.reference_stats(model, tokenizer, "gpu-run", "bfloat16", Path("/tmp/qg-cache"),
+                                       ValidateSettings())
+    print(json.dumps({"prompts": len(ids), "tokens": sum(x.shape[1] for x in ids), "plain_forward_s": round(plain, 4),
+                      "scanned_forward_s": round(scanned, 4), "scan_overhead": round(scanned / plain, 3),
+                      "reference_measure_s": round(time.perf_counter() - t0, 1),
+                      "reference_first_nonfinite": stats["first_nonfinite_module"]}), flush=True)
+    return stats
+
+
 def main() -> None:
     which, path, names = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
     print(json.dumps({"torch": torch.__version__, "cuda": torch.version.cuda,
@@ -72,11 +116,16 @@ def main() -> None:
         checkpoint = str(path)
         if not (path / "config.json").is_file():
             make_gemma3_12b_shaped(path)
-        for f in Path("/tmp/qg-cache").rglob("tokenizer*.json"):
+        # No Gemma tokenizer travels: SmolLM2's (49,152 ids, all inside Gemma's vocabulary) stands in.
+        for f in Path(os.environ.get("TOKENIZER_DIR", "/tmp/qg-cache")).rglob("tokenizer*.json"):
             shutil.copy(f, path / f.name)
-    reference = step.modeling.real_bytes(step.modeling.load(checkpoint, "bfloat16", DEVICE))
-    torch.cuda.empty_cache()
+    model = step.modeling.load(checkpoint, "bfloat16", DEVICE)
+    reference = step.modeling.real_bytes(model)
     print(json.dumps({"reference_real_bytes": reference}), flush=True)
+    if os.environ.get("VALIDATE"):
+        ref_stats = measure_reference(model, checkpoint)
+    del model
+    torch.cuda.empty_cache()
     for name in names:
         out = Path("/tmp/qg-out") / which / name
         t0 = time.time()
@@ -85,6 +134,13 @@ def main() -> None:
         except Exception as e:  # the flow records these the same way
             result = {"status": "error", "reason": f"{type(e).__name__}: {str(e)[:400]}"}
         result["seconds"] = round(time.time() - t0, 1)
+        if os.environ.get("VALIDATE") and result["status"] == "ok":
+            t1 = time.time()
+            checked = validation.validate(result["checkpoint"], recipe(name), ref_stats, DEVICE, {})
+            result["validate"] = {k: checked.get(k) for k in (
+                "verdict", "reasons", "first_nonfinite_module", "kl_mean", "kl_p99", "top1_agreement", "top5_overlap",
+                "tokens", "max_divergence_layer")}
+            result["validate"]["seconds"] = round(time.time() - t1, 1)
         if "real_bytes" in result:
             result["of_reference"] = round(result["real_bytes"] / reference, 4)
         result.pop("checkpoint", None)

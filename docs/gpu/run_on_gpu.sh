@@ -6,6 +6,8 @@
 #   pip download --no-deps ... -d .gpu/b torchao==0.18.0 optimum-quanto==0.2.7 gguf==0.19.0 pydantic==2.14.3 \
 #       pydantic-core annotated-types typing-inspection;  -d .gpu/c bitsandbytes==0.50.2
 # Usage on the device: bash docs/gpu/run_on_gpu.sh a|b|c   (carry .gpu/a, .gpu/b, .gpu/c)
+# Validation on the Gemma-3-12B-shaped checkpoint is one call on its own: bash docs/gpu/run_on_gpu.sh d
+# carrying .gpu/d (bitsandbytes, torchao and pydantic wheels as above, SmolLM2's tokenizer files in tok/).
 set -u
 mkdir -p /tmp/g
 case "$1" in
@@ -22,4 +24,9 @@ case "$1" in
      timeout 420 python3 docs/gpu/quantize_on_gpu.py gemma3-12b-shaped /tmp/g3-12b \
        torchao-int4-weight-only bnb-nf4 torchao-float8-dynamic fp8-block128 2>"$OUT/g3.err" | tee "$OUT/g3.jsonl"
      grep -vE "Loading weights|Writing model|Converting" "$OUT/g3.err" | tail -5 ;;
+  d) python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/d/*.whl || exit 1
+     export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore VALIDATE=1 TOKENIZER_DIR=.gpu/d/tok
+     timeout 560 python3 docs/gpu/quantize_on_gpu.py gemma3-12b-shaped /tmp/g3-12b \
+       bnb-nf4 torchao-int4-weight-only 2>"$OUT/validate-g3.err" | tee "$OUT/validate-g3.jsonl"
+     grep -vE "Loading weights|Writing model|Converting" "$OUT/validate-g3.err" | tail -5 ;;
 esac
