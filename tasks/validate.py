@@ -50,13 +50,18 @@ def _tensors(value):
 
 
 class NonFiniteScan:
-    """Forward hooks on every module. The cheap pass keeps one float32 sum per output on the device
-    (non-finite whenever any element is; one sync per forward); `detailed` checks every element and
-    records each flagged module's input statistics."""
+    """Forward hooks on every module. The cheap pass queues each floating output and reduces them in
+    batches with one fused L2-norm kernel (a NaN or Inf makes the norm non-finite; one sync a
+    forward). `detailed` checks every element and records each flagged module's input statistics;
+    it also confirms the cheap pass, whose norm could overflow on huge but finite values."""
+
+    BATCH = 64  # outputs held before a reduction: bounds the activations kept alive
 
     def __init__(self, model: torch.nn.Module, detailed: bool = False):
         self.model, self.detailed = model, detailed
-        self.flags: list[tuple[str, torch.Tensor]] = []
+        self.names: list[str] = []
+        self.pending: list[torch.Tensor] = []
+        self.maxima: list[torch.Tensor] = []
         self.details: dict[str, dict] = {}
 
     def __enter__(self):
@@ -70,33 +75,46 @@ class NonFiniteScan:
 
     def _hook(self, name: str):
         def hook(module, inputs, output):
-            outs = [t for t in _tensors(output) if t.is_floating_point()]
-            if not outs:
-                return
-            if self.detailed:
-                flag = torch.stack([~torch.isfinite(t).all() for t in outs]).any()
+            if isinstance(output, torch.Tensor):
+                outs = [output] if output.is_floating_point() and output.numel() else []
             else:
-                flag = ~torch.isfinite(torch.stack([t.sum(dtype=torch.float32) for t in outs])).all()
-            self.flags.append((name, flag))
-            if self.detailed and bool(flag) and name not in self.details:
-                ins = [t for t in _tensors(inputs) if t.is_floating_point()]
-                finite_in = [t[torch.isfinite(t)] for t in ins]
-                self.details[name] = {
-                    "input_dtype": str(ins[0].dtype) if ins else None,
-                    "input_max_abs": max((float(t.abs().max()) for t in finite_in if t.numel()), default=None),
-                    "input_finite": all(bool(torch.isfinite(t).all()) for t in ins),
-                    "output_nan": any(bool(torch.isnan(t).any()) for t in outs),
-                    "output_inf": any(bool(torch.isinf(t).any()) for t in outs),
-                    "weight_finite": _weight_finite(module)}
+                outs = [t for t in _tensors(output) if t.is_floating_point() and t.numel()]
+            if self.detailed:
+                if any(not torch.isfinite(t).all() for t in outs):
+                    self.names.append(name)
+                    self.details.setdefault(name, _statistics(module, inputs, outs))
+                return
+            self.pending += outs
+            self.names += [name] * len(outs)
+            if len(self.pending) >= self.BATCH:
+                self._reduce()
         return hook
+
+    def _reduce(self) -> None:
+        if self.pending:
+            self.maxima.append(torch.stack(torch._foreach_norm(self.pending, 2, dtype=torch.float32)))
+            self.pending = []
 
     def flagged(self) -> list[str]:
         """Modules whose output held NaN or Inf, in the order they finished (execution order)."""
-        if not self.flags:
+        if self.detailed:
+            return list(dict.fromkeys(self.names))
+        self._reduce()
+        if not self.maxima:
             return []
-        values = torch.stack([flag for _, flag in self.flags]).cpu().tolist()
-        names = [name for (name, _), bad in zip(self.flags, values) if bad]
-        return list(dict.fromkeys(names))
+        bad = (~torch.isfinite(torch.cat(self.maxima))).cpu().tolist()
+        return list(dict.fromkeys(name for name, b in zip(self.names, bad) if b))
+
+
+def _statistics(module: torch.nn.Module, inputs, outs: list[torch.Tensor]) -> dict:
+    ins = [t for t in _tensors(inputs) if t.is_floating_point()]
+    finite_in = [t[torch.isfinite(t)] for t in ins]
+    return {"input_dtype": str(ins[0].dtype) if ins else None,
+            "input_max_abs": max((float(t.abs().max()) for t in finite_in if t.numel()), default=None),
+            "input_finite": all(bool(torch.isfinite(t).all()) for t in ins),
+            "output_nan": any(bool(torch.isnan(t).any()) for t in outs),
+            "output_inf": any(bool(torch.isinf(t).any()) for t in outs),
+            "weight_finite": _weight_finite(module)}
 
 
 def _weight_finite(module: torch.nn.Module) -> bool | None:
@@ -117,13 +135,15 @@ def forward_scanned(model, ids: torch.Tensor) -> tuple[torch.Tensor, tuple, list
 
 
 @torch.no_grad()
-def explain_nonfinite(model, ids: torch.Tensor) -> dict:
+def explain_nonfinite(model, ids: torch.Tensor) -> dict | None:
     """Second pass on a prompt that went non-finite: the first module and its input statistics."""
     with NonFiniteScan(model, detailed=True) as scan:
         model(input_ids=ids)
     flagged = scan.flagged()
+    if not flagged:
+        return None  # the cheap pass's norm overflowed: every value is finite
     first = flagged[0]
-    return {"first_nonfinite_module": first, **scan.details.get(first, {}),
+    return {"first_nonfinite_module": first, **scan.details[first],
             "affected_after": flagged[1:], "affected_count": len(flagged) - 1}
 
 
@@ -164,8 +184,8 @@ def measure_reference(model, tokenizer, settings: ValidateSettings) -> dict:
     for prompt in prompts:
         ids = encode(tokenizer, prompt).to(device)
         logits, hidden, flagged = forward_scanned(model, ids)
-        if flagged and nonfinite is None:
-            nonfinite = {"prompt": prompt["id"], **explain_nonfinite(model, ids)}
+        if flagged and nonfinite is None and (found := explain_nonfinite(model, ids)):
+            nonfinite = {"prompt": prompt["id"], **found}
         logp = torch.log_softmax(logits, -1)
         top = logp.topk(settings.top_k, dim=-1)
         positions = sample_positions(ids.shape[1], settings.hidden_positions).to(device)
@@ -248,8 +268,8 @@ def compare(model, tokenizer, stats: dict, settings: ValidateSettings) -> dict:
     for ref in stats["prompts"]:
         ids = ref["ids"].to(device)
         logits, hidden, flagged = forward_scanned(model, ids)
-        if flagged and nonfinite is None:
-            nonfinite = {"prompt": ref["id"], **explain_nonfinite(model, ids)}
+        if flagged and nonfinite is None and (found := explain_nonfinite(model, ids)):
+            nonfinite = {"prompt": ref["id"], **found}
             layer = first_nonfinite_layer(hidden)
         per_token = compare_prompt(ref, logits.cpu())
         kls.append(per_token["kl"]), top1.append(per_token["top1"]), top5.append(per_token["top5"])
