@@ -10,6 +10,7 @@ from prefect import flow
 from quantgate.config import DEFAULT_CONFIG, load_config
 from quantgate.record import RunRecord, run_step
 from tasks.download import download_task
+from tasks.evaluate import evaluate_task
 from tasks.quantize import make_plans, quantize_task
 from tasks.reference import reference_task
 from tasks.validate import validate_task
@@ -29,7 +30,8 @@ def quantize_model(config_path: str = str(DEFAULT_CONFIG), overrides: list[str] 
         reference = run_step(reference_task, steps.validate, checkpoint=download["checkpoint"],
                              checkpoint_sha256=download["checkpoint_sha256"], dtype=model.dtype,
                              device=model.device, cache_dir=str(config.output.cache_dir),
-                             validate_settings=steps.validate.model_dump())
+                             validate_settings=steps.validate.model_dump(),
+                             evaluate_settings=steps.evaluate.model_dump())
         run.set_reference(reference)
         for recipe in config.recipes:
             quantized = run_step(quantize_task, steps.quantize, checkpoint=download["checkpoint"],
@@ -44,5 +46,12 @@ def quantize_model(config_path: str = str(DEFAULT_CONFIG), overrides: list[str] 
                                  device=model.device, settings=steps.validate.model_dump()) \
                 if reference["status"] == "ok" else {"status": "error", "reason": f"reference: {reference['reason']}"}
             run.set_step(recipe.name, "validate", validated)
+            if validated["status"] != "ok":
+                continue
+            evaluated = run_step(evaluate_task, steps.evaluate, checkpoint=quantized["checkpoint"],
+                                 recipe=recipe.model_dump(mode="json"), reference=reference["evaluate"],
+                                 device=model.device, settings=steps.evaluate.model_dump(),
+                                 cache_dir=str(config.output.cache_dir), out_dir=str(run.recipe_dir(recipe.name)))
+            run.set_step(recipe.name, "evaluate", evaluated)
     run.finish()
     return str(run.dir)

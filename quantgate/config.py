@@ -135,6 +135,16 @@ class ValidateSettings(StepSettings):
     max_new_tokens: PositiveInt = 32
 
 
+class EvaluateSettings(StepSettings):
+    mmlu_source: Literal["local", "hub"] = "local"  # data/mmlu, or the Hub dataset cais/mmlu
+    num_fewshot: int = Field(0, ge=0, le=5)
+    limit: PositiveInt | None = 5  # questions per subject (57 subjects); null: all 14,042
+    batch_size: Union[PositiveInt, Literal["auto"]] = "auto"  # auto: lm-eval's probe on CUDA, 8 on a CPU
+    wikitext: bool = True
+    wikitext_token_budget: PositiveInt | None = 4096  # leading documents up to this many tokens; null: all
+    bootstrap_iters: PositiveInt = 10000
+
+
 with warnings.catch_warnings():
     # The step is called validate; pydantic's deprecated BaseModel.validate is the only clash.
     warnings.simplefilter("ignore", UserWarning)
@@ -143,6 +153,7 @@ with warnings.catch_warnings():
         download: DownloadSettings = DownloadSettings()
         quantize: QuantizeSettings = QuantizeSettings()
         validate: ValidateSettings = ValidateSettings()
+        evaluate: EvaluateSettings = EvaluateSettings()
 
 
 class Output(Strict):

@@ -16,7 +16,7 @@ from quantgate.config import RunConfig, dump_config
 SCHEMA = 1
 STEPS = ("quantize", "validate", "evaluate", "benchmark", "publish")
 # Steps whose issues are still open: recorded as not_run, never with numbers.
-NOT_BUILT = {"evaluate": "issue 6", "benchmark": "issue 4", "publish": "issue 7"}
+NOT_BUILT = {"benchmark": "issue 4", "publish": "issue 7"}
 PACKAGES = ("python", "torch", "transformers", "accelerate", "bitsandbytes", "torchao", "optimum-quanto",
             "lm_eval", "prefect", "safetensors", "huggingface_hub", "gguf")
 
@@ -167,24 +167,36 @@ def _num(value, fmt: str) -> str:
     return format(value, fmt) if isinstance(value, (int, float)) else "–"
 
 
+def _mmlu(evaluate: dict) -> str:
+    m = evaluate.get("mmlu", {})
+    if "acc" not in m:
+        return "–"
+    if "delta_acc" not in m:
+        return f"{m['acc']:.3f}"
+    low, high = m["delta_ci95"]
+    return f"{m['acc']:.3f} ({m['delta_acc']:+.3f} [{low:+.3f}, {high:+.3f}])"
+
+
 def summary_rows(metrics: dict) -> list[list[str]]:
-    ref_bytes = metrics["reference"].get("real_bytes")
-    rows = [["reference", metrics["reference"].get("status", "–"), _gb(ref_bytes), "100%", "", "", "", "", "", ""]]
+    ref = metrics["reference"]
+    ref_bytes = ref.get("real_bytes")
+    rows = [["reference", ref.get("status", "–"), _gb(ref_bytes), "100%", "", "", "", "",
+             _mmlu(ref.get("evaluate", {})), _num(ref.get("evaluate", {}).get("wikitext", {}).get("word_perplexity"), ".2f"), ""]]
     for name, entry in metrics["recipes"].items():
-        q, v = entry.get("quantize", {}), entry.get("validate", {})
+        q, v, e = entry.get("quantize", {}), entry.get("validate", {}), entry.get("evaluate", {})
         ratio = f"{q['real_bytes'] / ref_bytes:.1%}" if q.get("real_bytes") and ref_bytes else "–"
         counts = f"{q['quantized_modules']}/{q['skipped_modules']}/{q['fallback_modules']}" if "quantized_modules" in q else "–"
         warnings = entry.get("warnings", [])
         note = entry.get("reason") or (f"{warnings[0]}" + (f" (+{len(warnings) - 1} more)" if len(warnings) > 1 else "")
                                        if warnings else "")
-        rows.append([name, entry["status"], _gb(q.get("real_bytes")), ratio, counts,
-                     _num(q.get("roundtrip", {}).get("top1_agreement"), ".3f"), v.get("verdict", "–"),
-                     _num(v.get("kl_mean"), ".4f"), _num(v.get("top1_agreement"), ".3f"), note])
+        rows.append([name, entry["status"], _gb(q.get("real_bytes")), ratio, counts, v.get("verdict", "–"),
+                     _num(v.get("kl_mean"), ".4f"), _num(v.get("top1_agreement"), ".3f"), _mmlu(e),
+                     _num(e.get("wikitext", {}).get("word_perplexity"), ".2f"), note])
     return rows
 
 
-SUMMARY_HEADER = ["recipe", "status", "real bytes", "of reference", "quantized/skipped/fallback",
-                  "round-trip top-1", "verdict", "KL mean", "top-1 vs ref", "reason or warnings"]
+SUMMARY_HEADER = ["recipe", "status", "real bytes", "of reference", "quantized/skipped/fallback", "verdict",
+                  "KL mean", "top-1 vs ref", "MMLU (delta [95% CI])", "word ppl", "reason or warnings"]
 
 
 def _cell(text: str) -> str:

@@ -26,6 +26,7 @@ def run_dir(tmp_path_factory, smollm2, cache_dir, prefect_server):
     try:
         path = quantize_model(str(PROJECT / "configs" / "default.yaml"), overrides=[
             f"output.runs_dir={runs}", f"output.cache_dir={cache_dir}",
+            "steps.evaluate={limit: 1, batch_size: 4, wikitext_token_budget: 256}",
             "recipes=[bnb-nf4, {use: bnb-nf4, name: nf4-strict, thresholds: {kl_mean_fail: 0.001}}, bnb-int8, "
             "torchao-int8-weight-only, fp8-block64]"])
     finally:
@@ -59,7 +60,7 @@ def test_metrics_follow_the_contract(run_dir):
     assert nf4["steps"]["quantize"]["seconds"] > 0
     assert nf4["quantize"]["real_bytes"] < 0.45 * m["reference"]["real_bytes"]
     assert nf4["quantize"]["quantized_modules"] == 210 and nf4["quantize"]["skipped_modules"] == 1
-    for step in ("evaluate", "benchmark", "publish"):
+    for step in ("benchmark", "publish"):
         assert nf4["steps"][step]["status"] == "not_run" and step not in nf4  # no invented numbers
     int8wo = m["recipes"]["torchao-int8-weight-only"]
     assert int8wo["status"] == "passed" and int8wo["quantize"]["real_bytes"] < 0.70 * m["reference"]["real_bytes"]
@@ -76,6 +77,25 @@ def test_validation_verdicts_in_the_record(run_dir):
         assert len(v["generations"]) == 3
     assert nf4["validate"]["kl_mean"] > 3 * int8["validate"]["kl_mean"]  # 4-bit drifts further than 8-bit
     assert nf4["validate"]["top1_agreement"] < int8["validate"]["top1_agreement"]
+
+
+def test_evaluation_in_the_record(run_dir):
+    m = json.loads((run_dir / "metrics.json").read_text())
+    ref = m["reference"]["evaluate"]
+    assert ref["mmlu"]["n"] == 57 and 0 <= ref["mmlu"]["acc"] <= 1 and ref["wikitext"]["word_perplexity"] > 1
+    for name in ("bnb-nf4", "torchao-int8-weight-only"):
+        e = m["recipes"][name]["evaluate"]
+        assert m["recipes"][name]["steps"]["evaluate"]["status"] == "ok"
+        mmlu = e["mmlu"]
+        assert mmlu["n"] == 57 and mmlu["paired_n"] == 57 and len(mmlu["subjects"]) == 57
+        assert mmlu["delta_acc"] == pytest.approx(mmlu["acc"] - ref["mmlu"]["acc"])
+        low, high = mmlu["delta_ci95"]
+        assert low <= mmlu["delta_acc"] <= high and mmlu["significant"] == (not low <= 0 <= high)
+        assert e["wikitext"]["word_perplexity"] > 1 and "delta_word_perplexity" in e["wikitext"]
+        assert (run_dir / name / "evaluate.json").is_file()
+    # 4-bit raises perplexity more than 8-bit over the same documents.
+    assert (m["recipes"]["bnb-nf4"]["evaluate"]["wikitext"]["delta_word_perplexity"]
+            > m["recipes"]["torchao-int8-weight-only"]["evaluate"]["wikitext"]["delta_word_perplexity"])
 
 
 def test_failed_validation_stops_the_recipe_only(run_dir):

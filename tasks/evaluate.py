@@ -1,0 +1,235 @@
+"""Evaluate step: MMLU (57 subjects) and WikiText-2 word perplexity through lm-eval, on the model
+already loaded (lm-eval's HFLM wraps it), and the accuracy delta to the reference with a 95%
+interval from a paired bootstrap over the same questions.
+
+MMLU comes from the Hub dataset cais/mmlu (lm-eval's own `mmlu` group) or, offline, from the copy
+in data/mmlu through task YAMLs written here with the same prompts (`quantgate_mmlu`): a group
+with weight_by_size, so the overall score is lm-eval's own aggregation either way.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from pathlib import Path
+
+import torch
+from prefect import task
+from pydantic import TypeAdapter
+
+from quantgate import modeling
+from quantgate.config import PROJECT_ROOT, EvaluateSettings, Recipe
+from quantgate.record import write_json
+
+log = logging.getLogger("quantgate.evaluate")
+DATA = PROJECT_ROOT / "data"
+
+TASK_UTILS = '''"""Written by quantgate (tasks/evaluate.py): per-subject filters over data/mmlu, and lm-eval's
+own WikiText-2 document functions."""
+from functools import partial
+
+from lm_eval.tasks.wikitext.preprocess_wikitext import process_results, wikitext_detokenizer  # noqa: F401
+
+SUBJECTS = {subjects!r}
+
+
+def _subject(subject, dataset):
+    return dataset.filter(lambda doc: doc["subject"] == subject)
+
+
+for _name in SUBJECTS:
+    globals()[f"mmlu_{{_name}}"] = partial(_subject, _name)
+'''
+
+# lm-eval's mmlu/default template, verbatim, so local and Hub runs prompt identically.
+MMLU_TEMPLATE = {
+    "output_type": "multiple_choice", "test_split": "test", "fewshot_split": "dev",
+    "fewshot_config": {"sampler": "first_n"},
+    "doc_to_text": "{{question.strip()}}\nA. {{choices[0]}}\nB. {{choices[1]}}\nC. {{choices[2]}}\nD. {{choices[3]}}\nAnswer:",
+    "doc_to_choice": ["A", "B", "C", "D"], "doc_to_target": "answer",
+    "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+    "metadata": {"version": 1.0},
+}
+
+
+def subjects() -> list[str]:
+    with open(DATA / "mmlu" / "dev.jsonl") as f:
+        return sorted({json.loads(line)["subject"] for line in f})
+
+
+def wikitext_documents() -> list[str]:
+    """The test split cut into its articles (the `page` documents lm-eval's task reads)."""
+    docs, current = [], []
+    for line in (DATA / "wikitext2" / "test.txt").read_text().split("\n"):
+        if re.match(r"^ = [^=].* = $", line) and current:
+            docs.append("\n".join(current) + "\n")
+            current = []
+        if line.strip() or current:
+            current.append(line)
+    docs.append("\n".join(current) + "\n")
+    return docs
+
+
+def write_task_dir(root: Path) -> Path:
+    """lm-eval task YAMLs over the project's data files; pass the folder as include_path."""
+    import yaml
+
+    folder = root / "lm_eval_tasks"
+    folder.mkdir(parents=True, exist_ok=True)
+    names = subjects()
+    (folder / "quantgate_utils.py").write_text(TASK_UTILS.format(subjects=names))
+    files = {"test": str(DATA / "mmlu" / "test.jsonl"), "dev": str(DATA / "mmlu" / "dev.jsonl")}
+    for name in names:
+        spec = {"task": f"quantgate_mmlu_{name}", "task_alias": name, "dataset_path": "json",
+                "dataset_kwargs": {"data_files": files}, **MMLU_TEMPLATE,
+                "description": f"The following are multiple choice questions (with answers) about "
+                               f"{name.replace('_', ' ')}.\n\n",
+                "process_docs": f"!function quantgate_utils.mmlu_{name}"}
+        (folder / f"quantgate_mmlu_{name}.yaml").write_text(_yaml(spec))
+    (folder / "quantgate_mmlu.yaml").write_text(yaml.safe_dump({
+        "group": "quantgate_mmlu", "task": [f"quantgate_mmlu_{n}" for n in names],
+        "aggregate_metric_list": [{"metric": "acc", "weight_by_size": True}], "metadata": {"version": 2}}))
+    docs = folder / "wikitext2_test_documents.jsonl"
+    docs.write_text("".join(json.dumps({"page": d}) + "\n" for d in wikitext_documents()))
+    (folder / "quantgate_wikitext.yaml").write_text(_yaml({
+        "task": "quantgate_wikitext", "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(docs)}},
+        "output_type": "loglikelihood_rolling", "test_split": "test", "doc_to_text": "",
+        "doc_to_target": "!function quantgate_utils.wikitext_detokenizer",
+        "process_results": "!function quantgate_utils.process_results",
+        "metric_list": [{"metric": "word_perplexity"}, {"metric": "byte_perplexity"}, {"metric": "bits_per_byte"}],
+        "metadata": {"version": 2.0}}))
+    return folder
+
+
+def _yaml(spec: dict) -> str:
+    import yaml
+
+    # `!function` must stay an unquoted tag for lm-eval's loader.
+    return re.sub(r"'(!function [^']+)'", r"\1", yaml.safe_dump(spec, sort_keys=False, width=1000))
+
+
+def wikitext_limit(tokenizer, budget: int | None) -> int | None:
+    """How many leading documents fit in a token budget (at least one); None: all of them."""
+    if budget is None:
+        return None
+    total = 0
+    for count, doc in enumerate(wikitext_documents()):
+        total += len(tokenizer(doc)["input_ids"])
+        if total > budget:
+            return max(count, 1)
+    return None
+
+
+# ---------------------------------------------------------------- running lm-eval
+
+def run_lm_eval(model, tokenizer, settings: EvaluateSettings, task_dir: Path) -> dict:
+    """MMLU and WikiText-2 on a loaded model; per-subject results and per-question correctness."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    device = str(next(model.parameters()).device)
+    # lm-eval's "auto" probes batch sizes with full-length forwards: minutes on a CPU, so 8 there.
+    batch_size = 8 if settings.batch_size == "auto" and device == "cpu" else settings.batch_size
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+    manager = TaskManager(include_path=str(task_dir))
+    group = "mmlu" if settings.mmlu_source == "hub" else "quantgate_mmlu"
+    mmlu = simple_evaluate(model=lm, tasks=[group], num_fewshot=settings.num_fewshot, limit=settings.limit,
+                           task_manager=manager, log_samples=True, bootstrap_iters=100)  # acc's stderr is analytic
+    out = {"mmlu": _mmlu_results(mmlu, group)}
+    if settings.wikitext:
+        limit = wikitext_limit(tokenizer, settings.wikitext_token_budget)
+        wiki = simple_evaluate(model=lm, tasks=["quantgate_wikitext"], limit=limit, task_manager=manager,
+                               bootstrap_iters=0)
+        r = wiki["results"]["quantgate_wikitext"]
+        out["wikitext"] = {"word_perplexity": r["word_perplexity,none"], "byte_perplexity": r["byte_perplexity,none"],
+                           "bits_per_byte": r["bits_per_byte,none"],
+                           "documents": wiki["n-samples"]["quantgate_wikitext"]["effective"]}
+    return out
+
+
+def _mmlu_results(result: dict, group: str) -> dict:
+    prefix = f"{group}_"
+    per_subject, correct = {}, {}
+    for name, samples in result["samples"].items():
+        subject = name.removeprefix(prefix)
+        for sample in samples:
+            correct[f"{subject}/{sample['doc_id']}"] = float(sample["acc"])
+        r = result["results"][name]
+        per_subject[subject] = {"acc": r["acc,none"], "n": len(samples)}
+    overall = result["results"][group]
+    return {"acc": overall["acc,none"], "acc_stderr": overall.get("acc_stderr,none"),
+            "n": sum(s["n"] for s in per_subject.values()), "subjects": per_subject, "correct": correct}
+
+
+def paired_bootstrap(reference: dict[str, float], recipe: dict[str, float], iters: int = 10000,
+                     seed: int = 0) -> dict:
+    """Accuracy delta (recipe - reference) over the same questions, with a 95% percentile interval."""
+    keys = sorted(reference.keys() & recipe.keys())
+    ref = torch.tensor([reference[k] for k in keys])
+    rec = torch.tensor([recipe[k] for k in keys])
+    generator = torch.Generator().manual_seed(seed)
+    idx = torch.randint(len(keys), (iters, len(keys)), generator=generator)
+    deltas = (rec[idx] - ref[idx]).mean(1)
+    low, high = torch.quantile(deltas, torch.tensor([0.025, 0.975])).tolist()
+    return {"delta_acc": float((rec - ref).mean()), "delta_ci95": [low, high], "paired_n": len(keys),
+            "significant": not (low <= 0 <= high)}
+
+
+# ---------------------------------------------------------------- the step
+
+def eval_key(checkpoint_sha256: str, dtype: str, settings: EvaluateSettings) -> str:
+    data = hashlib.sha256((DATA / "mmlu" / "test.jsonl").read_bytes()).hexdigest()
+    spec = json.dumps([checkpoint_sha256, dtype, data, settings.model_dump(exclude={"timeout_s", "retries"})])
+    return hashlib.sha256(spec.encode()).hexdigest()[:24]
+
+
+def reference_evaluation(model, tokenizer, checkpoint_sha256: str, dtype: str, cache_dir: Path,
+                         settings: EvaluateSettings) -> dict:
+    """The reference's evaluation, from the cache when the same checkpoint and settings ran before."""
+    path = Path(cache_dir) / "reference" / eval_key(checkpoint_sha256, dtype, settings) / "evaluate.json"
+    cached = path.is_file()
+    if not cached:
+        with modeling.timed("evaluate reference"):
+            results = run_lm_eval(model, tokenizer, settings, write_task_dir(Path(cache_dir)))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, results)
+    results = json.loads(path.read_text())
+    summary = _summary(results)
+    return {"path": str(path), "cached": cached, **summary}
+
+
+def _summary(results: dict) -> dict:
+    """The record's view: everything but the per-question correctness."""
+    out = {"mmlu": {k: v for k, v in results["mmlu"].items() if k != "correct"}}
+    if "wikitext" in results:
+        out["wikitext"] = results["wikitext"]
+    return out
+
+
+def evaluate(checkpoint: str, recipe: dict, reference: dict, device: str, settings: dict, cache_dir: str,
+             out_dir: str) -> dict:
+    from tasks.quantize import load_saved
+    from transformers import AutoTokenizer
+
+    recipe = TypeAdapter(Recipe).validate_python(recipe)
+    settings = EvaluateSettings.model_validate(settings)
+    model = load_saved(Path(checkpoint), recipe, modeling.resolve_device(device))
+    with modeling.timed(f"evaluate {recipe.name}"):
+        results = run_lm_eval(model, AutoTokenizer.from_pretrained(checkpoint), settings,
+                              write_task_dir(Path(cache_dir)))
+    write_json(Path(out_dir) / "evaluate.json", results)  # per question, for later comparisons
+    ref = json.loads(Path(reference["path"]).read_text())
+    summary = _summary(results)
+    mmlu = summary["mmlu"]
+    mmlu.update(paired_bootstrap(ref["mmlu"]["correct"], results["mmlu"]["correct"], settings.bootstrap_iters))
+    # torchao's cards: how much of the reference's accuracy is lost, relative to it.
+    mmlu["normalized_degradation"] = (ref["mmlu"]["acc"] - mmlu["acc"]) / ref["mmlu"]["acc"] if ref["mmlu"]["acc"] else None
+    if "wikitext" in summary and "wikitext" in ref:
+        summary["wikitext"]["delta_word_perplexity"] = (summary["wikitext"]["word_perplexity"]
+                                                        - ref["wikitext"]["word_perplexity"])
+    return {"status": "ok", **summary}
+
+
+evaluate_task = task(evaluate, name="evaluate", task_run_name="evaluate-{recipe[name]}")

@@ -1,0 +1,87 @@
+"""Evaluate step: lm-eval's MMLU on the project's data, the same number as the lm_eval command line,
+and paired-bootstrap intervals."""
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from quantgate import modeling
+from quantgate.config import EvaluateSettings
+from tasks import evaluate as step
+
+QUICK = EvaluateSettings(limit=1, batch_size=4, wikitext=False)
+
+
+def test_task_folder_mirrors_lm_evals_mmlu(tmp_path):
+    folder = step.write_task_dir(tmp_path)
+    subjects = step.subjects()
+    assert len(subjects) == 57
+    group = yaml.safe_load((folder / "quantgate_mmlu.yaml").read_text())
+    assert group["aggregate_metric_list"] == [{"metric": "acc", "weight_by_size": True}] and len(group["task"]) == 57
+    text = (folder / "quantgate_mmlu_abstract_algebra.yaml").read_text()
+    assert "process_docs: !function quantgate_utils.mmlu_abstract_algebra" in text
+    assert "about abstract algebra." in text
+
+
+def test_wikitext_documents_and_budget(smollm2):
+    from transformers import AutoTokenizer
+
+    docs = step.wikitext_documents()
+    assert len(docs) == 62 and docs[0].startswith(" = Robert <unk> = ")
+    assert sum(len(d) for d in docs) > 1_200_000  # the whole test split, cut at its article titles
+    tokenizer = AutoTokenizer.from_pretrained(smollm2)
+    first = len(tokenizer(docs[0])["input_ids"])
+    assert step.wikitext_limit(tokenizer, first + 1) == 1 and step.wikitext_limit(tokenizer, 10) == 1
+    assert step.wikitext_limit(tokenizer, None) is None
+
+
+def test_paired_bootstrap():
+    same = {f"q{i}": float(i % 2) for i in range(200)}
+    result = step.paired_bootstrap(same, same, iters=500)
+    assert result["delta_acc"] == 0 and result["delta_ci95"] == [0, 0] and not result["significant"]
+    worse = {k: 0.0 for k in same}
+    result = step.paired_bootstrap(same, worse, iters=500)
+    assert result["delta_acc"] == -0.5 and result["significant"] and result["delta_ci95"][1] < 0
+    # One flipped answer in 200 is within noise.
+    flipped = dict(same, q1=0.0)
+    result = step.paired_bootstrap(same, flipped, iters=2000)
+    assert result["delta_acc"] == pytest.approx(-0.005) and not result["significant"]
+    assert result["paired_n"] == 200
+
+
+@pytest.fixture(scope="module")
+def reference_eval(smollm2, tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    cache = tmp_path_factory.mktemp("evalcache")
+    model = modeling.load(smollm2, "bfloat16", "cpu")
+    return cache, step.reference_evaluation(model, AutoTokenizer.from_pretrained(smollm2), "smol", "bfloat16",
+                                            cache, QUICK)
+
+
+def test_reference_evaluation_is_recorded_and_cached(reference_eval):
+    cache, result = reference_eval
+    mmlu = result["mmlu"]
+    assert mmlu["n"] == 57 and len(mmlu["subjects"]) == 57 and 0 <= mmlu["acc"] <= 1
+    assert "correct" not in mmlu  # per-question results stay in the cache file
+    assert len(json.loads(open(result["path"]).read())["mmlu"]["correct"]) == 57
+    again = step.reference_evaluation(None, None, "smol", "bfloat16", cache, QUICK)
+    assert again["cached"] is True and again["mmlu"] == mmlu
+
+
+def test_lm_eval_command_line_gets_the_same_accuracy(smollm2, reference_eval, tmp_path):
+    cache, result = reference_eval
+    done = subprocess.run(
+        [sys.executable, "-m", "lm_eval", "run", "--model", "hf",
+         "--model_args", f"pretrained={smollm2},dtype=bfloat16", "--device", "cpu",
+         "--tasks", "quantgate_mmlu", "--include_path", str(cache / "lm_eval_tasks"),
+         "--limit", "1", "--batch_size", "4", "--num_fewshot", "0", "--output_path", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    files = list((tmp_path / "out").rglob("results_*.json"))
+    cli = json.loads(files[0].read_text())["results"]
+    assert cli["quantgate_mmlu"]["acc,none"] == result["mmlu"]["acc"]
+    for subject, r in result["mmlu"]["subjects"].items():
+        assert cli[f"quantgate_mmlu_{subject}"]["acc,none"] == r["acc"], subject
