@@ -10,6 +10,7 @@ from pathlib import Path
 
 # Prefect shows these loggers' records in the UI and on the terminal.
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "quantgate")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network to send it to
 
 from quantgate.config import DEFAULT_CONFIG, ConfigError, load_config  # noqa: E402
 

@@ -6,7 +6,8 @@ the steps' plain functions run as they do inside the flow. Usage (see run_on_gpu
   python docs/gpu/quantize_on_gpu.py smollm2 GGUF_PATH RECIPE...
   python docs/gpu/quantize_on_gpu.py gemma3-12b-shaped CKPT_DIR RECIPE...
 With VALIDATE=1 the reference is measured once (and the scan's cost against a plain forward over
-the prompt set), and each quantized recipe is validated against it.
+the prompt set), and each quantized recipe is validated against it. With EVALUATE=1 the reference
+and each recipe run the evaluate step: all 14,042 MMLU questions 0-shot and all of WikiText-2.
 """
 import json
 import os
@@ -32,6 +33,7 @@ import torch  # noqa: E402
 
 from quantgate.config import load_config  # noqa: E402
 from tasks import quantize as step  # noqa: E402
+from tasks import evaluate as evaluation  # noqa: E402
 from tasks import validate as validation  # noqa: E402
 from tasks.download import download  # noqa: E402
 
@@ -104,6 +106,29 @@ def measure_reference(model, checkpoint: str) -> dict:
     return stats
 
 
+def full_eval_settings():
+    from quantgate.config import EvaluateSettings
+
+    if os.environ.get("QUICK"):  # a dry run of this script: 1 question a subject, 1 document
+        return EvaluateSettings(limit=1, batch_size=8, wikitext_token_budget=256)
+    return EvaluateSettings(limit=None, num_fewshot=0, batch_size="auto", wikitext_token_budget=None)
+
+
+FULL_EVAL = full_eval_settings()
+
+
+def evaluate_reference(model, checkpoint: str) -> dict:
+    from transformers import AutoTokenizer
+
+    t0 = time.perf_counter()
+    result = evaluation.reference_evaluation(model, AutoTokenizer.from_pretrained(checkpoint), "gpu-run", "bfloat16",
+                                             Path("/tmp/qg-cache"), FULL_EVAL)
+    print(json.dumps({"reference_evaluate": {"mmlu": {k: v for k, v in result["mmlu"].items() if k != "subjects"},
+                                             "wikitext": result.get("wikitext"),
+                                             "seconds": round(time.perf_counter() - t0, 1)}}), flush=True)
+    return result
+
+
 def main() -> None:
     which, path, names = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
     print(json.dumps({"torch": torch.__version__, "cuda": torch.version.cuda,
@@ -124,6 +149,8 @@ def main() -> None:
     print(json.dumps({"reference_real_bytes": reference}), flush=True)
     if os.environ.get("VALIDATE"):
         ref_stats = measure_reference(model, checkpoint)
+    if os.environ.get("EVALUATE"):
+        ref_eval = evaluate_reference(model, checkpoint)
     del model
     torch.cuda.empty_cache()
     for name in names:
@@ -141,6 +168,12 @@ def main() -> None:
                 "verdict", "reasons", "first_nonfinite_module", "kl_mean", "kl_p99", "top1_agreement", "top5_overlap",
                 "tokens", "max_divergence_layer")}
             result["validate"]["seconds"] = round(time.time() - t1, 1)
+        if os.environ.get("EVALUATE") and result["status"] == "ok":
+            t1 = time.time()
+            scored = evaluation.evaluate(result["checkpoint"], recipe(name), ref_eval, DEVICE, FULL_EVAL.model_dump(),
+                                         "/tmp/qg-cache", str(out))
+            result["evaluate"] = {"mmlu": {k: v for k, v in scored["mmlu"].items() if k != "subjects"},
+                                  "wikitext": scored.get("wikitext"), "seconds": round(time.time() - t1, 1)}
         if "real_bytes" in result:
             result["of_reference"] = round(result["real_bytes"] / reference, 4)
         result.pop("checkpoint", None)

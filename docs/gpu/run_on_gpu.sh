@@ -29,4 +29,14 @@ case "$1" in
      timeout 560 python3 docs/gpu/quantize_on_gpu.py gemma3-12b-shaped /tmp/g3-12b \
        bnb-nf4 torchao-int4-weight-only 2>"$OUT/validate-g3.err" | tee "$OUT/validate-g3.jsonl"
      grep -vE "Loading weights|Writing model|Converting" "$OUT/validate-g3.err" | tail -5 ;;
+  # Full MMLU and WikiText-2 on SmolLM2 (the project's 9 MB of data travel too, so the GGUF goes in
+  # two 50 MB pieces): `piece` carrying .gpu/p1, again carrying .gpu/p2, then e carrying .gpu/e (the
+  # lm-eval stack as wheels, from `pip download` and `pip wheel --no-deps`).
+  piece) cp .gpu/p*/smol.gguf.* /tmp/g/ && ls -la /tmp/g ;;
+  e) cat /tmp/g/smol.gguf.00 /tmp/g/smol.gguf.01 > /tmp/g/SmolLM2-135M-Instruct.Q4_1.gguf || exit 1
+     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/e/*.whl || exit 1
+     export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore EVALUATE=1 HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1
+     timeout 570 python3 docs/gpu/quantize_on_gpu.py smollm2 /tmp/g/SmolLM2-135M-Instruct.Q4_1.gguf \
+       torchao-int4-weight-only torchao-float8-dynamic 2>"$OUT/evaluate-smollm2.err" | tee "$OUT/evaluate-smollm2.jsonl"
+     grep -vE "Loading weights|Writing model|Converting|Running loglikelihood|it/s" "$OUT/evaluate-smollm2.err" | tail -8 ;;
 esac
