@@ -3,7 +3,6 @@
 recipe stops at its first step that does not end ok."""
 from __future__ import annotations
 
-from pathlib import Path
 
 from prefect import flow
 

@@ -1,5 +1,6 @@
 """Bad configs fail before any download or load, naming the file, the field and what is allowed."""
 import json
+import os
 import subprocess
 import sys
 
@@ -147,3 +148,12 @@ def test_cli_plan_json(tmp_path):
     assert {e["module"].split(".")[-1] for e in int4 if e["status"] == "quantized"} == {"down_proj"}
     assert sum(e["status"] == "fallback" for e in int4) == 180
 
+
+
+def test_hub_source_that_cannot_be_reached_is_a_config_error(tmp_path):
+    # The Hub path is real; offline (as here and in CI) the plan stops with huggingface_hub's reason.
+    done = subprocess.run([sys.executable, "-m", "quantgate.cli", "plan", "configs/gemma3-12b-it.yaml"],
+                          capture_output=True, text=True, cwd=PROJECT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 2
+    assert ("config error: configs/gemma3-12b-it.yaml: model.source: hf:google/gemma-3-12b-it@main: "
+            "could not read config.json from the Hub") in done.stderr
