@@ -133,7 +133,7 @@ def main() -> None:
     which, path, names = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
     print(json.dumps({"torch": torch.__version__, "cuda": torch.version.cuda,
                       "device": torch.cuda.get_device_name(0) if DEVICE == "cuda" else DEVICE}), flush=True)
-    if which == "smollm2":
+    if path.suffix == ".gguf":  # smollm2, gemma3-270m: converted as the download step does
         t0 = time.time()
         checkpoint = download(f"gguf:{path}", None, "/tmp/qg-cache", "bfloat16")["checkpoint"]
         print(json.dumps({"converted": checkpoint, "seconds": round(time.time() - t0, 1)}), flush=True)

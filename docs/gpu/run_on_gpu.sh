@@ -39,4 +39,13 @@ case "$1" in
      timeout 570 python3 docs/gpu/quantize_on_gpu.py smollm2 /tmp/g/SmolLM2-135M-Instruct.Q4_1.gguf \
        torchao-int4-weight-only torchao-float8-dynamic 2>"$OUT/evaluate-smollm2.err" | tee "$OUT/evaluate-smollm2.jsonl"
      grep -vE "Loading weights|Writing model|Converting|Running loglikelihood|it/s" "$OUT/evaluate-smollm2.err" | tail -8 ;;
+  # The same for Gemma 3 270M: its assembled GGUF (253 MB, sha256 a5fd3b62...) in five pieces
+  # (`gpiece` carrying .gpu/g1 ... .gpu/g5), then ge carrying .gpu/e.
+  gpiece) cp .gpu/g*/gemma.gguf.* /tmp/g/ && ls -la /tmp/g | grep gemma ;;
+  ge) cat /tmp/g/gemma.gguf.0* > /tmp/g/gemma-3-270m-q4_k_m.gguf && sha256sum /tmp/g/gemma-3-270m-q4_k_m.gguf || exit 1
+     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/e/*.whl || exit 1
+     export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore EVALUATE=1 HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1
+     timeout 570 python3 docs/gpu/quantize_on_gpu.py gemma3-270m /tmp/g/gemma-3-270m-q4_k_m.gguf \
+       torchao-int4-weight-only torchao-float8-dynamic 2>"$OUT/evaluate-gemma3-270m.err" | tee "$OUT/evaluate-gemma3-270m.jsonl"
+     grep -vE "Loading weights|Writing model|Converting|Running loglikelihood|it/s" "$OUT/evaluate-gemma3-270m.err" | tail -8 ;;
 esac
