@@ -189,11 +189,11 @@ def quantize(checkpoint: str, recipe: dict, dtype: str, device: str, out_dir: st
 
     model = quantize_model(checkpoint, recipe, dtype, device, keep)
     entries = reconcile(entries, model)
-    write_json(out / "plan.json", {"recipe": recipe.model_dump(mode="json"), "modules": entries,
-                                   "summary": summarize(entries)})
+    counts = summarize(entries)
+    write_json(out / "plan.json", {"recipe": recipe.model_dump(mode="json"), "modules": entries, "summary": counts})
     in_memory = modeling.probe_logits(model, tokenizer)
-    metrics = {"real_bytes": modeling.real_bytes(model), "quantized_modules": summarize(entries)["quantized"],
-               "skipped_modules": summarize(entries)["skipped"], "fallback_modules": summarize(entries)["fallback"],
+    metrics = {"real_bytes": modeling.real_bytes(model), "quantized_modules": counts["quantized"],
+               "skipped_modules": counts["skipped"], "fallback_modules": counts["fallback"],
                "footprint_reported_by_transformers": model.get_memory_footprint()
                if hasattr(model, "get_memory_footprint") else None}
     save(model, recipe, tokenizer, out / "checkpoint")

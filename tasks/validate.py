@@ -272,7 +272,9 @@ def compare(model, tokenizer, stats: dict, settings: ValidateSettings) -> dict:
             nonfinite = {"prompt": ref["id"], **found}
             layer = first_nonfinite_layer(hidden)
         per_token = compare_prompt(ref, logits.cpu())
-        kls.append(per_token["kl"]), top1.append(per_token["top1"]), top5.append(per_token["top5"])
+        kls.append(per_token["kl"])
+        top1.append(per_token["top1"])
+        top5.append(per_token["top5"])
         mine = torch.stack([h[0, ref["positions"].to(device)].float().cpu() for h in hidden])
         cosines.append(torch.nn.functional.cosine_similarity(mine, ref["hidden"], dim=-1).mean(-1))
     kl, cos = torch.cat(kls), torch.stack(cosines).nanmean(0)
