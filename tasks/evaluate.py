@@ -8,6 +8,7 @@ with weight_by_size, so the overall score is lm-eval's own aggregation either wa
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -58,7 +59,8 @@ def subjects() -> list[str]:
         return sorted({json.loads(line)["subject"] for line in f})
 
 
-def wikitext_documents() -> list[str]:
+@functools.cache
+def wikitext_documents() -> tuple[str, ...]:
     """The test split cut into its articles (the `page` documents lm-eval's task reads)."""
     docs, current = [], []
     for line in (DATA / "wikitext2" / "test.txt").read_text().split("\n"):
@@ -68,9 +70,10 @@ def wikitext_documents() -> list[str]:
         if line.strip() or current:
             current.append(line)
     docs.append("\n".join(current) + "\n")
-    return docs
+    return tuple(docs)
 
 
+@functools.cache  # the files depend only on the project's data: written once a process, not per recipe
 def write_task_dir(root: Path) -> Path:
     """lm-eval task YAMLs over the project's data files; pass the folder as include_path."""
     import yaml
@@ -195,9 +198,9 @@ def reference_evaluation(model, tokenizer, checkpoint_sha256: str, dtype: str, c
             results = run_lm_eval(model, tokenizer, settings, write_task_dir(Path(cache_dir)))
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json(path, results)
-    results = json.loads(path.read_text())
-    summary = _summary(results)
-    return {"path": str(path), "cached": cached, **summary}
+    else:
+        results = json.loads(path.read_text())
+    return {"path": str(path), "cached": cached, **_summary(results)}
 
 
 def _summary(results: dict) -> dict:
