@@ -8,6 +8,7 @@ from prefect import flow
 
 from quantgate.config import DEFAULT_CONFIG, load_config
 from quantgate.record import RunRecord, run_step
+from tasks.benchmark import benchmark_task
 from tasks.download import download_task
 from tasks.evaluate import evaluate_task
 from tasks.quantize import make_plans, quantize_task
@@ -32,6 +33,11 @@ def quantize_model(config_path: str = str(DEFAULT_CONFIG), overrides: list[str] 
                              validate_settings=steps.validate.model_dump(),
                              evaluate_settings=steps.evaluate.model_dump())
         run.set_reference(reference)
+        reference_benchmark = run_step(benchmark_task, steps.benchmark, name="reference",
+                                       checkpoint=download["checkpoint"], recipe=None, dtype=model.dtype,
+                                       device=model.device, settings=steps.benchmark.model_dump(),
+                                       out_dir=str(run.dir / "reference"))
+        run.set_reference_benchmark(reference_benchmark)
         for recipe in config.recipes:
             quantized = run_step(quantize_task, steps.quantize, checkpoint=download["checkpoint"],
                                  recipe=recipe.model_dump(mode="json"), dtype=model.dtype, device=model.device,
@@ -52,5 +58,12 @@ def quantize_model(config_path: str = str(DEFAULT_CONFIG), overrides: list[str] 
                                  device=model.device, settings=steps.evaluate.model_dump(),
                                  cache_dir=str(config.output.cache_dir), out_dir=str(run.recipe_dir(recipe.name)))
             run.set_step(recipe.name, "evaluate", evaluated)
+            if evaluated["status"] != "ok":
+                continue
+            benchmarked = run_step(benchmark_task, steps.benchmark, name=recipe.name, checkpoint=download["checkpoint"],
+                                   recipe=recipe.model_dump(mode="json"), dtype=model.dtype, device=model.device,
+                                   settings=steps.benchmark.model_dump(), out_dir=str(run.recipe_dir(recipe.name)),
+                                   reference=reference_benchmark if reference_benchmark["status"] == "ok" else None)
+            run.set_step(recipe.name, "benchmark", benchmarked)
     run.finish()
     return str(run.dir)

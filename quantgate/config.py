@@ -145,6 +145,24 @@ class EvaluateSettings(StepSettings):
     bootstrap_iters: PositiveInt = 10000
 
 
+class BenchmarkSettings(StepSettings):
+    prompt_tokens: PositiveInt = 256
+    new_tokens: int = Field(256, ge=2)
+    batch_sizes: list[PositiveInt] = Field([1], min_length=1)  # the first is the headline figure
+    repeats: PositiveInt = 5  # after one warm-up; figures are medians
+    # auto: on a GPU, decode from a static KV cache through torch.compile and a CUDA graph, falling
+    # back to eager (labelled) where the recipe does not allow it; off: eager everywhere.
+    fast_path: Literal["auto", "off"] = "auto"
+    # torch.compile's mode for the decode step; max-autotune-no-cudagraphs times several matmul
+    # kernels per shape (longer compile; the CUDA graph is captured here either way).
+    compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = "default"
+    sample_interval_ms: PositiveFloat = 5
+    # Offloading, as accelerate takes it: per-device limits such as {0: 8GiB, cpu: 24GiB}; what
+    # does not fit goes to the CPU, and to disk (a folder in the run) when offload_to_disk is set.
+    max_memory: dict[Union[int, str], str] | None = None
+    offload_to_disk: bool = False
+
+
 with warnings.catch_warnings():
     # The step is called validate; pydantic's deprecated BaseModel.validate is the only clash.
     warnings.simplefilter("ignore", UserWarning)
@@ -154,6 +172,7 @@ with warnings.catch_warnings():
         quantize: QuantizeSettings = QuantizeSettings()
         validate: ValidateSettings = ValidateSettings()
         evaluate: EvaluateSettings = EvaluateSettings()
+        benchmark: BenchmarkSettings = BenchmarkSettings()
 
 
 class Output(Strict):

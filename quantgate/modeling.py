@@ -47,14 +47,15 @@ def skeleton(config) -> torch.nn.Module:
         return cls(config)
 
 
-def load(checkpoint: str | Path, dtype: str, device: str, quantization_config=None) -> torch.nn.Module:
+def load(checkpoint: str | Path, dtype: str, device: str, quantization_config=None, **load_kwargs) -> torch.nn.Module:
+    """load_kwargs go to from_pretrained (max_memory, offload_folder for offloading)."""
     from transformers import AutoConfig
 
     cls = model_class(AutoConfig.from_pretrained(checkpoint))
     with timed(f"load {Path(checkpoint).name}"):
         model = cls.from_pretrained(checkpoint, dtype=dtype if dtype == "auto" else getattr(torch, dtype),
                                     device_map=device,
-                                    quantization_config=quantization_config)
+                                    quantization_config=quantization_config, **load_kwargs)
     return model.eval()
 
 

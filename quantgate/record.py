@@ -16,7 +16,7 @@ from quantgate.config import RunConfig, dump_config
 SCHEMA = 1
 STEPS = ("quantize", "validate", "evaluate", "benchmark", "publish")
 # Steps whose issues are still open: recorded as not_run, never with numbers.
-NOT_BUILT = {"benchmark": "issue 4", "publish": "issue 7"}
+NOT_BUILT = {"publish": "issue 7"}
 PACKAGES = ("python", "torch", "transformers", "accelerate", "bitsandbytes", "torchao", "optimum-quanto",
             "lm_eval", "prefect", "safetensors", "huggingface_hub", "gguf")
 
@@ -95,6 +95,10 @@ class RunRecord:
 
     def set_reference(self, result: dict) -> None:
         self.metrics["reference"] = result
+        self.save()
+
+    def set_reference_benchmark(self, result: dict) -> None:
+        self.metrics["reference"]["benchmark"] = result
         self.save()
 
     def set_step(self, recipe: str, step: str, result: dict) -> None:
@@ -177,13 +181,37 @@ def _mmlu(evaluate: dict) -> str:
     return f"{m['acc']:.3f} ({m['delta_acc']:+.3f} [{low:+.3f}, {high:+.3f}])"
 
 
+def peak_memory(bench: dict) -> int | None:
+    """The figure a user compares: GPU peak while generating, or host private peak without a GPU."""
+    memory = bench.get("memory", {})
+    return memory.get("gpu_peak_infer") or memory.get("host_private_peak")
+
+
+def _peak(bench: dict) -> str:
+    peak = peak_memory(bench)
+    if peak is None:
+        return "–"
+    reduction = bench["memory"].get("peak_reduction_vs_reference")
+    return _gb(peak) + (f" ({reduction:+.0%})" if reduction is not None else "")
+
+
+def _decode(bench: dict) -> str:
+    latency = bench.get("latency", {})
+    if "decode_ms_per_token" not in latency:
+        return "–"
+    speedup = latency.get("speedup_vs_reference")
+    return f"{latency['decode_ms_per_token']:.2f}" + (f" ({speedup:.2f}x)" if speedup is not None else "")
+
+
 def summary_rows(metrics: dict) -> list[list[str]]:
     ref = metrics["reference"]
     ref_bytes = ref.get("real_bytes")
+    ref_bench = ref.get("benchmark", {})
     rows = [["reference", ref.get("status", "–"), _gb(ref_bytes), "100%", "", "", "", "",
-             _mmlu(ref.get("evaluate", {})), _num(ref.get("evaluate", {}).get("wikitext", {}).get("word_perplexity"), ".2f"), ""]]
+             _mmlu(ref.get("evaluate", {})), _num(ref.get("evaluate", {}).get("wikitext", {}).get("word_perplexity"), ".2f"),
+             _peak(ref_bench), _decode(ref_bench), ""]]
     for name, entry in metrics["recipes"].items():
-        q, v, e = entry.get("quantize", {}), entry.get("validate", {}), entry.get("evaluate", {})
+        q, v, e, b = (entry.get(step, {}) for step in ("quantize", "validate", "evaluate", "benchmark"))
         ratio = f"{q['real_bytes'] / ref_bytes:.1%}" if q.get("real_bytes") and ref_bytes else "–"
         counts = f"{q['quantized_modules']}/{q['skipped_modules']}/{q['fallback_modules']}" if "quantized_modules" in q else "–"
         warnings = entry.get("warnings", [])
@@ -191,12 +219,32 @@ def summary_rows(metrics: dict) -> list[list[str]]:
                                        if warnings else "")
         rows.append([name, entry["status"], _gb(q.get("real_bytes")), ratio, counts, v.get("verdict", "–"),
                      _num(v.get("kl_mean"), ".4f"), _num(v.get("top1_agreement"), ".3f"), _mmlu(e),
-                     _num(e.get("wikitext", {}).get("word_perplexity"), ".2f"), note])
+                     _num(e.get("wikitext", {}).get("word_perplexity"), ".2f"), _peak(b), _decode(b), note])
     return rows
 
 
 SUMMARY_HEADER = ["recipe", "status", "real bytes", "of reference", "quantized/skipped/fallback", "verdict",
-                  "KL mean", "top-1 vs ref", "MMLU (delta [95% CI])", "word ppl", "reason or warnings"]
+                  "KL mean", "top-1 vs ref", "MMLU (delta [95% CI])", "word ppl", "peak memory (vs ref)",
+                  "decode ms/token (speedup)", "reason or warnings"]
+
+
+BENCHMARK_HEADER = ["model", "load s", "host private peak", "host file-backed peak", "GPU peak load", "GPU peak infer",
+                    "prefill ms", "decode ms/token", "tokens/s", "x bandwidth floor", "decode path"]
+
+
+def benchmark_rows(metrics: dict) -> list[list[str]]:
+    benches = [("reference", metrics["reference"].get("benchmark", {}))]
+    benches += [(name, entry.get("benchmark", {})) for name, entry in metrics["recipes"].items()]
+    rows = []
+    for name, b in benches:
+        if "memory" not in b:
+            continue
+        m, lat = b["memory"], b["latency"]
+        rows.append([name, _num(b.get("load_s"), ".1f"), _gb(m["host_private_peak"]), _gb(m["host_file_peak"]),
+                     _gb(m["gpu_peak_load"]), _gb(m["gpu_peak_infer"]), _num(lat["prefill_ms"], ".1f"),
+                     _num(lat["decode_ms_per_token"], ".2f"), _num(lat["tokens_per_s"], ".1f"),
+                     _num(lat.get("of_bandwidth_floor"), ".2f"), lat["path"]])
+    return rows
 
 
 def _cell(text: str) -> str:
@@ -218,6 +266,20 @@ def render_report(metrics: dict) -> str:
             s = entry["steps"][step]
             cells.append(s["status"] + (f" ({s['seconds']:.1f} s)" if s.get("seconds") is not None else ""))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    bench_rows = benchmark_rows(metrics)
+    if bench_rows:
+        floor = next((b for b in [metrics["reference"].get("benchmark", {})] if "copy_bandwidth" in b), {})
+        lines += ["", "## Memory and latency", "",
+                  "Each model in a fresh process, loaded (and quantized) as a user loads it; batch "
+                  f"{floor.get('latency', {}).get('runs', [{}])[0].get('batch_size', '–')}, medians of the repeats. "
+                  "Host private is RssAnon; file-backed is the memory-mapped checkpoint. The bandwidth floor is "
+                  "the weight bytes read per token over the measured copy bandwidth"
+                  + (f" ({floor['copy_bandwidth'] / 1e9:.0f} GB/s)." if floor else "."), "",
+                  "| " + " | ".join(BENCHMARK_HEADER) + " |", "|" + " --- |" * len(BENCHMARK_HEADER)]
+        lines += ["| " + " | ".join(row) + " |" for row in bench_rows]
+        for name, b in [("reference", metrics["reference"].get("benchmark", {}))] + \
+                [(n, e.get("benchmark", {})) for n, e in metrics["recipes"].items()]:
+            lines += [f"- {name}: {d}" for d in b.get("diagnostics", [])]
     for name, entry in metrics["recipes"].items():
         v = entry.get("validate", {})
         if v.get("nonfinite"):

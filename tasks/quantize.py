@@ -130,9 +130,10 @@ def quantization_config(recipe: Recipe, keep: list[str]):
     return None  # quanto quantizes after loading, through optimum-quanto (transformers can't save it)
 
 
-def quantize_model(checkpoint: str, recipe: Recipe, dtype: str, device: str, keep: list[str]) -> torch.nn.Module:
+def quantize_model(checkpoint: str, recipe: Recipe, dtype: str, device: str, keep: list[str],
+                   **load_kwargs) -> torch.nn.Module:
     with modeling.timed(f"quantize {recipe.name}"):
-        model = modeling.load(checkpoint, dtype, device, quantization_config(recipe, keep))
+        model = modeling.load(checkpoint, dtype, device, quantization_config(recipe, keep), **load_kwargs)
         if isinstance(recipe, QuantoRecipe):
             from optimum.quanto import QuantizedModelForCausalLM, qint4, qint8
             weights = {"int8": qint8, "int4": qint4}[recipe.weights]

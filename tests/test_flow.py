@@ -27,6 +27,7 @@ def run_dir(tmp_path_factory, smollm2, cache_dir, prefect_server):
         path = quantize_model(str(PROJECT / "configs" / "default.yaml"), overrides=[
             f"output.runs_dir={runs}", f"output.cache_dir={cache_dir}",
             "steps.evaluate={limit: 1, batch_size: 4, wikitext_token_budget: 256}",
+            "steps.benchmark={prompt_tokens: 16, new_tokens: 4, repeats: 1}",
             "recipes=[bnb-nf4, {use: bnb-nf4, name: nf4-strict, thresholds: {kl_mean_fail: 0.001}}, bnb-int8, "
             "torchao-int8-weight-only, fp8-block64]"])
     finally:
@@ -60,8 +61,7 @@ def test_metrics_follow_the_contract(run_dir):
     assert nf4["steps"]["quantize"]["seconds"] > 0
     assert nf4["quantize"]["real_bytes"] < 0.45 * m["reference"]["real_bytes"]
     assert nf4["quantize"]["quantized_modules"] == 210 and nf4["quantize"]["skipped_modules"] == 1
-    for step in ("benchmark", "publish"):
-        assert nf4["steps"][step]["status"] == "not_run" and step not in nf4  # no invented numbers
+    assert nf4["steps"]["publish"]["status"] == "not_run" and "publish" not in nf4  # no invented numbers
     int8wo = m["recipes"]["torchao-int8-weight-only"]
     assert int8wo["status"] == "passed" and int8wo["quantize"]["real_bytes"] < 0.70 * m["reference"]["real_bytes"]
 
@@ -96,6 +96,22 @@ def test_evaluation_in_the_record(run_dir):
     # 4-bit raises perplexity more than 8-bit over the same documents.
     assert (m["recipes"]["bnb-nf4"]["evaluate"]["wikitext"]["delta_word_perplexity"]
             > m["recipes"]["torchao-int8-weight-only"]["evaluate"]["wikitext"]["delta_word_perplexity"])
+
+
+def test_benchmark_in_the_record(run_dir):
+    m = json.loads((run_dir / "metrics.json").read_text())
+    ref = m["reference"]["benchmark"]
+    assert ref["status"] == "ok" and ref["latency"]["decode_ms_per_token"] > 0 and ref["latency"]["prefill_ms"] > 0
+    for name in ("bnb-nf4", "torchao-int8-weight-only"):
+        entry = m["recipes"][name]
+        assert entry["steps"]["benchmark"]["status"] == "ok" and entry["steps"]["benchmark"]["seconds"] > 0
+        memory, latency = entry["benchmark"]["memory"], entry["benchmark"]["latency"]
+        assert memory["host_private_peak"] > 0 and memory["host_file_peak"] > 0
+        assert memory["gpu_peak_load"] is None and memory["gpu_peak_infer"] is None
+        assert latency["decode_ms_per_token"] > 0 and latency["prefill_ms"] > 0
+        assert latency["speedup_vs_reference"] == pytest.approx(
+            ref["latency"]["decode_ms_per_token"] / latency["decode_ms_per_token"], abs=1e-3)
+    assert "## Memory and latency" in (run_dir / "report.md").read_text()
 
 
 def test_failed_validation_stops_the_recipe_only(run_dir):

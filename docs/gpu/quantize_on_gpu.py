@@ -14,20 +14,11 @@ import os
 import shutil
 import sys
 import time
-import types
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-try:
-    import prefect  # noqa: F401
-except ImportError:
-    print("prefect is not installed here: calling the steps' plain functions", flush=True)
-    shim = types.ModuleType("prefect")
-    shim.task = lambda fn=None, **kw: fn if fn is not None else (lambda f: f)
-    shim.flow = shim.task
-    shim.context = types.ModuleType("prefect.context")
-    shim.context.TaskRunContext = object
-    sys.modules["prefect"], sys.modules["prefect.context"] = shim, shim.context
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import prefect_shim  # noqa: E402,F401
 
 import torch  # noqa: E402
 

@@ -48,4 +48,13 @@ case "$1" in
      timeout 570 python3 docs/gpu/quantize_on_gpu.py gemma3-270m /tmp/g/gemma-3-270m-q4_k_m.gguf \
        torchao-int4-weight-only torchao-float8-dynamic 2>"$OUT/evaluate-gemma3-270m.err" | tee "$OUT/evaluate-gemma3-270m.jsonl"
      grep -vE "Loading weights|Writing model|Converting|Running loglikelihood|it/s" "$OUT/evaluate-gemma3-270m.err" | tail -8 ;;
+  # The benchmark step (issue 4) on the Gemma-3-12B-shaped checkpoint, carrying .gpu/b (pydantic,
+  # torchao and bitsandbytes wheels): each model in its own process, 256 in / 256 out, batch 1.
+  bench) python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/b/*.whl || exit 1
+     export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
+     nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,clocks.max.mem --format=csv
+     [ -f /tmp/g3-12b/config.json ] || timeout 200 python3 docs/gpu/bench_on_gpu.py make /tmp/g3-12b 2>&1 | grep -v "Loading\|Writing"
+     timeout "${BENCH_S:-500}" python3 docs/gpu/bench_on_gpu.py /tmp/g3-12b ${MODELS:-reference torchao-int4-weight-only} \
+       2>>"$OUT/bench.err" | tee -a "$OUT/bench-g3.jsonl"
+     grep -E "benchmark:|Error|error" "$OUT/bench.err" | tail -${TAIL:-30} ;;
 esac

@@ -1,0 +1,85 @@
+"""The benchmark step on the GPU, as docs/BENCHMARKS.md reports it: each model in its own process,
+through tasks/benchmark.py's own measure() (Prefect is not installed on the lent machine; its
+decorator is replaced by a pass-through there, as in quantize_on_gpu.py).
+  python docs/gpu/bench_on_gpu.py CKPT_DIR reference RECIPE...   (prints one JSON line per model)
+  python docs/gpu/bench_on_gpu.py child SPEC OUT                  (what each process runs)
+  python docs/gpu/bench_on_gpu.py make CKPT_DIR                   (the Gemma-3-12B-shaped checkpoint)
+Settings from the environment: PROMPT, NEW, REPEATS, BATCHES (e.g. "1 8"), MAX_MEMORY (JSON)."""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import prefect_shim  # noqa: E402,F401
+
+from quantgate.config import BenchmarkSettings, load_config  # noqa: E402
+
+
+def settings() -> dict:
+    env = os.environ
+    return BenchmarkSettings(prompt_tokens=int(env.get("PROMPT", 256)), new_tokens=int(env.get("NEW", 256)),
+                             repeats=int(env.get("REPEATS", 5)),
+                             batch_sizes=[int(b) for b in env.get("BATCHES", "1").split()],
+                             compile_mode=env.get("COMPILE_MODE", "default"),
+                             max_memory=json.loads(env["MAX_MEMORY"]) if env.get("MAX_MEMORY") else None,
+                             ).model_dump()
+
+
+def summary(name: str, r: dict) -> dict:
+    lat, mem = r["latency"], r["memory"]
+    gb = lambda n: round(n / 1e9, 3) if n is not None else None  # noqa: E731
+    return {"model": name, "load_s": r["load_s"], "real_gb": gb(r["real_bytes"]),
+            "read_per_token_gb": gb(r["weight_bytes_per_token"]), "copy_bw_gb_s": round(r["copy_bandwidth"] / 1e9, 1),
+            "host_private_peak_gb": gb(mem["host_private_peak"]), "host_file_peak_gb": gb(mem["host_file_peak"]),
+            "host_hwm_gb": gb(mem["host_peak_incl_file_pages"]), "gpu_peak_load_gb": gb(mem["gpu_peak_load"]),
+            "gpu_reserved_load_gb": gb(mem["gpu_reserved_peak_load"]), "gpu_peak_infer_gb": gb(mem["gpu_peak_infer"]),
+            "hf_device_map": r["placement"]["hf_device_map_present"], "diagnostics": r["diagnostics"],
+            "runs": [{k: run.get(k) for k in ("batch_size", "path", "prefill_ms", "decode_ms_per_token", "tokens_per_s",
+                                               "total_s", "bandwidth_floor_ms", "of_bandwidth_floor", "compile_s",
+                                               "greedy_agreement_with_eager", "fallback_reason", "decode_ms_all")}
+                     for run in lat["runs"]]}
+
+
+def main(checkpoint: str, names: list[str]) -> None:
+    out = Path(os.environ.get("OUT", "/tmp")) / "bench"
+    out.mkdir(parents=True, exist_ok=True)
+    reference = None
+    for name in names:
+        recipe = None if name == "reference" else \
+            load_config(ROOT / "configs" / "default.yaml", [f"recipes=[{name}]"]).recipes[0].model_dump(mode="json")
+        spec = {"checkpoint": checkpoint, "recipe": recipe, "dtype": "bfloat16", "device": os.environ.get("DEVICE", "cuda"),
+                "settings": settings(), "out_dir": str(out / name),
+                "copy_bandwidth": reference and reference["copy_bandwidth"]}
+        (out / f"{name}.spec.json").write_text(json.dumps(spec))
+        t0 = time.time()
+        code = subprocess.call([sys.executable, __file__, "child", str(out / f"{name}.spec.json"),
+                                str(out / f"{name}.json")])
+        if code != 0:
+            print(json.dumps({"model": name, "error": f"exit code {code}", "s": round(time.time() - t0)}), flush=True)
+            continue
+        result = json.loads((out / f"{name}.json").read_text())
+        line = summary(name, result)
+        line["process_s"] = round(time.time() - t0, 1)
+        if name == "reference":
+            reference = result
+        elif reference:
+            line["speedup_vs_reference"] = round(reference["latency"]["decode_ms_per_token"]
+                                                 / result["latency"]["decode_ms_per_token"], 3)
+        print(json.dumps(line), flush=True)
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "make":
+        sys.path.insert(0, str(ROOT / "docs" / "gpu"))
+        from quantize_on_gpu import make_gemma3_12b_shaped
+        make_gemma3_12b_shaped(Path(sys.argv[2]))
+    elif sys.argv[1] == "child":
+        from tasks.benchmark import main as child
+        child(sys.argv[2], sys.argv[3])
+    else:
+        main(sys.argv[1], sys.argv[2:])

@@ -1,0 +1,496 @@
+"""Benchmark step: memory and latency of the reference and of each recipe, each in a fresh process.
+
+Memory is sampled while the model loads (and quantizes) and while it generates: host private
+memory (RssAnon) and file-backed pages (RssFile, the memory-mapped checkpoint) apart, because a
+4-bit load that "spikes RAM to 24 GB" is usually mapped file pages, not a private copy; GPU peaks
+allocated and reserved; the real bytes of the weights. Latency is batch 1, 256 prompt tokens and
+256 new ones by default: prefill, then greedy decode. On a GPU the decode step runs from a static
+KV cache, compiled and captured in a CUDA graph, with plain eager decoding as a labelled fallback;
+each figure is also read against the bandwidth floor (weight bytes read per token over the
+device's copy bandwidth, measured once a run).
+
+`benchmark()` (the Prefect task) runs `python -m tasks.benchmark SPEC OUT` and reads its result.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter, deque
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from prefect import task
+from pydantic import TypeAdapter
+
+from quantgate import modeling
+from quantgate.config import Recipe, needs_cuda
+from quantgate.record import write_json
+
+log = logging.getLogger("quantgate.benchmark")
+
+
+# ---------------------------------------------------------------- memory
+
+def _proc_status() -> dict[str, int]:
+    """This process's memory lines from /proc/self/status, in bytes."""
+    fields = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("RssAnon", "RssFile", "VmHWM", "VmRSS"):
+                fields[key] = int(value.split()[0]) * 1024
+    return fields
+
+
+class MemorySampler:
+    """Samples host private (RssAnon) and file-backed (RssFile) memory every few milliseconds
+    in a thread, and GPU peaks per phase; `with sampler.phase("load"): ...` labels the samples."""
+
+    def __init__(self, interval_ms: float = 5.0):
+        self.interval = interval_ms / 1000
+        self.baseline = _proc_status()
+        self.peaks: dict[str, dict[str, int | None]] = {}
+        self._current: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        current = self._current  # read once: the main thread may end the phase meanwhile
+        if current is None:
+            return
+        status = _proc_status()
+        peak = self.peaks[current]
+        peak["host_private_peak"] = max(peak["host_private_peak"], status["RssAnon"])
+        peak["host_file_peak"] = max(peak["host_file_peak"], status["RssFile"])
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    @contextmanager
+    def phase(self, name: str):
+        self.peaks[name] = {"host_private_peak": 0, "host_file_peak": 0, "gpu_peak_allocated": None,
+                            "gpu_peak_reserved": None}
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        self._current = name
+        self._sample()
+        try:
+            yield self.peaks[name]
+        finally:
+            self._sample()
+            self._current = None
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+                self.peaks[name].update(gpu_peak_allocated=torch.cuda.max_memory_allocated(),
+                                        gpu_peak_reserved=torch.cuda.max_memory_reserved())
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def placement(model: torch.nn.Module) -> dict:
+    """Where the weights ended up; parameters on the meta device are offloaded (CPU or disk)."""
+    by_device = Counter()
+    for param in model.parameters():
+        device = "offloaded" if param.device.type == "meta" else str(param.device)
+        by_device[device] += param.numel() * param.element_size()
+    device_map = getattr(model, "hf_device_map", None)
+    return {"hf_device_map_present": device_map is not None,
+            "param_bytes_by_device": dict(by_device),
+            "modules_by_device": dict(Counter(str(v) for v in device_map.values())) if device_map else None}
+
+
+def largest_shard(checkpoint: Path) -> int:
+    return max((p.stat().st_size for p in Path(checkpoint).glob("*.safetensors")), default=0)
+
+
+def diagnose(memory: dict, real_bytes: int, shard: int, baseline_private: int) -> list[str]:
+    """Plain-language findings about a load; empty when nothing is off."""
+    found = []
+    bound = real_bytes + shard
+    load = memory["load"]
+    private = load["host_private_peak"] - baseline_private
+    if private > bound:
+        found.append(f"quantized too late: host private memory grew {private / 1e9:.2f} GB during the load, more than "
+                     f"the final weights ({real_bytes / 1e9:.2f} GB) plus the largest shard ({shard / 1e9:.2f} GB): "
+                     f"a full-precision copy was held in RAM")
+    if load["gpu_peak_allocated"] is not None and load["gpu_peak_allocated"] > bound:
+        found.append(f"quantized too late: the GPU peak during the load ({load['gpu_peak_allocated'] / 1e9:.2f} GB) "
+                     f"exceeds the final weights ({real_bytes / 1e9:.2f} GB) plus the largest shard "
+                     f"({shard / 1e9:.2f} GB): the weights reached the GPU before they were quantized")
+    if load["host_file_peak"] > 2 * max(load["host_private_peak"], 1):
+        found.append(f"the host peak is mostly file-backed: {load['host_file_peak'] / 1e9:.2f} GB of memory-mapped "
+                     f"checkpoint pages (the kernel drops them under pressure) against "
+                     f"{load['host_private_peak'] / 1e9:.2f} GB private")
+    return found
+
+
+# ---------------------------------------------------------------- latency
+
+class Timer:
+    """Milliseconds of a block: CUDA events on a GPU, the host clock on a CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.ms = 0.0
+
+    def __enter__(self):
+        if self.cuda:
+            self._start, self._end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self._start.record()
+        else:
+            self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            self._end.record()
+            self._end.synchronize()
+            self.ms = self._start.elapsed_time(self._end)
+        else:
+            self.ms = (time.perf_counter() - self._t0) * 1000
+
+
+def copy_bandwidth(device: torch.device, repeats: int = 10) -> float:
+    """Bytes per second of a large device copy, counting bytes read plus bytes written."""
+    n = (2 << 30) if device.type == "cuda" else (256 << 20)
+    src = torch.randint(0, 255, (n,), dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        with Timer(device) as t:
+            dst.copy_(src)
+        times.append(t.ms)
+    del src, dst
+    return 2 * n / (statistics.median(times) / 1000)
+
+
+def weight_bytes_per_token(model: torch.nn.Module, real_bytes: int) -> int:
+    """Weight bytes a decode step reads: all of them, less an input embedding that is only indexed
+    (a tied output head reads it whole, and real_bytes counts shared storage once)."""
+    emb = model.get_input_embeddings().weight
+    out = model.get_output_embeddings()
+    if out is not None and out.weight.untyped_storage().data_ptr() == emb.untyped_storage().data_ptr():
+        return real_bytes
+    return real_bytes - emb.numel() * emb.element_size()
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    devices = {p.device for p in model.parameters() if p.device.type != "meta"}
+    return next((d for d in devices if d.type == "cuda"), torch.device("cpu"))
+
+
+def prompt_ids(vocab_size: int, batch: int, length: int, device: torch.device) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    return torch.randint(0, vocab_size, (batch, length), generator=generator).to(device)
+
+
+@torch.no_grad()
+def decode_eager(model, ids: torch.Tensor, new_tokens: int) -> tuple[float, float, torch.Tensor]:
+    """Prefill ms, decode ms per token and the greedy tokens, with a dynamic KV cache."""
+    from transformers import DynamicCache
+
+    device = ids.device
+    cache = DynamicCache(config=model.config)
+    with Timer(device) as prefill:
+        token = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1:].argmax(-1)
+    tokens = [token]
+    with Timer(device) as decode:
+        for _ in range(new_tokens - 1):
+            token = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            tokens.append(token)
+    return prefill.ms, decode.ms / (new_tokens - 1), torch.cat(tokens, 1)
+
+
+class StaticDecoder:
+    """Greedy decoding from a static KV cache. On a GPU one decode step is captured in a CUDA graph
+    (compiled first, when asked) and replayed per token: the step writes the next token and position
+    into its own input buffers, so a replay needs nothing from the host."""
+
+    def __init__(self, model, batch: int, max_len: int, compiled: bool = False, graph: bool = True,
+                 compile_mode: str = "default"):
+        from transformers import StaticCache
+
+        self.model = model
+        # Every layer gets a full-length static cache: the model's sliding-window layers then mask
+        # by position, and no Python-side counter (which a graph would freeze) decides anything.
+        config = copy.copy(model.config.get_text_config(decoder=True))
+        config.layer_types = ["full_attention"] * config.num_hidden_layers
+        config.sliding_window = None
+        self.cache = StaticCache(config=config, max_cache_len=max_len)
+        device = model_device(model)
+        self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.position = torch.zeros(1, dtype=torch.long, device=device)
+        if compiled:
+            import torch._inductor.config as inductor
+
+            inductor.coordinate_descent_tuning = True  # tunes the fused reductions (norms, argmax)
+            self.step = torch.compile(self._step, fullgraph=True, dynamic=False, mode=compile_mode)
+        else:
+            self.step = self._step
+        self.graph, self.compile_s = None, None
+        if graph:
+            self._warm_and_capture()
+
+    @torch.no_grad()
+    def _step(self) -> None:
+        logits = self.model(input_ids=self.token, position_ids=self.position[None].expand(self.token.shape[0], -1),
+                            cache_position=self.position, past_key_values=self.cache, use_cache=True).logits
+        self.token.copy_(logits[:, -1:].argmax(-1))
+        self.position.add_(1)
+
+    @torch.no_grad()
+    def prefill(self, ids: torch.Tensor) -> None:
+        self.cache.reset()
+        length = ids.shape[1]
+        positions = torch.arange(length, device=ids.device)
+        logits = self.model(input_ids=ids, position_ids=positions[None].expand(ids.shape[0], -1),
+                            cache_position=positions, past_key_values=self.cache, use_cache=True,
+                            logits_to_keep=1).logits
+        self.token.copy_(logits[:, -1:].argmax(-1))
+        self.position.fill_(length)
+
+    def _warm_and_capture(self) -> None:
+        # The cache's tensors are allocated by the first forward; warm up (and compile) on a side
+        # stream, as CUDA-graph capture requires, then capture one step.
+        self.prefill(torch.zeros(self.token.shape[0], 1, dtype=torch.long, device=self.token.device))
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        t0 = time.perf_counter()
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                self.step()
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+        self.compile_s = round(time.perf_counter() - t0, 2)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.step()
+
+    @torch.no_grad()
+    def run(self, ids: torch.Tensor, new_tokens: int) -> tuple[float, float, torch.Tensor]:
+        device = ids.device
+        with Timer(device) as prefill:
+            self.prefill(ids)
+        tokens = torch.empty(ids.shape[0], new_tokens, dtype=torch.long, device=device)
+        tokens[:, :1] = self.token
+        with Timer(device) as decode:
+            for i in range(1, new_tokens):
+                self.graph.replay() if self.graph is not None else self.step()
+                tokens[:, i:i + 1] = self.token
+        return prefill.ms, decode.ms / (new_tokens - 1), tokens
+
+
+def measure_latency(model, settings: dict, floor_ms: float | None) -> dict:
+    """Per batch size: warm-up, then the median of `repeats` runs; the fast path where it works."""
+    device = model_device(model)
+    prompt, new = settings["prompt_tokens"], settings["new_tokens"]
+    vocab = model.get_input_embeddings().weight.shape[0]
+    offloaded = any(p.device.type == "meta" for p in model.parameters())
+    results = []
+    for batch in settings["batch_sizes"]:
+        ids = prompt_ids(vocab, batch, prompt, device)
+        decode_eager(model, ids[:, : min(prompt, 16)], 2)  # warm-up: kernels, allocator
+        check = min(new, 16)
+        _, _, eager_tokens = decode_eager(model, ids, check)
+        run, path, fallback, compile_s, agreement = None, "eager", None, None, None
+        if device.type != "cuda":
+            fallback = "CPU: eager decoding with a dynamic KV cache"
+        elif settings["fast_path"] == "off":
+            fallback = "fast_path: off in the config"
+        elif offloaded:
+            fallback = "weights are offloaded: the hooks that fetch them cannot be captured in a CUDA graph"
+        else:
+            for compiled in (True, False):
+                try:
+                    decoder = StaticDecoder(model, batch, prompt + new, compiled, compile_mode=settings["compile_mode"])
+                except Exception as e:  # noqa: BLE001 - any failure means: try the next path, say why
+                    fallback = f"{'compiled' if compiled else 'eager'} CUDA graph failed: {type(e).__name__}: {e}"[:500]
+                    log.info("benchmark: %s", fallback)
+                    torch._dynamo.reset()
+                    continue
+                run, compile_s = decoder.run, decoder.compile_s
+                path = "static cache + torch.compile + CUDA graph" if compiled else "static cache + CUDA graph (eager kernels)"
+                _, _, fast_tokens = run(ids, check)
+                agreement = float((fast_tokens == eager_tokens).float().mean())
+                break
+        run = run or (lambda i, n: decode_eager(model, i, n))
+        run(ids, new)  # warm-up at full length
+        prefills, decodes = [], []
+        for r in range(settings["repeats"]):
+            prefill_ms, decode_ms, _ = run(ids, new)
+            prefills.append(prefill_ms)
+            decodes.append(decode_ms)
+            log.info("benchmark: batch %d, repeat %d/%d: prefill %.1f ms, decode %.2f ms/token (%s)", batch, r + 1,
+                     settings["repeats"], prefill_ms, decode_ms, path)
+        decode_ms = statistics.median(decodes)
+        entry = {"batch_size": batch, "prompt_tokens": prompt, "new_tokens": new, "path": path,
+                 "prefill_ms": round(statistics.median(prefills), 3), "decode_ms_per_token": round(decode_ms, 4),
+                 "tokens_per_s": round(batch * 1000 / decode_ms, 2),
+                 "total_s": round((statistics.median(prefills) + decode_ms * (new - 1)) / 1000, 4),
+                 "decode_ms_all": [round(d, 4) for d in decodes], "compile_s": compile_s,
+                 "greedy_agreement_with_eager": agreement}
+        if fallback and path == "eager":
+            entry["fallback_reason"] = fallback
+        if floor_ms:
+            entry["bandwidth_floor_ms"] = round(floor_ms, 4)
+            entry["of_bandwidth_floor"] = round(decode_ms / floor_ms, 3)
+        results.append(entry)
+    first = results[0]
+    return {**{k: first[k] for k in ("decode_ms_per_token", "prefill_ms", "tokens_per_s", "total_s", "path",
+                                      "compile_s") if k in first},
+            **({"of_bandwidth_floor": first["of_bandwidth_floor"]} if "of_bandwidth_floor" in first else {}),
+            "runs": results}
+
+
+# ---------------------------------------------------------------- one measurement, in its own process
+
+def loader(spec: dict):
+    """A function that loads the model as a user does: the reference checkpoint, quantized while
+    loading. Libraries are imported and the plan made here, so the load's samples hold the load alone."""
+    from transformers import AutoConfig
+
+    from tasks.quantize import plan_recipe, quantization_config, quantize_model
+
+    settings = spec["settings"]
+    kwargs = {}
+    if settings.get("max_memory"):
+        kwargs["max_memory"] = {int(k) if str(k).isdigit() else k: v for k, v in settings["max_memory"].items()}
+    if settings.get("offload_to_disk"):
+        kwargs["offload_folder"] = str(Path(spec["out_dir"]) / "offload")
+    device = "auto" if kwargs else modeling.resolve_device(spec["device"])
+    config = AutoConfig.from_pretrained(spec["checkpoint"])
+    modeling.model_class(config)
+    if spec["recipe"] is None:
+        return lambda: modeling.load(spec["checkpoint"], spec["dtype"], device, **kwargs)
+    recipe = TypeAdapter(Recipe).validate_python(spec["recipe"])
+    keep = [e["module"] for e in plan_recipe(modeling.skeleton(config), recipe) if e["status"] == "skipped"]
+    quantization_config(recipe, keep)
+    if recipe.method == "quanto":
+        import optimum.quanto  # noqa: F401
+    return lambda: quantize_model(spec["checkpoint"], recipe, spec["dtype"], device, keep, **kwargs)
+
+
+def measure(spec: dict) -> dict:
+    settings = spec["settings"]
+    load = loader(spec)
+    sampler = MemorySampler(settings["sample_interval_ms"])
+    try:
+        t0 = time.perf_counter()
+        with sampler.phase("load"):
+            model = load()
+        load_s = time.perf_counter() - t0
+        real = modeling.real_bytes(model)
+        device = model_device(model)
+        bandwidth = spec.get("copy_bandwidth") or copy_bandwidth(device)
+        per_token = weight_bytes_per_token(model, real)
+        floor_ms = per_token / bandwidth * 1000
+        log.info("benchmark: loaded in %.1f s, real bytes %.3f GB, floor %.3f ms/token at %.0f GB/s", load_s,
+                 real / 1e9, floor_ms, bandwidth / 1e9)
+        with sampler.phase("infer"):
+            latency = measure_latency(model, settings, floor_ms)
+        load, infer = sampler.peaks["load"], sampler.peaks["infer"]
+        memory = {"host_private_peak": max(load["host_private_peak"], infer["host_private_peak"]),
+                  "host_file_peak": max(load["host_file_peak"], infer["host_file_peak"]),
+                  "host_private_baseline": sampler.baseline["RssAnon"],
+                  "host_peak_incl_file_pages": _proc_status()["VmHWM"],
+                  "gpu_peak_load": load["gpu_peak_allocated"], "gpu_reserved_peak_load": load["gpu_peak_reserved"],
+                  "gpu_peak_infer": infer["gpu_peak_allocated"], "gpu_reserved_peak_infer": infer["gpu_peak_reserved"],
+                  "load": load, "infer": infer}
+        shard = largest_shard(spec["checkpoint"])
+        return {"real_bytes": real, "load_s": round(load_s, 2), "memory": memory, "latency": latency,
+                "copy_bandwidth": bandwidth, "weight_bytes_per_token": per_token, "largest_shard": shard,
+                "placement": placement(model), "device": str(device),
+                "limits": {k: settings[k] for k in ("max_memory", "offload_to_disk") if settings.get(k)},
+                "diagnostics": diagnose({"load": load}, real, shard, sampler.baseline["RssAnon"])}
+    finally:
+        sampler.close()
+
+
+def main(spec_path: str, out_path: str) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    spec = json.loads(Path(spec_path).read_text())
+    write_json(Path(out_path), measure(spec))
+
+
+# ---------------------------------------------------------------- the step
+
+def benchmark(name: str, checkpoint: str, recipe: dict | None, dtype: str, device: str, settings: dict,
+              out_dir: str, reference: dict | None = None) -> dict:
+    """Measure one model (the reference when recipe is None) in a fresh process; a process that dies
+    (out of memory, a load that fails under a memory limit) becomes a record with its error."""
+    if recipe is not None and modeling.resolve_device(device) == "cpu" \
+            and (why := needs_cuda(TypeAdapter(Recipe).validate_python(recipe))):
+        return {"status": "skipped", "reason": f"needs CUDA ({why}); this machine has none"}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    spec = {"checkpoint": checkpoint, "recipe": recipe, "dtype": dtype, "device": device, "settings": settings,
+            "out_dir": str(out), "copy_bandwidth": (reference or {}).get("copy_bandwidth")}
+    spec_path, result_path = out / "benchmark-spec.json", out / "benchmark.json"
+    write_json(spec_path, spec)
+    result_path.unlink(missing_ok=True)
+    tail: deque[str] = deque(maxlen=40)
+    proc = subprocess.Popen([sys.executable, "-m", "tasks.benchmark", str(spec_path), str(result_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parents[1], env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    def pump():
+        for line in proc.stderr:
+            tail.append(line.rstrip())
+            if line.startswith("benchmark"):
+                log.info("%s: %s", name, line.rstrip())
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    try:
+        code = proc.wait(timeout=settings["timeout_s"])
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        return {"status": "error", "reason": f"the benchmark process ran past {settings['timeout_s']:g} s"}
+    finally:
+        reader.join(timeout=5)
+        shutil.rmtree(out / "offload", ignore_errors=True)
+    limits = {k: settings[k] for k in ("max_memory", "offload_to_disk") if settings.get(k)}
+    if code != 0 or not result_path.is_file():
+        error = next((line for line in reversed(tail) if re.match(r"^[\w.]+(Error|Exception)\b", line)), None) \
+            or (tail[-1] if tail else "no output")
+        why = "killed (out of memory?)" if code in (-9, 137) else f"exit code {code}"
+        return {"status": "error", "reason": f"the benchmark process failed ({why}): {error}"
+                + (f"; under the limits {limits}" if limits else ""), "limits": limits, "log_tail": list(tail)[-15:]}
+    result = json.loads(result_path.read_text())
+    if reference and reference.get("latency"):
+        result["latency"]["speedup_vs_reference"] = round(
+            reference["latency"]["decode_ms_per_token"] / result["latency"]["decode_ms_per_token"], 3)
+        # GPU peaks compare; host peaks of two processes differ by the libraries each imported.
+        if reference["memory"]["gpu_peak_infer"] and result["memory"]["gpu_peak_infer"]:
+            result["memory"]["peak_reduction_vs_reference"] = round(
+                1 - result["memory"]["gpu_peak_infer"] / reference["memory"]["gpu_peak_infer"], 4)
+    warnings = list(result["diagnostics"])
+    for run in result["latency"]["runs"]:
+        if run.get("greedy_agreement_with_eager") is not None and run["greedy_agreement_with_eager"] < 0.5:
+            warnings.append(f"batch {run['batch_size']}: the fast path's greedy tokens agree with eager decoding on "
+                            f"only {run['greedy_agreement_with_eager']:.0%} of the first 16")
+    return {"status": "ok", "warnings": warnings, **result}
+
+
+benchmark_task = task(benchmark, name="benchmark", task_run_name="benchmark-{name}")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])
