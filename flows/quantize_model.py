@@ -11,6 +11,7 @@ from quantgate.record import RunRecord, run_step
 from tasks.benchmark import benchmark_task
 from tasks.download import download_task
 from tasks.evaluate import evaluate_task
+from tasks.publish import create_artifacts, publish_task
 from tasks.quantize import make_plans, quantize_task
 from tasks.reference import reference_task
 from tasks.validate import validate_task
@@ -51,6 +52,9 @@ def quantize_model(config_path: str = str(DEFAULT_CONFIG), overrides: list[str] 
                                  device=model.device, settings=steps.validate.model_dump()) \
                 if reference["status"] == "ok" else {"status": "error", "reason": f"reference: {reference['reason']}"}
             run.set_step(recipe.name, "validate", validated)
+            if validated["status"] == "failed" and steps.publish.force:
+                run.set_step(recipe.name, "publish", run_step(publish_task, steps.publish, run_dir=str(run.dir),
+                                                              recipe=recipe.name, settings=steps.publish.model_dump()))
             if validated["status"] != "ok":
                 continue
             evaluated = run_step(evaluate_task, steps.evaluate, checkpoint=quantized["checkpoint"],
@@ -65,5 +69,10 @@ def quantize_model(config_path: str = str(DEFAULT_CONFIG), overrides: list[str] 
                                    settings=steps.benchmark.model_dump(), out_dir=str(run.recipe_dir(recipe.name)),
                                    reference=reference_benchmark if reference_benchmark["status"] == "ok" else None)
             run.set_step(recipe.name, "benchmark", benchmarked)
+            if benchmarked["status"] != "ok":
+                continue
+            run.set_step(recipe.name, "publish", run_step(publish_task, steps.publish, run_dir=str(run.dir),
+                                                          recipe=recipe.name, settings=steps.publish.model_dump()))
     run.finish()
+    create_artifacts(str(run.dir))
     return str(run.dir)

@@ -1,4 +1,4 @@
-"""quantgate plan CONFIG | quantgate run [CONFIG] — the command line."""
+"""quantgate plan CONFIG | quantgate run [CONFIG] | quantgate report RUN_DIR — the command line."""
 from __future__ import annotations
 
 import argparse
@@ -61,6 +61,26 @@ def run(args) -> int:
     return 0 if metrics["status"] == "passed" else 1
 
 
+def report(args) -> int:
+    from quantgate.card import render_card
+    from quantgate.record import write_report
+
+    run_dir = args.run_dir
+    if not (run_dir / "metrics.json").is_file():
+        print(f"{run_dir}: not a run directory (no metrics.json)", file=sys.stderr)
+        return 2
+    write_report(run_dir)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for name, entry in metrics["recipes"].items():
+        if "quantize" in entry:
+            where = entry.get("publish", {}).get("location") or str(run_dir / name / "checkpoint")
+            forced = bool(entry.get("publish", {}).get("forced"))
+            (run_dir / name / "card.md").write_text(render_card(run_dir, name, where, forced=forced))
+            print(f"card: {run_dir / name / 'card.md'}")
+    print(f"report: {run_dir / 'report.md'}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="quantgate", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -72,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
                        help="override a config field, e.g. --set steps.quantize.timeout_s=600")
         p.set_defaults(fn=fn)
     sub.choices["plan"].add_argument("--json", action="store_true", help="print the plans as JSON")
+    p = sub.add_parser("report", help="render a run directory's report.md, summary.png and cards again")
+    p.add_argument("run_dir", type=Path)
+    p.set_defaults(fn=report)
     args = parser.parse_args(argv)
     try:
         return args.fn(args)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, field_validator, model_validator
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 RECIPES_DIR = PROJECT_ROOT / "configs" / "recipes"
@@ -163,6 +163,24 @@ class BenchmarkSettings(StepSettings):
     offload_to_disk: bool = False
 
 
+class PublishSettings(StepSettings):
+    target: Literal["local", "hub", "none"] = "local"
+    registry_dir: Path = Path("registry")  # <registry>/<model>/<recipe>/v<N>/
+    # The Hub repo, with {model} and {recipe} filled in, e.g. my-org/{model}-{recipe}
+    hub_repo: str | None = None
+    hub_private: bool = True
+    hub_branch: str = "main"
+    hub_endpoint: str | None = None  # None: HF_ENDPOINT, or huggingface.co
+    dry_run: bool = False  # Hub only: print what would be uploaded, upload nothing
+    force: bool = False  # publish a recipe whose validation failed (its card says so first)
+
+    @model_validator(mode="after")
+    def _hub_needs_a_repo(self):
+        if self.target == "hub" and not self.hub_repo:
+            raise ValueError("hub_repo is required when target is hub, e.g. my-org/{model}-{recipe}")
+        return self
+
+
 with warnings.catch_warnings():
     # The step is called validate; pydantic's deprecated BaseModel.validate is the only clash.
     warnings.simplefilter("ignore", UserWarning)
@@ -173,6 +191,7 @@ with warnings.catch_warnings():
         validate: ValidateSettings = ValidateSettings()
         evaluate: EvaluateSettings = EvaluateSettings()
         benchmark: BenchmarkSettings = BenchmarkSettings()
+        publish: PublishSettings = PublishSettings()
 
 
 class Output(Strict):

@@ -15,8 +15,6 @@ from quantgate.config import RunConfig, dump_config
 
 SCHEMA = 1
 STEPS = ("quantize", "validate", "evaluate", "benchmark", "publish")
-# Steps whose issues are still open: recorded as not_run, never with numbers.
-NOT_BUILT = {"publish": "issue 7"}
 PACKAGES = ("python", "torch", "transformers", "accelerate", "bitsandbytes", "torchao", "optimum-quanto",
             "lm_eval", "prefect", "safetensors", "huggingface_hub", "gguf")
 
@@ -121,13 +119,12 @@ class RunRecord:
             for step in STEPS:
                 state = entry["steps"][step]
                 if state["status"] == "not_run" and "reason" not in state:
-                    state["reason"] = (f"not built yet ({NOT_BUILT[step]})" if step in NOT_BUILT
-                                       else f"the recipe stopped: {entry.get('reason', '')}")
+                    state["reason"] = f"the recipe stopped: {entry.get('reason', '')}"
         statuses = {e["status"] for e in self.metrics["recipes"].values()}
         self.metrics["status"] = "error" if "error" in statuses else "failed" if "failed" in statuses else "passed"
         self.metrics["finished_at"] = now()
         self.save()
-        (self.dir / "report.md").write_text(render_report(self.metrics))
+        write_report(self.dir)
         return self.metrics
 
 
@@ -251,6 +248,20 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ⏎ ").strip()
 
 
+def write_report(run_dir: Path) -> None:
+    """report.md and summary.png from the run's record (also `quantgate report RUN_DIR`)."""
+    from quantgate.card import plot_run
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    figure = plot_run(metrics, run_dir / "summary.png")
+    report = render_report(metrics)
+    if figure:
+        report = report.replace("\n## Steps", "\n![MMLU delta against memory and speed](summary.png)\n\n## Steps", 1)
+    tmp = run_dir / ".report.md.tmp"
+    tmp.write_text(report)
+    tmp.replace(run_dir / "report.md")
+
+
 def render_report(metrics: dict) -> str:
     model = metrics["model"]
     lines = [f"# quantgate run {metrics['run_id']}", "",
@@ -292,7 +303,10 @@ def render_report(metrics: dict) -> str:
             lines += ["", f"## {name}: greedy generations", "", "| prompt | reference | " + name + " |",
                       "| --- | --- | --- |"]
             lines += [f"| {g['prompt']} | {_cell(g['reference'])} | {_cell(g['quantized'])} |" for g in v["generations"]]
-    lines += ["", "Steps marked not_run have not been built yet or did not run; they carry no numbers.",
+    published = [(n, e["publish"]) for n, e in metrics["recipes"].items() if e.get("publish", {}).get("location")]
+    if published:
+        lines += ["", "## Published", ""] + [f"- {n}: {p['location']}" for n, p in published]
+    lines += ["", "Steps marked not_run did not run; they carry no numbers.",
               "Each recipe's plan (which Linear layers were quantized, skipped or left in high precision) "
               "is in `<recipe>/plan.json`.", ""]
     return "\n".join(lines)

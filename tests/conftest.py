@@ -45,3 +45,32 @@ def smollm2(cache_dir) -> Path:
 def write_config(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
+
+
+@pytest.fixture(scope="session")
+def run_dir(tmp_path_factory, smollm2, cache_dir, prefect_server):
+    """The default config's flow on SmolLM2 with quick settings and five recipes, one made to fail."""
+    from flows.quantize_model import quantize_model
+
+    import tasks.quantize as step
+
+    runs = tmp_path_factory.mktemp("runs")
+    real = step.quantize_model
+
+    def int8_breaks(checkpoint, recipe, dtype, device, keep):
+        if recipe.name == "bnb-int8":
+            raise RuntimeError("planted failure")
+        return real(checkpoint, recipe, dtype, device, keep)
+
+    step.quantize_model = int8_breaks
+    try:
+        path = quantize_model(str(PROJECT / "configs" / "default.yaml"), overrides=[
+            f"output.runs_dir={runs}", f"output.cache_dir={cache_dir}",
+            "steps.evaluate={limit: 1, batch_size: 4, wikitext_token_budget: 256}",
+            "steps.benchmark={prompt_tokens: 16, new_tokens: 4, repeats: 1}",
+            f"steps.publish.registry_dir={runs / 'registry'}",
+            "recipes=[bnb-nf4, {use: bnb-nf4, name: nf4-strict, thresholds: {kl_mean_fail: 0.001}}, bnb-int8, "
+            "torchao-int8-weight-only, fp8-block64]"])
+    finally:
+        step.quantize_model = real
+    return Path(path)

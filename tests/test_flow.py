@@ -4,36 +4,7 @@ import json
 import pytest
 import yaml
 
-from flows.quantize_model import quantize_model
-from tests.conftest import PROJECT
-
 CONTRACT_RECIPE_KEYS = {"status", "steps"}
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, smollm2, cache_dir, prefect_server):
-    runs = tmp_path_factory.mktemp("runs")
-    import tasks.quantize as step
-
-    real = step.quantize_model
-
-    def int8_breaks(checkpoint, recipe, dtype, device, keep):
-        if recipe.name == "bnb-int8":
-            raise RuntimeError("planted failure")
-        return real(checkpoint, recipe, dtype, device, keep)
-
-    step.quantize_model = int8_breaks
-    try:
-        path = quantize_model(str(PROJECT / "configs" / "default.yaml"), overrides=[
-            f"output.runs_dir={runs}", f"output.cache_dir={cache_dir}",
-            "steps.evaluate={limit: 1, batch_size: 4, wikitext_token_budget: 256}",
-            "steps.benchmark={prompt_tokens: 16, new_tokens: 4, repeats: 1}",
-            "recipes=[bnb-nf4, {use: bnb-nf4, name: nf4-strict, thresholds: {kl_mean_fail: 0.001}}, bnb-int8, "
-            "torchao-int8-weight-only, fp8-block64]"])
-    finally:
-        step.quantize_model = real
-    from pathlib import Path
-    return Path(path)
 
 
 def test_run_record_files(run_dir):
@@ -61,7 +32,6 @@ def test_metrics_follow_the_contract(run_dir):
     assert nf4["steps"]["quantize"]["seconds"] > 0
     assert nf4["quantize"]["real_bytes"] < 0.45 * m["reference"]["real_bytes"]
     assert nf4["quantize"]["quantized_modules"] == 210 and nf4["quantize"]["skipped_modules"] == 1
-    assert nf4["steps"]["publish"]["status"] == "not_run" and "publish" not in nf4  # no invented numbers
     int8wo = m["recipes"]["torchao-int8-weight-only"]
     assert int8wo["status"] == "passed" and int8wo["quantize"]["real_bytes"] < 0.70 * m["reference"]["real_bytes"]
 

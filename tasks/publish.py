@@ -1,0 +1,183 @@
+"""Publish step: a recipe's checkpoint with its model card, to the local registry or the Hub.
+
+The folder is staged in a temporary directory (checkpoint, README.md card, metrics.json, manifest
+with sha256) and only then renamed into `<registry>/<model>/<recipe>/<version>/`, never over an
+existing version. To the Hub it goes through huggingface_hub (private repo by default, one commit
+that names the run); the token is read from the environment and written nowhere.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from prefect import task
+
+from quantgate.card import model_name, render_card
+from quantgate.record import write_json
+
+log = logging.getLogger("quantgate.publish")
+
+
+class PublishError(RuntimeError):
+    pass
+
+
+def refusal(entry: dict, force: bool) -> str | None:
+    """Why a recipe may not be published, or None."""
+    verdict = entry.get("validate", {}).get("verdict")
+    if verdict is None:
+        return "not validated in this run"
+    if (verdict == "fail" or entry.get("status") == "failed") and not force:
+        return f"validation failed ({entry.get('reason', verdict)}); set steps.publish.force to publish anyway"
+    return None
+
+
+def stage(run_dir: Path, recipe: str, into: Path, checkpoint_path: str, forced: bool) -> list[dict]:
+    """Checkpoint, card, the recipe's metrics and a manifest in `into`; returns the manifest."""
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    shutil.copytree(run_dir / recipe / "checkpoint", into, dirs_exist_ok=True)
+    card = render_card(run_dir, recipe, checkpoint_path, forced=forced)
+    (into / "README.md").write_text(card)
+    (run_dir / recipe / "card.md").write_text(card)
+    entry = metrics["recipes"][recipe]
+    write_json(into / "quantgate_metrics.json", {"run_id": metrics["run_id"], "model": metrics["model"],
+                                                 "reference": metrics["reference"], "recipe": recipe,
+                                                 "metrics": entry})
+    manifest = []
+    for path in sorted(p for p in into.rglob("*") if p.is_file()):
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        manifest.append({"path": str(path.relative_to(into)), "bytes": path.stat().st_size, "sha256": digest.hexdigest()})
+    write_json(into / "manifest.json", {"run_id": metrics["run_id"], "files": manifest})
+    return manifest
+
+
+def next_version(folder: Path) -> int:
+    versions = [int(p.name[1:]) for p in folder.glob("v*") if p.name[1:].isdigit()] if folder.is_dir() else []
+    return max(versions, default=0) + 1
+
+
+def publish_local(run_dir: Path, recipe: str, registry: Path, force: bool) -> dict:
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    parent = registry.resolve() / model_name(metrics) / recipe
+    parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=parent))
+    try:
+        while True:
+            version = next_version(parent)
+            target = parent / f"v{version}"
+            manifest = stage(run_dir, recipe, staging, str(target), forced=force)
+            try:
+                # rename(2) onto an existing non-empty folder fails: a version is never overwritten,
+                # and a concurrent publisher that took this number makes us take the next.
+                staging.rename(target)
+                break
+            except OSError:
+                if not target.exists():
+                    raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return {"target": "local", "location": str(target), "version": f"v{version}", "files": len(manifest),
+            "bytes": sum(f["bytes"] for f in manifest)}
+
+
+def hub_repo_id(template: str, metrics: dict, recipe: str) -> str:
+    return template.format(model=model_name(metrics), recipe=recipe)
+
+
+def publish_hub(run_dir: Path, recipe: str, repo_template: str, private: bool, branch: str,
+                endpoint: str | None, force: bool, dry_run: bool) -> dict:
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    repo_id = hub_repo_id(repo_template, metrics, recipe)
+    message = f"quantgate run {metrics['run_id']}: {recipe} of {metrics['model'].get('base_model') or metrics['model']['source']}"
+    with tempfile.TemporaryDirectory(prefix="quantgate-publish-") as tmp:
+        manifest = stage(run_dir, recipe, Path(tmp), repo_id, forced=force)
+        summary = {"target": "hub", "repo_id": repo_id, "branch": branch, "private": private, "commit_message": message,
+                   "files": len(manifest), "bytes": sum(f["bytes"] for f in manifest)}
+        if dry_run:
+            log.info("publish (dry run): would upload %d files (%.3f GB) to %s@%s (%s): %s", len(manifest),
+                     summary["bytes"] / 1e9, repo_id, branch, "private" if private else "public",
+                     ", ".join(f["path"] for f in manifest))
+            return {**summary, "dry_run": True, "location": None, "would_upload": [f["path"] for f in manifest]}
+        token = os.environ.get("HF_TOKEN")
+        if not token:
+            raise PublishError("publishing to the Hub needs a token in the HF_TOKEN environment variable")
+        api = HfApi(endpoint=endpoint, token=token)
+        try:
+            api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+            if branch != "main":
+                api.create_branch(repo_id, branch=branch, exist_ok=True)
+            commit = api.upload_folder(repo_id=repo_id, folder_path=tmp, revision=branch, commit_message=message)
+        except HfHubHTTPError as e:
+            status = e.response.status_code if e.response is not None else "no response"
+            raise PublishError(f"the Hub ({api.endpoint}) refused the upload of {repo_id}@{branch}: HTTP {status}: "
+                               f"{str(e).splitlines()[0]}") from None
+    return {**summary, "location": commit.commit_url, "commit": commit.oid}
+
+
+def publish(run_dir: str, recipe: str, settings: dict) -> dict:
+    run_dir = Path(run_dir)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    entry = metrics["recipes"][recipe]
+    if settings["target"] == "none":
+        return {"status": "skipped", "reason": "steps.publish.target is none"}
+    if why := refusal(entry, settings["force"]):
+        return {"status": "failed", "reason": f"refused: {why}"}
+    forced = entry.get("validate", {}).get("verdict") == "fail"
+    if settings["target"] == "local":
+        result = publish_local(run_dir, recipe, Path(settings["registry_dir"]), forced)
+    else:
+        result = publish_hub(run_dir, recipe, settings["hub_repo"], settings["hub_private"], settings["hub_branch"],
+                             settings["hub_endpoint"], forced, settings["dry_run"])
+    log.info("published %s: %s", recipe, result.get("location") or "dry run")
+    return {"status": "ok", **result, **({"forced": True} if forced else {})}
+
+
+publish_task = task(publish, name="publish", task_run_name="publish-{recipe}")
+
+
+def artifact_key(*parts: str) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes; stable per model and recipe."""
+    return re.sub(r"-+", "-", re.sub(r"[^a-z0-9-]", "-", "-".join(parts).lower())).strip("-")
+
+
+def create_artifacts(run_dir: str) -> list[str]:
+    """The run's report, a table of every recipe's metrics, each recipe's card and the links, as
+    Prefect artifacts whose keys stay the same across runs (the UI shows each one's history)."""
+    from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+
+    from quantgate.record import SUMMARY_HEADER, summary_rows
+
+    run_dir = Path(run_dir)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    model = model_name(metrics)
+    keys = [artifact_key("quantgate", model, "report"), artifact_key("quantgate", model, "metrics"),
+            artifact_key("quantgate", model, "run-dir")]
+    create_markdown_artifact(markdown=(run_dir / "report.md").read_text(), key=keys[0],
+                             description=f"run {metrics['run_id']}: {metrics['status']}")
+    create_table_artifact(table=[dict(zip(SUMMARY_HEADER, row)) for row in summary_rows(metrics)], key=keys[1],
+                          description=f"run {metrics['run_id']}")
+    create_link_artifact(link=run_dir.resolve().as_uri(), link_text=str(run_dir), key=keys[2],
+                         description=f"run directory of {metrics['run_id']}")
+    for recipe, entry in metrics["recipes"].items():
+        card = run_dir / recipe / "card.md"
+        if card.is_file():
+            keys.append(artifact_key("quantgate", model, recipe, "card"))
+            create_markdown_artifact(markdown=card.read_text(), key=keys[-1], description=f"run {metrics['run_id']}")
+        location = entry.get("publish", {}).get("location")
+        if location:
+            keys.append(artifact_key("quantgate", model, recipe, "published"))
+            link = location if "://" in location else Path(location).as_uri()
+            create_link_artifact(link=link, link_text=location, key=keys[-1], description=f"run {metrics['run_id']}")
+    return keys

@@ -1,0 +1,184 @@
+"""Publish step: the card of the default run, the local registry, the Hub through a local endpoint,
+and the token kept out of everything the run writes."""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from quantgate.card import render_card
+from tasks.publish import PublishError, publish, publish_hub
+from tests.conftest import PROJECT
+from tests.fake_hub import FakeHub
+
+FAKE_TOKEN = "hf_quantgateTESTtoken0123456789abcdefXYZ"
+
+
+@pytest.fixture
+def hub():
+    server = FakeHub()
+    yield server
+    server.close()
+
+
+def settings(**changes) -> dict:
+    from quantgate.config import PublishSettings
+
+    return PublishSettings(**changes).model_dump(mode="json")
+
+
+def test_default_run_publishes_to_the_registry(run_dir):
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    published = metrics["recipes"]["bnb-nf4"]["publish"]
+    assert metrics["recipes"]["bnb-nf4"]["steps"]["publish"]["status"] == "ok"
+    location = Path(published["location"])
+    assert location.name == "v1" and location.parent.name == "bnb-nf4"
+    manifest = json.loads((location / "manifest.json").read_text())
+    names = {f["path"] for f in manifest["files"]}
+    assert {"README.md", "model.safetensors", "config.json", "quantgate_metrics.json"} <= names
+    assert manifest["run_id"] == metrics["run_id"] and published["files"] == len(manifest["files"])
+    assert (location / "README.md").read_text() == (run_dir / "bnb-nf4" / "card.md").read_text()
+    assert not list(location.parent.glob(".staging-*"))
+
+
+def test_a_second_publish_makes_a_new_version_and_a_failing_recipe_is_refused(run_dir):
+    registry = json.loads((run_dir / "metrics.json").read_text())["recipes"]["bnb-nf4"]["publish"]["location"]
+    registry = Path(registry).parents[2]
+    again = publish(str(run_dir), "bnb-nf4", settings(registry_dir=str(registry)))
+    assert again["status"] == "ok" and again["version"] == "v2"
+    assert (Path(again["location"]).parent / "v1" / "manifest.json").is_file()  # v1 untouched
+    refused = publish(str(run_dir), "nf4-strict", settings(registry_dir=str(registry)))
+    assert refused["status"] == "failed" and refused["reason"].startswith("refused: validation failed")
+    assert not (registry / "SmolLM2-135M-Instruct" / "nf4-strict").exists()
+    forced = publish(str(run_dir), "nf4-strict", settings(registry_dir=str(registry), force=True))
+    assert forced["status"] == "ok" and forced["forced"]
+    card = (Path(forced["location"]) / "README.md").read_text()
+    first_line_after_front_matter = card.split("---\n", 2)[2].splitlines()[0]
+    assert "FAILED quantgate's checks" in first_line_after_front_matter
+
+
+def test_card_parses_carries_the_run_numbers_and_its_snippet_runs(run_dir):
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    entry, ref = metrics["recipes"]["bnb-nf4"], metrics["reference"]
+    card = (run_dir / "bnb-nf4" / "card.md").read_text()
+    _, front, body = card.split("---\n", 2)
+    front = yaml.safe_load(front)
+    assert front["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and front["license"] == "apache-2.0"
+    assert front["library_name"] == "transformers" and "quantgate" in front["tags"]
+    mmlu = entry["evaluate"]["mmlu"]
+    assert f"| bnb-nf4 | {mmlu['acc']:.4f} | {mmlu['delta_acc']:+.4f} [{mmlu['delta_ci95'][0]:+.4f}" in body
+    assert f"| reference | {ref['evaluate']['mmlu']['acc']:.4f} |" in body
+    assert f"| {entry['validate']['verdict']} | {entry['validate']['kl_mean']:.4f} |" in body
+    assert f"{entry['benchmark']['latency']['decode_ms_per_token']:.2f}" in body
+    assert metrics["run_id"] in body
+    snippet = re.search(r"```python\n(.*?)```", body, re.S).group(1)
+    code = snippet + "\nids = tokenizer('The capital of France is', return_tensors='pt')\n" \
+                     "print(tokenizer.decode(model.generate(**ids, max_new_tokens=3, do_sample=False)[0]))\n"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=PROJECT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("The capital of France is")
+
+
+def test_report_command_renders_again(run_dir, tmp_path):
+    import shutil
+
+    from quantgate.cli import main
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("checkpoint"))
+    (copy / "report.md").unlink()
+    (copy / "bnb-nf4" / "card.md").unlink()
+    assert main(["report", str(copy)]) == 0
+    assert (copy / "report.md").read_text() == (run_dir / "report.md").read_text()
+    assert "![MMLU delta against memory and speed](summary.png)" in (copy / "report.md").read_text()
+    assert (copy / "summary.png").stat().st_size > 10_000
+    assert "## Evaluation" in (copy / "bnb-nf4" / "card.md").read_text()
+
+
+def test_hub_upload_through_a_local_endpoint(run_dir, hub, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+    result = publish_hub(run_dir, "bnb-nf4", "quantgate-test/{model}-{recipe}", private=True, branch="nightly",
+                         endpoint=hub.endpoint, force=False, dry_run=False)
+    create = next(r for r in hub.requests if r["path"] == "/api/repos/create")
+    spec = json.loads(create["body"])
+    assert spec["visibility"] == "private" and spec["name"] == "SmolLM2-135M-Instruct-bnb-nf4"
+    assert spec["organization"] == "quantgate-test"
+    assert all(r["headers"].get("authorization") == f"Bearer {FAKE_TOKEN}" for r in hub.requests)
+    # huggingface_hub splits a large folder into several commits; each names the run.
+    assert {(c["repo"], c["revision"]) for c in hub.commits} == {("quantgate-test/SmolLM2-135M-Instruct-bnb-nf4",
+                                                                   "nightly")}
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert hub.commits[0]["header"]["summary"] == result["commit_message"]
+    assert all(c["header"]["summary"].startswith(result["commit_message"]) for c in hub.commits)
+    assert metrics["run_id"] in result["commit_message"]
+    commit = {"files": {name: data for c in hub.commits for name, data in c["files"].items()}}
+    manifest = json.loads(commit["files"]["manifest.json"])
+    assert set(commit["files"]) == {f["path"] for f in manifest["files"]} | {"manifest.json"}
+    checkpoint = run_dir / "bnb-nf4" / "checkpoint"
+    assert commit["files"]["model.safetensors"] == (checkpoint / "model.safetensors").read_bytes()
+    assert commit["files"]["README.md"].decode().startswith("---\nbase_model: HuggingFaceTB/SmolLM2-135M-Instruct")
+    assert result["location"].endswith("/commit/abc123")
+    assert hub.validated and hub.validated[0] == commit["files"]["README.md"].decode()  # front matter the Hub accepts
+
+
+def test_hub_error_is_clear_and_leaves_nothing_behind(run_dir, hub, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    import tempfile
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    hub.fail_commit_with = 403
+    with pytest.raises(PublishError) as error:
+        publish_hub(run_dir, "bnb-nf4", "quantgate-test/{model}-{recipe}", private=True, branch="main",
+                    endpoint=hub.endpoint, force=False, dry_run=False)
+    assert "refused the upload of quantgate-test/SmolLM2-135M-Instruct-bnb-nf4@main: HTTP 403" in str(error.value)
+    assert list(tmp_path.iterdir()) == []  # the staged folder is gone
+    assert FAKE_TOKEN not in str(error.value)
+
+
+def test_dry_run_uploads_nothing(run_dir, hub, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    result = publish_hub(run_dir, "bnb-nf4", "org/{model}-{recipe}", private=True, branch="main",
+                         endpoint=hub.endpoint, force=False, dry_run=True)
+    assert result["dry_run"] and "model.safetensors" in result["would_upload"] and hub.requests == []
+
+
+def test_the_token_is_in_nothing_the_run_wrote(smollm2, cache_dir, prefect_server, tmp_path, hub, monkeypatch):
+    """A whole flow run publishing to the Hub endpoint: the token goes to the endpoint and nowhere else."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+
+    from flows.quantize_model import quantize_model
+
+    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+    run_dir = Path(quantize_model(str(PROJECT / "configs" / "default.yaml"), overrides=[
+        f"output.runs_dir={tmp_path / 'runs'}", f"output.cache_dir={cache_dir}", "recipes=[bnb-nf4]",
+        "steps.evaluate={limit: 1, batch_size: 4, wikitext: false}",
+        "steps.benchmark={prompt_tokens: 8, new_tokens: 2, repeats: 1}",
+        f"steps.publish={{target: hub, hub_repo: 'quantgate-test/{{model}}-{{recipe}}', hub_endpoint: '{hub.endpoint}'}}"]))
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["recipes"]["bnb-nf4"]["steps"]["publish"]["status"] == "ok", metrics["recipes"]["bnb-nf4"]
+    assert hub.commits and any(FAKE_TOKEN in r["headers"].get("authorization", "") for r in hub.requests)
+    for path in run_dir.rglob("*"):
+        if path.is_file():
+            assert FAKE_TOKEN.encode() not in path.read_bytes(), path
+    assert FAKE_TOKEN not in json.dumps(os.environ.get("PREFECT_HOME", ""))
+
+    async def stored():
+        # Through the REST API: this server (3.8.8) rejects the null filters the client's readers send.
+        async with get_client() as client:
+            artifacts = (await client._client.post("/artifacts/filter", json={"limit": 200, "sort": "CREATED_DESC"})).json()
+            logs = []
+            while batch := (await client._client.post("/logs/filter", json={"limit": 200, "offset": len(logs)})).json():
+                logs += batch
+            return artifacts, logs
+
+    artifacts, logs = asyncio.run(stored())
+    assert artifacts, "no artifacts"
+    assert logs, "no logs"
+    assert any((a["key"] or "").endswith("bnb-nf4-card") for a in artifacts)
+    assert FAKE_TOKEN not in json.dumps(artifacts) and FAKE_TOKEN not in json.dumps(logs)
