@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from prefect import flow
 
+from quantgate import history
 from quantgate.config import DEFAULT_CONFIG, load_config
 from quantgate.record import RunRecord, run_step
 from tasks.benchmark import benchmark_task
@@ -18,10 +19,11 @@ from tasks.validate import validate_task
 
 
 @flow(name="quantize-model")
-def quantize_model(config_path: str = str(DEFAULT_CONFIG), overrides: list[str] | None = None) -> str:
+def quantize_model(config_path: str = str(DEFAULT_CONFIG), overrides: list[str] | None = None,
+                   nightly_id: str | None = None) -> str:
     config = load_config(config_path, overrides or [])
     make_plans(config, config_path)  # bad skip patterns or block sizes stop here, before any download
-    run = RunRecord(config, config_path)
+    run = RunRecord(config, config_path, nightly_id)
     model, steps = config.model, config.steps
 
     download = run_step(download_task, steps.download, source=model.source, revision=model.revision,
@@ -74,5 +76,6 @@ def quantize_model(config_path: str = str(DEFAULT_CONFIG), overrides: list[str] 
             run.set_step(recipe.name, "publish", run_step(publish_task, steps.publish, run_dir=str(run.dir),
                                                           recipe=recipe.name, settings=steps.publish.model_dump()))
     run.finish()
+    history.record_run(config.output.history_db, run.dir)
     create_artifacts(str(run.dir))
     return str(run.dir)

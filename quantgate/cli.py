@@ -1,4 +1,4 @@
-"""quantgate plan CONFIG | quantgate run [CONFIG] | quantgate report RUN_DIR — the command line."""
+"""quantgate plan | run | report | history | dashboard — the command line."""
 from __future__ import annotations
 
 import argparse
@@ -81,6 +81,25 @@ def report(args) -> int:
     return 0
 
 
+def show_history(args) -> int:
+    from quantgate import history
+
+    rows = history.cells(args.db, model=args.model, recipe=args.recipe, status=args.status, limit=args.limit)
+    fmt = lambda v, spec: format(v, spec) if v is not None else "–"  # noqa: E731
+    print(_table(["run", "model", "recipe", "status", "verdict", "KL mean", "MMLU delta", "peak GB", "decode ms"],
+                 [[r["run_id"], r["model"], r["recipe"], r["status"], r["verdict"] or "–", fmt(r["kl_mean"], ".4f"),
+                   fmt(r["mmlu_delta"], "+.4f"), fmt(r["peak_memory"] and r["peak_memory"] / 1e9, ".3f"),
+                   fmt(r["decode_ms"], ".2f")] for r in rows]))
+    return 0
+
+
+def write_dashboard(args) -> int:
+    from quantgate import dashboard
+
+    print(f"dashboard: {dashboard.write(args.db, args.out)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="quantgate", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -95,6 +114,18 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("report", help="render a run directory's report.md, summary.png and cards again")
     p.add_argument("run_dir", type=Path)
     p.set_defaults(fn=report)
+    default_db = Path("runs/history.sqlite")
+    p = sub.add_parser("history", help="list recorded runs, one line per model and recipe")
+    p.add_argument("--db", type=Path, default=default_db)
+    p.add_argument("--model")
+    p.add_argument("--recipe")
+    p.add_argument("--status", choices=["passed", "failed", "error", "skipped"])
+    p.add_argument("--limit", type=int, default=50)
+    p.set_defaults(fn=show_history)
+    p = sub.add_parser("dashboard", help="write the static HTML dashboard from the history")
+    p.add_argument("--db", type=Path, default=default_db)
+    p.add_argument("--out", type=Path, default=Path("runs/dashboard.html"))
+    p.set_defaults(fn=write_dashboard)
     args = parser.parse_args(argv)
     try:
         return args.fn(args)

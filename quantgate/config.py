@@ -197,6 +197,7 @@ with warnings.catch_warnings():
 class Output(Strict):
     runs_dir: Path = Path("runs")
     cache_dir: Path = Path(".cache/quantgate")
+    history_db: Path = Path("runs/history.sqlite")  # every run's record, for `quantgate history` and the gate
 
 
 class RunConfig(Strict):
@@ -296,3 +297,46 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
 
 def dump_config(config: RunConfig) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+class GateSettings(Strict):
+    """When a nightly cell counts as a regression against the last passing run of the same model
+    and recipe (a failure, non-finite output and a significant MMLU drop always do)."""
+    kl_increase: float = Field(0.5, ge=0)  # fraction: 0.5 means KL mean up by more than 50%
+    memory_increase: float = Field(0.05, ge=0)
+    latency_increase: float = Field(0.10, ge=0)
+
+
+class MatrixModel(Strict):
+    config: Path  # a run config; its recipes are replaced by the matrix's
+    overrides: list[str] = []
+
+
+class NightlyConfig(Strict):
+    """The nightly matrix: every model x every recipe is one cell, one quantize-model run."""
+    models: list[MatrixModel] = Field(min_length=1)
+    recipes: list[str] = Field(min_length=1)
+    # Each cell as a run of this deployment (workers share them through its work pool); null runs
+    # the cells one after another in the nightly flow's own process.
+    deployment: str | None = "quantize-model/quantize"
+    gate: GateSettings = GateSettings()
+    history_db: Path = Path("runs/history.sqlite")
+    dashboard: Path = Path("runs/dashboard.html")
+
+
+def load_nightly(path: str | Path) -> NightlyConfig:
+    path = Path(path)
+    data = _read_yaml(path)
+    try:
+        config = NightlyConfig.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = ".".join(str(p) for p in err["loc"]) or "-"
+        raise ConfigError(path, field, f"{err['msg']}; got {err.get('input')!r}") from None
+    for i, model in enumerate(config.models):
+        if not model.config.is_file():
+            raise ConfigError(path, f"models.{i}.config", f"{model.config}: file not found")
+        for recipe in config.recipes:
+            load_config(model.config, [*model.overrides, f"recipes=[{recipe}]"])
+    return config
+

@@ -59,14 +59,14 @@ def _nvidia_driver() -> str | None:
 
 
 class RunRecord:
-    def __init__(self, config: RunConfig, config_path: str):
+    def __init__(self, config: RunConfig, config_path: str, nightly_id: str | None = None):
         self.run_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
         self.dir = Path(config.output.runs_dir).resolve() / self.run_id
         self.dir.mkdir(parents=True)
         (self.dir / "config.yaml").write_text(f"# resolved from {config_path}\n" + dump_config(config))
         write_json(self.dir / "env.json", environment())
         self.metrics = {"schema": SCHEMA, "run_id": self.run_id, "status": "running", "started_at": now(),
-                        "finished_at": None, "config_path": str(config_path),
+                        "finished_at": None, "config_path": str(config_path), "nightly_id": nightly_id,
                         "model": {"source": config.model.source, "revision": config.model.revision},
                         "reference": {}, "recipes": {}}
         for recipe in config.recipes:

@@ -1,0 +1,67 @@
+"""The nightly flow: every cell of the matrix (model x recipe) as its own quantize-model run, through
+the `quantize` deployment so that every worker of its work pool takes a share; then each cell
+against the last passing run of the same model and recipe. A regression fails this flow run."""
+from __future__ import annotations
+
+import secrets
+from datetime import datetime, timezone
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+
+from flows.quantize_model import quantize_model
+from quantgate import dashboard, history
+from quantgate.config import PROJECT_ROOT, load_nightly
+
+
+class RegressionError(RuntimeError):
+    pass
+
+
+def cell_runs(matrix, nightly_id: str) -> list[dict]:
+    """Start every cell, wait for all; returns what happened to each flow run."""
+    cells = [(model, recipe) for model in matrix.models for recipe in matrix.recipes]
+    params = [{"config_path": str(model.config), "nightly_id": nightly_id,
+               "overrides": [*model.overrides, f"recipes=[{recipe}]", f"output.history_db={matrix.history_db}"]}
+              for model, recipe in cells]
+    if matrix.deployment is None:
+        return [{"cell": f"{m.config}:{r}", "state": "Completed" if quantize_model(**p) else "Failed"}
+                for (m, r), p in zip(cells, params)]
+    from prefect.deployments import run_deployment
+    from prefect.flow_runs import wait_for_flow_run
+
+    started = [run_deployment(matrix.deployment, parameters=p, timeout=0, as_subflow=True,
+                              tags=["quantgate-nightly"]) for p in params]
+    finished = [wait_for_flow_run(run.id, timeout=24 * 3600, log_states=True) for run in started]
+    return [{"cell": f"{m.config}:{r}", "flow_run": run.name, "state": run.state.name}
+            for (m, r), run in zip(cells, finished)]
+
+
+@flow(name="nightly")
+def nightly(matrix: str = str(PROJECT_ROOT / "configs" / "nightly.yaml")) -> str:
+    config = load_nightly(matrix)
+    log = get_run_logger()
+    nightly_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+    runs = cell_runs(config, nightly_id)
+    recorded = history.nightly_runs(config.history_db, nightly_id)
+    results = [cell for run_id in recorded for cell in history.gate_run(config.history_db, run_id, config.gate)]
+    missing = [r for r in runs if r["state"] != "Completed"]
+    dashboard.write(config.history_db, config.dashboard)
+
+    lines = [f"# quantgate nightly {nightly_id}", "", f"{len(runs)} cells, {len(recorded)} runs recorded; dashboard: "
+             f"`{Path(config.dashboard).resolve()}`", "", "| model | recipe | status | gate | baseline | regressions | environment changes |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for c in results:
+        lines.append(f"| {c['model']} | {c['recipe']} | {c['status']} | {c['gate']} | {c['baseline_run'] or '–'} | "
+                     f"{'; '.join(c['regressions']) or '–'} | {'; '.join(c['env_changes']) or '–'} |")
+    lines += [f"- cell {r['cell']}: flow run ended {r['state']}" for r in missing]
+    summary = "\n".join(lines)
+    create_markdown_artifact(markdown=summary, key="quantgate-nightly", description=nightly_id)
+    log.info("%s", summary)
+    regressed = [c for c in results if c["gate"] == "regressed"]
+    if regressed or missing:
+        raise RegressionError("; ".join([f"{c['model']} {c['recipe']}: {', '.join(c['regressions'])}"
+                                         + (f" (with {', '.join(c['env_changes'])})" if c["env_changes"] else "")
+                                         for c in regressed] + [f"{r['cell']}: {r['state']}" for r in missing]))
+    return nightly_id

@@ -1,0 +1,161 @@
+"""Run history in an embedded SQLite database, and the regression gate that reads it.
+
+Every run's record goes in (`record_run`): one row per run with its environment, one row per
+recipe ("cell") with the figures the gate and the dashboard use. `regressions` compares a cell
+with the last passing run of the same model and recipe."""
+from __future__ import annotations
+
+import json
+import sqlite3
+from contextlib import closing
+from pathlib import Path
+
+from quantgate.config import GateSettings
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY, started_at TEXT, finished_at TEXT, model TEXT, status TEXT, run_dir TEXT,
+    env TEXT, metrics TEXT, nightly_id TEXT);
+CREATE TABLE IF NOT EXISTS cells (
+    run_id TEXT, model TEXT, recipe TEXT, started_at TEXT, status TEXT, reason TEXT, verdict TEXT,
+    nonfinite_module TEXT, kl_mean REAL, top1 REAL, mmlu_acc REAL, mmlu_delta REAL, mmlu_low REAL,
+    mmlu_high REAL, mmlu_significant INTEGER, word_perplexity REAL, real_bytes INTEGER, peak_memory INTEGER,
+    decode_ms REAL, speedup REAL, card TEXT, PRIMARY KEY (run_id, recipe));
+"""
+CELL_FIELDS = ("run_id", "model", "recipe", "started_at", "status", "reason", "verdict", "nonfinite_module",
+               "kl_mean", "top1", "mmlu_acc", "mmlu_delta", "mmlu_low", "mmlu_high", "mmlu_significant",
+               "word_perplexity", "real_bytes", "peak_memory", "decode_ms", "speedup", "card")
+ENV_KEYS = ("python", "torch", "transformers", "accelerate", "bitsandbytes", "torchao", "optimum-quanto", "lm_eval",
+            "prefect")
+
+
+def connect(db: str | Path) -> sqlite3.Connection:
+    Path(db).parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(db, timeout=30)
+    conn.row_factory = sqlite3.Row
+    conn.executescript(SCHEMA)
+    return conn
+
+
+def cell_of(metrics: dict, recipe: str, run_dir: Path) -> dict:
+    entry = metrics["recipes"][recipe]
+    v, e, b, q = (entry.get(k, {}) for k in ("validate", "evaluate", "benchmark", "quantize"))
+    mmlu, memory, latency = e.get("mmlu", {}), b.get("memory", {}), b.get("latency", {})
+    low, high = mmlu.get("delta_ci95") or (None, None)
+    card = run_dir / recipe / "card.md"
+    return {"run_id": metrics["run_id"], "model": metrics["model"]["source"], "recipe": recipe,
+            "started_at": metrics["started_at"], "status": entry["status"], "reason": entry.get("reason"),
+            "verdict": v.get("verdict"), "nonfinite_module": v.get("first_nonfinite_module"),
+            "kl_mean": v.get("kl_mean"), "top1": v.get("top1_agreement"), "mmlu_acc": mmlu.get("acc"),
+            "mmlu_delta": mmlu.get("delta_acc"), "mmlu_low": low, "mmlu_high": high,
+            "mmlu_significant": mmlu.get("significant"), "word_perplexity": e.get("wikitext", {}).get("word_perplexity"),
+            "real_bytes": q.get("real_bytes"), "peak_memory": memory.get("gpu_peak_infer") or memory.get("host_private_peak"),
+            "decode_ms": latency.get("decode_ms_per_token"), "speedup": latency.get("speedup_vs_reference"),
+            "card": str(card) if card.is_file() else None}
+
+
+def record_run(db: str | Path, run_dir: str | Path) -> str:
+    """Insert (or replace) one run and its cells; returns the run id."""
+    run_dir = Path(run_dir).resolve()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    env = json.loads((run_dir / "env.json").read_text())
+    with closing(connect(db)) as conn, conn:
+        conn.execute("INSERT OR REPLACE INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                     (metrics["run_id"], metrics["started_at"], metrics["finished_at"], metrics["model"]["source"],
+                      metrics["status"], str(run_dir), json.dumps(env), json.dumps(metrics), metrics.get("nightly_id")))
+        for recipe in metrics["recipes"]:
+            cell = cell_of(metrics, recipe, run_dir)
+            conn.execute(f"INSERT OR REPLACE INTO cells VALUES ({', '.join('?' * len(CELL_FIELDS))})",
+                         [cell[k] for k in CELL_FIELDS])
+    return metrics["run_id"]
+
+
+def cells(db: str | Path, model: str | None = None, recipe: str | None = None, status: str | None = None,
+          limit: int | None = None) -> list[dict]:
+    """Cells, newest first, with each run's directory."""
+    where, args = [], []
+    for column, value in (("c.model", model), ("c.recipe", recipe), ("c.status", status)):
+        if value:
+            where.append(f"{column} = ?")
+            args.append(value)
+    sql = ("SELECT c.*, r.run_dir FROM cells c JOIN runs r USING (run_id)"
+           + (f" WHERE {' AND '.join(where)}" if where else "") + " ORDER BY c.started_at DESC, c.run_id DESC"
+           + (f" LIMIT {int(limit)}" if limit else ""))
+    with closing(connect(db)) as conn:
+        return [dict(row) for row in conn.execute(sql, args)]
+
+
+def nightly_runs(db: str | Path, nightly_id: str) -> list[str]:
+    with closing(connect(db)) as conn:
+        return [r["run_id"] for r in conn.execute("SELECT run_id FROM runs WHERE nightly_id = ? ORDER BY started_at",
+                                                   (nightly_id,))]
+
+
+def run_env(db: str | Path, run_id: str) -> dict:
+    with closing(connect(db)) as conn:
+        row = conn.execute("SELECT env FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+    return json.loads(row["env"]) if row else {}
+
+
+def last_passing(db: str | Path, model: str, recipe: str, before: str) -> dict | None:
+    """The newest passing cell of this model and recipe that started before `before` (an ISO time)."""
+    with closing(connect(db)) as conn:
+        row = conn.execute("SELECT c.*, r.run_dir FROM cells c JOIN runs r USING (run_id) WHERE c.model = ? AND "
+                           "c.recipe = ? AND c.status = 'passed' AND c.started_at < ? "
+                           "ORDER BY c.started_at DESC LIMIT 1", (model, recipe, before)).fetchone()
+    return dict(row) if row else None
+
+
+def env_changes(before: dict, after: dict) -> list[str]:
+    changes = [f"{k} {before.get(k)} → {after.get(k)}" for k in ENV_KEYS if before.get(k) != after.get(k)]
+    device_before, device_after = before.get("device", {}).get("name"), after.get("device", {}).get("name")
+    if device_before != device_after:
+        changes.append(f"device {device_before} → {device_after}")
+    return changes
+
+
+def _grew(now, base, fraction: float) -> bool:
+    return now is not None and base is not None and base > 0 and now > base * (1 + fraction)
+
+
+def regressions(cell: dict, baseline: dict, gate: GateSettings) -> list[str]:
+    """What got worse from the baseline cell to this one, each in a sentence."""
+    found = []
+    if cell["status"] != "passed":
+        found.append(f"status {baseline['status']} → {cell['status']}: {cell.get('reason') or ''}".rstrip(": "))
+    if cell["nonfinite_module"]:
+        found.append(f"non-finite output, first at {cell['nonfinite_module']}")
+    if cell["mmlu_significant"] and (cell["mmlu_delta"] or 0) < 0 and not (
+            baseline["mmlu_significant"] and (baseline["mmlu_delta"] or 0) < 0):
+        found.append(f"significant MMLU drop: {cell['mmlu_delta']:+.4f} [{cell['mmlu_low']:+.4f}, {cell['mmlu_high']:+.4f}] "
+                     f"(baseline {baseline['mmlu_delta']:+.4f}, not significant)")
+    if _grew(cell["kl_mean"], baseline["kl_mean"], gate.kl_increase):
+        found.append(f"KL mean {baseline['kl_mean']:.4f} → {cell['kl_mean']:.4f} (more than +{gate.kl_increase:.0%})")
+    for key, label in (("real_bytes", "weight memory"), ("peak_memory", "peak memory")):
+        if _grew(cell[key], baseline[key], gate.memory_increase):
+            found.append(f"{label} {baseline[key] / 1e9:.3f} → {cell[key] / 1e9:.3f} GB "
+                         f"(+{cell[key] / baseline[key] - 1:.1%}, limit +{gate.memory_increase:.0%})")
+    if _grew(cell["decode_ms"], baseline["decode_ms"], gate.latency_increase):
+        found.append(f"decode latency {baseline['decode_ms']:.2f} → {cell['decode_ms']:.2f} ms/token "
+                     f"(+{cell['decode_ms'] / baseline['decode_ms'] - 1:.1%}, limit +{gate.latency_increase:.0%})")
+    return found
+
+
+def gate_run(db: str | Path, run_id: str, gate: GateSettings) -> list[dict]:
+    """Each cell of a recorded run against its baseline: verdict baseline | pass | regressed."""
+    results = []
+    env = run_env(db, run_id)
+    with closing(connect(db)) as conn:
+        rows = [dict(r) for r in conn.execute("SELECT * FROM cells WHERE run_id = ?", (run_id,))]
+    for cell in rows:
+        if cell["status"] == "skipped":
+            results.append({**cell, "gate": "skipped", "regressions": [], "baseline_run": None, "env_changes": []})
+            continue
+        baseline = last_passing(db, cell["model"], cell["recipe"], cell["started_at"])
+        if baseline is None:
+            results.append({**cell, "gate": "baseline", "regressions": [], "baseline_run": None, "env_changes": []})
+            continue
+        found = regressions(cell, baseline, gate)
+        results.append({**cell, "gate": "regressed" if found else "pass", "regressions": found,
+                        "baseline_run": baseline["run_id"], "env_changes": env_changes(run_env(db, baseline["run_id"]), env)})
+    return results

@@ -1,0 +1,106 @@
+"""Run history, the regression gate and the dashboard, on the default run's real record."""
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from quantgate import dashboard, history
+from quantgate.config import GateSettings
+
+
+def rerun(run_dir: Path, root: Path, run_id: str, started_at: str, change=None, env_change=None) -> Path:
+    """A copy of a real run as the next night's run, with a planted change to its record."""
+    copy = root / run_id
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("checkpoint", "*.safetensors"))
+    metrics = json.loads((copy / "metrics.json").read_text())
+    metrics.update(run_id=run_id, started_at=started_at)
+    if change:
+        change(metrics)
+    (copy / "metrics.json").write_text(json.dumps(metrics))
+    if env_change:
+        env = json.loads((copy / "env.json").read_text())
+        env.update(env_change)
+        (copy / "env.json").write_text(json.dumps(env))
+    return copy
+
+
+@pytest.fixture
+def db(tmp_path, run_dir):
+    path = tmp_path / "history.sqlite"
+    history.record_run(path, run_dir)
+    return path
+
+
+def test_every_run_is_recorded_and_listed(run_dir, db):
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    cells = history.cells(db)
+    assert {c["recipe"] for c in cells} == set(metrics["recipes"])
+    nf4 = history.cells(db, recipe="bnb-nf4")[0]
+    assert nf4["status"] == "passed" and nf4["kl_mean"] == metrics["recipes"]["bnb-nf4"]["validate"]["kl_mean"]
+    assert nf4["decode_ms"] == metrics["recipes"]["bnb-nf4"]["benchmark"]["latency"]["decode_ms_per_token"]
+    assert [c["recipe"] for c in history.cells(db, status="error")] == ["bnb-int8"]
+    # The flow itself records into its configured database.
+    flow_db = history.cells(run_dir.parent / "history.sqlite") if (run_dir.parent / "history.sqlite").exists() else None
+    assert flow_db is None or any(c["run_id"] == metrics["run_id"] for c in flow_db)
+
+
+def test_first_run_sets_the_baseline_and_an_identical_run_passes(run_dir, db, tmp_path):
+    first = json.loads((run_dir / "metrics.json").read_text())["run_id"]
+    assert {c["gate"] for c in history.gate_run(db, first, GateSettings())} <= {"baseline", "skipped"}
+    again = rerun(run_dir, tmp_path, "night-2", "2999-01-01T02:00:00+00:00")
+    history.record_run(db, again)
+    results = {c["recipe"]: c for c in history.gate_run(db, "night-2", GateSettings())}
+    assert results["bnb-nf4"]["gate"] == results["torchao-int8-weight-only"]["gate"] == "pass"
+    assert results["bnb-nf4"]["baseline_run"] == first and results["bnb-nf4"]["env_changes"] == []
+
+
+def test_planted_regressions_are_named_with_the_environment_change(run_dir, db, tmp_path):
+    def memory_grows(m):
+        m["recipes"]["bnb-nf4"]["quantize"]["real_bytes"] = int(m["recipes"]["bnb-nf4"]["quantize"]["real_bytes"] * 1.3)
+
+    night2 = rerun(run_dir, tmp_path, "night-2", "2999-01-01T02:00:00+00:00", memory_grows,
+                   env_change={"transformers": "5.99.0"})
+    history.record_run(db, night2)
+    nf4 = next(c for c in history.gate_run(db, "night-2", GateSettings()) if c["recipe"] == "bnb-nf4")
+    before = json.loads((run_dir / "metrics.json").read_text())["recipes"]["bnb-nf4"]["quantize"]["real_bytes"]
+    assert nf4["gate"] == "regressed"
+    assert nf4["regressions"] == [f"weight memory {before / 1e9:.3f} → {int(before * 1.3) / 1e9:.3f} GB (+30.0%, limit +5%)"]
+    assert nf4["env_changes"] == ["transformers 5.23.0 → 5.99.0"]
+
+    def turns_nonfinite(m):
+        entry = m["recipes"]["torchao-int8-weight-only"]
+        entry.update(status="failed", reason="validate: non-finite logits")
+        entry["validate"].update(verdict="fail", first_nonfinite_module="model.layers.1.self_attn.q_proj")
+
+    night3 = rerun(run_dir, tmp_path, "night-3", "2999-01-02T02:00:00+00:00", turns_nonfinite)
+    history.record_run(db, night3)
+    int8 = next(c for c in history.gate_run(db, "night-3", GateSettings()) if c["recipe"] == "torchao-int8-weight-only")
+    assert int8["gate"] == "regressed"
+    assert "non-finite output, first at model.layers.1.self_attn.q_proj" in int8["regressions"]
+    assert int8["regressions"][0] == "status passed → failed: validate: non-finite logits"
+    # The last passing run is the baseline: night 2's int8 (night 2 regressed only nf4's memory).
+    assert int8["baseline_run"] == "night-2"
+
+
+def test_dashboard_renders_the_matrix_and_trends(run_dir, db, tmp_path):
+    history.record_run(db, rerun(run_dir, tmp_path, "night-2", "2999-01-01T02:00:00+00:00"))
+    page = dashboard.write(db, tmp_path / "dashboard.html").read_text()
+    assert page.count("<table class='matrix'>") == 1 and "http" not in page.replace("charset", "")
+    assert "style='background:#2e9d4f'" in page and "style='background:#d2362f'" in page  # pass and the error
+    assert page.count("<polyline") >= 8 and "report.md" in page and "card.md" in page
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed (apt install chromium)")
+def test_dashboard_in_headless_chromium(run_dir, db, tmp_path, request):
+    history.record_run(db, rerun(run_dir, tmp_path, "night-2", "2999-01-01T02:00:00+00:00"))
+    page = dashboard.write(db, tmp_path / "dashboard.html")
+    dom = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", page.as_uri()],
+                         capture_output=True, text=True, timeout=120)
+    assert "class=\"matrix\"" in dom.stdout and "<polyline" in dom.stdout
+    shot = Path(request.config.rootpath) / "tests" / "output" / "dashboard.png"
+    shot.parent.mkdir(exist_ok=True)
+    subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",
+                    "--window-size=1200,900", page.as_uri()], capture_output=True, timeout=120, check=True)
+    assert shot.stat().st_size > 5000
