@@ -4,6 +4,7 @@ against the last passing run of the same model and recipe. A regression fails th
 from __future__ import annotations
 
 import secrets
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -28,12 +29,22 @@ def cell_runs(matrix, nightly_id: str) -> list[dict]:
     if matrix.deployment is None:
         return [{"cell": f"{m.config}:{r}", "state": "Completed" if quantize_model(**p) else "Failed"}
                 for (m, r), p in zip(cells, params)]
+    from prefect import get_client
     from prefect.deployments import run_deployment
-    from prefect.flow_runs import wait_for_flow_run
 
     started = [run_deployment(matrix.deployment, parameters=p, timeout=0, as_subflow=True,
                               tags=["quantgate-nightly"]) for p in params]
-    finished = [wait_for_flow_run(run.id, timeout=24 * 3600, log_states=True) for run in started]
+    log = get_run_logger()
+    with get_client(sync_client=True) as client:
+        pending = {run.id for run in started}
+        while pending:
+            time.sleep(5)
+            for run_id in list(pending):
+                run = client.read_flow_run(run_id)
+                if run.state and run.state.is_final():
+                    pending.discard(run_id)
+                    log.info("cell %s: %s (%d left)", run.name, run.state.name, len(pending))
+        finished = [client.read_flow_run(run.id) for run in started]
     return [{"cell": f"{m.config}:{r}", "flow_run": run.name, "state": run.state.name}
             for (m, r), run in zip(cells, finished)]
 

@@ -142,6 +142,10 @@ class EvaluateSettings(StepSettings):
     batch_size: Union[PositiveInt, Literal["auto"]] = "auto"  # auto: lm-eval's probe on CUDA, 8 on a CPU
     wikitext: bool = True
     wikitext_token_budget: PositiveInt | None = 4096  # leading documents up to this many tokens; null: all
+    # lm-eval's context length (rolling windows for perplexity, batch padding), capped by the model's
+    # own. Uncapped, a 32k-context model pads batches of whole documents to 32k tokens: 68 GB of
+    # logits for four documents of Gemma 3 270M (262k vocabulary).
+    max_length: PositiveInt = 2048
     bootstrap_iters: PositiveInt = 10000
 
 

@@ -135,7 +135,9 @@ def run_lm_eval(model, tokenizer, settings: EvaluateSettings, task_dir: Path) ->
     device = str(next(model.parameters()).device)
     # lm-eval's "auto" probes batch sizes with full-length forwards: minutes on a CPU, so 8 there.
     batch_size = 8 if settings.batch_size == "auto" and device == "cpu" else settings.batch_size
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+    own = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None) or settings.max_length
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device,
+              max_length=min(settings.max_length, own))
     manager = TaskManager(include_path=str(task_dir))
     group = "mmlu" if settings.mmlu_source == "hub" else "quantgate_mmlu"
     mmlu = simple_evaluate(model=lm, tasks=[group], num_fewshot=settings.num_fewshot, limit=settings.limit,

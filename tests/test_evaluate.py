@@ -75,7 +75,7 @@ def test_lm_eval_command_line_gets_the_same_accuracy(smollm2, reference_eval, tm
     cache, result = reference_eval
     done = subprocess.run(
         [sys.executable, "-m", "lm_eval", "run", "--model", "hf",
-         "--model_args", f"pretrained={smollm2},dtype=bfloat16", "--device", "cpu",
+         "--model_args", f"pretrained={smollm2},dtype=bfloat16,max_length=2048", "--device", "cpu",
          "--tasks", "quantgate_mmlu", "--include_path", str(cache / "lm_eval_tasks"),
          "--limit", "1", "--batch_size", "4", "--num_fewshot", "0", "--output_path", str(tmp_path / "out")],
         capture_output=True, text=True, timeout=900)

@@ -169,16 +169,16 @@ def test_the_token_is_in_nothing_the_run_wrote(smollm2, cache_dir, prefect_serve
     assert FAKE_TOKEN not in json.dumps(os.environ.get("PREFECT_HOME", ""))
 
     async def stored():
-        # Through the REST API: this server (3.8.8) rejects the null filters the client's readers send.
         async with get_client() as client:
-            artifacts = (await client._client.post("/artifacts/filter", json={"limit": 200, "sort": "CREATED_DESC"})).json()
+            artifacts = await client.read_artifacts()
             logs = []
-            while batch := (await client._client.post("/logs/filter", json={"limit": 200, "offset": len(logs)})).json():
+            while batch := await client.read_logs(limit=200, offset=len(logs)):
                 logs += batch
             return artifacts, logs
 
     artifacts, logs = asyncio.run(stored())
     assert artifacts, "no artifacts"
     assert logs, "no logs"
-    assert any((a["key"] or "").endswith("bnb-nf4-card") for a in artifacts)
-    assert FAKE_TOKEN not in json.dumps(artifacts) and FAKE_TOKEN not in json.dumps(logs)
+    assert any((a.key or "").endswith("bnb-nf4-card") for a in artifacts)
+    assert FAKE_TOKEN not in json.dumps([a.model_dump(mode="json") for a in artifacts])
+    assert not any(FAKE_TOKEN in log.message for log in logs)

@@ -48,6 +48,21 @@ case "$1" in
      timeout 570 python3 docs/gpu/quantize_on_gpu.py gemma3-270m /tmp/g/gemma-3-270m-q4_k_m.gguf \
        torchao-int4-weight-only torchao-float8-dynamic 2>"$OUT/evaluate-gemma3-270m.err" | tee "$OUT/evaluate-gemma3-270m.jsonl"
      grep -vE "Loading weights|Writing model|Converting|Running loglikelihood|it/s" "$OUT/evaluate-gemma3-270m.err" | tail -8 ;;
+  # ge again with the project's pinned transformers 5.23 (carried in .gpu/t beside .gpu/e): the
+  # image's 5.17 computes Gemma 3 270M wrongly (NLL 8.48 against 3.36 on the same weights and text).
+  ge523) python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/e/*.whl .gpu/t/*.whl || exit 1
+     export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore EVALUATE=1 HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1
+     python3 -c "import transformers; print('transformers', transformers.__version__)"
+     rm -rf /tmp/qg-cache/checkpoints/*gemma* /tmp/qg-cache/reference
+     timeout 575 python3 docs/gpu/quantize_on_gpu.py gemma3-270m /tmp/g/gemma-3-270m-q4_k_m.gguf \
+       torchao-int4-weight-only torchao-float8-dynamic 2>"$OUT/evaluate-gemma3-270m.err" | tee "$OUT/evaluate-gemma3-270m.jsonl"
+     grep -vE "Loading weights|Writing model|Converting|Running loglikelihood|it/s|Overwriting|metric" "$OUT/evaluate-gemma3-270m.err" | tail -4 ;;
+  # After ge: WikiText-2 for the Gemma 3 270M reference at batch 1 and 8 (docs/bench/gemma_perplexity_probe.py).
+  gprobe) python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/e/*.whl || exit 1
+     export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1
+     ckpt=$(dirname "$(ls /tmp/qg-cache/checkpoints/*/config.json | grep -i gemma | head -1)")
+     timeout "${PROBE_S:-300}" python3 docs/bench/gemma_perplexity_probe.py "$ckpt" "${DOCS:-62}" 8 cuda 2>"$OUT/probe.err" | tee "$OUT/probe.jsonl"
+     grep -E "Error|error" "$OUT/probe.err" | tail -5 ;;
   # The benchmark step (issue 4) on the Gemma-3-12B-shaped checkpoint, carrying .gpu/b (pydantic,
   # torchao and bitsandbytes wheels): each model in its own process, 256 in / 256 out, batch 1.
   bench) python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/b/*.whl || exit 1
