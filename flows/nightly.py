@@ -27,7 +27,7 @@ def cell_runs(matrix, nightly_id: str) -> list[dict]:
                "overrides": [*model.overrides, f"recipes=[{recipe}]", f"output.history_db={matrix.history_db}"]}
               for model, recipe in cells]
     if matrix.deployment is None:
-        return [{"cell": f"{m.config}:{r}", "state": "Completed" if quantize_model(**p) else "Failed"}
+        return [{"cell": f"{m.config}:{r}", "state": quantize_model(**p, return_state=True).name}
                 for (m, r), p in zip(cells, params)]
     from prefect import get_client
     from prefect.deployments import run_deployment

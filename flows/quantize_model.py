@@ -3,7 +3,6 @@
 recipe stops at its first step that does not end ok."""
 from __future__ import annotations
 
-
 from prefect import flow
 
 from quantgate import history
@@ -16,6 +15,11 @@ from tasks.publish import create_artifacts, publish_task
 from tasks.quantize import make_plans, quantize_task
 from tasks.reference import reference_task
 from tasks.validate import validate_task
+
+
+def publish(run: RunRecord, settings, recipe: str) -> None:
+    run.set_step(recipe, "publish", run_step(publish_task, settings, run_dir=str(run.dir), recipe=recipe,
+                                             settings=settings.model_dump()))
 
 
 @flow(name="quantize-model")
@@ -55,8 +59,7 @@ def quantize_model(config_path: str = str(DEFAULT_CONFIG), overrides: list[str] 
                 if reference["status"] == "ok" else {"status": "error", "reason": f"reference: {reference['reason']}"}
             run.set_step(recipe.name, "validate", validated)
             if validated["status"] == "failed" and steps.publish.force:
-                run.set_step(recipe.name, "publish", run_step(publish_task, steps.publish, run_dir=str(run.dir),
-                                                              recipe=recipe.name, settings=steps.publish.model_dump()))
+                publish(run, steps.publish, recipe.name)
             if validated["status"] != "ok":
                 continue
             evaluated = run_step(evaluate_task, steps.evaluate, checkpoint=quantized["checkpoint"],
@@ -73,8 +76,7 @@ def quantize_model(config_path: str = str(DEFAULT_CONFIG), overrides: list[str] 
             run.set_step(recipe.name, "benchmark", benchmarked)
             if benchmarked["status"] != "ok":
                 continue
-            run.set_step(recipe.name, "publish", run_step(publish_task, steps.publish, run_dir=str(run.dir),
-                                                          recipe=recipe.name, settings=steps.publish.model_dump()))
+            publish(run, steps.publish, recipe.name)
     run.finish()
     history.record_run(config.output.history_db, run.dir)
     create_artifacts(str(run.dir))

@@ -9,15 +9,20 @@ from pathlib import Path
 
 import yaml
 
+from quantgate.record import gb, num, peak_memory
+
 TAGS = {"bitsandbytes": ["bitsandbytes"], "torchao": ["torchao"], "fp8": ["fp8"], "quanto": ["optimum-quanto"]}
 
 
-def _fmt(value, spec: str, missing: str = "not measured") -> str:
-    return format(value, spec) if isinstance(value, (int, float)) else missing
+NOT_MEASURED = "not measured"
+
+
+def _fmt(value, spec: str, missing: str = NOT_MEASURED) -> str:
+    return num(value, spec, missing)
 
 
 def _gb(value) -> str:
-    return f"{value / 1e9:.3f} GB" if isinstance(value, (int, float)) else "not measured"
+    return gb(value, NOT_MEASURED)
 
 
 def _step_note(entry: dict, step: str) -> str:
@@ -120,7 +125,7 @@ def render_card(run_dir: Path, recipe_name: str, checkpoint_path: str = "PATH_OR
                   "| --- | --- | --- | --- | --- | --- | --- |"]
         for name, bench in (("reference", rb), (recipe_name, b)):
             memory, latency = bench["memory"], bench["latency"]
-            peak = memory.get("gpu_peak_infer") or memory.get("host_private_peak")
+            peak = peak_memory(bench)
             kind = "GPU" if memory.get("gpu_peak_infer") else "host private"
             reduction = memory.get("peak_reduction_vs_reference")
             lines.append(f"| {name} | {_gb(peak)} ({kind}) | {_fmt(reduction, '.1%', '–')} | "

@@ -69,8 +69,8 @@ def report(args) -> int:
     if not (run_dir / "metrics.json").is_file():
         print(f"{run_dir}: not a run directory (no metrics.json)", file=sys.stderr)
         return 2
-    write_report(run_dir)
     metrics = json.loads((run_dir / "metrics.json").read_text())
+    write_report(run_dir, metrics)
     for name, entry in metrics["recipes"].items():
         if "quantize" in entry:
             where = entry.get("publish", {}).get("location") or str(run_dir / name / "checkpoint")

@@ -11,6 +11,7 @@ from contextlib import closing
 from pathlib import Path
 
 from quantgate.config import GateSettings
+from quantgate.record import peak_memory
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -40,7 +41,7 @@ def connect(db: str | Path) -> sqlite3.Connection:
 def cell_of(metrics: dict, recipe: str, run_dir: Path) -> dict:
     entry = metrics["recipes"][recipe]
     v, e, b, q = (entry.get(k, {}) for k in ("validate", "evaluate", "benchmark", "quantize"))
-    mmlu, memory, latency = e.get("mmlu", {}), b.get("memory", {}), b.get("latency", {})
+    mmlu, latency = e.get("mmlu", {}), b.get("latency", {})
     low, high = mmlu.get("delta_ci95") or (None, None)
     card = run_dir / recipe / "card.md"
     return {"run_id": metrics["run_id"], "model": metrics["model"]["source"], "recipe": recipe,
@@ -49,7 +50,7 @@ def cell_of(metrics: dict, recipe: str, run_dir: Path) -> dict:
             "kl_mean": v.get("kl_mean"), "top1": v.get("top1_agreement"), "mmlu_acc": mmlu.get("acc"),
             "mmlu_delta": mmlu.get("delta_acc"), "mmlu_low": low, "mmlu_high": high,
             "mmlu_significant": mmlu.get("significant"), "word_perplexity": e.get("wikitext", {}).get("word_perplexity"),
-            "real_bytes": q.get("real_bytes"), "peak_memory": memory.get("gpu_peak_infer") or memory.get("host_private_peak"),
+            "real_bytes": q.get("real_bytes"), "peak_memory": peak_memory(b),
             "decode_ms": latency.get("decode_ms_per_token"), "speedup": latency.get("speedup_vs_reference"),
             "card": str(card) if card.is_file() else None}
 

@@ -124,7 +124,7 @@ class RunRecord:
         self.metrics["status"] = "error" if "error" in statuses else "failed" if "failed" in statuses else "passed"
         self.metrics["finished_at"] = now()
         self.save()
-        write_report(self.dir)
+        write_report(self.dir, self.metrics)
         return self.metrics
 
 
@@ -160,12 +160,12 @@ def run_step(step_task, step_settings, /, **params) -> dict:
 
 # ---------------------------------------------------------------- the report
 
-def _gb(n) -> str:
-    return f"{n / 1e9:.3f} GB" if isinstance(n, (int, float)) else "–"
+def gb(n, missing: str = "–") -> str:
+    return f"{n / 1e9:.3f} GB" if isinstance(n, (int, float)) else missing
 
 
-def _num(value, fmt: str) -> str:
-    return format(value, fmt) if isinstance(value, (int, float)) else "–"
+def num(value, fmt: str, missing: str = "–") -> str:
+    return format(value, fmt) if isinstance(value, (int, float)) else missing
 
 
 def _mmlu(evaluate: dict) -> str:
@@ -189,7 +189,7 @@ def _peak(bench: dict) -> str:
     if peak is None:
         return "–"
     reduction = bench["memory"].get("peak_reduction_vs_reference")
-    return _gb(peak) + (f" ({reduction:+.0%})" if reduction is not None else "")
+    return gb(peak) + (f" ({reduction:+.0%})" if reduction is not None else "")
 
 
 def _decode(bench: dict) -> str:
@@ -204,8 +204,8 @@ def summary_rows(metrics: dict) -> list[list[str]]:
     ref = metrics["reference"]
     ref_bytes = ref.get("real_bytes")
     ref_bench = ref.get("benchmark", {})
-    rows = [["reference", ref.get("status", "–"), _gb(ref_bytes), "100%", "", "", "", "",
-             _mmlu(ref.get("evaluate", {})), _num(ref.get("evaluate", {}).get("wikitext", {}).get("word_perplexity"), ".2f"),
+    rows = [["reference", ref.get("status", "–"), gb(ref_bytes), "100%", "", "", "", "",
+             _mmlu(ref.get("evaluate", {})), num(ref.get("evaluate", {}).get("wikitext", {}).get("word_perplexity"), ".2f"),
              _peak(ref_bench), _decode(ref_bench), ""]]
     for name, entry in metrics["recipes"].items():
         q, v, e, b = (entry.get(step, {}) for step in ("quantize", "validate", "evaluate", "benchmark"))
@@ -214,9 +214,9 @@ def summary_rows(metrics: dict) -> list[list[str]]:
         warnings = entry.get("warnings", [])
         note = entry.get("reason") or (f"{warnings[0]}" + (f" (+{len(warnings) - 1} more)" if len(warnings) > 1 else "")
                                        if warnings else "")
-        rows.append([name, entry["status"], _gb(q.get("real_bytes")), ratio, counts, v.get("verdict", "–"),
-                     _num(v.get("kl_mean"), ".4f"), _num(v.get("top1_agreement"), ".3f"), _mmlu(e),
-                     _num(e.get("wikitext", {}).get("word_perplexity"), ".2f"), _peak(b), _decode(b), note])
+        rows.append([name, entry["status"], gb(q.get("real_bytes")), ratio, counts, v.get("verdict", "–"),
+                     num(v.get("kl_mean"), ".4f"), num(v.get("top1_agreement"), ".3f"), _mmlu(e),
+                     num(e.get("wikitext", {}).get("word_perplexity"), ".2f"), _peak(b), _decode(b), note])
     return rows
 
 
@@ -237,10 +237,10 @@ def benchmark_rows(metrics: dict) -> list[list[str]]:
         if "memory" not in b:
             continue
         m, lat = b["memory"], b["latency"]
-        rows.append([name, _num(b.get("load_s"), ".1f"), _gb(m["host_private_peak"]), _gb(m["host_file_peak"]),
-                     _gb(m["gpu_peak_load"]), _gb(m["gpu_peak_infer"]), _num(lat["prefill_ms"], ".1f"),
-                     _num(lat["decode_ms_per_token"], ".2f"), _num(lat["tokens_per_s"], ".1f"),
-                     _num(lat.get("of_bandwidth_floor"), ".2f"), lat["path"]])
+        rows.append([name, num(b.get("load_s"), ".1f"), gb(m["host_private_peak"]), gb(m["host_file_peak"]),
+                     gb(m["gpu_peak_load"]), gb(m["gpu_peak_infer"]), num(lat["prefill_ms"], ".1f"),
+                     num(lat["decode_ms_per_token"], ".2f"), num(lat["tokens_per_s"], ".1f"),
+                     num(lat.get("of_bandwidth_floor"), ".2f"), lat["path"]])
     return rows
 
 
@@ -248,21 +248,17 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ⏎ ").strip()
 
 
-def write_report(run_dir: Path) -> None:
+def write_report(run_dir: Path, metrics: dict) -> None:
     """report.md and summary.png from the run's record (also `quantgate report RUN_DIR`)."""
     from quantgate.card import plot_run
 
-    metrics = json.loads((run_dir / "metrics.json").read_text())
     figure = plot_run(metrics, run_dir / "summary.png")
-    report = render_report(metrics)
-    if figure:
-        report = report.replace("\n## Steps", "\n![MMLU delta against memory and speed](summary.png)\n\n## Steps", 1)
     tmp = run_dir / ".report.md.tmp"
-    tmp.write_text(report)
+    tmp.write_text(render_report(metrics, figure.name if figure else None))
     tmp.replace(run_dir / "report.md")
 
 
-def render_report(metrics: dict) -> str:
+def render_report(metrics: dict, figure: str | None = None) -> str:
     model = metrics["model"]
     lines = [f"# quantgate run {metrics['run_id']}", "",
              f"- model: `{model['source']}` (revision `{model.get('revision')}`, checkpoint sha256 "
@@ -270,6 +266,8 @@ def render_report(metrics: dict) -> str:
              f"- status: **{metrics['status']}**, {metrics['started_at']} → {metrics['finished_at']}", "",
              "| " + " | ".join(SUMMARY_HEADER) + " |", "|" + " --- |" * len(SUMMARY_HEADER)]
     lines += ["| " + " | ".join(row) + " |" for row in summary_rows(metrics)]
+    if figure:
+        lines += ["", f"![MMLU delta against memory and speed]({figure})"]
     lines += ["", "## Steps", "", "| recipe | " + " | ".join(STEPS) + " |", "| --- |" + " --- |" * len(STEPS)]
     for name, entry in metrics["recipes"].items():
         cells = []

@@ -33,8 +33,9 @@ from prefect import task
 from pydantic import TypeAdapter
 
 from quantgate import modeling
-from quantgate.config import Recipe, needs_cuda
+from quantgate.config import Recipe
 from quantgate.record import write_json
+from tasks.quantize import cuda_skip, plan_recipe, quantization_config, quantize_model
 
 log = logging.getLogger("quantgate.benchmark")
 
@@ -306,8 +307,6 @@ def measure_latency(model, settings: dict, floor_ms: float | None) -> dict:
     for batch in settings["batch_sizes"]:
         ids = prompt_ids(vocab, batch, prompt, device)
         decode_eager(model, ids[:, : min(prompt, 16)], 2)  # warm-up: kernels, allocator
-        check = min(new, 16)
-        _, _, eager_tokens = decode_eager(model, ids, check)
         run, path, fallback, compile_s, agreement = None, "eager", None, None, None
         if device.type != "cuda":
             fallback = "CPU: eager decoding with a dynamic KV cache"
@@ -316,6 +315,8 @@ def measure_latency(model, settings: dict, floor_ms: float | None) -> dict:
         elif offloaded:
             fallback = "weights are offloaded: the hooks that fetch them cannot be captured in a CUDA graph"
         else:
+            check = min(new, 16)  # the fast path's first tokens are checked against eager decoding
+            _, _, eager_tokens = decode_eager(model, ids, check)
             for compiled in (True, False):
                 try:
                     decoder = StaticDecoder(model, batch, prompt + new, compiled, compile_mode=settings["compile_mode"])
@@ -360,12 +361,14 @@ def measure_latency(model, settings: dict, floor_ms: float | None) -> dict:
 
 # ---------------------------------------------------------------- one measurement, in its own process
 
+def limits_of(settings: dict) -> dict:
+    return {k: settings[k] for k in ("max_memory", "offload_to_disk") if settings.get(k)}
+
+
 def loader(spec: dict):
     """A function that loads the model as a user does: the reference checkpoint, quantized while
     loading. Libraries are imported and the plan made here, so the load's samples hold the load alone."""
     from transformers import AutoConfig
-
-    from tasks.quantize import plan_recipe, quantization_config, quantize_model
 
     settings = spec["settings"]
     kwargs = {}
@@ -388,12 +391,12 @@ def loader(spec: dict):
 
 def measure(spec: dict) -> dict:
     settings = spec["settings"]
-    load = loader(spec)
+    load_model = loader(spec)
     sampler = MemorySampler(settings["sample_interval_ms"])
     try:
         t0 = time.perf_counter()
         with sampler.phase("load"):
-            model = load()
+            model = load_model()
         load_s = time.perf_counter() - t0
         real = modeling.real_bytes(model)
         device = model_device(model)
@@ -416,7 +419,7 @@ def measure(spec: dict) -> dict:
         return {"real_bytes": real, "load_s": round(load_s, 2), "memory": memory, "latency": latency,
                 "copy_bandwidth": bandwidth, "weight_bytes_per_token": per_token, "largest_shard": shard,
                 "placement": placement(model), "device": str(device),
-                "limits": {k: settings[k] for k in ("max_memory", "offload_to_disk") if settings.get(k)},
+                "limits": limits_of(settings),
                 "diagnostics": diagnose({"load": load}, real, shard, sampler.baseline["RssAnon"])}
     finally:
         sampler.close()
@@ -434,9 +437,9 @@ def benchmark(name: str, checkpoint: str, recipe: dict | None, dtype: str, devic
               out_dir: str, reference: dict | None = None) -> dict:
     """Measure one model (the reference when recipe is None) in a fresh process; a process that dies
     (out of memory, a load that fails under a memory limit) becomes a record with its error."""
-    if recipe is not None and modeling.resolve_device(device) == "cpu" \
-            and (why := needs_cuda(TypeAdapter(Recipe).validate_python(recipe))):
-        return {"status": "skipped", "reason": f"needs CUDA ({why}); this machine has none"}
+    if recipe is not None and (skipped := cuda_skip(TypeAdapter(Recipe).validate_python(recipe),
+                                                    modeling.resolve_device(device))):
+        return skipped
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     spec = {"checkpoint": checkpoint, "recipe": recipe, "dtype": dtype, "device": device, "settings": settings,
@@ -466,7 +469,7 @@ def benchmark(name: str, checkpoint: str, recipe: dict | None, dtype: str, devic
     finally:
         reader.join(timeout=5)
         shutil.rmtree(out / "offload", ignore_errors=True)
-    limits = {k: settings[k] for k in ("max_memory", "offload_to_disk") if settings.get(k)}
+    limits = limits_of(settings)
     if code != 0 or not result_path.is_file():
         error = next((line for line in reversed(tail) if re.match(r"^[\w.]+(Error|Exception)\b", line)), None) \
             or (tail[-1] if tail else "no output")
@@ -475,18 +478,23 @@ def benchmark(name: str, checkpoint: str, recipe: dict | None, dtype: str, devic
                 + (f"; under the limits {limits}" if limits else ""), "limits": limits, "log_tail": list(tail)[-15:]}
     result = json.loads(result_path.read_text())
     if reference and reference.get("latency"):
-        result["latency"]["speedup_vs_reference"] = round(
-            reference["latency"]["decode_ms_per_token"] / result["latency"]["decode_ms_per_token"], 3)
-        # GPU peaks compare; host peaks of two processes differ by the libraries each imported.
-        if reference["memory"]["gpu_peak_infer"] and result["memory"]["gpu_peak_infer"]:
-            result["memory"]["peak_reduction_vs_reference"] = round(
-                1 - result["memory"]["gpu_peak_infer"] / reference["memory"]["gpu_peak_infer"], 4)
+        compare_with_reference(result, reference)
     warnings = list(result["diagnostics"])
     for run in result["latency"]["runs"]:
         if run.get("greedy_agreement_with_eager") is not None and run["greedy_agreement_with_eager"] < 0.5:
             warnings.append(f"batch {run['batch_size']}: the fast path's greedy tokens agree with eager decoding on "
                             f"only {run['greedy_agreement_with_eager']:.0%} of the first 16")
     return {"status": "ok", "warnings": warnings, **result}
+
+
+def compare_with_reference(result: dict, reference: dict) -> None:
+    """Adds the speedup over the reference, and the GPU peak's reduction, to a recipe's result."""
+    result["latency"]["speedup_vs_reference"] = round(
+        reference["latency"]["decode_ms_per_token"] / result["latency"]["decode_ms_per_token"], 3)
+    # GPU peaks compare; host peaks of two processes differ by the libraries each imported.
+    if reference["memory"]["gpu_peak_infer"] and result["memory"]["gpu_peak_infer"]:
+        result["memory"]["peak_reduction_vs_reference"] = round(
+            1 - result["memory"]["gpu_peak_infer"] / reference["memory"]["gpu_peak_infer"], 4)
 
 
 benchmark_task = task(benchmark, name="benchmark", task_run_name="benchmark-{name}")

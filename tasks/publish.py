@@ -38,9 +38,8 @@ def refusal(entry: dict, force: bool) -> str | None:
     return None
 
 
-def stage(run_dir: Path, recipe: str, into: Path, checkpoint_path: str, forced: bool) -> list[dict]:
+def stage(run_dir: Path, metrics: dict, recipe: str, into: Path, checkpoint_path: str, forced: bool) -> list[dict]:
     """Checkpoint, card, the recipe's metrics and a manifest in `into`; returns the manifest."""
-    metrics = json.loads((run_dir / "metrics.json").read_text())
     shutil.copytree(run_dir / recipe / "checkpoint", into, dirs_exist_ok=True)
     card = render_card(run_dir, recipe, checkpoint_path, forced=forced)
     (into / "README.md").write_text(card)
@@ -65,8 +64,7 @@ def next_version(folder: Path) -> int:
     return max(versions, default=0) + 1
 
 
-def publish_local(run_dir: Path, recipe: str, registry: Path, force: bool) -> dict:
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+def publish_local(run_dir: Path, metrics: dict, recipe: str, registry: Path, forced: bool) -> dict:
     parent = registry.resolve() / model_name(metrics) / recipe
     parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=parent))
@@ -74,7 +72,8 @@ def publish_local(run_dir: Path, recipe: str, registry: Path, force: bool) -> di
         while True:
             version = next_version(parent)
             target = parent / f"v{version}"
-            manifest = stage(run_dir, recipe, staging, str(target), forced=force)
+            # The card names the version folder, so a lost race restages under the next number.
+            manifest = stage(run_dir, metrics, recipe, staging, str(target), forced)
             try:
                 # rename(2) onto an existing non-empty folder fails: a version is never overwritten,
                 # and a concurrent publisher that took this number makes us take the next.
@@ -102,7 +101,7 @@ def publish_hub(run_dir: Path, recipe: str, repo_template: str, private: bool, b
     repo_id = hub_repo_id(repo_template, metrics, recipe)
     message = f"quantgate run {metrics['run_id']}: {recipe} of {metrics['model'].get('base_model') or metrics['model']['source']}"
     with tempfile.TemporaryDirectory(prefix="quantgate-publish-") as tmp:
-        manifest = stage(run_dir, recipe, Path(tmp), repo_id, forced=force)
+        manifest = stage(run_dir, metrics, recipe, Path(tmp), repo_id, forced=force)
         summary = {"target": "hub", "repo_id": repo_id, "branch": branch, "private": private, "commit_message": message,
                    "files": len(manifest), "bytes": sum(f["bytes"] for f in manifest)}
         if dry_run:
@@ -136,7 +135,7 @@ def publish(run_dir: str, recipe: str, settings: dict) -> dict:
         return {"status": "failed", "reason": f"refused: {why}"}
     forced = entry.get("validate", {}).get("verdict") == "fail"
     if settings["target"] == "local":
-        result = publish_local(run_dir, recipe, Path(settings["registry_dir"]), forced)
+        result = publish_local(run_dir, metrics, recipe, Path(settings["registry_dir"]), forced)
     else:
         result = publish_hub(run_dir, recipe, settings["hub_repo"], settings["hub_private"], settings["hub_branch"],
                              settings["hub_endpoint"], forced, settings["dry_run"])

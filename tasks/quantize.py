@@ -174,14 +174,21 @@ def reconcile(entries: list[dict], model: torch.nn.Module) -> list[dict]:
     return entries
 
 
+def cuda_skip(recipe: Recipe, device: str) -> dict | None:
+    """A step's record for a recipe that cannot run on this machine's device, or None."""
+    if device == "cpu" and (why := needs_cuda(recipe)):
+        return {"status": "skipped", "reason": f"needs CUDA ({why}); this machine has none"}
+    return None
+
+
 def quantize(checkpoint: str, recipe: dict, dtype: str, device: str, out_dir: str, roundtrip_min_top1: float) -> dict:
     """Quantize one recipe; returns the step's record (status, metrics, paths)."""
     from transformers import AutoConfig, AutoTokenizer
 
     recipe = TypeAdapter(Recipe).validate_python(recipe)
     device = modeling.resolve_device(device)
-    if device == "cpu" and (why := needs_cuda(recipe)):
-        return {"status": "skipped", "reason": f"needs CUDA ({why}); this machine has none"}
+    if skipped := cuda_skip(recipe, device):
+        return skipped
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     entries = plan_recipe(modeling.skeleton(AutoConfig.from_pretrained(checkpoint)), recipe)

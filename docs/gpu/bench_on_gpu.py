@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import prefect_shim  # noqa: E402,F401
 
 from quantgate.config import BenchmarkSettings, load_config  # noqa: E402
+from tasks.benchmark import compare_with_reference  # noqa: E402
 
 
 def settings() -> dict:
@@ -63,13 +64,14 @@ def main(checkpoint: str, names: list[str]) -> None:
             print(json.dumps({"model": name, "error": f"exit code {code}", "s": round(time.time() - t0)}), flush=True)
             continue
         result = json.loads((out / f"{name}.json").read_text())
-        line = summary(name, result)
-        line["process_s"] = round(time.time() - t0, 1)
         if name == "reference":
             reference = result
         elif reference:
-            line["speedup_vs_reference"] = round(reference["latency"]["decode_ms_per_token"]
-                                                 / result["latency"]["decode_ms_per_token"], 3)
+            compare_with_reference(result, reference)
+        line = summary(name, result)
+        line["process_s"] = round(time.time() - t0, 1)
+        if "speedup_vs_reference" in result["latency"]:
+            line["speedup_vs_reference"] = result["latency"]["speedup_vs_reference"]
         print(json.dumps(line), flush=True)
 
 
