@@ -5,6 +5,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from quantgate import dashboard, history
 from quantgate.config import GateSettings
@@ -103,4 +104,7 @@ def test_dashboard_in_headless_chromium(run_dir, db, tmp_path, request):
     shot.parent.mkdir(exist_ok=True)
     subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",
                     "--window-size=1200,900", page.as_uri()], capture_output=True, timeout=120, check=True)
-    assert shot.stat().st_size > 5000
+    # Rendered, not only parsed: the matrix's pass and fail colours and the trend line's blue are on screen.
+    pixels = set(Image.open(shot).convert("RGB").getdata())
+    for colour in (dashboard.COLOURS["pass"], dashboard.COLOURS["fail"], "#3b6fb6"):
+        assert tuple(int(colour[i:i + 2], 16) for i in (1, 3, 5)) in pixels, colour
