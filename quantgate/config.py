@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, StringConstraints, ValidationError,
+                      field_validator, model_validator)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 RECIPES_DIR = PROJECT_ROOT / "configs" / "recipes"
@@ -139,7 +140,9 @@ class EvaluateSettings(StepSettings):
     mmlu_source: Literal["local", "hub"] = "local"  # data/mmlu, or the Hub dataset cais/mmlu
     num_fewshot: int = Field(0, ge=0, le=5)
     limit: PositiveInt | None = 5  # questions per subject (57 subjects); null: all 14,042
-    batch_size: Union[PositiveInt, Literal["auto"]] = "auto"  # auto: lm-eval's probe on CUDA, 8 on a CPU
+    # auto:N: lm-eval's probe on CUDA, redone N times as the (length-sorted) requests get shorter;
+    # 8 on a CPU, where the probe's full-length forwards take minutes.
+    batch_size: Union[PositiveInt, Annotated[str, StringConstraints(pattern=r"^auto(:[1-9][0-9]*)?$")]] = "auto:4"
     wikitext: bool = True
     wikitext_token_budget: PositiveInt | None = 4096  # leading documents up to this many tokens; null: all
     # lm-eval's context length (rolling windows for perplexity, batch padding), capped by the model's

@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import re
+import time
 from pathlib import Path
 
 import torch
@@ -39,15 +40,23 @@ def _subject(subject, dataset):
     return dataset.filter(lambda doc: doc["subject"] == subject)
 
 
+def mmlu_prompt(doc):
+    # lm-eval's mmlu/default doc_to_text, as Python: its Jinja string is compiled again for every
+    # question (about 30 s of a full run).
+    a, b, c, d = doc["choices"]
+    return f"{{doc['question'].strip()}}\\nA. {{a}}\\nB. {{b}}\\nC. {{c}}\\nD. {{d}}\\nAnswer:"
+
+
 for _name in SUBJECTS:
     globals()[f"mmlu_{{_name}}"] = partial(_subject, _name)
 '''
 
-# lm-eval's mmlu/default template, verbatim, so local and Hub runs prompt identically.
+# lm-eval's mmlu/default template, so local and Hub runs prompt identically (the prompt is
+# mmlu_prompt above; tests/test_evaluate.py checks it against lm-eval's Jinja string).
 MMLU_TEMPLATE = {
     "output_type": "multiple_choice", "test_split": "test", "fewshot_split": "dev",
     "fewshot_config": {"sampler": "first_n"},
-    "doc_to_text": "{{question.strip()}}\nA. {{choices[0]}}\nB. {{choices[1]}}\nC. {{choices[2]}}\nD. {{choices[3]}}\nAnswer:",
+    "doc_to_text": "!function quantgate_utils.mmlu_prompt",
     "doc_to_choice": ["A", "B", "C", "D"], "doc_to_target": "answer",
     "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
     "metadata": {"version": 1.0},
@@ -134,23 +143,27 @@ def run_lm_eval(model, tokenizer, settings: EvaluateSettings, task_dir: Path) ->
 
     device = str(next(model.parameters()).device)
     # lm-eval's "auto" probes batch sizes with full-length forwards: minutes on a CPU, so 8 there.
-    batch_size = 8 if settings.batch_size == "auto" and device == "cpu" else settings.batch_size
+    auto = str(settings.batch_size).startswith("auto")
+    batch_size = 8 if auto and device == "cpu" else settings.batch_size
     own = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None) or settings.max_length
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device,
               max_length=min(settings.max_length, own))
     manager = TaskManager(include_path=str(task_dir))
     group = "mmlu" if settings.mmlu_source == "hub" else "quantgate_mmlu"
+    start = time.perf_counter()
     mmlu = simple_evaluate(model=lm, tasks=[group], num_fewshot=settings.num_fewshot, limit=settings.limit,
                            task_manager=manager, log_samples=True, bootstrap_iters=100)  # acc's stderr is analytic
-    out = {"mmlu": _mmlu_results(mmlu, group)}
+    out = {"mmlu": {**_mmlu_results(mmlu, group), "seconds": round(time.perf_counter() - start, 1)}}
     if settings.wikitext:
+        start = time.perf_counter()
         limit = wikitext_limit(tokenizer, settings.wikitext_token_budget)
         wiki = simple_evaluate(model=lm, tasks=["quantgate_wikitext"], limit=limit, task_manager=manager,
                                bootstrap_iters=0)
         r = wiki["results"]["quantgate_wikitext"]
         out["wikitext"] = {"word_perplexity": r["word_perplexity,none"], "byte_perplexity": r["byte_perplexity,none"],
                            "bits_per_byte": r["bits_per_byte,none"],
-                           "documents": wiki["n-samples"]["quantgate_wikitext"]["effective"]}
+                           "documents": wiki["n-samples"]["quantgate_wikitext"]["effective"],
+                           "seconds": round(time.perf_counter() - start, 1)}
     return out
 
 

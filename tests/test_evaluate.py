@@ -3,6 +3,7 @@ and paired-bootstrap intervals."""
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -23,6 +24,23 @@ def test_task_folder_mirrors_lm_evals_mmlu(tmp_path):
     text = (folder / "quantgate_mmlu_abstract_algebra.yaml").read_text()
     assert "process_docs: !function quantgate_utils.mmlu_abstract_algebra" in text
     assert "about abstract algebra." in text
+
+
+def test_mmlu_prompt_is_lm_evals_template(tmp_path):
+    """The Python prompt renders every question exactly as lm-eval's mmlu/default Jinja template does."""
+    import importlib.util
+
+    import lm_eval
+    from lm_eval.utils import apply_template
+
+    template = yaml.safe_load((Path(lm_eval.__file__).parent / "tasks/mmlu/default/_default_template_yaml").read_text())
+    spec = importlib.util.spec_from_file_location("quantgate_utils", step.write_task_dir(tmp_path) / "quantgate_utils.py")
+    utils = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(utils)
+    docs = [json.loads(line) for split in ("dev", "test") for line in (step.DATA / "mmlu" / f"{split}.jsonl").open()]
+    assert len(docs) == 14042 + 285
+    for doc in docs:
+        assert utils.mmlu_prompt(doc) == apply_template(template["doc_to_text"], doc)
 
 
 def test_wikitext_documents_and_budget(smollm2):

@@ -102,7 +102,7 @@ def full_eval_settings():
 
     if os.environ.get("QUICK"):  # a dry run of this script: 1 question a subject, 1 document
         return EvaluateSettings(limit=1, batch_size=8, wikitext_token_budget=256)
-    return EvaluateSettings(limit=None, num_fewshot=0, batch_size="auto", wikitext_token_budget=None)
+    return EvaluateSettings(limit=None, num_fewshot=0, wikitext_token_budget=None)
 
 
 FULL_EVAL = full_eval_settings()

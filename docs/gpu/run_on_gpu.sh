@@ -48,15 +48,24 @@ case "$1" in
      timeout 570 python3 docs/gpu/quantize_on_gpu.py gemma3-270m /tmp/g/gemma-3-270m-q4_k_m.gguf \
        torchao-int4-weight-only torchao-float8-dynamic 2>"$OUT/evaluate-gemma3-270m.err" | tee "$OUT/evaluate-gemma3-270m.jsonl"
      grep -vE "Loading weights|Writing model|Converting|Running loglikelihood|it/s" "$OUT/evaluate-gemma3-270m.err" | tail -8 ;;
-  # ge again with the project's pinned transformers 5.23 (carried in .gpu/t beside .gpu/e): the
+  # ge and e again with the project's pinned transformers 5.23 (carried in .gpu/t beside .gpu/e:
+  # transformers, huggingface_hub, tokenizers, safetensors and what they need beyond the image). The
   # image's 5.17 computes Gemma 3 270M wrongly (NLL 8.48 against 3.36 on the same weights and text).
-  ge523) python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/e/*.whl .gpu/t/*.whl || exit 1
+  # gpiece x5, ge523 carrying .gpu/e and .gpu/t; then piece carrying .gpu/p1, again with .gpu/p2 and
+  # e523 (the wheels are already in /tmp/site).
+  ge523) cat /tmp/g/gemma.gguf.0* > /tmp/g/gemma-3-270m-q4_k_m.gguf && sha256sum /tmp/g/gemma-3-270m-q4_k_m.gguf || exit 1
+     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/e/*.whl .gpu/t/*.whl || exit 1
      export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore EVALUATE=1 HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1
      python3 -c "import transformers; print('transformers', transformers.__version__)"
-     rm -rf /tmp/qg-cache/checkpoints/*gemma* /tmp/qg-cache/reference
      timeout 575 python3 docs/gpu/quantize_on_gpu.py gemma3-270m /tmp/g/gemma-3-270m-q4_k_m.gguf \
        torchao-int4-weight-only torchao-float8-dynamic 2>"$OUT/evaluate-gemma3-270m.err" | tee "$OUT/evaluate-gemma3-270m.jsonl"
      grep -vE "Loading weights|Writing model|Converting|Running loglikelihood|it/s|Overwriting|metric" "$OUT/evaluate-gemma3-270m.err" | tail -4 ;;
+  e523) cp .gpu/p*/smol.gguf.* /tmp/g/ && cat /tmp/g/smol.gguf.00 /tmp/g/smol.gguf.01 > /tmp/g/SmolLM2-135M-Instruct.Q4_1.gguf || exit 1
+     export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore EVALUATE=1 HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1
+     python3 -c "import transformers; print('transformers', transformers.__version__)"
+     timeout 575 python3 docs/gpu/quantize_on_gpu.py smollm2 /tmp/g/SmolLM2-135M-Instruct.Q4_1.gguf \
+       torchao-int4-weight-only torchao-float8-dynamic 2>"$OUT/evaluate-smollm2.err" | tee "$OUT/evaluate-smollm2.jsonl"
+     grep -vE "Loading weights|Writing model|Converting|Running loglikelihood|it/s|Overwriting|metric" "$OUT/evaluate-smollm2.err" | tail -4 ;;
   # After ge: WikiText-2 for the Gemma 3 270M reference at batch 1 and 8 (docs/bench/gemma_perplexity_probe.py).
   gprobe) python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/e/*.whl || exit 1
      export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1
