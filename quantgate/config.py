@@ -85,8 +85,10 @@ class TorchAoRecipe(RecipeBase):
     method: Literal["torchao"]
     scheme: Literal["int8_weight_only", "int8_dynamic_activation", "int4_weight_only", "float8_dynamic_activation"]
     group_size: PositiveInt = 128
-    # torchao's default int4 packing needs the `mslk` package, which PyPI does not have.
-    int4_packing_format: Literal["tile_packed_to_4d", "plain"] = "tile_packed_to_4d"
+    # torchao's default int4 packing needs the `mslk` package, which PyPI does not have. gemlite:
+    # torchao's prototype UIntxWeightOnlyConfig, packed for gemlite's Triton kernels (`pip install
+    # gemlite`), with its own min-max qparams (int4_qparams does not apply).
+    int4_packing_format: Literal["tile_packed_to_4d", "plain", "gemlite"] = "tile_packed_to_4d"
     int4_qparams: Literal["hqq", "tinygemm"] = "hqq"
 
 
@@ -163,6 +165,9 @@ class BenchmarkSettings(StepSettings):
     # torch.compile's mode for the decode step; max-autotune-no-cudagraphs times several matmul
     # kernels per shape (longer compile; the CUDA graph is captured here either way).
     compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = "default"
+    # On the fast path: sibling projections (q/k/v, gate/up) of plain and torchao-int4 weights run
+    # as one matmul each; the first 16 tokens are still checked against unfused eager decoding.
+    fuse_projections: bool = True
     sample_interval_ms: PositiveFloat = 5
     # Offloading, as accelerate takes it: per-device limits such as {0: 8GiB, cpu: 24GiB}; what
     # does not fit goes to the CPU, and to disk (a folder in the run) when offload_to_disk is set.

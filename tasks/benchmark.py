@@ -218,6 +218,92 @@ def decode_eager(model, ids: torch.Tensor, new_tokens: int) -> tuple[float, floa
     return prefill.ms, decode.ms / (new_tokens - 1), torch.cat(tokens, 1)
 
 
+# Sibling projections that read the same input; the GPU fast path runs each group as one matmul.
+FUSABLE = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+class FusedLinear(torch.nn.Module):
+    """Sibling projections (q, k, v; gate, up) as one matmul over their concatenated weights: at
+    batch 1 each is a GEMV that pays a launch and, when small (k, v), underuses the memory bus.
+    The first sibling's call computes it and the others take their columns of the same result;
+    the cache empties after the last sibling, so torch.compile traces one matmul and guards on a
+    state that is the same at every call."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, parts: int):
+        super().__init__()
+        self.weight = torch.nn.Parameter(weight, requires_grad=False)
+        self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
+        self.parts, self.calls, self.cached = parts, 0, None
+
+    def output(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cached is None or self.cached[0] is not x:
+            self.cached = (x, torch.nn.functional.linear(x, self.weight, self.bias))
+        y = self.cached[1]
+        self.calls += 1
+        if self.calls == self.parts:
+            self.cached, self.calls = None, 0
+        return y
+
+
+class FusedPart(torch.nn.Module):
+    def __init__(self, fused: FusedLinear, start: int, end: int):
+        super().__init__()
+        self.fused, self.start, self.end = fused, start, end
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fused.output(x)[..., self.start:self.end]
+
+
+def concat_weights(weights: list[torch.Tensor]) -> torch.Tensor | str:
+    """The weights stacked along the output dimension, or why they cannot be."""
+    first = weights[0]
+    if len({w.shape[1] for w in weights}) > 1:
+        return "different input sizes"
+    if all(type(w) in (torch.Tensor, torch.nn.Parameter) for w in weights):
+        return torch.cat([w.detach() for w in weights])
+    kind = type(first).__name__
+    if kind == "Int4TilePackedTo4dTensor" and all(type(w) is type(first) for w in weights):
+        # tinygemm's layout: qdata [n/8, k/128, 32, 4] and scale_and_zero [k/group, n, 2], so rows
+        # stack when no part was padded to a multiple of 8 rows.
+        if any(w.shape[0] % 8 or w.act_pre_scale is not None or w.block_size != first.block_size for w in weights):
+            return f"{kind}: padded rows, activation scales or different groups"
+        return type(first)(torch.cat([w.qdata for w in weights]), torch.cat([w.scale_and_zero for w in weights], 1),
+                           first.block_size, torch.Size([sum(w.shape[0] for w in weights), first.shape[1]]))
+    return f"{kind} weights"
+
+
+def fuse_projections(model: torch.nn.Module) -> dict:
+    """Replace each group of sibling projections by one FusedLinear; counts of what was fused and
+    of why a group was not."""
+    fused, unfused = Counter(), Counter()
+    for module in list(model.modules()):
+        for names in FUSABLE:
+            parts = [getattr(module, n, None) for n in names]
+            if not all(isinstance(p, torch.nn.Linear) for p in parts):
+                continue
+            label = "+".join(names)
+            # Subclasses (bitsandbytes' Linear4bit, quanto's) have forwards of their own; hooks (offloading) fetch weights.
+            if any(type(p) is not torch.nn.Linear or p._forward_hooks or p._forward_pre_hooks or hasattr(p, "_hf_hook")
+                   for p in parts):
+                unfused[f"{label}: {type(parts[0]).__name__} modules or hooks"] += 1
+                continue
+            if len({p.bias is None for p in parts}) > 1:
+                unfused[f"{label}: some with bias"] += 1
+                continue
+            weight = concat_weights([p.weight for p in parts])
+            if isinstance(weight, str):
+                unfused[f"{label}: {weight}"] += 1
+                continue
+            bias = None if parts[0].bias is None else torch.cat([p.bias.detach() for p in parts])
+            group = FusedLinear(weight, bias, len(parts))
+            start = 0
+            for name, part in zip(names, parts):
+                setattr(module, name, FusedPart(group, start, start + part.weight.shape[0]))
+                start += part.weight.shape[0]
+            fused[label] += 1
+    return {"fused": dict(fused), "unfused": dict(unfused)}
+
+
 class StaticDecoder:
     """Greedy decoding from a static KV cache. On a GPU one decode step is captured in a CUDA graph
     (compiled first, when asked) and replayed per token: the step writes the next token and position
@@ -303,7 +389,7 @@ def measure_latency(model, settings: dict, floor_ms: float | None) -> dict:
     prompt, new = settings["prompt_tokens"], settings["new_tokens"]
     vocab = model.get_input_embeddings().weight.shape[0]
     offloaded = any(p.device.type == "meta" for p in model.parameters())
-    results = []
+    results, fusion = [], None
     for batch in settings["batch_sizes"]:
         ids = prompt_ids(vocab, batch, prompt, device)
         decode_eager(model, ids[:, : min(prompt, 16)], 2)  # warm-up: kernels, allocator
@@ -317,6 +403,10 @@ def measure_latency(model, settings: dict, floor_ms: float | None) -> dict:
         else:
             check = min(new, 16)  # the fast path's first tokens are checked against eager decoding
             _, _, eager_tokens = decode_eager(model, ids, check)
+            if settings["fuse_projections"] and fusion is None:
+                fusion = fuse_projections(model)
+                log.info("benchmark: fused projections %s; not fused: %s", fusion["fused"], fusion["unfused"] or "none")
+            fused = " + fused projections" if fusion and fusion["fused"] else ""
             for compiled in (True, False):
                 try:
                     decoder = StaticDecoder(model, batch, prompt + new, compiled, compile_mode=settings["compile_mode"])
@@ -326,7 +416,8 @@ def measure_latency(model, settings: dict, floor_ms: float | None) -> dict:
                     torch._dynamo.reset()
                     continue
                 run, compile_s = decoder.run, decoder.compile_s
-                path = "static cache + torch.compile + CUDA graph" if compiled else "static cache + CUDA graph (eager kernels)"
+                path = (f"static cache{fused} + torch.compile + CUDA graph" if compiled
+                        else f"static cache{fused} + CUDA graph (eager kernels)")
                 _, _, fast_tokens = run(ids, check)
                 agreement = float((fast_tokens == eager_tokens).float().mean())
                 break
@@ -356,7 +447,7 @@ def measure_latency(model, settings: dict, floor_ms: float | None) -> dict:
     return {**{k: first[k] for k in ("decode_ms_per_token", "prefill_ms", "tokens_per_s", "total_s", "path",
                                       "compile_s") if k in first},
             **({"of_bandwidth_floor": first["of_bandwidth_floor"]} if "of_bandwidth_floor" in first else {}),
-            "runs": results}
+            **({"projections": fusion} if fusion else {}), "runs": results}
 
 
 # ---------------------------------------------------------------- one measurement, in its own process

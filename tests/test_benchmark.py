@@ -137,3 +137,74 @@ def test_cuda_graph_decoding_matches_eager(compiled):
     # of the rest must match.
     agreement = (replayed == eager).float().mean().item()
     assert torch.equal(replayed, eager) if not compiled else (agreement >= 0.8 and torch.equal(replayed[:, :2], eager[:, :2]))
+
+
+def tiny_gemma3(layers: int = 2):
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8,
+                              layer_types=["sliding_attention", "full_attention"][:layers], max_position_embeddings=128)
+    return Gemma3ForCausalLM(config).eval()
+
+
+def test_fused_projections_compute_what_the_separate_ones_did():
+    from tasks.benchmark import StaticDecoder, decode_eager, fuse_projections, prompt_ids
+
+    model = tiny_gemma3()
+    ids = prompt_ids(512, 2, 12, torch.device("cpu"))
+    with torch.no_grad():
+        before = model(ids).logits
+    _, _, eager = decode_eager(model, ids, 10)
+    assert fuse_projections(model) == {"fused": {"q_proj+k_proj+v_proj": 2, "gate_proj+up_proj": 2}, "unfused": {}}
+    assert not any(hasattr(layer.self_attn.q_proj, "weight") for layer in model.model.layers)
+    with torch.no_grad():
+        after = model(ids).logits
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+    _, _, static = StaticDecoder(model, batch=2, max_len=22, graph=False).run(ids, 10)
+    assert torch.equal(static, eager)
+
+
+def test_compiled_fused_group_is_one_matmul():
+    """torch.compile traces the siblings' shared call once: q, k and v cost one matmul, with no
+    recompilation from one call to the next."""
+    from torch._dynamo.utils import counters
+    from torch._inductor.utils import run_and_get_code
+
+    from tasks.benchmark import fuse_projections
+
+    attention = tiny_gemma3(1).model.layers[0].self_attn
+    fuse_projections(attention)
+    project = torch.compile(lambda x: attention.q_proj(x) + attention.k_proj(x).repeat(1, 1, 2)
+                            + attention.v_proj(x).repeat(1, 1, 2), fullgraph=True)
+    x = torch.randn(1, 3, 64)
+    weights = attention.q_proj.fused.weight.split([64, 32, 32])
+    expected = x @ weights[0].T + (x @ weights[1].T).repeat(1, 1, 2) + (x @ weights[2].T).repeat(1, 1, 2)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out, code = run_and_get_code(project, x)
+        graphs = counters["stats"]["unique_graphs"]
+        project(torch.randn(1, 3, 64))
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert sum(c.count("extern_kernels.mm(") for c in code) == 1
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
+@pytest.mark.gpu
+def test_fused_tinygemm_int4_weights_match_the_separate_ones():
+    """torchao's int4 (tinygemm layout) weights stack along the output rows: the fused matmul gives
+    the separate projections' outputs bit for bit."""
+    from torchao.quantization import Int4WeightOnlyConfig, quantize_
+
+    from tasks.benchmark import fuse_projections
+
+    attention = tiny_gemma3(1).model.layers[0].self_attn.to("cuda", torch.bfloat16)
+    quantize_(attention, Int4WeightOnlyConfig(group_size=32, int4_packing_format="tile_packed_to_4d"))
+    x = torch.randn(1, 3, 64, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        separate = [attention.q_proj(x), attention.k_proj(x), attention.v_proj(x)]
+        assert fuse_projections(attention)["fused"] == {"q_proj+k_proj+v_proj": 1}
+        fused = [attention.q_proj(x), attention.k_proj(x), attention.v_proj(x)]
+    for a, b in zip(fused, separate):
+        assert torch.equal(a, b)

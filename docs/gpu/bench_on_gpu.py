@@ -40,6 +40,7 @@ def summary(name: str, r: dict) -> dict:
             "host_hwm_gb": gb(mem["host_peak_incl_file_pages"]), "gpu_peak_load_gb": gb(mem["gpu_peak_load"]),
             "gpu_reserved_load_gb": gb(mem["gpu_reserved_peak_load"]), "gpu_peak_infer_gb": gb(mem["gpu_peak_infer"]),
             "hf_device_map": r["placement"]["hf_device_map_present"], "diagnostics": r["diagnostics"],
+            "projections": lat.get("projections"),
             "runs": [{k: run.get(k) for k in ("batch_size", "path", "prefill_ms", "decode_ms_per_token", "tokens_per_s",
                                                "total_s", "bandwidth_floor_ms", "of_bandwidth_floor", "compile_s",
                                                "greedy_agreement_with_eager", "fallback_reason", "decode_ms_all")}

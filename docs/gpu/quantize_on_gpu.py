@@ -112,7 +112,7 @@ def evaluate_reference(model, checkpoint: str) -> dict:
     from transformers import AutoTokenizer
 
     t0 = time.perf_counter()
-    result = evaluation.reference_evaluation(model, AutoTokenizer.from_pretrained(checkpoint), "gpu-run", "bfloat16",
+    result = evaluation.reference_evaluation(model, AutoTokenizer.from_pretrained(checkpoint), Path(checkpoint).name, "bfloat16",
                                              Path("/tmp/qg-cache"), FULL_EVAL)
     print(json.dumps({"reference_evaluate": {"mmlu": {k: v for k, v in result["mmlu"].items() if k != "subjects"},
                                              "wikitext": result.get("wikitext"),
