@@ -276,7 +276,10 @@ def fuse_projections(model: torch.nn.Module) -> dict:
     """Replace each group of sibling projections by one FusedLinear; counts of what was fused and
     of why a group was not."""
     fused, unfused = Counter(), Counter()
-    for module in list(model.modules()):
+    # The parents only: a list that held the projections themselves would keep every replaced
+    # weight alive until the end (on the H100, 14 GB more at the inference peak).
+    parents = [m for m in model.modules() if any(hasattr(m, names[0]) for names in FUSABLE)]
+    for module in parents:
         for names in FUSABLE:
             parts = [getattr(module, n, None) for n in names]
             if not all(isinstance(p, torch.nn.Linear) for p in parts):
