@@ -85,10 +85,8 @@ class TorchAoRecipe(RecipeBase):
     method: Literal["torchao"]
     scheme: Literal["int8_weight_only", "int8_dynamic_activation", "int4_weight_only", "float8_dynamic_activation"]
     group_size: PositiveInt = 128
-    # torchao's default int4 packing needs the `mslk` package, which PyPI does not have. gemlite:
-    # torchao's prototype UIntxWeightOnlyConfig, packed for gemlite's Triton kernels (`pip install
-    # gemlite`), with its own min-max qparams (int4_qparams does not apply).
-    int4_packing_format: Literal["tile_packed_to_4d", "plain", "gemlite"] = "tile_packed_to_4d"
+    # torchao's default int4 packing needs the `mslk` package, which PyPI does not have.
+    int4_packing_format: Literal["tile_packed_to_4d", "plain"] = "tile_packed_to_4d"
     int4_qparams: Literal["hqq", "tinygemm"] = "hqq"
 
 

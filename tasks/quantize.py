@@ -102,15 +102,6 @@ def summarize(entries: list[dict]) -> dict:
 
 # ---------------------------------------------------------------- quantizing
 
-def _int4_config(recipe: TorchAoRecipe):
-    from torchao import quantization as ao
-    if recipe.int4_packing_format == "gemlite":
-        from torchao.prototype.quantization.quant_api import UIntxWeightOnlyConfig
-        return UIntxWeightOnlyConfig(group_size=recipe.group_size, bit_width=4)
-    return ao.Int4WeightOnlyConfig(group_size=recipe.group_size, int4_packing_format=recipe.int4_packing_format,
-                                   int4_choose_qparams_algorithm=recipe.int4_qparams)
-
-
 def quantization_config(recipe: Recipe, keep: list[str]):
     """The transformers quantization config of a recipe; `keep` are full names left unquantized."""
     if isinstance(recipe, BitsAndBytesRecipe):
@@ -127,7 +118,9 @@ def quantization_config(recipe: Recipe, keep: list[str]):
         quant_type = {
             "int8_weight_only": lambda: ao.Int8WeightOnlyConfig(),
             "int8_dynamic_activation": lambda: ao.Int8DynamicActivationInt8WeightConfig(),
-            "int4_weight_only": lambda: _int4_config(recipe),
+            "int4_weight_only": lambda: ao.Int4WeightOnlyConfig(
+                group_size=recipe.group_size, int4_packing_format=recipe.int4_packing_format,
+                int4_choose_qparams_algorithm=recipe.int4_qparams),
             "float8_dynamic_activation": lambda: ao.Float8DynamicActivationFloat8WeightConfig(granularity=ao.PerRow()),
         }[recipe.scheme]()
         return TorchAoConfig(quant_type, modules_to_not_convert=keep)
