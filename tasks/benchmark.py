@@ -14,6 +14,7 @@ device's copy bandwidth, measured once a run).
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import logging
 import os
@@ -304,6 +305,9 @@ def fuse_projections(model: torch.nn.Module) -> dict:
                 setattr(module, name, FusedPart(group, start, start + part.weight.shape[0]))
                 start += part.weight.shape[0]
             fused[label] += 1
+    # torchao binds each quantized Linear's extra_repr to the module itself: a reference cycle that
+    # only the cycle collector frees, and until then the replaced weights stay on the GPU.
+    gc.collect()
     return {"fused": dict(fused), "unfused": dict(unfused)}
 
 
@@ -386,6 +390,17 @@ class StaticDecoder:
         return prefill.ms, decode.ms / (new_tokens - 1), tokens
 
 
+def decode_attention(choice: str):
+    """math: torch's own SDPA formula, which torch.compile fuses into a few Triton kernels; for one
+    query over a short static cache that beats the fused attention kernels, which (cuDNN's) also
+    need the mask written out per layer. auto: torch's choice."""
+    from contextlib import nullcontext
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH]) if choice == "math" else nullcontext()
+
+
 def measure_latency(model, settings: dict, floor_ms: float | None) -> dict:
     """Per batch size: warm-up, then the median of `repeats` runs; the fast path where it works."""
     device = model_device(model)
@@ -412,7 +427,9 @@ def measure_latency(model, settings: dict, floor_ms: float | None) -> dict:
             fused = " + fused projections" if fusion and fusion["fused"] else ""
             for compiled in (True, False):
                 try:
-                    decoder = StaticDecoder(model, batch, prompt + new, compiled, compile_mode=settings["compile_mode"])
+                    with decode_attention(settings["decode_attention"]):  # chosen while tracing and capturing
+                        decoder = StaticDecoder(model, batch, prompt + new, compiled,
+                                                compile_mode=settings["compile_mode"])
                 except Exception as e:  # noqa: BLE001 - any failure means: try the next path, say why
                     fallback = f"{'compiled' if compiled else 'eager'} CUDA graph failed: {type(e).__name__}: {e}"[:500]
                     log.info("benchmark: %s", fallback)

@@ -1,5 +1,7 @@
 """Benchmark step on the CPU: the memory sampler, latency from one run, offloading limits."""
 import time
+import types
+import weakref
 
 import pytest
 import torch
@@ -157,8 +159,13 @@ def test_fused_projections_compute_what_the_separate_ones_did():
     with torch.no_grad():
         before = model(ids).logits
     _, _, eager = decode_eager(model, ids, 10)
+    k_proj = model.model.layers[0].self_attn.k_proj
+    k_proj.extra_repr = types.MethodType(lambda self: "quantized", k_proj)
+    replaced = weakref.ref(k_proj)
+    del k_proj
     assert fuse_projections(model) == {"fused": {"q_proj+k_proj+v_proj": 2, "gate_proj+up_proj": 2}, "unfused": {}}
     assert not any(hasattr(layer.self_attn.q_proj, "weight") for layer in model.model.layers)
+    assert replaced() is None  # freed at once, though (as torchao does) it referred to itself
     with torch.no_grad():
         after = model(ids).logits
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)

@@ -27,6 +27,7 @@ def settings() -> dict:
                              repeats=int(env.get("REPEATS", 5)),
                              batch_sizes=[int(b) for b in env.get("BATCHES", "1").split()],
                              compile_mode=env.get("COMPILE_MODE", "default"),
+                             decode_attention=env.get("ATTENTION", "math"),
                              max_memory=json.loads(env["MAX_MEMORY"]) if env.get("MAX_MEMORY") else None,
                              ).model_dump()
 

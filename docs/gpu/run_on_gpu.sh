@@ -88,4 +88,11 @@ case "$1" in
      timeout "${BENCH_S:-500}" python3 docs/gpu/bench_on_gpu.py /tmp/g3-12b ${MODELS:-reference torchao-int4-weight-only} \
        2>>"$OUT/bench.err" | tee -a "$OUT/bench-g3.jsonl"
      grep -E "benchmark:|Error|error" "$OUT/bench.err" | tail -${TAIL:-30} ;;
+  # Where a decode step's GPU time goes: docs/gpu/profile_decode.py, carrying .gpu/b.
+  prof) python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/b/*.whl || exit 1
+     export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
+     [ -f /tmp/g3-12b/config.json ] || timeout 200 python3 docs/gpu/bench_on_gpu.py make /tmp/g3-12b 2>&1 | grep -v "Loading\|Writing"
+     for sdpa in ${SDPAS:-all}; do SDPA=$sdpa timeout "${BENCH_S:-540}" python3 docs/gpu/profile_decode.py /tmp/g3-12b ${MODELS:-reference torchao-int4-weight-only} \
+       2>>"$OUT/profile.err" | tee -a "$OUT/profile-g3.jsonl"; done
+     grep -E "Error|error" "$OUT/profile.err" | tail -5 ;;
 esac

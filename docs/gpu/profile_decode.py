@@ -1,0 +1,90 @@
+"""Where a decode step's GPU time goes (docs/BENCHMARKS.md): the benchmark's compiled decode step
+with fused projections, without the CUDA graph so that torch.profiler sees each kernel.
+  python docs/gpu/profile_decode.py CKPT_DIR reference|RECIPE ...   (one JSON line per kernel group)"""
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import prefect_shim  # noqa: E402,F401
+import torch  # noqa: E402
+
+from quantgate.config import load_config  # noqa: E402
+from tasks.benchmark import StaticDecoder, fuse_projections, loader, prompt_ids  # noqa: E402
+
+STEPS = 20
+DEVICE = os.environ.get("DEVICE", "cuda")  # DEVICE=cpu: a dry run of this script (eager, nothing to profile)
+
+
+def kind(name: str) -> str:
+    n = name.lower()
+    for key, label in (("int4pack", "int4 matmul (tinygemm)"), ("gemv", "gemv"), ("gemm", "gemm"), ("nvjet", "gemm"),
+                       ("flash", "attention"), ("fmha", "attention"), ("attention", "attention"),
+                       ("triton", "inductor triton"), ("copy", "copy"), ("index", "index")):
+        if key in n:
+            return label
+    return "other"
+
+
+def profile(checkpoint: str, name: str) -> None:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    # SDPA=math,efficient: the attention kernels torch may choose from (default: all it has).
+    names = os.environ.get("SDPA", "all")
+    names = "math,flash_attention,efficient_attention,cudnn_attention" if names == "all" else names
+    choice = [getattr(SDPBackend, b.strip().upper()) for b in names.split(",")]
+    with sdpa_kernel(choice):
+        _profile(checkpoint, name)
+
+
+def _profile(checkpoint: str, name: str) -> None:
+    recipe = None if name == "reference" else \
+        load_config(ROOT / "configs" / "default.yaml", [f"recipes=[{name}]"]).recipes[0].model_dump(mode="json")
+    model = loader({"checkpoint": checkpoint, "recipe": recipe, "dtype": "bfloat16", "device": DEVICE,
+                    "settings": {}, "out_dir": "/tmp"})()
+    print(json.dumps({"model": name, "sdpa": os.environ.get("SDPA", "all"), "fused": fuse_projections(model)["fused"]}),
+          flush=True)
+    decoder = StaticDecoder(model, 1, 512, compiled=DEVICE == "cuda", graph=False)
+    decoder.prefill(prompt_ids(model.get_input_embeddings().weight.shape[0], 1, 256, torch.device(DEVICE)))
+    t0 = time.perf_counter()
+    for _ in range(3):
+        decoder.step()
+    torch.cuda.synchronize() if DEVICE == "cuda" else None
+    print(json.dumps({"model": name, "compile_s": round(time.perf_counter() - t0, 1)}), flush=True)
+    activity = torch.profiler.ProfilerActivity.CUDA if DEVICE == "cuda" else torch.profiler.ProfilerActivity.CPU
+    with torch.profiler.profile(activities=[activity]) as prof:
+        start = time.perf_counter()
+        for _ in range(STEPS):
+            decoder.step()
+        torch.cuda.synchronize() if DEVICE == "cuda" else None
+        wall_ms = (time.perf_counter() - start) * 1000 / STEPS
+    groups, kernels = {}, []
+    for event in prof.key_averages():
+        us = (event.device_time_total if DEVICE == "cuda" else event.self_cpu_time_total) / STEPS
+        if us <= 0:
+            continue
+        label = kind(event.key)
+        g = groups.setdefault(label, {"us_per_step": 0.0, "kernels_per_step": 0.0})
+        g["us_per_step"] += us
+        g["kernels_per_step"] += event.count / STEPS
+        kernels.append((us, event.count / STEPS, event.key[:90]))
+    busy = sum(g["us_per_step"] for g in groups.values())
+    print(json.dumps({"model": name, "wall_ms_per_step_no_graph": round(wall_ms, 3),
+                      "gpu_busy_ms_per_step": round(busy / 1000, 3),
+                      "kernels_per_step": round(sum(g["kernels_per_step"] for g in groups.values()), 1),
+                      "groups": {k: {"ms": round(v["us_per_step"] / 1000, 3), "n": round(v["kernels_per_step"], 1)}
+                                 for k, v in sorted(groups.items(), key=lambda kv: -kv[1]["us_per_step"])}}), flush=True)
+    for us, count, key in sorted(kernels, reverse=True)[:14]:
+        print(json.dumps({"model": name, "us_per_step": round(us, 1), "per_step": count, "kernel": key}), flush=True)
+    del decoder, model
+    torch._dynamo.reset()
+    torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    for model_name in sys.argv[2:]:
+        profile(sys.argv[1], model_name)
