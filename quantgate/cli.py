@@ -12,7 +12,7 @@ from pathlib import Path
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "quantgate")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network to send it to
 
-from quantgate.config import DEFAULT_CONFIG, ConfigError, load_config  # noqa: E402
+from quantgate.config import DASHBOARD, DEFAULT_CONFIG, HISTORY_DB, ConfigError, load_config  # noqa: E402
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -83,13 +83,13 @@ def report(args) -> int:
 
 def show_history(args) -> int:
     from quantgate import history
+    from quantgate.record import num
 
     rows = history.cells(args.db, model=args.model, recipe=args.recipe, status=args.status, limit=args.limit)
-    fmt = lambda v, spec: format(v, spec) if v is not None else "–"  # noqa: E731
     print(_table(["run", "model", "recipe", "status", "verdict", "KL mean", "MMLU delta", "peak GB", "decode ms"],
-                 [[r["run_id"], r["model"], r["recipe"], r["status"], r["verdict"] or "–", fmt(r["kl_mean"], ".4f"),
-                   fmt(r["mmlu_delta"], "+.4f"), fmt(r["peak_memory"] and r["peak_memory"] / 1e9, ".3f"),
-                   fmt(r["decode_ms"], ".2f")] for r in rows]))
+                 [[r["run_id"], r["model"], r["recipe"], r["status"], r["verdict"] or "–", num(r["kl_mean"], ".4f"),
+                   num(r["mmlu_delta"], "+.4f"), num(r["peak_memory"] and r["peak_memory"] / 1e9, ".3f"),
+                   num(r["decode_ms"], ".2f")] for r in rows]))
     return 0
 
 
@@ -114,17 +114,16 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("report", help="render a run directory's report.md, summary.png and cards again")
     p.add_argument("run_dir", type=Path)
     p.set_defaults(fn=report)
-    default_db = Path("runs/history.sqlite")
     p = sub.add_parser("history", help="list recorded runs, one line per model and recipe")
-    p.add_argument("--db", type=Path, default=default_db)
+    p.add_argument("--db", type=Path, default=HISTORY_DB)
     p.add_argument("--model")
     p.add_argument("--recipe")
     p.add_argument("--status", choices=["passed", "failed", "error", "skipped"])
     p.add_argument("--limit", type=int, default=50)
     p.set_defaults(fn=show_history)
     p = sub.add_parser("dashboard", help="write the static HTML dashboard from the history")
-    p.add_argument("--db", type=Path, default=default_db)
-    p.add_argument("--out", type=Path, default=Path("runs/dashboard.html"))
+    p.add_argument("--db", type=Path, default=HISTORY_DB)
+    p.add_argument("--out", type=Path, default=DASHBOARD)
     p.set_defaults(fn=write_dashboard)
     args = parser.parse_args(argv)
     try:

@@ -15,6 +15,8 @@ from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, 
                       field_validator, model_validator)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+HISTORY_DB = Path("runs/history.sqlite")
+DASHBOARD = Path("runs/dashboard.html")
 RECIPES_DIR = PROJECT_ROOT / "configs" / "recipes"
 DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "default.yaml"
 
@@ -210,7 +212,7 @@ with warnings.catch_warnings():
 class Output(Strict):
     runs_dir: Path = Path("runs")
     cache_dir: Path = Path(".cache/quantgate")
-    history_db: Path = Path("runs/history.sqlite")  # every run's record, for `quantgate history` and the gate
+    history_db: Path = HISTORY_DB  # every run's record, for `quantgate history` and the gate
 
 
 class RunConfig(Strict):
@@ -333,8 +335,8 @@ class NightlyConfig(Strict):
     # the cells one after another in the nightly flow's own process.
     deployment: str | None = "quantize-model/quantize"
     gate: GateSettings = GateSettings()
-    history_db: Path = Path("runs/history.sqlite")
-    dashboard: Path = Path("runs/dashboard.html")
+    history_db: Path = HISTORY_DB
+    dashboard: Path = DASHBOARD
 
 
 def load_nightly(path: str | Path) -> NightlyConfig:

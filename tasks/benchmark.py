@@ -393,12 +393,14 @@ class StaticDecoder:
 def decode_attention(choice: str):
     """math: torch's own SDPA formula, which torch.compile fuses into a few Triton kernels; for one
     query over a short static cache that beats the fused attention kernels, which (cuDNN's) also
-    need the mask written out per layer. auto: torch's choice."""
+    need the mask written out per layer. auto: torch's choice. Otherwise SDPBackend names, comma-separated."""
     from contextlib import nullcontext
 
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    return sdpa_kernel([SDPBackend.MATH]) if choice == "math" else nullcontext()
+    if choice == "auto":
+        return nullcontext()
+    return sdpa_kernel([getattr(SDPBackend, name.strip().upper()) for name in choice.split(",")])
 
 
 def measure_latency(model, settings: dict, floor_ms: float | None) -> dict:

@@ -65,7 +65,7 @@ def run_dir(tmp_path_factory, smollm2, cache_dir, prefect_server):
     step.quantize_model = int8_breaks
     try:
         path = quantize_model(str(PROJECT / "configs" / "default.yaml"), overrides=[
-            f"output.runs_dir={runs}", f"output.cache_dir={cache_dir}",
+            f"output.runs_dir={runs}", f"output.cache_dir={cache_dir}", f"output.history_db={runs / 'history.sqlite'}",
             "steps.evaluate={limit: 1, batch_size: 4, wikitext_token_budget: 256}",
             "steps.benchmark={prompt_tokens: 16, new_tokens: 4, repeats: 1}",
             f"steps.publish.registry_dir={runs / 'registry'}",

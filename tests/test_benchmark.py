@@ -97,19 +97,24 @@ def test_offloading_limits(smollm2, tmp_path):
     assert "'max_memory': {'cpu': '120MB'}" in nf4["reason"]
 
 
+def tiny_gemma3(layer_types=("sliding_attention", "full_attention")):
+    """A Gemma 3 of a few layers, sliding window 8, random weights (seeded)."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=len(layer_types),
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8,
+                              layer_types=list(layer_types), max_position_embeddings=128)
+    return Gemma3ForCausalLM(config).eval()
+
+
 @pytest.mark.parametrize("layer_types", [["full_attention"] * 2, ["sliding_attention", "full_attention"]])
 def test_static_cache_decoding_matches_eager(layer_types):
     """The GPU fast path's decode step (static cache, every layer full length, sliding windows masked
     by position) predicts the same tokens as plain decoding, here past a sliding window of 8."""
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
     from tasks.benchmark import StaticDecoder, decode_eager, prompt_ids
 
-    torch.manual_seed(0)
-    config = Gemma3TextConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                              num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8,
-                              layer_types=layer_types, max_position_embeddings=128)
-    model = Gemma3ForCausalLM(config).eval()
+    model = tiny_gemma3(layer_types)
     ids = prompt_ids(512, 2, 12, torch.device("cpu"))
     _, _, eager = decode_eager(model, ids, 10)
     _, _, static = StaticDecoder(model, batch=2, max_len=22, graph=False).run(ids, 10)
@@ -121,15 +126,9 @@ def test_static_cache_decoding_matches_eager(layer_types):
 def test_cuda_graph_decoding_matches_eager(compiled):
     """On a GPU the decode step is captured once and replayed per token; it must keep decoding the
     same tokens as eager decoding (a graph that froze the position would repeat itself)."""
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
     from tasks.benchmark import StaticDecoder, decode_eager, prompt_ids
 
-    torch.manual_seed(0)
-    config = Gemma3TextConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                              num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8,
-                              layer_types=["sliding_attention", "full_attention"], max_position_embeddings=128)
-    model = Gemma3ForCausalLM(config).cuda().eval()
+    model = tiny_gemma3().cuda()
     ids = prompt_ids(512, 2, 12, torch.device("cuda"))
     _, _, eager = decode_eager(model, ids, 10)
     decoder = StaticDecoder(model, batch=2, max_len=22, compiled=compiled)
@@ -139,16 +138,6 @@ def test_cuda_graph_decoding_matches_eager(compiled):
     # of the rest must match.
     agreement = (replayed == eager).float().mean().item()
     assert torch.equal(replayed, eager) if not compiled else (agreement >= 0.8 and torch.equal(replayed[:, :2], eager[:, :2]))
-
-
-def tiny_gemma3(layers: int = 2):
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    torch.manual_seed(0)
-    config = Gemma3TextConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                              num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8,
-                              layer_types=["sliding_attention", "full_attention"][:layers], max_position_embeddings=128)
-    return Gemma3ForCausalLM(config).eval()
 
 
 def test_fused_projections_compute_what_the_separate_ones_did():
@@ -181,7 +170,7 @@ def test_compiled_fused_group_is_one_matmul():
 
     from tasks.benchmark import fuse_projections
 
-    attention = tiny_gemma3(1).model.layers[0].self_attn
+    attention = tiny_gemma3(["sliding_attention"]).model.layers[0].self_attn
     fuse_projections(attention)
     project = torch.compile(lambda x: attention.q_proj(x) + attention.k_proj(x).repeat(1, 1, 2)
                             + attention.v_proj(x).repeat(1, 1, 2), fullgraph=True)
@@ -206,7 +195,7 @@ def test_fused_tinygemm_int4_weights_match_the_separate_ones():
 
     from tasks.benchmark import fuse_projections
 
-    attention = tiny_gemma3(1).model.layers[0].self_attn.to("cuda", torch.bfloat16)
+    attention = tiny_gemma3(["sliding_attention"]).model.layers[0].self_attn.to("cuda", torch.bfloat16)
     quantize_(attention, Int4WeightOnlyConfig(group_size=32, int4_packing_format="tile_packed_to_4d"))
     x = torch.randn(1, 3, 64, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():

@@ -14,7 +14,7 @@ import prefect_shim  # noqa: E402,F401
 import torch  # noqa: E402
 
 from quantgate.config import load_config  # noqa: E402
-from tasks.benchmark import StaticDecoder, fuse_projections, loader, prompt_ids  # noqa: E402
+from tasks.benchmark import StaticDecoder, decode_attention, fuse_projections, loader, prompt_ids  # noqa: E402
 
 STEPS = 20
 DEVICE = os.environ.get("DEVICE", "cuda")  # DEVICE=cpu: a dry run of this script (eager, nothing to profile)
@@ -31,13 +31,8 @@ def kind(name: str) -> str:
 
 
 def profile(checkpoint: str, name: str) -> None:
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    # SDPA=math,efficient: the attention kernels torch may choose from (default: all it has).
-    names = os.environ.get("SDPA", "all")
-    names = "math,flash_attention,efficient_attention,cudnn_attention" if names == "all" else names
-    choice = [getattr(SDPBackend, b.strip().upper()) for b in names.split(",")]
-    with sdpa_kernel(choice):
+    # SDPA: the benchmark's decode_attention (math, auto) or SDPBackend names, e.g. efficient_attention.
+    with decode_attention(os.environ.get("SDPA", "math")):
         _profile(checkpoint, name)
 
 
@@ -46,7 +41,7 @@ def _profile(checkpoint: str, name: str) -> None:
         load_config(ROOT / "configs" / "default.yaml", [f"recipes=[{name}]"]).recipes[0].model_dump(mode="json")
     model = loader({"checkpoint": checkpoint, "recipe": recipe, "dtype": "bfloat16", "device": DEVICE,
                     "settings": {}, "out_dir": "/tmp"})()
-    print(json.dumps({"model": name, "sdpa": os.environ.get("SDPA", "all"), "fused": fuse_projections(model)["fused"]}),
+    print(json.dumps({"model": name, "sdpa": os.environ.get("SDPA", "math"), "fused": fuse_projections(model)["fused"]}),
           flush=True)
     decoder = StaticDecoder(model, 1, 512, compiled=DEVICE == "cuda", graph=False)
     decoder.prefill(prompt_ids(model.get_input_embeddings().weight.shape[0], 1, 256, torch.device(DEVICE)))

@@ -61,7 +61,7 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def measure_reference(model, checkpoint: str) -> dict:
+def measure_reference(model, checkpoint: str, key: str) -> dict:
     """The reference's validation measurements, and what the non-finite scan costs: the median of 3
     passes over the prompt set, plain forward against forward_scanned (hooks + hidden states)."""
     from statistics import median
@@ -88,7 +88,7 @@ def measure_reference(model, checkpoint: str) -> dict:
     plain = timed(lambda x: model(input_ids=x))
     scanned = timed(lambda x: validation.forward_scanned(model, x))
     t0 = time.perf_counter()
-    stats = validation.reference_stats(model, tokenizer, "gpu-run", "bfloat16", Path("/tmp/qg-cache"),
+    stats = validation.reference_stats(model, tokenizer, key, "bfloat16", Path("/tmp/qg-cache"),
                                        ValidateSettings())
     print(json.dumps({"prompts": len(ids), "tokens": sum(x.shape[1] for x in ids), "plain_forward_s": round(plain, 4),
                       "scanned_forward_s": round(scanned, 4), "scan_overhead": round(scanned / plain, 3),
@@ -108,11 +108,11 @@ def full_eval_settings():
 FULL_EVAL = full_eval_settings()
 
 
-def evaluate_reference(model, checkpoint: str) -> dict:
+def evaluate_reference(model, checkpoint: str, key: str) -> dict:
     from transformers import AutoTokenizer
 
     t0 = time.perf_counter()
-    result = evaluation.reference_evaluation(model, AutoTokenizer.from_pretrained(checkpoint), Path(checkpoint).name, "bfloat16",
+    result = evaluation.reference_evaluation(model, AutoTokenizer.from_pretrained(checkpoint), key, "bfloat16",
                                              Path("/tmp/qg-cache"), FULL_EVAL)
     print(json.dumps({"reference_evaluate": {"mmlu": {k: v for k, v in result["mmlu"].items() if k != "subjects"},
                                              "wikitext": result.get("wikitext"),
@@ -126,10 +126,12 @@ def main() -> None:
                       "device": torch.cuda.get_device_name(0) if DEVICE == "cuda" else DEVICE}), flush=True)
     if path.suffix == ".gguf":  # smollm2, gemma3-270m: converted as the download step does
         t0 = time.time()
-        checkpoint = download(f"gguf:{path}", None, "/tmp/qg-cache", "bfloat16")["checkpoint"]
+        fetched = download(f"gguf:{path}", None, "/tmp/qg-cache", "bfloat16")
+        # The reference caches are keyed by the checkpoint's hash, as in the flow.
+        checkpoint, key = fetched["checkpoint"], fetched["checkpoint_sha256"]
         print(json.dumps({"converted": checkpoint, "seconds": round(time.time() - t0, 1)}), flush=True)
     else:
-        checkpoint = str(path)
+        checkpoint, key = str(path), path.name  # built on this machine; its caches live as long as it does
         if not (path / "config.json").is_file():
             make_gemma3_12b_shaped(path)
         # No Gemma tokenizer travels: SmolLM2's (49,152 ids, all inside Gemma's vocabulary) stands in.
@@ -139,9 +141,9 @@ def main() -> None:
     reference = step.modeling.real_bytes(model)
     print(json.dumps({"reference_real_bytes": reference}), flush=True)
     if os.environ.get("VALIDATE"):
-        ref_stats = measure_reference(model, checkpoint)
+        ref_stats = measure_reference(model, checkpoint, key)
     if os.environ.get("EVALUATE"):
-        ref_eval = evaluate_reference(model, checkpoint)
+        ref_eval = evaluate_reference(model, checkpoint, key)
     del model
     torch.cuda.empty_cache()
     for name in names:

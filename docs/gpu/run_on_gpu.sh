@@ -10,13 +10,30 @@
 # carrying .gpu/d (bitsandbytes, torchao and pydantic wheels as above, SmolLM2's tokenizer files in tok/).
 set -u
 mkdir -p /tmp/g
+# Python sees /tmp/site ahead of the image's packages; install puts the carried wheels there
+# (files in /tmp survive between calls while the machine stays warm).
+site() { export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore; }
+install() {
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$@" || exit 1
+  site
+}
+# The Gemma-3-12B-shaped checkpoint, built once a machine.
+g3_checkpoint() {
+  [ -f /tmp/g3-12b/config.json ] || timeout 200 python3 docs/gpu/bench_on_gpu.py make /tmp/g3-12b 2>&1 | grep -v "Loading\|Writing"
+}
+# Full MMLU and WikiText-2 for a GGUF's reference and the CUDA recipes: evaluate NAME GGUF
+evaluate() {
+  export EVALUATE=1 HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1
+  python3 -c "import transformers; print('transformers', transformers.__version__)"
+  timeout 575 python3 docs/gpu/quantize_on_gpu.py "$1" "$2" torchao-int4-weight-only torchao-float8-dynamic \
+    2>"$OUT/evaluate-$1.err" | tee "$OUT/evaluate-$1.jsonl"
+  grep -vE "Loading weights|Writing model|Converting|Running loglikelihood|it/s|Overwriting|metric" "$OUT/evaluate-$1.err" | tail -4
+}
 case "$1" in
   a) cp .gpu/a/smol.gguf.00 /tmp/g/ && nvidia-smi -L && python3 -c "import torch, transformers, accelerate; print(torch.__version__, transformers.__version__, accelerate.__version__)" ;;
   b) cp .gpu/b/smol.gguf.01 /tmp/g/ && cat /tmp/g/smol.gguf.00 /tmp/g/smol.gguf.01 > /tmp/g/SmolLM2-135M-Instruct.Q4_1.gguf \
-       && sha256sum /tmp/g/SmolLM2-135M-Instruct.Q4_1.gguf \
-       && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/b/*.whl && echo installed ;;
-  c) python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/c/*.whl || exit 1
-     export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
+       && sha256sum /tmp/g/SmolLM2-135M-Instruct.Q4_1.gguf && install .gpu/b/*.whl && echo installed ;;
+  c) install .gpu/c/*.whl
      python3 docs/gpu/quantize_on_gpu.py smollm2 /tmp/g/SmolLM2-135M-Instruct.Q4_1.gguf \
        bnb-nf4 bnb-int8 torchao-int8-weight-only torchao-int8-dynamic quanto-int8 quanto-int4 \
        torchao-int4-weight-only torchao-float8-dynamic fp8-block64 2>"$OUT/smollm2.err" | tee "$OUT/smollm2.jsonl"
@@ -24,75 +41,49 @@ case "$1" in
      timeout 420 python3 docs/gpu/quantize_on_gpu.py gemma3-12b-shaped /tmp/g3-12b \
        torchao-int4-weight-only bnb-nf4 torchao-float8-dynamic fp8-block128 2>"$OUT/g3.err" | tee "$OUT/g3.jsonl"
      grep -vE "Loading weights|Writing model|Converting" "$OUT/g3.err" | tail -5 ;;
-  d) python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/d/*.whl || exit 1
-     export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore VALIDATE=1 TOKENIZER_DIR=.gpu/d/tok
+  d) install .gpu/d/*.whl
+     export VALIDATE=1 TOKENIZER_DIR=.gpu/d/tok
      timeout 560 python3 docs/gpu/quantize_on_gpu.py gemma3-12b-shaped /tmp/g3-12b \
        bnb-nf4 torchao-int4-weight-only 2>"$OUT/validate-g3.err" | tee "$OUT/validate-g3.jsonl"
      grep -vE "Loading weights|Writing model|Converting" "$OUT/validate-g3.err" | tail -5 ;;
-  # Full MMLU and WikiText-2 on SmolLM2 (the project's 9 MB of data travel too, so the GGUF goes in
-  # two 50 MB pieces): `piece` carrying .gpu/p1, again carrying .gpu/p2, then e carrying .gpu/e (the
-  # lm-eval stack as wheels, from `pip download` and `pip wheel --no-deps`).
-  piece) cp .gpu/p*/smol.gguf.* /tmp/g/ && ls -la /tmp/g ;;
-  e) cat /tmp/g/smol.gguf.00 /tmp/g/smol.gguf.01 > /tmp/g/SmolLM2-135M-Instruct.Q4_1.gguf || exit 1
-     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/e/*.whl || exit 1
-     export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore EVALUATE=1 HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1
-     timeout 570 python3 docs/gpu/quantize_on_gpu.py smollm2 /tmp/g/SmolLM2-135M-Instruct.Q4_1.gguf \
-       torchao-int4-weight-only torchao-float8-dynamic 2>"$OUT/evaluate-smollm2.err" | tee "$OUT/evaluate-smollm2.jsonl"
-     grep -vE "Loading weights|Writing model|Converting|Running loglikelihood|it/s" "$OUT/evaluate-smollm2.err" | tail -8 ;;
-  # The same for Gemma 3 270M: its assembled GGUF (253 MB, sha256 a5fd3b62...) in five pieces
-  # (`gpiece` carrying .gpu/g1 ... .gpu/g5), then ge carrying .gpu/e.
+  # Evaluation, with the project's pinned transformers 5.23 carried in .gpu/t beside the lm-eval
+  # stack in .gpu/e (the image's 5.17 computes Gemma 3 270M wrongly: NLL 8.48 against 3.36 on the
+  # same weights and text). The GGUFs travel in pieces (the project's 9 MB of data travel too):
+  # Gemma 3 270M's assembled GGUF (253 MB, sha256 a5fd3b62...) as `gpiece` carrying .gpu/g1 ...
+  # .gpu/g5, then `ge523` carrying .gpu/e and .gpu/t; SmolLM2's as `piece` carrying .gpu/p1, then
+  # `e523` carrying .gpu/p2 (the wheels are already in /tmp/site).
   gpiece) cp .gpu/g*/gemma.gguf.* /tmp/g/ && ls -la /tmp/g | grep gemma ;;
-  ge) cat /tmp/g/gemma.gguf.0* > /tmp/g/gemma-3-270m-q4_k_m.gguf && sha256sum /tmp/g/gemma-3-270m-q4_k_m.gguf || exit 1
-     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/e/*.whl || exit 1
-     export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore EVALUATE=1 HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1
-     timeout 570 python3 docs/gpu/quantize_on_gpu.py gemma3-270m /tmp/g/gemma-3-270m-q4_k_m.gguf \
-       torchao-int4-weight-only torchao-float8-dynamic 2>"$OUT/evaluate-gemma3-270m.err" | tee "$OUT/evaluate-gemma3-270m.jsonl"
-     grep -vE "Loading weights|Writing model|Converting|Running loglikelihood|it/s" "$OUT/evaluate-gemma3-270m.err" | tail -8 ;;
-  # ge and e again with the project's pinned transformers 5.23 (carried in .gpu/t beside .gpu/e:
-  # transformers, huggingface_hub, tokenizers, safetensors and what they need beyond the image). The
-  # image's 5.17 computes Gemma 3 270M wrongly (NLL 8.48 against 3.36 on the same weights and text).
-  # gpiece x5, ge523 carrying .gpu/e and .gpu/t; then piece carrying .gpu/p1, again with .gpu/p2 and
-  # e523 (the wheels are already in /tmp/site).
+  piece) cp .gpu/p*/smol.gguf.* /tmp/g/ && ls -la /tmp/g ;;
   ge523) cat /tmp/g/gemma.gguf.0* > /tmp/g/gemma-3-270m-q4_k_m.gguf && sha256sum /tmp/g/gemma-3-270m-q4_k_m.gguf || exit 1
-     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/e/*.whl .gpu/t/*.whl || exit 1
-     export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore EVALUATE=1 HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1
-     python3 -c "import transformers; print('transformers', transformers.__version__)"
-     timeout 575 python3 docs/gpu/quantize_on_gpu.py gemma3-270m /tmp/g/gemma-3-270m-q4_k_m.gguf \
-       torchao-int4-weight-only torchao-float8-dynamic 2>"$OUT/evaluate-gemma3-270m.err" | tee "$OUT/evaluate-gemma3-270m.jsonl"
-     grep -vE "Loading weights|Writing model|Converting|Running loglikelihood|it/s|Overwriting|metric" "$OUT/evaluate-gemma3-270m.err" | tail -4 ;;
+     install .gpu/e/*.whl .gpu/t/*.whl
+     evaluate gemma3-270m /tmp/g/gemma-3-270m-q4_k_m.gguf ;;
   e523) cp .gpu/p*/smol.gguf.* /tmp/g/; cat /tmp/g/smol.gguf.00 /tmp/g/smol.gguf.01 > /tmp/g/SmolLM2-135M-Instruct.Q4_1.gguf || exit 1
-     export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore EVALUATE=1 HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1
-     python3 -c "import transformers; print('transformers', transformers.__version__)"
-     timeout 575 python3 docs/gpu/quantize_on_gpu.py smollm2 /tmp/g/SmolLM2-135M-Instruct.Q4_1.gguf \
-       torchao-int4-weight-only torchao-float8-dynamic 2>"$OUT/evaluate-smollm2.err" | tee "$OUT/evaluate-smollm2.jsonl"
-     grep -vE "Loading weights|Writing model|Converting|Running loglikelihood|it/s|Overwriting|metric" "$OUT/evaluate-smollm2.err" | tail -4 ;;
-  # After ge: WikiText-2 for the Gemma 3 270M reference at batch 1 and 8 (docs/bench/gemma_perplexity_probe.py).
-  gprobe) python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/e/*.whl || exit 1
-     export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1
+     site
+     evaluate smollm2 /tmp/g/SmolLM2-135M-Instruct.Q4_1.gguf ;;
+  # After ge523: WikiText-2 for the Gemma 3 270M reference at batch 1 and 8 (docs/bench/gemma_perplexity_probe.py).
+  gprobe) install .gpu/e/*.whl
+     export HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1
      ckpt=$(dirname "$(ls /tmp/qg-cache/checkpoints/*/config.json | grep -i gemma | head -1)")
      timeout "${PROBE_S:-300}" python3 docs/bench/gemma_perplexity_probe.py "$ckpt" "${DOCS:-62}" 8 cuda 2>"$OUT/probe.err" | tee "$OUT/probe.jsonl"
      grep -E "Error|error" "$OUT/probe.err" | tail -5 ;;
-  # The gpu-marked tests (pytest travels in .gpu/b; Prefect is shimmed), and the
-  # Gemma-3-12B-shaped checkpoint built for bench.
-  gtest) python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/b/*.whl || exit 1
-     export PYTHONPATH=/tmp/site:docs/gpu PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
+  # The gpu-marked tests (pytest travels in .gpu/b; Prefect is shimmed), and the checkpoint for bench.
+  gtest) install .gpu/b/*.whl
      python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-     timeout 300 python3 -m pytest -p prefect_shim -q -rs -m gpu tests/test_benchmark.py 2>&1 | tail -15
-     [ -f /tmp/g3-12b/config.json ] || timeout 200 python3 docs/gpu/bench_on_gpu.py make /tmp/g3-12b 2>&1 | grep -v "Loading\|Writing" ;;
+     PYTHONPATH=/tmp/site:docs/gpu timeout 300 python3 -m pytest -p prefect_shim -q -rs -m gpu tests/test_benchmark.py 2>&1 | tail -15
+     g3_checkpoint ;;
   # The benchmark step (issue 4) on the Gemma-3-12B-shaped checkpoint, carrying .gpu/b (pydantic,
   # torchao and bitsandbytes wheels): each model in its own process, 256 in / 256 out, batch 1.
-  bench) python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/b/*.whl || exit 1
-     export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
+  bench) install .gpu/b/*.whl
      nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,clocks.max.mem --format=csv
-     [ -f /tmp/g3-12b/config.json ] || timeout 200 python3 docs/gpu/bench_on_gpu.py make /tmp/g3-12b 2>&1 | grep -v "Loading\|Writing"
+     g3_checkpoint
      timeout "${BENCH_S:-500}" python3 docs/gpu/bench_on_gpu.py /tmp/g3-12b ${MODELS:-reference torchao-int4-weight-only} \
        2>>"$OUT/bench.err" | tee -a "$OUT/bench-g3.jsonl"
      grep -E "benchmark:|Error|error" "$OUT/bench.err" | tail -${TAIL:-30} ;;
-  # Where a decode step's GPU time goes: docs/gpu/profile_decode.py, carrying .gpu/b.
-  prof) python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/b/*.whl || exit 1
-     export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
-     [ -f /tmp/g3-12b/config.json ] || timeout 200 python3 docs/gpu/bench_on_gpu.py make /tmp/g3-12b 2>&1 | grep -v "Loading\|Writing"
-     for sdpa in ${SDPAS:-all}; do SDPA=$sdpa timeout "${BENCH_S:-540}" python3 docs/gpu/profile_decode.py /tmp/g3-12b ${MODELS:-reference torchao-int4-weight-only} \
-       2>>"$OUT/profile.err" | tee -a "$OUT/profile-g3.jsonl"; done
+  # Where a decode step's GPU time goes: docs/gpu/profile_decode.py, carrying .gpu/b; SDPAS lists
+  # the attention settings to profile (the benchmark's math by default).
+  prof) install .gpu/b/*.whl
+     g3_checkpoint
+     for sdpa in ${SDPAS:-math}; do SDPA=$sdpa timeout "${BENCH_S:-540}" python3 docs/gpu/profile_decode.py /tmp/g3-12b \
+       ${MODELS:-reference torchao-int4-weight-only} 2>>"$OUT/profile.err" | tee -a "$OUT/profile-g3.jsonl"; done
      grep -E "Error|error" "$OUT/profile.err" | tail -5 ;;
 esac
