@@ -87,7 +87,9 @@ class TorchAoRecipe(RecipeBase):
     method: Literal["torchao"]
     scheme: Literal["int8_weight_only", "int8_dynamic_activation", "int4_weight_only", "float8_dynamic_activation"]
     group_size: PositiveInt = 128
-    # torchao's default int4 packing needs the `mslk` package, which PyPI does not have.
+    # tile_packed_to_4d runs on torch's tinygemm kernel. plain (and torchao's default, preshuffled)
+    # need the `mslk` package (PyPI: mslk-cuda, CUDA 13 builds), which is not a dependency: at
+    # batch 1 on the H100 both ran slower than tinygemm (docs/BENCHMARKS.md).
     int4_packing_format: Literal["tile_packed_to_4d", "plain"] = "tile_packed_to_4d"
     int4_qparams: Literal["hqq", "tinygemm"] = "hqq"
 

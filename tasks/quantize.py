@@ -7,6 +7,7 @@ library really did, and any Linear it left alone unannounced is reported as a fa
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 import re
 import shutil
@@ -115,6 +116,10 @@ def quantization_config(recipe: Recipe, keep: list[str]):
     if isinstance(recipe, TorchAoRecipe):
         from transformers import TorchAoConfig
         from torchao import quantization as ao
+        if recipe.scheme == "int4_weight_only" and recipe.int4_packing_format == "plain" \
+                and importlib.util.find_spec("mslk") is None:
+            raise ValueError(f"recipe {recipe.name}: int4_packing_format 'plain' needs the mslk package "
+                             "(pip install mslk-cuda); 'tile_packed_to_4d' needs nothing more")
         quant_type = {
             "int8_weight_only": lambda: ao.Int8WeightOnlyConfig(),
             "int8_dynamic_activation": lambda: ao.Int8DynamicActivationInt8WeightConfig(),

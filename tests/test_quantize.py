@@ -1,4 +1,5 @@
 """Quantize step on the real SmolLM2: every CPU recipe quantizes, saves and loads back."""
+import importlib.util
 import json
 
 import pytest
@@ -95,3 +96,12 @@ def test_recipe_on_gpu(smollm2, tmp_path, name):
     result = run_recipe(smollm2, tmp_path, name, device="cuda")
     assert result["status"] == "ok", result.get("reason")
     assert result["roundtrip"]["finite"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mslk") is not None, reason="mslk is installed here")
+def test_int4_plain_packing_without_mslk_is_a_clear_error():
+    recipe = load_config(PROJECT / "configs" / "default.yaml", ["recipes=[torchao-int4-weight-only]"]).recipes[0]
+    recipe = recipe.model_copy(update={"int4_packing_format": "plain"})
+    with pytest.raises(ValueError, match="torchao-int4-weight-only: int4_packing_format 'plain' needs the mslk"):
+        step.quantization_config(recipe, [])
+    assert step.quantization_config(recipe.model_copy(update={"int4_packing_format": "tile_packed_to_4d"}), [])

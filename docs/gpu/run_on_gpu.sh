@@ -79,6 +79,12 @@ case "$1" in
      timeout "${BENCH_S:-500}" python3 docs/gpu/bench_on_gpu.py /tmp/g3-12b ${MODELS:-reference torchao-int4-weight-only} \
        2>>"$OUT/bench.err" | tee -a "$OUT/bench-g3.jsonl"
      grep -E "benchmark:|Error|error" "$OUT/bench.err" | tail -${TAIL:-30} ;;
+  # torchao's int4 kernels at batch 1, one by one (docs/gpu/int4_kernels.py), carrying .gpu/f: the
+  # wheels of mslk-cuda 1.1.0 (the CUDA 13 build torchao's preshuffled and plain formats call),
+  # torchao 0.18.0 and pydantic. SWEEP=1 PACKINGS=triton times each launch configuration of the study kernel.
+  kernels) install .gpu/f/*.whl
+     PACKINGS="${PACKINGS:-bf16 tile_packed_to_4d preshuffled plain triton}" timeout "${BENCH_S:-500}" \
+       python3 docs/gpu/int4_kernels.py 2>&1 | grep -v Warning | tee "$OUT/int4-kernels.jsonl" ;;
   # Where a decode step's GPU time goes: docs/gpu/profile_decode.py, carrying .gpu/b; SDPAS lists
   # the attention settings to profile (the benchmark's math by default).
   prof) install .gpu/b/*.whl
