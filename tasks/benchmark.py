@@ -311,7 +311,6 @@ def fuse_projections(model: torch.nn.Module) -> dict:
                 for attr, value in list(vars(part).items()):
                     if getattr(value, "__self__", None) is part:
                         delattr(part, attr)
-            del parts
             fused[label] += 1
     gc.collect()  # any other cycle
     return {"fused": dict(fused), "unfused": dict(unfused)}

@@ -1,6 +1,6 @@
 """Batch-1 int4 matrix-vector products on the Gemma-3-12B shapes, kernel by kernel (docs/BENCHMARKS.md):
 bf16 against torchao's int4 packings (tile_packed_to_4d = tinygemm; preshuffled and plain = mslk)
-and quantgate's Triton kernel over tinygemm's bytes (quantgate/int4_gemv.py), over its launch
+and the Triton study kernel over tinygemm's bytes (docs/gpu/int4_gemv.py), over its launch
 configurations. Each shape is replayed from a CUDA graph over enough weight copies to exceed L2, as
 a decode step reads them; one JSON line per (shape, kernel) with the median time and bytes per second.
   python docs/gpu/int4_kernels.py      (PACKINGS="bf16 tile_packed_to_4d preshuffled plain triton")"""
@@ -14,8 +14,14 @@ from pathlib import Path
 import torch
 from torchao.quantization import Int4WeightOnlyConfig, quantize_
 
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import prefect_shim  # noqa: E402,F401
 from int4_gemv import int4_gemv, launch_config  # noqa: E402
+
+from quantgate.modeling import real_bytes  # noqa: E402
+from tasks.benchmark import Timer  # noqa: E402
 
 # (name, out_features, in_features) of one Gemma 3 12B decoder layer; q/k/v and gate/up fused.
 SHAPES = [("qkv", 8192, 3840), ("o", 3840, 4096), ("gate_up", 30720, 3840), ("down", 3840, 15360)]
@@ -25,21 +31,14 @@ SWEEP = os.environ.get("SWEEP") == "1"  # every launch configuration of the Trit
 
 
 def linears(out_features: int, in_features: int, packing: str, copies: int) -> tuple[list, torch.Tensor]:
-    made, original = [], None
-    for _ in range(copies):
-        linear = torch.nn.Linear(in_features, out_features, bias=False, dtype=torch.bfloat16, device="cuda")
-        original = original if made else linear.weight.detach().clone()
-        if packing != "bf16":
+    """`copies` Linears in the packing, and the first one's bf16 weight before quantizing."""
+    made = [torch.nn.Linear(in_features, out_features, bias=False, dtype=torch.bfloat16, device="cuda")
+            for _ in range(copies)]
+    original = made[0].weight.detach().clone()
+    if packing != "bf16":
+        for linear in made:
             quantize_(linear, Int4WeightOnlyConfig(group_size=128, int4_packing_format=packing))
-        made.append(linear)
     return made, original
-
-
-def tensor_bytes(weight: torch.Tensor) -> int:
-    names = getattr(weight, "tensor_data_names", None)
-    if names is None:
-        return weight.numel() * weight.element_size()
-    return sum(getattr(weight, n).numel() * getattr(weight, n).element_size() for n in names)
 
 
 def graph_us(calls: list, copies: int) -> float:
@@ -52,12 +51,9 @@ def graph_us(calls: list, copies: int) -> float:
             call()
     times = []
     for _ in range(20):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / copies)
+        with Timer(torch.device("cuda")) as t:
+            graph.replay()
+        times.append(t.ms / copies)
     del graph
     return statistics.median(times) * 1000
 
@@ -72,7 +68,7 @@ def time_shape(name: str, n: int, k: int, packing: str) -> list[dict]:
     base = {"shape": name, "n": n, "k": k, "packing": packing, "copies": copies}
     if packing != "triton":
         us = graph_us([lambda m=m: m(x) for m in mods], copies)
-        read = tensor_bytes(mods[0].weight)
+        read = real_bytes(mods[0])
         return [{**base, "us": round(us, 2), "bytes": read, "gb_s": round(read / us / 1e3, 1),
                  "rel_err_vs_bf16": rel(mods[0](x))}]
     tinygemm = mods[0](x).float()
