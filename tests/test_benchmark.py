@@ -162,7 +162,8 @@ def test_fused_projections_compute_what_the_separate_ones_did(monkeypatch):
         return concat(weights)
 
     monkeypatch.setattr(benchmark, "concat_weights", concat_and_look)
-    assert fuse_projections(model) == {"fused": {"q_proj+k_proj+v_proj": 2, "gate_proj+up_proj": 2}, "unfused": {}}
+    assert fuse_projections(model) == {"fused": {"q_proj+k_proj+v_proj": 2, "gate_proj+up_proj": 2}, "unfused": {},
+                                         "padding_bytes_dropped": 0}
     assert not any(hasattr(layer.self_attn.q_proj, "weight") for layer in model.model.layers)
     assert alive_while_fusing == [True, False, False, False]  # layer 0's q/k/v, then its MLP, layer 1's
     with torch.no_grad():
@@ -214,3 +215,30 @@ def test_fused_tinygemm_int4_weights_match_the_separate_ones():
         fused = [attention.q_proj(x), attention.k_proj(x), attention.v_proj(x)]
     for a, b in zip(fused, separate):
         assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+def test_fused_tinygemm_int4_drops_torchao_k_padding():
+    """torchao pads in_features to a multiple of 1024; fused, the padding's k-tiles are dropped and
+    the matmul runs on the true 384 columns with the same result."""
+    from torchao.quantization import Int4WeightOnlyConfig, quantize_
+
+    from tasks.benchmark import fuse_projections
+
+    mlp = torch.nn.Module()
+    mlp.gate_proj, mlp.up_proj = torch.nn.Linear(384, 256, bias=False), torch.nn.Linear(384, 256, bias=False)
+    mlp.to("cuda", torch.bfloat16)
+    quantize_(mlp, Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d"))
+    assert mlp.gate_proj.weight.qdata.shape[1] == 1024 // 128  # torchao's padded k-tiles
+    x = torch.randn(1, 1, 384, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        separate = [mlp.gate_proj(x), mlp.up_proj(x)]
+        fusion = fuse_projections(mlp)
+        fused = [mlp.gate_proj(x), mlp.up_proj(x)]
+    assert fusion["fused"] == {"gate_proj+up_proj": 1}
+    assert mlp.gate_proj.fused.qdata.shape[1] == 3
+    # 512 rows lose 640 columns of 4-bit values and 5 groups of a bf16 scale and zero each.
+    assert fusion["padding_bytes_dropped"] == 512 * 640 // 2 + 512 * 5 * 4
+    for a, b in zip(fused, separate):
+        # tinygemm splits k across its warps differently for 3 k-tiles than for 8: fp32 sums reorder.
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)

@@ -75,6 +75,17 @@ def _profile(checkpoint: str, name: str) -> None:
                                  for k, v in sorted(groups.items(), key=lambda kv: -kv[1]["us_per_step"])}}), flush=True)
     for us, count, key in sorted(kernels, reverse=True)[:14]:
         print(json.dumps({"model": name, "us_per_step": round(us, 1), "per_step": count, "kernel": key}), flush=True)
+    if DEVICE == "cuda":
+        # The last step's kernels in order, to see what runs between two matmuls of one layer.
+        launched = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                          key=lambda e: e.time_range.start)
+        step = launched[-len(launched) // STEPS:]
+        out = Path(os.environ.get("OUT", "/tmp")) / f"profile-{name}-step.jsonl"
+        out.write_text("".join(json.dumps({"us": round(e.time_range.elapsed_us(), 2), "kernel": e.name[:120]}) + "\n"
+                               for e in step))
+        for e in step[len(step) // 2:len(step) // 2 + 2 * len(step) // 48]:  # two layers from the middle
+            print(json.dumps({"model": name, "us": round(e.time_range.elapsed_us(), 2), "kernel": e.name[:100]}),
+                  flush=True)
     del decoder, model
     torch._dynamo.reset()
     torch.cuda.empty_cache()
