@@ -244,8 +244,8 @@ class FusedLinear(torch.nn.Module):
             self.register_buffer("qdata", weight.qdata[:, : self.in_features // TINYGEMM_K_TILE].contiguous())
             self.register_buffer("scale_and_zero",
                                  weight.scale_and_zero[: self.in_features // self.tinygemm_group].contiguous())
-            self.padding_bytes_dropped = sum(t.untyped_storage().nbytes() for t in (weight.qdata, weight.scale_and_zero)) \
-                - sum(t.untyped_storage().nbytes() for t in (self.qdata, self.scale_and_zero))
+            self.padding_bytes_dropped = weight.qdata.nbytes + weight.scale_and_zero.nbytes \
+                - self.qdata.nbytes - self.scale_and_zero.nbytes
         else:
             self.weight = torch.nn.Parameter(weight, requires_grad=False)
             self.padding_bytes_dropped = 0
@@ -253,9 +253,10 @@ class FusedLinear(torch.nn.Module):
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if not self.tinygemm_group:
             return torch.nn.functional.linear(x, self.weight, self.bias)
+        # No output padding to cut: concat_weights stacks only row counts that are multiples of 8.
         y = torch.ops.aten._weight_int4pack_mm(x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous(),
                                                self.qdata, self.tinygemm_group, self.scale_and_zero)
-        y = y[:, : self.out_features].reshape(*x.shape[:-1], self.out_features)
+        y = y.reshape(*x.shape[:-1], self.out_features)
         return (y if self.bias is None else y + self.bias).to(x.dtype)
 
     def output(self, x: torch.Tensor) -> torch.Tensor:
@@ -468,6 +469,8 @@ def measure_latency(model, settings: dict, bytes_per_token: int, bandwidth: floa
             _, _, eager_tokens = decode_eager(model, ids, check)
             if settings["fuse_projections"] and fusion is None:
                 fusion = fuse_projections(model)
+                # The floor counts what the fused model holds: fusion may drop padding no step reads.
+                bytes_per_token = weight_bytes_per_token(model, modeling.real_bytes(model))
                 log.info("benchmark: fused projections %s; not fused: %s; padding dropped: %.3f GB", fusion["fused"],
                          fusion["unfused"] or "none", fusion["padding_bytes_dropped"] / 1e9)
             fused = " + fused projections" if fusion and fusion["fused"] else ""
@@ -505,8 +508,7 @@ def measure_latency(model, settings: dict, bytes_per_token: int, bandwidth: floa
                  "greedy_agreement_with_eager": agreement}
         if fallback and path == "eager":
             entry["fallback_reason"] = fallback
-        # Fusion may drop padding that no step reads any more.
-        floor_ms = (bytes_per_token - (fusion or {}).get("padding_bytes_dropped", 0)) / bandwidth * 1000
+        floor_ms = bytes_per_token / bandwidth * 1000
         if floor_ms > 0:
             entry["bandwidth_floor_ms"] = round(floor_ms, 4)
             entry["of_bandwidth_floor"] = round(decode_ms / floor_ms, 3)
