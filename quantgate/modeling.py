@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -26,6 +28,39 @@ def resolve_device(device: str) -> str:
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("the config asks for device: cuda, and this machine has no CUDA device")
     return device
+
+
+# oneDNN ISAs (ONEDNN_MAX_CPU_ISA) at or above which bf16 matmuls run in hardware.
+BF16_ISAS = {"AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX", "AVX512_CORE_AMX_FP16", "AVX10_1_512",
+             "AVX10_1_512_AMX", "AVX10_1_512_AMX_FP16", "AVX10_2_512", "AVX10_2_512_AMX_2", "ALL", "DEFAULT"}
+
+
+def native_bf16() -> bool:
+    """Whether this CPU runs bf16 matmuls in hardware (AVX512-BF16 or AMX) and oneDNN may use them."""
+    try:
+        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    except OSError:
+        return False
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags.split())) and cap in BF16_ISAS
+
+
+def compute_dtype(checkpoint_dtype: str, device: str, requested: str = "auto") -> str:
+    """The dtype models compute in: the checkpoint's, except on a CPU that would emulate bf16 or fp16
+    in software, where float32 is faster (docs/BENCHMARKS.md); the checkpoint stays as it is."""
+    if requested != "auto":
+        return requested
+    on_gpu = device != "cpu" and torch.cuda.is_available()
+    if on_gpu or checkpoint_dtype == "float32" or (checkpoint_dtype == "bfloat16" and native_bf16()):
+        return checkpoint_dtype
+    return "float32"
+
+
+def computed_dtype(model: torch.nn.Module) -> str:
+    """The dtype a loaded model computes in: its plain floating parameters' (a backend may keep its own)."""
+    dtypes = Counter(str(p.dtype).removeprefix("torch.") for p in model.parameters()
+                     if p.is_floating_point() and type(p.data) in (torch.Tensor, torch.nn.Parameter))
+    return dtypes.most_common(1)[0][0] if dtypes else "unknown"
 
 
 def model_class(config):
@@ -59,9 +94,12 @@ def load(checkpoint: str | Path, dtype: str, device: str, quantization_config=No
     return model.eval()
 
 
-def real_bytes(model: torch.nn.Module) -> int:
+def real_bytes(model: torch.nn.Module, as_dtype: str | None = None) -> int:
     """Bytes the weights really take: the inner tensors of tensor subclasses (torchao, quanto)
-    and bitsandbytes' quantization state, each storage once (tied weights)."""
+    and bitsandbytes' quantization state, each storage once (tied weights). as_dtype counts plain
+    floating parameters at that dtype's size: a model loaded to compute in float32, as its checkpoint holds it."""
+    itemsize = getattr(torch, as_dtype).itemsize if as_dtype else None
+    params = {p.data_ptr() for p in model.parameters()}  # buffers (rotary tables) keep their dtype either way
     from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
     seen, total = set(), 0
@@ -79,7 +117,8 @@ def real_bytes(model: torch.nn.Module) -> int:
         key = (storage.data_ptr(), t.device, storage.nbytes())
         if key not in seen:
             seen.add(key)
-            total += storage.nbytes()
+            scale = itemsize / t.element_size() if itemsize and t.is_floating_point() and t.data_ptr() in params else 1
+            total += round(storage.nbytes() * scale)
 
     # state_dict holds bitsandbytes' quantization state; buffers hold non-persistent ones (rotary).
     for tensor in [*model.state_dict().values(), *model.buffers()]:

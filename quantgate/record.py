@@ -2,7 +2,6 @@
 metrics.json (always written atomically), report.md and <recipe>/plan.json."""
 from __future__ import annotations
 
-import json
 import os
 import platform
 import secrets
@@ -11,23 +10,20 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
+from quantgate import backends
 from quantgate.config import RunConfig, dump_config
+from quantgate.files import write_atomic, write_json
+from quantgate.formats import gb, num, peak_memory
+from quantgate.runlog import announce
 
 SCHEMA = 1
 STEPS = ("quantize", "validate", "evaluate", "benchmark", "publish")
-PACKAGES = ("python", "torch", "transformers", "accelerate", "bitsandbytes", "torchao", "optimum-quanto",
-            "lm_eval", "prefect", "safetensors", "huggingface_hub", "gguf")
+# The core's distributions; each backend's come from the registry.
+PACKAGES = ("torch", "transformers", "accelerate", "lm_eval", "prefect", "safetensors", "huggingface_hub", "gguf")
 
 
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def write_json(path: Path, data) -> None:
-    """Temporary file, then rename: a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    tmp.replace(path)
 
 
 def environment() -> dict:
@@ -35,7 +31,7 @@ def environment() -> dict:
     import torch
 
     env = {"python": platform.python_version()}
-    for name in PACKAGES[1:]:
+    for name in [*PACKAGES, *backends.packages()]:
         try:
             env[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -99,8 +95,9 @@ class RunRecord:
         self.metrics["reference"]["benchmark"] = result
         self.save()
 
-    def set_step(self, recipe: str, step: str, result: dict) -> None:
-        """Record one step of a recipe; a step that did not end ok settles the recipe's status."""
+    def set_step(self, recipe: str, step: str, result: dict) -> bool:
+        """Record one step of a recipe; a step that did not end ok settles the recipe's status.
+        Whether the step ended ok (and the recipe goes on)."""
         entry = self.metrics["recipes"][recipe]
         entry["steps"][step] = _step_view(result)
         measured = {k: v for k, v in result.items() if k not in ("status", "reason", "seconds", "cached", "warnings")}
@@ -111,6 +108,7 @@ class RunRecord:
             entry["status"] = {"failed": "failed", "skipped": "skipped"}.get(result["status"], "error")
             entry["reason"] = f"{step}: {result.get('reason', '')}"
         self.save()
+        return result["status"] == "ok"
 
     def finish(self) -> dict:
         for entry in self.metrics["recipes"].values():
@@ -138,8 +136,16 @@ def _step_view(result: dict) -> dict:
     return view
 
 
-def run_step(step_task, step_settings, /, **params) -> dict:
-    """Run a Prefect task with the step's timeout and retries; a crash becomes a record, not a raise."""
+def run_step(step_task, step_settings, group: str, step: str, /, **params) -> dict:
+    """Run a Prefect task with the step's timeout and retries, announcing its start and end (group is
+    the recipe, or `model`); a crash becomes a record, not a raise."""
+    announce(group, step, "start")
+    result = _run_task(step_task, step_settings, **params)
+    announce(group, step, "end", result["status"], result["seconds"], result.get("reason"))
+    return result
+
+
+def _run_task(step_task, step_settings, /, **params) -> dict:
     t0 = time.perf_counter()
     state = step_task.with_options(timeout_seconds=step_settings.timeout_s, retries=step_settings.retries)(
         **params, return_state=True)
@@ -160,14 +166,6 @@ def run_step(step_task, step_settings, /, **params) -> dict:
 
 # ---------------------------------------------------------------- the report
 
-def gb(n, missing: str = "–") -> str:
-    return f"{n / 1e9:.3f} GB" if isinstance(n, (int, float)) else missing
-
-
-def num(value, fmt: str, missing: str = "–") -> str:
-    return format(value, fmt) if isinstance(value, (int, float)) else missing
-
-
 def _mmlu(evaluate: dict) -> str:
     m = evaluate.get("mmlu", {})
     if "acc" not in m:
@@ -176,12 +174,6 @@ def _mmlu(evaluate: dict) -> str:
         return f"{m['acc']:.3f}"
     low, high = m["delta_ci95"]
     return f"{m['acc']:.3f} ({m['delta_acc']:+.3f} [{low:+.3f}, {high:+.3f}])"
-
-
-def peak_memory(bench: dict) -> int | None:
-    """The figure a user compares: GPU peak while generating, or host private peak without a GPU."""
-    memory = bench.get("memory", {})
-    return memory.get("gpu_peak_infer") or memory.get("host_private_peak")
 
 
 def _peak(bench: dict) -> str:
@@ -253,9 +245,7 @@ def write_report(run_dir: Path, metrics: dict) -> None:
     from quantgate.card import plot_run
 
     figure = plot_run(metrics, run_dir / "summary.png")
-    tmp = run_dir / ".report.md.tmp"
-    tmp.write_text(render_report(metrics, figure.name if figure else None))
-    tmp.replace(run_dir / "report.md")
+    write_atomic(run_dir / "report.md", render_report(metrics, figure.name if figure else None))
 
 
 def render_report(metrics: dict, figure: str | None = None) -> str:
@@ -263,12 +253,20 @@ def render_report(metrics: dict, figure: str | None = None) -> str:
     lines = [f"# quantgate run {metrics['run_id']}", "",
              f"- model: `{model['source']}` (revision `{model.get('revision')}`, checkpoint sha256 "
              f"`{str(model.get('checkpoint_sha256'))[:16]}…`)",
-             f"- status: **{metrics['status']}**, {metrics['started_at']} → {metrics['finished_at']}", "",
+             f"- status: **{metrics['status']}**, {metrics['started_at']} → {metrics['finished_at']}",
+             f"- computed in {metrics['reference'].get('compute_dtype', '–')} (checkpoint "
+             f"{metrics['reference'].get('dtype', '–')}); everything the libraries printed: [run.log](run.log)", "",
              "| " + " | ".join(SUMMARY_HEADER) + " |", "|" + " --- |" * len(SUMMARY_HEADER)]
     lines += ["| " + " | ".join(row) + " |" for row in summary_rows(metrics)]
     if figure:
         lines += ["", f"![MMLU delta against memory and speed]({figure})"]
-    lines += ["", "## Steps", "", "| recipe | " + " | ".join(STEPS) + " |", "| --- |" + " --- |" * len(STEPS)]
+    ref = metrics["reference"]
+    seconds = [("download", model.get("download", {}).get("seconds")), ("reference load", ref.get("load_s")),
+               ("reference validate", ref.get("validate_s")), ("reference evaluate", ref.get("evaluate_s")),
+               ("reference benchmark", ref.get("benchmark", {}).get("seconds"))]
+    lines += ["", "## Steps", "", "Seconds of the model's steps: "
+              + ", ".join(f"{what} {num(s, '.1f')}" for what, s in seconds) + ".",
+              "", "| recipe | " + " | ".join(STEPS) + " |", "| --- |" + " --- |" * len(STEPS)]
     for name, entry in metrics["recipes"].items():
         cells = []
         for step in STEPS:

@@ -1,4 +1,6 @@
-"""Benchmark step: memory and latency of the reference and of each recipe, each in a fresh process.
+"""Benchmark step: memory and latency of the reference and of each recipe's saved checkpoint (what
+ships), each in a fresh process; for a recipe whose library quantizes while loading, also the memory of
+loading the reference checkpoint quantized on the fly (the "load a bf16 checkpoint in 4-bit" case).
 
 Memory is sampled while the model loads (and quantizes) and while it generates: host private
 memory (RssAnon) and file-backed pages (RssFile, the memory-mapped checkpoint) apart, because a
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import importlib
 import json
 import logging
 import os
@@ -31,12 +34,12 @@ from pathlib import Path
 
 import torch
 from prefect import task
-from pydantic import TypeAdapter
 
 from quantgate import modeling
-from quantgate.config import Recipe
-from quantgate.record import write_json
-from tasks.quantize import cuda_skip, plan_recipe, quantization_config, quantize_model
+from quantgate.backends import backend_of, parse_recipe
+from quantgate.files import write_json
+from quantgate.plan import kept, plan_recipe
+from tasks.quantize import cuda_skip, quantize_model
 
 log = logging.getLogger("quantgate.benchmark")
 
@@ -527,8 +530,9 @@ def limits_of(settings: dict) -> dict:
 
 
 def loader(spec: dict):
-    """A function that loads the model as a user does: the reference checkpoint, quantized while
-    loading. Libraries are imported and the plan made here, so the load's samples hold the load alone."""
+    """A function that loads the model as a user does: the reference, a recipe's saved checkpoint
+    (mode `saved`), or the reference quantized while loading (mode `quantize_on_load`). Libraries are
+    imported and the plan made here, so the load's samples hold the load alone."""
     from transformers import AutoConfig
 
     settings = spec["settings"]
@@ -542,15 +546,18 @@ def loader(spec: dict):
     modeling.model_class(config)
     if spec["recipe"] is None:
         return lambda: modeling.load(spec["checkpoint"], spec["dtype"], device, **kwargs)
-    recipe = TypeAdapter(Recipe).validate_python(spec["recipe"])
-    keep = [e["module"] for e in plan_recipe(modeling.skeleton(config), recipe) if e["status"] == "skipped"]
-    quantization_config(recipe, keep)
-    if recipe.method == "quanto":
-        import optimum.quanto  # noqa: F401
+    recipe = parse_recipe(spec["recipe"])
+    backend = backend_of(recipe)
+    for module in backend.imports:
+        importlib.import_module(module)
+    if spec["mode"] == "saved":
+        return lambda: backend.load(Path(spec["checkpoint"]), device, spec["dtype"], **kwargs)
+    keep = kept(plan_recipe(modeling.skeleton(config), recipe))
     return lambda: quantize_model(spec["checkpoint"], recipe, spec["dtype"], device, keep, **kwargs)
 
 
 def measure(spec: dict) -> dict:
+    """Memory while loading, then (unless the spec says latency: false) memory and latency while generating."""
     settings = spec["settings"]
     load_model = loader(spec)
     sampler = MemorySampler(settings["sample_interval_ms"])
@@ -560,6 +567,13 @@ def measure(spec: dict) -> dict:
             model = load_model()
         load_s = time.perf_counter() - t0
         real = modeling.real_bytes(model)
+        shard = largest_shard(spec["checkpoint"])
+        load = sampler.peaks["load"]
+        diagnostics = diagnose({"load": load}, real, shard, sampler.baseline["RssAnon"])
+        if not spec.get("latency", True):
+            return {"real_bytes": real, "load_s": round(load_s, 2), "largest_shard": shard,
+                    "memory": {**load, "host_private_baseline": sampler.baseline["RssAnon"]},
+                    "diagnostics": diagnostics}
         device = model_device(model)
         bandwidth = spec.get("copy_bandwidth") or copy_bandwidth(device)
         per_token = weight_bytes_per_token(model, real)
@@ -568,7 +582,7 @@ def measure(spec: dict) -> dict:
                  real / 1e9, floor_ms, bandwidth / 1e9)
         with sampler.phase("infer"):
             latency = measure_latency(model, settings, per_token, bandwidth)
-        load, infer = sampler.peaks["load"], sampler.peaks["infer"]
+        infer = sampler.peaks["infer"]
         memory = {"host_private_peak": max(load["host_private_peak"], infer["host_private_peak"]),
                   "host_file_peak": max(load["host_file_peak"], infer["host_file_peak"]),
                   "host_private_baseline": sampler.baseline["RssAnon"],
@@ -576,12 +590,10 @@ def measure(spec: dict) -> dict:
                   "gpu_peak_load": load["gpu_peak_allocated"], "gpu_reserved_peak_load": load["gpu_peak_reserved"],
                   "gpu_peak_infer": infer["gpu_peak_allocated"], "gpu_reserved_peak_infer": infer["gpu_peak_reserved"],
                   "load": load, "infer": infer}
-        shard = largest_shard(spec["checkpoint"])
         return {"real_bytes": real, "load_s": round(load_s, 2), "memory": memory, "latency": latency,
                 "copy_bandwidth": bandwidth, "weight_bytes_per_token": per_token, "largest_shard": shard,
-                "placement": placement(model), "device": str(device),
-                "limits": limits_of(settings),
-                "diagnostics": diagnose({"load": load}, real, shard, sampler.baseline["RssAnon"])}
+                "placement": placement(model), "device": str(device), "loaded": spec["checkpoint"],
+                "dtype": modeling.computed_dtype(model), "limits": limits_of(settings), "diagnostics": diagnostics}
     finally:
         sampler.close()
 
@@ -595,17 +607,46 @@ def main(spec_path: str, out_path: str) -> None:
 # ---------------------------------------------------------------- the step
 
 def benchmark(name: str, checkpoint: str, recipe: dict | None, dtype: str, device: str, settings: dict,
-              out_dir: str, reference: dict | None = None) -> dict:
-    """Measure one model (the reference when recipe is None) in a fresh process; a process that dies
-    (out of memory, a load that fails under a memory limit) becomes a record with its error."""
-    if recipe is not None and (skipped := cuda_skip(TypeAdapter(Recipe).validate_python(recipe),
-                                                    modeling.resolve_device(device))):
+              out_dir: str, reference: dict | None = None, base_checkpoint: str | None = None) -> dict:
+    """Measure one model in a fresh process: the reference (recipe None) or a recipe's saved checkpoint,
+    what ships. Where the recipe's backend quantizes while loading and `base_checkpoint` is given, the
+    reference quantized while loading is measured too, in a process of its own (`quantize_on_load`).
+    A process that dies (out of memory, a load that fails under a memory limit) becomes a record with its error."""
+    if recipe is not None and (skipped := cuda_skip(parse_recipe(recipe), modeling.resolve_device(device))):
         return skipped
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     spec = {"checkpoint": checkpoint, "recipe": recipe, "dtype": dtype, "device": device, "settings": settings,
-            "out_dir": str(out), "copy_bandwidth": (reference or {}).get("copy_bandwidth")}
-    spec_path, result_path = out / "benchmark-spec.json", out / "benchmark.json"
+            "out_dir": str(out), "copy_bandwidth": (reference or {}).get("copy_bandwidth"),
+            "mode": "reference" if recipe is None else "saved"}
+    result = run_measurement(name, spec, out / "benchmark.json")
+    if result["status"] != "ok":
+        return result
+    if reference and reference.get("latency"):
+        compare_with_reference(result, reference)
+    warnings = list(result["diagnostics"])
+    for run in result["latency"]["runs"]:
+        if run.get("greedy_agreement_with_eager") is not None and run["greedy_agreement_with_eager"] < 0.5:
+            warnings.append(f"batch {run['batch_size']}: the fast path's greedy tokens agree with eager decoding on "
+                            f"only {run['greedy_agreement_with_eager']:.0%} of the first 16")
+    if base_checkpoint and settings["quantize_on_load"] and quantizes_while_loading(parse_recipe(recipe)):
+        on_load = run_measurement(name, {**spec, "checkpoint": base_checkpoint, "mode": "quantize_on_load",
+                                         "latency": False}, out / "benchmark-quantize-on-load.json")
+        result["quantize_on_load"] = on_load
+        warnings += [f"quantize on load: {d}" for d in on_load.get("diagnostics", [])]
+        if on_load["status"] != "ok":
+            warnings.append(f"quantize on load: {on_load['reason']}")
+    return {**result, "warnings": warnings}
+
+
+def quantizes_while_loading(recipe) -> bool:
+    return backend_of(recipe).load_config(recipe, []) is not None
+
+
+def run_measurement(name: str, spec: dict, result_path: Path) -> dict:
+    """`python -m tasks.benchmark SPEC OUT` under the step's timeout; its result, or a record of its error."""
+    settings, out = spec["settings"], Path(spec["out_dir"])
+    spec_path = result_path.with_name(result_path.stem + "-spec.json")
     write_json(spec_path, spec)
     result_path.unlink(missing_ok=True)
     tail: deque[str] = deque(maxlen=40)
@@ -637,15 +678,7 @@ def benchmark(name: str, checkpoint: str, recipe: dict | None, dtype: str, devic
         why = "killed (out of memory?)" if code in (-9, 137) else f"exit code {code}"
         return {"status": "error", "reason": f"the benchmark process failed ({why}): {error}"
                 + (f"; under the limits {limits}" if limits else ""), "limits": limits, "log_tail": list(tail)[-15:]}
-    result = json.loads(result_path.read_text())
-    if reference and reference.get("latency"):
-        compare_with_reference(result, reference)
-    warnings = list(result["diagnostics"])
-    for run in result["latency"]["runs"]:
-        if run.get("greedy_agreement_with_eager") is not None and run["greedy_agreement_with_eager"] < 0.5:
-            warnings.append(f"batch {run['batch_size']}: the fast path's greedy tokens agree with eager decoding on "
-                            f"only {run['greedy_agreement_with_eager']:.0%} of the first 16")
-    return {"status": "ok", "warnings": warnings, **result}
+    return {"status": "ok", **json.loads(result_path.read_text())}
 
 
 def compare_with_reference(result: dict, reference: dict) -> None:

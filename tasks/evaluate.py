@@ -18,37 +18,25 @@ from pathlib import Path
 
 import torch
 from prefect import task
-from pydantic import TypeAdapter
 
 from quantgate import modeling
-from quantgate.config import PROJECT_ROOT, EvaluateSettings, Recipe
-from quantgate.record import write_json
+from quantgate.backends import parse_recipe
+from quantgate.config import PROJECT_ROOT, EvaluateSettings
+from quantgate.files import write_json
 
 log = logging.getLogger("quantgate.evaluate")
 DATA = PROJECT_ROOT / "data"
 
-TASK_UTILS = '''"""Written by quantgate (tasks/evaluate.py): per-subject filters over data/mmlu, and lm-eval's
-own WikiText-2 document functions."""
-from functools import partial
-
+TASK_UTILS = '''"""Written by quantgate (tasks/evaluate.py): the MMLU prompt, and lm-eval's own WikiText-2
+document functions."""
 from lm_eval.tasks.wikitext.preprocess_wikitext import process_results, wikitext_detokenizer  # noqa: F401
-
-SUBJECTS = {subjects!r}
-
-
-def _subject(subject, dataset):
-    return dataset.filter(lambda doc: doc["subject"] == subject)
 
 
 def mmlu_prompt(doc):
     # lm-eval's mmlu/default doc_to_text, as Python: its Jinja string is compiled again for every
     # question (about 30 s of a full run).
     a, b, c, d = doc["choices"]
-    return f"{{doc['question'].strip()}}\\nA. {{a}}\\nB. {{b}}\\nC. {{c}}\\nD. {{d}}\\nAnswer:"
-
-
-for _name in SUBJECTS:
-    globals()[f"mmlu_{{_name}}"] = partial(_subject, _name)
+    return f"{doc['question'].strip()}\\nA. {a}\\nB. {b}\\nC. {c}\\nD. {d}\\nAnswer:"
 '''
 
 # lm-eval's mmlu/default template, so local and Hub runs prompt identically (the prompt is
@@ -66,6 +54,23 @@ MMLU_TEMPLATE = {
 def subjects() -> list[str]:
     with open(DATA / "mmlu" / "dev.jsonl") as f:
         return sorted({json.loads(line)["subject"] for line in f})
+
+
+def split_by_subject(folder: Path) -> dict[str, dict[str, str]]:
+    """data/mmlu's test and dev splits, one file per subject: each task reads only its own questions
+    (a filter per subject over all 14,042 cost about 6 s a model)."""
+    files: dict[str, dict[str, str]] = {}
+    for split in ("test", "dev"):
+        rows: dict[str, list[str]] = {}
+        with open(DATA / "mmlu" / f"{split}.jsonl") as f:
+            for line in f:
+                rows.setdefault(json.loads(line)["subject"], []).append(line)
+        for subject, lines in rows.items():
+            path = folder / "mmlu" / f"{subject}.{split}.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("".join(lines))
+            files.setdefault(subject, {})[split] = str(path)
+    return files
 
 
 @functools.cache
@@ -90,14 +95,13 @@ def write_task_dir(root: Path) -> Path:
     folder = root / "lm_eval_tasks"
     folder.mkdir(parents=True, exist_ok=True)
     names = subjects()
-    (folder / "quantgate_utils.py").write_text(TASK_UTILS.format(subjects=names))
-    files = {"test": str(DATA / "mmlu" / "test.jsonl"), "dev": str(DATA / "mmlu" / "dev.jsonl")}
+    (folder / "quantgate_utils.py").write_text(TASK_UTILS)
+    files = split_by_subject(folder)
     for name in names:
         spec = {"task": f"quantgate_mmlu_{name}", "task_alias": name, "dataset_path": "json",
-                "dataset_kwargs": {"data_files": files}, **MMLU_TEMPLATE,
+                "dataset_kwargs": {"data_files": files[name]}, **MMLU_TEMPLATE,
                 "description": f"The following are multiple choice questions (with answers) about "
-                               f"{name.replace('_', ' ')}.\n\n",
-                "process_docs": f"!function quantgate_utils.mmlu_{name}"}
+                               f"{name.replace('_', ' ')}.\n\n"}
         (folder / f"quantgate_mmlu_{name}.yaml").write_text(_yaml(spec))
     (folder / "quantgate_mmlu.yaml").write_text(yaml.safe_dump({
         "group": "quantgate_mmlu", "task": [f"quantgate_mmlu_{n}" for n in names],
@@ -135,12 +139,26 @@ def wikitext_limit(tokenizer, budget: int | None) -> int | None:
 
 # ---------------------------------------------------------------- running lm-eval
 
+@functools.cache
+def task_manager(task_dir: Path):
+    """lm-eval's index of our task folder, once a process; lm-eval's own thousands of task files are
+    indexed only for the Hub's mmlu (5 s a model on a 2-core CPU)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=str(task_dir), include_defaults=False)
+
+
+@functools.cache
+def hub_task_manager(task_dir: Path):
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=str(task_dir))
+
+
 def run_lm_eval(model, tokenizer, settings: EvaluateSettings, task_dir: Path) -> dict:
     """MMLU and WikiText-2 on a loaded model; per-subject results and per-question correctness."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
-
     device = str(next(model.parameters()).device)
     # lm-eval's "auto" probes batch sizes with full-length forwards: minutes on a CPU, so 8 there.
     auto = str(settings.batch_size).startswith("auto")
@@ -148,7 +166,7 @@ def run_lm_eval(model, tokenizer, settings: EvaluateSettings, task_dir: Path) ->
     own = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None) or settings.max_length
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device,
               max_length=min(settings.max_length, own))
-    manager = TaskManager(include_path=str(task_dir))
+    manager = (hub_task_manager if settings.mmlu_source == "hub" else task_manager)(task_dir)
     group = "mmlu" if settings.mmlu_source == "hub" else "quantgate_mmlu"
     start = time.perf_counter()
     mmlu = simple_evaluate(model=lm, tasks=[group], num_fewshot=settings.num_fewshot, limit=settings.limit,
@@ -227,13 +245,15 @@ def _summary(results: dict) -> dict:
 
 
 def evaluate(checkpoint: str, recipe: dict, reference: dict, device: str, settings: dict, cache_dir: str,
-             out_dir: str) -> dict:
+             out_dir: str, compute_dtype: str = "auto") -> dict:
     from tasks.quantize import load_saved
     from transformers import AutoTokenizer
 
-    recipe = TypeAdapter(Recipe).validate_python(recipe)
+    recipe = parse_recipe(recipe)
     settings = EvaluateSettings.model_validate(settings)
-    model = load_saved(Path(checkpoint), recipe, modeling.resolve_device(device))
+    t0 = time.perf_counter()
+    model = load_saved(Path(checkpoint), recipe, modeling.resolve_device(device), compute_dtype)
+    load_s = round(time.perf_counter() - t0, 2)
     with modeling.timed(f"evaluate {recipe.name}"):
         results = run_lm_eval(model, AutoTokenizer.from_pretrained(checkpoint), settings,
                               write_task_dir(Path(cache_dir)))
@@ -247,7 +267,7 @@ def evaluate(checkpoint: str, recipe: dict, reference: dict, device: str, settin
     if "wikitext" in summary and "wikitext" in ref:
         summary["wikitext"]["delta_word_perplexity"] = (summary["wikitext"]["word_perplexity"]
                                                         - ref["wikitext"]["word_perplexity"])
-    return {"status": "ok", **summary}
+    return {"status": "ok", **summary, "compute_dtype": modeling.computed_dtype(model), "load_s": load_s}
 
 
 evaluate_task = task(evaluate, name="evaluate", task_run_name="evaluate-{recipe[name]}")

@@ -7,7 +7,6 @@ that names the run); the token is read from the environment and written nowhere.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -19,7 +18,7 @@ from pathlib import Path
 from prefect import task
 
 from quantgate.card import model_name, render_card
-from quantgate.record import write_json
+from quantgate.files import manifest, write_atomic, write_json
 
 log = logging.getLogger("quantgate.publish")
 
@@ -42,21 +41,15 @@ def stage(run_dir: Path, metrics: dict, recipe: str, into: Path, checkpoint_path
     """Checkpoint, card, the recipe's metrics and a manifest in `into`; returns the manifest."""
     shutil.copytree(run_dir / recipe / "checkpoint", into, dirs_exist_ok=True)
     card = render_card(run_dir, recipe, checkpoint_path, forced=forced)
-    (into / "README.md").write_text(card)
-    (run_dir / recipe / "card.md").write_text(card)
+    write_atomic(into / "README.md", card)
+    write_atomic(run_dir / recipe / "card.md", card)
     entry = metrics["recipes"][recipe]
     write_json(into / "quantgate_metrics.json", {"run_id": metrics["run_id"], "model": metrics["model"],
                                                  "reference": metrics["reference"], "recipe": recipe,
                                                  "metrics": entry})
-    manifest = []
-    for path in sorted(p for p in into.rglob("*") if p.is_file()):
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        manifest.append({"path": str(path.relative_to(into)), "bytes": path.stat().st_size, "sha256": digest.hexdigest()})
-    write_json(into / "manifest.json", {"run_id": metrics["run_id"], "files": manifest})
-    return manifest
+    files = manifest(into)
+    write_json(into / "manifest.json", {"run_id": metrics["run_id"], "files": files})
+    return files
 
 
 def next_version(folder: Path) -> int:
@@ -73,7 +66,7 @@ def publish_local(run_dir: Path, metrics: dict, recipe: str, registry: Path, for
             version = next_version(parent)
             target = parent / f"v{version}"
             # The card names the version folder, so a lost race restages under the next number.
-            manifest = stage(run_dir, metrics, recipe, staging, str(target), forced)
+            files = stage(run_dir, metrics, recipe, staging, str(target), forced)
             try:
                 # rename(2) onto an existing non-empty folder fails: a version is never overwritten,
                 # and a concurrent publisher that took this number makes us take the next.
@@ -84,8 +77,8 @@ def publish_local(run_dir: Path, metrics: dict, recipe: str, registry: Path, for
                     raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return {"target": "local", "location": str(target), "version": f"v{version}", "files": len(manifest),
-            "bytes": sum(f["bytes"] for f in manifest)}
+    return {"target": "local", "location": str(target), "version": f"v{version}", "files": len(files),
+            "bytes": sum(f["bytes"] for f in files)}
 
 
 def hub_repo_id(template: str, metrics: dict, recipe: str) -> str:
@@ -101,14 +94,14 @@ def publish_hub(run_dir: Path, recipe: str, repo_template: str, private: bool, b
     repo_id = hub_repo_id(repo_template, metrics, recipe)
     message = f"quantgate run {metrics['run_id']}: {recipe} of {metrics['model'].get('base_model') or metrics['model']['source']}"
     with tempfile.TemporaryDirectory(prefix="quantgate-publish-") as tmp:
-        manifest = stage(run_dir, metrics, recipe, Path(tmp), repo_id, forced=force)
+        files = stage(run_dir, metrics, recipe, Path(tmp), repo_id, forced=force)
         summary = {"target": "hub", "repo_id": repo_id, "branch": branch, "private": private, "commit_message": message,
-                   "files": len(manifest), "bytes": sum(f["bytes"] for f in manifest)}
+                   "files": len(files), "bytes": sum(f["bytes"] for f in files)}
         if dry_run:
-            log.info("publish (dry run): would upload %d files (%.3f GB) to %s@%s (%s): %s", len(manifest),
+            log.info("publish (dry run): would upload %d files (%.3f GB) to %s@%s (%s): %s", len(files),
                      summary["bytes"] / 1e9, repo_id, branch, "private" if private else "public",
-                     ", ".join(f["path"] for f in manifest))
-            return {**summary, "dry_run": True, "location": None, "would_upload": [f["path"] for f in manifest]}
+                     ", ".join(f["path"] for f in files))
+            return {**summary, "dry_run": True, "location": None, "would_upload": [f["path"] for f in files]}
         token = os.environ.get("HF_TOKEN")
         if not token:
             raise PublishError("publishing to the Hub needs a token in the HF_TOKEN environment variable")

@@ -1,7 +1,8 @@
 """Reference step: the unquantized model, loaded once per run and measured for every recipe to
-compare with (its validation measurements are cached across runs by checkpoint hash)."""
+compare with (its validation and evaluation are cached across runs by checkpoint hash)."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from prefect import task
@@ -12,20 +13,24 @@ from tasks.evaluate import reference_evaluation
 from tasks.validate import reference_stats
 
 
-def reference(checkpoint: str, checkpoint_sha256: str, dtype: str, device: str, cache_dir: str,
+def reference(checkpoint: str, checkpoint_sha256: str, dtype: str, compute_dtype: str, device: str, cache_dir: str,
               validate_settings: dict, evaluate_settings: dict) -> dict:
     from transformers import AutoTokenizer
 
-    model = modeling.load(checkpoint, dtype, modeling.resolve_device(device))
+    t0 = time.perf_counter()
+    model = modeling.load(checkpoint, compute_dtype, modeling.resolve_device(device))
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    t1 = time.perf_counter()
     with modeling.timed("reference measurements"):
-        validate = reference_stats(model, tokenizer, checkpoint_sha256, dtype, Path(cache_dir),
+        validate = reference_stats(model, tokenizer, checkpoint_sha256, compute_dtype, Path(cache_dir),
                                    ValidateSettings.model_validate(validate_settings))
-    evaluate = reference_evaluation(model, tokenizer, checkpoint_sha256, dtype, Path(cache_dir),
+    t2 = time.perf_counter()
+    evaluate = reference_evaluation(model, tokenizer, checkpoint_sha256, compute_dtype, Path(cache_dir),
                                     EvaluateSettings.model_validate(evaluate_settings))
-    return {"real_bytes": modeling.real_bytes(model), "dtype": dtype,
-            "footprint_reported_by_transformers": model.get_memory_footprint(), "validate": validate,
-            "evaluate": evaluate}
+    # Bytes as the checkpoint holds them: a float32 compute copy is not what a recipe is compared with.
+    return {"real_bytes": modeling.real_bytes(model, as_dtype=dtype), "dtype": dtype,
+            "compute_dtype": modeling.computed_dtype(model), "validate": validate, "evaluate": evaluate, "load_s": round(t1 - t0, 2), "validate_s": round(t2 - t1, 2),
+            "evaluate_s": round(time.perf_counter() - t2, 2)}
 
 
 reference_task = task(reference, name="reference")

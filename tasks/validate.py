@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 from prefect import task
-from pydantic import TypeAdapter
 
 from quantgate import modeling
-from quantgate.config import PROJECT_ROOT, Recipe, ValidateSettings, ValidateThresholds
+from quantgate.backends import parse_recipe
+from quantgate.config import PROJECT_ROOT, ValidateSettings, ValidateThresholds
 
 log = logging.getLogger("quantgate.validate")
 PROMPTS = PROJECT_ROOT / "data" / "validate_prompts.jsonl"
@@ -298,17 +298,21 @@ def compare(model, tokenizer, stats: dict, settings: ValidateSettings) -> dict:
     return metrics
 
 
-def validate(checkpoint: str, recipe: dict, reference: dict, device: str, settings: dict) -> dict:
+def validate(checkpoint: str, recipe: dict, reference: dict, device: str, settings: dict,
+             compute_dtype: str = "auto") -> dict:
     """Compare a recipe's saved checkpoint with the reference; the step's record with its verdict."""
     from tasks.quantize import load_saved
     from transformers import AutoTokenizer
 
-    recipe = TypeAdapter(Recipe).validate_python(recipe)
+    recipe = parse_recipe(recipe)
     settings = ValidateSettings.model_validate(settings)
     stats = torch.load(reference["path"], weights_only=False)
-    model = load_saved(Path(checkpoint), recipe, modeling.resolve_device(device))
+    t0 = time.perf_counter()
+    model = load_saved(Path(checkpoint), recipe, modeling.resolve_device(device), compute_dtype)
+    load_s = round(time.perf_counter() - t0, 2)
     with modeling.timed(f"validate {recipe.name}"):
         metrics = compare(model, AutoTokenizer.from_pretrained(checkpoint), stats, settings)
+    metrics.update(compute_dtype=modeling.computed_dtype(model), load_s=load_s)
     result, reasons = verdict(metrics, recipe.thresholds)
     if result == "fail" and reference.get("first_nonfinite_module"):
         reasons.insert(0, f"the reference itself goes non-finite from {reference['first_nonfinite_module']} on: "

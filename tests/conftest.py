@@ -1,4 +1,7 @@
+import contextlib
+import io
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -48,9 +51,10 @@ def write_config(path: Path, text: str) -> Path:
 
 
 @pytest.fixture(scope="session")
-def run_dir(tmp_path_factory, smollm2, cache_dir, prefect_server):
-    """The default config's flow on SmolLM2 with quick settings and five recipes, one made to fail."""
-    from flows.quantize_model import quantize_model
+def flow_run(tmp_path_factory, smollm2, cache_dir, prefect_server):
+    """`quantgate run` of the default config on SmolLM2 with quick settings and five recipes, one made
+    to fail: the run directory, what the terminal showed, and the exit code."""
+    from quantgate import cli
 
     import tasks.quantize as step
 
@@ -63,14 +67,24 @@ def run_dir(tmp_path_factory, smollm2, cache_dir, prefect_server):
         return real(checkpoint, recipe, dtype, device, keep)
 
     step.quantize_model = int8_breaks
+    overrides = [
+        f"output.runs_dir={runs}", f"output.cache_dir={cache_dir}", f"output.history_db={runs / 'history.sqlite'}",
+        "steps.evaluate={limit: 1, batch_size: 4, wikitext_token_budget: 256}",
+        "steps.benchmark={prompt_tokens: 16, new_tokens: 4, repeats: 1}",
+        f"steps.publish.registry_dir={runs / 'registry'}",
+        "recipes=[bnb-nf4, {use: bnb-nf4, name: nf4-strict, thresholds: {kl_mean_fail: 0.001}}, bnb-int8, "
+        "torchao-int8-weight-only, fp8-block64]"]
+    terminal = io.StringIO()
     try:
-        path = quantize_model(str(PROJECT / "configs" / "default.yaml"), overrides=[
-            f"output.runs_dir={runs}", f"output.cache_dir={cache_dir}", f"output.history_db={runs / 'history.sqlite'}",
-            "steps.evaluate={limit: 1, batch_size: 4, wikitext_token_budget: 256}",
-            "steps.benchmark={prompt_tokens: 16, new_tokens: 4, repeats: 1}",
-            f"steps.publish.registry_dir={runs / 'registry'}",
-            "recipes=[bnb-nf4, {use: bnb-nf4, name: nf4-strict, thresholds: {kl_mean_fail: 0.001}}, bnb-int8, "
-            "torchao-int8-weight-only, fp8-block64]"])
+        with contextlib.redirect_stdout(terminal), contextlib.redirect_stderr(terminal):
+            code = cli.main(["run", str(PROJECT / "configs" / "default.yaml"),
+                             *[arg for item in overrides for arg in ("--set", item)]])
     finally:
         step.quantize_model = real
-    return Path(path)
+    shown = terminal.getvalue()
+    return Path(re.search(r"^run directory: (.+)$", shown, re.M).group(1)), shown, code
+
+
+@pytest.fixture(scope="session")
+def run_dir(flow_run) -> Path:
+    return flow_run[0]

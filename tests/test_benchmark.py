@@ -1,7 +1,9 @@
 """Benchmark step on the CPU: the memory sampler, latency from one run, offloading limits."""
+import json
 import time
 import types
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +19,15 @@ SMALL = BenchmarkSettings(prompt_tokens=16, new_tokens=6, repeats=2, timeout_s=6
 def recipe(name: str) -> dict:
     config = load_config(PROJECT / "configs" / "default.yaml", [f"recipes=[{name}]"])
     return config.recipes[0].model_dump(mode="json")
+
+
+def saved(smollm2, name: str, out: Path) -> str:
+    """The recipe's checkpoint as the quantize step saves it: what the benchmark measures."""
+    from tasks.quantize import quantize
+
+    result = quantize(str(smollm2), recipe(name), "bfloat16", "cpu", str(out / name), roundtrip_min_top1=0.9)
+    assert result["status"] == "ok", result.get("reason")
+    return result["checkpoint"]
 
 
 def test_sampler_sees_a_planted_private_allocation_during_a_load(smollm2):
@@ -56,8 +67,9 @@ def measured(smollm2, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     settings = SMALL.model_dump()
     ref = benchmark("reference", str(smollm2), None, "bfloat16", "cpu", settings, str(out / "reference"))
-    int8 = benchmark("torchao-int8-weight-only", str(smollm2), recipe("torchao-int8-weight-only"), "bfloat16", "cpu",
-                     settings, str(out / "int8"), reference=ref)
+    int8 = benchmark("torchao-int8-weight-only", saved(smollm2, "torchao-int8-weight-only", out),
+                     recipe("torchao-int8-weight-only"), "bfloat16", "cpu", settings, str(out / "int8"), reference=ref,
+                     base_checkpoint=str(smollm2))
     return ref, int8
 
 
@@ -82,6 +94,19 @@ def test_reference_and_recipe_latency_from_one_run(measured):
     assert int8["real_bytes"] < ref["real_bytes"] and int8["weight_bytes_per_token"] < ref["weight_bytes_per_token"]
 
 
+def test_the_benchmark_loads_the_saved_checkpoint_and_keeps_quantize_on_load_apart(measured, smollm2):
+    ref, int8 = measured
+    # Inference figures come from what ships: the recipe's own checkpoint folder.
+    assert int8["loaded"].endswith("torchao-int8-weight-only/checkpoint") and ref["loaded"] == str(smollm2)
+    spec = json.loads((Path(int8["loaded"]).parents[1] / "int8" / "benchmark-spec.json").read_text())
+    assert spec["mode"] == "saved" and spec["checkpoint"] == int8["loaded"]
+    # The reference quantized while loading: measured in its own process, labelled, with no latency.
+    on_load = int8["quantize_on_load"]
+    assert on_load["status"] == "ok" and "latency" not in on_load
+    assert on_load["memory"]["host_private_peak"] > 0 and on_load["real_bytes"] == int8["real_bytes"]
+    assert int8["memory"]["host_private_peak"] != on_load["memory"]["host_private_peak"]
+
+
 def test_offloading_limits(smollm2, tmp_path):
     settings = SMALL.model_copy(update={"max_memory": {"cpu": "120MB"}, "offload_to_disk": True,
                                         "new_tokens": 3, "repeats": 1}).model_dump()
@@ -91,7 +116,8 @@ def test_offloading_limits(smollm2, tmp_path):
     assert ref["latency"]["decode_ms_per_token"] > 0
     assert not (tmp_path / "ref" / "offload").exists()  # the offloaded weights are cleaned up
     # bitsandbytes refuses to put quantized modules on the CPU or disk: an error with the limit, not a crash.
-    nf4 = benchmark("bnb-nf4", str(smollm2), recipe("bnb-nf4"), "bfloat16", "cpu", settings, str(tmp_path / "nf4"))
+    nf4 = benchmark("bnb-nf4", saved(smollm2, "bnb-nf4", tmp_path), recipe("bnb-nf4"), "bfloat16", "cpu", settings,
+                    str(tmp_path / "nf4"), base_checkpoint=str(smollm2))
     assert nf4["status"] == "error"
     assert "ValueError: Some modules are dispatched on the CPU or the disk" in nf4["reason"]
     assert "'max_memory': {'cpu': '120MB'}" in nf4["reason"]

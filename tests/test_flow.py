@@ -112,3 +112,31 @@ def test_report_lists_every_recipe(run_dir):
         assert f"| {name} |" in report
     assert "planted failure" in report and "not_run" in report
     assert "## bnb-nf4: greedy generations" in report
+
+
+def test_terminal_shows_steps_and_the_run_log_holds_the_libraries(flow_run):
+    run_dir, shown, code = flow_run
+    assert code == 1  # the run's status is error (a planted failure): make run exits non-zero
+    lines = shown.splitlines()
+    assert len(lines) < 80, shown
+    assert "bnb-nf4                    validate ok (" in shown and "model                      reference ok (" in shown
+    assert "bnb-int8                   quantize error (" in shown and "planted failure" in shown
+    assert f"run {run_dir.name}: error" in shown and "run.log" in shown
+    log = (run_dir / "run.log").read_text()
+    # lm-eval's progress bars and records, transformers' and Prefect's lines: in the log, not on the terminal.
+    for chatter in ("Running loglikelihood requests", "lm_eval", "Finished in state"):
+        assert chatter in log and chatter not in shown, chatter
+    assert "quantgate.progress: bnb-nf4: evaluate ok" in log
+    assert "[run.log](run.log)" in (run_dir / "report.md").read_text()
+
+
+def test_reference_computes_in_the_machines_fast_dtype(run_dir):
+    from quantgate import modeling
+
+    m = json.loads((run_dir / "metrics.json").read_text())
+    ref = m["reference"]
+    assert ref["dtype"] == "bfloat16" and ref["compute_dtype"] == modeling.compute_dtype("bfloat16", "cpu")
+    assert ref["real_bytes"] == 269030272  # the checkpoint's bytes, whatever the dtype computed in
+    assert ref["load_s"] > 0 and ref["validate_s"] > 0 and ref["evaluate_s"] > 0
+    v = m["recipes"]["torchao-int8-weight-only"]["validate"]
+    assert v["compute_dtype"] == ref["compute_dtype"] and v["load_s"] > 0

@@ -168,3 +168,27 @@ def test_generation_error_is_a_failure_not_a_crash(smollm2, reference, monkeypat
     result = run(smollm2, reference)
     assert result["verdict"] == "fail"
     assert "generation raised RuntimeError: CUDA error: device-side assert triggered" in result["reason"]
+
+
+def test_compute_dtype_is_float32_where_bf16_would_be_emulated(monkeypatch):
+    monkeypatch.setattr(modeling, "native_bf16", lambda: False)
+    assert modeling.compute_dtype("bfloat16", "cpu") == "float32"
+    assert modeling.compute_dtype("bfloat16", "cpu", requested="bfloat16") == "bfloat16"
+    monkeypatch.setattr(modeling, "native_bf16", lambda: True)
+    assert modeling.compute_dtype("bfloat16", "cpu") == "bfloat16"
+    assert modeling.compute_dtype("float16", "cpu") == "float32"  # no CPU here multiplies fp16 natively
+    monkeypatch.undo()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # oneDNN capped below AVX512-BF16: emulated again
+    assert not modeling.native_bf16()
+
+
+def test_a_bf16_checkpoint_validates_in_float32(smollm2, tmp_path):
+    from transformers import AutoTokenizer
+
+    model = modeling.load(smollm2, "float32", "cpu")
+    reference = step.reference_stats(model, AutoTokenizer.from_pretrained(smollm2), "sha-of-smollm2", "float32",
+                                     tmp_path, SETTINGS)
+    result = step.validate(str(smollm2), INT8.model_dump(), reference, "cpu", SETTINGS.model_dump(),
+                           compute_dtype="float32")
+    assert result["compute_dtype"] == "float32" and result["verdict"] == "pass"
+    assert result["kl_mean"] < 1e-6 and result["top1_agreement"] == 1.0

@@ -61,8 +61,8 @@ def main(checkpoint: str, names: list[str]) -> None:
     for name in names:
         recipe = None if name == "reference" else \
             load_config(ROOT / "configs" / "default.yaml", [f"recipes=[{name}]"]).recipes[0].model_dump(mode="json")
-        spec = {"checkpoint": checkpoint, "recipe": recipe, "dtype": "bfloat16", "device": os.environ.get("DEVICE", "cuda"),
-                "settings": settings(), "out_dir": str(out / name),
+        spec = {"checkpoint": checkpoint, "recipe": recipe, "mode": "quantize_on_load", "dtype": "bfloat16",
+                "device": os.environ.get("DEVICE", "cuda"), "settings": settings(), "out_dir": str(out / name),
                 "copy_bandwidth": reference and reference["copy_bandwidth"]}
         (out / f"{name}.spec.json").write_text(json.dumps(spec))
         t0 = time.time()

@@ -39,8 +39,8 @@ def profile(checkpoint: str, name: str) -> None:
 def _profile(checkpoint: str, name: str) -> None:
     recipe = None if name == "reference" else \
         load_config(ROOT / "configs" / "default.yaml", [f"recipes=[{name}]"]).recipes[0].model_dump(mode="json")
-    model = loader({"checkpoint": checkpoint, "recipe": recipe, "dtype": "bfloat16", "device": DEVICE,
-                    "settings": {}, "out_dir": "/tmp"})()
+    model = loader({"checkpoint": checkpoint, "recipe": recipe, "mode": "quantize_on_load", "dtype": "bfloat16",
+                    "device": DEVICE, "settings": {}, "out_dir": "/tmp"})()
     print(json.dumps({"model": name, "sdpa": os.environ.get("SDPA", "math"), "fused": fuse_projections(model)["fused"]}),
           flush=True)
     decoder = StaticDecoder(model, 1, 512, compiled=DEVICE == "cuda", graph=False)

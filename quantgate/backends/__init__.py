@@ -1,0 +1,140 @@
+"""Quantization backends: one module per library, behind one small interface.
+
+A backend tells the steps everything they need about its library: its recipe model, the packages
+it needs and whether it needs CUDA, which shapes it leaves in high precision (the plan), how it
+quantizes (a transformers config applied while loading, a pass after loading, or both), how it
+saves and loads back, and the card's loading snippet. Each module registers itself in one line
+(`register(MyBackend())`); the recipe models, the method list and the package lists come from the
+registry, so the steps never ask which library a recipe is for. A backend outside this package is a
+module named in QUANTGATE_BACKENDS (comma-separated), imported with the built-in ones, in every process
+of a run (the benchmark's own included).
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from quantgate import modeling
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ValidateThresholds(Strict):
+    """When the validate step warns or fails a recipe. KL is per token, KL(reference || quantized),
+    in nats; a recipe file sets its family's own (4-bit recipes drift more than 8-bit ones)."""
+    kl_mean_warn: float = Field(0.05, ge=0)
+    kl_mean_fail: float = Field(0.25, ge=0)
+    kl_p99_warn: float = Field(0.5, ge=0)
+    kl_p99_fail: float = Field(3.0, ge=0)
+    top1_warn: float = Field(0.85, ge=0, le=1)
+    top1_fail: float = Field(0.7, ge=0, le=1)
+
+
+class RecipeBase(Strict):
+    name: str
+    method: str
+    description: str = ""
+    thresholds: ValidateThresholds = ValidateThresholds()
+    # Full dotted module paths (a path also covers everything under it; '*' stands for one
+    # path segment). A pattern that matches no module is an error, not a silent no-op.
+    skip: list[str] = []
+
+
+class PlanError(ValueError):
+    """A recipe that cannot apply to this model; `field` is the recipe field at fault."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(message)
+
+
+class Backend:
+    """What the steps need to know about one quantization library."""
+    method: ClassVar[str]  # the recipes' `method`
+    recipe: ClassVar[type[RecipeBase]]
+    packages: ClassVar[tuple[str, ...]] = ()  # distributions it runs on (env.json records their versions)
+    tags: ClassVar[tuple[str, ...]] = ()  # the model card's tags
+    imports: ClassVar[tuple[str, ...]] = ()  # modules imported before a measured load, so it times the load alone
+
+    def needs_cuda(self, recipe) -> str | None:
+        """Why the recipe cannot run without CUDA, or None."""
+        return None
+
+    def fallback(self, recipe, name: str, out_features: int, in_features: int) -> str | None:
+        """Why a Linear of this shape stays in high precision (None: it is quantized); raises
+        PlanError where the recipe cannot apply to it at all."""
+        return None
+
+    def check_plan(self, recipe, entries: list[dict]) -> None:
+        """Raises PlanError where the library cannot do what the whole plan asks."""
+
+    def load_config(self, recipe, keep: list[str]):
+        """The transformers quantization config that quantizes while loading, or None."""
+        return None
+
+    def after_load(self, model: torch.nn.Module, recipe, keep: list[str], tokenizer) -> torch.nn.Module:
+        """A pass over the loaded model (quantizing, calibrating); `keep` are full names left alone."""
+        return model
+
+    def is_quantized(self, module: torch.nn.Module) -> bool:
+        """Whether the library quantized this Linear (the plan is checked against it)."""
+        return modeling.is_quantized(module)
+
+    def save(self, model: torch.nn.Module, recipe, path: Path) -> None:
+        model.save_pretrained(path)
+
+    def load(self, path: Path, device: str, dtype: str = "auto", **load_kwargs) -> torch.nn.Module:
+        """A saved checkpoint, computing in `dtype` where the library allows (load_kwargs: max_memory,
+        offload_folder, as from_pretrained takes them)."""
+        return modeling.load(path, dtype, device, **load_kwargs)
+
+    def snippet(self, path: str) -> str:
+        """The model card's loading code."""
+        return (f"from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+                f"model = AutoModelForCausalLM.from_pretrained({path!r}, device_map=\"auto\")\n"
+                f"tokenizer = AutoTokenizer.from_pretrained({path!r})")
+
+
+BACKENDS: dict[str, Backend] = {}
+BUILTIN = ("bitsandbytes", "torchao", "fp8", "quanto", "hqq", "llmcompressor")  # modules of this package
+
+
+def register(backend: Backend) -> Backend:
+    BACKENDS[backend.method] = backend
+    return backend
+
+
+def methods() -> list[str]:
+    return list(BACKENDS)
+
+
+def backend_of(recipe) -> Backend:
+    return BACKENDS[recipe["method"] if isinstance(recipe, dict) else recipe.method]
+
+
+def parse_recipe(data) -> RecipeBase:
+    """A recipe model from its fields (or the model itself); pydantic's error for bad fields, a
+    ValueError naming the allowed methods for an unknown one."""
+    if isinstance(data, RecipeBase):
+        return data
+    method = data.get("method") if isinstance(data, dict) else None
+    if method not in BACKENDS:
+        raise ValueError(f"unknown method {method!r}; allowed methods: {', '.join(BACKENDS)}")
+    return BACKENDS[method].recipe.model_validate(data)
+
+
+def packages() -> list[str]:
+    """Every registered backend's distributions, once each, in registry order."""
+    return list(dict.fromkeys(p for backend in BACKENDS.values() for p in backend.packages))
+
+
+for _module in [f"quantgate.backends.{name}" for name in BUILTIN] + os.environ.get("QUANTGATE_BACKENDS", "").split(","):
+    if _module.strip():
+        importlib.import_module(_module.strip())

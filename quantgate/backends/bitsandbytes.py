@@ -1,0 +1,34 @@
+"""bitsandbytes: LLM.int8() and 4-bit NF4/FP4 weights, quantized while loading."""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from quantgate.backends import Backend, RecipeBase, register
+
+
+class BitsAndBytesRecipe(RecipeBase):
+    method: Literal["bitsandbytes"]
+    bits: Literal[4, 8]
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+
+
+class BitsAndBytes(Backend):
+    method, recipe = "bitsandbytes", BitsAndBytesRecipe
+    packages, tags, imports = ("bitsandbytes",), ("bitsandbytes",), ("bitsandbytes",)
+
+    def load_config(self, recipe: BitsAndBytesRecipe, keep: list[str]):
+        from transformers import BitsAndBytesConfig
+
+        if recipe.bits == 8:
+            return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=keep)
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=recipe.quant_type,
+                                  bnb_4bit_use_double_quant=recipe.double_quant,
+                                  bnb_4bit_compute_dtype=getattr(torch, recipe.compute_dtype),
+                                  llm_int8_skip_modules=keep)
+
+
+register(BitsAndBytes())

@@ -1,0 +1,110 @@
+"""The plan: for every Linear of a model, whether a recipe quantizes it, skips it (by which pattern)
+or leaves it in high precision because its shape does not tile for the recipe's library (a
+fallback). It is made on the model's skeleton (meta device) before any weight is loaded, and checked
+after quantizing against what the library really did."""
+from __future__ import annotations
+
+import re
+
+import torch
+
+from quantgate import modeling
+from quantgate.backends import PlanError, backend_of
+
+__all__ = ["PlanError", "pattern_regex", "plan_recipe", "reconcile", "summarize"]
+
+
+def pattern_regex(pattern: str) -> re.Pattern:
+    """A full dotted path that covers itself and everything under it; '*' is one path segment."""
+    body = r"[^.]+".join(re.escape(part) for part in pattern.split("*"))
+    return re.compile(rf"^{body}(\..+)?$")
+
+
+def output_embedding_name(model: torch.nn.Module) -> str | None:
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return next((name for name, module in model.named_modules() if module is out), None) if out is not None else None
+
+
+def skip_patterns(model: torch.nn.Module, skip: list[str]) -> list[tuple[str, re.Pattern]]:
+    """The recipe's skip patterns, each checked to match some module (with a suggestion when not)."""
+    names = [name for name, _ in model.named_modules() if name]
+    compiled = []
+    for i, pattern in enumerate(skip):
+        regex = pattern_regex(pattern)
+        if not any(regex.match(n) for n in names):
+            hints = sorted({n for n in names if n.endswith("." + pattern) or n.split(".")[-1] == pattern},
+                           key=len)[:3]
+            hint = f"; did you mean {' or '.join(hints)}?" if hints else ""
+            raise PlanError(f"skip[{i}]", f"'{pattern}' matches no module of {type(model).__name__}: skip patterns "
+                                          f"are full dotted module paths such as 'model.layers.0.mlp'{hint}")
+        compiled.append((pattern, regex))
+    return compiled
+
+
+def plan_recipe(model: torch.nn.Module, recipe) -> list[dict]:
+    """One entry per Linear of the model; raises PlanError for patterns or shapes that don't fit."""
+    backend = backend_of(recipe)
+    compiled = skip_patterns(model, recipe.skip)
+    head = output_embedding_name(model)
+    entries = []
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        entry = {"module": name, "shape": [module.out_features, module.in_features]}
+        by = next((p for p, regex in compiled if regex.match(name)), None)
+        if by is not None:
+            entry.update(status="skipped", reason=f"skip pattern '{by}'")
+        elif name == head:
+            # Every library here keeps the output embedding in high precision by default.
+            entry.update(status="skipped", reason="output embedding (kept in high precision by default)")
+        elif problem := backend.fallback(recipe, name, module.out_features, module.in_features):
+            entry.update(status="fallback", reason=problem)
+        else:
+            entry["status"] = "quantized"
+        entries.append(entry)
+    backend.check_plan(recipe, entries)
+    return entries
+
+
+def kept(entries: list[dict]) -> list[str]:
+    """The full names the library is told to leave alone."""
+    return [e["module"] for e in entries if e["status"] == "skipped"]
+
+
+def summarize(entries: list[dict]) -> dict:
+    return {status: sum(e["status"] == status for e in entries) for status in ("quantized", "skipped", "fallback")}
+
+
+def reconcile(entries: list[dict], model: torch.nn.Module, recipe) -> list[dict]:
+    """The plan against what the library did: unannounced high-precision layers become fallbacks."""
+    modules = dict(model.named_modules())
+    backend = backend_of(recipe)
+    for entry in entries:
+        done = backend.is_quantized(modules[entry["module"]])
+        if entry["status"] == "quantized" and not done:
+            entry.update(status="fallback", reason="left in high precision by the library (shape or type)")
+        elif entry["status"] != "quantized" and done:
+            entry.update(status="quantized", reason=f"quantized although planned {entry['status']}: {entry['reason']}")
+    return entries
+
+
+def make_plans(config, config_path) -> dict[str, list[dict]]:
+    """Every recipe's plan on the model's skeleton; raises ConfigError before any weight is loaded."""
+    from pathlib import Path
+
+    from quantgate.config import ConfigError
+    from quantgate.sources import DownloadError, parse_source, read_model_config
+
+    try:
+        source = parse_source(config.model.source, config.model.revision)
+        model_config = read_model_config(source, Path(config.output.cache_dir))
+    except DownloadError as e:
+        raise ConfigError(config_path, "model.source", str(e)) from None
+    model = modeling.skeleton(model_config)
+    plans = {}
+    for i, recipe in enumerate(config.recipes):
+        try:
+            plans[recipe.name] = plan_recipe(model, recipe)
+        except PlanError as e:
+            raise ConfigError(config_path, f"recipes[{i}].{e.field}", f"{recipe.name}: {e}") from None
+    return plans

@@ -1,0 +1,59 @@
+"""A run's log file and its progress lines.
+
+Everything the libraries say while a run works (their log records, Python warnings, progress
+bars written to stdout or stderr) goes to `runs/<run_id>/run.log`; quantgate's own records go
+there too and to Prefect's UI. The steps' starts and ends are records of the `quantgate.progress`
+logger, carrying `group` (a recipe, or `model`), `step`, `event` and, at the end, `status` and
+`seconds`: the command line draws them as one bar per recipe.
+"""
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from pathlib import Path
+
+progress = logging.getLogger("quantgate.progress")
+# Loggers whose INFO records belong in the run's log (their default level would drop them).
+INFO_LOGGERS = ("quantgate", "lm_eval", "output")
+FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+
+
+def announce(group: str, step: str, event: str, status: str | None = None, seconds: float | None = None,
+             reason: str | None = None) -> None:
+    """One progress record: a step of a recipe (or of the model) started or ended."""
+    extra = {"group": group, "step": step, "event": event, "status": status, "seconds": seconds, "reason": reason}
+    if event == "start":
+        progress.info("%s: %s started", group, step, extra=extra)
+    else:
+        progress.info("%s: %s %s (%.1f s)%s", group, step, status, seconds or 0, f": {reason}" if reason else "",
+                      extra=extra)
+
+
+@contextmanager
+def to_file(path: Path):
+    """Send every log record of this process, Python warnings included, to `path` while the block runs."""
+    from transformers.utils import logging as hf_logging
+
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter(FORMAT, "%H:%M:%S"))
+    handler.setLevel(logging.INFO)
+    levels = {name: logging.getLogger(name).level for name in INFO_LOGGERS}
+    for name in INFO_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    # transformers logs through its own stderr handler and does not propagate: route it to the root.
+    hf_logging.disable_default_handler()
+    hf_logging.enable_propagation()
+    logging.captureWarnings(True)
+    progress.info("run %s; what the libraries print goes to %s", path.parent.name, path, extra={"event": "run"})
+    try:
+        yield path
+    finally:
+        logging.captureWarnings(False)
+        hf_logging.disable_propagation()
+        hf_logging.enable_default_handler()
+        root.removeHandler(handler)
+        handler.close()
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)

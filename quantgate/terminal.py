@@ -1,0 +1,108 @@
+"""The terminal of `quantgate run`: one progress bar per recipe (a line per step where the output is
+not a terminal) and quantgate's warnings. While the flow runs, whatever else is printed (library
+progress bars, warnings, Prefect's own lines) goes to the run's log instead (quantgate.runlog)."""
+from __future__ import annotations
+
+import io
+import logging
+import sys
+from contextlib import contextmanager
+
+from tqdm import tqdm
+
+from quantgate.record import STEPS
+
+MODEL_STEPS = ("download", "reference", "benchmark")
+output = logging.getLogger("output")  # what was printed to stdout or stderr, line by line
+
+
+class LogStream(io.TextIOBase):
+    """A text stream whose lines become log records; a bar redrawn with carriage returns keeps its last state."""
+
+    def __init__(self, name: str):
+        self.name, self.pending = name, ""
+
+    def write(self, text: str) -> int:
+        self.pending += text
+        *lines, self.pending = self.pending.split("\n")
+        self.pending = self.pending.rsplit("\r", 1)[-1]
+        for line in lines:
+            if line := line.rsplit("\r", 1)[-1].strip():
+                output.info("%s: %s", self.name, line)
+        return len(text)
+
+    def writable(self) -> bool:
+        return True
+
+
+class Bars(logging.Handler):
+    """The progress records as bars, quantgate's warnings as lines above them."""
+
+    def __init__(self, stream):
+        super().__init__(logging.INFO)
+        self.stream, self.tty = stream, stream.isatty()
+        self.bar, self.group = None, None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        event = getattr(record, "event", None)
+        if event is None:
+            if record.levelno >= logging.WARNING:
+                self.line(f"{record.levelname.lower()}: {record.getMessage()}")
+        elif event == "run":
+            self.line(record.getMessage())
+        elif event == "start":
+            self.start(record.group, record.step)
+        else:
+            self.end(record)
+
+    def line(self, text: str) -> None:
+        tqdm.write(text, file=self.stream)
+
+    def start(self, group: str, step: str) -> None:
+        if group != self.group:
+            self.close()
+            self.group = group
+            total = len(MODEL_STEPS if group == "model" else STEPS)
+            self.bar = tqdm(total=total, desc=f"{group:<26}", file=self.stream, disable=not self.tty, leave=True,
+                            bar_format="{desc} {bar:12} {n_fmt}/{total_fmt} steps [{elapsed}] {postfix}")
+        self.bar.set_postfix_str(f"{step}...")
+
+    def end(self, record: logging.LogRecord) -> None:
+        done = f"{record.step} {record.status} ({record.seconds:.1f} s)"
+        if self.tty:
+            self.bar.update(1)
+            self.bar.set_postfix_str(done + (f": {record.reason[:80]}" if record.reason else ""))
+        else:
+            self.line(f"{record.group:<26} {done}" + (f": {record.reason[:160]}" if record.reason else ""))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+@contextmanager
+def quiet(stream=None):
+    """Show only progress and quantgate's warnings on `stream` (stderr) while the block runs."""
+    stream = stream or sys.stderr
+    bars = Bars(stream)
+    quantgate = logging.getLogger("quantgate")
+    root = logging.getLogger()
+    consoles = list(root.handlers)  # Prefect's console handler, also on uvicorn's loggers
+
+    def mute(record):
+        return False
+
+    for handler in consoles:
+        handler.addFilter(mute)
+    quantgate.addHandler(bars)
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = LogStream("stdout"), LogStream("stderr")
+    try:
+        yield bars
+    finally:
+        sys.stdout, sys.stderr = saved
+        bars.close()
+        quantgate.removeHandler(bars)
+        for handler in consoles:
+            handler.removeFilter(mute)
