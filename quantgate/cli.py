@@ -48,12 +48,13 @@ def plan(args) -> int:
 
 
 def run(args) -> int:
-    from flows.quantize_model import quantize_model
     from quantgate.record import SUMMARY_HEADER, summary_rows
     from quantgate.terminal import quiet
 
     load_config(args.config, args.set)  # a bad config fails here with its message, before Prefect starts
     with quiet():
+        from flows.quantize_model import quantize_model  # torch's and torchao's import chatter stays off the terminal
+
         run_dir = Path(quantize_model(config_path=str(args.config), overrides=args.set))
     metrics = json.loads((run_dir / "metrics.json").read_text())
     print()

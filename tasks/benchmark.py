@@ -119,8 +119,11 @@ def placement(model: torch.nn.Module) -> dict:
             "modules_by_device": dict(Counter(str(v) for v in device_map.values())) if device_map else None}
 
 
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt")  # transformers', older transformers', hqq's
+
+
 def largest_shard(checkpoint: Path) -> int:
-    return max((p.stat().st_size for p in Path(checkpoint).glob("*.safetensors")), default=0)
+    return max((p.stat().st_size for pattern in WEIGHT_FILES for p in Path(checkpoint).glob(pattern)), default=0)
 
 
 def diagnose(memory: dict, real_bytes: int, shard: int, baseline_private: int) -> list[str]:

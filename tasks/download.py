@@ -137,6 +137,9 @@ def _cache_key(context: TaskRunContext, parameters: dict) -> str | None:
     source = parse_source(parameters["source"], parameters.get("revision"))
     cache_dir = Path(parameters["cache_dir"])
     problems = intact(source, cache_dir)
+    if problems and not manifest_path(source, cache_dir).exists():
+        log.info("%s is not in the cache %s yet: fetching it", source.text, cache_dir)
+        return None
     if problems:
         log.warning("cached checkpoint for %s not usable, fetching again: %s", source.text, "; ".join(problems))
         return None
