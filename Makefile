@@ -32,7 +32,7 @@ plan: $(STAMP)
 	$(VENV)/bin/quantgate plan $(CONFIG)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -rs tests
+	$(PY) -m pytest -q -rs --durations=15 tests
 
 clean-runs:
 	rm -rf runs

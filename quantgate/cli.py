@@ -52,9 +52,11 @@ def run(args) -> int:
     from quantgate.terminal import quiet
 
     load_config(args.config, args.set)  # a bad config fails here with its message, before Prefect starts
-    with quiet():
-        from flows.quantize_model import quantize_model  # torch's and torchao's import chatter stays off the terminal
+    # Imported before the terminal is quieted: Prefect sets up its console handler on import, and
+    # quiet() mutes the handlers it finds.
+    from flows.quantize_model import quantize_model
 
+    with quiet():
         run_dir = Path(quantize_model(config_path=str(args.config), overrides=args.set))
     metrics = json.loads((run_dir / "metrics.json").read_text())
     print()

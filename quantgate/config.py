@@ -168,8 +168,8 @@ class RunConfig(Strict):
 
     @field_validator("recipes", mode="before")
     @classmethod
-    def _backend_models(cls, recipes):
-        return [parse_recipe(r) for r in recipes] if isinstance(recipes, list) else recipes
+    def _backend_models(cls, entries):
+        return [parse_recipe(r) for r in entries] if isinstance(entries, list) else entries
 
     @field_validator("recipes")
     @classmethod

@@ -20,16 +20,25 @@ class LogStream(io.TextIOBase):
     """A text stream whose lines become log records; a bar redrawn with carriage returns keeps its last state."""
 
     def __init__(self, name: str):
-        self.name, self.pending = name, ""
+        self.name, self.pending, self.writing = name, "", False
 
     def write(self, text: str) -> int:
+        if self.writing:  # a handler that writes to this stream while it logs: drop, never loop
+            return len(text)
+        self.writing = True
+        try:
+            self._lines(text)
+        finally:
+            self.writing = False
+        return len(text)
+
+    def _lines(self, text: str) -> None:
         self.pending += text
         *lines, self.pending = self.pending.split("\n")
         self.pending = self.pending.rsplit("\r", 1)[-1]
         for line in lines:
             if line := line.rsplit("\r", 1)[-1].strip():
                 output.info("%s: %s", self.name, line)
-        return len(text)
 
     def writable(self) -> bool:
         return True

@@ -19,7 +19,7 @@ from prefect import task
 from prefect.context import TaskRunContext
 
 from quantgate.files import manifest, sha256_file, write_json
-from quantgate.sources import PACKAGED_GGUF, DownloadError, Source, gguf_path, parse_source
+from quantgate.sources import HUB_PATTERNS, PACKAGED_GGUF, DownloadError, Source, gguf_path, parse_source
 
 __all__ = ["DownloadError", "check_manifest", "download", "download_task", "parse_source"]
 log = logging.getLogger("quantgate.download")

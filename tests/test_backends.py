@@ -7,7 +7,7 @@ from safetensors.torch import load_file, save_file
 
 from quantgate import modeling
 from quantgate.backends import BACKENDS, Backend, RecipeBase, register
-from tests.conftest import PROJECT, write_config
+from tests.conftest import write_config
 
 
 class RoundToNearestRecipe(RecipeBase):

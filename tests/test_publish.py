@@ -158,7 +158,7 @@ def test_the_token_is_in_nothing_the_run_wrote(smollm2, cache_dir, prefect_serve
     run_dir = Path(quantize_model(str(PROJECT / "configs" / "default.yaml"), overrides=[
         f"output.runs_dir={tmp_path / 'runs'}", f"output.cache_dir={cache_dir}",
         f"output.history_db={tmp_path / 'runs' / 'history.sqlite'}", "recipes=[bnb-nf4]",
-        "steps.evaluate={limit: 1, batch_size: 4, wikitext: false}",
+        "steps.evaluate={limit: 1, batch_size: 4, wikitext_token_budget: 256}",  # the cached reference's
         "steps.benchmark={prompt_tokens: 8, new_tokens: 2, repeats: 1}",
         f"steps.publish={{target: hub, hub_repo: 'quantgate-test/{{model}}-{{recipe}}', hub_endpoint: '{hub.endpoint}'}}"]))
     metrics = json.loads((run_dir / "metrics.json").read_text())

@@ -185,10 +185,11 @@ def test_compute_dtype_is_float32_where_bf16_would_be_emulated(monkeypatch):
 def test_a_bf16_checkpoint_validates_in_float32(smollm2, tmp_path):
     from transformers import AutoTokenizer
 
+    settings = SETTINGS.model_copy(update={"generate_prompts": 0})  # logits are the point here
     model = modeling.load(smollm2, "float32", "cpu")
     reference = step.reference_stats(model, AutoTokenizer.from_pretrained(smollm2), "sha-of-smollm2", "float32",
-                                     tmp_path, SETTINGS)
-    result = step.validate(str(smollm2), INT8.model_dump(), reference, "cpu", SETTINGS.model_dump(),
+                                     tmp_path, settings)
+    result = step.validate(str(smollm2), INT8.model_dump(), reference, "cpu", settings.model_dump(),
                            compute_dtype="float32")
     assert result["compute_dtype"] == "float32" and result["verdict"] == "pass"
     assert result["kl_mean"] < 1e-6 and result["top1_agreement"] == 1.0
