@@ -238,7 +238,8 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
             raise ConfigError("--set", item, "expected KEY=VALUE, e.g. steps.quantize.timeout_s=600")
         _set_dotted(data, key, yaml.safe_load(raw))
     if isinstance(data.get("recipes"), list):
-        data["recipes"] = [_validate_recipe(*_resolve_recipe(entry, i, path), i) for i, entry in enumerate(data["recipes"])]
+        data["recipes"] = [_validate_recipe(*_resolve_recipe(entry, i, path), i)
+                           for i, entry in enumerate(data["recipes"])]
     try:
         return RunConfig.model_validate(data)
     except ValidationError as e:

@@ -96,8 +96,11 @@ def quiet(stream=None):
     stream = stream or sys.stderr
     bars = Bars(stream)
     quantgate = logging.getLogger("quantgate")
-    root = logging.getLogger()
-    consoles = list(root.handlers)  # Prefect's console handler, also on uvicorn's loggers
+    # Handlers already writing to the terminal: Prefect's console (root, uvicorn), torch's own.
+    loggers = [logging.getLogger(),
+               *(lg for lg in logging.root.manager.loggerDict.values() if isinstance(lg, logging.Logger))]
+    consoles = list({id(h): h for lg in loggers for h in lg.handlers
+                     if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)}.values())
 
     def mute(record):
         return False
