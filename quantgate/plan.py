@@ -5,13 +5,16 @@ after quantizing against what the library really did."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import torch
 
 from quantgate import modeling
 from quantgate.backends import PlanError, backend_of
+from quantgate.config import ConfigError
+from quantgate.sources import DownloadError, parse_source, read_model_config
 
-__all__ = ["PlanError", "pattern_regex", "plan_recipe", "reconcile", "summarize"]
+__all__ = ["PlanError", "make_plans", "pattern_regex", "plan_recipe", "reconcile", "summarize"]
 
 
 def pattern_regex(pattern: str) -> re.Pattern:
@@ -90,11 +93,6 @@ def reconcile(entries: list[dict], model: torch.nn.Module, recipe) -> list[dict]
 
 def make_plans(config, config_path) -> dict[str, list[dict]]:
     """Every recipe's plan on the model's skeleton; raises ConfigError before any weight is loaded."""
-    from pathlib import Path
-
-    from quantgate.config import ConfigError
-    from quantgate.sources import DownloadError, parse_source, read_model_config
-
     try:
         source = parse_source(config.model.source, config.model.revision)
         model_config = read_model_config(source, Path(config.output.cache_dir))
