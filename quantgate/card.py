@@ -2,6 +2,7 @@
 config.yaml, <recipe>/plan.json): a number that is not in the record is not in the card."""
 from __future__ import annotations
 
+import io
 import json
 import re
 from collections import Counter
@@ -10,6 +11,7 @@ from pathlib import Path
 import yaml
 
 from quantgate.backends import BACKENDS
+from quantgate.files import write_atomic
 from quantgate.formats import gb, num, peak_memory
 
 NOT_MEASURED = "not measured"
@@ -173,8 +175,7 @@ def plot_run(metrics: dict, path: Path) -> Path | None:
     axes[0].set_ylabel("MMLU delta vs reference (points, 95% CI)")
     fig.suptitle(f"{metrics['model']['source']} — run {metrics['run_id']}")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
-    tmp.replace(path)
-    return path
+    return write_atomic(path, png.getvalue())

@@ -8,6 +8,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from quantgate import history
+from quantgate.files import write_atomic
 
 COLOURS = {"pass": "#2e9d4f", "warn": "#e0a31b", "fail": "#d2362f", "skipped": "#9a9a9a"}
 TRENDS = (("mmlu_acc", "MMLU", "{:.3f}"), ("kl_mean", "KL mean", "{:.4f}"),
@@ -87,7 +88,4 @@ def render(db: str | Path) -> str:
 def write(db: str | Path, out: str | Path) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(render(db))
-    tmp.replace(out)
-    return out
+    return write_atomic(out, render(db))

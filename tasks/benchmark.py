@@ -615,7 +615,8 @@ def benchmark(name: str, checkpoint: str, recipe: dict | None, dtype: str, devic
     what ships. Where the recipe's backend quantizes while loading and `base_checkpoint` is given, the
     reference quantized while loading is measured too, in a process of its own (`quantize_on_load`).
     A process that dies (out of memory, a load that fails under a memory limit) becomes a record with its error."""
-    if recipe is not None and (skipped := cuda_skip(parse_recipe(recipe), modeling.resolve_device(device))):
+    parsed = parse_recipe(recipe) if recipe is not None else None
+    if parsed is not None and (skipped := cuda_skip(parsed, modeling.resolve_device(device))):
         return skipped
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -632,7 +633,7 @@ def benchmark(name: str, checkpoint: str, recipe: dict | None, dtype: str, devic
         if run.get("greedy_agreement_with_eager") is not None and run["greedy_agreement_with_eager"] < 0.5:
             warnings.append(f"batch {run['batch_size']}: the fast path's greedy tokens agree with eager decoding on "
                             f"only {run['greedy_agreement_with_eager']:.0%} of the first 16")
-    if base_checkpoint and settings["quantize_on_load"] and quantizes_while_loading(parse_recipe(recipe)):
+    if base_checkpoint and settings["quantize_on_load"] and quantizes_while_loading(parsed):
         on_load = run_measurement(name, {**spec, "checkpoint": base_checkpoint, "mode": "quantize_on_load",
                                          "latency": False}, out / "benchmark-quantize-on-load.json")
         result["quantize_on_load"] = on_load

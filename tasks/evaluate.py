@@ -140,19 +140,12 @@ def wikitext_limit(tokenizer, budget: int | None) -> int | None:
 # ---------------------------------------------------------------- running lm-eval
 
 @functools.cache
-def task_manager(task_dir: Path):
+def task_manager(task_dir: Path, with_lm_evals_own: bool = False):
     """lm-eval's index of our task folder, once a process; lm-eval's own thousands of task files are
     indexed only for the Hub's mmlu (5 s a model on a 2-core CPU)."""
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=str(task_dir), include_defaults=False)
-
-
-@functools.cache
-def hub_task_manager(task_dir: Path):
-    from lm_eval.tasks import TaskManager
-
-    return TaskManager(include_path=str(task_dir))
+    return TaskManager(include_path=str(task_dir), include_defaults=with_lm_evals_own)
 
 
 def run_lm_eval(model, tokenizer, settings: EvaluateSettings, task_dir: Path) -> dict:
@@ -166,7 +159,7 @@ def run_lm_eval(model, tokenizer, settings: EvaluateSettings, task_dir: Path) ->
     own = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None) or settings.max_length
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device,
               max_length=min(settings.max_length, own))
-    manager = (hub_task_manager if settings.mmlu_source == "hub" else task_manager)(task_dir)
+    manager = task_manager(task_dir, with_lm_evals_own=settings.mmlu_source == "hub")
     group = "mmlu" if settings.mmlu_source == "hub" else "quantgate_mmlu"
     start = time.perf_counter()
     mmlu = simple_evaluate(model=lm, tasks=[group], num_fewshot=settings.num_fewshot, limit=settings.limit,

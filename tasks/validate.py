@@ -8,6 +8,7 @@ and reused by every recipe and every later run, so it is never in memory beside 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import time
@@ -19,6 +20,7 @@ from prefect import task
 from quantgate import modeling
 from quantgate.backends import parse_recipe
 from quantgate.config import PROJECT_ROOT, ValidateSettings, ValidateThresholds
+from quantgate.files import write_atomic
 
 log = logging.getLogger("quantgate.validate")
 PROMPTS = PROJECT_ROOT / "data" / "validate_prompts.jsonl"
@@ -206,8 +208,9 @@ def reference_stats(model, tokenizer, checkpoint_sha256: str, dtype: str, cache_
         t0 = time.perf_counter()
         stats = measure_reference(model, tokenizer, settings)
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(stats, path.with_suffix(".tmp"))
-        path.with_suffix(".tmp").replace(path)
+        buffer = io.BytesIO()
+        torch.save(stats, buffer)
+        write_atomic(path, buffer.getvalue())
         log.info("reference measured on %d prompts in %.1f s", len(stats["prompts"]), time.perf_counter() - t0)
     else:
         stats = torch.load(path, weights_only=False)
