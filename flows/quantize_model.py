@@ -64,7 +64,8 @@ def gate_recipe(run: RunRecord, config: RunConfig, model: dict, recipe: RecipeBa
     reference = model["reference"]
     quantized = run_step(quantize_task, steps.quantize, name, "quantize", checkpoint=model["checkpoint"], recipe=spec,
                          dtype=config.model.dtype, device=device, out_dir=out,
-                         roundtrip_min_top1=steps.quantize.roundtrip_min_top1)
+                         roundtrip_min_top1=steps.quantize.roundtrip_min_top1,
+                         cache_dir=str(config.output.cache_dir), registry_dir=str(steps.publish.registry_dir))
     if not run.set_step(name, "quantize", quantized):
         return
     validated = run_step(validate_task, steps.validate, name, "validate", checkpoint=quantized["checkpoint"],

@@ -57,11 +57,16 @@ def render_card(run_dir: Path, recipe_name: str, checkpoint_path: str = "PATH_OR
         lines.append(f"**Warning: this checkpoint FAILED quantgate's checks ({entry.get('reason', verdict)}) and was "
                      "published only because publishing was forced.**")
         lines.append("")
-    lines += [f"# {model_name(metrics)} — {recipe_name}", "",
-              f"{recipe.get('description') or recipe['method']}. Quantized from `{front['base_model']}` and checked "
-              f"by quantgate, run `{metrics['run_id']}` ({metrics['started_at']}).",
-              "", "## Recipe", "", "```yaml", yaml.safe_dump(recipe, sort_keys=False).strip(), "```", ""]
     q = entry.get("quantize", {})
+    made = (f"**Not made by quantgate**: an existing checkpoint, `{q['source']}` (revision `{q.get('revision')}`, "
+            f"sha256 `{str(q.get('checkpoint_sha256'))[:16]}…`), checked by quantgate against `{front['base_model']}`"
+            if q.get("given") else f"Quantized from `{front['base_model']}` and checked by quantgate")
+    lines += [f"# {model_name(metrics)} — {recipe_name}", "",
+              f"{recipe.get('description') or recipe['method']}. {made}, run `{metrics['run_id']}` "
+              f"({metrics['started_at']}).",
+              "", "## Recipe", "", "```yaml", yaml.safe_dump(recipe, sort_keys=False).strip(), "```", ""]
+    if q.get("given"):
+        lines += [f"Its own quantization config (`config.json`): `{json.dumps(q.get('quantization_config'))}`", ""]
     if "quantized_modules" in q:
         lines.append(f"{q['quantized_modules']} Linear layers quantized, {q['skipped_modules']} skipped, "
                      f"{q['fallback_modules']} left in high precision by the library; weights take "

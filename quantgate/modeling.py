@@ -127,15 +127,41 @@ def real_bytes(model: torch.nn.Module, as_dtype: str | None = None) -> int:
     return total
 
 
-def is_quantized(module: torch.nn.Module) -> bool:
-    """Whether a Linear-like module holds quantized weights, whichever library did it."""
+EXPERT_WEIGHTS = ("gate_up_proj", "up_proj", "gate_proj", "down_proj")
+
+
+def is_experts(module: torch.nn.Module) -> bool:
+    """A mixture-of-experts block that holds its experts' projections as 3-D tensors (not as Linear layers)."""
+    return any(n in EXPERT_WEIGHTS and p.ndim == 3 for n, p in module.named_parameters(recurse=False))
+
+
+def low_precision(t: torch.Tensor) -> bool:
     from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
+    return is_traceable_wrapper_subclass(t) or t.dtype in (torch.int8, torch.uint8, torch.float8_e4m3fn)
+
+
+def is_quantized(module: torch.nn.Module) -> bool:
+    """Whether a Linear-like module (or a block of 3-D expert weights) holds quantized weights, whichever
+    library did it."""
+    if is_experts(module):
+        return any(low_precision(p) for p in module.parameters(recurse=False) if p.ndim == 3)
     weight = getattr(module, "weight", None)
     if type(module) is not torch.nn.Linear:
         return True  # replaced by the library's own class (Linear4bit, QLinear, FP8Linear...)
-    return weight is not None and (is_traceable_wrapper_subclass(weight)
-                                   or weight.dtype in (torch.int8, torch.uint8, torch.float8_e4m3fn))
+    return weight is not None and low_precision(weight)
+
+
+def held_as(module: torch.nn.Module) -> str:
+    """What a Linear-like module holds its weight as: its class, and the weight's tensor class or dtype."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    weight = next((p for p in module.parameters(recurse=False) if p.ndim == 3), None) if is_experts(module) \
+        else getattr(module, "weight", None)
+    if weight is None:
+        return type(module).__name__
+    held = type(weight).__name__ if is_traceable_wrapper_subclass(weight) else str(weight.dtype).removeprefix("torch.")
+    return f"{type(module).__name__}: {held}"
 
 
 @torch.no_grad()
@@ -152,7 +178,8 @@ def probe_logits(model: torch.nn.Module, tokenizer) -> list[torch.Tensor]:
 def compare_logits(a: list[torch.Tensor], b: list[torch.Tensor]) -> dict:
     a_all, b_all = torch.cat(a), torch.cat(b)
     finite = bool(torch.isfinite(b_all).all())
-    return {"max_abs_logit_diff": float((a_all - b_all).abs().max()) if finite else None,
+    return {"finite_before_saving": bool(torch.isfinite(a_all).all()),
+            "max_abs_logit_diff": float((a_all - b_all).abs().max()) if finite else None,
             "top1_agreement": float((a_all.argmax(-1) == b_all.argmax(-1)).float().mean()),
             "identical": bool(torch.equal(a_all, b_all)), "finite": finite, "tokens": int(a_all.shape[0])}
 

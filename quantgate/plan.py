@@ -14,7 +14,7 @@ from quantgate.backends import PlanError, backend_of
 from quantgate.config import ConfigError
 from quantgate.sources import DownloadError, parse_source, read_model_config
 
-__all__ = ["PlanError", "make_plans", "pattern_regex", "plan_recipe", "reconcile", "summarize"]
+__all__ = ["PlanError", "make_plans", "pattern_regex", "plan_recipe", "read_plan", "reconcile", "summarize"]
 
 
 def pattern_regex(pattern: str) -> re.Pattern:
@@ -44,6 +44,17 @@ def skip_patterns(model: torch.nn.Module, skip: list[str]) -> list[tuple[str, re
     return compiled
 
 
+def expert_shapes(module: torch.nn.Module) -> dict[str, list[int]]:
+    return {n: list(p.shape) for n, p in module.named_parameters(recurse=False) if n in modeling.EXPERT_WEIGHTS}
+
+
+def shape(module: torch.nn.Module) -> dict:
+    """A plan entry's shape: out x in for a Linear; for a block of experts, each 3-D weight's (E, out, in)."""
+    if modeling.is_experts(module):
+        return {"shape": expert_shapes(module), "kind": "experts"}
+    return {"shape": [module.out_features, module.in_features]}
+
+
 def plan_recipe(model: torch.nn.Module, recipe) -> list[dict]:
     """One entry per Linear of the model; raises PlanError for patterns or shapes that don't fit."""
     backend = backend_of(recipe)
@@ -51,16 +62,19 @@ def plan_recipe(model: torch.nn.Module, recipe) -> list[dict]:
     head = output_embedding_name(model)
     entries = []
     for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear):
+        if not (isinstance(module, torch.nn.Linear) or modeling.is_experts(module)):
             continue
-        entry = {"module": name, "shape": [module.out_features, module.in_features]}
+        entry = {"module": name, **shape(module)}
         by = next((p for p, regex in compiled if regex.match(name)), None)
         if by is not None:
             entry.update(status="skipped", reason=f"skip pattern '{by}'")
         elif name == head:
             # Every library here keeps the output embedding in high precision by default.
             entry.update(status="skipped", reason="output embedding (kept in high precision by default)")
-        elif problem := backend.fallback(recipe, name, module.out_features, module.in_features):
+        elif modeling.is_experts(module) and (problem := backend.experts(recipe, name, expert_shapes(module))):
+            entry.update(status="fallback", reason=problem)
+        elif isinstance(module, torch.nn.Linear) and \
+                (problem := backend.fallback(recipe, name, module.out_features, module.in_features)):
             entry.update(status="fallback", reason=problem)
         else:
             entry["status"] = "quantized"
@@ -76,6 +90,24 @@ def kept(entries: list[dict]) -> list[str]:
 
 def summarize(entries: list[dict]) -> dict:
     return {status: sum(e["status"] == status for e in entries) for status in ("quantized", "skipped", "fallback")}
+
+
+def read_plan(base: torch.nn.Module, model: torch.nn.Module, recipe) -> list[dict]:
+    """A checkpoint made elsewhere: for each of the base's Linear layers, whether the loaded model holds it
+    quantized, and as what."""
+    modules = dict(model.named_modules())
+    backend = backend_of(recipe)
+    entries = []
+    for name, module in base.named_modules():
+        if isinstance(module, torch.nn.Linear) or modeling.is_experts(module):
+            loaded = modules[name]
+            entry = {"module": name, **shape(module), "as": modeling.held_as(loaded)}
+            if backend.is_quantized(loaded):
+                entry["status"] = "quantized"
+            else:
+                entry.update(status="skipped", reason="kept in high precision by the checkpoint")
+            entries.append(entry)
+    return entries
 
 
 def reconcile(entries: list[dict], model: torch.nn.Module, recipe) -> list[dict]:
@@ -102,6 +134,7 @@ def make_plans(config, config_path) -> dict[str, list[dict]]:
     plans = {}
     for i, recipe in enumerate(config.recipes):
         try:
+            backend_of(recipe).check_base(recipe, model_config, config.steps.publish.registry_dir)
             plans[recipe.name] = plan_recipe(model, recipe)
         except PlanError as e:
             raise ConfigError(config_path, f"recipes[{i}].{e.field}", f"{recipe.name}: {e}") from None

@@ -39,7 +39,7 @@ from quantgate import modeling
 from quantgate.backends import backend_of, parse_recipe
 from quantgate.files import write_json
 from quantgate.plan import kept, plan_recipe
-from tasks.quantize import cuda_skip, quantize_model
+from tasks.quantize import cuda_skip, growth, kernel_of, quantize_model
 
 log = logging.getLogger("quantgate.benchmark")
 
@@ -559,6 +559,17 @@ def loader(spec: dict):
     return lambda: quantize_model(spec["checkpoint"], recipe, spec["dtype"], device, keep, **kwargs)
 
 
+def caveats(recipe) -> dict:
+    """The kernel the recipe ran on and why its latency does not stand for serving, where its backend says."""
+    why = backend_of(recipe).latency_caveat(recipe)
+    return {**kernel_of(recipe), **({"latency_caveat": why} if why else {})}
+
+
+def first_forward(model, device: torch.device) -> None:
+    with torch.no_grad():
+        model(input_ids=prompt_ids(model.config.get_text_config().vocab_size, 1, 8, device))
+
+
 def measure(spec: dict) -> dict:
     """Memory while loading, then (unless the spec says latency: false) memory and latency while generating."""
     settings = spec["settings"]
@@ -569,22 +580,25 @@ def measure(spec: dict) -> dict:
         with sampler.phase("load"):
             model = load_model()
         load_s = time.perf_counter() - t0
-        real = modeling.real_bytes(model)
+        at_load = modeling.real_bytes(model)
         shard = largest_shard(spec["checkpoint"])
         load = sampler.peaks["load"]
-        diagnostics = diagnose({"load": load}, real, shard, sampler.baseline["RssAnon"])
+        diagnostics = diagnose({"load": load}, at_load, shard, sampler.baseline["RssAnon"])
         if not spec.get("latency", True):
-            return {"real_bytes": real, "load_s": round(load_s, 2), "largest_shard": shard,
+            return {"real_bytes": at_load, "load_s": round(load_s, 2), "largest_shard": shard,
                     "memory": {**load, "host_private_baseline": sampler.baseline["RssAnon"]},
                     "diagnostics": diagnostics}
         device = model_device(model)
         bandwidth = spec.get("copy_bandwidth") or copy_bandwidth(device)
-        per_token = weight_bytes_per_token(model, real)
-        floor_ms = per_token / bandwidth * 1000
-        log.info("benchmark: loaded in %.1f s, real bytes %.3f GB, floor %.3f ms/token at %.0f GB/s", load_s,
-                 real / 1e9, floor_ms, bandwidth / 1e9)
         with sampler.phase("infer"):
+            first_forward(model, device)
+            real = modeling.real_bytes(model)  # what it runs in: a library may expand its weights on the first forward
+            per_token = weight_bytes_per_token(model, real)
+            log.info("benchmark: loaded in %.1f s, real bytes %.3f GB, floor %.3f ms/token at %.0f GB/s", load_s,
+                     real / 1e9, per_token / bandwidth * 1000, bandwidth / 1e9)
             latency = measure_latency(model, settings, per_token, bandwidth)
+        if grown := growth(at_load, real, "model"):
+            diagnostics.append(grown)
         infer = sampler.peaks["infer"]
         memory = {"host_private_peak": max(load["host_private_peak"], infer["host_private_peak"]),
                   "host_file_peak": max(load["host_file_peak"], infer["host_file_peak"]),
@@ -593,9 +607,11 @@ def measure(spec: dict) -> dict:
                   "gpu_peak_load": load["gpu_peak_allocated"], "gpu_reserved_peak_load": load["gpu_peak_reserved"],
                   "gpu_peak_infer": infer["gpu_peak_allocated"], "gpu_reserved_peak_infer": infer["gpu_peak_reserved"],
                   "load": load, "infer": infer}
-        return {"real_bytes": real, "load_s": round(load_s, 2), "memory": memory, "latency": latency,
+        return {"real_bytes": real, "real_bytes_at_load": at_load, "load_s": round(load_s, 2), "memory": memory,
+                "latency": latency,
                 "copy_bandwidth": bandwidth, "weight_bytes_per_token": per_token, "largest_shard": shard,
                 "placement": placement(model), "device": str(device), "loaded": spec["checkpoint"],
+                **(caveats(parse_recipe(spec["recipe"])) if spec["recipe"] else {}),
                 "dtype": modeling.computed_dtype(model), "limits": limits_of(settings), "diagnostics": diagnostics}
     finally:
         sampler.close()
@@ -629,6 +645,9 @@ def benchmark(name: str, checkpoint: str, recipe: dict | None, dtype: str, devic
     if reference and reference.get("latency"):
         compare_with_reference(result, reference)
     warnings = list(result["diagnostics"])
+    if result.get("latency_caveat"):
+        result["latency"]["representative_of_serving"] = False
+        warnings.append(f"latency: {result['latency_caveat']}")
     for run in result["latency"]["runs"]:
         if run.get("greedy_agreement_with_eager") is not None and run["greedy_agreement_with_eager"] < 0.5:
             warnings.append(f"batch {run['batch_size']}: the fast path's greedy tokens agree with eager decoding on "

@@ -239,7 +239,7 @@ def _summary(results: dict) -> dict:
 
 def evaluate(checkpoint: str, recipe: dict, reference: dict, device: str, settings: dict, cache_dir: str,
              out_dir: str, compute_dtype: str = "auto") -> dict:
-    from tasks.quantize import load_saved
+    from tasks.quantize import kernel_of, load_saved
     from transformers import AutoTokenizer
 
     recipe = parse_recipe(recipe)
@@ -260,7 +260,8 @@ def evaluate(checkpoint: str, recipe: dict, reference: dict, device: str, settin
     if "wikitext" in summary and "wikitext" in ref:
         summary["wikitext"]["delta_word_perplexity"] = (summary["wikitext"]["word_perplexity"]
                                                         - ref["wikitext"]["word_perplexity"])
-    return {"status": "ok", **summary, "compute_dtype": modeling.computed_dtype(model), "load_s": load_s}
+    return {"status": "ok", **summary, "compute_dtype": modeling.computed_dtype(model), "load_s": load_s,
+            **kernel_of(recipe)}
 
 
 evaluate_task = task(evaluate, name="evaluate", task_run_name="evaluate-{recipe[name]}")

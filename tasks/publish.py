@@ -15,6 +15,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import yaml
 from prefect import task
 
 from quantgate.card import model_name, render_card
@@ -39,14 +40,19 @@ def refusal(entry: dict, force: bool) -> str | None:
 
 def stage(run_dir: Path, metrics: dict, recipe: str, into: Path, checkpoint_path: str, forced: bool) -> list[dict]:
     """Checkpoint, card, the recipe's metrics and a manifest in `into`; returns the manifest."""
-    shutil.copytree(run_dir / recipe / "checkpoint", into, dirs_exist_ok=True)
+    entry = metrics["recipes"][recipe]
+    q = entry.get("quantize", {})
+    # A given checkpoint is where it was fetched to; a recipe's is in the run.
+    checkpoint = Path(q["checkpoint"]) if q.get("given") else run_dir / recipe / "checkpoint"
+    shutil.copytree(checkpoint, into, dirs_exist_ok=True, ignore=shutil.ignore_patterns(
+        "README.md", "quantgate_metrics.json", "manifest.json"))  # a registry entry's own, when gated again
     card = render_card(run_dir, recipe, checkpoint_path, forced=forced)
     write_atomic(into / "README.md", card)
     write_atomic(run_dir / recipe / "card.md", card)
-    entry = metrics["recipes"][recipe]
+    spec = next(r for r in yaml.safe_load((run_dir / "config.yaml").read_text())["recipes"] if r["name"] == recipe)
     write_json(into / "quantgate_metrics.json", {"run_id": metrics["run_id"], "model": metrics["model"],
                                                  "reference": metrics["reference"], "recipe": recipe,
-                                                 "metrics": entry})
+                                                 "recipe_spec": spec, "metrics": entry})
     files = manifest(into)
     write_json(into / "manifest.json", {"run_id": metrics["run_id"], "files": files})
     return files

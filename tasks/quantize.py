@@ -18,7 +18,7 @@ from prefect import task
 from quantgate import modeling
 from quantgate.backends import backend_of, parse_recipe
 from quantgate.files import write_json
-from quantgate.plan import kept, plan_recipe, reconcile, summarize
+from quantgate.plan import kept, plan_recipe, read_plan, reconcile, summarize
 
 log = logging.getLogger("quantgate.quantize")
 
@@ -43,6 +43,11 @@ def save(model: torch.nn.Module, recipe, tokenizer, out: Path) -> None:
     tmp.rename(out)
 
 
+def kernel_of(recipe) -> dict:
+    """The record's `kernel`, where the recipe's library leaves the choice of kernel open."""
+    return {"kernel": name} if (name := backend_of(recipe).kernel(recipe)) else {}
+
+
 def load_saved(path: Path, recipe, device: str, dtype: str = "auto") -> torch.nn.Module:
     """A saved checkpoint as its backend loads it, computing in `dtype` where the library allows."""
     return backend_of(recipe).load(Path(path), device, dtype)
@@ -55,8 +60,9 @@ def cuda_skip(recipe, device: str) -> dict | None:
     return None
 
 
-def quantize(checkpoint: str, recipe: dict, dtype: str, device: str, out_dir: str, roundtrip_min_top1: float) -> dict:
-    """Quantize one recipe; returns the step's record (status, metrics, paths)."""
+def quantize(checkpoint: str, recipe: dict, dtype: str, device: str, out_dir: str, roundtrip_min_top1: float,
+             cache_dir: str = ".cache/quantgate", registry_dir: str = "registry") -> dict:
+    """Quantize one recipe (or take a given checkpoint); returns the step's record (status, metrics, paths)."""
     from transformers import AutoConfig, AutoTokenizer
 
     recipe = parse_recipe(recipe)
@@ -65,6 +71,8 @@ def quantize(checkpoint: str, recipe: dict, dtype: str, device: str, out_dir: st
         return skipped
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if backend_of(recipe).given:
+        return take_given(checkpoint, recipe, dtype, device, out, Path(cache_dir), Path(registry_dir))
     entries = plan_recipe(modeling.skeleton(AutoConfig.from_pretrained(checkpoint)), recipe)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
 
@@ -83,27 +91,80 @@ def quantize(checkpoint: str, recipe: dict, dtype: str, device: str, out_dir: st
     save_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     reloaded = load_saved(out / "checkpoint", recipe, device)
-    # Bytes of what ships, loaded: a calibrating library may hold fake-quantized weights until it saves.
-    metrics.update(real_bytes=modeling.real_bytes(reloaded), footprint_reported_by_transformers=
-                   reloaded.get_memory_footprint() if hasattr(reloaded, "get_memory_footprint") else None)
+    # Bytes of what ships, loaded, then running: a calibrating library may hold fake-quantized weights until
+    # it saves, and one may expand its weights on the first forward (compressed-tensors int4 in transformers).
+    at_load = modeling.real_bytes(reloaded)
     metrics["roundtrip"] = modeling.compare_logits(in_memory, modeling.probe_logits(reloaded, tokenizer))
+    metrics.update(real_bytes=modeling.real_bytes(reloaded), real_bytes_at_load=at_load,
+                   footprint_reported_by_transformers=
+                   reloaded.get_memory_footprint() if hasattr(reloaded, "get_memory_footprint") else None)
     metrics.update(checkpoint=str(out / "checkpoint"), quantize_s=round(quantize_s, 2), save_s=round(save_s, 2),
-                   reload_s=round(time.perf_counter() - t0, 2))
+                   reload_s=round(time.perf_counter() - t0, 2), **kernel_of(recipe))
     rt = metrics["roundtrip"]
-    if not rt["finite"]:
+    if not rt["finite"] and rt["finite_before_saving"]:
         return {"status": "failed", "reason": "the reloaded checkpoint gives non-finite logits", **metrics}
+    if not rt["finite"]:  # the quantized model itself: the validate step names the module where it starts
+        return {"status": "ok", "warnings": ["the quantized model gives non-finite logits, before saving and after "
+                                             "reloading alike"], **metrics}
     if rt["top1_agreement"] < roundtrip_min_top1:
         return {"status": "failed", "reason": f"the reloaded checkpoint disagrees with the in-memory model: top-1 "
                 f"agreement {rt['top1_agreement']:.3f} < {roundtrip_min_top1}", **metrics}
     if metrics["quantized_modules"] == 0:
         return {"status": "failed", "reason": "no Linear layer was quantized", **metrics}
-    warnings = []
+    warnings = [grown] if (grown := growth(at_load, metrics["real_bytes"], "checkpoint")) else []
     if not rt["identical"]:
         warnings.append(f"the reloaded checkpoint's logits differ from the in-memory model's (max |diff| "
                         f"{rt['max_abs_logit_diff']:.3g}, top-1 agreement {rt['top1_agreement']:.3f})")
     if metrics["fallback_modules"]:
         warnings.append(f"{metrics['fallback_modules']} Linear layers left in high precision (see plan.json)")
     return {"status": "ok", "warnings": warnings, **metrics}
+
+
+def take_given(base: str, recipe, dtype: str, device: str, out: Path, cache_dir: Path, registry_dir: Path) -> dict:
+    """A checkpoint made elsewhere: checked against the base before any weight moves, fetched (and verified
+    by its manifest), loaded as its library loads it, its plan read from the loaded model."""
+    import json
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    from quantgate.backends.given import local_source
+    from tasks.download import download
+
+    backend, base_config = backend_of(recipe), AutoConfig.from_pretrained(base)
+    backend.check_base(recipe, base_config, registry_dir)
+    fetched = download(local_source(recipe, registry_dir), recipe.revision, str(cache_dir), dtype)
+    path = Path(fetched["checkpoint"])
+    t0 = time.perf_counter()
+    model = load_saved(path, recipe, device)
+    load_s = time.perf_counter() - t0
+    entries = read_plan(modeling.skeleton(base_config), model, recipe)
+    counts = summarize(entries)
+    write_json(out / "plan.json", {"recipe": recipe.model_dump(mode="json"), "modules": entries, "summary": counts})
+    at_load = modeling.real_bytes(model)
+    finite = all(bool(torch.isfinite(x).all()) for x in modeling.probe_logits(model, AutoTokenizer.from_pretrained(path)))
+    running = modeling.real_bytes(model)
+    config = json.loads((path / "config.json").read_text())
+    metrics = {"given": True, "source": fetched["source"], "revision": fetched["revision"],
+               "checkpoint_sha256": fetched["checkpoint_sha256"], "checkpoint": str(path),
+               "quantization_config": config.get("quantization_config"), "real_bytes": running,
+               "real_bytes_at_load": at_load, "quantized_modules": counts["quantized"],
+               "skipped_modules": counts["skipped"], "fallback_modules": counts["fallback"],
+               "load_s": round(load_s, 2), "probe_finite": finite, **kernel_of(recipe)}
+    if counts["quantized"] == 0:
+        return {"status": "failed", "reason": "the checkpoint holds no quantized Linear layer", **metrics}
+    warnings = [grown] if (grown := growth(at_load, running, "checkpoint")) else []
+    if not finite:
+        warnings.append("the checkpoint gives non-finite logits on the probe texts")
+    return {"status": "ok", "warnings": warnings, **metrics}
+
+
+def growth(at_load: int, running: int, what: str) -> str | None:
+    """A warning when the weights take more memory running than loaded (1% slack for lazily made buffers)."""
+    if running <= at_load * 1.01:
+        return None
+    return (f"the {what} holds {at_load / 1e9:.3f} GB of weights when loaded and {running / 1e9:.3f} GB once it has "
+            "run a forward: its library expands the weights to compute in transformers, so the smaller figure is "
+            "storage, not the memory it runs in")
 
 
 quantize_task = task(quantize, name="quantize", task_run_name="quantize-{recipe[name]}")

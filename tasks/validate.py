@@ -304,7 +304,7 @@ def compare(model, tokenizer, stats: dict, settings: ValidateSettings) -> dict:
 def validate(checkpoint: str, recipe: dict, reference: dict, device: str, settings: dict,
              compute_dtype: str = "auto") -> dict:
     """Compare a recipe's saved checkpoint with the reference; the step's record with its verdict."""
-    from tasks.quantize import load_saved
+    from tasks.quantize import kernel_of, load_saved
     from transformers import AutoTokenizer
 
     recipe = parse_recipe(recipe)
@@ -315,7 +315,7 @@ def validate(checkpoint: str, recipe: dict, reference: dict, device: str, settin
     load_s = round(time.perf_counter() - t0, 2)
     with modeling.timed(f"validate {recipe.name}"):
         metrics = compare(model, AutoTokenizer.from_pretrained(checkpoint), stats, settings)
-    metrics.update(compute_dtype=modeling.computed_dtype(model), load_s=load_s)
+    metrics.update(compute_dtype=modeling.computed_dtype(model), load_s=load_s, **kernel_of(recipe))
     result, reasons = verdict(metrics, recipe.thresholds)
     if result == "fail" and reference.get("first_nonfinite_module"):
         reasons.insert(0, f"the reference itself goes non-finite from {reference['first_nonfinite_module']} on: "

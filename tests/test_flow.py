@@ -101,9 +101,18 @@ def test_one_recipe_failing_leaves_the_others(run_dir):
     assert broken["status"] == "error" and broken["reason"] == "quantize: RuntimeError: planted failure"
     assert "quantize" not in broken
     assert m["recipes"]["torchao-int8-weight-only"]["status"] == "passed"  # ran after the failure
+
+
+
+def test_fp8_runs_on_the_reference_kernel_without_a_gpu_or_the_hub(run_dir):
+    m = json.loads((run_dir / "metrics.json").read_text())
     fp8 = m["recipes"]["fp8-block64"]
-    assert fp8["status"] == "skipped" and "needs CUDA" in fp8["reason"]
-    assert fp8["steps"]["quantize"]["status"] == "not_run"
+    assert fp8["status"] == "passed", fp8.get("reason")
+    for step in ("quantize", "validate", "evaluate", "benchmark"):
+        assert fp8[step]["kernel"].startswith("quantgate reference block-FP8 matmul"), step
+    assert fp8["validate"]["kl_mean"] < m["recipes"]["bnb-nf4"]["validate"]["kl_mean"]
+    assert fp8["benchmark"]["latency"]["representative_of_serving"] is False
+    assert any(w.startswith("benchmark: latency: measured on the quantgate reference") for w in fp8["warnings"])
 
 
 def test_report_lists_every_recipe(run_dir):

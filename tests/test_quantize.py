@@ -16,7 +16,9 @@ RECIPES = {name: load_config(PROJECT / "configs" / "default.yaml", [f"recipes=[{
            for name in available_recipes()}
 # GPTQ calibrates for minutes on a CPU with its 32 windows of 256 tokens: 4 of 64 here.
 RECIPES["gptq-w4g64"] = RECIPES["gptq-w4g64"].model_copy(update={"calibration_samples": 4, "calibration_tokens": 64})
-CPU_RECIPES = [name for name, recipe in RECIPES.items() if not backend_of(recipe).needs_cuda(recipe)]
+# 128x128 FP8 blocks do not divide SmolLM2's 576-wide layers (tests/test_fp8.py runs them on a model they fit).
+CPU_RECIPES = [name for name, recipe in RECIPES.items()
+               if not backend_of(recipe).needs_cuda(recipe) and name != "fp8-block128"]
 CUDA_RECIPES = [name for name in RECIPES if name not in CPU_RECIPES and name != "fp8-block128"]
 
 
@@ -35,8 +37,14 @@ def test_cpu_recipe_quantizes_and_round_trips(smollm2, tmp_path, reference_bytes
     result = run_recipe(smollm2, tmp_path, name)
     assert result["status"] == "ok", result.get("reason")
     assert result["quantized_modules"] == 210 and result["skipped_modules"] == 1  # lm_head (tied embedding)
-    ratio = result["real_bytes"] / reference_bytes
+    ratio = result["real_bytes_at_load"] / reference_bytes
+    # The tied embedding (28 M of SmolLM2's 135 M parameters) stays bf16: 8-bit recipes keep 60-65%.
     assert ratio < (0.45 if name in ("bnb-nf4", "quanto-int4", "hqq-int4", "gptq-w4g64") else 0.70), ratio
+    if name == "gptq-w4g64":  # compressed-tensors expands int4 to bf16 on the first forward in transformers
+        assert result["real_bytes"] > 0.95 * reference_bytes
+        assert "once it has run a forward" in result["warnings"][0]
+    else:
+        assert result["real_bytes"] == result["real_bytes_at_load"]
     rt = result["roundtrip"]
     assert rt["finite"] and rt["tokens"] > 50 and rt["top1_agreement"] >= 0.9
     weights = "qmodel.pt" if name == "hqq-int4" else "model.safetensors"  # hqq's own format
@@ -58,7 +66,7 @@ def test_real_bytes_count_the_inner_tensors(smollm2, reference_bytes):
     assert modeling.real_bytes(model) < 0.65 * reference_bytes
 
 
-@pytest.mark.parametrize("name", ["torchao-int4-weight-only", "fp8-block64"])
+@pytest.mark.parametrize("name", ["torchao-int4-weight-only"])
 def test_cuda_recipe_says_so_on_cpu(smollm2, tmp_path, name):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")

@@ -4,9 +4,14 @@ decorator is replaced by a pass-through there, as in quantize_on_gpu.py).
   python docs/gpu/bench_on_gpu.py CKPT_DIR reference RECIPE...   (prints one JSON line per model)
   python docs/gpu/bench_on_gpu.py child SPEC OUT                  (what each process runs)
   python docs/gpu/bench_on_gpu.py make CKPT_DIR                   (the Gemma-3-12B-shaped checkpoint)
-Settings from the environment: PROMPT, NEW, REPEATS, BATCHES (e.g. "1 8"), MAX_MEMORY (JSON), BENCH_DIR."""
+  python docs/gpu/bench_on_gpu.py quantize CKPT_DIR RECIPE OUT    (the quantize step, its record on one line)
+Settings from the environment: PROMPT, NEW, REPEATS, BATCHES (e.g. "1 8"), MAX_MEMORY (JSON), BENCH_DIR,
+MODE: quantize_on_load (the default: the reference quantized while loading) or saved (the recipe's checkpoint
+made first by the quantize step in a process of its own, in SAVED_DIR, then loaded as the flow's benchmark does).
+TOKENIZER_DIR: tokenizer files copied into the checkpoint (the quantize step tokenizes)."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -35,7 +40,7 @@ def settings() -> dict:
 def summary(name: str, r: dict) -> dict:
     lat, mem = r["latency"], r["memory"]
     gb = lambda n: round(n / 1e9, 3) if n is not None else None  # noqa: E731
-    return {"model": name, "load_s": r["load_s"], "real_gb": gb(r["real_bytes"]),
+    return {"model": name, "load_s": r["load_s"], "real_gb": gb(r["real_bytes"]), "real_gb_at_load": gb(r.get("real_bytes_at_load")),
             "read_per_token_gb": gb(r["weight_bytes_per_token"]), "copy_bw_gb_s": round(r["copy_bandwidth"] / 1e9, 1),
             "host_private_peak_gb": gb(mem["host_private_peak"]), "host_file_peak_gb": gb(mem["host_file_peak"]),
             "host_hwm_gb": gb(mem["host_peak_incl_file_pages"]), "gpu_peak_load_gb": gb(mem["gpu_peak_load"]),
@@ -46,6 +51,33 @@ def summary(name: str, r: dict) -> dict:
                                                "total_s", "bandwidth_floor_ms", "of_bandwidth_floor", "compile_s",
                                                "greedy_agreement_with_eager", "fallback_reason", "decode_ms_all")}
                      for run in lat["runs"]]}
+
+
+def recipe_of(name: str) -> dict:
+    return load_config(ROOT / "configs" / "default.yaml", [f"recipes=[{name}]"]).recipes[0].model_dump(mode="json")
+
+
+def saved(checkpoint: str, name: str) -> str:
+    """The recipe's saved checkpoint (what ships), made once a machine by the quantize step in its own process."""
+    out = Path(os.environ.get("SAVED_DIR", "/tmp/qg-out")) / name
+    if not (out / "checkpoint" / "config.json").is_file():
+        for f in Path(os.environ.get("TOKENIZER_DIR", "/nonexistent")).glob("tokenizer*.json"):
+            shutil.copy(f, Path(checkpoint) / f.name)
+        subprocess.check_call([sys.executable, __file__, "quantize", checkpoint, name, str(out)])
+    return str(out / "checkpoint")
+
+
+def quantize(checkpoint: str, name: str, out: str) -> None:
+    from tasks.quantize import quantize as step
+
+    t0 = time.time()
+    result = step(checkpoint, recipe_of(name), "bfloat16", os.environ.get("DEVICE", "cuda"), out, 0.9)
+    keys = ("status", "reason", "warnings", "real_bytes", "quantized_modules", "fallback_modules", "quantize_s",
+            "save_s", "reload_s", "roundtrip")
+    print(json.dumps({"quantized": name, "process_s": round(time.time() - t0, 1), **{k: result.get(k) for k in keys}}),
+          flush=True)
+    if result["status"] != "ok":
+        sys.exit(1)
 
 
 def main(checkpoint: str, names: list[str]) -> None:
@@ -59,9 +91,14 @@ def main(checkpoint: str, names: list[str]) -> None:
         print(json.dumps({"reference": "measured earlier on this machine", "decode_ms_per_token":
                           reference["latency"]["decode_ms_per_token"]}), flush=True)
     for name in names:
-        recipe = None if name == "reference" else \
-            load_config(ROOT / "configs" / "default.yaml", [f"recipes=[{name}]"]).recipes[0].model_dump(mode="json")
-        spec = {"checkpoint": checkpoint, "recipe": recipe, "mode": "quantize_on_load", "dtype": "bfloat16",
+        recipe = None if name == "reference" else recipe_of(name)
+        mode = "reference" if recipe is None else os.environ.get("MODE", "quantize_on_load")
+        try:
+            loaded = saved(checkpoint, name) if mode == "saved" else checkpoint
+        except subprocess.CalledProcessError as e:
+            print(json.dumps({"model": name, "error": f"quantize: exit code {e.returncode}"}), flush=True)
+            continue
+        spec = {"checkpoint": loaded, "recipe": recipe, "mode": mode, "dtype": "bfloat16",
                 "device": os.environ.get("DEVICE", "cuda"), "settings": settings(), "out_dir": str(out / name),
                 "copy_bandwidth": reference and reference["copy_bandwidth"]}
         (out / f"{name}.spec.json").write_text(json.dumps(spec))
@@ -76,7 +113,7 @@ def main(checkpoint: str, names: list[str]) -> None:
             reference = result
         elif reference:
             compare_with_reference(result, reference)
-        line = summary(name, result)
+        line = {**summary(name, result), "mode": mode}
         line["process_s"] = round(time.time() - t0, 1)
         if "speedup_vs_reference" in result["latency"]:
             line["speedup_vs_reference"] = result["latency"]["speedup_vs_reference"]
@@ -88,6 +125,8 @@ if __name__ == "__main__":
         sys.path.insert(0, str(ROOT / "docs" / "gpu"))
         from quantize_on_gpu import make_gemma3_12b_shaped
         make_gemma3_12b_shaped(Path(sys.argv[2]))
+    elif sys.argv[1] == "quantize":
+        quantize(*sys.argv[2:5])
     elif sys.argv[1] == "child":
         from tasks.benchmark import main as child
         child(sys.argv[2], sys.argv[3])

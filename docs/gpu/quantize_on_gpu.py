@@ -33,6 +33,11 @@ DEVICE = os.environ.get("DEVICE", "cuda")  # DEVICE=cpu LAYERS=1: a dry run of t
 
 
 def recipe(name: str) -> dict:
+    """A recipe of configs/recipes by name; `given:PATH` is a checkpoint candidate (a folder made earlier)."""
+    if name.startswith("given:"):
+        return {"method": "checkpoint", "name": "given-" + Path(name[6:]).parent.name, "source": name[6:],
+                "thresholds": load_config(ROOT / "configs" / "default.yaml", ["recipes=[torchao-int4-weight-only]"])
+                .recipes[0].thresholds.model_dump()}
     return load_config(ROOT / "configs" / "default.yaml", [f"recipes=[{name}]"]).recipes[0].model_dump(mode="json")
 
 
@@ -85,8 +90,10 @@ def measure_reference(model, checkpoint: str, key: str) -> dict:
             times.append(time.perf_counter() - t0)
         return median(times[1:])
 
-    plain = timed(lambda x: model(input_ids=x))
-    scanned = timed(lambda x: validation.forward_scanned(model, x))
+    # REFERENCE_TIMING=0: the reference's statistics alone, without timing the scan against a plain forward.
+    timing = os.environ.get("REFERENCE_TIMING", "1") != "0"
+    plain = timed(lambda x: model(input_ids=x)) if timing else float("nan")
+    scanned = timed(lambda x: validation.forward_scanned(model, x)) if timing else float("nan")
     t0 = time.perf_counter()
     stats = validation.reference_stats(model, tokenizer, key, "bfloat16", Path("/tmp/qg-cache"),
                                        ValidateSettings())
@@ -147,10 +154,10 @@ def main() -> None:
     del model
     torch.cuda.empty_cache()
     for name in names:
-        out = Path("/tmp/qg-out") / which / name
+        out = Path("/tmp/qg-out") / which / name.replace("/", "_").replace(":", "_")
         t0 = time.time()
         try:
-            result = step.quantize(checkpoint, recipe(name), "bfloat16", DEVICE, str(out), 0.95)
+            result = step.quantize(checkpoint, recipe(name), "bfloat16", DEVICE, str(out), 0.95, "/tmp/qg-cache")
         except Exception as e:  # the flow records these the same way
             result = {"status": "error", "reason": f"{type(e).__name__}: {str(e)[:400]}"}
         result["seconds"] = round(time.time() - t0, 1)
@@ -159,7 +166,7 @@ def main() -> None:
             checked = validation.validate(result["checkpoint"], recipe(name), ref_stats, DEVICE, {})
             result["validate"] = {k: checked.get(k) for k in (
                 "verdict", "reasons", "first_nonfinite_module", "kl_mean", "kl_p99", "top1_agreement", "top5_overlap",
-                "tokens", "max_divergence_layer")}
+                "tokens", "max_divergence_layer", "kernel", "compute_dtype")}
             result["validate"]["seconds"] = round(time.time() - t1, 1)
         if os.environ.get("EVALUATE") and result["status"] == "ok":
             t1 = time.time()
@@ -171,7 +178,8 @@ def main() -> None:
             result["of_reference"] = round(result["real_bytes"] / reference, 4)
         result.pop("checkpoint", None)
         print(json.dumps({"model": which, "recipe": name, **result}), flush=True)
-        shutil.rmtree(out, ignore_errors=True)
+        if not os.environ.get("KEEP"):  # KEEP=1: the checkpoints stay, for a later candidate (given:PATH)
+            shutil.rmtree(out, ignore_errors=True)
         torch.cuda.empty_cache()
 
 

@@ -96,4 +96,15 @@ case "$1" in
      for sdpa in ${SDPAS:-math}; do SDPA=$sdpa timeout "${BENCH_S:-540}" python3 docs/gpu/profile_decode.py /tmp/g3-12b \
        ${MODELS:-reference torchao-int4-weight-only} 2>>"$OUT/profile.err" | tee -a "$OUT/profile-g3.jsonl"; done
      grep -E "Error|error" "$OUT/profile.err" | tail -5 ;;
+  # Issue 15: HQQ and GPTQ (llm-compressor) decode beside torchao int4 on the Gemma-3-12B-shaped checkpoint,
+  # each recipe's checkpoint made first by the quantize step and the saved checkpoint benchmarked (MODE=saved,
+  # as the flow does), one recipe a call (MODELS), on one warm machine; carrying .gpu/h: the wheels of
+  # torchao 0.18.0, hqq 0.2.8.post1 (built here from its sdist), termcolor, einops, llmcompressor 0.14.0.1,
+  # compressed-tensors 0.19.0, loguru, datasets 5.2.0, dill, multiprocess, pydantic, and SmolLM2's tokenizer in tok/.
+  backends) install .gpu/h/*.whl
+     nvidia-smi --query-gpu=name,uuid --format=csv,noheader
+     g3_checkpoint
+     MODE=saved TOKENIZER_DIR=.gpu/h/tok BENCH_DIR=/tmp/bench timeout "${BENCH_S:-560}" python3 docs/gpu/bench_on_gpu.py \
+       /tmp/g3-12b $MODELS 2>>"$OUT/backends.err" | tee -a "$OUT/backends-g3.jsonl"
+     grep -E "benchmark:|Error|error|Traceback" "$OUT/backends.err" | tail -${TAIL:-20} ;;
 esac

@@ -62,9 +62,20 @@ class Backend:
     packages: ClassVar[tuple[str, ...]] = ()  # distributions it runs on (env.json records their versions)
     tags: ClassVar[tuple[str, ...]] = ()  # the model card's tags
     imports: ClassVar[tuple[str, ...]] = ()  # modules imported before a measured load, so it times the load alone
+    quant_method: ClassVar[str | None] = None  # what transformers writes in config.json's quantization_config
+    given: ClassVar[bool] = False  # a checkpoint made elsewhere: fetched and read, not quantized here
 
     def needs_cuda(self, recipe) -> str | None:
         """Why the recipe cannot run without CUDA, or None."""
+        return None
+
+    def kernel(self, recipe) -> str | None:
+        """Which kernel runs the recipe's matmuls in this process, where the library leaves it open (the
+        record names it); None where there is no choice to report."""
+        return None
+
+    def latency_caveat(self, recipe) -> str | None:
+        """Why latency measured through transformers here does not stand for serving the checkpoint, or None."""
         return None
 
     def fallback(self, recipe, name: str, out_features: int, in_features: int) -> str | None:
@@ -72,8 +83,16 @@ class Backend:
         PlanError where the recipe cannot apply to it at all."""
         return None
 
+    def experts(self, recipe, name: str, shapes: dict[str, list[int]]) -> str | None:
+        """Why a mixture-of-experts block's 3-D expert weights stay in high precision (None: they are
+        quantized); raises PlanError where the recipe cannot apply to them at all."""
+        return "the library quantizes Linear layers; 3-D expert weights stay in high precision"
+
     def check_plan(self, recipe, entries: list[dict]) -> None:
         """Raises PlanError where the library cannot do what the whole plan asks."""
+
+    def check_base(self, recipe, base_config, registry_dir: Path) -> None:
+        """Raises PlanError where the recipe cannot apply to the base model at all (before any weight is loaded)."""
 
     def load_config(self, recipe, keep: list[str]):
         """The transformers quantization config that quantizes while loading, or None."""
@@ -103,7 +122,7 @@ class Backend:
 
 
 BACKENDS: dict[str, Backend] = {}
-BUILTIN = ("bitsandbytes", "torchao", "fp8", "quanto", "hqq", "llmcompressor")  # modules of this package
+BUILTIN = ("bitsandbytes", "torchao", "fp8", "quanto", "hqq", "llmcompressor", "given")  # modules of this package
 
 
 def register(backend: Backend) -> Backend:

@@ -18,6 +18,7 @@ class BitsAndBytesRecipe(RecipeBase):
 
 class BitsAndBytes(Backend):
     method, recipe = "bitsandbytes", BitsAndBytesRecipe
+    quant_method = "bitsandbytes"
     packages, tags, imports = ("bitsandbytes",), ("bitsandbytes",), ("bitsandbytes",)
 
     def load_config(self, recipe: BitsAndBytesRecipe, keep: list[str]):

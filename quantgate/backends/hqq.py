@@ -24,6 +24,7 @@ class HqqRecipe(RecipeBase):
 
 class Hqq(Backend):
     method, recipe = "hqq", HqqRecipe
+    quant_method = "hqq"
     packages, tags, imports = ("hqq",), ("hqq",), ("hqq",)
 
     def fallback(self, recipe: HqqRecipe, name: str, out_features: int, in_features: int) -> str | None:

@@ -27,6 +27,7 @@ class GptqRecipe(RecipeBase):
 
 class LlmCompressorGptq(Backend):
     method, recipe = "llmcompressor-gptq", GptqRecipe
+    quant_method = "compressed-tensors"
     packages, tags = ("llmcompressor", "compressed-tensors"), ("llmcompressor", "compressed-tensors", "gptq")
     imports = ("compressed_tensors",)
 
@@ -50,6 +51,10 @@ class LlmCompressorGptq(Backend):
 
     def save(self, model, recipe, path) -> None:
         model.save_pretrained(path, save_compressed=True)
+
+    def latency_caveat(self, recipe) -> str | None:
+        return ("transformers runs compressed-tensors int4 by decompressing the weights to bf16 on the first "
+                "forward (no int4 kernel); vLLM serves the checkpoint with int4 kernels")
 
     def is_quantized(self, module: torch.nn.Module) -> bool:
         # compressed-tensors keeps nn.Linear and marks the module with its scheme.

@@ -15,6 +15,7 @@ class QuantoRecipe(RecipeBase):
 
 class Quanto(Backend):
     method, recipe = "quanto", QuantoRecipe
+    quant_method = "quanto"
     packages, tags, imports = ("optimum-quanto",), ("optimum-quanto",), ("optimum.quanto",)
 
     def after_load(self, model, recipe: QuantoRecipe, keep: list[str], tokenizer):

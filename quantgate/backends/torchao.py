@@ -24,6 +24,7 @@ class TorchAoRecipe(RecipeBase):
 
 class TorchAo(Backend):
     method, recipe = "torchao", TorchAoRecipe
+    quant_method = "torchao"
     packages, tags, imports = ("torchao",), ("torchao",), ("torchao",)
 
     def needs_cuda(self, recipe: TorchAoRecipe) -> str | None:

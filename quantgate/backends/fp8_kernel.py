@@ -1,0 +1,97 @@
+"""A block-FP8 matmul in plain torch, for transformers' FineGrainedFP8 layers where the Hub kernel
+(`kernels-community/finegrained-fp8`) cannot be had: offline, or without the `kernels` package.
+
+It computes what the Hub kernel computes: activations quantized to float8 e4m3 per token and per
+K block (scale = amax / 448, floored at 1e-12 as the Hub kernel floors it), weights dequantized per
+(block_n x block_k) block with their `weight_scale_inv`, products summed in float32. Dequantizing
+both sides and multiplying in float32 equals the kernel's per-block `dot(a, b) * a_s * b_s` up to
+the order of the float32 sums. It is a reference, not a serving kernel: latency measured on it says
+nothing about FP8 serving speed.
+
+transformers 5.23 takes it two ways: `_FINEGRAINED_FP8` (the cache `load_finegrained_fp8_kernel`
+reads before asking for the `kernels` package) and the name lookup of `lazy_load_kernel`.
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+
+FP8_MAX = 448.0
+REFERENCE = "quantgate reference block-FP8 matmul (torch, dequantized per block, float32 sums)"
+HUB = "kernels-community/finegrained-fp8 (the Hub kernel, through the kernels package)"
+
+
+def quantize_activations(x: torch.Tensor, block_k: int, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """The activations as the kernel sees them: e4m3 values times their scale, in float32. Dynamic (scale
+    None): one scale per token and K block; static: the given per-tensor scale."""
+    x = x.float()
+    if scale is not None:
+        return (x / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float() * scale
+    k = x.shape[-1]
+    padded = torch.nn.functional.pad(x, (0, -k % block_k))  # zeros leave each block's amax as it is
+    groups = padded.unflatten(-1, (-1, block_k))
+    scales = groups.abs().amax(-1, keepdim=True) / FP8_MAX
+    quantized = (groups / scales.clamp(min=1e-12)).to(torch.float8_e4m3fn)
+    return (quantized.float() * scales).flatten(-2)[..., :k]
+
+
+def dequantize_weight(weight: torch.Tensor, scale_inv: torch.Tensor, block_size) -> torch.Tensor:
+    """(..., N, K) e4m3 weights times their per-block scales, in float32."""
+    n, k = weight.shape[-2:]
+    if block_size is None:
+        return weight.float() * scale_inv.float()
+    bn, bk = block_size
+    scales = scale_inv.float().repeat_interleave(bn, -2)[..., :n, :].repeat_interleave(bk, -1)[..., :k]
+    return weight.float() * scales
+
+
+def matmul_2d(input, weight, weight_scale_inv, block_size, output_dtype=None, activation_scale=None):
+    """input (..., K) @ weight (N, K).T, as `matmul_2d` of the Hub kernel."""
+    block_k = block_size[1] if block_size is not None else input.shape[-1]
+    a = quantize_activations(input, block_k, activation_scale)
+    out = a @ dequantize_weight(weight, weight_scale_inv, block_size).T
+    return out.to(output_dtype or input.dtype)
+
+
+def matmul_batched(input, weight, weight_scale_inv, block_size, expert_ids):
+    """Row s of input (S, K) times expert expert_ids[s] of weight (E, N, K); rows routed past E stay zero."""
+    out = input.new_zeros(input.shape[0], weight.shape[1])
+    for expert in expert_ids.unique().tolist():
+        if expert >= weight.shape[0]:
+            continue
+        rows = expert_ids == expert
+        out[rows] = matmul_2d(input[rows], weight[expert], weight_scale_inv[expert], block_size)
+    return out
+
+
+def matmul_grouped(input, weight, weight_scale_inv, offsets, tokens_per_expert, block_size):
+    """Rows of input (S, K) sorted by expert, expert e's ending at offsets[e]; rows past the last stay zero."""
+    out = input.new_zeros(input.shape[0], weight.shape[1])
+    start = 0
+    for expert, end in enumerate(offsets.tolist()):
+        if end > start:
+            out[start:end] = matmul_2d(input[start:end], weight[expert], weight_scale_inv[expert], block_size)
+        start = end
+    return out
+
+
+def install() -> str:
+    """Which kernel transformers' FineGrainedFP8 layers will call in this process: the Hub kernel where
+    the `kernels` package provides it, else this module, installed here."""
+    from transformers.integrations import finegrained_fp8, hub_kernels
+    from transformers.utils import is_kernels_available
+
+    current = finegrained_fp8._FINEGRAINED_FP8
+    if current is not None:
+        return REFERENCE if current.matmul is matmul_2d else HUB
+    if is_kernels_available():
+        try:
+            finegrained_fp8.load_finegrained_fp8_kernel()
+            return HUB
+        except Exception:  # offline, no build for this torch or device: the reference stands in
+            pass
+    hub_kernels._KERNEL_MODULE_MAPPING["finegrained-fp8"] = sys.modules[__name__]
+    finegrained_fp8._FINEGRAINED_FP8 = finegrained_fp8.FineGrainedFP8(
+        matmul=matmul_2d, batched_matmul=matmul_batched, grouped_matmul=matmul_grouped)
+    return REFERENCE

@@ -1,0 +1,158 @@
+"""Block FP8 without a GPU or the Hub: quantgate's reference kernel against the block scaling, and the
+seed's failure reproduced: a layer whose 128x128 blocks go NaN where 64x64 blocks stay finite."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from quantgate import modeling
+from quantgate.backends import fp8_kernel
+from quantgate.config import ValidateSettings, load_config
+from tasks import quantize as quantize_step
+from tasks import validate as validate_step
+from tests.conftest import PROJECT
+
+
+def blocky(n: int, k: int, block: tuple[int, int], experts: int | None = None):
+    """e4m3 weights with power-of-two block scales: their exact product is known in float64."""
+    shape = (experts, n, k) if experts else (n, k)
+    weight = (torch.randn(shape) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+    scale_shape = (*shape[:-2], n // block[0], k // block[1])
+    scale = torch.pow(2.0, torch.randint(-12, -4, scale_shape).float())
+    return weight, scale
+
+
+def exact(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block) -> torch.Tensor:
+    """The product in float64, activations quantized per token and K block as the Hub kernel does."""
+    groups = x.double().unflatten(-1, (-1, block[1]))
+    s = groups.abs().amax(-1, keepdim=True) / 448
+    a = ((groups / s.clamp(min=1e-12)).to(torch.float8_e4m3fn).double() * s).flatten(-2)
+    w = weight.double() * scale.double().repeat_interleave(block[0], -2).repeat_interleave(block[1], -1)
+    return a @ w.T
+
+
+def test_matmul_2d_is_the_block_scaled_product():
+    torch.manual_seed(0)
+    weight, scale = blocky(256, 384, (128, 128))
+    x = torch.randn(3, 5, 384)
+    x[0, 0, 128:256] = 0  # an all-zero activation group: the scale's floor keeps it finite
+    out = fp8_kernel.matmul_2d(x, weight, scale, [128, 128], torch.float32)
+    assert out.shape == (3, 5, 256) and torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), exact(x, weight, scale, (128, 128)), rtol=1e-5, atol=1e-4)
+
+
+def test_batched_and_grouped_expert_matmuls_match_one_expert_at_a_time():
+    torch.manual_seed(1)
+    weight, scale = blocky(128, 256, (64, 64), experts=4)
+    x = torch.randn(10, 256)
+    ids = torch.tensor([3, 0, 0, 2, 3, 3, 0, 2, 2, 0])
+    one_by_one = torch.stack([fp8_kernel.matmul_2d(x[i:i + 1], weight[e], scale[e], [64, 64])[0]
+                              for i, e in enumerate(ids.tolist())])
+    close = {"rtol": 1e-5, "atol": 1e-4}  # float32 sums in another order
+    torch.testing.assert_close(fp8_kernel.matmul_batched(x, weight, scale, [64, 64], ids), one_by_one, **close)
+    order = torch.argsort(ids, stable=True)
+    counts = torch.bincount(ids, minlength=4)
+    grouped = fp8_kernel.matmul_grouped(x[order], weight, scale, torch.cumsum(counts, 0).int(), counts, [64, 64])
+    torch.testing.assert_close(grouped, one_by_one[order], **close)
+
+
+@pytest.fixture(scope="module")
+def tiny(smollm2, tmp_path_factory):
+    """A small random Llama whose layers 128x128 blocks divide, with SmolLM2's tokenizer, and a copy of it
+    whose layer 1 q_proj holds one 128x128 block of tiny weights around a 64x64 block of zeros."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("fp8") / "tiny"
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=49152, hidden_size=256, intermediate_size=512, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, dtype="bfloat16")
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(smollm2).save_pretrained(folder)
+    planted = folder.with_name("planted")
+    LlamaForCausalLM.from_pretrained(folder).save_pretrained(planted)  # same weights, own folder
+    AutoTokenizer.from_pretrained(smollm2).save_pretrained(planted)
+    weights = load_file(planted / "model.safetensors")
+    q = weights["model.layers.1.self_attn.q_proj.weight"]
+    q[:128, :128] = (torch.randint(0, 2, (128, 128)) * 2 - 1).to(torch.bfloat16) * 1e-37  # pruned to nothing
+    q[:64, :64] = 0
+    save_file(weights, planted / "model.safetensors", metadata={"format": "pt"})
+    return folder, planted
+
+
+def gate(checkpoint, block: str, out, cache_dir):
+    from transformers import AutoTokenizer
+
+    recipe = load_config(PROJECT / "configs" / "default.yaml", [f"recipes=[{block}]"]).recipes[0].model_dump()
+    quantized = quantize_step.quantize(str(checkpoint), recipe, "bfloat16", "cpu", str(out / block), 0.9)
+    assert quantized["status"] == "ok", quantized.get("reason")
+    reference = validate_step.reference_stats(modeling.load(checkpoint, "bfloat16", "cpu"),
+                                              AutoTokenizer.from_pretrained(checkpoint), checkpoint.name,
+                                              "bfloat16", cache_dir, ValidateSettings())
+    return quantized, validate_step.validate(quantized["checkpoint"], recipe, reference, "cpu",
+                                             ValidateSettings().model_dump())
+
+
+def test_tiny_blocks_go_nan_at_128_and_stay_finite_at_64(tiny, tmp_path, cache_dir):
+    _, planted = tiny
+    q128, v128 = gate(planted, "fp8-block128", tmp_path, cache_dir)
+    assert v128["verdict"] == "fail" and v128["first_nonfinite_module"] == "model.layers.1.self_attn.q_proj"
+    assert v128["reason"].startswith("non-finite output from model.layers.1.self_attn.q_proj on")
+    assert v128["nonfinite"]["weight_finite"] is False and v128["nonfinite"]["input_finite"] is True
+    assert q128["warnings"] == ["the quantized model gives non-finite logits, before saving and after reloading alike"]
+    assert v128["kernel"] == fp8_kernel.REFERENCE
+    q64, v64 = gate(planted, "fp8-block64", tmp_path, cache_dir)
+    assert v64["verdict"] == "pass" and v64["first_nonfinite_module"] is None, v64["reasons"]
+    assert q64["roundtrip"]["finite"] and v64["kl_mean"] < 0.01
+
+
+def test_both_block_sizes_pass_on_the_unplanted_model(tiny, tmp_path, cache_dir):
+    clean, _ = tiny
+    for block in ("fp8-block128", "fp8-block64"):
+        quantized, checked = gate(clean, block, tmp_path, cache_dir)
+        # A random model's logits are nearly flat, so its top-1 flips on noise: KL is the measure here.
+        assert checked["first_nonfinite_module"] is None and checked["kl_mean"] < 0.01, (block, checked["reasons"])
+        saved = json.loads((tmp_path / block / "checkpoint" / "config.json").read_text())["quantization_config"]
+        assert saved["quant_method"] == "fp8" and saved["weight_block_size"] == [int(block[-3:].lstrip("k"))] * 2
+
+
+def test_gemma4_moe_with_its_vision_tower_skipped(smollm2, tmp_path, cache_dir):
+    """The Gemma 4 31B config's recipe (64x64 blocks, vision tower and lm_head skipped) on a tiny random Gemma 4
+    whose text layers are mixture-of-experts blocks (Gemma4TextExperts): the experts are planned, quantized
+    (transformers' FP8Experts, on the reference kernel) and validated."""
+    from transformers import AutoTokenizer, Gemma4Config, Gemma4ForConditionalGeneration, Gemma4TextConfig
+    from transformers.models.gemma4.configuration_gemma4 import Gemma4VisionConfig
+
+    text = Gemma4TextConfig(vocab_size=49152, vocab_size_per_layer_input=49152, hidden_size=128, intermediate_size=256,
+                            num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=64,
+                            global_head_dim=64, layer_types=["sliding_attention", "full_attention"], sliding_window=64,
+                            hidden_size_per_layer_input=0, enable_moe_block=True, num_experts=64, top_k_experts=2,
+                            moe_intermediate_size=128)
+    vision = Gemma4VisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                                num_key_value_heads=2, head_dim=32)
+    torch.manual_seed(0)
+    folder = tmp_path / "gemma4-moe"
+    Gemma4ForConditionalGeneration(Gemma4Config(text_config=text, vision_config=vision, audio_config=None)) \
+        .to(torch.bfloat16).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(smollm2).save_pretrained(folder)
+    recipe = load_config(PROJECT / "configs" / "gemma4-31b-it.yaml").recipes[0]
+    assert recipe.skip == ["model.vision_tower", "lm_head"] and recipe.weight_block_size == (64, 64)
+
+    quantized = quantize_step.quantize(str(folder), recipe.model_dump(), "bfloat16", "cpu", str(tmp_path / "q"), 0.9)
+    assert quantized["status"] == "ok" and quantized["roundtrip"]["identical"], quantized.get("reason")
+    plan = {e["module"]: e for e in json.loads((tmp_path / "q" / "plan.json").read_text())["modules"]}
+    for layer in (0, 1):
+        experts = plan[f"model.language_model.layers.{layer}.experts"]
+        assert experts["kind"] == "experts" and experts["status"] == "quantized"
+        assert experts["shape"] == {"gate_up_proj": [64, 256, 128], "down_proj": [64, 128, 128]}
+    tower = [e for name, e in plan.items() if name.startswith("model.vision_tower.")]
+    assert tower and all(e["status"] == "skipped" for e in tower)
+    model = quantize_step.load_saved(tmp_path / "q" / "checkpoint", recipe, "cpu")
+    assert type(model.model.language_model.layers[0].experts).__name__.startswith("FP8Experts")
+    assert model.model.vision_tower.encoder.layers[0].mlp.up_proj.linear.weight.dtype == torch.bfloat16
+    reference = validate_step.reference_stats(modeling.load(folder, "bfloat16", "cpu"),
+                                              AutoTokenizer.from_pretrained(folder), "gemma4-moe", "bfloat16",
+                                              cache_dir, ValidateSettings())
+    checked = validate_step.validate(quantized["checkpoint"], recipe.model_dump(), reference, "cpu",
+                                     ValidateSettings().model_dump())
+    assert checked["first_nonfinite_module"] is None and checked["kl_mean"] < 0.01, checked["reasons"]
