@@ -22,7 +22,7 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def plan(args) -> int:
-    from quantgate.plan import make_plans, summarize
+    from quantgate.plan import make_plans, summarize, tower_lines, towers
 
     config = load_config(args.config, args.set)
     plans = make_plans(config, args.config)
@@ -44,6 +44,8 @@ def plan(args) -> int:
                 groups[key] = groups.get(key, 0) + 1
         for (status, module, reason), count in groups.items():
             print(f"  {name}: {status} {module}" + (f" (x{count})" if count > 1 else "") + f": {reason}")
+        for line in tower_lines(towers(entries)):
+            print(f"  {name}: {line}")
     return 0
 
 

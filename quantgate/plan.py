@@ -14,7 +14,8 @@ from quantgate.backends import PlanError, backend_of
 from quantgate.config import ConfigError
 from quantgate.sources import DownloadError, parse_source, read_model_config
 
-__all__ = ["PlanError", "make_plans", "pattern_regex", "plan_recipe", "read_plan", "reconcile", "summarize"]
+__all__ = ["PlanError", "make_plans", "pattern_regex", "plan_recipe", "read_plan", "reconcile", "summarize",
+           "tower_lines", "towers"]
 
 
 def pattern_regex(pattern: str) -> re.Pattern:
@@ -81,6 +82,34 @@ def plan_recipe(model: torch.nn.Module, recipe) -> list[dict]:
         entries.append(entry)
     backend.check_plan(recipe, entries)
     return entries
+
+
+# The parts of a multimodal model that turn images or audio into what its language model reads.
+TOWERS = ("vision_tower", "audio_tower", "multi_modal_projector", "embed_vision", "embed_audio")
+
+
+def tower_of(module: str) -> str | None:
+    """The tower a module belongs to (`model.vision_tower`), or None for the language model."""
+    parts = module.split(".")
+    return next((".".join(parts[:i + 1]) for i, part in enumerate(parts) if part in TOWERS), None)
+
+
+def towers(entries: list[dict]) -> dict[str, dict]:
+    """Per tower: how many of its layers the plan quantizes, skips or leaves in high precision, and why."""
+    found: dict[str, dict] = {}
+    for entry in entries:
+        if tower := tower_of(entry["module"]):
+            counts = found.setdefault(tower, {"quantized": 0, "skipped": 0, "fallback": 0, "reasons": []})
+            counts[entry["status"]] += 1
+            if entry.get("reason") and entry["reason"] not in counts["reasons"]:
+                counts["reasons"].append(entry["reason"])
+    return found
+
+
+def tower_lines(counts: dict[str, dict]) -> list[str]:
+    """`model.vision_tower: 0 of 112 quantized (skip pattern 'model.vision_tower')`, a line a tower."""
+    return [f"{tower}: {c['quantized']} of {c['quantized'] + c['skipped'] + c['fallback']} quantized"
+            + (f" ({'; '.join(c['reasons'])})" if c["reasons"] else "") for tower, c in counts.items()]
 
 
 def kept(entries: list[dict]) -> list[str]:

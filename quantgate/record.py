@@ -14,6 +14,7 @@ from quantgate import backends
 from quantgate.config import RunConfig, dump_config
 from quantgate.files import write_atomic, write_json
 from quantgate.formats import gb, num, peak_memory
+from quantgate.plan import tower_lines
 from quantgate.runlog import announce
 
 SCHEMA = 1
@@ -287,6 +288,10 @@ def render_report(metrics: dict, figure: str | None = None) -> str:
         for name, b in [("reference", metrics["reference"].get("benchmark", {}))] + \
                 [(n, e.get("benchmark", {})) for n, e in metrics["recipes"].items()]:
             lines += [f"- {name}: {d}" for d in b.get("diagnostics", [])]
+    tower_rows = [(name, line) for name, entry in metrics["recipes"].items()
+                  for line in tower_lines(entry.get("quantize", {}).get("towers", {}))]
+    if tower_rows:
+        lines += ["", "## Towers", ""] + [f"- {name}: {line}" for name, line in tower_rows]
     for name, entry in metrics["recipes"].items():
         v = entry.get("validate", {})
         if v.get("nonfinite"):

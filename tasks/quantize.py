@@ -18,7 +18,7 @@ from prefect import task
 from quantgate import modeling
 from quantgate.backends import backend_of, parse_recipe
 from quantgate.files import write_json
-from quantgate.plan import kept, plan_recipe, read_plan, reconcile, summarize
+from quantgate.plan import kept, plan_recipe, read_plan, reconcile, summarize, towers
 
 log = logging.getLogger("quantgate.quantize")
 
@@ -81,10 +81,13 @@ def quantize(checkpoint: str, recipe: dict, dtype: str, device: str, out_dir: st
     quantize_s = time.perf_counter() - t0
     entries = reconcile(entries, model, recipe)
     counts = summarize(entries)
-    write_json(out / "plan.json", {"recipe": recipe.model_dump(mode="json"), "modules": entries, "summary": counts})
+    write_json(out / "plan.json", {"recipe": recipe.model_dump(mode="json"), "modules": entries, "summary": counts,
+                                   "towers": towers(entries)})
     in_memory = modeling.probe_logits(model, tokenizer)
     metrics = {"quantized_modules": counts["quantized"], "skipped_modules": counts["skipped"],
                "fallback_modules": counts["fallback"]}
+    if tower_counts := towers(entries):
+        metrics["towers"] = tower_counts
     t0 = time.perf_counter()
     save(model, recipe, tokenizer, out / "checkpoint")
     del model
@@ -139,7 +142,8 @@ def take_given(base: str, recipe, dtype: str, device: str, out: Path, cache_dir:
     load_s = time.perf_counter() - t0
     entries = read_plan(modeling.skeleton(base_config), model, recipe)
     counts = summarize(entries)
-    write_json(out / "plan.json", {"recipe": recipe.model_dump(mode="json"), "modules": entries, "summary": counts})
+    write_json(out / "plan.json", {"recipe": recipe.model_dump(mode="json"), "modules": entries, "summary": counts,
+                                   "towers": towers(entries)})
     at_load = modeling.real_bytes(model)
     finite = all(bool(torch.isfinite(x).all()) for x in modeling.probe_logits(model, AutoTokenizer.from_pretrained(path)))
     running = modeling.real_bytes(model)
@@ -150,6 +154,8 @@ def take_given(base: str, recipe, dtype: str, device: str, out: Path, cache_dir:
                "real_bytes_at_load": at_load, "quantized_modules": counts["quantized"],
                "skipped_modules": counts["skipped"], "fallback_modules": counts["fallback"],
                "load_s": round(load_s, 2), "probe_finite": finite, **kernel_of(recipe)}
+    if tower_counts := towers(entries):
+        metrics["towers"] = tower_counts
     if counts["quantized"] == 0:
         return {"status": "failed", "reason": "the checkpoint holds no quantized Linear layer", **metrics}
     warnings = [grown] if (grown := growth(at_load, running, "checkpoint")) else []

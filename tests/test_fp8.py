@@ -9,6 +9,7 @@ from safetensors.torch import load_file, save_file
 from quantgate import modeling
 from quantgate.backends import fp8_kernel
 from quantgate.config import ValidateSettings, load_config
+from quantgate.plan import tower_lines
 from tasks import quantize as quantize_step
 from tasks import validate as validate_step
 from tests.conftest import PROJECT
@@ -147,6 +148,9 @@ def test_gemma4_moe_with_its_vision_tower_skipped(smollm2, tmp_path, cache_dir):
         assert experts["shape"] == {"gate_up_proj": [64, 256, 128], "down_proj": [64, 128, 128]}
     tower = [e for name, e in plan.items() if name.startswith("model.vision_tower.")]
     assert tower and all(e["status"] == "skipped" for e in tower)
+    # The seed config skips the tower, not its projector (Gemma 4's embed_vision): the plan says so per tower.
+    assert tower_lines(quantized["towers"]) == ["model.vision_tower: 0 of 8 quantized (skip pattern 'model.vision_tower')",
+                                                "model.embed_vision: 1 of 1 quantized"]
     model = quantize_step.load_saved(tmp_path / "q" / "checkpoint", recipe, "cpu")
     assert type(model.model.language_model.layers[0].experts).__name__.startswith("FP8Experts")
     assert model.model.vision_tower.encoder.layers[0].mlp.up_proj.linear.weight.dtype == torch.bfloat16

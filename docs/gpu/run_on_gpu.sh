@@ -107,4 +107,16 @@ case "$1" in
      MODE=saved TOKENIZER_DIR=.gpu/h/tok BENCH_DIR=/tmp/bench timeout "${BENCH_S:-560}" python3 docs/gpu/bench_on_gpu.py \
        /tmp/g3-12b $MODELS 2>>"$OUT/backends.err" | tee -a "$OUT/backends-g3.jsonl"
      grep -E "benchmark:|Error|error|Traceback" "$OUT/backends.err" | tail -${TAIL:-20} ;;
+  # Issue 16: FineGrainedFP8 128x128 and 64x64 on the Gemma-3-12B-shaped checkpoint through quantize and
+  # validate (each record names the kernel), then (NAMES=...) a torchao int4 checkpoint made by the quantize step
+  # and gated again as a `checkpoint` candidate (given:PATH); carrying .gpu/h (as for `backends`) and .gpu/i:
+  # the project's pinned transformers 5.23.0 (the reference kernel plugs into its FP8 integration), with
+  # huggingface_hub 2.4.0, tokenizers 0.23.3, httpx2, httpcore2, hf-xet, typer, click, truststore, annotated-doc,
+  # shellingham, h11 and anyio.
+  fp8) install .gpu/h/*.whl .gpu/i/*.whl
+     python3 -c "import transformers, torch; print('transformers', transformers.__version__, 'torch', torch.__version__)"
+     g3_checkpoint
+     KEEP=1 VALIDATE=1 REFERENCE_TIMING=0 TOKENIZER_DIR=.gpu/h/tok timeout "${BENCH_S:-570}" python3 docs/gpu/quantize_on_gpu.py \
+       gemma3-12b-shaped /tmp/g3-12b ${NAMES:-fp8-block128 fp8-block64} 2>>"$OUT/fp8.err" | tee -a "$OUT/fp8-g3.jsonl"
+     grep -E "Error|error|Traceback" "$OUT/fp8.err" | tail -${TAIL:-10} ;;
 esac
