@@ -57,11 +57,13 @@ def compute_dtype(checkpoint_dtype: str, device: str, requested: str = "auto") -
 
 
 def computed_dtype(model: torch.nn.Module) -> str:
-    """The dtype a loaded model computes in: its plain floating parameters' (a backend may keep its own; float8
-    weights are storage, computed on in their layer's activation dtype)."""
-    dtypes = Counter(str(p.dtype).removeprefix("torch.") for p in model.parameters()
-                     if p.is_floating_point() and p.element_size() > 1
-                     and type(p.data) in (torch.Tensor, torch.nn.Parameter))
+    """The dtype a loaded model computes in: that of most of its plain floating weights, by size (a backend
+    may keep its own; float8 weights are storage and their float32 block scales small, computed on in
+    their layer's activation dtype)."""
+    dtypes = Counter()
+    for p in model.parameters():
+        if p.is_floating_point() and p.element_size() > 1 and type(p.data) in (torch.Tensor, torch.nn.Parameter):
+            dtypes[str(p.dtype).removeprefix("torch.")] += p.numel()
     return dtypes.most_common(1)[0][0] if dtypes else "unknown"
 
 
