@@ -33,12 +33,19 @@ def quantize_model(checkpoint: str, recipe, dtype: str, device: str, keep: list[
         return backend.after_load(model, recipe, keep, tokenizer)
 
 
-def save(model: torch.nn.Module, recipe, tokenizer, out: Path) -> None:
-    """The backend's checkpoint with the tokenizer; written to a temp folder, then renamed."""
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")  # a multimodal model's image/audio side
+
+
+def save(model: torch.nn.Module, recipe, tokenizer, out: Path, source: Path | None = None) -> None:
+    """The backend's checkpoint with the tokenizer (and the source's processor files); written to a temp
+    folder, then renamed."""
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     backend_of(recipe).save(model, recipe, tmp)
     tokenizer.save_pretrained(tmp)
+    for name in PROCESSOR_FILES:
+        if source is not None and (source / name).is_file():
+            shutil.copy(source / name, tmp / name)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
 
@@ -89,7 +96,7 @@ def quantize(checkpoint: str, recipe: dict, dtype: str, device: str, out_dir: st
     if tower_counts := towers(entries):
         metrics["towers"] = tower_counts
     t0 = time.perf_counter()
-    save(model, recipe, tokenizer, out / "checkpoint")
+    save(model, recipe, tokenizer, out / "checkpoint", Path(checkpoint))
     del model
     save_s = time.perf_counter() - t0
     t0 = time.perf_counter()

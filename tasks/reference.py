@@ -10,20 +10,25 @@ from prefect import task
 from quantgate import modeling
 from quantgate.config import EvaluateSettings, ValidateSettings
 from tasks.evaluate import reference_evaluation
+from tasks import towers
 from tasks.validate import reference_stats
 
 
 def reference(checkpoint: str, checkpoint_sha256: str, dtype: str, compute_dtype: str, device: str, cache_dir: str,
               validate_settings: dict, evaluate_settings: dict) -> dict:
-    from transformers import AutoTokenizer
+    from transformers import AutoProcessor, AutoTokenizer
 
     t0 = time.perf_counter()
     model = modeling.load(checkpoint, compute_dtype, modeling.resolve_device(device))
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     t1 = time.perf_counter()
     with modeling.timed("reference measurements"):
-        validate = reference_stats(model, tokenizer, checkpoint_sha256, compute_dtype, Path(cache_dir),
-                                   ValidateSettings.model_validate(validate_settings))
+        settings = ValidateSettings.model_validate(validate_settings)
+        validate = reference_stats(model, tokenizer, checkpoint_sha256, compute_dtype, Path(cache_dir), settings)
+        if towers.sees_images(model):  # the image prompts, cached beside the text statistics
+            validate["towers"] = towers.reference_towers(model, AutoProcessor.from_pretrained(checkpoint),
+                                                         Path(validate["path"]).with_name("towers.pt"),
+                                                         settings.max_new_tokens)
     t2 = time.perf_counter()
     evaluate = reference_evaluation(model, tokenizer, checkpoint_sha256, compute_dtype, Path(cache_dir),
                                     EvaluateSettings.model_validate(evaluate_settings))

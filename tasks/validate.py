@@ -317,6 +317,16 @@ def validate(checkpoint: str, recipe: dict, reference: dict, device: str, settin
         metrics = compare(model, AutoTokenizer.from_pretrained(checkpoint), stats, settings)
     metrics.update(compute_dtype=modeling.computed_dtype(model), load_s=load_s, **kernel_of(recipe))
     result, reasons = verdict(metrics, recipe.thresholds)
+    if reference.get("towers"):  # a multimodal model: its vision tower, on the image prompts
+        from transformers import AutoProcessor
+
+        from tasks import towers
+
+        metrics["towers"] = towers.compare(model, AutoProcessor.from_pretrained(checkpoint), reference["towers"],
+                                           settings.max_new_tokens)
+        worst, tower_reasons = towers.verdicts(metrics["towers"], recipe.thresholds)
+        result = max(result, worst, key=["pass", "warn", "fail"].index)
+        reasons += tower_reasons
     if result == "fail" and reference.get("first_nonfinite_module"):
         reasons.insert(0, f"the reference itself goes non-finite from {reference['first_nonfinite_module']} on: "
                           "a broken base model, not a broken quantization")

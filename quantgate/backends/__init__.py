@@ -35,6 +35,9 @@ class ValidateThresholds(Strict):
     kl_p99_fail: float = Field(3.0, ge=0)
     top1_warn: float = Field(0.85, ge=0, le=1)
     top1_fail: float = Field(0.7, ge=0, le=1)
+    # What a multimodal model's vision tower hands its language model, against the reference's (tasks/towers.py).
+    embedding_cosine_warn: float = Field(0.98, ge=-1, le=1)
+    embedding_cosine_fail: float = Field(0.9, ge=-1, le=1)
 
 
 class RecipeBase(Strict):
