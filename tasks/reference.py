@@ -27,7 +27,7 @@ def reference(checkpoint: str, checkpoint_sha256: str, dtype: str, compute_dtype
         validate = reference_stats(model, tokenizer, checkpoint_sha256, compute_dtype, Path(cache_dir), settings)
         if towers.sees_images(model):  # the image prompts, cached beside the text statistics
             validate["towers"] = towers.reference_towers(model, AutoProcessor.from_pretrained(checkpoint),
-                                                         Path(validate["path"]).with_name("towers.pt"),
+                                                         Path(validate["path"]).with_name(towers.cache_name()),
                                                          settings.max_new_tokens)
     t2 = time.perf_counter()
     evaluate = reference_evaluation(model, tokenizer, checkpoint_sha256, compute_dtype, Path(cache_dir),

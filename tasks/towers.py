@@ -11,7 +11,9 @@ from pathlib import Path
 
 import torch
 
+from quantgate import modeling
 from quantgate.backends import ValidateThresholds
+from quantgate.files import sha256_file
 
 PROMPTS = Path(__file__).resolve().parents[1] / "data" / "multimodal" / "prompts.jsonl"
 
@@ -41,7 +43,7 @@ def measure(model, processor, max_new_tokens: int) -> dict:
     """Per image: the projected embeddings, the last position's logits, the non-finite modules, the answer."""
     from tasks.validate import NonFiniteScan
 
-    dtype = next(p for p in model.parameters() if p.is_floating_point() and p.element_size() > 1).dtype
+    dtype = getattr(torch, modeling.computed_dtype(model))
     device = next(model.parameters()).device
     measured = []
     for prompt in image_prompts():
@@ -54,6 +56,11 @@ def measure(model, processor, max_new_tokens: int) -> dict:
         measured.append({"id": prompt["id"], "features": features.float().cpu().flatten(), "logits": logits,
                          "nonfinite": scan.flagged(), "answer": processor.decode(answer, skip_special_tokens=True)})
     return {"prompts": measured}
+
+
+def cache_name() -> str:
+    """The cache file's name, keyed by the prompt set (a changed prompt set is measured again)."""
+    return f"towers-{sha256_file(PROMPTS)[:12]}.pt"
 
 
 def reference_towers(model, processor, cache: Path, max_new_tokens: int) -> dict | None:
