@@ -106,3 +106,22 @@ def test_nan_in_a_vision_tower_linear_is_the_first_nonfinite_module(gemma3_visio
     vision = result["towers"]["model.vision_tower"]
     assert vision["first_nonfinite_module"] == "model.vision_tower.encoder.layers.1.mlp.fc1"
     assert result["verdict"] == "fail" and result["first_nonfinite_module"] is None  # the text never ran the tower
+
+
+def test_the_report_shows_each_tower_and_both_answers(gemma3_vision, reference, tmp_path, run_dir):
+    """A real tower result, in the session flow run's record, rendered as report.md renders it."""
+    import json
+
+    from quantgate.record import render_report
+
+    def grey(weights):
+        weights["multi_modal_projector.mm_input_projection_weight"].zero_()
+
+    result = check(edited(gemma3_vision, tmp_path, grey), INT8, reference)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics["recipes"]["bnb-nf4"]["validate"]["towers"] = result["towers"]
+    report = render_report(metrics)
+    assert "## bnb-nf4: model.vision_tower (fail)" in report
+    assert "Embedding cosine mean 0.0000, min 0.0000;" in report
+    first = result["towers"]["model.vision_tower"]["answers"][0]
+    assert f"| {first['prompt']} | " in report and "| image prompt | reference | bnb-nf4 |" in report
