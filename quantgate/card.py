@@ -13,6 +13,7 @@ import yaml
 from quantgate.backends import BACKENDS
 from quantgate.files import write_atomic
 from quantgate.formats import gb, num, peak_memory
+from quantgate.plan import tower_lines
 
 NOT_MEASURED = "not measured"
 
@@ -90,6 +91,14 @@ def render_card(run_dir: Path, recipe_name: str, checkpoint_path: str = "PATH_OR
                   "", "KL is per token, KL(reference ‖ quantized) in nats, over quantgate's 20-prompt set."]
     else:
         lines.append(_step_note(entry, "validate"))
+    if v.get("towers") or q.get("towers"):
+        lines += ["", "## Vision and audio", ""] + [f"- {line}" for line in tower_lines(q.get("towers", {}))]
+        for tower, t in v.get("towers", {}).items():
+            lines.append(f"- {tower}: {t['verdict']} on {t['prompts']} image prompts; embedding cosine to the "
+                         f"reference's mean {_fmt(t['embedding_cosine_mean'], '.4f')}, min "
+                         f"{_fmt(t['embedding_cosine_min'], '.4f')}; image-prompt KL mean {_fmt(t['kl_mean'], '.4f')}, "
+                         f"top-1 {_fmt(t['top1_agreement'], '.3f')}; first non-finite module "
+                         f"{t['first_nonfinite_module'] or 'none'}.")
 
     lines += ["", "## Evaluation", ""]
     e = entry.get("evaluate", {})

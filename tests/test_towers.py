@@ -125,3 +125,25 @@ def test_the_report_shows_each_tower_and_both_answers(gemma3_vision, reference, 
     assert "Embedding cosine mean 0.0000, min 0.0000;" in report
     first = result["towers"]["model.vision_tower"]["answers"][0]
     assert f"| {first['prompt']} | " in report and "| image prompt | reference | bnb-nf4 |" in report
+
+
+def test_the_card_has_a_vision_and_audio_section(gemma3_vision, reference, tmp_path, run_dir):
+    """The quantize and validate results of nf4 with the tower skipped, in a copy of the session's run."""
+    import json
+
+    from quantgate.card import render_card
+
+    recipe = NF4.model_copy(update={"skip": ["model.vision_tower", "model.multi_modal_projector"]})
+    quantized = quantize_step.quantize(str(gemma3_vision), recipe.model_dump(), "bfloat16", "cpu",
+                                       str(tmp_path / "q"), 0.9)
+    checked = check(quantized["checkpoint"], recipe, reference)
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("checkpoint"))
+    metrics = json.loads((run / "metrics.json").read_text())
+    metrics["recipes"]["bnb-nf4"]["quantize"]["towers"] = quantized["towers"]
+    metrics["recipes"]["bnb-nf4"]["validate"]["towers"] = checked["towers"]
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    card = render_card(run, "bnb-nf4")
+    assert "## Vision and audio" in card
+    assert "- model.vision_tower: 0 of 12 quantized (skip pattern 'model.vision_tower')" in card
+    assert "- model.vision_tower: pass on 14 image prompts; embedding cosine to the reference's mean 1.0000" in card
