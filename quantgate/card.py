@@ -12,7 +12,7 @@ import yaml
 
 from quantgate.backends import BACKENDS
 from quantgate.files import write_atomic
-from quantgate.formats import gb, num, peak_memory
+from quantgate.formats import gb, num, peak_memory, tower_measures
 from quantgate.plan import tower_lines
 
 NOT_MEASURED = "not measured"
@@ -94,11 +94,8 @@ def render_card(run_dir: Path, recipe_name: str, checkpoint_path: str = "PATH_OR
     if v.get("towers") or q.get("towers"):
         lines += ["", "## Vision and audio", ""] + [f"- {line}" for line in tower_lines(q.get("towers", {}))]
         for tower, t in v.get("towers", {}).items():
-            lines.append(f"- {tower}: {t['verdict']} on {t['prompts']} image prompts; embedding cosine to the "
-                         f"reference's mean {_fmt(t['embedding_cosine_mean'], '.4f')}, min "
-                         f"{_fmt(t['embedding_cosine_min'], '.4f')}; image-prompt KL mean {_fmt(t['kl_mean'], '.4f')}, "
-                         f"top-1 {_fmt(t['top1_agreement'], '.3f')}; first non-finite module "
-                         f"{t['first_nonfinite_module'] or 'none'}.")
+            lines.append(f"- {tower}: {t['verdict']} on {t['prompts']} image prompts; "
+                         + tower_measures(t, "embedding cosine to the reference's") + ".")
 
     lines += ["", "## Evaluation", ""]
     e = entry.get("evaluate", {})

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import psutil
 import torch
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 log = logging.getLogger("quantgate")
 
@@ -104,8 +105,6 @@ def real_bytes(model: torch.nn.Module, as_dtype: str | None = None) -> int:
     floating parameters at that dtype's size: a model loaded to compute in float32, as its checkpoint holds it."""
     itemsize = getattr(torch, as_dtype).itemsize if as_dtype else None
     params = {p.data_ptr() for p in model.parameters()}  # buffers (rotary tables) keep their dtype either way
-    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
-
     seen, total = set(), 0
 
     def add(t: torch.Tensor) -> None:
@@ -140,8 +139,6 @@ def is_experts(module: torch.nn.Module) -> bool:
 
 
 def low_precision(t: torch.Tensor) -> bool:
-    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
-
     return is_traceable_wrapper_subclass(t) or t.dtype in (torch.int8, torch.uint8, torch.float8_e4m3fn)
 
 
@@ -158,8 +155,6 @@ def is_quantized(module: torch.nn.Module) -> bool:
 
 def held_as(module: torch.nn.Module) -> str:
     """What a Linear-like module holds its weight as: its class, and the weight's tensor class or dtype."""
-    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
-
     weight = next((p for p in module.parameters(recurse=False) if p.ndim == 3), None) if is_experts(module) \
         else getattr(module, "weight", None)
     if weight is None:

@@ -49,6 +49,11 @@ def expert_shapes(module: torch.nn.Module) -> dict[str, list[int]]:
     return {n: list(p.shape) for n, p in module.named_parameters(recurse=False) if n in modeling.EXPERT_WEIGHTS}
 
 
+def planned(module: torch.nn.Module) -> bool:
+    """What a plan has an entry for: each Linear, and each block of 3-D expert weights."""
+    return isinstance(module, torch.nn.Linear) or modeling.is_experts(module)
+
+
 def shape(module: torch.nn.Module) -> dict:
     """A plan entry's shape: out x in for a Linear; for a block of experts, each 3-D weight's (E, out, in)."""
     if modeling.is_experts(module):
@@ -63,7 +68,7 @@ def plan_recipe(model: torch.nn.Module, recipe) -> list[dict]:
     head = output_embedding_name(model)
     entries = []
     for name, module in model.named_modules():
-        if not (isinstance(module, torch.nn.Linear) or modeling.is_experts(module)):
+        if not planned(module):
             continue
         entry = {"module": name, **shape(module)}
         by = next((p for p, regex in compiled if regex.match(name)), None)
@@ -128,7 +133,7 @@ def read_plan(base: torch.nn.Module, model: torch.nn.Module, recipe) -> list[dic
     backend = backend_of(recipe)
     entries = []
     for name, module in base.named_modules():
-        if isinstance(module, torch.nn.Linear) or modeling.is_experts(module):
+        if planned(module):
             loaded = modules[name]
             entry = {"module": name, **shape(module), "as": modeling.held_as(loaded)}
             if backend.is_quantized(loaded):

@@ -13,7 +13,7 @@ from pathlib import Path
 from quantgate import backends
 from quantgate.config import RunConfig, dump_config
 from quantgate.files import write_atomic, write_json
-from quantgate.formats import gb, num, peak_memory
+from quantgate.formats import gb, num, peak_memory, tower_measures
 from quantgate.plan import tower_lines
 from quantgate.runlog import announce
 
@@ -306,10 +306,7 @@ def render_report(metrics: dict, figure: str | None = None) -> str:
             lines += [f"| {g['prompt']} | {_cell(g['reference'])} | {_cell(g['quantized'])} |" for g in v["generations"]]
         for tower, t in v.get("towers", {}).items():
             lines += ["", f"## {name}: {tower} ({t.get('verdict')})", "",
-                      f"Embedding cosine mean {num(t['embedding_cosine_mean'], '.4f')}, min "
-                      f"{num(t['embedding_cosine_min'], '.4f')}; image-prompt KL mean {num(t['kl_mean'], '.4f')}, "
-                      f"top-1 {num(t['top1_agreement'], '.3f')}; first non-finite module "
-                      f"{t['first_nonfinite_module'] or 'none'}.", "",
+                      tower_measures(t, "Embedding cosine") + ".", "",
                       "| image prompt | reference | " + name + " |", "| --- | --- | --- |"]
             lines += [f"| {a['prompt']} | {_cell(a['reference'])} | {_cell(a['quantized'])} |" for a in t["answers"]]
     published = [(n, e["publish"]) for n, e in metrics["recipes"].items() if e.get("publish", {}).get("location")]

@@ -86,15 +86,8 @@ def quantize(checkpoint: str, recipe: dict, dtype: str, device: str, out_dir: st
     t0 = time.perf_counter()
     model = quantize_model(checkpoint, recipe, dtype, device, kept(entries), tokenizer)
     quantize_s = time.perf_counter() - t0
-    entries = reconcile(entries, model, recipe)
-    counts = summarize(entries)
-    write_json(out / "plan.json", {"recipe": recipe.model_dump(mode="json"), "modules": entries, "summary": counts,
-                                   "towers": towers(entries)})
+    metrics = write_plan(out, recipe, reconcile(entries, model, recipe))
     in_memory = modeling.probe_logits(model, tokenizer)
-    metrics = {"quantized_modules": counts["quantized"], "skipped_modules": counts["skipped"],
-               "fallback_modules": counts["fallback"]}
-    if tower_counts := towers(entries):
-        metrics["towers"] = tower_counts
     t0 = time.perf_counter()
     save(model, recipe, tokenizer, out / "checkpoint", Path(checkpoint))
     del model
@@ -147,10 +140,7 @@ def take_given(base: str, recipe, dtype: str, device: str, out: Path, cache_dir:
     t0 = time.perf_counter()
     model = load_saved(path, recipe, device)
     load_s = time.perf_counter() - t0
-    entries = read_plan(modeling.skeleton(base_config), model, recipe)
-    counts = summarize(entries)
-    write_json(out / "plan.json", {"recipe": recipe.model_dump(mode="json"), "modules": entries, "summary": counts,
-                                   "towers": towers(entries)})
+    counts = write_plan(out, recipe, read_plan(modeling.skeleton(base_config), model, recipe))
     at_load = modeling.real_bytes(model)
     finite = all(bool(torch.isfinite(x).all()) for x in modeling.probe_logits(model, AutoTokenizer.from_pretrained(path)))
     running = modeling.real_bytes(model)
@@ -158,17 +148,23 @@ def take_given(base: str, recipe, dtype: str, device: str, out: Path, cache_dir:
     metrics = {"given": True, "source": fetched["source"], "revision": fetched["revision"],
                "checkpoint_sha256": fetched["checkpoint_sha256"], "checkpoint": str(path),
                "quantization_config": config.get("quantization_config"), "real_bytes": running,
-               "real_bytes_at_load": at_load, "quantized_modules": counts["quantized"],
-               "skipped_modules": counts["skipped"], "fallback_modules": counts["fallback"],
-               "load_s": round(load_s, 2), "probe_finite": finite, **kernel_of(recipe)}
-    if tower_counts := towers(entries):
-        metrics["towers"] = tower_counts
-    if counts["quantized"] == 0:
+               "real_bytes_at_load": at_load, **counts, "load_s": round(load_s, 2), "probe_finite": finite,
+               **kernel_of(recipe)}
+    if counts["quantized_modules"] == 0:
         return {"status": "failed", "reason": "the checkpoint holds no quantized Linear layer", **metrics}
     warnings = [grown] if (grown := growth(at_load, running, "checkpoint")) else []
     if not finite:
         warnings.append("the checkpoint gives non-finite logits on the probe texts")
     return {"status": "ok", "warnings": warnings, **metrics}
+
+
+def write_plan(out: Path, recipe, entries: list[dict]) -> dict:
+    """plan.json, and the record's counts of it (per tower too, for a multimodal model)."""
+    counts, tower_counts = summarize(entries), towers(entries)
+    write_json(out / "plan.json", {"recipe": recipe.model_dump(mode="json"), "modules": entries, "summary": counts,
+                                   "towers": tower_counts})
+    return {"quantized_modules": counts["quantized"], "skipped_modules": counts["skipped"],
+            "fallback_modules": counts["fallback"], **({"towers": tower_counts} if tower_counts else {})}
 
 
 def growth(at_load: int, running: int, what: str) -> str | None:

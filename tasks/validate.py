@@ -304,8 +304,9 @@ def compare(model, tokenizer, stats: dict, settings: ValidateSettings) -> dict:
 def validate(checkpoint: str, recipe: dict, reference: dict, device: str, settings: dict,
              compute_dtype: str = "auto") -> dict:
     """Compare a recipe's saved checkpoint with the reference; the step's record with its verdict."""
+    from tasks import towers
     from tasks.quantize import kernel_of, load_saved
-    from transformers import AutoTokenizer
+    from transformers import AutoProcessor, AutoTokenizer
 
     recipe = parse_recipe(recipe)
     settings = ValidateSettings.model_validate(settings)
@@ -318,10 +319,6 @@ def validate(checkpoint: str, recipe: dict, reference: dict, device: str, settin
     metrics.update(compute_dtype=modeling.computed_dtype(model), load_s=load_s, **kernel_of(recipe))
     result, reasons = verdict(metrics, recipe.thresholds)
     if reference.get("towers"):  # a multimodal model: its vision tower, on the image prompts
-        from transformers import AutoProcessor
-
-        from tasks import towers
-
         metrics["towers"] = towers.compare(model, AutoProcessor.from_pretrained(checkpoint), reference["towers"],
                                            settings.max_new_tokens)
         worst, tower_reasons = towers.verdicts(metrics["towers"], recipe.thresholds)
