@@ -94,7 +94,7 @@ def render_card(run_dir: Path, recipe_name: str, checkpoint_path: str = "PATH_OR
     if v.get("towers") or q.get("towers"):
         lines += ["", "## Vision and audio", ""] + [f"- {line}" for line in tower_lines(q.get("towers", {}))]
         for tower, t in v.get("towers", {}).items():
-            lines.append(f"- {tower}: {t['verdict']} on {t['prompts']} image prompts; "
+            lines.append(f"- {tower}: {t['verdict']} on {t['prompts']} {t['kind']} prompts; "
                          + tower_measures(t, "embedding cosine to the reference's") + ".")
 
     lines += ["", "## Evaluation", ""]

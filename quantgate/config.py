@@ -182,7 +182,25 @@ class RunConfig(Strict):
 
 
 def available_recipes() -> list[str]:
-    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml") if not p.stem.startswith("_"))  # _*: templates
+
+
+def _merged(base: dict, over: dict) -> dict:
+    """`over` on `base`, one level deep, so `thresholds: {top1_fail: 0.5}` keeps the other thresholds."""
+    return {**base, **{k: {**base[k], **v} if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+                       for k, v in over.items()}}
+
+
+def _recipe_file(path: Path) -> dict:
+    """A recipe file over the template it names in `include:` (a family's shared fields, lm-eval's way)."""
+    data = _read_yaml(path)
+    if not isinstance(data, dict) or "include" not in data:
+        return data
+    template = path.parent / str(data.pop("include"))
+    if not template.is_file():
+        templates = ", ".join(sorted(p.name for p in path.parent.glob("_*.yaml")))
+        raise ConfigError(path, "include", f"no template {template.name!r} in {path.parent}; allowed: {templates}")
+    return _merged(_read_yaml(template), data)
 
 
 def _read_yaml(path: Path) -> Any:
@@ -209,11 +227,7 @@ def _resolve_recipe(entry: Any, index: int, path: Path) -> tuple[dict, Path]:
     recipe_file = RECIPES_DIR / f"{use}.yaml"
     if not isinstance(use, str) or not recipe_file.is_file():
         raise ConfigError(path, field, f"unknown recipe {use!r}; allowed: {', '.join(available_recipes())}")
-    base = _read_yaml(recipe_file)
-    # One level deep, so `thresholds: {top1_fail: 0.5}` keeps the family's other thresholds.
-    merged = {k: {**base[k], **v} if isinstance(v, dict) and isinstance(base.get(k), dict) else v
-              for k, v in override.items()}
-    return {**base, **merged}, recipe_file
+    return _merged(_recipe_file(recipe_file), override), recipe_file
 
 
 def _set_dotted(data: dict, key: str, value: Any) -> None:

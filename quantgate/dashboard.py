@@ -9,10 +9,13 @@ from pathlib import Path
 
 from quantgate import history
 from quantgate.files import write_atomic
+from quantgate.formats import num
 
 COLOURS = {"pass": "#2e9d4f", "warn": "#e0a31b", "fail": "#d2362f", "skipped": "#9a9a9a"}
 TRENDS = (("mmlu_acc", "MMLU", "{:.3f}"), ("kl_mean", "KL mean", "{:.4f}"),
-          ("peak_memory", "peak memory (GB)", "{:.3f}"), ("decode_ms", "decode ms/token", "{:.2f}"))
+          ("peak_memory", "peak memory (GB)", "{:.3f}"), ("decode_ms", "decode ms/token", "{:.2f}"),
+          ("tower_cosine", "worst tower's embedding cosine", "{:.4f}"))
+MULTIMODAL_ONLY = {"tower_cosine"}  # a text-only model has no trend there, rather than an empty one
 
 
 def light(cell: dict) -> str:
@@ -69,6 +72,8 @@ def render(db: str | Path) -> str:
                 detail.append(f"MMLU {last['mmlu_delta']:+.3f}")
             if last["decode_ms"] is not None:
                 detail.append(f"{last['decode_ms']:.1f} ms/tok")
+            if last["tower"]:
+                detail.append(f"{last['tower'].split('.')[-1]} cos {num(last['tower_cosine'], '.3f')}")
             links = f"<a href='{report.as_uri()}'>report</a>" + (
                 f" · <a href='{Path(last['card']).as_uri()}'>card</a>" if last["card"] else "")
             out.append(f"<td class='cell {state}' style='background:{COLOURS[state]}' title='{html.escape(last['reason'] or '')}'>"
@@ -79,6 +84,8 @@ def render(db: str | Path) -> str:
         out.append(f"<h3>{html.escape(model)} · {html.escape(recipe)}</h3><p>{len(cells)} runs, last "
                    f"{html.escape(cells[-1]['run_id'])}</p>")
         for key, label, fmt in TRENDS:
+            if key in MULTIMODAL_ONLY and all(c[key] is None for c in cells):
+                continue
             values = [c[key] / 1e9 if key == "peak_memory" and c[key] is not None else c[key] for c in cells]
             out.append(sparkline(values, label, fmt))
     out.append("</body></html>")

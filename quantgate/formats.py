@@ -19,5 +19,5 @@ def peak_memory(bench: dict) -> int | None:
 def tower_measures(t: dict, cosine: str = "embedding cosine") -> str:
     """One tower's validation figures, as the report and the card print them."""
     return (f"{cosine} mean {num(t['embedding_cosine_mean'], '.4f')}, min {num(t['embedding_cosine_min'], '.4f')}; "
-            f"image-prompt KL mean {num(t['kl_mean'], '.4f')}, top-1 {num(t['top1_agreement'], '.3f')}; "
+            f"{t['kind']}-prompt KL mean {num(t['kl_mean'], '.4f')}, top-1 {num(t['top1_agreement'], '.3f')}; "
             f"first non-finite module {t['first_nonfinite_module'] or 'none'}")

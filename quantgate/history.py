@@ -23,9 +23,11 @@ CREATE TABLE IF NOT EXISTS cells (
     mmlu_high REAL, mmlu_significant INTEGER, word_perplexity REAL, real_bytes INTEGER, peak_memory INTEGER,
     decode_ms REAL, speedup REAL, card TEXT, PRIMARY KEY (run_id, recipe));
 """
+# Columns added since SCHEMA was first made: every database gains them on connecting.
+ADDED = {"tower": "TEXT", "tower_cosine": "REAL"}
 CELL_FIELDS = ("run_id", "model", "recipe", "started_at", "status", "reason", "verdict", "nonfinite_module",
                "kl_mean", "top1", "mmlu_acc", "mmlu_delta", "mmlu_low", "mmlu_high", "mmlu_significant",
-               "word_perplexity", "real_bytes", "peak_memory", "decode_ms", "speedup", "card")
+               "word_perplexity", "real_bytes", "peak_memory", "decode_ms", "speedup", "card", *ADDED)
 ENV_KEYS = ("python", "torch", "transformers", "accelerate", "bitsandbytes", "torchao", "optimum-quanto", "lm_eval",
             "prefect")
 
@@ -35,7 +37,20 @@ def connect(db: str | Path) -> sqlite3.Connection:
     conn = sqlite3.connect(db, timeout=30)
     conn.row_factory = sqlite3.Row
     conn.executescript(SCHEMA)
+    have = {row["name"] for row in conn.execute("PRAGMA table_info(cells)")}
+    for column, kind in ADDED.items():
+        if column not in have:
+            conn.execute(f"ALTER TABLE cells ADD COLUMN {column} {kind}")
     return conn
+
+
+def worst_tower(validate: dict) -> tuple[str | None, float | None]:
+    """A multimodal recipe's tower with the lowest embedding cosine to the reference's, and that cosine."""
+    measured = [(t["embedding_cosine_min"], name) for name, t in validate.get("towers", {}).items()]
+    if not measured:
+        return None, None
+    cosine, name = min(measured, key=lambda m: -2 if m[0] is None else m[0])
+    return name, cosine
 
 
 def cell_of(metrics: dict, recipe: str, run_dir: Path) -> dict:
@@ -44,6 +59,7 @@ def cell_of(metrics: dict, recipe: str, run_dir: Path) -> dict:
     mmlu, latency = e.get("mmlu", {}), b.get("latency", {})
     low, high = mmlu.get("delta_ci95") or (None, None)
     card = run_dir / recipe / "card.md"
+    tower, tower_cosine = worst_tower(v)
     return {"run_id": metrics["run_id"], "model": metrics["model"]["source"], "recipe": recipe,
             "started_at": metrics["started_at"], "status": entry["status"], "reason": entry.get("reason"),
             "verdict": v.get("verdict"), "nonfinite_module": v.get("first_nonfinite_module"),
@@ -52,7 +68,7 @@ def cell_of(metrics: dict, recipe: str, run_dir: Path) -> dict:
             "mmlu_significant": mmlu.get("significant"), "word_perplexity": e.get("wikitext", {}).get("word_perplexity"),
             "real_bytes": q.get("real_bytes"), "peak_memory": peak_memory(b),
             "decode_ms": latency.get("decode_ms_per_token"), "speedup": latency.get("speedup_vs_reference"),
-            "card": str(card) if card.is_file() else None}
+            "card": str(card) if card.is_file() else None, "tower": tower, "tower_cosine": tower_cosine}
 
 
 def record_run(db: str | Path, run_dir: str | Path) -> str:
@@ -66,7 +82,8 @@ def record_run(db: str | Path, run_dir: str | Path) -> str:
                       metrics["status"], str(run_dir), json.dumps(env), json.dumps(metrics), metrics.get("nightly_id")))
         for recipe in metrics["recipes"]:
             cell = cell_of(metrics, recipe, run_dir)
-            conn.execute(f"INSERT OR REPLACE INTO cells VALUES ({', '.join('?' * len(CELL_FIELDS))})",
+            conn.execute(f"INSERT OR REPLACE INTO cells ({', '.join(CELL_FIELDS)}) "
+                         f"VALUES ({', '.join('?' * len(CELL_FIELDS))})",
                          [cell[k] for k in CELL_FIELDS])
     return metrics["run_id"]
 

@@ -307,7 +307,7 @@ def render_report(metrics: dict, figure: str | None = None) -> str:
         for tower, t in v.get("towers", {}).items():
             lines += ["", f"## {name}: {tower} ({t.get('verdict')})", "",
                       tower_measures(t, "Embedding cosine") + ".", "",
-                      "| image prompt | reference | " + name + " |", "| --- | --- | --- |"]
+                      f"| {t['kind']} prompt | reference | {name} |", "| --- | --- | --- |"]
             lines += [f"| {a['prompt']} | {_cell(a['reference'])} | {_cell(a['quantized'])} |" for a in t["answers"]]
     published = [(n, e["publish"]) for n, e in metrics["recipes"].items() if e.get("publish", {}).get("location")]
     if published:

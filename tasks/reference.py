@@ -9,6 +9,7 @@ from prefect import task
 
 from quantgate import modeling
 from quantgate.config import EvaluateSettings, ValidateSettings
+from quantgate.processors import load_processor
 from tasks.evaluate import reference_evaluation
 from tasks import towers
 from tasks.validate import reference_stats
@@ -16,7 +17,7 @@ from tasks.validate import reference_stats
 
 def reference(checkpoint: str, checkpoint_sha256: str, dtype: str, compute_dtype: str, device: str, cache_dir: str,
               validate_settings: dict, evaluate_settings: dict) -> dict:
-    from transformers import AutoProcessor, AutoTokenizer
+    from transformers import AutoTokenizer
 
     t0 = time.perf_counter()
     model = modeling.load(checkpoint, compute_dtype, modeling.resolve_device(device))
@@ -25,8 +26,8 @@ def reference(checkpoint: str, checkpoint_sha256: str, dtype: str, compute_dtype
     with modeling.timed("reference measurements"):
         settings = ValidateSettings.model_validate(validate_settings)
         validate = reference_stats(model, tokenizer, checkpoint_sha256, compute_dtype, Path(cache_dir), settings)
-        if towers.sees_images(model):  # the image prompts, cached beside the text statistics
-            validate["towers"] = towers.reference_towers(model, AutoProcessor.from_pretrained(checkpoint),
+        if towers.senses(model):  # the image and audio prompts, cached beside the text statistics
+            validate["towers"] = towers.reference_towers(model, load_processor(checkpoint),
                                                          Path(validate["path"]).with_name(towers.cache_name()),
                                                          settings.max_new_tokens)
     t2 = time.perf_counter()

@@ -21,6 +21,7 @@ from quantgate import modeling
 from quantgate.backends import parse_recipe
 from quantgate.config import PROJECT_ROOT, ValidateSettings, ValidateThresholds
 from quantgate.files import write_atomic
+from quantgate.processors import load_processor
 
 log = logging.getLogger("quantgate.validate")
 PROMPTS = PROJECT_ROOT / "data" / "validate_prompts.jsonl"
@@ -306,7 +307,7 @@ def validate(checkpoint: str, recipe: dict, reference: dict, device: str, settin
     """Compare a recipe's saved checkpoint with the reference; the step's record with its verdict."""
     from tasks import towers
     from tasks.quantize import kernel_of, load_saved
-    from transformers import AutoProcessor, AutoTokenizer
+    from transformers import AutoTokenizer
 
     recipe = parse_recipe(recipe)
     settings = ValidateSettings.model_validate(settings)
@@ -318,8 +319,8 @@ def validate(checkpoint: str, recipe: dict, reference: dict, device: str, settin
         metrics = compare(model, AutoTokenizer.from_pretrained(checkpoint), stats, settings)
     metrics.update(compute_dtype=modeling.computed_dtype(model), load_s=load_s, **kernel_of(recipe))
     result, reasons = verdict(metrics, recipe.thresholds)
-    if reference.get("towers"):  # a multimodal model: its vision tower, on the image prompts
-        metrics["towers"] = towers.compare(model, AutoProcessor.from_pretrained(checkpoint), reference["towers"],
+    if reference.get("towers"):  # a multimodal model: its vision and audio towers, on their own prompts
+        metrics["towers"] = towers.compare(model, load_processor(checkpoint), reference["towers"],
                                            settings.max_new_tokens)
         worst, tower_reasons = towers.verdicts(metrics["towers"], recipe.thresholds)
         result = max(result, worst, key=["pass", "warn", "fail"].index)

@@ -34,6 +34,28 @@ def test_unknown_recipe(tmp_path):
     assert str(e.value).startswith(f"{path}: recipes[0]: unknown recipe 'bnb-nf5'; allowed: bnb-int8, bnb-nf4")
 
 
+def test_a_family_template_sets_thresholds_and_an_override_keeps_the_rest(tmp_path):
+    path = write_config(tmp_path / "c.yaml", SMOL + "recipes:\n  - {use: bnb-nf4, thresholds: {top1_fail: 0.5}}\n"
+                                                    "  - bnb-int8\n")
+    nf4, int8 = load_config(path).recipes
+    assert (nf4.thresholds.kl_mean_fail, nf4.thresholds.embedding_cosine_fail, nf4.thresholds.top1_fail) == (0.6, 0.9, 0.5)
+    assert (int8.thresholds.kl_mean_fail, int8.thresholds.embedding_cosine_fail) == (0.25, 0.95)
+
+
+def test_a_missing_template_names_the_recipe_file_and_the_templates(tmp_path, monkeypatch):
+    import quantgate.config
+
+    recipes = tmp_path / "recipes"
+    recipes.mkdir()
+    (recipes / "_4bit.yaml").write_text("thresholds: {kl_mean_fail: 0.6}\n")
+    (recipes / "mine.yaml").write_text("name: mine\ninclude: _4bits.yaml\nmethod: bitsandbytes\nbits: 4\n")
+    monkeypatch.setattr(quantgate.config, "RECIPES_DIR", recipes)
+    path = write_config(tmp_path / "c.yaml", SMOL + "recipes: [mine]\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(e.value) == f"{recipes / 'mine.yaml'}: include: no template '_4bits.yaml' in {recipes}; allowed: _4bit.yaml"
+
+
 def test_wrong_type(tmp_path):
     path = write_config(tmp_path / "c.yaml", SMOL + "recipes:\n  - {use: bnb-nf4, bits: three}\n")
     with pytest.raises(ConfigError) as e:

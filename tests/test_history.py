@@ -85,6 +85,16 @@ def test_planted_regressions_are_named_with_the_environment_change(run_dir, db, 
     assert int8["baseline_run"] == "night-2"
 
 
+def test_a_database_from_before_the_tower_columns_gains_them(run_dir, tmp_path):
+    import sqlite3
+
+    old = tmp_path / "old.sqlite"
+    with sqlite3.connect(old) as conn:  # the tables as they were made before `tower` and `tower_cosine`
+        conn.executescript(history.SCHEMA)
+    history.record_run(old, run_dir)
+    assert {c["tower"] for c in history.cells(old)} == {None} and len(history.cells(old)) >= 5
+
+
 def test_dashboard_renders_the_matrix_and_trends(run_dir, db, tmp_path):
     history.record_run(db, rerun(run_dir, tmp_path, "night-2", "2999-01-01T02:00:00+00:00"))
     page = dashboard.write(db, tmp_path / "dashboard.html").read_text()

@@ -119,4 +119,13 @@ case "$1" in
      KEEP=1 VALIDATE=1 REFERENCE_TIMING=0 TOKENIZER_DIR=.gpu/h/tok timeout "${BENCH_S:-570}" python3 docs/gpu/quantize_on_gpu.py \
        gemma3-12b-shaped /tmp/g3-12b ${NAMES:-fp8-block128 fp8-block64} 2>>"$OUT/fp8.err" | tee -a "$OUT/fp8-g3.jsonl"
      grep -E "Error|error|Traceback" "$OUT/fp8.err" | tail -${TAIL:-10} ;;
+  # Issue 17: the towers' validation on a Gemma-3-12B-shaped multimodal checkpoint (docs/gpu/towers_on_gpu.py):
+  # `towers-wheels` carrying .gpu/h and .gpu/i (as for `fp8`), then `towers` carrying .gpu/m (bitsandbytes
+  # 0.50.2, 43 MB: the three do not fit one call's 64 MiB) on the same warm machine; RECIPES=skipped,all.
+  towers-wheels) install .gpu/h/*.whl .gpu/i/*.whl
+     mkdir -p /tmp/tok && cp .gpu/h/tok/* /tmp/tok/
+     python3 -c "import transformers, torch, PIL, psutil; print('transformers', transformers.__version__, 'torch', torch.__version__, 'pillow', PIL.__version__)" ;;
+  towers) install .gpu/m/*.whl
+     timeout "${BENCH_S:-570}" python3 docs/gpu/towers_on_gpu.py /tmp/g3-12b-mm /tmp/tok 2>>"$OUT/towers.err" | tee -a "$OUT/towers-g3.jsonl"
+     grep -E "Error|error|Traceback" "$OUT/towers.err" | tail -${TAIL:-10} ;;
 esac
