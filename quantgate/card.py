@@ -36,6 +36,12 @@ def model_name(metrics: dict) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", base.split("/")[-1].split(":")[-1]).strip("-")
 
 
+def flipped(name: str, m: dict) -> str:
+    f = m["flips"]
+    return (f"{name} answers that changed against the reference: {f['right_to_wrong']} right → wrong, "
+            f"{f['wrong_to_right']} wrong → right (agreement {f['agreement']:.3f}; McNemar p = {f['mcnemar_p']:.3g}).")
+
+
 def render_card(run_dir: Path, recipe_name: str, checkpoint_path: str = "PATH_OR_REPO", forced: bool = False) -> str:
     run_dir = Path(run_dir)
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -113,6 +119,14 @@ def render_card(run_dir: Path, recipe_name: str, checkpoint_path: str = "PATH_OR
                   f"| {recipe_name} | {m['acc']:.4f} | {m['delta_acc']:+.4f} [{low:+.4f}, {high:+.4f}] | "
                   f"{'yes' if m['significant'] else 'no'} | {_fmt(m.get('normalized_degradation'), '.2%')} | "
                   f"{_fmt(wiki.get('word_perplexity'), '.3f')} |"]
+        lines += ["", flipped("MMLU", m)]
+        if "humaneval" in e and "humaneval" in ref["evaluate"]:
+            h, rh = e["humaneval"], ref["evaluate"]["humaneval"]
+            lo, hi = h["delta_ci95"]
+            lines += ["", f"HumanEval pass@1, greedy, {h['n']} problems, each completion run in a sandbox: reference "
+                          f"{rh['pass_at_1']:.4f}, {recipe_name} {h['pass_at_1']:.4f}, delta {h['delta_acc']:+.4f} "
+                          f"[{lo:+.4f}, {hi:+.4f}] (significant: {'yes' if h['significant'] else 'no'}).", "",
+                      flipped("HumanEval", h)]
     else:
         lines.append(_step_note(entry, "evaluate"))
 

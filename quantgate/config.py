@@ -86,6 +86,11 @@ class EvaluateSettings(StepSettings):
     # auto:N: lm-eval's probe on CUDA, redone N times as the (length-sorted) requests get shorter;
     # 8 on a CPU, where the probe's full-length forwards take minutes.
     batch_size: Union[PositiveInt, Annotated[str, StringConstraints(pattern=r"^auto(:[1-9][0-9]*)?$")]] = "auto:4"
+    # HumanEval pass@1, greedy, each completion run in quantgate.sandbox (data/humaneval; lm-eval's prompt and
+    # stop sequences): generation, which multiple-choice log-likelihoods never exercise.
+    humaneval: bool = False
+    humaneval_limit: PositiveInt | None = 20  # the first N of the 164 problems; null: all
+    humaneval_max_tokens: PositiveInt = 384
     wikitext: bool = True
     wikitext_token_budget: PositiveInt | None = 4096  # leading documents up to this many tokens; null: all
     # lm-eval's context length (rolling windows for perplexity, batch padding), capped by the model's

@@ -14,8 +14,8 @@ from quantgate.formats import num
 COLOURS = {"pass": "#2e9d4f", "warn": "#e0a31b", "fail": "#d2362f", "skipped": "#9a9a9a"}
 TRENDS = (("mmlu_acc", "MMLU", "{:.3f}"), ("kl_mean", "KL mean", "{:.4f}"),
           ("peak_memory", "peak memory (GB)", "{:.3f}"), ("decode_ms", "decode ms/token", "{:.2f}"),
-          ("tower_cosine", "worst tower's embedding cosine", "{:.4f}"))
-MULTIMODAL_ONLY = {"tower_cosine"}  # a text-only model has no trend there, rather than an empty one
+          ("humaneval_pass", "HumanEval pass@1", "{:.3f}"), ("tower_cosine", "worst tower's embedding cosine", "{:.4f}"))
+WHERE_MEASURED = {"humaneval_pass", "tower_cosine"}  # no trend for a model that never measured it, rather than an empty one
 
 
 def light(cell: dict) -> str:
@@ -72,6 +72,8 @@ def render(db: str | Path) -> str:
                 detail.append(f"MMLU {last['mmlu_delta']:+.3f}")
             if last["decode_ms"] is not None:
                 detail.append(f"{last['decode_ms']:.1f} ms/tok")
+            if last["humaneval_delta"] is not None:
+                detail.append(f"HumanEval {last['humaneval_delta']:+.3f}")
             if last["tower"]:
                 detail.append(f"{last['tower'].split('.')[-1]} cos {num(last['tower_cosine'], '.3f')}")
             links = f"<a href='{report.as_uri()}'>report</a>" + (
@@ -84,7 +86,7 @@ def render(db: str | Path) -> str:
         out.append(f"<h3>{html.escape(model)} · {html.escape(recipe)}</h3><p>{len(cells)} runs, last "
                    f"{html.escape(cells[-1]['run_id'])}</p>")
         for key, label, fmt in TRENDS:
-            if key in MULTIMODAL_ONLY and all(c[key] is None for c in cells):
+            if key in WHERE_MEASURED and all(c[key] is None for c in cells):
                 continue
             values = [c[key] / 1e9 if key == "peak_memory" and c[key] is not None else c[key] for c in cells]
             out.append(sparkline(values, label, fmt))

@@ -11,7 +11,7 @@ from contextlib import closing
 from pathlib import Path
 
 from quantgate.config import GateSettings
-from quantgate.formats import peak_memory
+from quantgate.formats import num, peak_memory
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -24,7 +24,8 @@ CREATE TABLE IF NOT EXISTS cells (
     decode_ms REAL, speedup REAL, card TEXT, PRIMARY KEY (run_id, recipe));
 """
 # Columns added since SCHEMA was first made: every database gains them on connecting.
-ADDED = {"tower": "TEXT", "tower_cosine": "REAL"}
+ADDED = {"tower": "TEXT", "tower_cosine": "REAL", "humaneval_pass": "REAL", "humaneval_delta": "REAL",
+         "humaneval_significant": "INTEGER"}
 CELL_FIELDS = ("run_id", "model", "recipe", "started_at", "status", "reason", "verdict", "nonfinite_module",
                "kl_mean", "top1", "mmlu_acc", "mmlu_delta", "mmlu_low", "mmlu_high", "mmlu_significant",
                "word_perplexity", "real_bytes", "peak_memory", "decode_ms", "speedup", "card", *ADDED)
@@ -60,6 +61,7 @@ def cell_of(metrics: dict, recipe: str, run_dir: Path) -> dict:
     low, high = mmlu.get("delta_ci95") or (None, None)
     card = run_dir / recipe / "card.md"
     tower, tower_cosine = worst_tower(v)
+    code = e.get("humaneval", {})
     return {"run_id": metrics["run_id"], "model": metrics["model"]["source"], "recipe": recipe,
             "started_at": metrics["started_at"], "status": entry["status"], "reason": entry.get("reason"),
             "verdict": v.get("verdict"), "nonfinite_module": v.get("first_nonfinite_module"),
@@ -68,7 +70,9 @@ def cell_of(metrics: dict, recipe: str, run_dir: Path) -> dict:
             "mmlu_significant": mmlu.get("significant"), "word_perplexity": e.get("wikitext", {}).get("word_perplexity"),
             "real_bytes": q.get("real_bytes"), "peak_memory": peak_memory(b),
             "decode_ms": latency.get("decode_ms_per_token"), "speedup": latency.get("speedup_vs_reference"),
-            "card": str(card) if card.is_file() else None, "tower": tower, "tower_cosine": tower_cosine}
+            "card": str(card) if card.is_file() else None, "tower": tower, "tower_cosine": tower_cosine,
+            "humaneval_pass": code.get("pass_at_1"), "humaneval_delta": code.get("delta_acc"),
+            "humaneval_significant": code.get("significant")}
 
 
 def record_run(db: str | Path, run_dir: str | Path) -> str:
@@ -136,6 +140,11 @@ def _grew(now, base, fraction: float) -> bool:
     return now is not None and base is not None and base > 0 and now > base * (1 + fraction)
 
 
+def dropped(cell: dict, key: str) -> bool:
+    """Whether a cell's `key` (mmlu, humaneval) fell against its reference, significantly."""
+    return bool(cell[key + "_significant"]) and (cell[key + "_delta"] or 0) < 0
+
+
 def regressions(cell: dict, baseline: dict, gate: GateSettings) -> list[str]:
     """What got worse from the baseline cell to this one, each in a sentence."""
     found = []
@@ -143,10 +152,11 @@ def regressions(cell: dict, baseline: dict, gate: GateSettings) -> list[str]:
         found.append(f"status {baseline['status']} → {cell['status']}: {cell.get('reason') or ''}".rstrip(": "))
     if cell["nonfinite_module"]:
         found.append(f"non-finite output, first at {cell['nonfinite_module']}")
-    if cell["mmlu_significant"] and (cell["mmlu_delta"] or 0) < 0 and not (
-            baseline["mmlu_significant"] and (baseline["mmlu_delta"] or 0) < 0):
-        found.append(f"significant MMLU drop: {cell['mmlu_delta']:+.4f} [{cell['mmlu_low']:+.4f}, {cell['mmlu_high']:+.4f}] "
-                     f"(baseline {baseline['mmlu_delta']:+.4f}, not significant)")
+    for key, label in (("mmlu", "MMLU"), ("humaneval", "HumanEval pass@1")):
+        if dropped(cell, key) and not dropped(baseline, key):
+            found.append(f"significant {label} drop: {cell[key + '_delta']:+.4f}" + (
+                f" [{cell['mmlu_low']:+.4f}, {cell['mmlu_high']:+.4f}]" if key == "mmlu" else "")
+                + f" (baseline {num(baseline[key + '_delta'], '+.4f', 'not measured')}, not significant)")
     if _grew(cell["kl_mean"], baseline["kl_mean"], gate.kl_increase):
         found.append(f"KL mean {baseline['kl_mean']:.4f} → {cell['kl_mean']:.4f} (more than +{gate.kl_increase:.0%})")
     for key, label in (("real_bytes", "weight memory"), ("peak_memory", "peak memory")):

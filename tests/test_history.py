@@ -84,6 +84,15 @@ def test_planted_regressions_are_named_with_the_environment_change(run_dir, db, 
     # The last passing run is the baseline: night 2's int8 (night 2 regressed only nf4's memory).
     assert int8["baseline_run"] == "night-2"
 
+    def writes_worse_code(m):  # a HumanEval result as the evaluate step records one, with a significant drop
+        m["recipes"]["bnb-nf4"]["evaluate"]["humaneval"] = {
+            "pass_at_1": 0.35, "n": 20, "delta_acc": -0.3, "delta_ci95": [-0.5, -0.1], "significant": True,
+            "flips": {"right_to_wrong": 6, "wrong_to_right": 0, "agreement": 0.7, "mcnemar_p": 0.03125}}
+
+    history.record_run(db, rerun(run_dir, tmp_path, "night-4", "2999-01-03T02:00:00+00:00", writes_worse_code))
+    nf4 = next(c for c in history.gate_run(db, "night-4", GateSettings()) if c["recipe"] == "bnb-nf4")
+    assert nf4["regressions"] == ["significant HumanEval pass@1 drop: -0.3000 (baseline not measured, not significant)"]
+
 
 def test_a_database_from_before_the_tower_columns_gains_them(run_dir, tmp_path):
     import sqlite3
