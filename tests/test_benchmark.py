@@ -89,8 +89,9 @@ def test_reference_and_recipe_latency_from_one_run(measured):
         assert mem["gpu_peak_load"] is None and mem["gpu_peak_infer"] is None  # no GPU here: not measured
     # The recipe reuses the run's copy bandwidth and compares itself with the reference measured before it.
     assert int8["copy_bandwidth"] == ref["copy_bandwidth"]
+    # The record rounds each decode time to 0.01 ms and the speedup is taken before: a few ms a token on a CPU.
     assert int8["latency"]["speedup_vs_reference"] == pytest.approx(
-        ref["latency"]["decode_ms_per_token"] / int8["latency"]["decode_ms_per_token"], abs=1e-3)
+        ref["latency"]["decode_ms_per_token"] / int8["latency"]["decode_ms_per_token"], rel=0.01)
     assert int8["real_bytes"] < ref["real_bytes"] and int8["weight_bytes_per_token"] < ref["weight_bytes_per_token"]
 
 
