@@ -28,8 +28,8 @@ from quantgate.files import write_json
 log = logging.getLogger("quantgate.evaluate")
 DATA = PROJECT_ROOT / "data"
 
-TASK_UTILS = '''"""Written by quantgate (tasks/evaluate.py): the MMLU prompt, HumanEval's scoring, and lm-eval's own WikiText-2
-document functions."""
+TASK_UTILS = '''"""Written by quantgate (tasks/evaluate.py): the MMLU prompt, HumanEval's scoring, and lm-eval's
+own WikiText-2 document functions."""
 from lm_eval.tasks.wikitext.preprocess_wikitext import process_results, wikitext_detokenizer  # noqa: F401
 
 
