@@ -44,7 +44,7 @@ def gate_model(run: RunRecord, config: RunConfig) -> dict | None:
     if download["status"] != "ok":
         return None
     compute = modeling.compute_dtype(model.dtype, model.device, model.compute_dtype)
-    reference = run_step(reference_task, steps.validate, "model", "reference", checkpoint=download["checkpoint"],
+    reference = run_step(reference_task, steps.reference, "model", "reference", checkpoint=download["checkpoint"],
                          checkpoint_sha256=download["checkpoint_sha256"], dtype=model.dtype, compute_dtype=compute,
                          device=model.device, cache_dir=cache, validate_settings=steps.validate.model_dump(),
                          evaluate_settings=steps.evaluate.model_dump())

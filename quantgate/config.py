@@ -8,19 +8,20 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 import yaml
-from pydantic import (Field, PositiveFloat, PositiveInt, SerializeAsAny, StringConstraints, ValidationError,
+from pydantic import (AfterValidator, Field, PositiveFloat, PositiveInt, SerializeAsAny, StringConstraints, ValidationError,
                       field_validator, model_validator)
 
+from quantgate.files import slug
 from quantgate.backends import RecipeBase, Strict, ValidateThresholds, methods, parse_recipe
 
 __all__ = ["ConfigError", "RecipeBase", "RunConfig", "ValidateThresholds", "load_config"]
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-HISTORY_DB = Path("runs/history.sqlite")
-DASHBOARD = Path("runs/dashboard.html")
+HISTORY_DB = PROJECT_ROOT / "runs" / "history.sqlite"
+DASHBOARD = PROJECT_ROOT / "runs" / "dashboard.html"
 RECIPES_DIR = PROJECT_ROOT / "configs" / "recipes"
 DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "default.yaml"
 
@@ -28,11 +29,22 @@ Dtype = Literal["bfloat16", "float16", "float32"]
 
 
 class ConfigError(ValueError):
-    """A config that cannot run: says which file, which field, and what is allowed."""
+    """A config that cannot run: says which file, which field, and what is allowed; `problems` holds
+    every one found, so a config with three mistakes is fixed in one pass."""
 
     def __init__(self, file: str | Path, field: str, message: str):
         self.file, self.field = str(file), field
-        super().__init__(f"{file}: {field}: {message}")
+        self.problems = [f"{file}: {field}: {message}"]
+        super().__init__(self.problems[0])
+
+    @classmethod
+    def of(cls, errors: list[ConfigError]) -> ConfigError:
+        if len(errors) == 1:
+            return errors[0]
+        combined = cls(errors[0].file, errors[0].field, "")
+        combined.problems = [p for e in errors for p in e.problems]
+        combined.args = (f"{len(combined.problems)} problems:\n  " + "\n  ".join(combined.problems),)
+        return combined
 
 
 class ModelSpec(Strict):
@@ -55,24 +67,44 @@ class ModelSpec(Strict):
                 raise ValueError(f"'{value}': a Hub source is hf:ORG/NAME[@REVISION]")
         elif sep and len(scheme) > 1 and "/" not in scheme:
             raise ValueError(f"unknown source scheme '{scheme}:'; allowed: hf:, pypi:, gguf:, or a folder path")
-        return value
+        if scheme == "gguf" and sep:
+            return f"gguf:{rooted(Path(rest))}"
+        return value if sep and scheme in ("hf", "pypi") else str(rooted(Path(value)))
+
+
+def rooted(path: Path) -> Path:
+    """A config's relative path, resolved against the project root: the same files from any working directory."""
+    return path if path.is_absolute() else PROJECT_ROOT / path
+
+
+Rooted = Annotated[Path, AfterValidator(rooted)]
 
 
 class StepSettings(Strict):
+    key: ClassVar[str]  # its place under steps:, for messages that say which limit to raise
     timeout_s: PositiveFloat = 3600
     retries: int = Field(0, ge=0)
 
 
 class DownloadSettings(StepSettings):
+    key = "download"
     retries: int = Field(2, ge=0)
 
 
+class ReferenceSettings(StepSettings):
+    """The unquantized model measured once: validate's prompts and the evaluate step's tasks, both."""
+    key = "reference"
+    timeout_s: PositiveFloat = 7200
+
+
 class QuantizeSettings(StepSettings):
+    key = "quantize"
     # The reloaded checkpoint must predict the same next token as the in-memory model.
     roundtrip_min_top1: float = Field(0.95, ge=0, le=1)
 
 
 class ValidateSettings(StepSettings):
+    key = "validate"
     top_k: PositiveInt = 64  # reference log-probs kept per token; KL adds one bucket for the rest
     hidden_positions: PositiveInt = 32  # token positions per prompt whose hidden states are compared
     generate_prompts: int = Field(3, ge=0)  # chat prompts decoded greedily by both models
@@ -80,6 +112,7 @@ class ValidateSettings(StepSettings):
 
 
 class EvaluateSettings(StepSettings):
+    key = "evaluate"
     mmlu_source: Literal["local", "hub"] = "local"  # data/mmlu, or the Hub dataset cais/mmlu
     num_fewshot: int = Field(0, ge=0, le=5)
     limit: PositiveInt | None = 5  # questions per subject (57 subjects); null: all 14,042
@@ -101,6 +134,7 @@ class EvaluateSettings(StepSettings):
 
 
 class BenchmarkSettings(StepSettings):
+    key = "benchmark"
     prompt_tokens: PositiveInt = 256
     new_tokens: int = Field(256, ge=2)
     batch_sizes: list[PositiveInt] = Field([1], min_length=1)  # the first is the headline figure
@@ -128,8 +162,9 @@ class BenchmarkSettings(StepSettings):
 
 
 class PublishSettings(StepSettings):
+    key = "publish"
     target: Literal["local", "hub", "none"] = "local"
-    registry_dir: Path = Path("registry")  # <registry>/<model>/<recipe>/v<N>/
+    registry_dir: Rooted = PROJECT_ROOT / "registry"  # <registry>/<model>/<recipe>/v<N>/
     # The Hub repo, with {model} and {recipe} filled in, e.g. my-org/{model}-{recipe}
     hub_repo: str | None = None
     hub_private: bool = True
@@ -142,6 +177,15 @@ class PublishSettings(StepSettings):
     def _hub_needs_a_repo(self):
         if self.target == "hub" and not self.hub_repo:
             raise ValueError("hub_repo is required when target is hub, e.g. my-org/{model}-{recipe}")
+        if self.hub_repo is not None:
+            filled = self.hub_repo.replace("{model}", "m").replace("{recipe}", "r")
+            org, sep, name = filled.partition("/")
+            try:
+                assert sep, "expected ORG/NAME"
+                slug(org), slug(name)
+            except (AssertionError, ValueError) as e:
+                raise ValueError(f"hub_repo {self.hub_repo!r} is not ORG/NAME with {{model}} and {{recipe}} "
+                                 f"placeholders: {e}") from None
         return self
 
 
@@ -151,6 +195,7 @@ with warnings.catch_warnings():
 
     class Steps(Strict):
         download: DownloadSettings = DownloadSettings()
+        reference: ReferenceSettings = ReferenceSettings()
         quantize: QuantizeSettings = QuantizeSettings()
         validate: ValidateSettings = ValidateSettings()
         evaluate: EvaluateSettings = EvaluateSettings()
@@ -159,9 +204,11 @@ with warnings.catch_warnings():
 
 
 class Output(Strict):
-    runs_dir: Path = Path("runs")
-    cache_dir: Path = Path(".cache/quantgate")
-    history_db: Path = HISTORY_DB  # every run's record, for `quantgate history` and the gate
+    # Relative paths are the project root's (see rooted), from whatever folder quantgate runs in.
+    runs_dir: Rooted = PROJECT_ROOT / "runs"
+    cache_dir: Rooted = PROJECT_ROOT / ".cache" / "quantgate"
+    history_db: Rooted = HISTORY_DB  # every run's record, for `quantgate history` and the gate
+
 
 
 class RunConfig(Strict):
@@ -217,8 +264,9 @@ def _read_yaml(path: Path) -> Any:
         raise ConfigError(path, "-", f"not valid YAML: {e}") from None
 
 
-def _resolve_recipe(entry: Any, index: int, path: Path) -> tuple[dict, Path]:
-    """A recipe entry (name or {use: name, ...}) merged over its file in configs/recipes/."""
+def _resolve_recipe(entry: Any, index: int, path: Path) -> tuple[dict, Path, set[str]]:
+    """A recipe entry (name or {use: name, ...}) merged over its file in configs/recipes/, the file it came
+    from, and the fields the config itself set (their errors name the config, not the recipe file)."""
     field = f"recipes[{index}]"
     if isinstance(entry, str):
         use, override = entry, {}
@@ -226,13 +274,13 @@ def _resolve_recipe(entry: Any, index: int, path: Path) -> tuple[dict, Path]:
         override = dict(entry)
         use = override.pop("use")
     elif isinstance(entry, dict):
-        return entry, path  # written out in full
+        return entry, path, set(entry)  # written out in full
     else:
         raise ConfigError(path, field, f"expected a recipe name or a mapping with 'use', got {entry!r}")
     recipe_file = RECIPES_DIR / f"{use}.yaml"
     if not isinstance(use, str) or not recipe_file.is_file():
         raise ConfigError(path, field, f"unknown recipe {use!r}; allowed: {', '.join(available_recipes())}")
-    return _merged(_recipe_file(recipe_file), override), recipe_file
+    return _merged(_recipe_file(recipe_file), override), recipe_file, set(override)
 
 
 def _set_dotted(data: dict, key: str, value: Any) -> None:
@@ -245,43 +293,76 @@ def _set_dotted(data: dict, key: str, value: Any) -> None:
     node[last] = value
 
 
+def _overridden(data: dict, overrides: list[str], errors: list[ConfigError]) -> dict[str, str]:
+    """Apply `--set KEY=VALUE` items to data; returns each key's item, so errors name the --set they came from."""
+    applied = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            errors.append(ConfigError("--set", item, "expected KEY=VALUE, e.g. steps.quantize.timeout_s=600"))
+            continue
+        try:
+            _set_dotted(data, key, yaml.safe_load(raw))
+            applied[key] = item
+        except yaml.YAMLError as e:
+            errors.append(ConfigError("--set", item, f"the value is not valid YAML: {str(e).splitlines()[0]}"))
+        except ConfigError as e:
+            errors.append(e)
+    return applied
+
+
 def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
-    """Read, merge and validate a run config; raises ConfigError before anything heavy runs."""
+    """Read, merge and validate a run config; raises ConfigError, with every problem found, before anything
+    heavy runs."""
     path = Path(path)
     data = _read_yaml(path)
     if not isinstance(data, dict):
         raise ConfigError(path, "-", "expected a mapping at the top level")
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise ConfigError("--set", item, "expected KEY=VALUE, e.g. steps.quantize.timeout_s=600")
-        _set_dotted(data, key, yaml.safe_load(raw))
+    errors: list[ConfigError] = []
+    applied = _overridden(data, list(overrides), errors)
+    recipes_ok = True
     if isinstance(data.get("recipes"), list):
-        data["recipes"] = [_validate_recipe(*_resolve_recipe(entry, i, path), i)
-                           for i, entry in enumerate(data["recipes"])]
+        recipes = []
+        for i, entry in enumerate(data["recipes"]):
+            try:
+                recipes.append(_validate_recipe(*_resolve_recipe(entry, i, path), i, path))
+            except ConfigError as e:
+                errors.append(e)
+                recipes_ok = False
+        data["recipes"] = recipes
     try:
-        return RunConfig.model_validate(data)
+        config = RunConfig.model_validate(data)
     except ValidationError as e:
-        raise _config_error(path, e) from None
+        # With a recipe refused above, the list's own complaints (too short, say) are not news.
+        errors += [_config_error(path, err, applied) for err in e.errors()
+                   if recipes_ok or err["loc"][:1] != ("recipes",)]
+    if errors:
+        raise ConfigError.of(errors)
+    return config
 
 
-def _validate_recipe(recipe: dict, origin: Path, index: int) -> RecipeBase:
+def _validate_recipe(recipe: dict, origin: Path, set_here: set[str], index: int, config_path: Path) -> RecipeBase:
     """A recipe as its backend's model; errors name the file the field came from and the recipe's index."""
     if recipe.get("method") not in methods():
-        raise ConfigError(origin, f"recipes[{index}].method", f"unknown method {recipe.get('method')!r}; allowed "
-                                                              f"methods: {', '.join(methods())}")
+        raise ConfigError(config_path if "method" in set_here else origin, f"recipes[{index}].method",
+                          f"unknown method {recipe.get('method')!r}; allowed methods: {', '.join(methods())}")
     try:
         return parse_recipe(recipe)
     except ValidationError as e:
-        raise _config_error(origin, e, prefix=f"recipes[{index}]") from None
+        errors = [_config_error(config_path if str(err["loc"][0]) in set_here else origin, err, {},
+                                prefix=f"recipes[{index}]") for err in e.errors()]
+        raise ConfigError.of(errors) from None
 
 
-def _config_error(path: Path, e: ValidationError, prefix: str = "") -> ConfigError:
-    err = e.errors()[0]
+def _config_error(path: Path, err: dict, applied: dict[str, str], prefix: str = "") -> ConfigError:
     field = ".".join([prefix] * bool(prefix) + [f"[{p}]" if isinstance(p, int) else str(p) for p in err["loc"]])
+    field = field.replace(".[", "[") or "-"
+    dotted = ".".join(str(p) for p in err["loc"])
+    # A field set with --set, or under one, is that --set's error.
+    origin = next((f"--set {item}" for key, item in applied.items()
+                   if dotted == key or dotted.startswith(key + ".")), path)
     message = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
-    more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
-    return ConfigError(path, field.replace(".[", "[") or "-", f"{message}; got {err.get('input')!r}{more}")
+    return ConfigError(origin, field, f"{message}; got {err.get('input')!r}")
 
 
 def dump_config(config: RunConfig) -> str:
@@ -297,7 +378,7 @@ class GateSettings(Strict):
 
 
 class MatrixModel(Strict):
-    config: Path  # a run config; its recipes are replaced by the matrix's
+    config: Rooted  # a run config; its recipes are replaced by the matrix's
     overrides: list[str] = []
 
 
@@ -309,8 +390,8 @@ class NightlyConfig(Strict):
     # the cells one after another in the nightly flow's own process.
     deployment: str | None = "quantize-model/quantize"
     gate: GateSettings = GateSettings()
-    history_db: Path = HISTORY_DB
-    dashboard: Path = DASHBOARD
+    history_db: Rooted = HISTORY_DB
+    dashboard: Rooted = DASHBOARD
 
 
 def load_nightly(path: str | Path) -> NightlyConfig:

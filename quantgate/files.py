@@ -1,10 +1,35 @@
-"""Writing files so that a reader never sees half of one, and the sha256 manifest of a folder."""
+"""Writing files so that a reader never sees half of one, names that become folders, and the sha256
+manifest of a folder."""
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import logging
+import re
 from pathlib import Path
+
+log = logging.getLogger("quantgate.files")
+
+# Recipe and model names become folders in a run, the registry and Hub repo names.
+SLUG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
+
+
+def slug(name: str) -> str:
+    """`name` if it is safe as one path segment; a ValueError saying what is allowed otherwise."""
+    if not SLUG.fullmatch(name) or ".." in name:
+        raise ValueError(f"{name!r} is not a safe name: allowed are letters, digits, '.', '_' and '-', starting "
+                         "with a letter or digit, at most 96 characters, no '..'")
+    return name
+
+
+def under(root: Path, *parts: str) -> Path:
+    """root/parts, refused if it would land outside root (a name holding '../' or an absolute path)."""
+    root = Path(root).resolve()
+    path = root.joinpath(*parts).resolve()
+    if not path.is_relative_to(root):
+        raise ValueError(f"{path} is outside {root}")
+    return path
 
 
 def write_atomic(path: Path, data: str | bytes) -> Path:
@@ -32,3 +57,16 @@ def manifest(folder: Path, exclude: tuple[Path, ...] = ()) -> list[dict]:
     """Every file under `folder` (but `exclude`), sorted, with its size and sha256."""
     return [{"path": str(p.relative_to(folder)), "bytes": p.stat().st_size, "sha256": sha256_file(p)}
             for p in sorted(Path(folder).rglob("*")) if p.is_file() and p not in exclude]
+
+
+def cached_tensors(path: Path):
+    """A cached file of tensors in plain containers, read as data only (a pickle planted in a shared cache runs
+    no code); None, with a warning, where it does not load as such: the caller measures it again."""
+    import torch
+
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as e:  # an UnpicklingError for anything but data, a truncated file, ...
+        log.warning("cached %s does not load as data (%s: %s): measuring it again", path, type(e).__name__,
+                    str(e).splitlines()[0] if str(e) else "")
+        return None

@@ -164,12 +164,19 @@ def make_plans(config, config_path) -> dict[str, list[dict]]:
         model_config = read_model_config(source, Path(config.output.cache_dir))
     except DownloadError as e:
         raise ConfigError(config_path, "model.source", str(e)) from None
-    model = modeling.skeleton(model_config)
-    plans = {}
+    try:
+        model = modeling.skeleton(model_config)
+    except Exception as e:  # e.g. a config.json whose architectures and model_type belong to different models
+        raise ConfigError(config_path, "model.source", f"{source.text}: its config.json does not build a model "
+                          f"(model_type {getattr(model_config, 'model_type', None)!r}, architectures "
+                          f"{getattr(model_config, 'architectures', None)}): {type(e).__name__}: {e}") from None
+    plans, errors = {}, []
     for i, recipe in enumerate(config.recipes):
         try:
             backend_of(recipe).check_base(recipe, model_config, config.steps.publish.registry_dir)
             plans[recipe.name] = plan_recipe(model, recipe)
         except PlanError as e:
-            raise ConfigError(config_path, f"recipes[{i}].{e.field}", f"{recipe.name}: {e}") from None
+            errors.append(ConfigError(config_path, f"recipes[{i}].{e.field}", f"{recipe.name}: {e}"))
+    if errors:
+        raise ConfigError.of(errors)
     return plans

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from quantgate import backends
 from quantgate.config import RunConfig, dump_config
-from quantgate.files import write_atomic, write_json
+from quantgate.files import under, write_atomic, write_json
 from quantgate.formats import gb, num, peak_memory, tower_measures
 from quantgate.plan import tower_lines
 from quantgate.runlog import announce
@@ -75,7 +75,7 @@ class RunRecord:
         write_json(self.dir / "metrics.json", self.metrics)
 
     def recipe_dir(self, name: str) -> Path:
-        return self.dir / name
+        return under(self.dir, name)
 
     def set_model(self, download: dict) -> None:
         model = self.metrics["model"]
@@ -105,7 +105,8 @@ class RunRecord:
         if measured:
             entry[step] = measured
         entry.setdefault("warnings", []).extend(f"{step}: {w}" for w in result.get("warnings", []))
-        if result["status"] != "ok":
+        # A step the config turned off (not_run) says so in its own entry and leaves the recipe's status.
+        if result["status"] not in ("ok", "not_run"):
             entry["status"] = {"failed": "failed", "skipped": "skipped"}.get(result["status"], "error")
             entry["reason"] = f"{step}: {result.get('reason', '')}"
         self.save()
@@ -157,7 +158,9 @@ def _run_task(step_task, step_settings, /, **params) -> dict:
         return {**result, "seconds": seconds, "cached": state.name == "Cached"}
     error = state.result(raise_on_failure=False)
     if state.name == "TimedOut" or isinstance(error, TimeoutError):
-        reason = f"timed out after {step_settings.timeout_s:g} s"
+        limit = f"steps.{step_settings.key}.timeout_s"
+        reason = (f"timed out after {step_settings.timeout_s:g} s, the limit {limit}; raise it in the config or "
+                  f"with --set {limit}={step_settings.timeout_s * 2:g}")
     elif isinstance(error, BaseException):
         reason = f"{type(error).__name__}: {error}"
     else:

@@ -136,6 +136,10 @@ def gguf_path(source: Source, cache_dir: Path) -> Path:
     path = packaged_gguf(source.ref, cache_dir) if source.kind == "pypi" else Path(source.ref)
     if not path.is_file():
         raise DownloadError(f"{source.text}: no such GGUF file")
+    with path.open("rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise DownloadError(f"{path}: not a GGUF file (it starts with {magic!r}; a GGUF starts with b'GGUF')")
     return path
 
 
@@ -156,4 +160,8 @@ def read_model_config(source: Source, cache_dir: Path):
         return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
     if not (Path(source.ref) / "config.json").is_file():
         raise DownloadError(f"{source.ref}: not a checkpoint folder (no config.json)")
-    return AutoConfig.from_pretrained(source.ref)
+    try:
+        return AutoConfig.from_pretrained(source.ref)
+    except Exception as e:  # not JSON, an unknown model_type, ...
+        raise DownloadError(f"{Path(source.ref) / 'config.json'}: transformers cannot read it: "
+                            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None

@@ -18,6 +18,7 @@ from pathlib import Path
 from prefect import task
 from prefect.context import TaskRunContext
 
+from quantgate import checkpoint
 from quantgate.files import manifest, sha256_file, write_json
 from quantgate.sources import HUB_PATTERNS, PACKAGED_GGUF, DownloadError, Source, gguf_path, parse_source
 
@@ -110,6 +111,8 @@ def fetch(source: Source, cache_dir: Path, dtype: str) -> None:
     if source.kind == "local":
         if not (Path(source.ref) / "config.json").is_file():
             raise DownloadError(f"{source.ref}: not a checkpoint folder (no config.json)")
+        if found := checkpoint.problems(Path(source.ref)):  # refused before any model loads from it
+            raise DownloadError("the local checkpoint is damaged: " + "; ".join(found))
         write_manifest(Path(source.ref), manifest_path(source, cache_dir), source, {})
         return
     target = checkpoint_dir(source, cache_dir)
@@ -125,6 +128,8 @@ def fetch(source: Source, cache_dir: Path, dtype: str) -> None:
         convert_gguf(gguf, tmp, dtype, info.get("base_model"))
         extra.update(converted_from=str(gguf), gguf_sha256=sha256_file(gguf), dtype=dtype,
                      base_model=info.get("base_model"), license=info.get("license"))
+    if found := checkpoint.problems(tmp):
+        raise DownloadError(f"{source.text}: what was fetched is damaged: " + "; ".join(found))
     write_manifest(tmp, tmp / "manifest.json", source, extra)
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
@@ -143,7 +148,8 @@ def _cache_key(context: TaskRunContext, parameters: dict) -> str | None:
     if problems:
         log.warning("cached checkpoint for %s not usable, fetching again: %s", source.text, "; ".join(problems))
         return None
-    key = f"download:{source.text}@{source.revision}:{parameters['dtype']}"
+    # Where the cache lives is part of the key: two configs with different cache_dir never share a checkpoint.
+    key = f"download:{source.text}@{source.revision}:{parameters['dtype']}:{cache_dir.resolve()}"
     return hashlib.sha256(key.encode()).hexdigest()  # Prefect stores results under this name
 
 
@@ -160,5 +166,6 @@ def download(source: str, revision: str | None, cache_dir: str, dtype: str) -> d
             "base_model": manifest.get("base_model"), "license": manifest.get("license")}
 
 
+# Stored as JSON: a result file in Prefect's storage is data, never a pickle to load.
 download_task = task(download, name="download", cache_key_fn=_cache_key, persist_result=True,
-                     retries=2, retry_delay_seconds=10)
+                     result_serializer="json", retries=2, retry_delay_seconds=10)

@@ -19,7 +19,7 @@ import yaml
 from prefect import task
 
 from quantgate.card import model_name, render_card
-from quantgate.files import manifest, write_atomic, write_json
+from quantgate.files import manifest, slug, under, write_atomic, write_json
 
 log = logging.getLogger("quantgate.publish")
 
@@ -64,7 +64,7 @@ def next_version(folder: Path) -> int:
 
 
 def publish_local(run_dir: Path, metrics: dict, recipe: str, registry: Path, forced: bool) -> dict:
-    parent = registry.resolve() / model_name(metrics) / recipe
+    parent = under(registry, model_name(metrics), recipe)
     parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=parent))
     try:
@@ -88,7 +88,10 @@ def publish_local(run_dir: Path, metrics: dict, recipe: str, registry: Path, for
 
 
 def hub_repo_id(template: str, metrics: dict, recipe: str) -> str:
-    return template.format(model=model_name(metrics), recipe=recipe)
+    repo_id = template.format(model=model_name(metrics), recipe=recipe)
+    org, _, name = repo_id.partition("/")
+    slug(org), slug(name)  # the config checked the template; this checks what filled it
+    return repo_id
 
 
 def publish_hub(run_dir: Path, recipe: str, repo_template: str, private: bool, branch: str,
@@ -129,7 +132,7 @@ def publish(run_dir: str, recipe: str, settings: dict) -> dict:
     metrics = json.loads((run_dir / "metrics.json").read_text())
     entry = metrics["recipes"][recipe]
     if settings["target"] == "none":
-        return {"status": "skipped", "reason": "steps.publish.target is none"}
+        return {"status": "not_run", "reason": "publishing is off (steps.publish.target: none)"}
     if why := refusal(entry, settings["force"]):
         return {"status": "failed", "reason": f"refused: {why}"}
     forced = entry.get("validate", {}).get("verdict") == "fail"

@@ -16,7 +16,7 @@ import torch
 
 from quantgate import modeling
 from quantgate.backends import ValidateThresholds
-from quantgate.files import sha256_file, write_atomic
+from quantgate.files import cached_tensors, sha256_file, write_atomic
 from quantgate.processors import read_wav
 
 PROMPTS = Path(__file__).resolve().parents[1] / "data" / "multimodal" / "prompts.jsonl"
@@ -112,7 +112,7 @@ def reference_towers(model, processor, cache: Path, max_new_tokens: int) -> dict
     """The reference's measurements on the image and audio prompts, cached at `cache` (plain tensors)."""
     if not senses(model):
         return None
-    if not cache.is_file():
+    if not cache.is_file() or cached_tensors(cache) is None:
         stats = measure(model, processor, max_new_tokens)
         cache.parent.mkdir(parents=True, exist_ok=True)
         buffer = io.BytesIO()

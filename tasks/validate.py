@@ -20,7 +20,7 @@ from prefect import task
 from quantgate import modeling
 from quantgate.backends import parse_recipe
 from quantgate.config import PROJECT_ROOT, ValidateSettings, ValidateThresholds
-from quantgate.files import write_atomic
+from quantgate.files import cached_tensors, write_atomic
 from quantgate.processors import load_processor
 
 log = logging.getLogger("quantgate.validate")
@@ -204,7 +204,8 @@ def reference_stats(model, tokenizer, checkpoint_sha256: str, dtype: str, cache_
                     settings: ValidateSettings) -> dict:
     """The reference's measurements from the cache, or measured and cached; returns path and summary."""
     path = Path(cache_dir) / "reference" / reference_key(checkpoint_sha256, dtype, settings) / "validate.pt"
-    cached = path.is_file()
+    stats = cached_tensors(path) if path.is_file() else None
+    cached = stats is not None
     if not cached:
         t0 = time.perf_counter()
         stats = measure_reference(model, tokenizer, settings)
@@ -213,8 +214,6 @@ def reference_stats(model, tokenizer, checkpoint_sha256: str, dtype: str, cache_
         torch.save(stats, buffer)
         write_atomic(path, buffer.getvalue())
         log.info("reference measured on %d prompts in %.1f s", len(stats["prompts"]), time.perf_counter() - t0)
-    else:
-        stats = torch.load(path, weights_only=False)
     return {"path": str(path), "cached": cached, "nonfinite": stats["nonfinite"],
             "first_nonfinite_module": (stats["nonfinite"] or {}).get("first_nonfinite_module")}
 
@@ -311,7 +310,7 @@ def validate(checkpoint: str, recipe: dict, reference: dict, device: str, settin
 
     recipe = parse_recipe(recipe)
     settings = ValidateSettings.model_validate(settings)
-    stats = torch.load(reference["path"], weights_only=False)
+    stats = torch.load(reference["path"], weights_only=True)  # the reference step wrote it this run, or checked it
     t0 = time.perf_counter()
     model = load_saved(Path(checkpoint), recipe, modeling.resolve_device(device), compute_dtype)
     load_s = round(time.perf_counter() - t0, 2)

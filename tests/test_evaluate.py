@@ -87,6 +87,18 @@ def test_flips_see_a_recipe_right_as_often_on_other_questions():
     assert step.paired_bootstrap(reference, lost, iters=500)["flips"]["mcnemar_p"] == pytest.approx(2 / 2 ** 20)
 
 
+def test_a_few_flips_all_one_way_are_not_significant():
+    # Qwen's int8 run: 4 answers lost of 285, none gained. Every resample holding one of them moves the mean
+    # below zero, so the percentile interval leaves zero out; McNemar's exact p for 4 of 4 is 0.125.
+    reference = {f"q{i}": float(i % 2) for i in range(285)}
+    four = dict(reference, **{f"q{i}": 0.0 for i in (1, 3, 5, 7)})
+    result = step.paired_bootstrap(reference, four, iters=2000)
+    assert result["delta_ci95"][1] < 0 and result["flips"]["mcnemar_p"] == pytest.approx(0.125)
+    assert not result["significant"]
+    six = dict(reference, **{f"q{i}": 0.0 for i in range(1, 13, 2)})  # 6 of 6: p 0.031
+    assert step.paired_bootstrap(reference, six, iters=2000)["significant"]
+
+
 @pytest.fixture(scope="module")
 def reference_eval(smollm2, tmp_path_factory):
     from transformers import AutoTokenizer

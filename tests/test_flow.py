@@ -60,7 +60,7 @@ def test_evaluation_in_the_record(run_dir):
         assert mmlu["n"] == 57 and mmlu["paired_n"] == 57 and len(mmlu["subjects"]) == 57
         assert mmlu["delta_acc"] == pytest.approx(mmlu["acc"] - ref["mmlu"]["acc"])
         low, high = mmlu["delta_ci95"]
-        assert low <= mmlu["delta_acc"] <= high and mmlu["significant"] == (not low <= 0 <= high)
+        assert low <= mmlu["delta_acc"] <= high and mmlu["significant"] == (not low <= 0 <= high and mmlu["flips"]["mcnemar_p"] < 0.05)
         assert e["wikitext"]["word_perplexity"] > 1 and "delta_word_perplexity" in e["wikitext"]
         assert (run_dir / name / "evaluate.json").is_file()
     # 4-bit raises perplexity more than 8-bit over the same documents.

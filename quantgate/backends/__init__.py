@@ -14,12 +14,13 @@ from __future__ import annotations
 import importlib
 import os
 from pathlib import Path
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from quantgate import modeling
+from quantgate.files import slug
 
 
 class Strict(BaseModel):
@@ -40,8 +41,11 @@ class ValidateThresholds(Strict):
     embedding_cosine_fail: float = Field(0.9, ge=-1, le=1)
 
 
+Slug = Annotated[str, AfterValidator(slug)]  # a name that becomes a folder
+
+
 class RecipeBase(Strict):
-    name: str
+    name: Slug
     method: str
     description: str = ""
     thresholds: ValidateThresholds = ValidateThresholds()
