@@ -7,7 +7,7 @@ from __future__ import annotations
 from prefect import flow
 
 from quantgate import history, modeling, runlog
-from quantgate.config import DEFAULT_CONFIG, RecipeBase, RunConfig, load_config
+from quantgate.config import DEFAULT_CONFIG, RecipeBase, RunConfig, load_config, writable
 from quantgate.plan import make_plans
 from quantgate.record import RunRecord, run_step
 from tasks.benchmark import benchmark_task
@@ -16,7 +16,7 @@ from tasks.evaluate import evaluate_task
 from tasks.publish import create_artifacts, publish_task
 from tasks.quantize import quantize_task
 from tasks.reference import reference_task
-from tasks.validate import validate_task
+from tasks.validate import nonfinite_reason, validate_task
 
 
 @flow(name="quantize-model")
@@ -24,12 +24,18 @@ def quantize_model(config_path: str = str(DEFAULT_CONFIG), overrides: list[str] 
                    nightly_id: str | None = None) -> str:
     config = load_config(config_path, overrides or [])
     make_plans(config, config_path)  # bad skip patterns or block sizes stop here, before any download
+    writable(config, config_path)  # an unwritable runs, cache or history path stops here, not after every step
     run = RunRecord(config, config_path, nightly_id)
-    with runlog.to_file(run.dir / "run.log"):
-        model = gate_model(run, config)
-        for recipe in config.recipes if model else []:
-            gate_recipe(run, config, model, recipe)
-        run.finish()
+    try:
+        with runlog.stop_on_signals(), runlog.to_file(run.dir / "run.log"):
+            model = gate_model(run, config)
+            for recipe in config.recipes if model else []:
+                gate_recipe(run, config, model, recipe)
+            run.finish()
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM through stop_on_signals
+        run.interrupt(str(stop) or "SIGINT")
+        history.record_run(config.output.history_db, run.dir)
+        raise
     history.record_run(config.output.history_db, run.dir)
     create_artifacts(str(run.dir))
     return str(run.dir)
@@ -49,6 +55,11 @@ def gate_model(run: RunRecord, config: RunConfig) -> dict | None:
                          device=model.device, cache_dir=cache, validate_settings=steps.validate.model_dump(),
                          evaluate_settings=steps.evaluate.model_dump())
     run.set_reference(reference)
+    if reference["status"] != "ok":
+        return None  # nothing to compare a recipe with: the run's error (run.finish)
+    if broken := reference["validate"].get("nonfinite"):
+        run.set_base_broken(f"the base model is broken: its unquantized {nonfinite_reason(broken)}")
+        return None
     benchmark = run_step(benchmark_task, steps.benchmark, "model", "benchmark", name="reference",
                          checkpoint=download["checkpoint"], recipe=None, dtype=model.dtype, device=model.device,
                          settings=steps.benchmark.model_dump(), out_dir=str(run.dir / "reference"))

@@ -12,7 +12,9 @@ from pathlib import Path
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "quantgate")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network to send it to
 
-from quantgate.config import DASHBOARD, DEFAULT_CONFIG, HISTORY_DB, ConfigError, load_config  # noqa: E402
+from quantgate import runlog  # noqa: E402
+from quantgate.history import HistoryError  # noqa: E402
+from quantgate.config import DASHBOARD, DEFAULT_CONFIG, HISTORY_DB, ConfigError, load_config, writable  # noqa: E402
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -53,16 +55,25 @@ def run(args) -> int:
     from quantgate.record import SUMMARY_HEADER, summary_rows
     from quantgate.terminal import quiet
 
-    load_config(args.config, args.set)  # a bad config fails here with its message, before Prefect starts
+    # A bad config or an unwritable output path fails here with its message, before Prefect starts.
+    writable(load_config(args.config, args.set), args.config)
     # Imported before the terminal is quieted: Prefect sets up its console handler on import, and
     # quiet() mutes the handlers it finds.
     from flows.quantize_model import quantize_model
 
-    with quiet():
-        run_dir = Path(quantize_model(config_path=str(args.config), overrides=args.set))
+    try:
+        with quiet():
+            run_dir = Path(quantize_model(config_path=str(args.config), overrides=args.set))
+    except KeyboardInterrupt as stop:  # the flow has marked its run interrupted; its helpers must not outlive it
+        stopped = runlog.stop_children()
+        print(f"\nstopped ({stop or 'SIGINT'}): the run is marked interrupted; {stopped} child processes stopped",
+              file=sys.stderr)
+        return 143 if isinstance(stop, runlog.Stopped) else 130
     metrics = json.loads((run_dir / "metrics.json").read_text())
     print()
     print(_table(SUMMARY_HEADER, summary_rows(metrics)))
+    if metrics.get("base_broken"):
+        print(f"\n{metrics['base_broken']}: no recipe was run")
     print(f"\nrun {metrics['run_id']}: {metrics['status']}")
     print(f"run directory: {run_dir}")
     return 0 if metrics["status"] == "passed" else 1
@@ -125,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--db", type=Path, default=HISTORY_DB)
     p.add_argument("--model")
     p.add_argument("--recipe")
-    p.add_argument("--status", choices=["passed", "failed", "error", "skipped"])
+    p.add_argument("--status", choices=["passed", "failed", "error", "skipped", "interrupted"])
     p.add_argument("--limit", type=int, default=50)
     p.set_defaults(fn=show_history)
     p = sub.add_parser("dashboard", help="write the static HTML dashboard from the history")
@@ -137,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.fn(args)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except HistoryError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
 
 

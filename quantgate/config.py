@@ -6,6 +6,7 @@ before validation, so every error names the file and field it came from.
 """
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Union
@@ -363,6 +364,34 @@ def _config_error(path: Path, err: dict, applied: dict[str, str], prefix: str = 
                    if dotted == key or dotted.startswith(key + ".")), path)
     message = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
     return ConfigError(origin, field, f"{message}; got {err.get('input')!r}")
+
+
+def _unwritable(path: Path, is_file: bool) -> str | None:
+    """Why quantgate could not write at `path` (a folder it may create, or a file in one), or None."""
+    if path.exists():
+        if is_file and path.is_dir():
+            return f"{path} is a folder, not a file"
+        if not is_file and not path.is_dir():
+            return f"{path} is a file, not a folder"
+        if not os.access(path, os.W_OK) or (is_file and not os.access(path.parent, os.W_OK)):
+            return f"{path} is not writable" + (" (nor its folder, where SQLite keeps its journal)" if is_file else "")
+        return None
+    parent = next(p for p in path.parents if p.exists())
+    if not parent.is_dir():
+        return f"{path} cannot be made: {parent} is a file"
+    return None if os.access(parent, os.W_OK | os.X_OK) else f"{path} cannot be made: {parent} is not writable"
+
+
+def writable(config: RunConfig, config_path: str | Path) -> None:
+    """Every place a run writes (runs, cache, registry, history), checked before any heavy work."""
+    places = [("output.runs_dir", config.output.runs_dir, False), ("output.cache_dir", config.output.cache_dir, False),
+              ("output.history_db", config.output.history_db, True)]
+    if config.steps.publish.target == "local":
+        places.append(("steps.publish.registry_dir", config.steps.publish.registry_dir, False))
+    errors = [ConfigError(config_path, field, why) for field, path, is_file in places
+              if (why := _unwritable(Path(path), is_file))]
+    if errors:
+        raise ConfigError.of(errors)
 
 
 def dump_config(config: RunConfig) -> str:

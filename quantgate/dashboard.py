@@ -19,7 +19,7 @@ WHERE_MEASURED = {"humaneval_pass", "tower_cosine"}  # no trend for a model that
 
 
 def light(cell: dict) -> str:
-    if cell["status"] == "skipped":
+    if cell["status"] in ("skipped", "interrupted"):  # no verdict to light
         return "skipped"
     if cell["status"] != "passed":
         return "fail"

@@ -33,16 +33,38 @@ ENV_KEYS = ("python", "torch", "transformers", "accelerate", "bitsandbytes", "to
             "prefect")
 
 
-def connect(db: str | Path) -> sqlite3.Connection:
-    Path(db).parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(db, timeout=30)
+class HistoryError(RuntimeError):
+    """A history database that is missing or is not one: a one-line message naming the file."""
+
+
+def connect(db: str | Path, create: bool = False) -> sqlite3.Connection:
+    """The history at `db`; only a writer (create=True) makes it where there is none."""
+    db = Path(db)
+    if not create and not db.is_file():
+        raise HistoryError(f"{db}: no history database there (a run creates it at its output.history_db)")
+    if create:
+        db.parent.mkdir(parents=True, exist_ok=True)
+    # Several runs finishing together wait for each other's write lock (up to 60 s) rather than fail.
+    conn = sqlite3.connect(db, timeout=60)
     conn.row_factory = sqlite3.Row
-    conn.executescript(SCHEMA)
-    have = {row["name"] for row in conn.execute("PRAGMA table_info(cells)")}
-    for column, kind in ADDED.items():
-        if column not in have:
-            conn.execute(f"ALTER TABLE cells ADD COLUMN {column} {kind}")
+    try:
+        conn.executescript(SCHEMA)
+        have = {row["name"] for row in conn.execute("PRAGMA table_info(cells)")}
+        for column, kind in ADDED.items():
+            if column not in have:
+                _add_column(conn, column, kind)
+    except sqlite3.DatabaseError as e:
+        conn.close()
+        raise HistoryError(f"{db}: not a quantgate history database (sqlite: {e})") from None
     return conn
+
+
+def _add_column(conn: sqlite3.Connection, column: str, kind: str) -> None:
+    try:
+        conn.execute(f"ALTER TABLE cells ADD COLUMN {column} {kind}")
+    except sqlite3.OperationalError as e:  # another process added it between our look and this
+        if "duplicate column" not in str(e):
+            raise
 
 
 def worst_tower(validate: dict) -> tuple[str | None, float | None]:
@@ -80,7 +102,7 @@ def record_run(db: str | Path, run_dir: str | Path) -> str:
     run_dir = Path(run_dir).resolve()
     metrics = json.loads((run_dir / "metrics.json").read_text())
     env = json.loads((run_dir / "env.json").read_text())
-    with closing(connect(db)) as conn, conn:
+    with closing(connect(db, create=True)) as conn, conn:
         conn.execute("INSERT OR REPLACE INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                      (metrics["run_id"], metrics["started_at"], metrics["finished_at"], metrics["model"]["source"],
                       metrics["status"], str(run_dir), json.dumps(env), json.dumps(metrics), metrics.get("nightly_id")))
@@ -176,7 +198,7 @@ def gate_run(db: str | Path, run_id: str, gate: GateSettings) -> list[dict]:
     with closing(connect(db)) as conn:
         rows = [dict(r) for r in conn.execute("SELECT * FROM cells WHERE run_id = ?", (run_id,))]
     for cell in rows:
-        if cell["status"] == "skipped":
+        if cell["status"] in ("skipped", "interrupted"):  # nothing measured to gate
             results.append({**cell, "gate": "skipped", "regressions": [], "baseline_run": None, "env_changes": []})
             continue
         baseline = last_passing(db, cell["model"], cell["recipe"], cell["started_at"])

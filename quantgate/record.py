@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import secrets
+import shutil
 import time
 from datetime import datetime, timezone
 from importlib import metadata
@@ -92,6 +93,13 @@ class RunRecord:
         self.metrics["reference"] = result
         self.save()
 
+    def set_base_broken(self, reason: str) -> None:
+        """The unquantized model itself goes non-finite: no recipe's verdict could mean anything, so none runs."""
+        self.metrics["base_broken"] = reason
+        for entry in self.metrics["recipes"].values():
+            entry.update(status="skipped", reason=f"not run: {reason}")
+        self.save()
+
     def set_reference_benchmark(self, result: dict) -> None:
         self.metrics["reference"]["benchmark"] = result
         self.save()
@@ -112,6 +120,25 @@ class RunRecord:
         self.save()
         return result["status"] == "ok"
 
+    def interrupt(self, why: str) -> None:
+        """A stopped run (SIGINT, SIGTERM): the record says so and where each recipe had got to; half-written
+        files (*.tmp) go, so nothing in the run folder reads as finished that is not."""
+        for path in sorted(self.dir.rglob("*.tmp"), reverse=True):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        for entry in self.metrics["recipes"].values():
+            if entry["status"] == "pending":
+                reached = next((s for s in STEPS if entry["steps"][s]["status"] == "not_run"), STEPS[-1])
+                entry.update(status="interrupted", reason=f"the run was stopped ({why}) before {reached} finished")
+        self.metrics.update(status="interrupted", reason=f"stopped by {why}", finished_at=now())
+        self.save()
+        write_report(self.dir, self.metrics)
+
+    def model_step_statuses(self) -> list[str]:
+        """The model's own steps (download, reference, the reference's benchmark): any that errored is the run's error."""
+        ref = self.metrics["reference"]
+        steps = [self.metrics["model"].get("download"), ref or None, ref.get("benchmark") if ref else None]
+        return ["error" for s in steps if s is not None and s["status"] not in ("ok", "skipped", "not_run")]
+
     def finish(self) -> dict:
         for entry in self.metrics["recipes"].values():
             if entry["status"] == "pending":
@@ -120,7 +147,9 @@ class RunRecord:
                 state = entry["steps"][step]
                 if state["status"] == "not_run" and "reason" not in state:
                     state["reason"] = f"the recipe stopped: {entry.get('reason', '')}"
-        statuses = {e["status"] for e in self.metrics["recipes"].values()}
+        statuses = {e["status"] for e in self.metrics["recipes"].values()} | set(self.model_step_statuses())
+        if self.metrics.get("base_broken"):
+            statuses.add("failed")
         self.metrics["status"] = "error" if "error" in statuses else "failed" if "failed" in statuses else "passed"
         self.metrics["finished_at"] = now()
         self.save()
@@ -214,6 +243,8 @@ def summary_rows(metrics: dict) -> list[list[str]]:
         warnings = entry.get("warnings", [])
         note = entry.get("reason") or (f"{warnings[0]}" + (f" (+{len(warnings) - 1} more)" if len(warnings) > 1 else "")
                                        if warnings else "")
+        if metrics.get("base_broken"):  # said once, under the table, not in every row
+            note = "not run: the base model is broken"
         rows.append([name, entry["status"], gb(q.get("real_bytes")), ratio, counts, v.get("verdict", "–"),
                      num(v.get("kl_mean"), ".4f"), num(v.get("top1_agreement"), ".3f"), _paired(e),
                      _paired(e, "humaneval", "pass_at_1"),
@@ -268,6 +299,8 @@ def render_report(metrics: dict, figure: str | None = None) -> str:
              f"{metrics['reference'].get('dtype', '–')}); everything the libraries printed: [run.log](run.log)", "",
              "| " + " | ".join(SUMMARY_HEADER) + " |", "|" + " --- |" * len(SUMMARY_HEADER)]
     lines += ["| " + " | ".join(row) + " |" for row in summary_rows(metrics)]
+    if metrics.get("base_broken"):
+        lines += ["", f"**{metrics['base_broken']}.** No recipe was run: none of their verdicts could mean anything."]
     if figure:
         lines += ["", f"![MMLU delta against memory and speed]({figure})"]
     ref = metrics["reference"]

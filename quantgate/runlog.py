@@ -9,6 +9,8 @@ logger, carrying `group` (a recipe, or `model`), `step`, `event` and, at the end
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -57,3 +59,41 @@ def to_file(path: Path):
         handler.close()
         for name, level in levels.items():
             logging.getLogger(name).setLevel(level)
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so that every `finally` and atexit handler runs."""
+
+
+@contextmanager
+def stop_on_signals():
+    """While the block runs in the main thread, SIGTERM raises Stopped (SIGINT raises KeyboardInterrupt)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise Stopped(signal.Signals(signum).name)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def stop_children(timeout_s: float = 10) -> int:
+    """Terminate this process's children (the temporary Prefect server, a benchmark's own process, a sandbox),
+    killing what is left after timeout_s; returns how many there were."""
+    import psutil
+
+    children = psutil.Process().children(recursive=True)
+    for child in children:
+        try:
+            child.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(children, timeout=timeout_s)
+    for child in alive:
+        child.kill()
+    return len(children)

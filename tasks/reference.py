@@ -31,8 +31,9 @@ def reference(checkpoint: str, checkpoint_sha256: str, dtype: str, compute_dtype
                                                          Path(validate["path"]).with_name(towers.cache_name()),
                                                          settings.max_new_tokens)
     t2 = time.perf_counter()
-    evaluate = reference_evaluation(model, tokenizer, checkpoint_sha256, compute_dtype, Path(cache_dir),
-                                    EvaluateSettings.model_validate(evaluate_settings))
+    # A base that goes non-finite has no scores worth the evaluation's minutes: the run stops at it.
+    evaluate = {"not_run": "the reference goes non-finite"} if validate["nonfinite"] else reference_evaluation(
+        model, tokenizer, checkpoint_sha256, compute_dtype, Path(cache_dir), EvaluateSettings.model_validate(evaluate_settings))
     # Bytes as the checkpoint holds them: a float32 compute copy is not what a recipe is compared with.
     return {"real_bytes": modeling.real_bytes(model, as_dtype=dtype), "dtype": dtype,
             "compute_dtype": modeling.computed_dtype(model), "validate": validate, "evaluate": evaluate, "load_s": round(t1 - t0, 2), "validate_s": round(t2 - t1, 2),

@@ -66,11 +66,34 @@ class NonFiniteScan:
         self.pending: list[torch.Tensor] = []
         self.maxima: list[torch.Tensor] = []
         self.details: dict[str, dict] = {}
+        # detailed: each finished module's largest finite |output| and dtype, in order, and where each module
+        # started in that list, so a module's input can be traced to the module that produced it.
+        self.finished: list[tuple[str, float, str]] = []
+        self.started: dict[str, int] = {}
 
     def __enter__(self):
         self.handles = [module.register_forward_hook(self._hook(name or type(self.model).__name__))
                         for name, module in self.model.named_modules()]
+        if self.detailed:
+            self.handles += [module.register_forward_pre_hook(self._start(name or type(self.model).__name__))
+                             for name, module in self.model.named_modules()]
+            # Leaves only: a decoder layer's output holds the huge values its down_proj made, and names less.
+            self.leaves = {name for name, module in self.model.named_modules() if not any(module.children())}
         return self
+
+    def _start(self, name: str):
+        def hook(module, inputs):
+            self.started.setdefault(name, len(self.finished))
+        return hook
+
+    def producer(self, name: str) -> dict | None:
+        """The module, finished before `name` began, whose output held the largest finite values: where huge
+        values that overflow in `name` (or between modules) came from."""
+        before = [f for f in self.finished[:self.started.get(name, 0)] if f[1] is not None]
+        if not before:
+            return None
+        module, max_abs, dtype = max(reversed(before), key=lambda f: f[1])
+        return {"module": module, "max_abs": max_abs, "dtype": dtype}
 
     def __exit__(self, *exc):
         for handle in self.handles:
@@ -86,6 +109,10 @@ class NonFiniteScan:
                 if any(not torch.isfinite(t).all() for t in outs):
                     self.names.append(name)
                     self.details.setdefault(name, _statistics(module, inputs, outs))
+                if name in self.leaves:
+                    finite = [t[torch.isfinite(t)] for t in outs]
+                    largest = max((float(t.abs().max()) for t in finite if t.numel()), default=None)
+                    self.finished.append((name, largest, str(outs[0].dtype) if outs else None))
                 return
             self.pending += outs
             self.names += [name] * len(outs)
@@ -146,8 +173,22 @@ def explain_nonfinite(model, ids: torch.Tensor) -> dict | None:
     if not flagged:
         return None  # the cheap pass's norm overflowed: every value is finite
     first = flagged[0]
-    return {"first_nonfinite_module": first, **scan.details[first],
+    return {"first_nonfinite_module": first, **scan.details[first], "produced_by": scan.producer(first),
             "affected_after": flagged[1:], "affected_count": len(flagged) - 1}
+
+
+def nonfinite_reason(nonfinite: dict) -> str:
+    """Where the output went non-finite and, for an overflow, where the huge values came from."""
+    text = f"non-finite output from {nonfinite['first_nonfinite_module']} on"
+    if nonfinite.get("weight_finite") is False:
+        return text + " (its weight holds NaN or Inf)"
+    source = nonfinite.get("produced_by")
+    if source and source["dtype"] and source["dtype"].startswith("torch.float"):
+        limit = torch.finfo(getattr(torch, source["dtype"].removeprefix("torch."))).max
+        if source["max_abs"] > limit / 1e3 or not nonfinite.get("input_finite", True):
+            text += (f"; its input came from {source['module']}, whose output reached max |x| {source['max_abs']:.4g} "
+                     f"in {source['dtype'].removeprefix('torch.')} (limit {limit:.4g}): an overflow")
+    return text
 
 
 def first_nonfinite_layer(hidden_states: tuple) -> int | None:
@@ -243,7 +284,7 @@ def verdict(metrics: dict, t: ValidateThresholds) -> tuple[str, list[str]]:
     """pass, warn or fail, with the reasons, from the measured metrics and the recipe's thresholds."""
     fails, warns = [], []
     if metrics.get("first_nonfinite_module"):
-        fails.append(f"non-finite output from {metrics['first_nonfinite_module']} on")
+        fails.append(nonfinite_reason(metrics["nonfinite"]))
     if metrics.get("generation_error"):
         fails.append(f"generation raised {metrics['generation_error']}")
     for key, label, fail_at, warn_at, higher_is_worse in (
