@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 progress = logging.getLogger("quantgate.progress")
+SHOWN = {"terminal": True}  # `extra=` of an INFO record the terminal shows too (a step's milestone); all go to the log
 # Loggers whose INFO records belong in the run's log (their default level would drop them).
 INFO_LOGGERS = ("quantgate", "lm_eval", "output")
 FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
@@ -48,17 +49,33 @@ def to_file(path: Path):
     hf_logging.disable_default_handler()
     hf_logging.enable_propagation()
     logging.captureWarnings(True)
+    # Prefect's UI gets quantgate's records through its API handler, set on the logger here rather than through
+    # PREFECT_LOGGING_EXTRA_LOGGERS, which a deployment's worker may not have set.
+    quantgate = logging.getLogger("quantgate")
+    api = None if any(type(h).__name__ == "APILogHandler" for h in quantgate.handlers) else _api_handler()
+    if api:
+        quantgate.addHandler(api)
     progress.info("run %s; what the libraries print goes to %s", path.parent.name, path, extra={"event": "run"})
     try:
         yield path
     finally:
         logging.captureWarnings(False)
+        if api:
+            quantgate.removeHandler(api)
         hf_logging.disable_propagation()
         hf_logging.enable_default_handler()
         root.removeHandler(handler)
         handler.close()
         for name, level in levels.items():
             logging.getLogger(name).setLevel(level)
+
+
+def _api_handler() -> logging.Handler:
+    from prefect.logging.handlers import APILogHandler
+
+    handler = APILogHandler()
+    handler.setLevel(logging.INFO)
+    return handler
 
 
 class Stopped(KeyboardInterrupt):

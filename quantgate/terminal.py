@@ -57,6 +57,8 @@ class Bars(logging.Handler):
         if event is None:
             if record.levelno >= logging.WARNING:
                 self.line(f"{record.levelname.lower()}: {record.getMessage()}")
+            elif getattr(record, "terminal", False):  # a step's milestone (converted, measured, published)
+                self.line(f"  {record.getMessage()}")
         elif event == "run":
             self.line(record.getMessage())
         elif event == "start":

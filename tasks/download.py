@@ -21,6 +21,7 @@ from prefect.context import TaskRunContext
 from quantgate import checkpoint
 from quantgate.files import manifest, sha256_file, write_json
 from quantgate.sources import HUB_PATTERNS, PACKAGED_GGUF, DownloadError, Source, gguf_path, parse_source
+from quantgate.runlog import SHOWN
 
 __all__ = ["DownloadError", "check_manifest", "download", "download_task", "parse_source"]
 log = logging.getLogger("quantgate.download")
@@ -93,7 +94,7 @@ def convert_gguf(gguf: Path, out: Path, dtype: str, base_model: str | None) -> N
         model.config._name_or_path = base_model
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    log.info("converted %s to safetensors in %.1f s", gguf.name, time.perf_counter() - t0)
+    log.info("converted %s to safetensors in %.1f s", gguf.name, time.perf_counter() - t0, extra=SHOWN)
 
 
 def fetch_hub(source: Source, out: Path) -> str:
@@ -143,7 +144,7 @@ def _cache_key(context: TaskRunContext, parameters: dict) -> str | None:
     cache_dir = Path(parameters["cache_dir"])
     problems = intact(source, cache_dir)
     if problems and not manifest_path(source, cache_dir).exists():
-        log.info("%s is not in the cache %s yet: fetching it", source.text, cache_dir)
+        log.info("%s is not in the cache %s yet: fetching it", source.text, cache_dir, extra=SHOWN)
         return None
     if problems:
         log.warning("cached checkpoint for %s not usable, fetching again: %s", source.text, "; ".join(problems))
@@ -158,7 +159,7 @@ def download(source: str, revision: str | None, cache_dir: str, dtype: str) -> d
     cache = Path(cache_dir)
     problems = intact(src, cache)
     if problems:
-        log.info("fetching %s: %s", src.text, problems[0])
+        log.info("fetching %s: %s", src.text, problems[0], extra=SHOWN)
         fetch(src, cache, dtype)
     manifest = json.loads(manifest_path(src, cache).read_text())
     return {"checkpoint": str(checkpoint_dir(src, cache)), "source": src.text, "revision": src.revision,

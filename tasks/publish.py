@@ -20,6 +20,7 @@ from prefect import task
 
 from quantgate.card import model_name, render_card
 from quantgate.files import manifest, slug, under, write_atomic, write_json
+from quantgate.runlog import SHOWN
 
 log = logging.getLogger("quantgate.publish")
 
@@ -141,7 +142,7 @@ def publish(run_dir: str, recipe: str, settings: dict) -> dict:
     else:
         result = publish_hub(run_dir, recipe, settings["hub_repo"], settings["hub_private"], settings["hub_branch"],
                              settings["hub_endpoint"], forced, settings["dry_run"])
-    log.info("published %s: %s", recipe, result.get("location") or "dry run")
+    log.info("published %s: %s", recipe, result.get("location") or "dry run", extra=SHOWN)
     return {"status": "ok", **result, **({"forced": True} if forced else {})}
 
 

@@ -22,6 +22,7 @@ from quantgate.backends import parse_recipe
 from quantgate.config import PROJECT_ROOT, ValidateSettings, ValidateThresholds
 from quantgate.files import cached_tensors, write_atomic
 from quantgate.processors import load_processor
+from quantgate.runlog import SHOWN
 
 log = logging.getLogger("quantgate.validate")
 PROMPTS = PROJECT_ROOT / "data" / "validate_prompts.jsonl"
@@ -254,7 +255,7 @@ def reference_stats(model, tokenizer, checkpoint_sha256: str, dtype: str, cache_
         buffer = io.BytesIO()
         torch.save(stats, buffer)
         write_atomic(path, buffer.getvalue())
-        log.info("reference measured on %d prompts in %.1f s", len(stats["prompts"]), time.perf_counter() - t0)
+        log.info("reference measured on %d prompts in %.1f s", len(stats["prompts"]), time.perf_counter() - t0, extra=SHOWN)
     return {"path": str(path), "cached": cached, "nonfinite": stats["nonfinite"],
             "first_nonfinite_module": (stats["nonfinite"] or {}).get("first_nonfinite_module")}
 

@@ -88,3 +88,23 @@ def flow_run(tmp_path_factory, smollm2, cache_dir, prefect_server):
 @pytest.fixture(scope="session")
 def run_dir(flow_run) -> Path:
     return flow_run[0]
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(smollm2, tmp_path_factory) -> Path:
+    """A two-layer random Llama with SmolLM2's tokenizer, saved as a local checkpoint folder (float32): a model
+    whose faults a test can plant and see in seconds."""
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                         bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (smollm2 / name).is_file():
+            shutil.copy(smollm2 / name, folder / name)
+    return folder

@@ -1,0 +1,108 @@
+"""When the base model is the broken one: a non-finite base stops the run once, naming its module; an overflow's
+reason names where the huge values came from; a damaged local checkpoint is refused at download, naming the file."""
+import contextlib
+import io
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from quantgate import cli
+from quantgate.sources import DownloadError
+from tasks.download import download
+from tasks.validate import explain_nonfinite, nonfinite_reason
+
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+def planted(tiny_llama: Path, folder: Path, edit) -> Path:
+    shutil.copytree(tiny_llama, folder)
+    weights = load_file(folder / "model.safetensors")
+    edit(weights)
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+def test_a_nonfinite_base_stops_the_run_once_naming_its_module(tiny_llama, tmp_path, prefect_server):
+    def nan_in_v_proj(w):
+        w["model.layers.1.self_attn.v_proj.weight"][3, 5] = float("nan")
+
+    base = planted(tiny_llama, tmp_path / "broken-base", nan_in_v_proj)
+    runs = tmp_path / "runs"
+    overrides = [f"output.runs_dir={runs}", f"output.cache_dir={tmp_path / 'cache'}",
+                 f"output.history_db={runs / 'history.sqlite'}", f"model.source={base}", "model.dtype=float32",
+                 "recipes=[torchao-int8-weight-only, bnb-nf4]", f"steps.publish.registry_dir={tmp_path / 'registry'}"]
+    terminal = io.StringIO()
+    with contextlib.redirect_stdout(terminal), contextlib.redirect_stderr(terminal):
+        code = cli.main(["run", str(PROJECT / "configs" / "default.yaml"), *[a for o in overrides for a in ("--set", o)]])
+    shown = terminal.getvalue()
+    metrics = json.loads(next(runs.glob("*/metrics.json")).read_text())
+    assert code == 1 and metrics["status"] == "failed"
+    assert "model.layers.1.self_attn.v_proj" in metrics["base_broken"] and "weight holds NaN" in metrics["base_broken"]
+    for entry in metrics["recipes"].values():  # no recipe spent time on a verdict that could mean nothing
+        assert entry["status"] == "skipped" and "model.layers.1.self_attn.v_proj" in entry["reason"]
+        assert all(step["status"] == "not_run" for step in entry["steps"].values())
+    assert metrics["reference"]["evaluate"] == {"not_run": "the reference goes non-finite"}
+    assert shown.count("the base model is broken: its unquantized") == 1  # said once, under the table
+
+
+def test_an_fp16_overflow_names_the_module_that_made_the_huge_values(tiny_llama):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float16)
+    with torch.no_grad():  # up_proj's outputs reach ~1e4 (finite); down_proj's sums over them pass 65504
+        model.model.layers[0].mlp.up_proj.weight *= 1e5
+        model.model.layers[0].mlp.down_proj.weight *= 1e3
+    ids = AutoTokenizer.from_pretrained(tiny_llama)("The capital of France is Paris.", return_tensors="pt").input_ids
+    found = explain_nonfinite(model, ids)
+    assert found["first_nonfinite_module"] == "model.layers.0.mlp.down_proj" and found["input_finite"]
+    assert found["produced_by"]["module"] == "model.layers.0.mlp.up_proj"
+    assert found["produced_by"]["dtype"] == "torch.float16" and 65504 / 1e3 < found["produced_by"]["max_abs"] <= 65504
+    reason = nonfinite_reason(found)
+    assert reason.startswith("non-finite output from model.layers.0.mlp.down_proj on; its input came from "
+                             "model.layers.0.mlp.up_proj") and "float16 (limit 6.55e+04): an overflow" in reason
+
+
+def refused(folder: Path, cache: Path) -> str:
+    with pytest.raises(DownloadError) as e:
+        download(str(folder), None, str(cache), "float32")
+    return str(e.value)
+
+
+def test_a_truncated_local_checkpoint_is_refused_at_download(tiny_llama, tmp_path):
+    folder = shutil.copytree(tiny_llama, tmp_path / "truncated")
+    weights = folder / "model.safetensors"
+    with weights.open("r+b") as f:
+        f.truncate(weights.stat().st_size - 1000)
+    message = refused(folder, tmp_path / "cache")
+    assert f"{weights}: truncated: its tensors need" in message
+
+
+def test_a_local_checkpoint_with_a_corrupted_header_is_refused(tiny_llama, tmp_path):
+    folder = shutil.copytree(tiny_llama, tmp_path / "header")
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[8:24] = b"#not json at all"  # the header's first bytes, after its length
+    weights.write_bytes(bytes(data))
+    assert f"{weights}: the header is not valid JSON" in refused(folder, tmp_path / "cache")
+
+
+def test_a_local_checkpoint_missing_a_shard_is_refused(tiny_llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(tiny_llama).save_pretrained(folder, max_shard_size="5MB")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_llama / name, folder / name)
+    shards = sorted(folder.glob("model-*.safetensors"))
+    assert len(shards) > 1
+    shards[-1].unlink()
+    assert f"{shards[-1]}: missing (named by model.safetensors.index.json)" in refused(folder, tmp_path / "cache")
+
+
+def test_a_whole_local_checkpoint_is_accepted(tiny_llama, tmp_path):
+    result = download(str(tiny_llama), None, str(tmp_path / "cache"), "float32")
+    assert result["checkpoint"] == str(tiny_llama) and len(result["checkpoint_sha256"]) == 64
