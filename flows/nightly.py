@@ -20,6 +20,11 @@ class RegressionError(RuntimeError):
     pass
 
 
+def queue(gpus: int) -> str:
+    """The work queue of a cell that needs this many GPUs of one host."""
+    return "default" if gpus == 1 else f"gpus-{gpus}"
+
+
 def cell_runs(matrix, nightly_id: str) -> list[dict]:
     """Start every cell, wait for all; returns what happened to each flow run."""
     cells = [(model, recipe) for model in matrix.models for recipe in matrix.recipes]
@@ -32,8 +37,8 @@ def cell_runs(matrix, nightly_id: str) -> list[dict]:
     from prefect import get_client
     from prefect.deployments import run_deployment
 
-    started = [run_deployment(matrix.deployment, parameters=p, timeout=0, as_subflow=True,
-                              tags=["quantgate-nightly"]) for p in params]
+    started = [run_deployment(matrix.deployment, parameters=p, timeout=0, as_subflow=True, tags=["quantgate-nightly"],
+                              work_queue_name=queue(m.gpus)) for (m, _), p in zip(cells, params)]
     log = get_run_logger()
     with get_client(sync_client=True) as client:
         pending = {run.id for run in started}

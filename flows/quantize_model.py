@@ -50,9 +50,10 @@ def gate_model(run: RunRecord, config: RunConfig) -> dict | None:
     if download["status"] != "ok":
         return None
     compute = modeling.compute_dtype(model.dtype, model.device, model.compute_dtype)
+    device = modeling.placement(model.device, model.max_memory)  # one GPU, several, or the CPU: every step's
     reference = run_step(reference_task, steps.reference, "model", "reference", checkpoint=download["checkpoint"],
                          checkpoint_sha256=download["checkpoint_sha256"], dtype=model.dtype, compute_dtype=compute,
-                         device=model.device, cache_dir=cache, validate_settings=steps.validate.model_dump(),
+                         device=device, cache_dir=cache, validate_settings=steps.validate.model_dump(),
                          evaluate_settings=steps.evaluate.model_dump())
     run.set_reference(reference)
     if reference["status"] != "ok":
@@ -61,16 +62,16 @@ def gate_model(run: RunRecord, config: RunConfig) -> dict | None:
         run.set_base_broken(f"the base model is broken: its unquantized {nonfinite_reason(broken)}")
         return None
     benchmark = run_step(benchmark_task, steps.benchmark, "model", "benchmark", name="reference",
-                         checkpoint=download["checkpoint"], recipe=None, dtype=model.dtype, device=model.device,
+                         checkpoint=download["checkpoint"], recipe=None, dtype=model.dtype, device=device,
                          settings=steps.benchmark.model_dump(), out_dir=str(run.dir / "reference"))
     run.set_reference_benchmark(benchmark)
-    return {"checkpoint": download["checkpoint"], "compute_dtype": compute, "reference": reference,
+    return {"checkpoint": download["checkpoint"], "compute_dtype": compute, "reference": reference, "device": device,
             "benchmark": benchmark if benchmark["status"] == "ok" else None}
 
 
 def gate_recipe(run: RunRecord, config: RunConfig, model: dict, recipe: RecipeBase) -> None:
     """One recipe through the steps, stopping at the first that does not end ok."""
-    steps, device, name = config.steps, config.model.device, recipe.name
+    steps, device, name = config.steps, model["device"], recipe.name
     spec, out = recipe.model_dump(mode="json"), str(run.recipe_dir(name))
     reference = model["reference"]
     quantized = run_step(quantize_task, steps.quantize, name, "quantize", checkpoint=model["checkpoint"], recipe=spec,

@@ -32,6 +32,13 @@ def plan(args) -> int:
         print(json.dumps(plans, indent=2))
         return 0
     print(f"model: {config.model.source} ({config.model.dtype}); plans made on the meta-device skeleton")
+    if config.model.max_memory:
+        from quantgate import modeling
+        from quantgate.plan import placement_lines, planned_placement, read_model_config, parse_source
+
+        skeleton = modeling.skeleton(read_model_config(parse_source(config.model.source, config.model.revision),
+                                                       config.output.cache_dir))
+        print("\n".join(placement_lines(planned_placement(skeleton, config))))
     rows = []
     for name, entries in plans.items():
         counts = summarize(entries)

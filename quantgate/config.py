@@ -55,7 +55,13 @@ class ModelSpec(Strict):
     # What the reference, validate and evaluate compute in. auto: the checkpoint's dtype, except float32
     # on a CPU without native bf16 (no AVX512-BF16 or AMX), where bf16 matmuls are emulated and slow.
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # auto: every visible GPU (one GPU as cuda; several: accelerate's device_map="auto" over them), else the
+    # CPU; cuda: the first GPU; a list such as [0, 1]: those GPUs.
+    device: Union[Literal["auto", "cpu", "cuda"], Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]] = "auto"
+    # Per-GPU limits for placing the reference and every recipe, e.g. {0: 40GiB, 1: 40GiB}; a `cpu` entry
+    # lets what does not fit go to host memory (offloading). null: each GPU's own memory.
+    max_memory: dict[Union[int, Literal["cpu"]], Annotated[str, StringConstraints(
+        pattern=r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$")]] | None = None
 
     @field_validator("source")
     @classmethod
@@ -408,6 +414,9 @@ class GateSettings(Strict):
 
 class MatrixModel(Strict):
     config: Rooted  # a run config; its recipes are replaced by the matrix's
+    # GPUs a cell of this model needs on one host: 1 goes to the pool's `default` queue (a worker per GPU),
+    # N to the queue `gpus-N`, served by workers that each see N GPUs (docs/SCALING.md).
+    gpus: PositiveInt = 1
     overrides: list[str] = []
 
 

@@ -23,12 +23,64 @@ PROBE_TEXTS = [
 ]
 
 
-def resolve_device(device: str) -> str:
+def resolve_device(device: str | dict) -> str | dict:
+    """What from_pretrained's device_map gets: cpu, cuda, or a placement over several GPUs (see placement)."""
+    if isinstance(device, dict):  # JSON turned its GPU numbers into strings
+        return {"device_map": device["device_map"],
+                "max_memory": {int(k) if str(k).isdigit() else k: v for k, v in device["max_memory"].items()}}
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("the config asks for device: cuda, and this machine has no CUDA device")
     return device
+
+
+def placement(device: str | list[int], max_memory: dict | None = None, gpus: int | None = None) -> str | dict:
+    """model.device and model.max_memory as the steps load with them: `cpu`, `cuda` (one GPU, as before), or
+    {device_map: auto, max_memory: {gpu: limit, ...}} to spread a model over several GPUs of this host."""
+    gpus = torch.cuda.device_count() if gpus is None else gpus
+    if device == "cpu" or (device == "auto" and gpus == 0):
+        return "cpu"
+    if gpus == 0:
+        raise RuntimeError(f"the config asks for device: {device}, and this machine has no CUDA device")
+    chosen = list(range(gpus)) if device == "auto" else [0] if device == "cuda" else list(device)
+    if missing := [g for g in chosen if g >= gpus]:
+        raise RuntimeError(f"the config asks for GPUs {chosen}; this machine has {gpus} (no GPU {missing[0]})")
+    limits = dict(max_memory or {})
+    if stray := [g for g in limits if g != "cpu" and g not in chosen]:
+        raise RuntimeError(f"model.max_memory limits GPU {stray[0]}, which model.device {device} does not use")
+    if len(chosen) == 1 and not limits:
+        return "cuda" if chosen == [0] else f"cuda:{chosen[0]}"
+    # A GPU without a limit offers its total memory less 10% for activations and the KV cache.
+    return {"device_map": "auto", "max_memory": {
+        **{g: limits.get(g) or f"{int(torch.cuda.get_device_properties(g).total_memory * 0.9)}B" for g in chosen},
+        **({"cpu": limits["cpu"]} if "cpu" in limits else {})}}
+
+
+def single_device(device: str | dict) -> str:
+    """One device for a library whose loader takes one (hqq, quanto): the first GPU of a placement."""
+    if isinstance(device, str):
+        return device
+    return f"cuda:{min(k for k in device['max_memory'] if k != 'cpu')}"
+
+
+def planned_device_map(model: torch.nn.Module, max_memory: dict, dtype: torch.dtype) -> dict[str, str]:
+    """Where accelerate would put each block of a model (a meta-device skeleton will do) under these limits."""
+    from accelerate import infer_auto_device_map
+
+    return infer_auto_device_map(model, max_memory=dict(max_memory), dtype=dtype,  # it converts the dict in place
+                                 no_split_module_classes=getattr(model, "_no_split_modules", None) or [])
+
+
+def devices_of(model: torch.nn.Module) -> dict:
+    """Where the weights ended up: bytes per device (offloaded ones on `meta`), and modules per device."""
+    by_device = Counter()
+    for param in model.parameters():
+        device = "offloaded" if param.device.type == "meta" else str(param.device)
+        by_device[device] += param.numel() * param.element_size()
+    device_map = getattr(model, "hf_device_map", None)
+    return {"hf_device_map_present": device_map is not None, "param_bytes_by_device": dict(by_device),
+            "modules_by_device": dict(Counter(str(v) for v in device_map.values())) if device_map else None}
 
 
 # oneDNN ISAs (ONEDNN_MAX_CPU_ISA) at or above which bf16 matmuls run in hardware.
@@ -93,9 +145,9 @@ def load(checkpoint: str | Path, dtype: str, device: str, quantization_config=No
 
     cls = model_class(AutoConfig.from_pretrained(checkpoint))
     with timed(f"load {Path(checkpoint).name}"):
+        where = {"device_map": device} if isinstance(device, str) else resolve_device(device)
         model = cls.from_pretrained(checkpoint, dtype=dtype if dtype == "auto" else getattr(torch, dtype),
-                                    device_map=device,
-                                    quantization_config=quantization_config, **load_kwargs)
+                                    quantization_config=quantization_config, **{**where, **load_kwargs})
     return model.eval()
 
 

@@ -5,6 +5,7 @@ after quantizing against what the library really did."""
 from __future__ import annotations
 
 import re
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -171,6 +172,10 @@ def make_plans(config, config_path) -> dict[str, list[dict]]:
                           f"(model_type {getattr(model_config, 'model_type', None)!r}, architectures "
                           f"{getattr(model_config, 'architectures', None)}): {type(e).__name__}: {e}") from None
     plans, errors = {}, []
+    try:
+        planned_placement(model, config)
+    except PlanError as e:
+        errors.append(ConfigError(config_path, f"model.{e.field}", str(e)))
     for i, recipe in enumerate(config.recipes):
         try:
             backend_of(recipe).check_base(recipe, model_config, config.steps.publish.registry_dir)
@@ -180,3 +185,23 @@ def make_plans(config, config_path) -> dict[str, list[dict]]:
     if errors:
         raise ConfigError.of(errors)
     return plans
+
+
+def planned_placement(model: torch.nn.Module, config) -> dict[str, int]:
+    """Blocks of the unquantized model per device under model.max_memory, as accelerate would place them;
+    empty without limits. PlanError where the model does not fit the GPUs (and a `cpu` entry) given."""
+    limits = config.model.max_memory
+    if not limits:
+        return {}
+    device_map = modeling.planned_device_map(model, limits, getattr(torch, config.model.dtype))
+    counts = Counter(str(d) for d in device_map.values())
+    if spilled := {d: n for d, n in counts.items() if d == "disk" or (d == "cpu" and "cpu" not in limits)}:
+        raise PlanError("max_memory", f"the {config.model.dtype} model does not fit {limits}: "
+                        f"{sum(spilled.values())} blocks would go to {', '.join(spilled)}; raise the limits, add GPUs "
+                        "or a cpu entry (offloading)")
+    return dict(counts)
+
+
+def placement_lines(counts: dict[str, int]) -> list[str]:
+    return [f"placement under model.max_memory: " + ", ".join(
+        f"{'GPU ' + d if d.isdigit() else d} {n} blocks" for d, n in sorted(counts.items()))] if counts else []

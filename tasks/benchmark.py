@@ -88,8 +88,9 @@ class MemorySampler:
         self.peaks[name] = {"host_private_peak": 0, "host_file_peak": 0, "gpu_peak_allocated": None,
                             "gpu_peak_reserved": None}
         if torch.cuda.is_available():
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
+            for gpu in range(torch.cuda.device_count()):
+                torch.cuda.synchronize(gpu)
+                torch.cuda.reset_peak_memory_stats(gpu)
         self._current = name
         self._sample()
         try:
@@ -98,25 +99,18 @@ class MemorySampler:
             self._sample()
             self._current = None
             if torch.cuda.is_available():
-                torch.cuda.synchronize()
-                self.peaks[name].update(gpu_peak_allocated=torch.cuda.max_memory_allocated(),
-                                        gpu_peak_reserved=torch.cuda.max_memory_reserved())
+                gpus = range(torch.cuda.device_count())
+                for gpu in gpus:
+                    torch.cuda.synchronize(gpu)
+                # Each GPU's own peak; the headline figures are their sum (one GPU: its peak, as before).
+                allocated = {gpu: torch.cuda.max_memory_allocated(gpu) for gpu in gpus}
+                self.peaks[name].update(gpu_peak_allocated=sum(allocated.values()),
+                                        gpu_peak_reserved=sum(torch.cuda.max_memory_reserved(g) for g in gpus),
+                                        **({"gpu_peak_allocated_by_device": allocated} if len(allocated) > 1 else {}))
 
     def close(self) -> None:
         self._stop.set()
         self._thread.join()
-
-
-def placement(model: torch.nn.Module) -> dict:
-    """Where the weights ended up; parameters on the meta device are offloaded (CPU or disk)."""
-    by_device = Counter()
-    for param in model.parameters():
-        device = "offloaded" if param.device.type == "meta" else str(param.device)
-        by_device[device] += param.numel() * param.element_size()
-    device_map = getattr(model, "hf_device_map", None)
-    return {"hf_device_map_present": device_map is not None,
-            "param_bytes_by_device": dict(by_device),
-            "modules_by_device": dict(Counter(str(v) for v in device_map.values())) if device_map else None}
 
 
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt")  # transformers', older transformers', hqq's
@@ -470,6 +464,9 @@ def measure_latency(model, settings: dict, bytes_per_token: int, bandwidth: floa
             fallback = "fast_path: off in the config"
         elif offloaded:
             fallback = "weights are offloaded: the hooks that fetch them cannot be captured in a CUDA graph"
+        elif len(gpus := {p.device for p in model.parameters() if p.device.type == "cuda"}) > 1:
+            fallback = (f"weights span {len(gpus)} GPUs: the decode step's CUDA graph is captured on one device, "
+                        "so decoding is eager, the hooks moving activations between GPUs")
         else:
             check = min(new, 16)  # the fast path's first tokens are checked against eager decoding
             _, _, eager_tokens = decode_eager(model, ids, check)
@@ -610,7 +607,7 @@ def measure(spec: dict) -> dict:
         return {"real_bytes": real, "real_bytes_at_load": at_load, "load_s": round(load_s, 2), "memory": memory,
                 "latency": latency,
                 "copy_bandwidth": bandwidth, "weight_bytes_per_token": per_token, "largest_shard": shard,
-                "placement": placement(model), "device": str(device), "loaded": spec["checkpoint"],
+                "placement": modeling.devices_of(model), "device": str(device), "loaded": spec["checkpoint"],
                 **(caveats(parse_recipe(spec["recipe"])) if spec["recipe"] else {}),
                 "dtype": modeling.computed_dtype(model), "limits": limits_of(settings), "diagnostics": diagnostics}
     finally:

@@ -102,7 +102,7 @@ def quantize(checkpoint: str, recipe: dict, dtype: str, device: str, out_dir: st
                    footprint_reported_by_transformers=
                    reloaded.get_memory_footprint() if hasattr(reloaded, "get_memory_footprint") else None)
     metrics.update(checkpoint=str(out / "checkpoint"), quantize_s=round(quantize_s, 2), save_s=round(save_s, 2),
-                   reload_s=round(time.perf_counter() - t0, 2), **kernel_of(recipe))
+                   reload_s=round(time.perf_counter() - t0, 2), devices=modeling.devices_of(reloaded), **kernel_of(recipe))
     rt = metrics["roundtrip"]
     if not rt["finite"] and rt["finite_before_saving"]:
         return {"status": "failed", "reason": "the reloaded checkpoint gives non-finite logits", **metrics}

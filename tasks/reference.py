@@ -35,7 +35,7 @@ def reference(checkpoint: str, checkpoint_sha256: str, dtype: str, compute_dtype
     evaluate = {"not_run": "the reference goes non-finite"} if validate["nonfinite"] else reference_evaluation(
         model, tokenizer, checkpoint_sha256, compute_dtype, Path(cache_dir), EvaluateSettings.model_validate(evaluate_settings))
     # Bytes as the checkpoint holds them: a float32 compute copy is not what a recipe is compared with.
-    return {"real_bytes": modeling.real_bytes(model, as_dtype=dtype), "dtype": dtype,
+    return {"real_bytes": modeling.real_bytes(model, as_dtype=dtype), "dtype": dtype, "devices": modeling.devices_of(model),
             "compute_dtype": modeling.computed_dtype(model), "validate": validate, "evaluate": evaluate, "load_s": round(t1 - t0, 2), "validate_s": round(t2 - t1, 2),
             "evaluate_s": round(time.perf_counter() - t2, 2)}
 

@@ -12,6 +12,7 @@ import torch
 
 from pydantic import PositiveInt
 
+from quantgate import modeling
 from quantgate.backends import Backend, PlanError, RecipeBase, register
 
 
@@ -70,7 +71,7 @@ class Hqq(Backend):
         if dtype == "auto":
             saved = json.loads((Path(path) / "config.json").read_text())
             dtype = saved.get("dtype") or saved.get("torch_dtype") or "bfloat16"
-        return AutoHQQHFModel.from_quantized(str(path), device=device, compute_dtype=getattr(torch, dtype)).eval()
+        return AutoHQQHFModel.from_quantized(str(path), device=modeling.single_device(device), compute_dtype=getattr(torch, dtype)).eval()
 
     def snippet(self, path: str) -> str:
         return (f"import torch\nfrom hqq.models.hf.base import AutoHQQHFModel\nfrom transformers import AutoTokenizer\n\n"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+from quantgate import modeling
 from quantgate.backends import Backend, RecipeBase, register
 
 
@@ -34,7 +35,7 @@ class Quanto(Backend):
         # changed"), and its loader places them on one device (no offloading limits).
         from optimum.quanto import QuantizedModelForCausalLM
 
-        return QuantizedModelForCausalLM.from_pretrained(path)._wrapped.to(device).eval()
+        return QuantizedModelForCausalLM.from_pretrained(path)._wrapped.to(modeling.single_device(device)).eval()
 
     def snippet(self, path: str) -> str:
         return (f"from optimum.quanto import QuantizedModelForCausalLM\nfrom transformers import AutoTokenizer\n\n"
