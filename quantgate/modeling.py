@@ -67,9 +67,12 @@ def single_device(device: str | dict) -> str:
 def planned_device_map(model: torch.nn.Module, max_memory: dict, dtype: torch.dtype) -> dict[str, str]:
     """Where accelerate would put each block of a model (a meta-device skeleton will do) under these limits."""
     from accelerate import infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
 
-    return infer_auto_device_map(model, max_memory=dict(max_memory), dtype=dtype,  # it converts the dict in place
-                                 no_split_module_classes=getattr(model, "_no_split_modules", None) or [])
+    blocks = getattr(model, "_no_split_modules", None) or []
+    # device_map="auto" in from_pretrained balances the model over the GPUs first, as here.
+    balanced = get_balanced_memory(model, max_memory=dict(max_memory), no_split_module_classes=blocks, dtype=dtype)
+    return infer_auto_device_map(model, max_memory=balanced, dtype=dtype, no_split_module_classes=blocks)
 
 
 def devices_of(model: torch.nn.Module) -> dict:

@@ -128,4 +128,12 @@ case "$1" in
   towers) install .gpu/m/*.whl
      timeout "${BENCH_S:-570}" python3 docs/gpu/towers_on_gpu.py /tmp/g3-12b-mm /tmp/tok 2>>"$OUT/towers.err" | tee -a "$OUT/towers-g3.jsonl"
      grep -E "Error|error|Traceback" "$OUT/towers.err" | tail -${TAIL:-10} ;;
+  # Issue 21 on `nvidia-h200-x2`: `multigpu-wheels` carrying .gpu/h and .gpu/m (pydantic..., bitsandbytes), then
+  # `multigpu` carrying .gpu/i (transformers 5.23) on the same warm machine; LAYERS=2 for a quick try first.
+  multigpu-wheels) install .gpu/h/*.whl .gpu/m/*.whl
+     mkdir -p /tmp/tok && cp .gpu/h/tok/* /tmp/tok/ && nvidia-smi -L ;;
+  multigpu) install .gpu/i/*.whl
+     CKPT=/tmp/g3-12b-mg${LAYERS:+-$LAYERS}
+     timeout "${BENCH_S:-580}" python3 docs/gpu/multigpu_on_gpu.py "$CKPT" /tmp/tok 2>>"$OUT/multigpu.err" | tee -a "$OUT/multigpu${LAYERS:+-$LAYERS}.jsonl"
+     grep -E "Error|error|Traceback" "$OUT/multigpu.err" | tail -${TAIL:-10} ;;
 esac
