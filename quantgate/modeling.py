@@ -66,13 +66,13 @@ def single_device(device: str | dict) -> str:
 
 def planned_device_map(model: torch.nn.Module, max_memory: dict, dtype: torch.dtype) -> dict[str, str]:
     """Where accelerate would put each block of a model (a meta-device skeleton will do) under these limits."""
-    from accelerate import infer_auto_device_map
-    from accelerate.utils import get_balanced_memory
+    from transformers.integrations.accelerate import get_balanced_memory, infer_auto_device_map
 
+    # transformers' own functions, as from_pretrained(device_map="auto") calls them: balanced over the GPUs first.
+    model = model.to(dtype)  # on the meta device: the sizes change, nothing is allocated
     blocks = getattr(model, "_no_split_modules", None) or []
-    # device_map="auto" in from_pretrained balances the model over the GPUs first, as here.
-    balanced = get_balanced_memory(model, max_memory=dict(max_memory), no_split_module_classes=blocks, dtype=dtype)
-    return infer_auto_device_map(model, max_memory=balanced, dtype=dtype, no_split_module_classes=blocks)
+    balanced = get_balanced_memory(model, max_memory=dict(max_memory), no_split_module_classes=blocks)
+    return infer_auto_device_map(model, max_memory=balanced, no_split_module_classes=blocks)
 
 
 def devices_of(model: torch.nn.Module) -> dict:

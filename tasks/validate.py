@@ -122,9 +122,19 @@ class NonFiniteScan:
         return hook
 
     def _reduce(self) -> None:
-        if self.pending:
-            self.maxima.append(torch.stack(torch._foreach_norm(self.pending, 2, dtype=torch.float32)))
-            self.pending = []
+        if not self.pending:
+            return
+        # One fused kernel per device: a model over several GPUs leaves its outputs on each.
+        where: dict[torch.device, list[int]] = {}
+        for i, t in enumerate(self.pending):
+            where.setdefault(t.device, []).append(i)
+        home = self.maxima[0].device if self.maxima else self.pending[0].device
+        norms = torch.empty(len(self.pending), dtype=torch.float32, device=home)
+        for device, index in where.items():
+            found = torch.stack(torch._foreach_norm([self.pending[i] for i in index], 2, dtype=torch.float32))
+            norms[torch.tensor(index, device=home)] = found.to(home)
+        self.maxima.append(norms)
+        self.pending = []
 
     def flagged(self) -> list[str]:
         """Modules whose output held NaN or Inf, in the order they finished (execution order)."""
@@ -236,7 +246,7 @@ def measure_reference(model, tokenizer, settings: ValidateSettings) -> dict:
         positions = sample_positions(ids.shape[1], settings.hidden_positions).to(device)
         per_prompt.append({"id": prompt["id"], "ids": ids.cpu(), "top_logp": top.values.cpu(),
                            "top_idx": top.indices.cpu(), "positions": positions.cpu(),
-                           "hidden": torch.stack([h[0, positions].float().cpu() for h in hidden])})
+                           "hidden": torch.stack([h[0, positions.to(h.device)].float().cpu() for h in hidden])})
     chat = [p for p in prompts if p["chat"]][:settings.generate_prompts]
     return {"prompts": per_prompt, "nonfinite": nonfinite,
             "generations": dict(zip([p["id"] for p in chat], generate(model, tokenizer, chat, settings.max_new_tokens)))}
@@ -320,7 +330,8 @@ def compare(model, tokenizer, stats: dict, settings: ValidateSettings) -> dict:
         kls.append(per_token["kl"])
         top1.append(per_token["top1"])
         top5.append(per_token["top5"])
-        mine = torch.stack([h[0, ref["positions"].to(device)].float().cpu() for h in hidden])
+        # A model over several GPUs leaves each layer's hidden states on its own GPU.
+        mine = torch.stack([h[0, ref["positions"].to(h.device)].float().cpu() for h in hidden])
         cosines.append(torch.nn.functional.cosine_similarity(mine, ref["hidden"], dim=-1).mean(-1))
     kl, cos = torch.cat(kls), torch.stack(cosines).nanmean(0)
     finite = lambda x: float(x) if torch.isfinite(x) else None  # noqa: E731 (JSON has no NaN)

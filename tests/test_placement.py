@@ -3,8 +3,10 @@ load with them, the device map accelerate makes from the limits, the record's pe
 nightly matrix's multi-GPU cells."""
 import json
 import re
+from collections import Counter
 
 import pytest
+import torch
 
 from quantgate import modeling
 from quantgate.config import PROJECT_ROOT, ConfigError, load_config
@@ -49,7 +51,9 @@ def test_the_plan_places_the_model_from_its_limits(smollm2, cache_dir):
     from quantgate.plan import make_plans, planned_placement
 
     overrides = [f"model.source={smollm2}", f"output.cache_dir={cache_dir}", "recipes=[bnb-nf4]"]
-    skeleton = modeling.skeleton(__import__("transformers").AutoConfig.from_pretrained(smollm2))
+    from transformers import AutoConfig
+
+    skeleton = modeling.skeleton(AutoConfig.from_pretrained(smollm2))
     # SmolLM2's 0.27 GB in bf16 over two 150 MB GPUs: both used, nothing left over.
     counts = planned_placement(skeleton, load_config(DEFAULT, [*overrides, "model.max_memory={0: 150MB, 1: 150MB}"]))
     assert set(counts) == {"0", "1"} and sum(counts.values()) == 34  # embed, head, 30 layers, norm, rotary
@@ -81,3 +85,19 @@ def test_multi_gpu_cells_go_to_their_own_queue(tmp_path):
     matrix = tmp_path / "nightly.yaml"
     matrix.write_text(f"models: [{{config: {DEFAULT}}}, {{config: {DEFAULT}, gpus: 2}}]\nrecipes: [bnb-nf4]\n")
     assert [queue(m.gpus) for m in load_nightly(matrix).models] == ["default", "gpus-2"]
+
+
+def test_the_planned_map_is_the_one_transformers_made_on_two_h200s():
+    """docs/BENCHMARKS.md (issue 21): the Gemma-3-12B-shaped checkpoint under {0: 14GiB, 1: 14GiB} was placed
+    by from_pretrained(device_map="auto") with 28 modules on GPU 0 and 24 on GPU 1; the plan, made on a CPU
+    from the config alone, must say the same."""
+    from transformers import Gemma3TextConfig
+
+    config = Gemma3TextConfig(vocab_size=262208, hidden_size=3840, intermediate_size=15360, num_hidden_layers=48,
+                              num_attention_heads=16, num_key_value_heads=8, head_dim=256, sliding_window=1024,
+                              query_pre_attn_scalar=256, max_position_embeddings=4096, architectures=["Gemma3ForCausalLM"])
+    planned = modeling.planned_device_map(modeling.skeleton(config), {0: "14GiB", 1: "14GiB"}, torch.bfloat16)
+    measured = json.loads((PROJECT_ROOT / "docs/gpu/output/multigpu-g3-h200x2.jsonl").read_text().splitlines()[2])
+    assert measured["step"] == "reference load"
+    assert {str(d): n for d, n in Counter(planned.values()).items()} \
+        == measured["devices"]["modules_by_device"] == {"0": 28, "1": 24}

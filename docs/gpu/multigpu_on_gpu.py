@@ -7,6 +7,7 @@ path cannot span devices), with each GPU's peak. One JSON line per result.
 Usage (run_on_gpu.sh, case `multigpu`):  python docs/gpu/multigpu_on_gpu.py CKPT_DIR TOKENIZER_DIR
 LAYERS=2: a quick try on a few layers first.
 """
+import gc
 import json
 import os
 import shutil
@@ -19,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import prefect_shim  # noqa: E402,F401
 
 import torch  # noqa: E402
+import transformers  # noqa: E402
 
 from quantgate import modeling  # noqa: E402
 from quantgate.config import BenchmarkSettings, ValidateSettings, load_config  # noqa: E402
@@ -62,6 +64,7 @@ def peaks() -> dict:
 
 
 def reset() -> None:
+    gc.collect()  # accelerate's hooks hold the last model in reference cycles: free it before the next peak
     for g in range(torch.cuda.device_count()):
         torch.cuda.synchronize(g)
         torch.cuda.empty_cache()
@@ -76,9 +79,9 @@ def main(checkpoint: Path, tokenizer_dir: Path) -> None:
                           "recipes=[bnb-nf4]"])
     placed = modeling.placement(config.model.device, config.model.max_memory)
     emit(gpus=torch.cuda.device_count(), names=[torch.cuda.get_device_name(g) for g in range(torch.cuda.device_count())],
-         placement=placed, torch=torch.__version__, transformers=__import__("transformers").__version__)
+         placement=placed, torch=torch.__version__, transformers=transformers.__version__)
     from quantgate.plan import planned_placement
-    emit(planned=planned_placement(modeling.skeleton(__import__("transformers").AutoConfig.from_pretrained(checkpoint)), config))
+    emit(planned=planned_placement(modeling.skeleton(transformers.AutoConfig.from_pretrained(checkpoint)), config))
 
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
@@ -88,7 +91,7 @@ def main(checkpoint: Path, tokenizer_dir: Path) -> None:
     load_s = time.time() - t0
     emit(step="reference load", seconds=round(load_s, 1), devices=modeling.devices_of(model), **peaks())
     t0 = time.time()
-    stats = validate_step.reference_stats(model, tokenizer, "multigpu", "bfloat16", Path("/tmp/mg-cache"), SETTINGS)
+    stats = validate_step.reference_stats(model, tokenizer, checkpoint.name, "bfloat16", Path("/tmp/mg-cache"), SETTINGS)
     emit(step="reference validate", seconds=round(time.time() - t0, 1), nonfinite=stats["nonfinite"], **peaks())
     del model
     reset()
