@@ -410,6 +410,8 @@ class GateSettings(Strict):
     kl_increase: float = Field(0.5, ge=0)  # fraction: 0.5 means KL mean up by more than 50%
     memory_increase: float = Field(0.05, ge=0)
     latency_increase: float = Field(0.10, ge=0)
+    # A latency rise within this many times the spread measured (baseline's or tonight's repeats) is noise.
+    latency_spread_multiple: float = Field(2.0, ge=0)
 
 
 class MatrixModel(Strict):

@@ -25,7 +25,7 @@ CREATE TABLE IF NOT EXISTS cells (
 """
 # Columns added since SCHEMA was first made: every database gains them on connecting.
 ADDED = {"tower": "TEXT", "tower_cosine": "REAL", "humaneval_pass": "REAL", "humaneval_delta": "REAL",
-         "humaneval_significant": "INTEGER"}
+         "humaneval_significant": "INTEGER", "decode_spread": "REAL"}
 CELL_FIELDS = ("run_id", "model", "recipe", "started_at", "status", "reason", "verdict", "nonfinite_module",
                "kl_mean", "top1", "mmlu_acc", "mmlu_delta", "mmlu_low", "mmlu_high", "mmlu_significant",
                "word_perplexity", "real_bytes", "peak_memory", "decode_ms", "speedup", "card", *ADDED)
@@ -94,7 +94,7 @@ def cell_of(metrics: dict, recipe: str, run_dir: Path) -> dict:
             "decode_ms": latency.get("decode_ms_per_token"), "speedup": latency.get("speedup_vs_reference"),
             "card": str(card) if card.is_file() else None, "tower": tower, "tower_cosine": tower_cosine,
             "humaneval_pass": code.get("pass_at_1"), "humaneval_delta": code.get("delta_acc"),
-            "humaneval_significant": code.get("significant")}
+            "humaneval_significant": code.get("significant"), "decode_spread": latency.get("decode_spread")}
 
 
 def record_run(db: str | Path, run_dir: str | Path) -> str:
@@ -167,6 +167,13 @@ def dropped(cell: dict, key: str) -> bool:
     return bool(cell[key + "_significant"]) and (cell[key + "_delta"] or 0) < 0
 
 
+def latency_limit(cell: dict, baseline: dict, gate: GateSettings) -> float:
+    """How far decode latency may rise before it is a regression: the gate's fraction, or the spread the two
+    runs measured (times gate.latency_spread_multiple) where that is wider, so noise fails no night."""
+    spreads = [s for s in (cell.get("decode_spread"), baseline.get("decode_spread")) if s is not None]
+    return max([gate.latency_increase] + [gate.latency_spread_multiple * s for s in spreads])
+
+
 def regressions(cell: dict, baseline: dict, gate: GateSettings) -> list[str]:
     """What got worse from the baseline cell to this one, each in a sentence."""
     found = []
@@ -185,9 +192,10 @@ def regressions(cell: dict, baseline: dict, gate: GateSettings) -> list[str]:
         if _grew(cell[key], baseline[key], gate.memory_increase):
             found.append(f"{label} {baseline[key] / 1e9:.3f} → {cell[key] / 1e9:.3f} GB "
                          f"(+{cell[key] / baseline[key] - 1:.1%}, limit +{gate.memory_increase:.0%})")
-    if _grew(cell["decode_ms"], baseline["decode_ms"], gate.latency_increase):
+    limit = latency_limit(cell, baseline, gate)
+    if _grew(cell["decode_ms"], baseline["decode_ms"], limit):
         found.append(f"decode latency {baseline['decode_ms']:.2f} → {cell['decode_ms']:.2f} ms/token "
-                     f"(+{cell['decode_ms'] / baseline['decode_ms'] - 1:.1%}, limit +{gate.latency_increase:.0%})")
+                     f"(+{cell['decode_ms'] / baseline['decode_ms'] - 1:.1%}, limit +{limit:.1%})")
     return found
 
 

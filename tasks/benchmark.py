@@ -508,6 +508,8 @@ def measure_latency(model, settings: dict, bytes_per_token: int, bandwidth: floa
                  "tokens_per_s": round(batch * 1000 / decode_ms, 2),
                  "total_s": round((statistics.median(prefills) + decode_ms * (new - 1)) / 1000, 4),
                  "decode_ms_all": [round(d, 4) for d in decodes], "compile_s": compile_s,
+                 # (max - min) / median of the repeats: what the nightly gate allows a baseline to move by.
+                 "decode_spread": round((max(decodes) - min(decodes)) / decode_ms, 4),
                  "greedy_agreement_with_eager": agreement}
         if fallback and path == "eager":
             entry["fallback_reason"] = fallback
@@ -517,8 +519,8 @@ def measure_latency(model, settings: dict, bytes_per_token: int, bandwidth: floa
             entry["of_bandwidth_floor"] = round(decode_ms / floor_ms, 3)
         results.append(entry)
     first = results[0]
-    return {**{k: first[k] for k in ("decode_ms_per_token", "prefill_ms", "tokens_per_s", "total_s", "path",
-                                      "compile_s") if k in first},
+    return {**{k: first[k] for k in ("decode_ms_per_token", "decode_spread", "prefill_ms", "tokens_per_s", "total_s",
+                                      "path", "compile_s") if k in first},
             **({"of_bandwidth_floor": first["of_bandwidth_floor"]} if "of_bandwidth_floor" in first else {}),
             **({"projections": fusion} if fusion else {}), "runs": results}
 

@@ -127,3 +127,25 @@ def test_dashboard_in_headless_chromium(run_dir, db, tmp_path, request):
     pixels = set(Image.open(shot).convert("RGB").getdata())
     for colour in (dashboard.COLOURS["pass"], dashboard.COLOURS["fail"], "#3b6fb6"):
         assert tuple(int(colour[i:i + 2], 16) for i in (1, 3, 5)) in pixels, colour
+
+
+def test_latency_is_gated_against_the_spread_measured(run_dir, tmp_path):
+    """A synthetic history: a baseline whose repeats spread by 8%; tonight's decode 12% slower is inside twice
+    that spread (noise), 25% slower is outside it (a regression), whatever the gate's flat 10%."""
+    def latency(factor, spread):
+        def change(m):
+            bench = m["recipes"]["bnb-nf4"]["benchmark"]["latency"]
+            bench.update(decode_ms_per_token=10.0 * factor, decode_spread=spread)
+        return change
+
+    gate = GateSettings(latency_increase=0.10, latency_spread_multiple=2.0)
+    base = rerun(run_dir, tmp_path, "base", "2999-01-01T02:00:00+00:00", latency(1.0, 0.08))
+    night = {}
+    for run_id, factor in (("inside", 1.12), ("outside", 1.25)):
+        db = tmp_path / f"{run_id}.sqlite"  # each night against the same baseline
+        history.record_run(db, base)
+        history.record_run(db, rerun(run_dir, tmp_path, run_id, "2999-01-02T02:00:00+00:00", latency(factor, 0.01)))
+        night[run_id] = {c["recipe"]: c for c in history.gate_run(db, run_id, gate)}["bnb-nf4"]
+    assert night["inside"]["baseline_run"] == "base"
+    assert not any("decode latency" in r for r in night["inside"]["regressions"])
+    assert "decode latency 10.00 → 12.50 ms/token (+25.0%, limit +16.0%)" in night["outside"]["regressions"]
