@@ -203,5 +203,5 @@ def planned_placement(model: torch.nn.Module, config) -> dict[str, int]:
 
 
 def placement_lines(counts: dict[str, int]) -> list[str]:
-    return [f"placement under model.max_memory: " + ", ".join(
+    return ["placement under model.max_memory: " + ", ".join(
         f"{'GPU ' + d if d.isdigit() else d} {n} blocks" for d, n in sorted(counts.items()))] if counts else []

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from quantgate.card import render_card
 from tasks.publish import PublishError, publish, publish_hub
 from tests.conftest import PROJECT
 from tests.fake_hub import FakeHub
