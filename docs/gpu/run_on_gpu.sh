@@ -136,4 +136,13 @@ case "$1" in
      CKPT=/tmp/g3-12b-mg${LAYERS:+-$LAYERS}
      timeout "${BENCH_S:-580}" python3 docs/gpu/multigpu_on_gpu.py "$CKPT" /tmp/tok 2>>"$OUT/multigpu.err" | tee -a "$OUT/multigpu${LAYERS:+-$LAYERS}.jsonl"
      grep -E "Error|error|Traceback" "$OUT/multigpu.err" | tail -${TAIL:-10} ;;
+  # Issue 19, compile-to-compile spread: `spread` carrying .gpu/h (torchao, pydantic), once per fresh compile, each a
+  # new process; INDUCTOR=DIR is that process's TORCHINDUCTOR_CACHE_DIR (a new DIR: a fresh compile; a DIR an
+  # earlier call filled: inductor's cached kernels reused).
+  spread) install .gpu/h/*.whl
+     g3_checkpoint
+     TORCHINDUCTOR_CACHE_DIR="${INDUCTOR:-/tmp/inductor-fresh-$RANDOM}" BENCH_DIR=/tmp/bench-$RANDOM \
+       timeout "${BENCH_S:-560}" python3 docs/gpu/bench_on_gpu.py /tmp/g3-12b reference 2>>"$OUT/spread.err" \
+       | grep -v '"loaded"' | tee -a "$OUT/spread-g3.jsonl"
+     grep -E "benchmark: batch|Error" "$OUT/spread.err" | tail -${TAIL:-8} ;;
 esac
