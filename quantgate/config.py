@@ -146,6 +146,10 @@ class BenchmarkSettings(StepSettings):
     new_tokens: int = Field(256, ge=2)
     batch_sizes: list[PositiveInt] = Field([1], min_length=1)  # the first is the headline figure
     repeats: PositiveInt = 5  # after one warm-up; figures are medians
+    # Measurement processes per model, each loading and compiling afresh: the headline is the process with the
+    # median decode figure, and their spread is what the nightly gate allows a baseline to move by (on the
+    # H100 six processes of the same code ranged 7.5% while each one's repeats agreed to 0.1%: BENCHMARKS).
+    processes: PositiveInt = 1
     # auto: on a GPU, decode from a static KV cache through torch.compile and a CUDA graph, falling
     # back to eager (labelled) where the recipe does not allow it; off: eager everywhere.
     fast_path: Literal["auto", "off"] = "auto"

@@ -269,3 +269,17 @@ def test_fused_tinygemm_int4_drops_torchao_k_padding():
     for a, b in zip(fused, separate):
         # tinygemm splits k across its warps differently for 3 k-tiles than for 8: fp32 sums reorder.
         torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
+
+
+def test_several_measurement_processes_give_the_median_and_their_spread(smollm2, tmp_path):
+    settings = SMALL.model_copy(update={"processes": 3}).model_dump()
+    result = benchmark("reference", str(smollm2), None, "bfloat16", "cpu", settings, str(tmp_path))
+    assert result["status"] == "ok", result.get("reason")
+    lat = result["latency"]
+    figures = lat["decode_ms_by_process"]
+    assert len(figures) == 3 and figures == sorted(figures) and lat["decode_ms_per_token"] == figures[1]
+    assert lat["decode_spread_over"] == "processes"
+    assert lat["decode_spread"] == pytest.approx((figures[2] - figures[0]) / figures[1], abs=1e-4)
+    assert sorted(p.name for p in tmp_path.glob("benchmark-process?.json")) == [
+        "benchmark-process1.json", "benchmark-process2.json", "benchmark-process3.json"]
+    assert json.loads((tmp_path / "benchmark.json").read_text())["latency"] == lat
