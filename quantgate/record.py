@@ -91,6 +91,9 @@ class RunRecord:
 
     def set_reference(self, result: dict) -> None:
         self.metrics["reference"] = result
+        if result["status"] != "ok":  # nothing to compare a recipe with: none runs, none reads passed
+            for entry in self.metrics["recipes"].values():
+                entry.update(status="error", reason=f"reference: {result.get('reason', '')}")
         self.save()
 
     def set_base_broken(self, reason: str) -> None:

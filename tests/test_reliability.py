@@ -197,7 +197,10 @@ def record(tmp_path, recipes="[bnb-nf4]", *more):
 def test_a_run_whose_reference_failed_is_an_error(tmp_path):
     run = record(tmp_path)
     run.set_reference({"status": "error", "reason": "OSError: no such checkpoint", "seconds": 0.5})
-    assert run.finish()["status"] == "error"
+    metrics = run.finish()
+    assert metrics["status"] == "error"
+    assert metrics["recipes"]["bnb-nf4"]["status"] == "error"  # never `passed` for a recipe that did not run
+    assert metrics["recipes"]["bnb-nf4"]["reason"] == "reference: OSError: no such checkpoint"
 
 
 def test_publishing_turned_off_is_not_run_and_the_recipe_passes(tmp_path):
