@@ -7,6 +7,8 @@ import json
 import struct
 from pathlib import Path
 
+from quantgate.formats import error_line
+
 INDEX = "model.safetensors.index.json"
 
 
@@ -49,7 +51,7 @@ def problems(folder: Path) -> list[str]:
         try:
             load(folder)
         except Exception as e:
-            found.append(f"{folder}: the {what} does not load: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            found.append(f"{folder}: the {what} does not load: {error_line(e)}")
     return found
 
 

@@ -24,21 +24,17 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def plan(args) -> int:
-    from quantgate.plan import make_plans, summarize, tower_lines, towers
+    from quantgate.plan import make_plans, placement_lines, planned_placement, skeleton_of, summarize, tower_lines, towers
 
     config = load_config(args.config, args.set)
-    plans = make_plans(config, args.config)
+    skeleton = skeleton_of(config, args.config)  # read once: the plans and the placement both use it
+    plans = make_plans(config, args.config, skeleton)
     if args.json:
         print(json.dumps(plans, indent=2))
         return 0
     print(f"model: {config.model.source} ({config.model.dtype}); plans made on the meta-device skeleton")
     if config.model.max_memory:
-        from quantgate import modeling
-        from quantgate.plan import placement_lines, planned_placement, read_model_config, parse_source
-
-        skeleton = modeling.skeleton(read_model_config(parse_source(config.model.source, config.model.revision),
-                                                       config.output.cache_dir))
-        print("\n".join(placement_lines(planned_placement(skeleton, config))))
+        print("\n".join(placement_lines(planned_placement(skeleton[1], config))))
     rows = []
     for name, entries in plans.items():
         counts = summarize(entries)

@@ -15,8 +15,8 @@ import yaml
 from pydantic import (AfterValidator, Field, PositiveFloat, PositiveInt, SerializeAsAny, StringConstraints, ValidationError,
                       field_validator, model_validator)
 
-from quantgate.files import slug
 from quantgate.backends import RecipeBase, Strict, ValidateThresholds, methods, parse_recipe
+from quantgate.files import slug
 
 __all__ = ["ConfigError", "RecipeBase", "RunConfig", "ValidateThresholds", "load_config"]
 
@@ -189,12 +189,10 @@ class PublishSettings(StepSettings):
         if self.target == "hub" and not self.hub_repo:
             raise ValueError("hub_repo is required when target is hub, e.g. my-org/{model}-{recipe}")
         if self.hub_repo is not None:
-            filled = self.hub_repo.replace("{model}", "m").replace("{recipe}", "r")
-            org, sep, name = filled.partition("/")
+            org, sep, name = self.hub_repo.replace("{model}", "m").replace("{recipe}", "r").partition("/")
             try:
-                assert sep, "expected ORG/NAME"
-                slug(org), slug(name)
-            except (AssertionError, ValueError) as e:
+                slug(org), slug(name if sep else "")
+            except ValueError as e:
                 raise ValueError(f"hub_repo {self.hub_repo!r} is not ORG/NAME with {{model}} and {{recipe}} "
                                  f"placeholders: {e}") from None
         return self
@@ -219,7 +217,6 @@ class Output(Strict):
     runs_dir: Rooted = PROJECT_ROOT / "runs"
     cache_dir: Rooted = PROJECT_ROOT / ".cache" / "quantgate"
     history_db: Rooted = HISTORY_DB  # every run's record, for `quantgate history` and the gate
-
 
 
 class RunConfig(Strict):

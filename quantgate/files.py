@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import logging
+import os
 import re
 from pathlib import Path
+
+from quantgate.formats import error_line
 
 log = logging.getLogger("quantgate.files")
 
@@ -67,6 +69,5 @@ def cached_tensors(path: Path):
     try:
         return torch.load(path, weights_only=True)
     except Exception as e:  # an UnpicklingError for anything but data, a truncated file, ...
-        log.warning("cached %s does not load as data (%s: %s): measuring it again", path, type(e).__name__,
-                    str(e).splitlines()[0] if str(e) else "")
+        log.warning("cached %s does not load as data (%s): measuring it again", path, error_line(e))
         return None

@@ -21,3 +21,9 @@ def tower_measures(t: dict, cosine: str = "embedding cosine") -> str:
     return (f"{cosine} mean {num(t['embedding_cosine_mean'], '.4f')}, min {num(t['embedding_cosine_min'], '.4f')}; "
             f"{t['kind']}-prompt KL mean {num(t['kl_mean'], '.4f')}, top-1 {num(t['top1_agreement'], '.3f')}; "
             f"first non-finite module {t['first_nonfinite_module'] or 'none'}")
+
+
+def error_line(e: BaseException) -> str:
+    """An exception as one line for a record or a message: its type and the first line of what it says."""
+    text = str(e)
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"

@@ -69,7 +69,7 @@ def planned_device_map(model: torch.nn.Module, max_memory: dict, dtype: torch.dt
     from transformers.integrations.accelerate import get_balanced_memory, infer_auto_device_map
 
     # transformers' own functions, as from_pretrained(device_map="auto") calls them: balanced over the GPUs first.
-    model = model.to(dtype)  # on the meta device: the sizes change, nothing is allocated
+    model = model.to(dtype)  # in place, on the meta device: the sizes change, nothing is allocated
     blocks = getattr(model, "_no_split_modules", None) or []
     balanced = get_balanced_memory(model, max_memory=dict(max_memory), no_split_module_classes=blocks)
     return infer_auto_device_map(model, max_memory=balanced, no_split_module_classes=blocks)

@@ -15,8 +15,8 @@ from quantgate.backends import PlanError, backend_of
 from quantgate.config import ConfigError
 from quantgate.sources import DownloadError, parse_source, read_model_config
 
-__all__ = ["PlanError", "make_plans", "pattern_regex", "plan_recipe", "read_plan", "reconcile", "summarize",
-           "tower_lines", "towers"]
+__all__ = ["PlanError", "make_plans", "pattern_regex", "placement_lines", "plan_recipe", "planned_placement",
+           "read_plan", "reconcile", "skeleton_of", "summarize", "tower_lines", "towers"]
 
 
 def pattern_regex(pattern: str) -> re.Pattern:
@@ -158,19 +158,25 @@ def reconcile(entries: list[dict], model: torch.nn.Module, recipe) -> list[dict]
     return entries
 
 
-def make_plans(config, config_path) -> dict[str, list[dict]]:
-    """Every recipe's plan on the model's skeleton; raises ConfigError before any weight is loaded."""
+def skeleton_of(config, config_path) -> tuple:
+    """The model's transformers config and its module tree on the meta device; ConfigError where either fails."""
     try:
         source = parse_source(config.model.source, config.model.revision)
         model_config = read_model_config(source, Path(config.output.cache_dir))
     except DownloadError as e:
         raise ConfigError(config_path, "model.source", str(e)) from None
     try:
-        model = modeling.skeleton(model_config)
+        return model_config, modeling.skeleton(model_config)
     except Exception as e:  # e.g. a config.json whose architectures and model_type belong to different models
         raise ConfigError(config_path, "model.source", f"{source.text}: its config.json does not build a model "
                           f"(model_type {getattr(model_config, 'model_type', None)!r}, architectures "
                           f"{getattr(model_config, 'architectures', None)}): {type(e).__name__}: {e}") from None
+
+
+def make_plans(config, config_path, skeleton: tuple | None = None) -> dict[str, list[dict]]:
+    """Every recipe's plan on the model's skeleton (skeleton_of's, made here unless given); raises ConfigError,
+    with every problem found, before any weight is loaded."""
+    model_config, model = skeleton or skeleton_of(config, config_path)
     plans, errors = {}, []
     try:
         planned_placement(model, config)

@@ -85,23 +85,25 @@ class RunRecord:
             model.update({k: download.get(k) for k in ("revision", "checkpoint_sha256", "checkpoint", "base_model",
                                                        "license")})
         else:
-            for entry in self.metrics["recipes"].values():
-                entry.update(status="error", reason=f"download: {download['reason']}")
+            self._settle_recipes("error", f"download: {download['reason']}")
         self.save()
 
     def set_reference(self, result: dict) -> None:
         self.metrics["reference"] = result
         if result["status"] != "ok":  # nothing to compare a recipe with: none runs, none reads passed
-            for entry in self.metrics["recipes"].values():
-                entry.update(status="error", reason=f"reference: {result.get('reason', '')}")
+            self._settle_recipes("error", f"reference: {result.get('reason', '')}")
         self.save()
 
     def set_base_broken(self, reason: str) -> None:
         """The unquantized model itself goes non-finite: no recipe's verdict could mean anything, so none runs."""
         self.metrics["base_broken"] = reason
-        for entry in self.metrics["recipes"].values():
-            entry.update(status="skipped", reason=f"not run: {reason}")
+        self._settle_recipes("skipped", f"not run: {reason}")
         self.save()
+
+    def _settle_recipes(self, status: str, reason: str) -> None:
+        """Every recipe ends here, before any of its steps, for a reason of the model's."""
+        for entry in self.metrics["recipes"].values():
+            entry.update(status=status, reason=reason)
 
     def set_reference_benchmark(self, result: dict) -> None:
         self.metrics["reference"]["benchmark"] = result
@@ -136,11 +138,11 @@ class RunRecord:
         self.save()
         write_report(self.dir, self.metrics)
 
-    def model_step_statuses(self) -> list[str]:
-        """The model's own steps (download, reference, the reference's benchmark): any that errored is the run's error."""
+    def model_errored(self) -> bool:
+        """Whether one of the model's own steps (download, reference, the reference's benchmark) errored."""
         ref = self.metrics["reference"]
         steps = [self.metrics["model"].get("download"), ref or None, ref.get("benchmark") if ref else None]
-        return ["error" for s in steps if s is not None and s["status"] not in ("ok", "skipped", "not_run")]
+        return any(s is not None and s["status"] not in ("ok", "skipped", "not_run") for s in steps)
 
     def finish(self) -> dict:
         for entry in self.metrics["recipes"].values():
@@ -150,9 +152,9 @@ class RunRecord:
                 state = entry["steps"][step]
                 if state["status"] == "not_run" and "reason" not in state:
                     state["reason"] = f"the recipe stopped: {entry.get('reason', '')}"
-        statuses = {e["status"] for e in self.metrics["recipes"].values()} | set(self.model_step_statuses())
-        if self.metrics.get("base_broken"):
-            statuses.add("failed")
+        statuses = {e["status"] for e in self.metrics["recipes"].values()}
+        statuses |= {"error"} if self.model_errored() else set()
+        statuses |= {"failed"} if self.metrics.get("base_broken") else set()
         self.metrics["status"] = "error" if "error" in statuses else "failed" if "failed" in statuses else "passed"
         self.metrics["finished_at"] = now()
         self.save()

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from quantgate.files import sha256_file
+from quantgate.formats import error_line
 
 log = logging.getLogger("quantgate.sources")
 
@@ -163,5 +164,4 @@ def read_model_config(source: Source, cache_dir: Path):
     try:
         return AutoConfig.from_pretrained(source.ref)
     except Exception as e:  # not JSON, an unknown model_type, ...
-        raise DownloadError(f"{Path(source.ref) / 'config.json'}: transformers cannot read it: "
-                            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        raise DownloadError(f"{Path(source.ref) / 'config.json'}: transformers cannot read it: {error_line(e)}") from None

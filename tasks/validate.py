@@ -21,6 +21,7 @@ from quantgate import modeling
 from quantgate.backends import parse_recipe
 from quantgate.config import PROJECT_ROOT, ValidateSettings, ValidateThresholds
 from quantgate.files import cached_tensors, write_atomic
+from quantgate.formats import error_line
 from quantgate.processors import load_processor
 from quantgate.runlog import SHOWN
 
@@ -350,7 +351,7 @@ def compare(model, tokenizer, stats: dict, settings: ValidateSettings) -> dict:
         metrics["generations"] = [{"prompt": i, "reference": stats["generations"][i], "quantized": text}
                                   for i, text in zip(stats["generations"], texts)]
     except Exception as e:  # a CUDA device-side assert included: a failed recipe, not a crashed flow
-        metrics["generation_error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        metrics["generation_error"] = error_line(e)
     return metrics
 
 

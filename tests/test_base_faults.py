@@ -8,29 +8,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from quantgate import cli
 from quantgate.sources import DownloadError
 from tasks.download import download
 from tasks.validate import explain_nonfinite, nonfinite_reason
+from tests.conftest import edited_copy
 
 PROJECT = Path(__file__).resolve().parents[1]
-
-
-def planted(tiny_llama: Path, folder: Path, edit) -> Path:
-    shutil.copytree(tiny_llama, folder)
-    weights = load_file(folder / "model.safetensors")
-    edit(weights)
-    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
-    return folder
 
 
 def test_a_nonfinite_base_stops_the_run_once_naming_its_module(tiny_llama, tmp_path, prefect_server):
     def nan_in_v_proj(w):
         w["model.layers.1.self_attn.v_proj.weight"][3, 5] = float("nan")
 
-    base = planted(tiny_llama, tmp_path / "broken-base", nan_in_v_proj)
+    base = edited_copy(tiny_llama, tmp_path / "broken-base", nan_in_v_proj)
     runs = tmp_path / "runs"
     overrides = [f"output.runs_dir={runs}", f"output.cache_dir={tmp_path / 'cache'}",
                  f"output.history_db={runs / 'history.sqlite'}", f"model.source={base}", "model.dtype=float32",

@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from quantgate import modeling
 from quantgate.backends import fp8_kernel
@@ -12,7 +11,7 @@ from quantgate.config import ValidateSettings, load_config
 from quantgate.plan import tower_lines
 from tasks import quantize as quantize_step
 from tasks import validate as validate_step
-from tests.conftest import PROJECT
+from tests.conftest import PROJECT, edit_weights
 
 
 def blocky(n: int, k: int, block: tuple[int, int], experts: int | None = None):
@@ -73,11 +72,12 @@ def tiny(smollm2, tmp_path_factory):
     planted = folder.with_name("planted")
     LlamaForCausalLM.from_pretrained(folder).save_pretrained(planted)  # same weights, own folder
     AutoTokenizer.from_pretrained(smollm2).save_pretrained(planted)
-    weights = load_file(planted / "model.safetensors")
-    q = weights["model.layers.1.self_attn.q_proj.weight"]
-    q[:128, :128] = (torch.randint(0, 2, (128, 128)) * 2 - 1).to(torch.bfloat16) * 1e-37  # pruned to nothing
-    q[:64, :64] = 0
-    save_file(weights, planted / "model.safetensors", metadata={"format": "pt"})
+    def pruned(weights):
+        q = weights["model.layers.1.self_attn.q_proj.weight"]
+        q[:128, :128] = (torch.randint(0, 2, (128, 128)) * 2 - 1).to(torch.bfloat16) * 1e-37  # pruned to nothing
+        q[:64, :64] = 0
+
+    edit_weights(planted, pruned)
     return folder, planted
 
 

@@ -1,19 +1,17 @@
 """Qwen2.5-Coder-0.5B-Instruct from its six PyPI chunk packages: the offline model that writes code. HumanEval
 (greedy pass@1, run in the sandbox) sees damage to generation that MMLU misses, and the lm_eval command line
 agrees with the evaluate step on it."""
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from quantgate import modeling, sandbox
 from quantgate.config import EvaluateSettings, load_config
 from quantgate.sources import DownloadError, joined_chunks
 from tasks import evaluate as step
 from tasks.download import download
-from tests.conftest import PROJECT
+from tests.conftest import PROJECT, edited_copy
 from tests.test_evaluate import assert_same_mmlu, lm_eval_command_line
 
 # One MMLU question a subject (57) and the first 20 HumanEval problems: about 2 minutes on a 2-core CPU.
@@ -71,12 +69,11 @@ def test_damage_that_mmlu_misses_is_significant_on_humaneval(qwen, reference, ca
     tokenizer = AutoTokenizer.from_pretrained(qwen)
     space = tokenizer.convert_tokens_to_ids("Ġ")
     runs = [i for token, i in tokenizer.get_vocab().items() if len(token) > 1 and set(token) == {"Ġ"}]
-    damaged = tmp_path / "damaged"
-    shutil.copytree(qwen, damaged)
-    weights = load_file(damaged / "model.safetensors")
-    embed = weights["model.embed_tokens.weight"]
-    embed[torch.tensor(runs)] = embed[space].clone()
-    save_file(weights, damaged / "model.safetensors", metadata={"format": "pt"})
+    def indentation_unseen(weights):
+        embed = weights["model.embed_tokens.weight"]
+        embed[torch.tensor(runs)] = embed[space].clone()
+
+    damaged = edited_copy(qwen, tmp_path / "damaged", indentation_unseen)
 
     result = step.evaluate(str(damaged), INT8.model_dump(), reference, "cpu", QUICK.model_dump(), str(cache_dir),
                            str(tmp_path))

@@ -9,7 +9,6 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from quantgate import modeling
 from quantgate.config import ValidateSettings, load_config
@@ -17,7 +16,7 @@ from quantgate.processors import gemma4_without_video, load_processor
 from tasks import quantize as quantize_step
 from tasks import towers
 from tasks import validate as validate_step
-from tests.conftest import PROJECT
+from tests.conftest import PROJECT, edited_copy
 
 SETTINGS = ValidateSettings(max_new_tokens=4)
 NF4 = load_config(PROJECT / "configs" / "default.yaml", ["recipes=[bnb-nf4]"]).recipes[0]
@@ -102,15 +101,6 @@ def reference4(gemma4_vision_audio, cache_dir):
     return measured_reference(gemma4_vision_audio, cache_dir)
 
 
-def edited(folder, tmp_path, edit):
-    copy = tmp_path / "edited"
-    shutil.copytree(folder, copy)
-    weights = load_file(copy / "model.safetensors")
-    edit(weights)
-    save_file(weights, copy / "model.safetensors", metadata={"format": "pt"})
-    return copy
-
-
 def check(checkpoint, recipe, reference):
     return validate_step.validate(str(checkpoint), recipe.model_dump(), reference, "cpu", SETTINGS.model_dump())
 
@@ -137,7 +127,7 @@ def test_a_projector_that_hands_over_a_constant_fails_where_the_text_check_passe
     def grey(weights):  # whatever the image, the language model receives the same (zero) embeddings
         weights["multi_modal_projector.mm_input_projection_weight"].zero_()  # the checkpoint's own key
 
-    result = check(edited(gemma3_vision, tmp_path, grey), INT8, reference)
+    result = check(edited_copy(gemma3_vision, tmp_path / "edited", grey), INT8, reference)
     assert result["kl_mean"] < 1e-6 and result["top1_agreement"] == 1.0  # the text prompts see nothing wrong
     assert result["verdict"] == "fail" and result["towers"]["model.vision_tower"]["verdict"] == "fail"
     assert result["reason"].startswith("model.vision_tower: embedding cosine 0.0 < 0.95 (fail)")  # the 8-bit family
@@ -151,7 +141,7 @@ def test_nan_in_a_tower_linear_is_that_towers_first_nonfinite_module(model, ref,
     def plant(weights):  # the checkpoint's own key (Gemma 3 saves its modules without the `model.` prefix)
         weights[module + ".weight"][3, 5] = float("nan")
 
-    result = check(edited(request.getfixturevalue(model), tmp_path, plant), INT8, request.getfixturevalue(ref))
+    result = check(edited_copy(request.getfixturevalue(model), tmp_path / "edited", plant), INT8, request.getfixturevalue(ref))
     assert result["towers"][tower]["first_nonfinite_module"] == module.removeprefix("model.").join(("model.", ""))
     assert all(t["first_nonfinite_module"] is None for name, t in result["towers"].items() if name != tower)
     assert result["verdict"] == "fail" and result["first_nonfinite_module"] is None  # the text never ran the tower
@@ -165,7 +155,7 @@ def test_the_report_shows_each_tower_and_both_answers(gemma3_vision, reference, 
     def grey(weights):
         weights["multi_modal_projector.mm_input_projection_weight"].zero_()
 
-    result = check(edited(gemma3_vision, tmp_path, grey), INT8, reference)
+    result = check(edited_copy(gemma3_vision, tmp_path / "edited", grey), INT8, reference)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     metrics["recipes"]["bnb-nf4"]["validate"]["towers"] = result["towers"]
     report = render_report(metrics)
@@ -182,7 +172,7 @@ def test_the_history_and_dashboard_carry_the_worst_tower(gemma3_vision, referenc
     def grey(weights):
         weights["multi_modal_projector.mm_input_projection_weight"].zero_()
 
-    result = check(edited(gemma3_vision, tmp_path, grey), INT8, reference)
+    result = check(edited_copy(gemma3_vision, tmp_path / "edited", grey), INT8, reference)
     run = tmp_path / "run"
     shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("checkpoint"))
     metrics = json.loads((run / "metrics.json").read_text())
@@ -249,7 +239,7 @@ def test_gemma4_collapsed_clip_bounds_fail_the_vision_tower_where_the_text_check
             if key.startswith("model.vision_tower.") and key.endswith(("output_min", "output_max")):
                 weights[key].zero_()
 
-    result = check(edited(gemma4_vision_audio, tmp_path, collapse), INT8, reference4)
+    result = check(edited_copy(gemma4_vision_audio, tmp_path / "edited", collapse), INT8, reference4)
     assert result["kl_mean"] < 1e-6 and result["top1_agreement"] == 1.0  # the text prompts see nothing wrong
     assert result["towers"]["model.vision_tower"]["verdict"] == "fail"
     assert result["towers"]["model.audio_tower"]["embedding_cosine_min"] > 0.999  # the audio tower is untouched

@@ -1,14 +1,12 @@
 """Validate step on the real SmolLM2: fault injection, thresholds on both sides, the cached reference."""
-import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from quantgate import modeling
 from quantgate.config import ValidateSettings, ValidateThresholds, load_config
 from tasks import validate as step
-from tests.conftest import PROJECT
+from tests.conftest import PROJECT, edit_weights, edited_copy
 
 SETTINGS = ValidateSettings()
 INT8 = load_config(PROJECT / "configs" / "default.yaml", ["recipes=[bnb-int8]"]).recipes[0]
@@ -25,15 +23,15 @@ def reference(smollm2, cache_dir):
 
 def edited_checkpoint(smollm2, tmp_path, edit, dtype=None):
     """A copy of SmolLM2 with its state dict changed by `edit` (a checkpoint that loads fine)."""
-    folder = tmp_path / "edited"
-    shutil.copytree(smollm2, folder)
-    weights = load_file(folder / "model.safetensors")
+    def change(weights):
+        if dtype is not None:
+            weights.update({k: v.to(dtype) for k, v in weights.items()})
+        edit(weights)
+
+    folder = edited_copy(smollm2, tmp_path / "edited", change)
     if dtype is not None:
-        weights = {k: v.to(dtype) for k, v in weights.items()}
         config = (folder / "config.json").read_text().replace('"bfloat16"', f'"{str(dtype).split(".")[1]}"')
         (folder / "config.json").write_text(config)
-    edit(weights)
-    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
     return folder
 
 
@@ -76,9 +74,10 @@ def test_nan_in_a_quantization_scale_names_that_module(smollm2, tmp_path, refere
 
     quantize(str(smollm2), INT8.model_dump(), "bfloat16", "cpu", str(tmp_path / "q"), 0.9)
     folder = tmp_path / "q" / "checkpoint"
-    weights = load_file(folder / "model.safetensors")
-    weights["model.layers.4.self_attn.q_proj.SCB"][11] = float("nan")  # LLM.int8()'s per-row scale
-    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    def nan_scale(weights):
+        weights["model.layers.4.self_attn.q_proj.SCB"][11] = float("nan")  # LLM.int8()'s per-row scale
+
+    edit_weights(folder, nan_scale)
     result = run(folder, reference)
     assert result["verdict"] == "fail" and result["first_nonfinite_module"] == "model.layers.4.self_attn.q_proj"
 
