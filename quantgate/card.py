@@ -12,7 +12,7 @@ import yaml
 
 from quantgate.backends import BACKENDS
 from quantgate.files import write_atomic
-from quantgate.formats import gb, num, peak_memory, tower_measures
+from quantgate.formats import context_line, gb, kl_line, num, peak_memory, tower_measures
 from quantgate.plan import tower_lines
 
 NOT_MEASURED = "not measured"
@@ -146,6 +146,10 @@ def render_card(run_dir: Path, recipe_name: str, checkpoint_path: str = "PATH_OR
             lines.append(f"| {name} | {_gb(peak)} ({kind}) | {_fmt(reduction, '.1%', '–')} | "
                          f"{latency['decode_ms_per_token']:.2f} | {_fmt(latency.get('speedup_vs_reference'), '.2f', '1.00')}x | "
                          f"{latency['prefill_ms']:.1f} | {latency['tokens_per_s']:.1f} |")
+        if "kv_cache" in b:
+            lines += [""] + [f"- {name}: {line}" for name, bench in (("reference", rb), (recipe_name, b))
+                             for line in (context_line(bench.get("kv_cache", {})), kl_line(bench.get("kv_cache", {})))
+                             if line]
     else:
         lines.append(_step_note(entry, "benchmark"))
 

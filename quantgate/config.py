@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Union
 
 import yaml
-from pydantic import (AfterValidator, Field, PositiveFloat, PositiveInt, SerializeAsAny, StringConstraints, ValidationError,
-                      field_validator, model_validator)
+from pydantic import (AfterValidator, ByteSize, Field, PositiveFloat, PositiveInt, SerializeAsAny, StringConstraints,
+                      ValidationError, field_validator, model_validator)
 
 from quantgate.backends import RecipeBase, Strict, ValidateThresholds, methods, parse_recipe
 from quantgate.files import slug
@@ -140,6 +140,22 @@ class EvaluateSettings(StepSettings):
     bootstrap_iters: PositiveInt = 10000
 
 
+class KVCacheSettings(Strict):
+    """How the KV-cache capacity is searched for, under `steps.benchmark.memory_budget`."""
+    # transformers' caches: dynamic, static, offloaded (a dynamic cache kept in host memory, a layer at a
+    # time on the GPU), and the quantized ones (quanto, hqq: group-wise integers; fp8: one scale per layer).
+    caches: list[Literal["dynamic", "static", "offloaded", "quanto", "hqq", "fp8"]] = \
+        Field(["dynamic", "static", "offloaded", "quanto", "hqq", "fp8"], min_length=1)
+    prefill_chunk: PositiveInt = 2048  # tokens a prefill forward takes: the capacity's precision, and its activations
+    max_context: PositiveInt | None = None  # where the search stops; null: the model's max_position_embeddings
+    bits: Literal[2, 4] = 4  # of the quanto and hqq caches
+    decode_tokens: PositiveInt = 16  # decoded one at a time at the context found, for its latency
+    # The quantized caches' KL against the full-precision cache: the next-token distributions at the last
+    # kl_positions tokens of a WikiText-2 prompt of kl_prompt_tokens.
+    kl_prompt_tokens: PositiveInt = 4096
+    kl_positions: PositiveInt = 64
+
+
 class BenchmarkSettings(StepSettings):
     key = "benchmark"
     prompt_tokens: PositiveInt = 256
@@ -170,6 +186,11 @@ class BenchmarkSettings(StepSettings):
     # Inference figures come from the recipe's saved checkpoint (what ships); where its backend quantizes
     # while loading, also measure the reference checkpoint quantized while loading (memory), in a process of its own.
     quantize_on_load: bool = True
+    # KV-cache capacity, in a process of its own per model: the longest context whose chunked prefill and
+    # decoding stay within this much memory (e.g. 12GiB; on a GPU what torch reserves plus the CUDA context,
+    # on a CPU the process's private memory), per cache. null: not measured.
+    memory_budget: ByteSize | None = None
+    kv_cache: KVCacheSettings = KVCacheSettings()
 
 
 class PublishSettings(StepSettings):

@@ -27,3 +27,30 @@ def error_line(e: BaseException) -> str:
     """An exception as one line for a record or a message: its type and the first line of what it says."""
     text = str(e)
     return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def context_line(kv: dict) -> str:
+    """`Context that fits in 12 GiB: 9,400 tokens with the dynamic cache (decoding 12.10 ms/token there); ...`,
+    from a benchmark's kv_cache."""
+    if kv.get("status") != "ok":
+        return f"KV-cache capacity: {kv.get('status', 'not_run')} ({kv.get('reason', 'no memory_budget set')})"
+    fits, refused = [], []
+    for kind, c in kv["caches"].items():
+        if c["status"] != "ok":
+            refused.append(kind)
+            continue
+        there = f" (decoding {c['decode_ms_per_token']:.2f} ms/token there)" if "decode_ms_per_token" in c else ""
+        fits.append(f"{c['context_tokens']:,} tokens with the {kind} cache{there}")
+    line = f"Context that fits in {kv['budget'] / 2**30:g} GiB: " + ("; ".join(fits) or "none measured")
+    return line + (f"; not offered for this model: {', '.join(refused)}" if refused else "")
+
+
+def kl_line(kv: dict) -> str | None:
+    """The quantized caches' KL against the full-precision cache, or None where none was measured."""
+    measured = {k: c for k, c in kv.get("kl", {}).items() if c["status"] == "ok"}
+    if not measured:
+        return None
+    first = next(iter(measured.values()))
+    return (f"Quantized caches against the full-precision cache ({kv['kl_prompt']}; next-token distributions at the "
+            f"last {first['positions']}): " + ", ".join(f"{k} KL mean {c['kl_mean']:.4g}, top-1 {c['top1_agreement']:.3f}"
+                                                       for k, c in measured.items()))

@@ -14,7 +14,7 @@ from pathlib import Path
 from quantgate import backends
 from quantgate.config import RunConfig, dump_config
 from quantgate.files import under, write_atomic, write_json
-from quantgate.formats import gb, num, peak_memory, tower_measures
+from quantgate.formats import context_line, gb, kl_line, num, peak_memory, tower_measures
 from quantgate.plan import tower_lines
 from quantgate.runlog import announce
 
@@ -263,15 +263,37 @@ SUMMARY_HEADER = ["recipe", "status", "real bytes", "of reference", "quantized/s
                   "decode ms/token (speedup)", "reason or warnings"]
 
 
+KV_CACHE_HEADER = ["model", "budget", "cache", "context tokens", "decode ms/token there", "stopped by"]
+
+
+def benches_of(metrics: dict) -> list[tuple[str, dict]]:
+    return [("reference", metrics["reference"].get("benchmark", {}))] + \
+        [(name, entry.get("benchmark", {})) for name, entry in metrics["recipes"].items()]
+
+
+def kv_cache_rows(metrics: dict) -> list[list[str]]:
+    rows = []
+    for name, b in benches_of(metrics):
+        kv = b.get("kv_cache")
+        if not kv:
+            continue
+        if kv["status"] != "ok":
+            rows.append([name, "–", "–", "–", "–", _cell(context_line(kv))])
+            continue
+        for kind, c in kv["caches"].items():
+            stopped = c.get("stopped_by") or c.get("reason", "")
+            rows.append([name, f"{kv['budget'] / 2**30:g} GiB", kind, num(c.get("context_tokens"), ","),
+                         num(c.get("decode_ms_per_token"), ".2f", c.get("decode_error", "–")), _cell(stopped)])
+    return rows
+
+
 BENCHMARK_HEADER = ["model", "load s", "host private peak", "host file-backed peak", "GPU peak load", "GPU peak infer",
                     "prefill ms", "decode ms/token", "tokens/s", "x bandwidth floor", "decode path"]
 
 
 def benchmark_rows(metrics: dict) -> list[list[str]]:
-    benches = [("reference", metrics["reference"].get("benchmark", {}))]
-    benches += [(name, entry.get("benchmark", {})) for name, entry in metrics["recipes"].items()]
     rows = []
-    for name, b in benches:
+    for name, b in benches_of(metrics):
         if "memory" not in b:
             continue
         m, lat = b["memory"], b["latency"]
@@ -332,9 +354,18 @@ def render_report(metrics: dict, figure: str | None = None) -> str:
                   + (f" ({floor['copy_bandwidth'] / 1e9:.0f} GB/s)." if floor else "."), "",
                   "| " + " | ".join(BENCHMARK_HEADER) + " |", "|" + " --- |" * len(BENCHMARK_HEADER)]
         lines += ["| " + " | ".join(row) + " |" for row in bench_rows]
-        for name, b in [("reference", metrics["reference"].get("benchmark", {}))] + \
-                [(n, e.get("benchmark", {})) for n, e in metrics["recipes"].items()]:
+        for name, b in benches_of(metrics):
             lines += [f"- {name}: {d}" for d in b.get("diagnostics", [])]
+    kv_rows = kv_cache_rows(metrics)
+    if kv_rows:
+        lines += ["", "## KV cache", "",
+                  "The longest context (prompt and generated tokens) whose chunked prefill and decoding fit the memory "
+                  "budget with the model loaded, per cache, found by prefilling until a chunk did not fit; decoding "
+                  "one token at a time at that context.", "",
+                  "| " + " | ".join(KV_CACHE_HEADER) + " |", "|" + " --- |" * len(KV_CACHE_HEADER)]
+        lines += ["| " + " | ".join(row) + " |" for row in kv_rows]
+        lines += [f"- {name}: {line}" for name, b in benches_of(metrics)
+                  if (line := kl_line(b.get("kv_cache", {})))]
     tower_rows = [(name, line) for name, entry in metrics["recipes"].items()
                   for line in tower_lines(entry.get("quantize", {}).get("towers", {}))]
     if tower_rows:

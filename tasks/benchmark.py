@@ -35,9 +35,11 @@ from pathlib import Path
 import torch
 from prefect import task
 
-from quantgate import modeling
+from quantgate import kvcache, modeling
 from quantgate.backends import backend_of, parse_recipe
+from quantgate.config import PROJECT_ROOT
 from quantgate.files import write_json
+from quantgate.measure import Timer, proc_status
 from quantgate.plan import kept, plan_recipe
 from tasks.quantize import cuda_skip, growth, kernel_of, quantize_model
 
@@ -46,24 +48,13 @@ log = logging.getLogger("quantgate.benchmark")
 
 # ---------------------------------------------------------------- memory
 
-def _proc_status() -> dict[str, int]:
-    """This process's memory lines from /proc/self/status, in bytes."""
-    fields = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in ("RssAnon", "RssFile", "VmHWM", "VmRSS"):
-                fields[key] = int(value.split()[0]) * 1024
-    return fields
-
-
 class MemorySampler:
     """Samples host private (RssAnon) and file-backed (RssFile) memory every few milliseconds
     in a thread, and GPU peaks per phase; `with sampler.phase("load"): ...` labels the samples."""
 
     def __init__(self, interval_ms: float = 5.0):
         self.interval = interval_ms / 1000
-        self.baseline = _proc_status()
+        self.baseline = proc_status()
         self.peaks: dict[str, dict[str, int | None]] = {}
         self._current: str | None = None
         self._stop = threading.Event()
@@ -74,7 +65,7 @@ class MemorySampler:
         current = self._current  # read once: the main thread may end the phase meanwhile
         if current is None:
             return
-        status = _proc_status()
+        status = proc_status()
         peak = self.peaks[current]
         peak["host_private_peak"] = max(peak["host_private_peak"], status["RssAnon"])
         peak["host_file_peak"] = max(peak["host_file_peak"], status["RssFile"])
@@ -142,30 +133,6 @@ def diagnose(memory: dict, real_bytes: int, shard: int, baseline_private: int) -
 
 
 # ---------------------------------------------------------------- latency
-
-class Timer:
-    """Milliseconds of a block: CUDA events on a GPU, the host clock on a CPU."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.ms = 0.0
-
-    def __enter__(self):
-        if self.cuda:
-            self._start, self._end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            self._start.record()
-        else:
-            self._t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        if self.cuda:
-            self._end.record()
-            self._end.synchronize()
-            self.ms = self._start.elapsed_time(self._end)
-        else:
-            self.ms = (time.perf_counter() - self._t0) * 1000
-
 
 def copy_bandwidth(device: torch.device, repeats: int = 10) -> float:
     """Bytes per second of a large device copy, counting bytes read plus bytes written."""
@@ -602,7 +569,7 @@ def measure(spec: dict) -> dict:
         memory = {"host_private_peak": max(load["host_private_peak"], infer["host_private_peak"]),
                   "host_file_peak": max(load["host_file_peak"], infer["host_file_peak"]),
                   "host_private_baseline": sampler.baseline["RssAnon"],
-                  "host_peak_incl_file_pages": _proc_status()["VmHWM"],
+                  "host_peak_incl_file_pages": proc_status()["VmHWM"],
                   "gpu_peak_load": load["gpu_peak_allocated"], "gpu_reserved_peak_load": load["gpu_peak_reserved"],
                   "gpu_peak_infer": infer["gpu_peak_allocated"], "gpu_reserved_peak_infer": infer["gpu_peak_reserved"],
                   "load": load, "infer": infer}
@@ -616,10 +583,49 @@ def measure(spec: dict) -> dict:
         sampler.close()
 
 
+def long_prompt(checkpoint: str, tokens: int, vocab: int, device: torch.device) -> tuple[torch.Tensor, str]:
+    """The start of WikiText-2's test split in the checkpoint's tokenizer, or random ids where it has none."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    except (OSError, ValueError) as e:
+        log.info("benchmark: no tokenizer in %s (%s): random token ids", checkpoint, e)
+        return prompt_ids(vocab, 1, tokens, device), "random token ids (the checkpoint has no tokenizer)"
+    text = (PROJECT_ROOT / "data" / "wikitext2" / "test.txt").read_text()
+    ids = tokenizer(text[: tokens * 8], return_tensors="pt").input_ids[:, :tokens]
+    return ids.to(device), f"WikiText-2 test, its first {ids.shape[1]:,} tokens"
+
+
+def measure_kv_cache(spec: dict) -> dict:
+    """The model loaded as for the benchmark, then its KV-cache capacity under the memory budget for each
+    cache, and the quantized caches' KL on a long prompt."""
+    settings, kv = spec["settings"], spec["settings"]["kv_cache"]
+    model = loader(spec)()
+    devices = {p.device for p in model.parameters() if p.device.type != "meta"}
+    if len(devices) > 1 or any(p.device.type == "meta" for p in model.parameters()):
+        return {"status": "not_run", "reason": f"the model spans {sorted(map(str, devices))} or is offloaded: "
+                                               "the capacity is measured on one device"}
+    text = model.config.get_text_config(decoder=True)
+    limit = kv["max_context"] or text.max_position_embeddings
+    t0 = time.perf_counter()
+    result = kvcache.capacity(model, settings["memory_budget"], kv["caches"], kv["prefill_chunk"], limit,
+                              kv["decode_tokens"], kv["bits"])
+    log.info("benchmark: KV-cache capacity in %.1f s: %s", time.perf_counter() - t0,
+             {k: c.get("context_tokens", c["status"]) for k, c in result["caches"].items()})
+    quantized = [k for k in kv["caches"] if k in kvcache.QUANTIZED]
+    if quantized:
+        device = next(iter(devices))
+        ids, result["kl_prompt"] = long_prompt(spec["checkpoint"], kv["kl_prompt_tokens"], text.vocab_size, device)
+        result["kl"] = kvcache.quantized_cache_kl(model, ids, quantized, kv["prefill_chunk"],
+                                                  min(kv["kl_positions"], ids.shape[1] - 1), kv["bits"])
+    return {"status": "ok", **result}
+
+
 def main(spec_path: str, out_path: str) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     spec = json.loads(Path(spec_path).read_text())
-    write_json(Path(out_path), measure(spec))
+    write_json(Path(out_path), measure_kv_cache(spec) if spec.get("measure") == "kv_cache" else measure(spec))
 
 
 # ---------------------------------------------------------------- the step
@@ -651,6 +657,10 @@ def benchmark(name: str, checkpoint: str, recipe: dict | None, dtype: str, devic
         if run.get("greedy_agreement_with_eager") is not None and run["greedy_agreement_with_eager"] < 0.5:
             warnings.append(f"batch {run['batch_size']}: the fast path's greedy tokens agree with eager decoding on "
                             f"only {run['greedy_agreement_with_eager']:.0%} of the first 16")
+    if settings.get("memory_budget"):
+        result["kv_cache"] = kv_cache = run_measurement(name, {**spec, "measure": "kv_cache"},
+                                                        out / "benchmark-kv-cache.json")
+        warnings += kv_cache_warnings(kv_cache)
     if base_checkpoint and settings["quantize_on_load"] and quantizes_while_loading(parsed):
         on_load = run_measurement(name, {**spec, "checkpoint": base_checkpoint, "mode": "quantize_on_load",
                                          "latency": False}, out / "benchmark-quantize-on-load.json")
@@ -659,6 +669,16 @@ def benchmark(name: str, checkpoint: str, recipe: dict | None, dtype: str, devic
         if on_load["status"] != "ok":
             warnings.append(f"quantize on load: {on_load['reason']}")
     return {**result, "warnings": warnings}
+
+
+def kv_cache_warnings(kv_cache: dict) -> list[str]:
+    if kv_cache["status"] != "ok":
+        return [f"KV cache: {kv_cache['reason']}"]
+    ratio = kv_cache.get("bytes_per_token_ratio")
+    if ratio is not None and not 0.85 <= ratio <= 1.15:
+        return [f"KV cache: each token of context took {kv_cache['bytes_per_token_measured']:,} bytes, the config "
+                f"says {kv_cache['bytes_per_token_config']:,} ({ratio:.2f}x)"]
+    return []
 
 
 def measured_in_processes(name: str, spec: dict, out: Path, processes: int) -> dict:

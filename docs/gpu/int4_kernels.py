@@ -21,7 +21,7 @@ import prefect_shim  # noqa: E402,F401
 from int4_gemv import int4_gemv, launch_config  # noqa: E402
 
 from quantgate.modeling import real_bytes  # noqa: E402
-from tasks.benchmark import Timer  # noqa: E402
+from quantgate.measure import Timer  # noqa: E402
 
 # (name, out_features, in_features) of one Gemma 3 12B decoder layer; q/k/v and gate/up fused.
 SHAPES = [("qkv", 8192, 3840), ("o", 3840, 4096), ("gate_up", 30720, 3840), ("down", 3840, 15360)]
