@@ -9,12 +9,15 @@ is an out-of-memory error; on a CPU it covers the process's private memory, samp
 from __future__ import annotations
 
 import gc
+import logging
 import statistics
 from dataclasses import dataclass, field
 
 import torch
 
 from quantgate.measure import Timer, memory_of, trim_heap
+
+log = logging.getLogger("quantgate.kvcache")
 
 CACHES = ("dynamic", "static", "offloaded", "quanto", "hqq", "fp8")
 QUANTIZED = ("quanto", "hqq", "fp8")
@@ -233,9 +236,15 @@ def capacity(model, budget: int, caches: list[str], chunk: int, limit: int, deco
                 result["bytes_per_token_measured"] = round(slope)
                 result["bytes_per_token_ratio"] = round(slope / per_token, 3) if per_token else None
                 guess = fill.tokens
-            if fill.tokens > decode_tokens:
-                entry.update(search.decode_ms(kind, fill.tokens, decode_tokens))
+            for tokens in (fill.tokens, fill.tokens - chunk):  # a fresh fill to the edge may not fit again
+                if tokens > decode_tokens:
+                    decoded = search.decode_ms(kind, tokens, decode_tokens)
+                    entry.update(decoded, decode_at_tokens=tokens)
+                    if "decode_error" not in decoded:
+                        entry.pop("decode_error", None)
+                        break
             result["caches"][kind] = entry
+            log.info("benchmark: KV cache %s: %s tokens fit (%s)", kind, f"{fill.tokens:,}", entry["stopped_by"])
     finally:
         search.close()
     return result

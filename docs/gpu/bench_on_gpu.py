@@ -5,6 +5,8 @@ decorator is replaced by a pass-through there, as in quantize_on_gpu.py).
   python docs/gpu/bench_on_gpu.py child SPEC OUT                  (what each process runs)
   python docs/gpu/bench_on_gpu.py make CKPT_DIR                   (the Gemma-3-12B-shaped checkpoint)
   python docs/gpu/bench_on_gpu.py quantize CKPT_DIR RECIPE OUT    (the quantize step, its record on one line)
+  python docs/gpu/bench_on_gpu.py capacity CKPT_DIR reference RECIPE...  (KV-cache capacity under BUDGET, default
+      12GiB, per cache in CACHES; each recipe's saved checkpoint made first by the quantize step)
 Settings from the environment: PROMPT, NEW, REPEATS, BATCHES (e.g. "1 8"), MAX_MEMORY (JSON), BENCH_DIR,
 MODE: quantize_on_load (the default: the reference quantized while loading) or saved (the recipe's checkpoint
 made first by the quantize step in a process of its own, in SAVED_DIR, then loaded as the flow's benchmark does).
@@ -80,6 +82,28 @@ def quantize(checkpoint: str, name: str, out: str) -> None:
         sys.exit(1)
 
 
+def capacity(checkpoint: str, names: list[str]) -> None:
+    """The benchmark's KV-cache measurement (mode kv_cache) for each model, in a process of its own."""
+    env = os.environ
+    out = Path(env.get("BENCH_DIR", "/tmp/bench-kv"))
+    out.mkdir(parents=True, exist_ok=True)
+    bench = BenchmarkSettings(memory_budget=env.get("BUDGET", "12GiB"), kv_cache={
+        "caches": env.get("CACHES", "dynamic static offloaded quanto hqq fp8").split(),
+        "prefill_chunk": int(env.get("CHUNK", 2048)), "max_context": int(env["MAX_CONTEXT"]) if env.get("MAX_CONTEXT") else None,
+        "kl_prompt_tokens": int(env.get("KL_TOKENS", 4096))}).model_dump()
+    for name in names:
+        recipe = None if name == "reference" else recipe_of(name)
+        spec = {"checkpoint": checkpoint if recipe is None else saved(checkpoint, name), "recipe": recipe,
+                "mode": "reference" if recipe is None else "saved", "dtype": "bfloat16", "device": "cuda",
+                "settings": bench, "out_dir": str(out / name), "measure": "kv_cache"}
+        (out / f"{name}.kv-spec.json").write_text(json.dumps(spec))
+        t0 = time.time()
+        code = subprocess.call([sys.executable, __file__, "child", str(out / f"{name}.kv-spec.json"),
+                                str(out / f"{name}.kv.json")])
+        result = json.loads((out / f"{name}.kv.json").read_text()) if code == 0 else {"error": f"exit code {code}"}
+        print(json.dumps({"model": name, "process_s": round(time.time() - t0, 1), **result}), flush=True)
+
+
 def main(checkpoint: str, names: list[str]) -> None:
     # BENCH_DIR outlives a device call while the machine stays warm: a reference measured by the
     # previous call on the same machine is read back, so a recipe's call still compares within one run.
@@ -127,6 +151,8 @@ if __name__ == "__main__":
         make_gemma3_12b_shaped(Path(sys.argv[2]))
     elif sys.argv[1] == "quantize":
         quantize(*sys.argv[2:5])
+    elif sys.argv[1] == "capacity":
+        capacity(sys.argv[2], sys.argv[3:])
     elif sys.argv[1] == "child":
         from tasks.benchmark import main as child
         child(sys.argv[2], sys.argv[3])

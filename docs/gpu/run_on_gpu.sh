@@ -145,4 +145,17 @@ case "$1" in
        timeout "${BENCH_S:-560}" python3 docs/gpu/bench_on_gpu.py /tmp/g3-12b reference 2>>"$OUT/spread.err" \
        | grep -v '"loaded"' | tee -a "$OUT/spread-g3.jsonl"
      grep -E "benchmark: batch|Error" "$OUT/spread.err" | tail -${TAIL:-8} ;;
+  # Issue 19, KV-cache capacity under a 12 GiB budget on the Gemma-3-12B-shaped checkpoint: `kv-prep` carrying
+  # .gpu/h and .gpu/m (torchao, pydantic, hqq, bitsandbytes wheels; the recipes' checkpoints made by the quantize
+  # step), then `kv` carrying .gpu/i (transformers 5.23: its caches API) on the same warm machine.
+  kv-prep) install .gpu/h/*.whl .gpu/m/*.whl
+     nvidia-smi --query-gpu=name,uuid --format=csv,noheader
+     g3_checkpoint
+     for r in ${RECIPES:-bnb-nf4 torchao-int4-weight-only}; do
+       TOKENIZER_DIR=.gpu/h/tok timeout 250 python3 docs/gpu/bench_on_gpu.py quantize /tmp/g3-12b $r /tmp/qg-out/$r 2>>"$OUT/kv.err"
+     done; grep -E "Error|Traceback" "$OUT/kv.err" | tail -5 ;;
+  kv) install .gpu/i/*.whl
+     timeout "${BENCH_S:-580}" python3 docs/gpu/bench_on_gpu.py capacity /tmp/g3-12b ${MODELS:-reference bnb-nf4 torchao-int4-weight-only} \
+       2>>"$OUT/kv.err" | tee -a "$OUT/kv-g3.jsonl"
+     grep -E "benchmark:|Error|Traceback" "$OUT/kv.err" | tail -${TAIL:-20} ;;
 esac
