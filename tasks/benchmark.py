@@ -327,7 +327,7 @@ class StaticDecoder:
     into its own input buffers, so a replay needs nothing from the host."""
 
     def __init__(self, model, batch: int, max_len: int, compiled: bool = False, graph: bool = True,
-                 compile_mode: str = "default"):
+                 compile_mode: str = "default", coordinate_descent: bool = False):
         from transformers import StaticCache
 
         self.model = model
@@ -343,7 +343,7 @@ class StaticDecoder:
         if compiled:
             import torch._inductor.config as inductor
 
-            inductor.coordinate_descent_tuning = True  # tunes the fused reductions (norms, argmax)
+            inductor.coordinate_descent_tuning = coordinate_descent  # tunes the fused reductions (norms, argmax)
             self.step = torch.compile(self._step, fullgraph=True, dynamic=False, mode=compile_mode)
         else:
             self.step = self._step
@@ -448,7 +448,8 @@ def measure_latency(model, settings: dict, bytes_per_token: int, bandwidth: floa
                 try:
                     with decode_attention(settings["decode_attention"]):  # chosen while tracing and capturing
                         decoder = StaticDecoder(model, batch, prompt + new, compiled,
-                                                compile_mode=settings["compile_mode"])
+                                                compile_mode=settings["compile_mode"],
+                                                coordinate_descent=settings["coordinate_descent"])
                 except Exception as e:  # noqa: BLE001 - any failure means: try the next path, say why
                     fallback = f"{'compiled' if compiled else 'eager'} CUDA graph failed: {type(e).__name__}: {e}"[:500]
                     log.info("benchmark: %s", fallback)
@@ -477,7 +478,8 @@ def measure_latency(model, settings: dict, bytes_per_token: int, bandwidth: floa
                  "decode_ms_all": [round(d, 4) for d in decodes], "compile_s": compile_s,
                  # (max - min) / median of the repeats: what the nightly gate allows a baseline to move by.
                  "decode_spread": round((max(decodes) - min(decodes)) / decode_ms, 4),
-                 "greedy_agreement_with_eager": agreement}
+                 "greedy_agreement_with_eager": agreement,
+                 **({"coordinate_descent": settings["coordinate_descent"]} if compile_s is not None and "compile" in path else {})}
         if fallback and path == "eager":
             entry["fallback_reason"] = fallback
         floor_ms = bytes_per_token / bandwidth * 1000

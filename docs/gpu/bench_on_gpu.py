@@ -7,7 +7,8 @@ decorator is replaced by a pass-through there, as in quantize_on_gpu.py).
   python docs/gpu/bench_on_gpu.py quantize CKPT_DIR RECIPE OUT    (the quantize step, its record on one line)
   python docs/gpu/bench_on_gpu.py capacity CKPT_DIR reference RECIPE...  (KV-cache capacity under BUDGET, default
       12GiB, per cache in CACHES; each recipe's saved checkpoint made first by the quantize step)
-Settings from the environment: PROMPT, NEW, REPEATS, BATCHES (e.g. "1 8"), MAX_MEMORY (JSON), BENCH_DIR,
+Settings from the environment: PROMPT, NEW, REPEATS, BATCHES (e.g. "1 8"), MAX_MEMORY (JSON), BENCH_DIR, CD (1, as
+every figure before issue 19 was measured: inductor's coordinate-descent tuning on; 0: off, the step's default now),
 MODE: quantize_on_load (the default: the reference quantized while loading) or saved (the recipe's checkpoint
 made first by the quantize step in a process of its own, in SAVED_DIR, then loaded as the flow's benchmark does).
 TOKENIZER_DIR: tokenizer files copied into the checkpoint (the quantize step tokenizes)."""
@@ -34,6 +35,7 @@ def settings() -> dict:
                              repeats=int(env.get("REPEATS", 5)),
                              batch_sizes=[int(b) for b in env.get("BATCHES", "1").split()],
                              compile_mode=env.get("COMPILE_MODE", "default"),
+                             coordinate_descent=env.get("CD", "1") == "1",
                              decode_attention=env.get("ATTENTION", "math"),
                              max_memory=json.loads(env["MAX_MEMORY"]) if env.get("MAX_MEMORY") else None,
                              ).model_dump()

@@ -145,6 +145,25 @@ case "$1" in
        timeout "${BENCH_S:-560}" python3 docs/gpu/bench_on_gpu.py /tmp/g3-12b reference 2>>"$OUT/spread.err" \
        | grep -v '"loaded"' | tee -a "$OUT/spread-g3.jsonl"
      grep -E "benchmark: batch|Error" "$OUT/spread.err" | tail -${TAIL:-8} ;;
+  # Issue 19, the spread against the clocks: one fresh compile then RUNS-1 processes reusing its inductor cache, each
+  # a new process, with nvidia-smi sampling SM and memory clocks, temperature and power every 200 ms
+  # (clocks.csv) and each benchmark line stamped with the time (spread-clocks.err); carrying .gpu/h.
+  spread-clocks) install .gpu/h/*.whl
+     g3_checkpoint
+     nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,temperature.gpu,power.draw,clocks_throttle_reasons.active \
+       --format=csv,noheader -lms 200 > "$OUT/clocks.csv" &
+     for i in $(seq 1 "${RUNS:-4}"); do
+       TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-clocks BENCH_DIR=/tmp/bench-clocks-$i timeout 250 \
+         python3 docs/gpu/bench_on_gpu.py /tmp/g3-12b reference 2>&1 >>"$OUT/spread-clocks.jsonl" \
+         | while IFS= read -r l; do case "$l" in benchmark*) echo "$(date +%H:%M:%S.%N) $l" | tee -a "$OUT/spread-clocks.err";; esac; done
+     done
+     kill %1 ;;
+  # Issue 19, the spread against memory placement (docs/gpu/placement_spread.py): one process, one compile, the
+  # weights moved to fresh memory PLACEMENTS times and the CUDA graph captured again; carrying .gpu/h.
+  placement) install .gpu/h/*.whl
+     g3_checkpoint
+     timeout "${BENCH_S:-560}" python3 docs/gpu/placement_spread.py /tmp/g3-12b 2>>"$OUT/placement.err" | tee -a "$OUT/placement-g3.jsonl"
+     grep -E "Error|Traceback" "$OUT/placement.err" | tail -5 ;;
   # Issue 19, KV-cache capacity under a 12 GiB budget on the Gemma-3-12B-shaped checkpoint: `kv-prep` carrying
   # .gpu/h and .gpu/m (torchao, pydantic, hqq, bitsandbytes wheels; the recipes' checkpoints made by the quantize
   # step), then `kv` carrying .gpu/i (transformers 5.23: its caches API) on the same warm machine.
