@@ -208,9 +208,10 @@ class FusedLinear(torch.nn.Module):
             # one more kernel after every norm that feeds a padded projection (3840 -> 4096 in Gemma 3 12B).
             # tinygemm needs only whole 128-wide k-tiles, and its layout (qdata [n/8, k/128, 32, 4],
             # scale_and_zero [k/group, n, 2]) keeps each k-tile apart, so the padding's tiles drop off.
-            self.register_buffer("qdata", weight.qdata[:, : self.in_features // TINYGEMM_K_TILE].contiguous())
-            self.register_buffer("scale_and_zero",
-                                 weight.scale_and_zero[: self.in_features // self.tinygemm_group].contiguous())
+            # Copies of their own: a view (scale_and_zero's slice along dim 0 is already contiguous, so
+            # .contiguous() returned one) kept the padding's whole storage alive, 15 MB of Gemma 3 12B's scales.
+            self.register_buffer("qdata", weight.qdata[:, : self.in_features // TINYGEMM_K_TILE].clone())
+            self.register_buffer("scale_and_zero", weight.scale_and_zero[: self.in_features // self.tinygemm_group].clone())
             self.padding_bytes_dropped = weight.qdata.nbytes + weight.scale_and_zero.nbytes \
                 - self.qdata.nbytes - self.scale_and_zero.nbytes
         else:

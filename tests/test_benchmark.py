@@ -266,6 +266,9 @@ def test_fused_tinygemm_int4_drops_torchao_k_padding():
     assert mlp.gate_proj.fused.qdata.shape[1] == 3
     # 512 rows lose 640 columns of 4-bit values and 5 groups of a bf16 scale and zero each.
     assert fusion["padding_bytes_dropped"] == 512 * 640 // 2 + 512 * 5 * 4
+    # The dropped bytes are freed, not kept alive behind a view: each buffer owns exactly its bytes.
+    fused_weights = mlp.gate_proj.fused
+    assert all(t.untyped_storage().nbytes() == t.nbytes for t in (fused_weights.qdata, fused_weights.scale_and_zero))
     for a, b in zip(fused, separate):
         # tinygemm splits k across its warps differently for 3 k-tiles than for 8: fp32 sums reorder.
         torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
