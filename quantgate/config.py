@@ -172,9 +172,9 @@ class BenchmarkSettings(StepSettings):
     # torch.compile's mode for the decode step; max-autotune-no-cudagraphs times several matmul
     # kernels per shape (longer compile; the CUDA graph is captured here either way).
     compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = "default"
-    # Inductor's coordinate-descent tuning of the decode step's fused kernels. Off, three fresh compiles on the H100
-    # agreed to 0.2% (11.16-11.18 ms/token); on, they were faster on average but ranged 9.3-11.7 from process to
-    # process, with the clocks steady and the weights' placement ruled out (docs/BENCHMARKS.md): on for speed, off to gate on.
+    # Inductor's coordinate-descent tuning of the decode step's fused kernels: faster on average, but it keeps
+    # whichever config timed best in a noisy moment, so the figure moves from compile to compile; off, compiles
+    # agree (docs/BENCHMARKS.md). On for speed (with processes: 3), off to gate on.
     coordinate_descent: bool = False
     # On the fast path: sibling projections (q/k/v, gate/up) of plain and torchao-int4 weights run
     # as one matmul each; the first 16 tokens are still checked against unfused eager decoding.

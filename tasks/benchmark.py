@@ -209,7 +209,7 @@ class FusedLinear(torch.nn.Module):
             # tinygemm needs only whole 128-wide k-tiles, and its layout (qdata [n/8, k/128, 32, 4],
             # scale_and_zero [k/group, n, 2]) keeps each k-tile apart, so the padding's tiles drop off.
             # Copies of their own: a view (scale_and_zero's slice along dim 0 is already contiguous, so
-            # .contiguous() returned one) kept the padding's whole storage alive, 15 MB of Gemma 3 12B's scales.
+            # .contiguous() returned one) kept the padding's whole storage alive.
             self.register_buffer("qdata", weight.qdata[:, : self.in_features // TINYGEMM_K_TILE].clone())
             self.register_buffer("scale_and_zero", weight.scale_and_zero[: self.in_features // self.tinygemm_group].clone())
             self.padding_bytes_dropped = weight.qdata.nbytes + weight.scale_and_zero.nbytes \
@@ -596,7 +596,7 @@ def long_prompt(checkpoint: str, tokens: int, vocab: int, device: torch.device) 
         log.info("benchmark: no tokenizer in %s (%s): random token ids", checkpoint, e)
         return prompt_ids(vocab, 1, tokens, device), "random token ids (the checkpoint has no tokenizer)"
     text = (PROJECT_ROOT / "data" / "wikitext2" / "test.txt").read_text()
-    # Generous: on the GPU machine a tokenizer took 41 characters a token of this text (4 to 5 here).
+    # Generous: the text is cut before tokenizing, and some tokenizers take many characters a token.
     ids = tokenizer(text[: tokens * 40], return_tensors="pt").input_ids[:, :tokens]
     return ids.to(device), f"WikiText-2 test, its first {ids.shape[1]:,} tokens"
 
