@@ -24,6 +24,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 HISTORY_DB = PROJECT_ROOT / "runs" / "history.sqlite"
 DASHBOARD = PROJECT_ROOT / "runs" / "dashboard.html"
 RECIPES_DIR = PROJECT_ROOT / "configs" / "recipes"
+DATA_DIR = PROJECT_ROOT / "data"  # the shipped evaluation and probe data (data/README.md)
 DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "default.yaml"
 
 Dtype = Literal["bfloat16", "float16", "float32"]

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from quantgate.measure import Timer, memory_of, trim_heap
+from quantgate.modeling import model_device
 
 log = logging.getLogger("quantgate.kvcache")
 
@@ -51,8 +52,7 @@ def new_cache(kind: str, model, max_len: int, bits: int):
     """A fresh cache of that kind for the model, or the reason transformers does not offer it here."""
     from transformers import DynamicCache, QuantizedCache, StaticCache
 
-    device = next(p.device for p in model.parameters() if p.device.type != "meta")
-    if kind == "offloaded" and device.type != "cuda":
+    if kind == "offloaded" and model_device(model).type != "cuda":
         return "offloading moves the cache from a GPU to host memory: the model is not on a GPU"
     try:
         if kind in ("dynamic", "offloaded"):
@@ -182,8 +182,7 @@ class Search:
             released()
 
     def close(self) -> None:
-        self.memory.limit(None)
-        self.memory.close()
+        self.memory.close()  # on a GPU, the allocator's limit goes with it
 
 
 def measured_bytes_per_token(fill: Fill, window: int) -> float | None:
@@ -199,7 +198,7 @@ def measured_bytes_per_token(fill: Fill, window: int) -> float | None:
 
 def capacity(model, budget: int, caches: list[str], chunk: int, limit: int, decode_tokens: int, bits: int) -> dict:
     """For each cache: the longest context within `budget`, what stopped it and the decode latency there."""
-    device = next(p.device for p in model.parameters() if p.device.type != "meta")
+    device = model_device(model)
     ids = torch.randint(0, model.get_input_embeddings().weight.shape[0], (1, limit),
                         generator=torch.Generator().manual_seed(0)).to(device)
     released()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import threading
 import time
 
@@ -117,12 +118,19 @@ class HostMemory:
         self._thread.join()
 
 
+@functools.cache
+def _libc():
+    """The C library, looked up once (find_library runs ldconfig): None where it has no malloc_trim."""
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    return libc if hasattr(libc, "malloc_trim") else None
+
+
 def trim_heap() -> None:
     """Hand the C heap's free pages back to the system (glibc keeps them otherwise): freed tensors then
     leave RssAnon, and a measurement that follows starts from what is really held."""
-    libc = ctypes.util.find_library("c")
-    if libc and hasattr(ctypes.CDLL(libc), "malloc_trim"):
-        ctypes.CDLL(libc).malloc_trim(0)
+    if libc := _libc():
+        libc.malloc_trim(0)
 
 
 def memory_of(device: torch.device) -> GpuMemory | HostMemory:

@@ -75,6 +75,12 @@ def planned_device_map(model: torch.nn.Module, max_memory: dict, dtype: torch.dt
     return infer_auto_device_map(model, max_memory=balanced, no_split_module_classes=blocks)
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where a loaded model computes: its (first) GPU, else the CPU."""
+    devices = {p.device for p in model.parameters() if p.device.type != "meta"}
+    return next((d for d in devices if d.type == "cuda"), torch.device("cpu"))
+
+
 def devices_of(model: torch.nn.Module) -> dict:
     """Where the weights ended up: bytes per device (offloaded ones on `meta`), and modules per device."""
     by_device = Counter()

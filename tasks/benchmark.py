@@ -37,7 +37,7 @@ from prefect import task
 
 from quantgate import kvcache, modeling
 from quantgate.backends import backend_of, parse_recipe
-from quantgate.config import PROJECT_ROOT
+from quantgate.config import DATA_DIR
 from quantgate.files import write_json
 from quantgate.measure import Timer, proc_status
 from quantgate.plan import kept, plan_recipe
@@ -157,11 +157,6 @@ def weight_bytes_per_token(model: torch.nn.Module, real_bytes: int) -> int:
     if out is not None and out.weight.untyped_storage().data_ptr() == emb.untyped_storage().data_ptr():
         return real_bytes
     return real_bytes - emb.numel() * emb.element_size()
-
-
-def model_device(model: torch.nn.Module) -> torch.device:
-    devices = {p.device for p in model.parameters() if p.device.type != "meta"}
-    return next((d for d in devices if d.type == "cuda"), torch.device("cpu"))
 
 
 def prompt_ids(vocab_size: int, batch: int, length: int, device: torch.device) -> torch.Tensor:
@@ -338,7 +333,7 @@ class StaticDecoder:
         config.layer_types = ["full_attention"] * config.num_hidden_layers
         config.sliding_window = None
         self.cache = StaticCache(config=config, max_cache_len=max_len)
-        device = model_device(model)
+        device = modeling.model_device(model)
         self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.position = torch.zeros(1, dtype=torch.long, device=device)
         if compiled:
@@ -417,7 +412,7 @@ def decode_attention(choice: str):
 def measure_latency(model, settings: dict, bytes_per_token: int, bandwidth: float) -> dict:
     """Per batch size: warm-up, then the median of `repeats` runs; the fast path where it works.
     The bandwidth floor: the weight bytes a step reads over the copy bandwidth."""
-    device = model_device(model)
+    device = modeling.model_device(model)
     prompt, new = settings["prompt_tokens"], settings["new_tokens"]
     vocab = model.get_input_embeddings().weight.shape[0]
     offloaded = any(p.device.type == "meta" for p in model.parameters())
@@ -557,7 +552,7 @@ def measure(spec: dict) -> dict:
             return {"real_bytes": at_load, "load_s": round(load_s, 2), "largest_shard": shard,
                     "memory": {**load, "host_private_baseline": sampler.baseline["RssAnon"]},
                     "diagnostics": diagnostics}
-        device = model_device(model)
+        device = modeling.model_device(model)
         bandwidth = spec.get("copy_bandwidth") or copy_bandwidth(device)
         with sampler.phase("infer"):
             first_forward(model, device)
@@ -595,7 +590,7 @@ def long_prompt(checkpoint: str, tokens: int, vocab: int, device: torch.device) 
     except (OSError, ValueError) as e:
         log.info("benchmark: no tokenizer in %s (%s): random token ids", checkpoint, e)
         return prompt_ids(vocab, 1, tokens, device), "random token ids (the checkpoint has no tokenizer)"
-    text = (PROJECT_ROOT / "data" / "wikitext2" / "test.txt").read_text()
+    text = (DATA_DIR / "wikitext2" / "test.txt").read_text()
     # Generous: the text is cut before tokenizing, and some tokenizers take many characters a token.
     ids = tokenizer(text[: tokens * 40], return_tensors="pt").input_ids[:, :tokens]
     return ids.to(device), f"WikiText-2 test, its first {ids.shape[1]:,} tokens"
@@ -606,10 +601,10 @@ def measure_kv_cache(spec: dict) -> dict:
     cache, and the quantized caches' KL on a long prompt."""
     settings, kv = spec["settings"], spec["settings"]["kv_cache"]
     model = loader(spec)()
-    devices = {p.device for p in model.parameters() if p.device.type != "meta"}
-    if len(devices) > 1 or any(p.device.type == "meta" for p in model.parameters()):
-        return {"status": "not_run", "reason": f"the model spans {sorted(map(str, devices))} or is offloaded: "
-                                               "the capacity is measured on one device"}
+    spread = modeling.devices_of(model)["param_bytes_by_device"]  # offloaded weights count as a device
+    if len(spread) > 1:
+        return {"status": "not_run",
+                "reason": f"the model spans {sorted(spread)}: the capacity is measured on one device"}
     text = model.config.get_text_config(decoder=True)
     limit = kv["max_context"] or text.max_position_embeddings
     t0 = time.perf_counter()
@@ -619,8 +614,8 @@ def measure_kv_cache(spec: dict) -> dict:
              {k: c.get("context_tokens", c["status"]) for k, c in result["caches"].items()})
     quantized = [k for k in kv["caches"] if k in kvcache.QUANTIZED]
     if quantized:
-        device = next(iter(devices))
-        ids, result["kl_prompt"] = long_prompt(spec["checkpoint"], kv["kl_prompt_tokens"], text.vocab_size, device)
+        ids, result["kl_prompt"] = long_prompt(spec["checkpoint"], kv["kl_prompt_tokens"], text.vocab_size,
+                                               modeling.model_device(model))
         result["kl"] = kvcache.quantized_cache_kl(model, ids, quantized, kv["prefill_chunk"],
                                                   min(kv["kl_positions"], ids.shape[1] - 1), kv["bits"])
     return {"status": "ok", **result}

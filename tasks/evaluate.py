@@ -22,11 +22,10 @@ from prefect import task
 
 from quantgate import modeling
 from quantgate.backends import parse_recipe
-from quantgate.config import PROJECT_ROOT, EvaluateSettings
+from quantgate.config import DATA_DIR, EvaluateSettings
 from quantgate.files import write_json
 
 log = logging.getLogger("quantgate.evaluate")
-DATA = PROJECT_ROOT / "data"
 
 TASK_UTILS = '''"""Written by quantgate (tasks/evaluate.py): the MMLU prompt, HumanEval's scoring, and lm-eval's
 own WikiText-2 document functions."""
@@ -73,7 +72,7 @@ MMLU_TEMPLATE = {
 
 
 def subjects() -> list[str]:
-    with open(DATA / "mmlu" / "dev.jsonl") as f:
+    with open(DATA_DIR / "mmlu" / "dev.jsonl") as f:
         return sorted({json.loads(line)["subject"] for line in f})
 
 
@@ -83,7 +82,7 @@ def split_by_subject(folder: Path) -> dict[str, dict[str, str]]:
     files: dict[str, dict[str, str]] = {}
     for split in ("test", "dev"):
         rows: dict[str, list[str]] = {}
-        with open(DATA / "mmlu" / f"{split}.jsonl") as f:
+        with open(DATA_DIR / "mmlu" / f"{split}.jsonl") as f:
             for line in f:
                 rows.setdefault(json.loads(line)["subject"], []).append(line)
         for subject, lines in rows.items():
@@ -98,7 +97,7 @@ def split_by_subject(folder: Path) -> dict[str, dict[str, str]]:
 def wikitext_documents() -> tuple[str, ...]:
     """The test split cut into its articles (the `page` documents lm-eval's task reads)."""
     docs, current = [], []
-    for line in (DATA / "wikitext2" / "test.txt").read_text().split("\n"):
+    for line in (DATA_DIR / "wikitext2" / "test.txt").read_text().split("\n"):
         if re.match(r"^ = [^=].* = $", line) and current:
             docs.append("\n".join(current) + "\n")
             current = []
@@ -127,7 +126,8 @@ def write_task_dir(root: Path) -> Path:
     (folder / "quantgate_mmlu.yaml").write_text(yaml.safe_dump({
         "group": "quantgate_mmlu", "task": [f"quantgate_mmlu_{n}" for n in names],
         "aggregate_metric_list": [{"metric": "acc", "weight_by_size": True}], "metadata": {"version": 2}}))
-    humaneval = {**HUMANEVAL, "dataset_kwargs": {"data_files": {"test": str(DATA / "humaneval" / "HumanEval.jsonl.gz")}}}
+    humaneval = {**HUMANEVAL,
+                 "dataset_kwargs": {"data_files": {"test": str(DATA_DIR / "humaneval" / "HumanEval.jsonl.gz")}}}
     (folder / "quantgate_humaneval.yaml").write_text(_yaml(humaneval))
     docs = folder / "wikitext2_test_documents.jsonl"
     docs.write_text("".join(json.dumps({"page": d}) + "\n" for d in wikitext_documents()))
@@ -253,8 +253,8 @@ def flips(ref: torch.Tensor, rec: torch.Tensor) -> dict:
 # ---------------------------------------------------------------- the step
 
 def eval_key(checkpoint_sha256: str, dtype: str, settings: EvaluateSettings) -> str:
-    data = hashlib.sha256((DATA / "mmlu" / "test.jsonl").read_bytes()
-                          + (DATA / "humaneval" / "HumanEval.jsonl.gz").read_bytes()).hexdigest()
+    data = hashlib.sha256((DATA_DIR / "mmlu" / "test.jsonl").read_bytes()
+                          + (DATA_DIR / "humaneval" / "HumanEval.jsonl.gz").read_bytes()).hexdigest()
     spec = json.dumps([checkpoint_sha256, dtype, data, settings.model_dump(exclude={"timeout_s", "retries"})])
     return hashlib.sha256(spec.encode()).hexdigest()[:24]
 

@@ -19,14 +19,14 @@ from prefect import task
 
 from quantgate import modeling
 from quantgate.backends import parse_recipe
-from quantgate.config import PROJECT_ROOT, ValidateSettings, ValidateThresholds
+from quantgate.config import DATA_DIR, ValidateSettings, ValidateThresholds
 from quantgate.files import cached_tensors, write_atomic
 from quantgate.formats import error_line
 from quantgate.processors import load_processor
 from quantgate.runlog import SHOWN
 
 log = logging.getLogger("quantgate.validate")
-PROMPTS = PROJECT_ROOT / "data" / "validate_prompts.jsonl"
+PROMPTS = DATA_DIR / "validate_prompts.jsonl"
 
 
 def load_prompts(path: Path = PROMPTS) -> list[dict]:

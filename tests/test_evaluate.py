@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from quantgate import modeling
-from quantgate.config import EvaluateSettings
+from quantgate.config import DATA_DIR, EvaluateSettings
 from tasks import evaluate as step
 
 QUICK = EvaluateSettings(limit=1, batch_size=4, wikitext=False)
@@ -43,7 +43,7 @@ def test_mmlu_prompt_is_lm_evals_template(tmp_path):
     spec = importlib.util.spec_from_file_location("quantgate_utils", step.write_task_dir(tmp_path) / "quantgate_utils.py")
     utils = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(utils)
-    docs = [json.loads(line) for split in ("dev", "test") for line in (step.DATA / "mmlu" / f"{split}.jsonl").open()]
+    docs = [json.loads(line) for split in ("dev", "test") for line in (DATA_DIR / "mmlu" / f"{split}.jsonl").open()]
     assert len(docs) == 14042 + 285
     for doc in docs:
         assert utils.mmlu_prompt(doc) == apply_template(template["doc_to_text"], doc)
