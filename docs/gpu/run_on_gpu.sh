@@ -177,19 +177,22 @@ case "$1" in
      timeout "${BENCH_S:-580}" python3 docs/gpu/bench_on_gpu.py capacity /tmp/g3-12b ${MODELS:-reference bnb-nf4 torchao-int4-weight-only} \
        2>>"$OUT/kv.err" | tee -a "$OUT/kv-g3.jsonl"
      grep -E "benchmark:|Error|Traceback" "$OUT/kv.err" | tail -${TAIL:-20} ;;
-  # Issue 19, the flow on the GPU (prepared 2026-11-24, not yet run): wheels in five calls to one warm machine, as
-  # each call carries 64 MiB with the tree's 11 MB: `flow-wheels-1` carrying .gpu/h and .gpu/i, `flow-wheels-2`
-  # .gpu/m, `flow-wheels-3` .gpu/p (Prefect 3.8.8 and its needs, less what the others hold), `flow-wheels-4` .gpu/e
-  # (lm-eval 0.4.13 and its needs; sqlitedict, word2number and rouge-score built here as pure-Python wheels; numpy
-  # and scipy from the image), `flow-wheels-5` .gpu/a (pyarrow); then `flow`, which starts `quantgate run
-  # docs/gpu/flow_g3.yaml` in a session of its own (it outlives the call), and `flow-poll` calls until it ends:
-  # each waits up to POLL_S and brings back the log, the record and the report.
-  flow-wheels-1) install .gpu/h/*.whl .gpu/i/*.whl && mkdir -p /tmp/tok && cp .gpu/h/tok/* /tmp/tok/ && g3_checkpoint
+  # Issue 19, the flow on the GPU: wheels in five calls to one warm machine, as each call carries 64 MiB with the
+  # tree's 11 MB: `flow-wheels-1` carrying .gpu/i, .gpu/v and .gpu/t (transformers 5.23 and its hub; matplotlib and
+  # its needs, for the run's figure; pytest), `flow-wheels-2` .gpu/m and .gpu/h (bitsandbytes; torchao, pydantic,
+  # hqq, llm-compressor, datasets; SmolLM2's tokenizer, copied into the checkpoint it builds), `flow-wheels-3` .gpu/p
+  # (Prefect 3.8.8 and its needs), `flow-wheels-4` .gpu/e (lm-eval 0.4.13 and its needs; sqlitedict, word2number
+  # and rouge-score built here as pure-Python wheels; numpy and scipy from the image), `flow-wheels-5` .gpu/a
+  # (pyarrow). The closure was checked on the CPU first: the same wheels (cp311 builds of the binary ones) in a
+  # venv of torch, transformers 5.17, accelerate 1.15, numpy and scipy ran the flow through. Then `flow`, which
+  # starts `quantgate run docs/gpu/flow_g3.yaml` in a session of its own (it outlives the call), and `flow-poll`
+  # calls until it ends: each waits up to POLL_S and brings back the log, the record and the report.
+  flow-wheels-1) install .gpu/i/*.whl .gpu/v/*.whl .gpu/t/*.whl ;;
+  flow-wheels-2) install .gpu/m/*.whl .gpu/h/*.whl && mkdir -p /tmp/tok && cp .gpu/h/tok/* /tmp/tok/ && g3_checkpoint
      cp /tmp/tok/* /tmp/g3-12b/ ;;
-  flow-wheels-2) install .gpu/m/*.whl ;;
   flow-wheels-3) install .gpu/p/*.whl && python3 -c "import prefect; print('prefect', prefect.__version__)" ;;
   flow-wheels-4) install .gpu/e/*.whl ;;
-  flow-wheels-5) install .gpu/a/*.whl && python3 -c "import lm_eval, datasets, pyarrow; print('lm_eval', lm_eval.__version__)" ;;
+  flow-wheels-5) install .gpu/a/*.whl && python3 -c "import lm_eval, datasets, pyarrow, matplotlib; print('lm_eval', lm_eval.__version__)" ;;
   flow) site
      export PATH=/tmp/site/bin:$PATH PREFECT_HOME=/tmp/prefect-home HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
      date +%s > /tmp/flow.start
@@ -199,4 +202,7 @@ case "$1" in
      echo "elapsed $(( $(date +%s) - $(cat /tmp/flow.start) )) s, exit code $(cat /tmp/flow.rc 2>/dev/null || echo running)"
      tail -25 /tmp/flow.log; cp /tmp/flow.log "$OUT/"
      run=$(ls -td /tmp/qg-runs/*/ 2>/dev/null | head -1); [ -n "$run" ] && cp "$run/metrics.json" "$run/report.md" "$OUT/" 2>/dev/null ;;
+  # The gpu-marked tests, on the machine the flow's wheels went to (the real Prefect, not the shim).
+  flow-gtest) site
+     timeout "${TEST_S:-400}" python3 -m pytest -q -rs -m gpu tests/test_benchmark.py 2>&1 | tail -15 ;;
 esac
