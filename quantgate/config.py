@@ -125,7 +125,8 @@ class EvaluateSettings(StepSettings):
     num_fewshot: int = Field(0, ge=0, le=5)
     limit: PositiveInt | None = 5  # questions per subject (57 subjects); null: all 14,042
     # auto:N: lm-eval's probe on CUDA, redone N times as the (length-sorted) requests get shorter;
-    # 8 on a CPU, where the probe's full-length forwards take minutes.
+    # 8 on a CPU, where the probe's full-length forwards take minutes. WikiText's rolling windows go one
+    # at a time under auto: lm-eval probes them at full length.
     batch_size: Union[PositiveInt, Annotated[str, StringConstraints(pattern=r"^auto(:[1-9][0-9]*)?$")]] = "auto:4"
     # HumanEval pass@1, greedy, each completion run in quantgate.sandbox (data/humaneval; lm-eval's prompt and
     # stop sequences): generation, which multiple-choice log-likelihoods never exercise.

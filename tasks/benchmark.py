@@ -622,7 +622,8 @@ def measure_kv_cache(spec: dict) -> dict:
 
 
 def main(spec_path: str, out_path: str) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    # force: importing Prefect gave the root its own handler and WARNING, which dropped these lines
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr, force=True)
     spec = json.loads(Path(spec_path).read_text())
     write_json(Path(out_path), measure_kv_cache(spec) if spec.get("measure") == "kv_cache" else measure(spec))
 

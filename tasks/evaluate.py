@@ -198,6 +198,8 @@ def run_lm_eval(model, tokenizer, settings: EvaluateSettings, task_dir: Path) ->
                             "max_gen_toks": settings.humaneval_max_tokens, "seconds": round(time.perf_counter() - start, 1)}
     if settings.wikitext:
         start = time.perf_counter()
+        if auto:  # lm-eval's probe for rolling windows: five full-length forwards a try, from batch 64 down
+            lm.batch_size_per_gpu = 1  # a max_length window is a forward's worth on its own
         limit = wikitext_limit(tokenizer, settings.wikitext_token_budget)
         wiki = simple_evaluate(model=lm, tasks=["quantgate_wikitext"], limit=limit, task_manager=manager,
                                bootstrap_iters=0)

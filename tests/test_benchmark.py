@@ -1,5 +1,6 @@
 """Benchmark step on the CPU: the memory sampler, latency from one run, offloading limits."""
 import json
+import logging
 import time
 import types
 import weakref
@@ -274,7 +275,8 @@ def test_fused_tinygemm_int4_drops_torchao_k_padding():
         torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
 
 
-def test_several_measurement_processes_give_the_median_and_their_spread(smollm2, tmp_path):
+def test_several_measurement_processes_give_the_median_and_their_spread(smollm2, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="quantgate.benchmark")
     settings = SMALL.model_copy(update={"processes": 3}).model_dump()
     result = benchmark("reference", str(smollm2), None, "bfloat16", "cpu", settings, str(tmp_path))
     assert result["status"] == "ok", result.get("reason")
@@ -286,3 +288,5 @@ def test_several_measurement_processes_give_the_median_and_their_spread(smollm2,
     assert sorted(p.name for p in tmp_path.glob("benchmark-process?.json")) == [
         "benchmark-process1.json", "benchmark-process2.json", "benchmark-process3.json"]
     assert json.loads((tmp_path / "benchmark.json").read_text())["latency"] == lat
+    # Each process's account of where its time went reaches the step's log (the run's run.log).
+    assert sum(r.getMessage().startswith("reference: benchmark: loaded in") for r in caplog.records) == 3

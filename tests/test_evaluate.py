@@ -119,6 +119,32 @@ def test_reference_evaluation_is_recorded_and_cached(reference_eval):
     assert again["cached"] is True and again["mmlu"] == mmlu
 
 
+def test_wikitext_windows_go_one_at_a_time_under_auto(smollm2, tmp_path, monkeypatch):
+    """Under auto lm-eval probes rolling windows with five full-length forwards a try, from batch 64 down
+    (most of the evaluate step on the H100's 12B: docs/BENCHMARKS.md): the windows go one at a time,
+    to the perplexity a fixed batch gives."""
+    from lm_eval.models.huggingface import HFLM
+    from transformers import AutoTokenizer
+
+    batches, rolling = [], HFLM._loglikelihood_tokens
+
+    def spy(self, requests, disable_tqdm=False, override_bs=None):
+        batches.append((self.batch_size, override_bs))
+        return rolling(self, requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+
+    monkeypatch.setattr(HFLM, "_loglikelihood_tokens", spy)
+    model, tokenizer = modeling.load(smollm2, "bfloat16", "cpu"), AutoTokenizer.from_pretrained(smollm2)
+    ppl, windows = {}, {}
+    for batch_size in ("auto", 3):
+        settings = EvaluateSettings(limit=1, batch_size=batch_size, wikitext_token_budget=10, max_length=256)
+        batches.clear()
+        ppl[batch_size] = step.run_lm_eval(model, tokenizer, settings, step.write_task_dir(tmp_path))["wikitext"]
+        windows[batch_size] = [override for _, override in batches if override is not None]  # MMLU passes none
+    assert max(windows["auto"]) == 1 and max(windows[3]) == 3
+    assert len(windows["auto"]) == sum(windows[3]) > 3  # the first document, 256 tokens a window
+    assert ppl["auto"]["word_perplexity"] == pytest.approx(ppl[3]["word_perplexity"], rel=1e-3)
+
+
 def lm_eval_command_line(checkpoint, task_dir: Path, out: Path) -> dict:
     """lm_eval run from the command line on a checkpoint, with the evaluate step's quick MMLU settings."""
     done = subprocess.run(

@@ -201,7 +201,7 @@ case "$1" in
   flow-poll) for _ in $(seq 1 "${POLL_S:-540}"); do [ -f /tmp/flow.rc ] && break; sleep 1; done
      echo "elapsed $(( $(date +%s) - $(cat /tmp/flow.start) )) s, exit code $(cat /tmp/flow.rc 2>/dev/null || echo running)"
      tail -25 /tmp/flow.log; cp /tmp/flow.log "$OUT/"
-     run=$(ls -td /tmp/qg-runs/*/ 2>/dev/null | head -1); [ -n "$run" ] && cp "$run/metrics.json" "$run/report.md" "$OUT/" 2>/dev/null ;;
+     run=$(ls -td /tmp/qg-runs/*/ 2>/dev/null | head -1); [ -n "$run" ] && cp "$run/metrics.json" "$run/report.md" "$run/run.log" "$run/summary.png" "$OUT/" 2>/dev/null ;;
   # The gpu-marked tests, on the machine the flow's wheels went to (the real Prefect, not the shim).
   flow-gtest) site
      timeout "${TEST_S:-400}" python3 -m pytest -q -rs -m gpu tests/test_benchmark.py 2>&1 | tail -15 ;;
