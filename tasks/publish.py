@@ -39,13 +39,22 @@ def refusal(entry: dict, force: bool) -> str | None:
     return None
 
 
+def linked_or_copied(src: str, dst: str) -> None:
+    """A hard link where both sit on one filesystem: a 12B's checkpoints twice over filled the H100 machine's
+    disk. Nothing writes a checkpoint's files in place afterwards (cards and records go by rename)."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def stage(run_dir: Path, metrics: dict, recipe: str, into: Path, checkpoint_path: str, forced: bool) -> list[dict]:
     """Checkpoint, card, the recipe's metrics and a manifest in `into`; returns the manifest."""
     entry = metrics["recipes"][recipe]
     q = entry.get("quantize", {})
     # A given checkpoint is where it was fetched to; a recipe's is in the run.
     checkpoint = Path(q["checkpoint"]) if q.get("given") else run_dir / recipe / "checkpoint"
-    shutil.copytree(checkpoint, into, dirs_exist_ok=True, ignore=shutil.ignore_patterns(
+    shutil.copytree(checkpoint, into, dirs_exist_ok=True, copy_function=linked_or_copied, ignore=shutil.ignore_patterns(
         "README.md", "quantgate_metrics.json", "manifest.json"))  # a registry entry's own, when gated again
     card = render_card(run_dir, recipe, checkpoint_path, forced=forced)
     write_atomic(into / "README.md", card)

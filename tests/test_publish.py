@@ -42,6 +42,10 @@ def test_default_run_publishes_to_the_registry(run_dir):
     assert manifest["run_id"] == metrics["run_id"] and published["files"] == len(manifest["files"])
     assert (location / "README.md").read_text() == (run_dir / "bnb-nf4" / "card.md").read_text()
     assert not list(location.parent.glob(".staging-*"))
+    # On one filesystem the weights are the run's own file, linked: a 12B's checkpoint is not held twice.
+    run_weights = run_dir / "bnb-nf4" / "checkpoint" / "model.safetensors"
+    assert (location / "model.safetensors").stat().st_ino == run_weights.stat().st_ino
+    assert run_weights.stat().st_nlink >= 2
 
 
 def test_a_second_publish_makes_a_new_version_and_a_failing_recipe_is_refused(run_dir):
