@@ -63,7 +63,8 @@ def gate_model(run: RunRecord, config: RunConfig) -> dict | None:
         return None
     benchmark = run_step(benchmark_task, steps.benchmark, "model", "benchmark", name="reference",
                          checkpoint=download["checkpoint"], recipe=None, dtype=model.dtype, device=device,
-                         settings=steps.benchmark.model_dump(), out_dir=str(run.dir / "reference"))
+                         settings=steps.benchmark.model_dump(), out_dir=str(run.dir / "reference"),
+                         cache_dir=cache)
     run.set_reference_benchmark(benchmark)
     return {"checkpoint": download["checkpoint"], "compute_dtype": compute, "reference": reference, "device": device,
             "benchmark": benchmark if benchmark["status"] == "ok" else None}
@@ -96,7 +97,7 @@ def gate_recipe(run: RunRecord, config: RunConfig, model: dict, recipe: RecipeBa
     benchmarked = run_step(benchmark_task, steps.benchmark, name, "benchmark", name=name,
                            checkpoint=quantized["checkpoint"], recipe=spec, dtype=config.model.dtype, device=device,
                            settings=steps.benchmark.model_dump(), out_dir=out, reference=model["benchmark"],
-                           base_checkpoint=model["checkpoint"])
+                           base_checkpoint=model["checkpoint"], cache_dir=str(config.output.cache_dir))
     if run.set_step(name, "benchmark", benchmarked):
         publish(run, config, name)
 

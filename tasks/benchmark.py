@@ -575,6 +575,7 @@ def measure(spec: dict) -> dict:
                 "latency": latency,
                 "copy_bandwidth": bandwidth, "weight_bytes_per_token": per_token, "largest_shard": shard,
                 "placement": modeling.devices_of(model), "device": str(device), "loaded": spec["checkpoint"],
+                "inductor_cache": os.environ.get("TORCHINDUCTOR_CACHE_DIR"),
                 **(caveats(parse_recipe(spec["recipe"])) if spec["recipe"] else {}),
                 "dtype": modeling.computed_dtype(model), "limits": limits_of(settings), "diagnostics": diagnostics}
     finally:
@@ -631,11 +632,14 @@ def main(spec_path: str, out_path: str) -> None:
 # ---------------------------------------------------------------- the step
 
 def benchmark(name: str, checkpoint: str, recipe: dict | None, dtype: str, device: str, settings: dict,
-              out_dir: str, reference: dict | None = None, base_checkpoint: str | None = None) -> dict:
+              out_dir: str, reference: dict | None = None, base_checkpoint: str | None = None,
+              cache_dir: str | None = None) -> dict:
     """Measure one model in a fresh process: the reference (recipe None) or a recipe's saved checkpoint,
     what ships. Where the recipe's backend quantizes while loading and `base_checkpoint` is given, the
     reference quantized while loading is measured too, in a process of its own (`quantize_on_load`).
-    A process that dies (out of memory, a load that fails under a memory limit) becomes a record with its error."""
+    A process that dies (out of memory, a load that fails under a memory limit) becomes a record with its error.
+    Inductor's compiled kernels are kept in `cache_dir`/inductor, so a model compiled once compiles again in a
+    fraction of the time on the next run."""
     parsed = parse_recipe(recipe) if recipe is not None else None
     if parsed is not None and (skipped := cuda_skip(parsed, modeling.resolve_device(device))):
         return skipped
@@ -643,7 +647,8 @@ def benchmark(name: str, checkpoint: str, recipe: dict | None, dtype: str, devic
     out.mkdir(parents=True, exist_ok=True)
     spec = {"checkpoint": checkpoint, "recipe": recipe, "dtype": dtype, "device": device, "settings": settings,
             "out_dir": str(out), "copy_bandwidth": (reference or {}).get("copy_bandwidth"),
-            "mode": "reference" if recipe is None else "saved"}
+            "mode": "reference" if recipe is None else "saved",
+            "inductor_cache": str(Path(cache_dir) / "inductor") if cache_dir else None}
     result = measured_in_processes(name, spec, out, settings["processes"])
     if result["status"] != "ok":
         return result
@@ -703,6 +708,14 @@ def quantizes_while_loading(recipe) -> bool:
     return backend_of(recipe).load_config(recipe, []) is not None
 
 
+def measurement_env(spec: dict) -> dict:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if spec.get("inductor_cache"):
+        # set over any inherited value: inductor writes its /tmp default into the environment once used
+        env["TORCHINDUCTOR_CACHE_DIR"] = spec["inductor_cache"]
+    return env
+
+
 def run_measurement(name: str, spec: dict, result_path: Path) -> dict:
     """`python -m tasks.benchmark SPEC OUT` under the step's timeout; its result, or a record of its error."""
     settings, out = spec["settings"], Path(spec["out_dir"])
@@ -712,7 +725,7 @@ def run_measurement(name: str, spec: dict, result_path: Path) -> dict:
     tail: deque[str] = deque(maxlen=40)
     proc = subprocess.Popen([sys.executable, "-m", "tasks.benchmark", str(spec_path), str(result_path)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            cwd=Path(__file__).resolve().parents[1], env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            cwd=Path(__file__).resolve().parents[1], env=measurement_env(spec))
 
     def pump():
         for line in proc.stderr:
