@@ -73,12 +73,12 @@ def gate_model(run: RunRecord, config: RunConfig) -> dict | None:
 def gate_recipe(run: RunRecord, config: RunConfig, model: dict, recipe: RecipeBase) -> None:
     """One recipe through the steps, stopping at the first that does not end ok."""
     steps, device, name = config.steps, model["device"], recipe.name
-    spec, out = recipe.model_dump(mode="json"), str(run.recipe_dir(name))
+    spec, out, cache = recipe.model_dump(mode="json"), str(run.recipe_dir(name)), str(config.output.cache_dir)
     reference = model["reference"]
     quantized = run_step(quantize_task, steps.quantize, name, "quantize", checkpoint=model["checkpoint"], recipe=spec,
                          dtype=config.model.dtype, device=device, out_dir=out,
                          roundtrip_min_top1=steps.quantize.roundtrip_min_top1,
-                         cache_dir=str(config.output.cache_dir), registry_dir=str(steps.publish.registry_dir))
+                         cache_dir=cache, registry_dir=str(steps.publish.registry_dir))
     if not run.set_step(name, "quantize", quantized):
         return
     validated = run_step(validate_task, steps.validate, name, "validate", checkpoint=quantized["checkpoint"],
@@ -90,14 +90,14 @@ def gate_recipe(run: RunRecord, config: RunConfig, model: dict, recipe: RecipeBa
         return
     evaluated = run_step(evaluate_task, steps.evaluate, name, "evaluate", checkpoint=quantized["checkpoint"],
                          recipe=spec, reference=reference["evaluate"], device=device,
-                         settings=steps.evaluate.model_dump(), cache_dir=str(config.output.cache_dir), out_dir=out,
+                         settings=steps.evaluate.model_dump(), cache_dir=cache, out_dir=out,
                          compute_dtype=model["compute_dtype"])
     if not run.set_step(name, "evaluate", evaluated):
         return
     benchmarked = run_step(benchmark_task, steps.benchmark, name, "benchmark", name=name,
                            checkpoint=quantized["checkpoint"], recipe=spec, dtype=config.model.dtype, device=device,
                            settings=steps.benchmark.model_dump(), out_dir=out, reference=model["benchmark"],
-                           base_checkpoint=model["checkpoint"], cache_dir=str(config.output.cache_dir))
+                           base_checkpoint=model["checkpoint"], cache_dir=cache)
     if run.set_step(name, "benchmark", benchmarked):
         publish(run, config, name)
 

@@ -42,13 +42,14 @@ def main(checkpoint: str) -> None:
         import torch._inductor.config as inductor
 
         inductor.fx_graph_cache = inductor.autotune_local_cache = False
+        tuned = os.environ.get("CD", "1") == "1"
         for compile_ in range(int(os.environ["COMPILES"])):
             torch._dynamo.reset()
             with decode_attention("math"):
-                decoder = StaticDecoder(model, 1, 512, compiled=True, coordinate_descent=os.environ.get("CD", "1") == "1")
+                decoder = StaticDecoder(model, 1, 512, compiled=True, coordinate_descent=tuned)
             decoder.run(ids, 256)
             figures = [decoder.run(ids, 256)[1] for _ in range(3)]
-            print(json.dumps({"compile": compile_, "coordinate_descent": os.environ.get("CD", "1") == "1",
+            print(json.dumps({"compile": compile_, "coordinate_descent": tuned,
                               "compile_s": decoder.compile_s, "decode_ms_per_token": round(statistics.median(figures), 4),
                               "repeats": [round(f, 4) for f in figures]}), flush=True)
             del decoder
