@@ -16,6 +16,7 @@ device's copy bandwidth, measured once a run).
 from __future__ import annotations
 
 import copy
+import functools
 import gc
 import importlib
 import json
@@ -317,13 +318,37 @@ def fuse_projections(model: torch.nn.Module) -> dict:
     return {"fused": dict(fused), "unfused": dict(unfused), "padding_bytes_dropped": dropped}
 
 
+def decoder_layers(model) -> torch.nn.ModuleList:
+    layers = getattr(model.get_decoder(), "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise TypeError(f"{type(model).__name__}: no decoder layers to compile one at a time")
+    return layers
+
+
+class LayerCache:
+    """One layer's part of a cache, handed to that layer alone: the layer's index, by which a cache is
+    read, then never reaches the traced code, so layers of one type share one compiled graph."""
+
+    def __init__(self, part):
+        self.part = part
+
+    def update(self, keys, values, layer_idx, *args, **kwargs):
+        return self.part.update(keys, values, *args, **kwargs)
+
+
+def layer_forward(layer, cache: LayerCache, *args, past_key_values=None, **kwargs):
+    return type(layer).forward(layer, *args, past_key_values=cache, **kwargs)
+
+
 class StaticDecoder:
     """Greedy decoding from a static KV cache. On a GPU one decode step is captured in a CUDA graph
     (compiled first, when asked) and replayed per token: the step writes the next token and position
-    into its own input buffers, so a replay needs nothing from the host."""
+    into its own input buffers, so a replay needs nothing from the host. compile_scope layers compiles
+    one decoder layer per layer type and runs the rest eagerly inside the same graph; model compiles the
+    whole step as one graph (the 48 layers of a 12B model unrolled)."""
 
     def __init__(self, model, batch: int, max_len: int, compiled: bool = False, graph: bool = True,
-                 compile_mode: str = "default", coordinate_descent: bool = False):
+                 compile_mode: str = "default", coordinate_descent: bool = False, compile_scope: str = "layers"):
         from transformers import StaticCache
 
         self.model = model
@@ -340,7 +365,12 @@ class StaticDecoder:
             import torch._inductor.config as inductor
 
             inductor.coordinate_descent_tuning = coordinate_descent  # tunes the fused reductions (norms, argmax)
-            self.step = torch.compile(self._step, fullgraph=True, dynamic=False, mode=compile_mode)
+            if compile_scope == "layers":
+                self.layers = list(zip(decoder_layers(model), self.cache.layers, strict=True))
+                self.layer_step = torch.compile(layer_forward, fullgraph=True, dynamic=False, mode=compile_mode)
+                self.step = self._step_by_layer
+            else:
+                self.step = torch.compile(self._step, fullgraph=True, dynamic=False, mode=compile_mode)
         else:
             self.step = self._step
         self.graph, self.compile_s = None, None
@@ -353,6 +383,18 @@ class StaticDecoder:
                             cache_position=self.position, past_key_values=self.cache, use_cache=True).logits
         self.token.copy_(logits[:, -1:].argmax(-1))
         self.position.add_(1)
+
+    def _step_by_layer(self) -> None:
+        # For this step only (the prefill stays eager), each decoder layer runs through the one compiled
+        # function with its own part of the cache.
+        for layer, part in self.layers:
+            layer.forward = functools.partial(self.layer_step, layer, LayerCache(part))
+        try:
+            with torch._dynamo.config.patch(recompile_limit=4):  # a model whose layers each compile fails early
+                self._step()
+        finally:
+            for layer, _ in self.layers:
+                del layer.forward
 
     @torch.no_grad()
     def prefill(self, ids: torch.Tensor) -> None:
@@ -409,6 +451,9 @@ def decode_attention(choice: str):
     return sdpa_kernel([getattr(SDPBackend, name.strip().upper()) for name in choice.split(",")])
 
 
+COMPILED = {"layers": "torch.compile per layer", "model": "torch.compile", None: "eager"}
+
+
 def measure_latency(model, settings: dict, bytes_per_token: int, bandwidth: float) -> dict:
     """Per batch size: warm-up, then the median of `repeats` runs; the fast path where it works.
     The bandwidth floor: the weight bytes a step reads over the copy bandwidth."""
@@ -440,19 +485,20 @@ def measure_latency(model, settings: dict, bytes_per_token: int, bandwidth: floa
                 log.info("benchmark: fused projections %s; not fused: %s; padding dropped: %.3f GB", fusion["fused"],
                          fusion["unfused"] or "none", fusion["padding_bytes_dropped"] / 1e9)
             fused = " + fused projections" if fusion and fusion["fused"] else ""
-            for compiled in (True, False):
+            scopes = {"layers": ["layers", "model"], "model": ["model"]}[settings["compile_scope"]]
+            for scope in [*scopes, None]:
                 try:
                     with decode_attention(settings["decode_attention"]):  # chosen while tracing and capturing
-                        decoder = StaticDecoder(model, batch, prompt + new, compiled,
+                        decoder = StaticDecoder(model, batch, prompt + new, scope is not None,
                                                 compile_mode=settings["compile_mode"],
-                                                coordinate_descent=settings["coordinate_descent"])
+                                                coordinate_descent=settings["coordinate_descent"], compile_scope=scope)
                 except Exception as e:  # noqa: BLE001 - any failure means: try the next path, say why
-                    fallback = f"{'compiled' if compiled else 'eager'} CUDA graph failed: {type(e).__name__}: {e}"[:500]
+                    fallback = (f"{COMPILED[scope]} CUDA graph failed: {type(e).__name__}: {e}")[:500]
                     log.info("benchmark: %s", fallback)
                     torch._dynamo.reset()
                     continue
                 run, compile_s = decoder.run, decoder.compile_s
-                path = (f"static cache{fused} + torch.compile + CUDA graph" if compiled
+                path = (f"static cache{fused} + {COMPILED[scope]} + CUDA graph" if scope
                         else f"static cache{fused} + CUDA graph (eager kernels)")
                 _, _, fast_tokens = run(ids, check)
                 agreement = float((fast_tokens == eager_tokens).float().mean())

@@ -149,9 +149,29 @@ def test_static_cache_decoding_matches_eager(layer_types):
     assert torch.equal(static, eager)
 
 
+def test_layers_compiled_one_at_a_time_share_a_graph_and_decode_as_eager():
+    """compile_scope layers: six layers of two types, each with its own part of the cache, go through one
+    compiled function in fewer graphs than there are layers, and decode the eager tokens; the prefill stays
+    eager and the layers' own forwards come back after each step."""
+    from torch._dynamo.utils import counters
+
+    from tasks.benchmark import StaticDecoder, decode_eager, prompt_ids
+
+    model = tiny_gemma3(["sliding_attention", "full_attention"] * 3)
+    ids = prompt_ids(512, 2, 12, torch.device("cpu"))
+    _, _, eager = decode_eager(model, ids, 10)
+    torch._dynamo.reset()
+    counters.clear()
+    decoder = StaticDecoder(model, batch=2, max_len=22, compiled=True, graph=False, compile_scope="layers")
+    _, _, compiled = decoder.run(ids, 10)
+    assert torch.equal(compiled, eager)
+    assert 1 <= counters["stats"]["unique_graphs"] < 6
+    assert all("forward" not in vars(layer) for layer in model.model.layers)
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("compiled", [False, True])
-def test_cuda_graph_decoding_matches_eager(compiled):
+@pytest.mark.parametrize("scope", [None, "layers", "model"])
+def test_cuda_graph_decoding_matches_eager(scope):
     """On a GPU the decode step is captured once and replayed per token; it must keep decoding the
     same tokens as eager decoding (a graph that froze the position would repeat itself)."""
     from tasks.benchmark import StaticDecoder, decode_eager, prompt_ids
@@ -159,7 +179,8 @@ def test_cuda_graph_decoding_matches_eager(compiled):
     model = tiny_gemma3().cuda()
     ids = prompt_ids(512, 2, 12, torch.device("cuda"))
     _, _, eager = decode_eager(model, ids, 10)
-    decoder = StaticDecoder(model, batch=2, max_len=22, compiled=compiled)
+    compiled = scope is not None
+    decoder = StaticDecoder(model, batch=2, max_len=22, compiled=compiled, compile_scope=scope)
     assert decoder.graph is not None
     _, _, replayed = decoder.run(ids, 10)
     # Compiled kernels may round differently and flip a late near-tie; the prefill's token and most

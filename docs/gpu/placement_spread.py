@@ -5,7 +5,9 @@ same blocks), the CUDA graph captured again, and the decode measured again. Kern
 stay the same; only the addresses change.
   python docs/gpu/placement_spread.py CKPT_DIR      (one JSON line per placement)
 With COMPILES=N instead: N compiles in the same process (dynamo reset, inductor's caches off), each measured;
-CD=0 turns inductor's coordinate-descent tuning off (on otherwise, as the placements run)."""
+CD=0 turns inductor's coordinate-descent tuning off (on otherwise, as the placements run). SCOPE: layers (the step's
+default, one decoder layer compiled per layer type) or model (the whole step, as the figures before the flow's second
+H100 run were measured)."""
 import json
 import os
 import random
@@ -42,20 +44,21 @@ def main(checkpoint: str) -> None:
         import torch._inductor.config as inductor
 
         inductor.fx_graph_cache = inductor.autotune_local_cache = False
-        tuned = os.environ.get("CD", "1") == "1"
+        tuned, scope = os.environ.get("CD", "1") == "1", os.environ.get("SCOPE", "layers")
         for compile_ in range(int(os.environ["COMPILES"])):
             torch._dynamo.reset()
             with decode_attention("math"):
-                decoder = StaticDecoder(model, 1, 512, compiled=True, coordinate_descent=tuned)
+                decoder = StaticDecoder(model, 1, 512, compiled=True, coordinate_descent=tuned, compile_scope=scope)
             decoder.run(ids, 256)
             figures = [decoder.run(ids, 256)[1] for _ in range(3)]
-            print(json.dumps({"compile": compile_, "coordinate_descent": tuned,
+            print(json.dumps({"compile": compile_, "coordinate_descent": tuned, "compile_scope": scope,
                               "compile_s": decoder.compile_s, "decode_ms_per_token": round(statistics.median(figures), 4),
                               "repeats": [round(f, 4) for f in figures]}), flush=True)
             del decoder
         return
     with decode_attention("math"):
-        decoder = StaticDecoder(model, 1, 512, compiled=True, coordinate_descent=True)
+        decoder = StaticDecoder(model, 1, 512, compiled=True, coordinate_descent=True,
+                                compile_scope=os.environ.get("SCOPE", "layers"))
     spacers = []
     for placement in range(int(os.environ.get("PLACEMENTS", 6))):
         if placement:

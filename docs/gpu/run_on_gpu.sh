@@ -164,6 +164,23 @@ case "$1" in
      g3_checkpoint
      timeout "${BENCH_S:-560}" python3 docs/gpu/placement_spread.py /tmp/g3-12b 2>>"$OUT/placement.err" | tee -a "$OUT/placement-g3.jsonl"
      grep -E "Error|Traceback" "$OUT/placement.err" | tail -5 ;;
+  # Issue 19, the spread with each decoder layer compiled on its own (the step's compile_scope: layers): RUNS rounds of
+  # fresh processes, one per model in MODELS, each with a fresh inductor cache, coordinate descent off, and nvidia-smi
+  # sampling clocks every 200 ms (clocks-layers.csv); carrying .gpu/h.
+  spread-layers) install .gpu/h/*.whl
+     g3_checkpoint
+     nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,temperature.gpu,power.draw,clocks_throttle_reasons.active \
+       --format=csv,noheader -lms 200 > "$OUT/clocks-layers.csv" &
+     for i in $(seq 1 "${RUNS:-3}"); do
+       CD=0 SCOPE=layers TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-layers-$i-$RANDOM BENCH_DIR=/tmp/bench-layers-$i \
+         timeout "${BENCH_S:-300}" python3 docs/gpu/bench_on_gpu.py /tmp/g3-12b ${MODELS:-reference torchao-int4-weight-only} \
+         2>>"$OUT/spread-layers.err" | tee -a "$OUT/spread-layers.jsonl" | python3 -c "
+import json, sys
+for line in sys.stdin:
+    d = json.loads(line); r = (d.get('runs') or [{}])[0]
+    print('$i', d.get('model'), r.get('decode_ms_per_token'), r.get('compile_s'), d.get('copy_bw_gb_s'), d.get('error'), flush=True)"
+     done
+     kill %1 ;;
   # Issue 19, KV-cache capacity under a 12 GiB budget on the Gemma-3-12B-shaped checkpoint: `kv-prep` carrying
   # .gpu/h and .gpu/m (torchao, pydantic, hqq, bitsandbytes wheels; the recipes' checkpoints made by the quantize
   # step), then `kv` carrying .gpu/i (transformers 5.23: its caches API) on the same warm machine.
