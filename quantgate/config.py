@@ -181,6 +181,9 @@ class BenchmarkSettings(StepSettings):
     # whichever config timed best in a noisy moment, so the figure moves from compile to compile; off, compiles
     # agree (docs/BENCHMARKS.md). On for speed (with processes: 3), off to gate on.
     coordinate_descent: bool = False
+    # Inductor's timing of several configs per pointwise kernel as it first runs: in some fresh processes it kept a
+    # slower one, and the figure moved with it (docs/BENCHMARKS.md); off, each kernel has the one config its heuristic picks.
+    autotune_pointwise: bool = False
     # On the fast path: sibling projections (q/k/v, gate/up) of plain and torchao-int4 weights run
     # as one matmul each; the first 16 tokens are still checked against unfused eager decoding.
     fuse_projections: bool = True

@@ -348,7 +348,8 @@ class StaticDecoder:
     whole step as one graph (the 48 layers of a 12B model unrolled)."""
 
     def __init__(self, model, batch: int, max_len: int, compiled: bool = False, graph: bool = True,
-                 compile_mode: str = "default", coordinate_descent: bool = False, compile_scope: str = "layers"):
+                 compile_mode: str = "default", coordinate_descent: bool = False, compile_scope: str = "layers",
+                 autotune_pointwise: bool = False):
         from transformers import StaticCache
 
         self.model = model
@@ -365,6 +366,7 @@ class StaticDecoder:
             import torch._inductor.config as inductor
 
             inductor.coordinate_descent_tuning = coordinate_descent  # tunes the fused reductions (norms, argmax)
+            inductor.triton.autotune_pointwise = autotune_pointwise  # times several configs per pointwise kernel
             if compile_scope == "layers":
                 self.layers = list(zip(decoder_layers(model), self.cache.layers, strict=True))
                 self.layer_step = torch.compile(layer_forward, fullgraph=True, dynamic=False, mode=compile_mode)
@@ -491,7 +493,8 @@ def measure_latency(model, settings: dict, bytes_per_token: int, bandwidth: floa
                     with decode_attention(settings["decode_attention"]):  # chosen while tracing and capturing
                         decoder = StaticDecoder(model, batch, prompt + new, scope is not None,
                                                 compile_mode=settings["compile_mode"],
-                                                coordinate_descent=settings["coordinate_descent"], compile_scope=scope)
+                                                coordinate_descent=settings["coordinate_descent"], compile_scope=scope,
+                                                autotune_pointwise=settings["autotune_pointwise"])
                 except Exception as e:  # noqa: BLE001 - any failure means: try the next path, say why
                     fallback = (f"{COMPILED[scope]} CUDA graph failed: {type(e).__name__}: {e}")[:500]
                     log.info("benchmark: %s", fallback)
@@ -521,7 +524,7 @@ def measure_latency(model, settings: dict, bytes_per_token: int, bandwidth: floa
                  # (max - min) / median of the repeats: what the nightly gate allows a baseline to move by.
                  "decode_spread": round((max(decodes) - min(decodes)) / decode_ms, 4),
                  "greedy_agreement_with_eager": agreement,
-                 **({"coordinate_descent": settings["coordinate_descent"]} if "torch.compile" in path else {})}
+                 **({k: settings[k] for k in ("coordinate_descent", "autotune_pointwise")} if "torch.compile" in path else {})}
         if fallback and path == "eager":
             entry["fallback_reason"] = fallback
         floor_ms = bytes_per_token / bandwidth * 1000

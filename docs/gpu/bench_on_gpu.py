@@ -9,8 +9,9 @@ decorator is replaced by a pass-through there, as in quantize_on_gpu.py).
       12GiB, per cache in CACHES; each recipe's saved checkpoint made first by the quantize step)
 Settings from the environment: PROMPT, NEW, REPEATS, BATCHES (e.g. "1 8"), MAX_MEMORY (JSON), BENCH_DIR, CD (1, as
 every figure before issue 19 was measured: inductor's coordinate-descent tuning on; 0: off, the step's default now),
-SCOPE (layers, the step's default: one decoder layer compiled per layer type; model: the whole step, as every figure
-before the flow's second H100 run was measured),
+AUTOTUNE_POINTWISE (0, the step's default; 1: inductor times several configs per pointwise kernel, as every figure
+before that setting was measured), SCOPE (layers, the step's default: one decoder layer compiled per layer type;
+model: the whole step, as every figure before the flow's second H100 run was measured),
 MODE: quantize_on_load (the default: the reference quantized while loading) or saved (the recipe's checkpoint
 made first by the quantize step in a process of its own, in SAVED_DIR, then loaded as the flow's benchmark does).
 TOKENIZER_DIR: tokenizer files copied into the checkpoint (the quantize step tokenizes)."""
@@ -38,6 +39,7 @@ def settings() -> dict:
                              batch_sizes=[int(b) for b in env.get("BATCHES", "1").split()],
                              compile_mode=env.get("COMPILE_MODE", "default"), compile_scope=env.get("SCOPE", "layers"),
                              coordinate_descent=env.get("CD", "1") == "1",
+                             autotune_pointwise=env.get("AUTOTUNE_POINTWISE", "0") == "1",
                              decode_attention=env.get("ATTENTION", "math"),
                              max_memory=json.loads(env["MAX_MEMORY"]) if env.get("MAX_MEMORY") else None,
                              ).model_dump()

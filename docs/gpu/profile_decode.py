@@ -3,6 +3,7 @@ with fused projections, without the CUDA graph so that torch.profiler sees each 
   python docs/gpu/profile_decode.py CKPT_DIR reference|RECIPE ...   (one JSON line per kernel group)"""
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -44,7 +45,8 @@ def _profile(checkpoint: str, name: str) -> None:
     print(json.dumps({"model": name, "sdpa": os.environ.get("SDPA", "math"), "fused": fuse_projections(model)["fused"]}),
           flush=True)
     decoder = StaticDecoder(model, 1, 512, compiled=DEVICE == "cuda", graph=False)
-    decoder.prefill(prompt_ids(model.get_input_embeddings().weight.shape[0], 1, 256, torch.device(DEVICE)))
+    ids = prompt_ids(model.get_input_embeddings().weight.shape[0], 1, 256, torch.device(DEVICE))
+    decoder.prefill(ids)
     t0 = time.perf_counter()
     for _ in range(3):
         decoder.step()
@@ -80,12 +82,17 @@ def _profile(checkpoint: str, name: str) -> None:
         launched = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
                           key=lambda e: e.time_range.start)
         step = launched[-len(launched) // STEPS:]
-        out = Path(os.environ.get("OUT", "/tmp")) / f"profile-{name}-step.jsonl"
+        out = Path(os.environ.get("OUT", "/tmp")) / f"profile-{name}-step{os.environ.get('PROCESS', '')}.jsonl"
         out.write_text("".join(json.dumps({"us": round(e.time_range.elapsed_us(), 2), "kernel": e.name[:120]}) + "\n"
                                for e in step))
         for e in step[len(step) // 2:len(step) // 2 + 2 * len(step) // 48]:  # two layers from the middle
             print(json.dumps({"model": name, "us": round(e.time_range.elapsed_us(), 2), "kernel": e.name[:100]}),
                   flush=True)
+        # The same process's figure through the CUDA graph, as the benchmark measures it: does a process whose
+        # kernels take longer also decode slower?
+        decoder._warm_and_capture()
+        figures = [decoder.run(ids, 256)[1] for _ in range(4)][1:]
+        print(json.dumps({"model": name, "graph_decode_ms_per_token": round(statistics.median(figures), 4)}), flush=True)
     del decoder, model
     torch._dynamo.reset()
     torch.cuda.empty_cache()

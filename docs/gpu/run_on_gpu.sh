@@ -181,6 +181,15 @@ for line in sys.stdin:
     print('$i', d.get('model'), r.get('decode_ms_per_token'), r.get('compile_s'), d.get('copy_bw_gb_s'), d.get('error'), flush=True)"
      done
      kill %1 ;;
+  # Issue 19, which kernels a slow process spends its extra time in: RUNS fresh processes of profile_decode.py (each
+  # with its own inductor cache, the step's default compile_scope: layers) on MODELS; carrying .gpu/h and .gpu/i.
+  prof-processes) install .gpu/h/*.whl .gpu/i/*.whl
+     g3_checkpoint
+     for i in $(seq 1 "${RUNS:-6}"); do
+       PROCESS=$i TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-prof-$i-$RANDOM timeout 150 python3 docs/gpu/profile_decode.py /tmp/g3-12b \
+         ${MODELS:-reference} 2>>"$OUT/prof-processes.err" | sed "s/^{/{\"process\": $i, /" | tee -a "$OUT/prof-processes.jsonl" \
+         | grep -E "gpu_busy|graph_decode" | cut -c1-200
+     done ;;
   # Issue 19, KV-cache capacity under a 12 GiB budget on the Gemma-3-12B-shaped checkpoint: `kv-prep` carrying
   # .gpu/h and .gpu/m (torchao, pydantic, hqq, bitsandbytes wheels; the recipes' checkpoints made by the quantize
   # step), then `kv` carrying .gpu/i (transformers 5.23: its caches API) on the same warm machine.
