@@ -174,8 +174,8 @@ class BenchmarkSettings(StepSettings):
     # torch.compile's mode for the decode step; max-autotune-no-cudagraphs times several matmul
     # kernels per shape (longer compile; the CUDA graph is captured here either way).
     compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = "default"
-    # layers: each decoder layer type compiled once, its graph shared by every layer of that type (a 12B
-    # model's 48 layers need two); model: the whole decode step as one graph. layers falls back to model.
+    # layers: each decoder layer type compiled once, its graph shared by every layer of that type (the rest of
+    # the step runs eagerly in the same CUDA graph); model: the whole decode step as one graph. layers falls back to model.
     compile_scope: Literal["layers", "model"] = "layers"
     # Inductor's coordinate-descent tuning of the decode step's fused kernels: faster on average, but it keeps
     # whichever config timed best in a noisy moment, so the figure moves from compile to compile; off, compiles

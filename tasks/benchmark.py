@@ -357,7 +357,6 @@ class StaticDecoder:
         # by position, and no Python-side counter (which a graph would freeze) decides anything.
         config = copy.copy(model.config.get_text_config(decoder=True))
         config.layer_types = ["full_attention"] * config.num_hidden_layers
-        config.sliding_window = None
         self.cache = StaticCache(config=config, max_cache_len=max_len)
         device = modeling.model_device(model)
         self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)
@@ -392,8 +391,7 @@ class StaticDecoder:
         for layer, part in self.layers:
             layer.forward = functools.partial(self.layer_step, layer, LayerCache(part))
         try:
-            with torch._dynamo.config.patch(recompile_limit=4):  # a model whose layers each compile fails early
-                self._step()
+            self._step()
         finally:
             for layer, _ in self.layers:
                 del layer.forward
@@ -453,7 +451,7 @@ def decode_attention(choice: str):
     return sdpa_kernel([getattr(SDPBackend, name.strip().upper()) for name in choice.split(",")])
 
 
-COMPILED = {"layers": "torch.compile per layer", "model": "torch.compile", None: "eager"}
+COMPILE_LABELS = {"layers": "torch.compile per layer", "model": "torch.compile", None: "eager"}
 
 
 def measure_latency(model, settings: dict, bytes_per_token: int, bandwidth: float) -> dict:
@@ -496,12 +494,12 @@ def measure_latency(model, settings: dict, bytes_per_token: int, bandwidth: floa
                                                 coordinate_descent=settings["coordinate_descent"], compile_scope=scope,
                                                 autotune_pointwise=settings["autotune_pointwise"])
                 except Exception as e:  # noqa: BLE001 - any failure means: try the next path, say why
-                    fallback = (f"{COMPILED[scope]} CUDA graph failed: {type(e).__name__}: {e}")[:500]
+                    fallback = f"{COMPILE_LABELS[scope]} CUDA graph failed: {type(e).__name__}: {e}"[:500]
                     log.info("benchmark: %s", fallback)
                     torch._dynamo.reset()
                     continue
                 run, compile_s = decoder.run, decoder.compile_s
-                path = (f"static cache{fused} + {COMPILED[scope]} + CUDA graph" if scope
+                path = (f"static cache{fused} + {COMPILE_LABELS[scope]} + CUDA graph" if scope
                         else f"static cache{fused} + CUDA graph (eager kernels)")
                 _, _, fast_tokens = run(ids, check)
                 agreement = float((fast_tokens == eager_tokens).float().mean())
