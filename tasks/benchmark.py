@@ -322,6 +322,9 @@ def decoder_layers(model) -> torch.nn.ModuleList:
     layers = getattr(model.get_decoder(), "layers", None)
     if not isinstance(layers, torch.nn.ModuleList):
         raise TypeError(f"{type(model).__name__}: no decoder layers to compile one at a time")
+    # A forward set on the layer itself (accelerate's hooks wrap it so) would be bypassed, then deleted.
+    if any("forward" in vars(layer) for layer in layers):
+        raise TypeError(f"{type(model).__name__}: its decoder layers' forward is wrapped (hooks)")
     return layers
 
 

@@ -1,4 +1,5 @@
 """Benchmark step on the CPU: the memory sampler, latency from one run, offloading limits."""
+import functools
 import json
 import logging
 import time
@@ -182,6 +183,19 @@ def test_layers_compiled_one_at_a_time_share_a_graph_and_decode_as_eager(make):
     assert torch.equal(compiled, eager)
     assert 1 <= counters["stats"]["unique_graphs"] < len(model.model.layers)
     assert all("forward" not in vars(layer) for layer in model.model.layers)
+
+
+def test_layers_with_a_wrapped_forward_are_not_compiled_one_at_a_time():
+    """A layer whose forward is wrapped on the instance (as accelerate's hooks do) is refused by layers, which would
+    bypass the wrapper; the benchmark then compiles the whole step."""
+    from tasks.benchmark import StaticDecoder
+
+    model = tiny_gemma3()
+    layer = model.model.layers[0]
+    layer.forward = functools.partial(type(layer).forward, layer)
+    with pytest.raises(TypeError, match="forward is wrapped"):
+        StaticDecoder(model, batch=1, max_len=8, compiled=True, graph=False, compile_scope="layers")
+    assert "forward" in vars(layer)
 
 
 @pytest.mark.gpu
