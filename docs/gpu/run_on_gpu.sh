@@ -166,8 +166,8 @@ case "$1" in
      grep -E "Error|Traceback" "$OUT/placement.err" | tail -5 ;;
   # Issue 19, the spread with each decoder layer compiled on its own (the step's compile_scope: layers): RUNS rounds of
   # fresh processes, one per model in MODELS, each with a fresh inductor cache, coordinate descent off, and nvidia-smi
-  # sampling clocks every 200 ms (clocks-layers.csv); carrying .gpu/h.
-  spread-layers) install .gpu/h/*.whl
+  # sampling clocks every 200 ms (clocks-layers.csv); carrying .gpu/h and .gpu/i (transformers 5.23, as the flow).
+  spread-layers) install .gpu/h/*.whl .gpu/i/*.whl
      g3_checkpoint
      nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,temperature.gpu,power.draw,clocks_throttle_reasons.active \
        --format=csv,noheader -lms 200 > "$OUT/clocks-layers.csv" &
