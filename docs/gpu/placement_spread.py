@@ -7,7 +7,8 @@ stay the same; only the addresses change.
 With COMPILES=N instead: N compiles in the same process (dynamo reset, inductor's caches off), each measured;
 CD=0 turns inductor's coordinate-descent tuning off (on otherwise, as the placements run). SCOPE: layers (the step's
 default, one decoder layer compiled per layer type) or model (the whole step, as the figures before the flow's second
-H100 run were measured)."""
+H100 run were measured). AUTOTUNE_POINTWISE=1: inductor times several configs per pointwise kernel (the step's default
+is off; every figure before that setting was measured with it on)."""
 import json
 import os
 import random
@@ -45,10 +46,12 @@ def main(checkpoint: str) -> None:
 
         inductor.fx_graph_cache = inductor.autotune_local_cache = False
         tuned, scope = os.environ.get("CD", "1") == "1", os.environ.get("SCOPE", "layers")
+        pointwise = os.environ.get("AUTOTUNE_POINTWISE", "0") == "1"
         for compile_ in range(int(os.environ["COMPILES"])):
             torch._dynamo.reset()
             with decode_attention("math"):
-                decoder = StaticDecoder(model, 1, 512, compiled=True, coordinate_descent=tuned, compile_scope=scope)
+                decoder = StaticDecoder(model, 1, 512, compiled=True, coordinate_descent=tuned, compile_scope=scope,
+                                        autotune_pointwise=pointwise)
             decoder.run(ids, 256)
             figures = [decoder.run(ids, 256)[1] for _ in range(3)]
             print(json.dumps({"compile": compile_, "coordinate_descent": tuned, "compile_scope": scope,
@@ -58,7 +61,8 @@ def main(checkpoint: str) -> None:
         return
     with decode_attention("math"):
         decoder = StaticDecoder(model, 1, 512, compiled=True, coordinate_descent=True,
-                                compile_scope=os.environ.get("SCOPE", "layers"))
+                                compile_scope=os.environ.get("SCOPE", "layers"),
+                                autotune_pointwise=os.environ.get("AUTOTUNE_POINTWISE", "0") == "1")
     spacers = []
     for placement in range(int(os.environ.get("PLACEMENTS", 6))):
         if placement:
