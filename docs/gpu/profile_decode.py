@@ -44,7 +44,9 @@ def _profile(checkpoint: str, name: str) -> None:
                     "device": DEVICE, "settings": {}, "out_dir": "/tmp"})()
     print(json.dumps({"model": name, "sdpa": os.environ.get("SDPA", "math"), "fused": fuse_projections(model)["fused"]}),
           flush=True)
-    decoder = StaticDecoder(model, 1, 512, compiled=DEVICE == "cuda", graph=False)
+    # AUTOTUNE_POINTWISE=1: as the six profiles of issue 19 ran (the step's default is off since).
+    decoder = StaticDecoder(model, 1, 512, compiled=DEVICE == "cuda", graph=False,
+                            autotune_pointwise=os.environ.get("AUTOTUNE_POINTWISE", "0") == "1")
     ids = prompt_ids(model.get_input_embeddings().weight.shape[0], 1, 256, torch.device(DEVICE))
     decoder.prefill(ids)
     t0 = time.perf_counter()
