@@ -370,8 +370,9 @@ class StaticDecoder:
             inductor.coordinate_descent_tuning = coordinate_descent  # tunes the fused reductions (norms, argmax)
             inductor.triton.autotune_pointwise = autotune_pointwise  # times several configs per pointwise kernel
             if compile_scope == "layers":
-                self.layers = list(zip(decoder_layers(model), self.cache.layers, strict=True))
-                self.layer_step = torch.compile(layer_forward, fullgraph=True, dynamic=False, mode=compile_mode)
+                layer_step = torch.compile(layer_forward, fullgraph=True, dynamic=False, mode=compile_mode)
+                self.layer_forwards = [(layer, functools.partial(layer_step, layer, LayerCache(part)))
+                                       for layer, part in zip(decoder_layers(model), self.cache.layers, strict=True)]
                 self.step = self._step_by_layer
             else:
                 self.step = torch.compile(self._step, fullgraph=True, dynamic=False, mode=compile_mode)
@@ -391,12 +392,12 @@ class StaticDecoder:
     def _step_by_layer(self) -> None:
         # For this step only (the prefill stays eager), each decoder layer runs through the one compiled
         # function with its own part of the cache.
-        for layer, part in self.layers:
-            layer.forward = functools.partial(self.layer_step, layer, LayerCache(part))
+        for layer, forward in self.layer_forwards:
+            layer.forward = forward
         try:
             self._step()
         finally:
-            for layer, _ in self.layers:
+            for layer, _ in self.layer_forwards:
                 del layer.forward
 
     @torch.no_grad()
@@ -455,6 +456,7 @@ def decode_attention(choice: str):
 
 
 COMPILE_LABELS = {"layers": "torch.compile per layer", "model": "torch.compile", None: "eager"}
+FALLBACKS = ("layers", "model", None)  # the compile scopes tried, from the configured one on
 
 
 def measure_latency(model, settings: dict, bytes_per_token: int, bandwidth: float) -> dict:
@@ -488,8 +490,7 @@ def measure_latency(model, settings: dict, bytes_per_token: int, bandwidth: floa
                 log.info("benchmark: fused projections %s; not fused: %s; padding dropped: %.3f GB", fusion["fused"],
                          fusion["unfused"] or "none", fusion["padding_bytes_dropped"] / 1e9)
             fused = " + fused projections" if fusion and fusion["fused"] else ""
-            scopes = {"layers": ["layers", "model"], "model": ["model"]}[settings["compile_scope"]]
-            for scope in [*scopes, None]:
+            for scope in FALLBACKS[FALLBACKS.index(settings["compile_scope"]):]:
                 try:
                     with decode_attention(settings["decode_attention"]):  # chosen while tracing and capturing
                         decoder = StaticDecoder(model, batch, prompt + new, scope is not None,

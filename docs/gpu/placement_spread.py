@@ -41,12 +41,12 @@ def main(checkpoint: str) -> None:
     model = modeling.load(checkpoint, "bfloat16", "cuda")
     fuse_projections(model)
     ids = prompt_ids(model.config.get_text_config().vocab_size, 1, 256, torch.device("cuda"))
+    scope, pointwise = os.environ.get("SCOPE", "layers"), os.environ.get("AUTOTUNE_POINTWISE", "0") == "1"
     if os.environ.get("COMPILES"):
         import torch._inductor.config as inductor
 
         inductor.fx_graph_cache = inductor.autotune_local_cache = False
-        tuned, scope = os.environ.get("CD", "1") == "1", os.environ.get("SCOPE", "layers")
-        pointwise = os.environ.get("AUTOTUNE_POINTWISE", "0") == "1"
+        tuned = os.environ.get("CD", "1") == "1"
         for compile_ in range(int(os.environ["COMPILES"])):
             torch._dynamo.reset()
             with decode_attention("math"):
@@ -60,9 +60,8 @@ def main(checkpoint: str) -> None:
             del decoder
         return
     with decode_attention("math"):
-        decoder = StaticDecoder(model, 1, 512, compiled=True, coordinate_descent=True,
-                                compile_scope=os.environ.get("SCOPE", "layers"),
-                                autotune_pointwise=os.environ.get("AUTOTUNE_POINTWISE", "0") == "1")
+        decoder = StaticDecoder(model, 1, 512, compiled=True, coordinate_descent=True, compile_scope=scope,
+                                autotune_pointwise=pointwise)
     spacers = []
     for placement in range(int(os.environ.get("PLACEMENTS", 6))):
         if placement:
