@@ -166,12 +166,13 @@ case "$1" in
      grep -E "Error|Traceback" "$OUT/placement.err" | tail -5 ;;
   # Issue 19, the spread with each decoder layer compiled on its own (the step's compile_scope: layers): RUNS rounds of
   # fresh processes, one per model in MODELS, each with a fresh inductor cache, coordinate descent off, and nvidia-smi
-  # sampling clocks every 200 ms (clocks-layers.csv); carrying .gpu/h and .gpu/i (transformers 5.23, as the flow).
-  spread-layers) install .gpu/h/*.whl .gpu/i/*.whl
+  # sampling clocks every 200 ms (clocks-layers.csv); carrying .gpu/h and .gpu/i (transformers 5.23, as the flow), or,
+  # on a machine they are already installed on, .gpu/m (bitsandbytes, for bnb-nf4). FIRST numbers the first round.
+  spread-layers) install $(ls .gpu/h/*.whl .gpu/i/*.whl .gpu/m/*.whl 2>/dev/null)
      g3_checkpoint
      nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,temperature.gpu,power.draw,clocks_throttle_reasons.active \
        --format=csv,noheader -lms 200 > "$OUT/clocks-layers.csv" &
-     for i in $(seq 1 "${RUNS:-3}"); do
+     for i in $(seq "${FIRST:-1}" $(( ${FIRST:-1} + ${RUNS:-3} - 1 ))); do
        CD=0 SCOPE=layers TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-layers-$i-$RANDOM BENCH_DIR=/tmp/bench-layers-$i \
          timeout "${BENCH_S:-300}" python3 docs/gpu/bench_on_gpu.py /tmp/g3-12b ${MODELS:-reference torchao-int4-weight-only} \
          2>>"$OUT/spread-layers.err" | tee -a "$OUT/spread-layers.jsonl" | python3 -c "
