@@ -14,7 +14,8 @@ from tasks.benchmark import long_prompt
 from tasks.download import download
 
 source = sys.argv[1]
-tokens, positions = (int(a) for a in (sys.argv[2:] + ["4096", "64"][len(sys.argv[2:]):]))
+tokens = int(sys.argv[2]) if len(sys.argv) > 2 else 4096
+positions = int(sys.argv[3]) if len(sys.argv) > 3 else 64
 fetched = download(source, None, ".cache/quantgate", "bfloat16")
 model = modeling.load(fetched["checkpoint"], "float32", "cpu")
 ids, prompt = long_prompt(fetched["checkpoint"], tokens, model.config.vocab_size, torch.device("cpu"))
