@@ -50,6 +50,7 @@ def make_gemma3_12b_shaped(folder: Path) -> None:
                               query_pre_attn_scalar=256, max_position_embeddings=4096)
     config.architectures = ["Gemma3ForCausalLM"]
     t0 = time.time()
+    torch.manual_seed(0)  # the same weights on every machine, so runs on different machines compare
     torch.set_default_dtype(torch.bfloat16)
     with torch.device(DEVICE):
         model = Gemma3ForCausalLM(config)
