@@ -24,7 +24,11 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def plan(args) -> int:
-    from quantgate.plan import make_plans, placement_lines, planned_placement, skeleton_of, summarize, tower_lines, towers
+    import torch
+
+    from quantgate.backends import backend_of
+    from quantgate.plan import (checkpoint_bytes, make_plans, placement_lines, planned_placement, skeleton_of, summarize,
+                                tower_lines, towers)
 
     config = load_config(args.config, args.set)
     skeleton = skeleton_of(config, args.config)  # read once: the plans and the placement both use it
@@ -35,11 +39,14 @@ def plan(args) -> int:
     print(f"model: {config.model.source} ({config.model.dtype}); plans made on the meta-device skeleton")
     if config.model.max_memory:
         print("\n".join(placement_lines(planned_placement(skeleton[1], config))))
-    rows = []
-    for name, entries in plans.items():
-        counts = summarize(entries)
-        rows.append([name, counts["quantized"], counts["skipped"], counts["fallback"]])
-    print(_table(["recipe", "quantized", "skipped", "fallback"], rows))
+    rows, dtype_bytes = [], getattr(torch, config.model.dtype).itemsize
+    for recipe in config.recipes:
+        counts, backend = summarize(plans[recipe.name]), backend_of(recipe)
+        weights = None if backend.given else checkpoint_bytes(skeleton[1], plans[recipe.name], dtype_bytes,
+                                                              backend.stored_bits(recipe))
+        rows.append([recipe.name, counts["quantized"], counts["skipped"], counts["fallback"],
+                     f"{weights / 1e9:.2f} GB" if weights else "fetched as published"])
+    print(_table(["recipe", "quantized", "skipped", "fallback", "weights on disk (estimate)"], rows))
     for name, entries in plans.items():
         # Layers repeat: group them as model.layers.*.mlp.up_proj (x30) per reason.
         groups: dict[tuple, int] = {}

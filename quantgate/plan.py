@@ -4,6 +4,7 @@ fallback). It is made on the model's skeleton (meta device) before any weight is
 after quantizing against what the library really did."""
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 from pathlib import Path
@@ -15,8 +16,8 @@ from quantgate.backends import PlanError, backend_of
 from quantgate.config import ConfigError
 from quantgate.sources import DownloadError, parse_source, read_model_config
 
-__all__ = ["PlanError", "make_plans", "pattern_regex", "placement_lines", "plan_recipe", "planned_placement",
-           "read_plan", "reconcile", "skeleton_of", "summarize", "tower_lines", "towers"]
+__all__ = ["PlanError", "checkpoint_bytes", "make_plans", "pattern_regex", "placement_lines", "plan_recipe",
+           "planned_placement", "read_plan", "reconcile", "skeleton_of", "summarize", "tower_lines", "towers"]
 
 
 def pattern_regex(pattern: str) -> re.Pattern:
@@ -121,6 +122,22 @@ def tower_lines(counts: dict[str, dict]) -> list[str]:
 def kept(entries: list[dict]) -> list[str]:
     """The full names the library is told to leave alone."""
     return [e["module"] for e in entries if e["status"] == "skipped"]
+
+
+def weights_of(entry: dict) -> int:
+    """How many weights a plan entry holds: out x in, or every expert's."""
+    shapes = entry["shape"].values() if isinstance(entry["shape"], dict) else [entry["shape"]]
+    return sum(math.prod(s) for s in shapes)
+
+
+def checkpoint_bytes(model: torch.nn.Module, entries: list[dict], dtype_bytes: int, stored_bits: float | None) -> int:
+    """The saved weights' bytes by the plan: every parameter (tied ones once) at dtype_bytes, the quantized
+    weights at stored_bits each."""
+    total = sum(p.numel() for p in model.parameters()) * dtype_bytes
+    if stored_bits is None:
+        return total
+    quantized = sum(weights_of(e) for e in entries if e["status"] == "quantized")
+    return round(total - quantized * (dtype_bytes - stored_bits / 8))
 
 
 def summarize(entries: list[dict]) -> dict:

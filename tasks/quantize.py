@@ -18,7 +18,7 @@ from prefect import task
 from quantgate import modeling
 from quantgate.backends import backend_of, parse_recipe
 from quantgate.files import write_json
-from quantgate.plan import kept, plan_recipe, read_plan, reconcile, summarize, towers
+from quantgate.plan import checkpoint_bytes, kept, plan_recipe, read_plan, reconcile, summarize, towers
 
 log = logging.getLogger("quantgate.quantize")
 
@@ -67,6 +67,28 @@ def cuda_skip(recipe, device: str) -> dict | None:
     return None
 
 
+DISK_SPARE = 1.10  # torchao's int4 pads its tiles: 3% over the estimate on a 12B (docs/BENCHMARKS.md)
+
+
+def disk_needed(model: torch.nn.Module, entries: list[dict], recipe, dtype: str, source: Path) -> int:
+    """Bytes the recipe's checkpoint will take by the plan, with the source's other files (tokenizer, config)."""
+    others = sum(f.stat().st_size for f in source.iterdir() if f.is_file() and ".safetensors" not in f.name)
+    return checkpoint_bytes(model, entries, getattr(torch, dtype).itemsize, backend_of(recipe).stored_bits(recipe)) + others
+
+
+def disk_shortfall(needed: int, out: Path) -> str | None:
+    """Why the checkpoint would not fit on out's filesystem, or None."""
+    free = shutil.disk_usage(out).free
+    if needed * DISK_SPARE <= free:
+        return None
+    return (f"not enough disk for the checkpoint: about {needed / 1e9:.2f} GB by the plan, {DISK_SPARE - 1:.0%} more to "
+            f"spare, and {free / 1e9:.2f} GB free in {out}; free some, or set output.runs_dir on a larger disk")
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
 def quantize(checkpoint: str, recipe: dict, dtype: str, device: str, out_dir: str, roundtrip_min_top1: float,
              cache_dir: str = ".cache/quantgate", registry_dir: str = "registry") -> dict:
     """Quantize one recipe (or take a given checkpoint); returns the step's record (status, metrics, paths)."""
@@ -80,7 +102,11 @@ def quantize(checkpoint: str, recipe: dict, dtype: str, device: str, out_dir: st
     out.mkdir(parents=True, exist_ok=True)
     if backend_of(recipe).given:
         return take_given(checkpoint, recipe, dtype, device, out, Path(cache_dir), Path(registry_dir))
-    entries = plan_recipe(modeling.skeleton(AutoConfig.from_pretrained(checkpoint)), recipe)
+    skeleton = modeling.skeleton(AutoConfig.from_pretrained(checkpoint))
+    entries = plan_recipe(skeleton, recipe)
+    needed = disk_needed(skeleton, entries, recipe, dtype, Path(checkpoint))
+    if short := disk_shortfall(needed, out):  # before the load: a full disk would stop the save half-written
+        return {"status": "error", "reason": short, "checkpoint_bytes_estimated": needed}
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
 
     t0 = time.perf_counter()
@@ -101,6 +127,7 @@ def quantize(checkpoint: str, recipe: dict, dtype: str, device: str, out_dir: st
     metrics.update(real_bytes=modeling.real_bytes(reloaded), real_bytes_at_load=at_load,
                    footprint_reported_by_transformers=
                    reloaded.get_memory_footprint() if hasattr(reloaded, "get_memory_footprint") else None)
+    metrics.update(checkpoint_bytes=folder_bytes(out / "checkpoint"), checkpoint_bytes_estimated=needed)
     metrics.update(checkpoint=str(out / "checkpoint"), quantize_s=round(quantize_s, 2), save_s=round(save_s, 2),
                    reload_s=round(time.perf_counter() - t0, 2), devices=modeling.devices_of(reloaded), **kernel_of(recipe))
     rt = metrics["roundtrip"]

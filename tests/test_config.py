@@ -172,6 +172,16 @@ def test_cli_plan_json(tmp_path):
 
 
 
+def test_cli_plan_estimates_each_checkpoint_on_disk():
+    done = subprocess.run([sys.executable, "-m", "quantgate.cli", "plan", "configs/default.yaml"],
+                          capture_output=True, text=True, cwd=PROJECT)
+    assert done.returncode == 0, done.stderr
+    rows = {line.split()[0]: line.split()[-2:] for line in done.stdout.splitlines() if line.endswith(" GB")}
+    # SmolLM2's 135 M bf16 parameters, 106 M of them quantized, the weights alone: nf4 0.111 GB, int8 0.163 GB
+    # (tests/test_quantize.py checks the estimate, tokenizer added, against the files written).
+    assert rows["bnb-nf4"] == ["0.11", "GB"] and rows["torchao-int8-weight-only"] == ["0.16", "GB"], done.stdout
+
+
 def test_hub_source_that_cannot_be_reached_is_a_config_error(tmp_path):
     # The Hub path is real; offline (as here and in CI) the plan stops with huggingface_hub's reason.
     done = subprocess.run([sys.executable, "-m", "quantgate.cli", "plan", "configs/gemma3-12b-it.yaml"],

@@ -1,6 +1,7 @@
 """Quantize step on the real SmolLM2: every CPU recipe quantizes, saves and loads back."""
 import importlib.util
 import json
+import shutil
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ import torch
 from quantgate import modeling
 from quantgate.backends import backend_of
 from quantgate.config import available_recipes, load_config
-from quantgate.plan import plan_recipe, reconcile, summarize
+from quantgate.plan import checkpoint_bytes, plan_recipe, reconcile, summarize
 from tasks import quantize as step
 from tests.conftest import PROJECT
 
@@ -47,12 +48,44 @@ def test_cpu_recipe_quantizes_and_round_trips(smollm2, tmp_path, reference_bytes
         assert result["real_bytes"] == result["real_bytes_at_load"]
     rt = result["roundtrip"]
     assert rt["finite"] and rt["tokens"] > 50 and rt["top1_agreement"] >= 0.9
+    # The disk check's estimate, from the plan and the backend's bits per weight, against what was written.
+    assert abs(result["checkpoint_bytes"] / result["checkpoint_bytes_estimated"] - 1) < 0.02, result
     weights = "qmodel.pt" if name == "hqq-int4" else "model.safetensors"  # hqq's own format
     assert (tmp_path / name / "checkpoint" / weights).is_file()
     plan = json.loads((tmp_path / name / "plan.json").read_text())
     assert plan["summary"] == {"quantized": 210, "skipped": 1, "fallback": 0}
     assert plan["modules"][-1] == {"module": "lm_head", "shape": [49152, 576], "status": "skipped",
                                    "reason": "output embedding (kept in high precision by default)"}
+
+
+def test_a_checkpoint_the_disk_cannot_hold_stops_before_the_load(smollm2, tmp_path, monkeypatch):
+    free = 50_000_000  # SmolLM2 in nf4 takes about 115 MB
+    monkeypatch.setattr(step.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - free, free))
+    monkeypatch.setattr(step, "quantize_model", lambda *a, **k: pytest.fail("loaded although the disk is full"))
+    result = run_recipe(smollm2, tmp_path, "bnb-nf4")
+    assert result["status"] == "error" and 1.1e8 < result["checkpoint_bytes_estimated"] < 1.2e8
+    assert result["reason"] == (f"not enough disk for the checkpoint: about 0.11 GB by the plan, 10% more to spare, and "
+                                f"0.05 GB free in {tmp_path / 'bnb-nf4'}; free some, or set output.runs_dir on a larger disk")
+    assert not (tmp_path / "bnb-nf4" / "checkpoint").exists()
+
+
+# Gemma 3 12B's text shapes, as docs/gpu/quantize_on_gpu.py builds the checkpoint the H100 flow ran on.
+G3_12B = dict(vocab_size=262208, hidden_size=3840, intermediate_size=15360, num_hidden_layers=48, num_attention_heads=16,
+              num_key_value_heads=8, head_dim=256, sliding_window=1024, query_pre_attn_scalar=256)
+
+
+def test_the_disk_estimate_holds_for_the_checkpoints_published_on_the_h100():
+    from transformers import Gemma3TextConfig
+
+    record = json.loads((PROJECT / "docs/gpu/output/flow-g3-h100-defaults/metrics.json").read_text())
+    config = Gemma3TextConfig(**G3_12B)
+    config.architectures = ["Gemma3ForCausalLM"]
+    skeleton = modeling.skeleton(config)
+    for name, entry in record["recipes"].items():
+        recipe = load_config(PROJECT / "configs" / "default.yaml", [f"recipes=[{name}]"]).recipes[0]
+        estimate = checkpoint_bytes(skeleton, plan_recipe(skeleton, recipe), 2, backend_of(recipe).stored_bits(recipe))
+        # torchao's int4 pads its tiles, 3% over the estimate: the check keeps 10% to spare.
+        assert estimate < entry["publish"]["bytes"] < estimate * step.DISK_SPARE, (name, estimate)
 
 
 def test_real_bytes_count_the_inner_tensors(smollm2, reference_bytes):

@@ -76,6 +76,11 @@ class Backend:
         """Why the recipe cannot run without CUDA, or None."""
         return None
 
+    def stored_bits(self, recipe) -> float | None:
+        """Bits one quantized weight takes in the saved checkpoint, its scales included: the disk check's
+        estimate. None: not known here, so each counts at its unquantized size."""
+        return None
+
     def kernel(self, recipe) -> str | None:
         """Which kernel runs the recipe's matmuls in this process, where the library leaves it open (the
         record names it); None where there is no choice to report."""

@@ -21,6 +21,12 @@ class BitsAndBytes(Backend):
     quant_method = "bitsandbytes"
     packages, tags, imports = ("bitsandbytes",), ("bitsandbytes",), ("bitsandbytes",)
 
+    def stored_bits(self, recipe: BitsAndBytesRecipe) -> float:
+        if recipe.bits == 8:
+            return 8.0  # and a float32 scale per row
+        # A scale per 64 weights: float32, or 8 bits with double quantization (a float32 per 256 of those).
+        return 4 + (8 / 64 + 32 / (64 * 256) if recipe.double_quant else 32 / 64)
+
     def load_config(self, recipe: BitsAndBytesRecipe, keep: list[str]):
         from transformers import BitsAndBytesConfig
 

@@ -47,6 +47,10 @@ class FineGrainedFp8(Backend):
     quant_method = "fp8"
     tags = ("fp8",)
 
+    def stored_bits(self, recipe: FineGrainedFp8Recipe) -> float:
+        rows, cols = recipe.weight_block_size
+        return 8 + 32 / (rows * cols)  # a float32 scale per block
+
     def kernel(self, recipe) -> str:
         return ready()
 

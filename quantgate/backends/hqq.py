@@ -28,6 +28,9 @@ class Hqq(Backend):
     quant_method = "hqq"
     packages, tags, imports = ("hqq",), ("hqq",), ("hqq",)
 
+    def stored_bits(self, recipe: HqqRecipe) -> float:
+        return recipe.nbits + 32 / recipe.group_size  # a 16-bit scale and zero per group
+
     def fallback(self, recipe: HqqRecipe, name: str, out_features: int, in_features: int) -> str | None:
         # HQQ groups the weight along `axis` and has no layout for a dimension the groups do not divide.
         size = in_features if recipe.axis == 1 else out_features

@@ -31,6 +31,10 @@ class LlmCompressorGptq(Backend):
     packages, tags = ("llmcompressor", "compressed-tensors"), ("llmcompressor", "compressed-tensors", "gptq")
     imports = ("compressed_tensors",)
 
+    def stored_bits(self, recipe: GptqRecipe) -> float:
+        # A bf16 scale per group, and a zero point packed as the weights are where asymmetric.
+        return recipe.bits + (16 if recipe.symmetric else 16 + recipe.bits) / recipe.group_size
+
     def fallback(self, recipe: GptqRecipe, name: str, out_features: int, in_features: int) -> str | None:
         if in_features % recipe.group_size:
             raise PlanError("group_size", f"groups of {recipe.group_size} do not divide {name}'s {in_features} "

@@ -19,6 +19,9 @@ class Quanto(Backend):
     quant_method = "quanto"
     packages, tags, imports = ("optimum-quanto",), ("optimum-quanto",), ("optimum.quanto",)
 
+    def stored_bits(self, recipe: QuantoRecipe) -> float:
+        return 8.0 if recipe.weights == "int8" else 4 + 32 / 128  # int4: a scale and shift per 128 weights
+
     def after_load(self, model, recipe: QuantoRecipe, keep: list[str], tokenizer):
         from optimum.quanto import QuantizedModelForCausalLM, qint4, qint8
 

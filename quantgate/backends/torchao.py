@@ -30,6 +30,10 @@ class TorchAo(Backend):
     def needs_cuda(self, recipe: TorchAoRecipe) -> str | None:
         return f"torchao {recipe.scheme} has CUDA kernels only" if recipe.scheme in CUDA_ONLY else None
 
+    def stored_bits(self, recipe: TorchAoRecipe) -> float:
+        # int4: a bf16 scale and zero per group; the others a scale per row.
+        return 4 + 32 / recipe.group_size if recipe.scheme == "int4_weight_only" else 8.0
+
     def fallback(self, recipe: TorchAoRecipe, name: str, out_features: int, in_features: int) -> str | None:
         if recipe.scheme == "int4_weight_only" and in_features % recipe.group_size:
             return f"in_features {in_features} is not a multiple of group_size {recipe.group_size}"
