@@ -67,7 +67,7 @@ def cuda_skip(recipe, device: str) -> dict | None:
     return None
 
 
-DISK_SPARE = 1.10  # torchao's int4 pads its tiles: 3% over the estimate on a 12B (docs/BENCHMARKS.md)
+DISK_SPARE = 1.10  # room for what the estimate leaves out: torchao int4's tile padding, per-row scales, file headers
 
 
 def disk_needed(model: torch.nn.Module, entries: list[dict], recipe, dtype: str, source: Path) -> int:
