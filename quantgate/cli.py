@@ -45,7 +45,7 @@ def plan(args) -> int:
         weights = None if backend.given else checkpoint_bytes(skeleton[1], plans[recipe.name], dtype_bytes,
                                                               backend.stored_bits(recipe))
         rows.append([recipe.name, counts["quantized"], counts["skipped"], counts["fallback"],
-                     f"{weights / 1e9:.2f} GB" if weights else "fetched as published"])
+                     f"{weights / 1e9:.2f} GB" if weights is not None else "fetched as published"])
     print(_table(["recipe", "quantized", "skipped", "fallback", "weights on disk (estimate)"], rows))
     for name, entries in plans.items():
         # Layers repeat: group them as model.layers.*.mlp.up_proj (x30) per reason.
