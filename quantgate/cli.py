@@ -24,8 +24,6 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def plan(args) -> int:
-    import torch
-
     from quantgate.backends import backend_of
     from quantgate.plan import (checkpoint_bytes, make_plans, placement_lines, planned_placement, skeleton_of, summarize,
                                 tower_lines, towers)
@@ -39,10 +37,10 @@ def plan(args) -> int:
     print(f"model: {config.model.source} ({config.model.dtype}); plans made on the meta-device skeleton")
     if config.model.max_memory:
         print("\n".join(placement_lines(planned_placement(skeleton[1], config))))
-    rows, dtype_bytes = [], getattr(torch, config.model.dtype).itemsize
+    rows = []
     for recipe in config.recipes:
         counts, backend = summarize(plans[recipe.name]), backend_of(recipe)
-        weights = None if backend.given else checkpoint_bytes(skeleton[1], plans[recipe.name], dtype_bytes,
+        weights = None if backend.given else checkpoint_bytes(skeleton[1], plans[recipe.name], config.model.dtype,
                                                               backend.stored_bits(recipe))
         rows.append([recipe.name, counts["quantized"], counts["skipped"], counts["fallback"],
                      f"{weights / 1e9:.2f} GB" if weights is not None else "fetched as published"])

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from quantgate.formats import error_line
 
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt")  # transformers', older transformers', hqq's
+
 log = logging.getLogger("quantgate.files")
 
 # Recipe and model names become folders in a run, the registry and Hub repo names.

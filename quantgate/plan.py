@@ -130,9 +130,10 @@ def weights_of(entry: dict) -> int:
     return sum(math.prod(s) for s in shapes)
 
 
-def checkpoint_bytes(model: torch.nn.Module, entries: list[dict], dtype_bytes: int, stored_bits: float | None) -> int:
-    """The saved weights' bytes by the plan: every parameter (tied ones once) at dtype_bytes, the quantized
+def checkpoint_bytes(model: torch.nn.Module, entries: list[dict], dtype: str, stored_bits: float | None) -> int:
+    """The saved weights' bytes by the plan: every parameter (tied ones once) in dtype, the quantized
     weights at stored_bits each."""
+    dtype_bytes = getattr(torch, dtype).itemsize
     total = sum(p.numel() for p in model.parameters()) * dtype_bytes
     if stored_bits is None:
         return total

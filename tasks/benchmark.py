@@ -39,7 +39,7 @@ from prefect import task
 from quantgate import kvcache, modeling
 from quantgate.backends import backend_of, parse_recipe
 from quantgate.config import DATA_DIR
-from quantgate.files import write_json
+from quantgate.files import WEIGHT_FILES, write_json
 from quantgate.measure import Timer, proc_status
 from quantgate.plan import kept, plan_recipe
 from tasks.quantize import cuda_skip, growth, kernel_of, quantize_model
@@ -103,9 +103,6 @@ class MemorySampler:
     def close(self) -> None:
         self._stop.set()
         self._thread.join()
-
-
-WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt")  # transformers', older transformers', hqq's
 
 
 def largest_shard(checkpoint: Path) -> int:

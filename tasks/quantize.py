@@ -17,7 +17,7 @@ from prefect import task
 
 from quantgate import modeling
 from quantgate.backends import backend_of, parse_recipe
-from quantgate.files import write_json
+from quantgate.files import WEIGHT_FILES, write_json
 from quantgate.plan import checkpoint_bytes, kept, plan_recipe, read_plan, reconcile, summarize, towers
 
 log = logging.getLogger("quantgate.quantize")
@@ -72,8 +72,9 @@ DISK_SPARE = 1.10  # room for what the estimate leaves out: torchao int4's tile 
 
 def disk_needed(model: torch.nn.Module, entries: list[dict], recipe, dtype: str, source: Path) -> int:
     """Bytes the recipe's checkpoint will take by the plan, with the source's other files (tokenizer, config)."""
-    others = sum(f.stat().st_size for f in source.iterdir() if f.is_file() and ".safetensors" not in f.name)
-    return checkpoint_bytes(model, entries, getattr(torch, dtype).itemsize, backend_of(recipe).stored_bits(recipe)) + others
+    weights = {f for pattern in WEIGHT_FILES for f in source.glob(pattern)}
+    others = sum(f.stat().st_size for f in source.iterdir() if f.is_file() and f not in weights)
+    return checkpoint_bytes(model, entries, dtype, backend_of(recipe).stored_bits(recipe)) + others
 
 
 def disk_shortfall(needed: int, out: Path) -> str | None:
