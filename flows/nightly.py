@@ -13,7 +13,8 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.quantize_model import quantize_model
 from quantgate import dashboard, history
-from quantgate.config import PROJECT_ROOT, load_nightly
+from quantgate.config import load_nightly
+from quantgate.paths import PROJECT_ROOT
 
 
 class RegressionError(RuntimeError):

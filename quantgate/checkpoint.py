@@ -1,12 +1,14 @@
 """Whether a checkpoint folder on disk is whole, checked from its files' structure before any model loads:
 a truncated or corrupted safetensors file, a shard the index names but the folder lacks, a config or
-tokenizer that does not load. Each problem names the file and what is wrong."""
+tokenizer that does not load, a file that is not its own (a symbolic link, a device, an odd name: those come
+first, and nothing in the folder is read when there are any). Each problem names the file and what is wrong."""
 from __future__ import annotations
 
 import json
 import struct
 from pathlib import Path
 
+from quantgate.files import foreign_entries
 from quantgate.formats import error_line
 
 INDEX = "model.safetensors.index.json"
@@ -34,8 +36,14 @@ def safetensors_problem(path: Path) -> str | None:
 
 
 def problems(folder: Path) -> list[str]:
-    """Everything found wrong with a checkpoint folder; empty when it is whole."""
+    """Everything found wrong with a checkpoint folder; empty when it is whole. A folder holding a symbolic link
+    (or a device, a FIFO, an odd name) is refused with those alone, before any of its files is opened: nothing is
+    read through a link to a file elsewhere on the host."""
     folder = Path(folder)
+    if not folder.is_dir():
+        return [f"{folder}: not a folder"]
+    if foreign := foreign_entries(folder):
+        return [f"{folder}/{line}" for line in foreign]
     found = []
     if (folder / INDEX).is_file():
         try:

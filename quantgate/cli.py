@@ -14,7 +14,8 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network
 
 from quantgate import runlog  # noqa: E402
 from quantgate.history import HistoryError  # noqa: E402
-from quantgate.config import DASHBOARD, DEFAULT_CONFIG, HISTORY_DB, ConfigError, load_config, writable  # noqa: E402
+from quantgate.config import ConfigError, load_config, writable  # noqa: E402
+from quantgate.paths import DASHBOARD, DEFAULT_CONFIG, HISTORY_DB  # noqa: E402
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -60,7 +61,7 @@ def plan(args) -> int:
 
 
 def run(args) -> int:
-    from quantgate.record import SUMMARY_HEADER, summary_rows
+    from quantgate.report import summary_header, summary_rows
     from quantgate.terminal import quiet
 
     # A bad config or an unwritable output path fails here with its message, before Prefect starts.
@@ -79,7 +80,7 @@ def run(args) -> int:
         return 143 if isinstance(stop, runlog.Stopped) else 130
     metrics = json.loads((run_dir / "metrics.json").read_text())
     print()
-    print(_table(SUMMARY_HEADER, summary_rows(metrics)))
+    print(_table(summary_header(), summary_rows(metrics)))
     if metrics.get("base_broken"):
         print(f"\n{metrics['base_broken']}: no recipe was run")
     print(f"\nrun {metrics['run_id']}: {metrics['status']}")
@@ -89,7 +90,7 @@ def run(args) -> int:
 
 def report(args) -> int:
     from quantgate.card import render_card
-    from quantgate.record import write_report
+    from quantgate.report import write_report
 
     run_dir = args.run_dir
     if not (run_dir / "metrics.json").is_file():

@@ -7,15 +7,19 @@ import html
 from collections import defaultdict
 from pathlib import Path
 
-from quantgate import history
+from quantgate import evaluations, history
 from quantgate.files import write_atomic
 from quantgate.formats import num
 
 COLOURS = {"pass": "#2e9d4f", "warn": "#e0a31b", "fail": "#d2362f", "skipped": "#9a9a9a"}
-TRENDS = (("mmlu_acc", "MMLU", "{:.3f}"), ("kl_mean", "KL mean", "{:.4f}"),
-          ("peak_memory", "peak memory (GB)", "{:.3f}"), ("decode_ms", "decode ms/token", "{:.2f}"),
-          ("humaneval_pass", "HumanEval pass@1", "{:.3f}"), ("tower_cosine", "worst tower's embedding cosine", "{:.4f}"))
-WHERE_MEASURED = {"humaneval_pass", "tower_cosine"}  # no trend for a model that never measured it, rather than an empty one
+TRENDS = (("kl_mean", "KL mean", "{:.4f}"), ("peak_memory", "peak memory (GB)", "{:.3f}"),
+          ("decode_ms", "decode ms/token", "{:.2f}"), ("tower_cosine", "worst tower's embedding cosine", "{:.4f}"))
+ALWAYS = {"mmlu_value", "kl_mean", "peak_memory", "decode_ms"}  # the rest: no trend where never measured
+
+
+def trends() -> list[tuple[str, str, str]]:
+    """Each registered evaluation's headline, then the cell's own figures."""
+    return [(f"{e.name}_value", e.label, "{:" + e.fmt + "}") for e in evaluations.registered()] + list(TRENDS)
 
 
 def light(cell: dict) -> str:
@@ -67,13 +71,10 @@ def render(db: str | Path) -> str:
             last = cells[-1]
             state = light(last)
             report = Path(last["run_dir"]) / "report.md"
-            detail = []
-            if last["mmlu_delta"] is not None:
-                detail.append(f"MMLU {last['mmlu_delta']:+.3f}")
+            detail = [f"{e.label} {last[e.name + '_delta']:+.3f}" for e in evaluations.registered()
+                      if last.get(e.name + "_delta") is not None]
             if last["decode_ms"] is not None:
                 detail.append(f"{last['decode_ms']:.1f} ms/tok")
-            if last["humaneval_delta"] is not None:
-                detail.append(f"HumanEval {last['humaneval_delta']:+.3f}")
             if last["tower"]:
                 detail.append(f"{last['tower'].split('.')[-1]} cos {num(last['tower_cosine'], '.3f')}")
             links = f"<a href='{report.as_uri()}'>report</a>" + (
@@ -85,8 +86,8 @@ def render(db: str | Path) -> str:
     for (model, recipe), cells in sorted(series.items()):
         out.append(f"<h3>{html.escape(model)} · {html.escape(recipe)}</h3><p>{len(cells)} runs, last "
                    f"{html.escape(cells[-1]['run_id'])}</p>")
-        for key, label, fmt in TRENDS:
-            if key in WHERE_MEASURED and all(c[key] is None for c in cells):
+        for key, label, fmt in trends():
+            if key not in ALWAYS and all(c.get(key) is None for c in cells):
                 continue
             values = [c[key] / 1e9 if key == "peak_memory" and c[key] is not None else c[key] for c in cells]
             out.append(sparkline(values, label, fmt))

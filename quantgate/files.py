@@ -1,5 +1,5 @@
-"""Writing files so that a reader never sees half of one, names that become folders, and the sha256
-manifest of a folder."""
+"""Writing files so that a reader never sees half of one, names that become folders, the sha256
+manifest of a folder, and whether a folder's files are its own."""
 from __future__ import annotations
 
 import hashlib
@@ -7,6 +7,8 @@ import json
 import logging
 import os
 import re
+import stat
+import unicodedata
 from pathlib import Path
 
 from quantgate.formats import error_line
@@ -57,8 +59,78 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+# A name's characters that no checkpoint file needs: control and format characters (a newline, an escape, a
+# right-to-left override), line and paragraph separators, lone surrogates (bytes that are not UTF-8 on a Linux
+# filesystem), and the backslash. Letters of any script are fine.
+ODD_CATEGORIES = {"Cc", "Cf", "Cs", "Zl", "Zp"}
+OWN = "a checkpoint's files must be its own regular files"
+# A Hugging Face cache snapshot is a folder of links into ../../blobs: the one common folder of links.
+HUB_CACHE_HINT = " (a Hugging Face cache snapshot: name it as hf:ORG/NAME, or download it with --local-dir)"
+
+
+def _odd(c: str) -> bool:
+    return c == "\\" or unicodedata.category(c) in ODD_CATEGORIES
+
+
+def shown(name: str) -> str:
+    """A name or link target for a message: each odd character escaped (\\n, \\x1b, \\u202e, \\udcff), letters kept."""
+    return "".join(ascii(c)[1:-1] if _odd(c) else c for c in name)
+
+
+def kind_of(mode: int) -> str:
+    """What an lstat mode is, in words."""
+    kinds = ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a folder"), (stat.S_ISREG, "a regular file"),
+             (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"))
+    return next((words for test, words in kinds if test(mode)), f"not a regular file (mode {oct(mode)})")
+
+
+def foreign_entries(folder: Path) -> list[str]:
+    """Every entry under `folder` that is not a regular file or folder of its own, one line each, named relative to
+    `folder`: a symbolic link (inside or outside the folder: a link is refused, never followed), a device, FIFO or
+    socket, a name with odd characters. `folder` itself may be a link to a folder (it is resolved once); nothing
+    below it may be. Empty when every entry is its own."""
+    root = Path(folder).resolve()
+    if not root.is_dir():
+        return [f"{folder}: not a folder"]
+    found, folders = [], [root]
+    while folders:  # a stack, not recursion: no folder is nested too deep to check
+        here = folders.pop()
+        try:
+            entries = sorted(os.scandir(here), key=lambda e: e.name)
+        except OSError as e:
+            found.append(f"{shown(str(here.relative_to(root)))}: cannot be listed ({error_line(e)}); {OWN}")
+            continue
+        for entry in entries:
+            path = Path(entry.path)
+            name = shown(str(path.relative_to(root)))
+            try:
+                mode = entry.stat(follow_symlinks=False).st_mode
+                if stat.S_ISLNK(mode):
+                    target = os.readlink(path)
+                    where = "inside" if Path(os.path.realpath(path)).is_relative_to(root) else "outside"
+                    hint = HUB_CACHE_HINT if "blobs/" in target else ""
+                    found.append(f"{name}: a symbolic link to {shown(target)}, {where} the checkpoint folder; {OWN}"
+                                 + hint)
+                    continue
+            except OSError as e:  # gone or unreadable while we looked
+                found.append(f"{name}: cannot be read ({error_line(e)}); {OWN}")
+                continue
+            if any(map(_odd, entry.name)):
+                found.append(f"{name}: a name with odd characters (control or format characters, a backslash, bytes "
+                             f"that are not UTF-8); {OWN}")
+            elif stat.S_ISDIR(mode):
+                folders.append(path)
+            elif not stat.S_ISREG(mode):
+                found.append(f"{name}: {kind_of(mode)}; {OWN}")
+    return sorted(found)
+
+
 def manifest(folder: Path, exclude: tuple[Path, ...] = ()) -> list[dict]:
-    """Every file under `folder` (but `exclude`), sorted, with its size and sha256."""
+    """Every file under `folder` (but `exclude`), sorted, with its size and sha256; a ValueError naming them where
+    the folder holds a link, a device or an odd name (foreign_entries): no manifest covers a file not its own."""
+    if found := foreign_entries(folder):
+        raise ValueError(f"{folder}: " + "; ".join(found))
     return [{"path": str(p.relative_to(folder)), "bytes": p.stat().st_size, "sha256": sha256_file(p)}
             for p in sorted(Path(folder).rglob("*")) if p.is_file() and p not in exclude]
 

@@ -54,3 +54,12 @@ def kl_line(kv: dict) -> str | None:
     return (f"Quantized caches against the full-precision cache ({kv['kl_prompt']}; next-token distributions at the "
             f"last {first['positions']}): " + ", ".join(f"{k} KL mean {c['kl_mean']:.4g}, top-1 {c['top1_agreement']:.3f}"
                                                        for k, c in measured.items()))
+
+
+MARKUP = str.maketrans({c: f"\\{c}" for c in "\\`*_{}[]<>#|!$~"})
+
+
+def text(value) -> str:
+    """A name, a description or a reason as plain text in Markdown a person reads (and a UI renders as HTML):
+    markup, HTML tags and math delimiters escaped, lines joined."""
+    return str(value).translate(MARKUP).replace("\n", " ⏎ ").replace("\r", " ")

@@ -1,8 +1,8 @@
 """Run history in an embedded SQLite database, and the regression gate that reads it.
 
-Every run's record goes in (`record_run`): one row per run with its environment, one row per
-recipe ("cell") with the figures the gate and the dashboard use. `regressions` compares a cell
-with the last passing run of the same model and recipe."""
+Every run's record goes in (`record_run`): one row per run with its environment, one row per recipe ("cell")
+with the figures the gate and the dashboard use, and one row per cell and evaluation ("scores"), whatever
+evaluations are registered. `regressions` compares a cell with the last passing run of the same model and recipe."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,7 @@ import sqlite3
 from contextlib import closing
 from pathlib import Path
 
-from quantgate.config import GateSettings
+from quantgate.settings import GateSettings
 from quantgate.formats import num, peak_memory
 
 SCHEMA = """
@@ -19,18 +19,17 @@ CREATE TABLE IF NOT EXISTS runs (
     env TEXT, metrics TEXT, nightly_id TEXT);
 CREATE TABLE IF NOT EXISTS cells (
     run_id TEXT, model TEXT, recipe TEXT, started_at TEXT, status TEXT, reason TEXT, verdict TEXT,
-    nonfinite_module TEXT, kl_mean REAL, top1 REAL, mmlu_acc REAL, mmlu_delta REAL, mmlu_low REAL,
-    mmlu_high REAL, mmlu_significant INTEGER, word_perplexity REAL, real_bytes INTEGER, peak_memory INTEGER,
+    nonfinite_module TEXT, kl_mean REAL, top1 REAL, real_bytes INTEGER, peak_memory INTEGER,
     decode_ms REAL, speedup REAL, card TEXT, PRIMARY KEY (run_id, recipe));
+CREATE TABLE IF NOT EXISTS scores (
+    run_id TEXT, recipe TEXT, evaluation TEXT, value REAL, delta REAL, low REAL, high REAL, significant INTEGER,
+    PRIMARY KEY (run_id, recipe, evaluation));
 """
 # Columns added since SCHEMA was first made: every database gains them on connecting.
-ADDED = {"tower": "TEXT", "tower_cosine": "REAL", "humaneval_pass": "REAL", "humaneval_delta": "REAL",
-         "humaneval_significant": "INTEGER", "decode_spread": "REAL"}
+ADDED = {"tower": "TEXT", "tower_cosine": "REAL", "decode_spread": "REAL"}
 CELL_FIELDS = ("run_id", "model", "recipe", "started_at", "status", "reason", "verdict", "nonfinite_module",
-               "kl_mean", "top1", "mmlu_acc", "mmlu_delta", "mmlu_low", "mmlu_high", "mmlu_significant",
-               "word_perplexity", "real_bytes", "peak_memory", "decode_ms", "speedup", "card", *ADDED)
-ENV_KEYS = ("python", "torch", "transformers", "accelerate", "bitsandbytes", "torchao", "optimum-quanto", "lm_eval",
-            "prefect")
+               "kl_mean", "top1", "real_bytes", "peak_memory", "decode_ms", "speedup", "card", *ADDED)
+SCORE_FIELDS = ("value", "delta", "low", "high", "significant")  # a cell's `{evaluation}_{field}` keys
 
 
 class HistoryError(RuntimeError):
@@ -53,6 +52,8 @@ def connect(db: str | Path, create: bool = False) -> sqlite3.Connection:
         for column, kind in ADDED.items():
             if column not in have:
                 _add_column(conn, column, kind)
+        if create:
+            _backfill_scores(conn)
     except sqlite3.DatabaseError as e:
         conn.close()
         raise HistoryError(f"{db}: not a quantgate history database (sqlite: {e})") from None
@@ -67,6 +68,35 @@ def _add_column(conn: sqlite3.Connection, column: str, kind: str) -> None:
             raise
 
 
+def _backfill_scores(conn: sqlite3.Connection) -> None:
+    """Scores for runs recorded before the scores table (their full record is in runs.metrics)."""
+    missing = conn.execute("SELECT run_id, metrics FROM runs WHERE run_id NOT IN (SELECT run_id FROM scores)").fetchall()
+    with conn:
+        for row in missing:
+            metrics = json.loads(row["metrics"])
+            for recipe in metrics["recipes"]:
+                _insert_scores(conn, metrics, recipe)
+
+
+def scores_of(entry: dict) -> dict[str, dict]:
+    """A recipe's evaluations as the history keeps them: value, delta against the reference and its interval."""
+    out = {}
+    for e in evaluations.registered():
+        m = entry.get("evaluate", {}).get(e.name, {})
+        if e.metric not in m:
+            continue
+        low, high = m.get("delta_ci95") or (None, None)
+        out[e.name] = {"value": m[e.metric], "delta": m.get("delta_acc", m.get(f"delta_{e.metric}")), "low": low,
+                       "high": high, "significant": m.get("significant")}
+    return out
+
+
+def _insert_scores(conn: sqlite3.Connection, metrics: dict, recipe: str) -> None:
+    for name, s in scores_of(metrics["recipes"][recipe]).items():
+        conn.execute("INSERT OR REPLACE INTO scores VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                     (metrics["run_id"], recipe, name, *[s[k] for k in SCORE_FIELDS]))
+
+
 def worst_tower(validate: dict) -> tuple[str | None, float | None]:
     """A multimodal recipe's tower with the lowest embedding cosine to the reference's, and that cosine."""
     measured = [(t["embedding_cosine_min"], name) for name, t in validate.get("towers", {}).items()]
@@ -78,23 +108,17 @@ def worst_tower(validate: dict) -> tuple[str | None, float | None]:
 
 def cell_of(metrics: dict, recipe: str, run_dir: Path) -> dict:
     entry = metrics["recipes"][recipe]
-    v, e, b, q = (entry.get(k, {}) for k in ("validate", "evaluate", "benchmark", "quantize"))
-    mmlu, latency = e.get("mmlu", {}), b.get("latency", {})
-    low, high = mmlu.get("delta_ci95") or (None, None)
+    v, b, q = (entry.get(k, {}) for k in ("validate", "benchmark", "quantize"))
+    latency = b.get("latency", {})
     card = run_dir / recipe / "card.md"
     tower, tower_cosine = worst_tower(v)
-    code = e.get("humaneval", {})
     return {"run_id": metrics["run_id"], "model": metrics["model"]["source"], "recipe": recipe,
             "started_at": metrics["started_at"], "status": entry["status"], "reason": entry.get("reason"),
             "verdict": v.get("verdict"), "nonfinite_module": v.get("first_nonfinite_module"),
-            "kl_mean": v.get("kl_mean"), "top1": v.get("top1_agreement"), "mmlu_acc": mmlu.get("acc"),
-            "mmlu_delta": mmlu.get("delta_acc"), "mmlu_low": low, "mmlu_high": high,
-            "mmlu_significant": mmlu.get("significant"), "word_perplexity": e.get("wikitext", {}).get("word_perplexity"),
-            "real_bytes": q.get("real_bytes"), "peak_memory": peak_memory(b),
-            "decode_ms": latency.get("decode_ms_per_token"), "speedup": latency.get("speedup_vs_reference"),
-            "card": str(card) if card.is_file() else None, "tower": tower, "tower_cosine": tower_cosine,
-            "humaneval_pass": code.get("pass_at_1"), "humaneval_delta": code.get("delta_acc"),
-            "humaneval_significant": code.get("significant"), "decode_spread": latency.get("decode_spread")}
+            "kl_mean": v.get("kl_mean"), "top1": v.get("top1_agreement"), "real_bytes": q.get("real_bytes"),
+            "peak_memory": peak_memory(b), "decode_ms": latency.get("decode_ms_per_token"),
+            "speedup": latency.get("speedup_vs_reference"), "card": str(card) if card.is_file() else None,
+            "tower": tower, "tower_cosine": tower_cosine, "decode_spread": latency.get("decode_spread")}
 
 
 def record_run(db: str | Path, run_dir: str | Path) -> str:
@@ -111,6 +135,7 @@ def record_run(db: str | Path, run_dir: str | Path) -> str:
             conn.execute(f"INSERT OR REPLACE INTO cells ({', '.join(CELL_FIELDS)}) "
                          f"VALUES ({', '.join('?' * len(CELL_FIELDS))})",
                          [cell[k] for k in CELL_FIELDS])
+            _insert_scores(conn, metrics, recipe)
     return metrics["run_id"]
 
 
@@ -126,7 +151,17 @@ def cells(db: str | Path, model: str | None = None, recipe: str | None = None, s
            + (f" WHERE {' AND '.join(where)}" if where else "") + " ORDER BY c.started_at DESC, c.run_id DESC"
            + (f" LIMIT {int(limit)}" if limit else ""))
     with closing(connect(db)) as conn:
-        return [dict(row) for row in conn.execute(sql, args)]
+        return [with_scores(conn, dict(row)) for row in conn.execute(sql, args)]
+
+
+def with_scores(conn: sqlite3.Connection, cell: dict) -> dict:
+    """The cell with `{evaluation}_{value,delta,low,high,significant}` for every registered evaluation (None
+    where it was not measured)."""
+    found = {r["evaluation"]: dict(r) for r in conn.execute(
+        "SELECT * FROM scores WHERE run_id = ? AND recipe = ?", (cell["run_id"], cell["recipe"]))}
+    for e in evaluations.registered():
+        cell.update({f"{e.name}_{k}": found.get(e.name, {}).get(k) for k in SCORE_FIELDS})
+    return cell
 
 
 def nightly_runs(db: str | Path, nightly_id: str) -> list[str]:
@@ -147,11 +182,12 @@ def last_passing(db: str | Path, model: str, recipe: str, before: str) -> dict |
         row = conn.execute("SELECT c.*, r.run_dir FROM cells c JOIN runs r USING (run_id) WHERE c.model = ? AND "
                            "c.recipe = ? AND c.status = 'passed' AND c.started_at < ? "
                            "ORDER BY c.started_at DESC LIMIT 1", (model, recipe, before)).fetchone()
-    return dict(row) if row else None
+        return with_scores(conn, dict(row)) if row else None
 
 
 def env_changes(before: dict, after: dict) -> list[str]:
-    changes = [f"{k} {before.get(k)} → {after.get(k)}" for k in ENV_KEYS if before.get(k) != after.get(k)]
+    keys = ["python", *packages()]  # every distribution a registered backend or evaluation runs on
+    changes = [f"{k} {before.get(k)} → {after.get(k)}" for k in keys if before.get(k) != after.get(k)]
     device_before, device_after = before.get("device", {}).get("name"), after.get("device", {}).get("name")
     if device_before != device_after:
         changes.append(f"device {device_before} → {device_after}")
@@ -162,9 +198,11 @@ def _grew(now, base, fraction: float) -> bool:
     return now is not None and base is not None and base > 0 and now > base * (1 + fraction)
 
 
-def dropped(cell: dict, key: str) -> bool:
-    """Whether a cell's `key` (mmlu, humaneval) fell against its reference, significantly."""
-    return bool(cell[key + "_significant"]) and (cell[key + "_delta"] or 0) < 0
+def dropped(cell: dict, evaluation) -> bool:
+    """Whether a cell's paired evaluation got worse against its reference, significantly."""
+    delta = cell.get(f"{evaluation.name}_delta") or 0
+    worse = delta < 0 if evaluation.higher_is_better else delta > 0
+    return bool(cell.get(f"{evaluation.name}_significant")) and worse
 
 
 def latency_limit(cell: dict, baseline: dict, gate: GateSettings) -> float:
@@ -181,11 +219,12 @@ def regressions(cell: dict, baseline: dict, gate: GateSettings) -> list[str]:
         found.append(f"status {baseline['status']} → {cell['status']}: {cell.get('reason') or ''}".rstrip(": "))
     if cell["nonfinite_module"]:
         found.append(f"non-finite output, first at {cell['nonfinite_module']}")
-    for key, label in (("mmlu", "MMLU"), ("humaneval", "HumanEval pass@1")):
-        if dropped(cell, key) and not dropped(baseline, key):
-            found.append(f"significant {label} drop: {cell[key + '_delta']:+.4f}" + (
-                f" [{cell['mmlu_low']:+.4f}, {cell['mmlu_high']:+.4f}]" if key == "mmlu" else "")
-                + f" (baseline {num(baseline[key + '_delta'], '+.4f', 'not measured')}, not significant)")
+    for e in evaluations.registered():
+        if e.paired and dropped(cell, e) and not dropped(baseline, e):
+            low, high = cell.get(f"{e.name}_low"), cell.get(f"{e.name}_high")
+            found.append(f"significant {e.label} drop: {cell[e.name + '_delta']:+.4f}"
+                         + (f" [{low:+.4f}, {high:+.4f}]" if low is not None and high is not None else "")
+                         + f" (baseline {num(baseline.get(e.name + '_delta'), '+.4f', 'not measured')}, not significant)")
     if _grew(cell["kl_mean"], baseline["kl_mean"], gate.kl_increase):
         found.append(f"KL mean {baseline['kl_mean']:.4f} → {cell['kl_mean']:.4f} (more than +{gate.kl_increase:.0%})")
     for key, label in (("real_bytes", "weight memory"), ("peak_memory", "peak memory")):
@@ -204,7 +243,7 @@ def gate_run(db: str | Path, run_id: str, gate: GateSettings) -> list[dict]:
     results = []
     env = run_env(db, run_id)
     with closing(connect(db)) as conn:
-        rows = [dict(r) for r in conn.execute("SELECT * FROM cells WHERE run_id = ?", (run_id,))]
+        rows = [with_scores(conn, dict(r)) for r in conn.execute("SELECT * FROM cells WHERE run_id = ?", (run_id,))]
     for cell in rows:
         if cell["status"] in ("skipped", "interrupted"):  # nothing measured to gate
             results.append({**cell, "gate": "skipped", "regressions": [], "baseline_run": None, "env_changes": []})

@@ -1,5 +1,5 @@
-"""Measuring instruments shared by the benchmark and the KV-cache capacity search: the process's
-memory lines, a timer, and the memory in use where a model runs."""
+"""Measuring instruments shared by the benchmark and the KV-cache capacity search: the process's memory lines,
+a timer, the one sampling thread that keeps memory peaks per phase, and the memory in use where a model runs."""
 from __future__ import annotations
 
 import ctypes
@@ -7,6 +7,7 @@ import ctypes.util
 import functools
 import threading
 import time
+from contextlib import contextmanager
 
 import torch
 
@@ -81,19 +82,77 @@ class GpuMemory:
         self.limit(None)
 
 
-class HostMemory:
-    """The process's private memory (RssAnon) and its peak since `reset`, sampled every millisecond in a
-    thread: on a CPU the model, its cache and its activations all live there."""
+class MemorySampler:
+    """Samples host private (RssAnon) and file-backed (RssFile) memory every few milliseconds
+    in a thread, and GPU peaks per phase; `with sampler.phase("load"): ...` labels the samples."""
 
-    def __init__(self, interval_s: float = 0.001):
-        self.interval, self._peak = interval_s, 0
+    def __init__(self, interval_ms: float = 5.0, gpu: bool = True):
+        self.interval, self.gpu = interval_ms / 1000, gpu and torch.cuda.is_available()
+        self.baseline = proc_status()
+        self.peaks: dict[str, dict[str, int | None]] = {}
+        self._current: str | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
+    def _sample(self) -> None:
+        current = self._current  # read once: the main thread may end the phase meanwhile
+        if current is None:
+            return
+        status = proc_status()
+        peak = self.peaks[current]
+        peak["host_private_peak"] = max(peak["host_private_peak"], status["RssAnon"])
+        peak["host_file_peak"] = max(peak["host_file_peak"], status["RssFile"])
+
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            self._peak = max(self._peak, self.in_use())
+            self._sample()
+
+    def begin(self, name: str) -> dict:
+        """Start (or start again) the phase `name`: its peaks from now on."""
+        self.peaks[name] = {"host_private_peak": 0, "host_file_peak": 0, "gpu_peak_allocated": None,
+                            "gpu_peak_reserved": None}
+        if self.gpu:
+            for gpu in range(torch.cuda.device_count()):
+                torch.cuda.synchronize(gpu)
+                torch.cuda.reset_peak_memory_stats(gpu)
+        self._current = name
+        self._sample()
+        return self.peaks[name]
+
+    def sample(self) -> None:
+        self._sample()
+
+    @contextmanager
+    def phase(self, name: str):
+        peaks = self.begin(name)
+        try:
+            yield peaks
+        finally:
+            self._sample()
+            self._current = None
+            if self.gpu:
+                gpus = range(torch.cuda.device_count())
+                for gpu in gpus:
+                    torch.cuda.synchronize(gpu)
+                # Each GPU's own peak; the headline figures are their sum (one GPU: its peak, as before).
+                allocated = {gpu: torch.cuda.max_memory_allocated(gpu) for gpu in gpus}
+                self.peaks[name].update(gpu_peak_allocated=sum(allocated.values()),
+                                        gpu_peak_reserved=sum(torch.cuda.max_memory_reserved(g) for g in gpus),
+                                        **({"gpu_peak_allocated_by_device": allocated} if len(allocated) > 1 else {}))
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class HostMemory:
+    """The process's private memory (RssAnon) and its peak since `reset`, sampled every millisecond by the
+    sampler's thread: on a CPU the model, its cache and its activations all live there."""
+
+    def __init__(self, interval_s: float = 0.001):
+        self.sampler = MemorySampler(interval_s * 1000, gpu=False)
+        self.sampler.begin("held")
 
     def in_use(self) -> int:
         return proc_status()["RssAnon"]
@@ -104,18 +163,17 @@ class HostMemory:
 
     def reset(self) -> None:
         trim_heap()
-        self._peak = self.in_use()
+        self.sampler.begin("held")
 
     def peak(self) -> int:
-        self._peak = max(self._peak, self.in_use())
-        return self._peak
+        self.sampler.sample()
+        return self.sampler.peaks["held"]["host_private_peak"]
 
     def limit(self, budget: int | None) -> None:
         """No allocator limit on a CPU: the search compares the peak with the budget instead."""
 
     def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
+        self.sampler.close()
 
 
 @functools.cache

@@ -33,8 +33,9 @@ def announce(group: str, step: str, event: str, status: str | None = None, secon
 
 
 @contextmanager
-def to_file(path: Path):
-    """Send every log record of this process, Python warnings included, to `path` while the block runs."""
+def to_file(path: Path, ui: logging.Handler | None = None):
+    """Send every log record of this process, Python warnings included, to `path` while the block runs; and
+    quantgate's own records to `ui` (the orchestrator's log handler, which shows them in its UI), if given."""
     from transformers.utils import logging as hf_logging
 
     handler = logging.FileHandler(path, encoding="utf-8")
@@ -49,11 +50,11 @@ def to_file(path: Path):
     hf_logging.disable_default_handler()
     hf_logging.enable_propagation()
     logging.captureWarnings(True)
-    # Prefect's UI gets quantgate's records through its API handler, set on the logger here rather than through
-    # PREFECT_LOGGING_EXTRA_LOGGERS, which a deployment's worker may not have set.
+    # Set on the logger here rather than through the orchestrator's settings, which a worker may not have set.
     quantgate = logging.getLogger("quantgate")
-    api = None if any(type(h).__name__ == "APILogHandler" for h in quantgate.handlers) else _api_handler()
+    api = ui if ui is not None and not any(type(h) is type(ui) for h in quantgate.handlers) else None
     if api:
+        api.setLevel(logging.INFO)
         quantgate.addHandler(api)
     progress.info("run %s; what the libraries print goes to %s", path.parent.name, path, extra={"event": "run"})
     try:
@@ -68,14 +69,6 @@ def to_file(path: Path):
         handler.close()
         for name, level in levels.items():
             logging.getLogger(name).setLevel(level)
-
-
-def _api_handler() -> logging.Handler:
-    from prefect.logging.handlers import APILogHandler
-
-    handler = APILogHandler()
-    handler.setLevel(logging.INFO)
-    return handler
 
 
 class Stopped(KeyboardInterrupt):

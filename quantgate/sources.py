@@ -12,11 +12,13 @@ import importlib
 import importlib.metadata
 import importlib.util
 import logging
+import os
 import shutil
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from quantgate.files import sha256_file
+from quantgate.files import kind_of, sha256_file, shown
 from quantgate.formats import error_line
 
 log = logging.getLogger("quantgate.sources")
@@ -62,9 +64,10 @@ def parse_source(text: str, revision: str | None = None) -> Source:
         package = PACKAGED_GGUF[rest].get("chunks", [rest])[0]
         return Source("pypi", rest, importlib.metadata.version(package) if _installed(package) else None)
     if sep and scheme == "gguf":
-        path = Path(rest).resolve()
-        # A file on disk has no revision of its own: its content is one.
-        return Source("gguf", str(path), revision or (f"sha256-{sha256_file(path)[:16]}" if path.is_file() else None))
+        # Absolute but not resolved: a link stays a link, for gguf_path to refuse.
+        path = Path(os.path.abspath(rest))
+        # A file on disk has no revision of its own: its content is one (none for a link: it is refused).
+        return Source("gguf", str(path), revision or (f"sha256-{sha256_file(path)[:16]}" if own_file(path) else None))
     return Source("local", str(Path(text).resolve()), revision)
 
 
@@ -133,8 +136,32 @@ def packaged_gguf(package: str, work_dir: Path) -> Path:
     return path
 
 
+def own_file(path: Path) -> bool:
+    """Whether `path` is a regular file itself: not a link (to a file or not), not a device, FIFO or socket."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def not_own_file(path: Path) -> str | None:
+    """Why a GGUF's path is not its own regular file, or None: a link is refused, naming its target."""
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return None  # missing: said as such by the caller
+    if stat.S_ISLNK(mode):
+        return (f"{shown(str(path))}: a symbolic link to {shown(os.readlink(path))}; a GGUF must be a regular file, "
+                "named by its own path")
+    if not stat.S_ISREG(mode):
+        return f"{shown(str(path))}: {kind_of(mode)}; a GGUF must be a regular file"
+    return None
+
+
 def gguf_path(source: Source, cache_dir: Path) -> Path:
     path = packaged_gguf(source.ref, cache_dir) if source.kind == "pypi" else Path(source.ref)
+    if why := not_own_file(path):
+        raise DownloadError(why)
     if not path.is_file():
         raise DownloadError(f"{source.text}: no such GGUF file")
     with path.open("rb") as f:

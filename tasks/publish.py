@@ -16,11 +16,12 @@ import tempfile
 from pathlib import Path
 
 import yaml
-from prefect import task
 
 from quantgate.card import model_name, render_card
-from quantgate.files import manifest, slug, under, write_atomic, write_json
+from quantgate.files import foreign_entries, manifest, slug, under, write_atomic, write_json
+from quantgate.results import Published
 from quantgate.runlog import SHOWN
+from quantgate.settings import PublishSettings
 
 log = logging.getLogger("quantgate.publish")
 
@@ -54,7 +55,11 @@ def stage(run_dir: Path, metrics: dict, recipe: str, into: Path, checkpoint_path
     q = entry.get("quantize", {})
     # A given checkpoint is where it was fetched to; a recipe's is in the run.
     checkpoint = Path(q["checkpoint"]) if q.get("given") else run_dir / recipe / "checkpoint"
-    shutil.copytree(checkpoint, into, dirs_exist_ok=True, copy_function=linked_or_copied, ignore=shutil.ignore_patterns(
+    if found := foreign_entries(checkpoint):  # a link would publish whatever file it points at
+        raise PublishError(f"{checkpoint}: " + "; ".join(found))
+    # symlinks=True: a link made after the check is copied as a link, which the manifest below refuses.
+    shutil.copytree(checkpoint, into, symlinks=True, dirs_exist_ok=True, copy_function=linked_or_copied,
+                    ignore=shutil.ignore_patterns(
         "README.md", "quantgate_metrics.json", "manifest.json"))  # a registry entry's own, when gated again
     card = render_card(run_dir, recipe, checkpoint_path, forced=forced)
     write_atomic(into / "README.md", card)
@@ -137,58 +142,19 @@ def publish_hub(run_dir: Path, recipe: str, repo_template: str, private: bool, b
     return {**summary, "location": commit.commit_url, "commit": commit.oid}
 
 
-def publish(run_dir: str, recipe: str, settings: dict) -> dict:
+def publish(run_dir: str, recipe: str, settings: PublishSettings) -> Published:
     run_dir = Path(run_dir)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     entry = metrics["recipes"][recipe]
-    if settings["target"] == "none":
-        return {"status": "not_run", "reason": "publishing is off (steps.publish.target: none)"}
-    if why := refusal(entry, settings["force"]):
-        return {"status": "failed", "reason": f"refused: {why}"}
+    if settings.target == "none":
+        return Published(status="not_run", reason="publishing is off (steps.publish.target: none)")
+    if why := refusal(entry, settings.force):
+        return Published(status="failed", reason=f"refused: {why}")
     forced = entry.get("validate", {}).get("verdict") == "fail"
-    if settings["target"] == "local":
-        result = publish_local(run_dir, metrics, recipe, Path(settings["registry_dir"]), forced)
+    if settings.target == "local":
+        result = publish_local(run_dir, metrics, recipe, Path(settings.registry_dir), forced)
     else:
-        result = publish_hub(run_dir, recipe, settings["hub_repo"], settings["hub_private"], settings["hub_branch"],
-                             settings["hub_endpoint"], forced, settings["dry_run"])
+        result = publish_hub(run_dir, recipe, settings.hub_repo, settings.hub_private, settings.hub_branch,
+                             settings.hub_endpoint, forced, settings.dry_run)
     log.info("published %s: %s", recipe, result.get("location") or "dry run", extra=SHOWN)
-    return {"status": "ok", **result, **({"forced": True} if forced else {})}
-
-
-publish_task = task(publish, name="publish", task_run_name="publish-{recipe}")
-
-
-def artifact_key(*parts: str) -> str:
-    """Prefect artifact keys allow lowercase letters, digits and dashes; stable per model and recipe."""
-    return re.sub(r"-+", "-", re.sub(r"[^a-z0-9-]", "-", "-".join(parts).lower())).strip("-")
-
-
-def create_artifacts(run_dir: str) -> list[str]:
-    """The run's report, a table of every recipe's metrics, each recipe's card and the links, as
-    Prefect artifacts whose keys stay the same across runs (the UI shows each one's history)."""
-    from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
-
-    from quantgate.record import SUMMARY_HEADER, summary_rows
-
-    run_dir = Path(run_dir)
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    model = model_name(metrics)
-    keys = [artifact_key("quantgate", model, "report"), artifact_key("quantgate", model, "metrics"),
-            artifact_key("quantgate", model, "run-dir")]
-    create_markdown_artifact(markdown=(run_dir / "report.md").read_text(), key=keys[0],
-                             description=f"run {metrics['run_id']}: {metrics['status']}")
-    create_table_artifact(table=[dict(zip(SUMMARY_HEADER, row)) for row in summary_rows(metrics)], key=keys[1],
-                          description=f"run {metrics['run_id']}")
-    create_link_artifact(link=run_dir.resolve().as_uri(), link_text=str(run_dir), key=keys[2],
-                         description=f"run directory of {metrics['run_id']}")
-    for recipe, entry in metrics["recipes"].items():
-        card = run_dir / recipe / "card.md"
-        if card.is_file():
-            keys.append(artifact_key("quantgate", model, recipe, "card"))
-            create_markdown_artifact(markdown=card.read_text(), key=keys[-1], description=f"run {metrics['run_id']}")
-        location = entry.get("publish", {}).get("location")
-        if location:
-            keys.append(artifact_key("quantgate", model, recipe, "published"))
-            link = location if "://" in location else Path(location).as_uri()
-            create_link_artifact(link=link, link_text=location, key=keys[-1], description=f"run {metrics['run_id']}")
-    return keys
+    return Published(status="ok", **result, **({"forced": True} if forced else {}))

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from quantgate import modeling
-from quantgate.config import BenchmarkSettings, load_config
+from quantgate.config import load_config
+from quantgate.settings import BenchmarkSettings
 from tasks.benchmark import MemorySampler, benchmark, diagnose
 from tests.conftest import PROJECT
 

@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from quantgate import modeling
-from quantgate.config import DATA_DIR, EvaluateSettings
+from quantgate.paths import DATA_DIR
+from quantgate.settings import EvaluateSettings
 from tasks import evaluate as step
 
 QUICK = EvaluateSettings(limit=1, batch_size=4, wikitext=False)

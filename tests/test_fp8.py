@@ -7,7 +7,8 @@ import torch
 
 from quantgate import modeling
 from quantgate.backends import fp8_kernel
-from quantgate.config import ValidateSettings, load_config
+from quantgate.config import load_config
+from quantgate.settings import ValidateSettings
 from quantgate.plan import tower_lines
 from tasks import quantize as quantize_step
 from tasks import validate as validate_step

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from quantgate import dashboard, history
-from quantgate.config import GateSettings
+from quantgate.settings import GateSettings
 
 
 def rerun(run_dir: Path, root: Path, run_id: str, started_at: str, change=None, env_change=None) -> Path:

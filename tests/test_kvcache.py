@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from quantgate import kvcache, modeling
-from quantgate.config import BenchmarkSettings
+from quantgate.settings import BenchmarkSettings
 from quantgate.formats import context_line, kl_line
 from quantgate.measure import HostMemory
 from tasks.benchmark import benchmark, long_prompt

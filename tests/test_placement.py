@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from quantgate import modeling
-from quantgate.config import PROJECT_ROOT, ConfigError, load_config
+from quantgate.config import ConfigError, load_config
+from quantgate.paths import PROJECT_ROOT
 
 DEFAULT = PROJECT_ROOT / "configs" / "default.yaml"
 

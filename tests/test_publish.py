@@ -25,7 +25,7 @@ def hub():
 
 
 def settings(**changes) -> dict:
-    from quantgate.config import PublishSettings
+    from quantgate.settings import PublishSettings
 
     return PublishSettings(**changes).model_dump(mode="json")
 

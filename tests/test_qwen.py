@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from quantgate import modeling, sandbox
-from quantgate.config import EvaluateSettings, load_config
+from quantgate.config import load_config
+from quantgate.settings import EvaluateSettings
 from quantgate.sources import DownloadError, joined_chunks
 from tasks import evaluate as step
 from tasks.download import download

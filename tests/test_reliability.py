@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from quantgate import cli, history
-from quantgate.config import PROJECT_ROOT, ConfigError, load_config
+from quantgate.config import ConfigError, load_config
+from quantgate.paths import PROJECT_ROOT
 from quantgate.files import cached_tensors, under
 
 DEFAULT = PROJECT_ROOT / "configs" / "default.yaml"
@@ -46,7 +47,7 @@ class Planted:
 def test_a_planted_pickle_in_the_reference_cache_runs_no_code_and_is_measured_again(tiny_llama, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from quantgate.config import ValidateSettings
+    from quantgate.settings import ValidateSettings
     from tasks.validate import reference_key, reference_stats
 
     marker = tmp_path / "pwned"
@@ -222,7 +223,7 @@ def test_publishing_turned_off_is_not_run_and_the_recipe_passes(tmp_path):
 def test_a_timeout_names_the_limit_and_how_to_raise_it(prefect_server):
     from prefect import task
 
-    from quantgate.config import QuantizeSettings
+    from quantgate.settings import QuantizeSettings
     from quantgate.record import _run_task
 
     @task

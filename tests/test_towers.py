@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from quantgate import modeling
-from quantgate.config import ValidateSettings, load_config
+from quantgate.config import load_config
+from quantgate.settings import ValidateSettings
 from quantgate.processors import gemma4_without_video, load_processor
 from tasks import quantize as quantize_step
 from tasks import towers

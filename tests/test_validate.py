@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from quantgate import modeling
-from quantgate.config import ValidateSettings, ValidateThresholds, load_config
+from quantgate.backends import ValidateThresholds
+from quantgate.config import load_config
+from quantgate.settings import ValidateSettings
 from tasks import validate as step
 from tests.conftest import PROJECT, edit_weights, edited_copy
 

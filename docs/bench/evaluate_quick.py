@@ -9,7 +9,7 @@ from pathlib import Path
 from transformers import AutoTokenizer
 
 from quantgate import modeling
-from quantgate.config import EvaluateSettings
+from quantgate.settings import EvaluateSettings
 from tasks.download import download
 from tasks.evaluate import reference_evaluation
 

@@ -13,7 +13,8 @@ import yaml
 from transformers import AutoTokenizer
 
 from quantgate import modeling
-from quantgate.config import EvaluateSettings, RunConfig
+from quantgate.config import RunConfig
+from quantgate.settings import EvaluateSettings
 from tasks.evaluate import evaluate, reference_evaluation
 
 run = Path(sys.argv[1])

@@ -28,7 +28,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import prefect_shim  # noqa: E402,F401
 
-from quantgate.config import BenchmarkSettings, load_config  # noqa: E402
+from quantgate.config import load_config  # noqa: E402
+
+from quantgate.settings import BenchmarkSettings  # noqa: E402
 from tasks.benchmark import compare_with_reference  # noqa: E402
 
 

@@ -23,7 +23,8 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from quantgate import modeling  # noqa: E402
-from quantgate.config import BenchmarkSettings, ValidateSettings, load_config  # noqa: E402
+from quantgate.config import load_config  # noqa: E402
+from quantgate.settings import BenchmarkSettings, ValidateSettings  # noqa: E402
 from tasks import benchmark as bench  # noqa: E402
 from tasks import quantize as quantize_step  # noqa: E402
 from tasks import validate as validate_step  # noqa: E402

@@ -74,7 +74,7 @@ def measure_reference(model, checkpoint: str, key: str) -> dict:
 
     from transformers import AutoTokenizer
 
-    from quantgate.config import ValidateSettings
+    from quantgate.settings import ValidateSettings
 
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     ids = [validation.encode(tokenizer, p).to(DEVICE) for p in validation.load_prompts()]
@@ -106,7 +106,7 @@ def measure_reference(model, checkpoint: str, key: str) -> dict:
 
 
 def full_eval_settings():
-    from quantgate.config import EvaluateSettings
+    from quantgate.settings import EvaluateSettings
 
     if os.environ.get("QUICK"):  # a dry run of this script: 1 question a subject, 1 document
         return EvaluateSettings(limit=1, batch_size=8, wikitext_token_budget=256)

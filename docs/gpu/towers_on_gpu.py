@@ -20,7 +20,8 @@ import prefect_shim  # noqa: E402,F401
 import torch  # noqa: E402
 
 from quantgate import modeling  # noqa: E402
-from quantgate.config import ValidateSettings, load_config  # noqa: E402
+from quantgate.config import load_config  # noqa: E402
+from quantgate.settings import ValidateSettings  # noqa: E402
 from quantgate.processors import load_processor  # noqa: E402
 from tasks import quantize as quantize_step  # noqa: E402
 from tasks import towers  # noqa: E402

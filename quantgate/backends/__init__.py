@@ -106,6 +106,11 @@ class Backend:
     def check_base(self, recipe, base_config, registry_dir: Path) -> None:
         """Raises PlanError where the recipe cannot apply to the base model at all (before any weight is loaded)."""
 
+    def fused_matmul(self, weights: list[torch.Tensor], bias: torch.Tensor | None) -> torch.nn.Module | str | None:
+        """One module computing sibling projections' outputs over the library's own weight tensors stacked along
+        the output rows (the GPU fast path's fusion), a reason they cannot stack, or None: not the library's."""
+        return None
+
     def load_config(self, recipe, keep: list[str]):
         """The transformers quantization config that quantizes while loading, or None."""
         return None

@@ -4,11 +4,13 @@ from __future__ import annotations
 import importlib.util
 from typing import Literal
 
+import torch
 from pydantic import PositiveInt
 
 from quantgate.backends import Backend, RecipeBase, register
 
 CUDA_ONLY = ("int4_weight_only", "float8_dynamic_activation")
+TINYGEMM_K_TILE = 128  # k values per tile of tinygemm's layout with torchao's inner_k_tiles of 8
 
 
 class TorchAoRecipe(RecipeBase):
@@ -58,6 +60,57 @@ class TorchAo(Backend):
             "float8_dynamic_activation": lambda: ao.Float8DynamicActivationFloat8WeightConfig(granularity=ao.PerRow()),
         }[recipe.scheme]()
         return TorchAoConfig(quant_type, modules_to_not_convert=keep)
+
+    def fused_matmul(self, weights: list[torch.Tensor], bias: torch.Tensor | None) -> torch.nn.Module | str | None:
+        from quantgate.bench.fusion import PlainMatmul
+
+        first, kind = weights[0], type(weights[0]).__name__
+        if kind != "Int4TilePackedTo4dTensor" or any(type(w) is not type(first) for w in weights):
+            return None
+        # tinygemm's layout: qdata [n/8, k/128, 32, 4] and scale_and_zero [k/group, n, 2], so rows stack when no
+        # part was padded to a multiple of 8 rows.
+        if any(w.shape[0] % 8 or w.act_pre_scale is not None or w.block_size != first.block_size for w in weights):
+            return f"{kind}: padded rows, activation scales or different groups"
+        stacked = type(first)(torch.cat([w.qdata for w in weights]), torch.cat([w.scale_and_zero for w in weights], 1),
+                              first.block_size, torch.Size([sum(w.shape[0] for w in weights), first.shape[1]]))
+        group = tinygemm_group(stacked)
+        return TinygemmMatmul(stacked, bias, group) if group else PlainMatmul(stacked, bias)
+
+
+def tinygemm_group(weight) -> int | None:
+    """The group size of a tinygemm-layout int4 weight whose padding can be dropped, else None."""
+    if weight.act_pre_scale is not None:
+        return None
+    group, k = weight.block_size[-1], weight.shape[1]
+    inner_k_tiles = weight.qdata.shape[-1] * 2
+    if inner_k_tiles * 16 != TINYGEMM_K_TILE or k % TINYGEMM_K_TILE or k % group:
+        return None
+    return group
+
+
+class TinygemmMatmul(torch.nn.Module):
+    """torch's tinygemm int4 kernel over a stacked weight, without torchao's k padding: torchao pads in_features to
+    a multiple of 1024, so each call pads its input (one more kernel after every norm that feeds a padded
+    projection at batch 1); tinygemm needs only whole 128-wide k-tiles, and its layout keeps each k-tile apart, so
+    the padding's tiles drop off."""
+
+    def __init__(self, weight, bias: torch.Tensor | None, group: int):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.group = group
+        self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
+        # Copies of their own: a view kept the padding's whole storage alive.
+        self.register_buffer("qdata", weight.qdata[:, : self.in_features // TINYGEMM_K_TILE].clone())
+        self.register_buffer("scale_and_zero", weight.scale_and_zero[: self.in_features // group].clone())
+        self.padding_bytes_dropped = (weight.qdata.nbytes + weight.scale_and_zero.nbytes - self.qdata.nbytes
+                                      - self.scale_and_zero.nbytes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # No output padding to cut: only row counts that are multiples of 8 were stacked.
+        y = torch.ops.aten._weight_int4pack_mm(x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous(),
+                                               self.qdata, self.group, self.scale_and_zero)
+        y = y.reshape(*x.shape[:-1], self.out_features)
+        return (y if self.bias is None else y + self.bias).to(x.dtype)
 
 
 register(TorchAo())

@@ -17,9 +17,11 @@ import torch
 from quantgate import modeling
 from quantgate.backends import ValidateThresholds
 from quantgate.files import cached_tensors, sha256_file, write_atomic
+from quantgate.nonfinite import NonFiniteScan
+from quantgate.paths import DATA_DIR
 from quantgate.processors import read_wav
 
-PROMPTS = Path(__file__).resolve().parents[1] / "data" / "multimodal" / "prompts.jsonl"
+PROMPTS = DATA_DIR / "multimodal" / "prompts.jsonl"
 
 
 @dataclass(frozen=True)
@@ -81,8 +83,6 @@ def handed_over(model, sense: Sense, inputs: dict) -> torch.Tensor:
 def measure(model, processor, max_new_tokens: int) -> dict:
     """Per sense and prompt: the handed-over embeddings, the last position's logits, the non-finite modules,
     the greedy answer."""
-    from tasks.validate import NonFiniteScan
-
     dtype = getattr(torch, modeling.computed_dtype(model))
     device = next(model.parameters()).device
     measured = {}

@@ -1,0 +1,94 @@
+"""The steps as Prefect tasks: each library step (tasks/) wrapped with its name, its run names and, for the
+download, its cache; timeouts and retries come from the step's settings. `run_step` runs one and turns any way it
+can end (a result, a timeout, an exception) into the step's typed result."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from pathlib import Path
+
+from prefect import task
+from prefect.context import TaskRunContext
+
+from quantgate.fetching import intact, manifest_path
+from quantgate.results import StepResult
+from quantgate.runlog import SHOWN, announce
+from quantgate.sources import DownloadError, parse_source
+from tasks.benchmark import benchmark
+from tasks.download import download
+from tasks.evaluate import evaluate
+from tasks.publish import publish
+from tasks.quantize import quantize
+from tasks.reference import reference
+from tasks.validate import validate
+
+log = logging.getLogger("quantgate.download")
+
+
+def download_cache_key(context: TaskRunContext, parameters: dict) -> str | None:
+    """Keyed on source and revision; no key (so the task runs) when the cached files are damaged."""
+    source = parse_source(parameters["source"], parameters.get("revision"))
+    cache_dir = Path(parameters["cache_dir"])
+    problems = intact(source, cache_dir)
+    if problems and not manifest_path(source, cache_dir).exists():
+        log.info("%s is not in the cache %s yet: fetching it", source.text, cache_dir, extra=SHOWN)
+        return None
+    if problems:
+        log.warning("cached checkpoint for %s not usable, fetching again: %s", source.text, "; ".join(problems))
+        return None
+    # Where the cache lives is part of the key: two configs with different cache_dir never share a checkpoint.
+    key = f"download:{source.text}@{source.revision}:{parameters['dtype']}:{cache_dir.resolve()}"
+    return hashlib.sha256(key.encode()).hexdigest()  # Prefect stores results under this name
+
+
+def download_as_data(source: str, revision: str | None, cache_dir: str, dtype: str) -> dict:
+    # Stored as JSON data: a result file in Prefect's storage is never a pickle (or a class) to load.
+    return download(source, revision, cache_dir, dtype).model_dump(mode="json", exclude_unset=True)
+
+
+def transient(task, task_run, state) -> bool:
+    """Whether a failed download may succeed if tried again: a damaged local folder, a fake GGUF or a link out
+    of the checkpoint stays as it is (DownloadError), a network error may not."""
+    return not isinstance(state.result(raise_on_failure=False), DownloadError)
+
+
+download_task = task(download_as_data, name="download", cache_key_fn=download_cache_key, persist_result=True,
+                     result_serializer="json", retry_delay_seconds=10, retry_condition_fn=transient)
+reference_task = task(reference, name="reference")
+quantize_task = task(quantize, name="quantize", task_run_name="quantize-{recipe.name}")
+validate_task = task(validate, name="validate", task_run_name="validate-{recipe.name}")
+evaluate_task = task(evaluate, name="evaluate", task_run_name="evaluate-{recipe.name}")
+benchmark_task = task(benchmark, name="benchmark", task_run_name="benchmark-{name}")
+publish_task = task(publish, name="publish", task_run_name="publish-{recipe}")
+
+
+def run_step(step_task, settings, result_type: type[StepResult], group: str, step: str, /, **params) -> StepResult:
+    """Run a step's task under its settings' timeout and retries, announcing its start and end (group is the
+    recipe, or `model`); any way it ends becomes its typed result, never a raise."""
+    announce(group, step, "start")
+    t0 = time.perf_counter()
+    state = step_task.with_options(timeout_seconds=settings.timeout_s, retries=settings.retries)(
+        **params, return_state=True)
+    seconds = round(time.perf_counter() - t0, 2)
+    if state.is_completed():
+        result = state.result()
+        result = result_type.model_validate(result) if isinstance(result, dict) else result
+        result.status, result.cached = result.status, state.name == "Cached"  # set: the record keeps them
+    else:
+        result = result_type(status="error", reason=failure(state, settings))
+    result.seconds = seconds
+    announce(group, step, "end", result.status, seconds, result.reason)
+    return result
+
+
+def failure(state, settings) -> str:
+    """Why a task's run did not complete, in a sentence; a timeout names the setting that raises it."""
+    error = state.result(raise_on_failure=False)
+    if state.name == "TimedOut" or isinstance(error, TimeoutError):
+        limit = f"steps.{settings.key}.timeout_s"
+        return (f"timed out after {settings.timeout_s:g} s, the limit {limit}; raise it in the config or with "
+                f"--set {limit}={settings.timeout_s * 2:g}")
+    if isinstance(error, BaseException):
+        return f"{type(error).__name__}: {error}"
+    return f"{state.name}: {state.message}"

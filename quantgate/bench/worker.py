@@ -1,0 +1,217 @@
+"""One measurement in a fresh process (`python -m quantgate.bench.worker SPEC OUT`): the model loaded as a user
+loads it, its memory sampled while it loads and while it generates, its latency; or its KV-cache capacity under a
+memory budget. The spec and the result are JSON files."""
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel
+
+from quantgate import kvcache, modeling
+from quantgate.backends import backend_of, parse_recipe
+from quantgate.bench.decode import prompt_ids
+from quantgate.bench.latency import copy_bandwidth, measure_latency, weight_bytes_per_token
+from quantgate.files import WEIGHT_FILES, write_json
+from quantgate.loading import growth, kernel_of, load_quantized
+from quantgate.measure import MemorySampler, proc_status
+from quantgate.paths import DATA_DIR
+from quantgate.plan import kept, plan_recipe
+from quantgate.settings import BenchmarkSettings
+
+log = logging.getLogger("quantgate.benchmark")
+
+
+class Spec(BaseModel):
+    """What one measurement process measures, written as JSON by the launcher."""
+    checkpoint: str
+    recipe: dict | None = None  # a recipe's fields; None: the reference
+    dtype: str
+    device: str | dict
+    settings: BenchmarkSettings
+    out_dir: str
+    copy_bandwidth: float | None = None  # the reference's, measured once a run
+    mode: Literal["reference", "saved", "quantize_on_load"] = "reference"
+    inductor_cache: str | None = None
+    latency: bool = True  # false: memory while loading only
+    measure: Literal["latency", "kv_cache"] = "latency"
+
+
+def largest_shard(checkpoint: Path) -> int:
+    return max((p.stat().st_size for pattern in WEIGHT_FILES for p in Path(checkpoint).glob(pattern)), default=0)
+
+
+def diagnose(memory: dict, real_bytes: int, shard: int, baseline_private: int) -> list[str]:
+    """Plain-language findings about a load; empty when nothing is off."""
+    found = []
+    bound = real_bytes + shard
+    load = memory["load"]
+    private = load["host_private_peak"] - baseline_private
+    if private > bound:
+        found.append(f"quantized too late: host private memory grew {private / 1e9:.2f} GB during the load, more than "
+                     f"the final weights ({real_bytes / 1e9:.2f} GB) plus the largest shard ({shard / 1e9:.2f} GB): "
+                     f"a full-precision copy was held in RAM")
+    if load["gpu_peak_allocated"] is not None and load["gpu_peak_allocated"] > bound:
+        found.append(f"quantized too late: the GPU peak during the load ({load['gpu_peak_allocated'] / 1e9:.2f} GB) "
+                     f"exceeds the final weights ({real_bytes / 1e9:.2f} GB) plus the largest shard "
+                     f"({shard / 1e9:.2f} GB): the weights reached the GPU before they were quantized")
+    if load["host_file_peak"] > 2 * max(load["host_private_peak"], 1):
+        found.append(f"the host peak is mostly file-backed: {load['host_file_peak'] / 1e9:.2f} GB of memory-mapped "
+                     f"checkpoint pages (the kernel drops them under pressure) against "
+                     f"{load['host_private_peak'] / 1e9:.2f} GB private")
+    return found
+
+
+def limits_of(settings: BenchmarkSettings) -> dict:
+    return {k: v for k in ("max_memory", "offload_to_disk") if (v := getattr(settings, k))}
+
+
+def loader(spec: Spec):
+    """A function that loads the model as a user does: the reference, a recipe's saved checkpoint (mode `saved`),
+    or the reference quantized while loading (mode `quantize_on_load`). Libraries are imported and the plan made
+    here, so the load's samples hold the load alone."""
+    from transformers import AutoConfig
+
+    kwargs = {}
+    if spec.settings.max_memory:
+        kwargs["max_memory"] = {int(k) if str(k).isdigit() else k: v for k, v in spec.settings.max_memory.items()}
+    if spec.settings.offload_to_disk:
+        kwargs["offload_folder"] = str(Path(spec.out_dir) / "offload")
+    device = "auto" if kwargs else modeling.resolve_device(spec.device)
+    config = AutoConfig.from_pretrained(spec.checkpoint)
+    modeling.model_class(config)
+    if spec.recipe is None:
+        return lambda: modeling.load(spec.checkpoint, spec.dtype, device, **kwargs)
+    recipe = parse_recipe(spec.recipe)
+    backend = backend_of(recipe)
+    for module in backend.imports:
+        importlib.import_module(module)
+    if spec.mode == "saved":
+        return lambda: backend.load(Path(spec.checkpoint), device, spec.dtype, **kwargs)
+    keep = kept(plan_recipe(modeling.skeleton(config), recipe))
+    return lambda: load_quantized(spec.checkpoint, recipe, spec.dtype, device, keep, **kwargs)
+
+
+def caveats(recipe) -> dict:
+    """The kernel the recipe ran on and why its latency does not stand for serving, where its backend says."""
+    why = backend_of(recipe).latency_caveat(recipe)
+    return {**kernel_of(recipe), **({"latency_caveat": why} if why else {})}
+
+
+def first_forward(model, device: torch.device) -> None:
+    with torch.no_grad():
+        model(input_ids=prompt_ids(model.config.get_text_config().vocab_size, 1, 8, device))
+
+
+def measure(spec: Spec) -> dict:
+    """Memory while loading, then (unless the spec says latency: false) memory and latency while generating."""
+    load_model = loader(spec)  # first: the sampler's baseline holds the libraries it imports
+    sampler = MemorySampler(spec.settings.sample_interval_ms)
+    try:
+        t0 = time.perf_counter()
+        with sampler.phase("load") as load:
+            model = load_model()
+        load_s = time.perf_counter() - t0
+        at_load = modeling.real_bytes(model)
+        shard = largest_shard(spec.checkpoint)
+        diagnostics = diagnose({"load": load}, at_load, shard, sampler.baseline["RssAnon"])
+        if not spec.latency:
+            return {"real_bytes": at_load, "load_s": round(load_s, 2), "largest_shard": shard,
+                    "memory": {**load, "host_private_baseline": sampler.baseline["RssAnon"]},
+                    "diagnostics": diagnostics}
+        inferred = generate_measured(model, spec, sampler)
+        if grown := growth(at_load, inferred["real_bytes"], "model"):
+            diagnostics.append(grown)
+        return {"real_bytes_at_load": at_load, "load_s": round(load_s, 2), **inferred, "largest_shard": shard,
+                "memory": memory_of_phases(sampler), "loaded": spec.checkpoint,
+                "inductor_cache": os.environ.get("TORCHINDUCTOR_CACHE_DIR"),
+                **(caveats(parse_recipe(spec.recipe)) if spec.recipe else {}),
+                "dtype": modeling.computed_dtype(model), "limits": limits_of(spec.settings), "diagnostics": diagnostics}
+    finally:
+        sampler.close()
+
+
+def generate_measured(model, spec: Spec, sampler: MemorySampler) -> dict:
+    """Latency, with the memory of generating sampled as the phase `infer`."""
+    device = modeling.model_device(model)
+    bandwidth = spec.copy_bandwidth or copy_bandwidth(device)
+    with sampler.phase("infer"):
+        first_forward(model, device)
+        real = modeling.real_bytes(model)  # what it runs in: a library may expand its weights on the first forward
+        per_token = weight_bytes_per_token(model, real)
+        log.info("benchmark: real bytes %.3f GB, floor %.3f ms/token at %.0f GB/s", real / 1e9,
+                 per_token / bandwidth * 1000, bandwidth / 1e9)
+        latency = measure_latency(model, spec.settings, per_token, bandwidth, backend_for(spec))
+    return {"real_bytes": real, "latency": latency, "copy_bandwidth": bandwidth, "weight_bytes_per_token": per_token,
+            "placement": modeling.devices_of(model), "device": str(device)}
+
+
+def backend_for(spec: Spec):
+    return backend_of(parse_recipe(spec.recipe)) if spec.recipe else None
+
+
+def memory_of_phases(sampler: MemorySampler) -> dict:
+    load, infer = sampler.peaks["load"], sampler.peaks["infer"]
+    return {"host_private_peak": max(load["host_private_peak"], infer["host_private_peak"]),
+            "host_file_peak": max(load["host_file_peak"], infer["host_file_peak"]),
+            "host_private_baseline": sampler.baseline["RssAnon"], "host_peak_incl_file_pages": proc_status()["VmHWM"],
+            "gpu_peak_load": load["gpu_peak_allocated"], "gpu_reserved_peak_load": load["gpu_peak_reserved"],
+            "gpu_peak_infer": infer["gpu_peak_allocated"], "gpu_reserved_peak_infer": infer["gpu_peak_reserved"],
+            "load": load, "infer": infer}
+
+
+def long_prompt(checkpoint: str, tokens: int, vocab: int, device: torch.device) -> tuple[torch.Tensor, str]:
+    """The start of WikiText-2's test split in the checkpoint's tokenizer, or random ids where it has none."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    except (OSError, ValueError) as e:
+        log.info("benchmark: no tokenizer in %s (%s): random token ids", checkpoint, e)
+        return prompt_ids(vocab, 1, tokens, device), "random token ids (the checkpoint has no tokenizer)"
+    text = (DATA_DIR / "wikitext2" / "test.txt").read_text()
+    # Generous: the text is cut before tokenizing, and some tokenizers take many characters a token.
+    ids = tokenizer(text[: tokens * 40], return_tensors="pt").input_ids[:, :tokens]
+    return ids.to(device), f"WikiText-2 test, its first {ids.shape[1]:,} tokens"
+
+
+def measure_kv_cache(spec: Spec) -> dict:
+    """The model loaded as for the benchmark, then its KV-cache capacity under the memory budget for each
+    cache, and the quantized caches' KL on a long prompt."""
+    settings, kv = spec.settings, spec.settings.kv_cache
+    model = loader(spec)()
+    spread = modeling.devices_of(model)["param_bytes_by_device"]  # offloaded weights count as a device
+    if len(spread) > 1:
+        return {"status": "not_run",
+                "reason": f"the model spans {sorted(spread)}: the capacity is measured on one device"}
+    text = model.config.get_text_config(decoder=True)
+    limit = kv.max_context or text.max_position_embeddings
+    t0 = time.perf_counter()
+    result = kvcache.capacity(model, settings.memory_budget, kv.caches, kv.prefill_chunk, limit,
+                              kv.decode_tokens, kv.bits)
+    log.info("benchmark: KV-cache capacity in %.1f s: %s", time.perf_counter() - t0,
+             {k: c.get("context_tokens", c["status"]) for k, c in result["caches"].items()})
+    quantized = [k for k in kv.caches if k in kvcache.QUANTIZED]
+    if quantized:
+        ids, result["kl_prompt"] = long_prompt(spec.checkpoint, kv.kl_prompt_tokens, text.vocab_size,
+                                               modeling.model_device(model))
+        result["kl"] = kvcache.quantized_cache_kl(model, ids, quantized, kv.prefill_chunk,
+                                                  min(kv.kl_positions, ids.shape[1] - 1), kv.bits)
+    return {"status": "ok", **result}
+
+
+def main(spec_path: str, out_path: str) -> None:
+    # force: importing Prefect gave the root its own handler and WARNING, which dropped these lines
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr, force=True)
+    spec = Spec.model_validate_json(Path(spec_path).read_text())
+    write_json(Path(out_path), measure_kv_cache(spec) if spec.measure == "kv_cache" else measure(spec))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])

@@ -1,0 +1,162 @@
+"""Drift against the reference: the validation prompts, the reference's measurements on them (top-k log-probs,
+sampled hidden states, its non-finite scan and greedy generations, cached by checkpoint hash, prompt set and
+settings) and a model's per-token comparison with them (KL, top-1, top-5, hidden-state cosine)."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from quantgate.files import cached_tensors, write_atomic
+from quantgate.formats import error_line
+from quantgate.nonfinite import NonFiniteScan, explain_nonfinite, first_nonfinite_layer
+from quantgate.paths import DATA_DIR
+from quantgate.runlog import SHOWN
+from quantgate.settings import ValidateSettings
+
+log = logging.getLogger("quantgate.validate")
+
+
+PROMPTS = DATA_DIR / "validate_prompts.jsonl"
+
+
+def load_prompts(path: Path = PROMPTS) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def encode(tokenizer, prompt: dict) -> torch.Tensor:
+    if prompt["chat"] and tokenizer.chat_template:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt["text"]}], tokenize=False,
+                                             add_generation_prompt=True)
+        return tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    return tokenizer(prompt["text"], return_tensors="pt")["input_ids"]
+
+
+@torch.no_grad()
+def forward_scanned(model, ids: torch.Tensor) -> tuple[torch.Tensor, tuple, list[str]]:
+    with NonFiniteScan(model) as scan:
+        out = model(input_ids=ids, output_hidden_states=True)
+    return out.logits[0].float(), out.hidden_states, scan.flagged()
+
+
+def sample_positions(length: int, count: int) -> torch.Tensor:
+    return torch.linspace(0, length - 1, steps=min(count, length)).round().long().unique()
+
+
+def reference_key(checkpoint_sha256: str, dtype: str, settings: ValidateSettings) -> str:
+    prompts = hashlib.sha256(PROMPTS.read_bytes()).hexdigest()
+    spec = json.dumps([checkpoint_sha256, dtype, prompts, settings.top_k, settings.hidden_positions,
+                       settings.generate_prompts, settings.max_new_tokens])
+    return hashlib.sha256(spec.encode()).hexdigest()[:24]
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[dict], max_new_tokens: int) -> list[str]:
+    device = next(model.parameters()).device
+    texts = []
+    for prompt in prompts:
+        ids = encode(tokenizer, prompt).to(device)
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+        texts.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    return texts
+
+
+def measure_reference(model, tokenizer, settings: ValidateSettings) -> dict:
+    """What every recipe is compared with: per prompt the top-k log-probs, sampled hidden states."""
+    device = next(model.parameters()).device
+    prompts, per_prompt, nonfinite = load_prompts(), [], None
+    for prompt in prompts:
+        ids = encode(tokenizer, prompt).to(device)
+        logits, hidden, flagged = forward_scanned(model, ids)
+        if flagged and nonfinite is None and (found := explain_nonfinite(model, ids)):
+            nonfinite = {"prompt": prompt["id"], **found}
+        logp = torch.log_softmax(logits, -1)
+        top = logp.topk(settings.top_k, dim=-1)
+        positions = sample_positions(ids.shape[1], settings.hidden_positions).to(device)
+        per_prompt.append({"id": prompt["id"], "ids": ids.cpu(), "top_logp": top.values.cpu(),
+                           "top_idx": top.indices.cpu(), "positions": positions.cpu(),
+                           "hidden": torch.stack([h[0, positions.to(h.device)].float().cpu() for h in hidden])})
+    chat = [p for p in prompts if p["chat"]][:settings.generate_prompts]
+    return {"prompts": per_prompt, "nonfinite": nonfinite,
+            "generations": dict(zip([p["id"] for p in chat], generate(model, tokenizer, chat, settings.max_new_tokens)))}
+
+
+def reference_stats(model, tokenizer, checkpoint_sha256: str, dtype: str, cache_dir: Path,
+                    settings: ValidateSettings) -> dict:
+    """The reference's measurements from the cache, or measured and cached; returns path and summary."""
+    path = Path(cache_dir) / "reference" / reference_key(checkpoint_sha256, dtype, settings) / "validate.pt"
+    stats = cached_tensors(path) if path.is_file() else None
+    cached = stats is not None
+    if not cached:
+        t0 = time.perf_counter()
+        stats = measure_reference(model, tokenizer, settings)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        torch.save(stats, buffer)
+        write_atomic(path, buffer.getvalue())
+        log.info("reference measured on %d prompts in %.1f s", len(stats["prompts"]), time.perf_counter() - t0, extra=SHOWN)
+    return {"path": str(path), "cached": cached, "nonfinite": stats["nonfinite"],
+            "first_nonfinite_module": (stats["nonfinite"] or {}).get("first_nonfinite_module")}
+
+
+def compare_prompt(ref: dict, logits: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-token KL(reference || quantized) from the reference's top-k plus a tail bucket, top-1
+    agreement and top-5 overlap."""
+    logq = torch.log_softmax(logits.float(), -1)
+    ref_logp, ref_idx = ref["top_logp"], ref["top_idx"]
+    p = ref_logp.exp()
+    logq_top = logq.gather(-1, ref_idx)
+    head = (p * (ref_logp - logq_top)).sum(-1)
+    p_tail = (1 - p.sum(-1)).clamp_min(1e-12)
+    q_tail = (1 - logq_top.exp().sum(-1)).clamp_min(1e-12)
+    kl = (head + p_tail * (p_tail.log() - q_tail.log())).clamp_min(0)
+    top5_q = logq.topk(5, -1)
+    # bf16 logits tie often: a reference token counts when the quantized model ranks it as high as
+    # its own k-th token (ties included), not only when the same tie member was picked.
+    overlap = (logq_top[:, :5] >= top5_q.values[:, 4:5]).float().mean(-1)
+    top1 = logq_top[:, 0] >= top5_q.values[:, 0]
+    return {"kl": kl, "top1": top1.float(), "top5": overlap}
+
+
+@torch.no_grad()
+def compare(model, tokenizer, stats: dict, settings: ValidateSettings) -> dict:
+    device = next(model.parameters()).device
+    kls, top1, top5, cosines, nonfinite, layer = [], [], [], [], None, None
+    for ref in stats["prompts"]:
+        ids = ref["ids"].to(device)
+        logits, hidden, flagged = forward_scanned(model, ids)
+        if flagged and nonfinite is None and (found := explain_nonfinite(model, ids)):
+            nonfinite = {"prompt": ref["id"], **found}
+            layer = first_nonfinite_layer(hidden)
+        per_token = compare_prompt(ref, logits.cpu())
+        kls.append(per_token["kl"])
+        top1.append(per_token["top1"])
+        top5.append(per_token["top5"])
+        # A model over several GPUs leaves each layer's hidden states on its own GPU.
+        mine = torch.stack([h[0, ref["positions"].to(h.device)].float().cpu() for h in hidden])
+        cosines.append(torch.nn.functional.cosine_similarity(mine, ref["hidden"], dim=-1).mean(-1))
+    kl, cos = torch.cat(kls), torch.stack(cosines).nanmean(0)
+    finite = lambda x: float(x) if torch.isfinite(x) else None  # noqa: E731 (JSON has no NaN)
+    drops = (cos[:-1] - cos[1:]).nan_to_num(nan=float("inf"))
+    metrics = {
+        "first_nonfinite_module": (nonfinite or {}).get("first_nonfinite_module"), "nonfinite": nonfinite,
+        "first_nonfinite_layer": layer, "kl_mean": finite(kl.mean()), "kl_p99": finite(kl.quantile(0.99)),
+        "top1_agreement": float(torch.cat(top1).mean()), "top5_overlap": float(torch.cat(top5).mean()),
+        "tokens": int(kl.numel()), "prompts": len(stats["prompts"]),
+        "hidden_cosine": [round(float(c), 5) if torch.isfinite(c) else None for c in cos],
+        # hidden_states[i] is the output of decoder layer i-1: the layer that lost the most agreement.
+        "max_divergence_layer": int(drops.argmax()) if len(drops) else None}
+    prompts = {p["id"]: p for p in load_prompts()}
+    try:
+        texts = generate(model, tokenizer, [prompts[i] for i in stats["generations"]], settings.max_new_tokens)
+        metrics["generations"] = [{"prompt": i, "reference": stats["generations"][i], "quantized": text}
+                                  for i, text in zip(stats["generations"], texts)]
+    except Exception as e:  # a CUDA device-side assert included: a failed recipe, not a crashed flow
+        metrics["generation_error"] = error_line(e)
+    return metrics

@@ -1,0 +1,63 @@
+"""WikiText-2 word perplexity through lm-eval's rolling windows, over the leading articles of the test split that
+fit a token budget (data/wikitext2)."""
+from __future__ import annotations
+
+import functools
+import re
+import time
+
+from quantgate.evaluations import Evaluation, register
+from quantgate.paths import DATA_DIR
+
+
+@functools.cache
+def documents() -> tuple[str, ...]:
+    """The test split cut into its articles (the `page` documents lm-eval's task reads)."""
+    docs, current = [], []
+    for line in (DATA_DIR / "wikitext2" / "test.txt").read_text().split("\n"):
+        if re.match(r"^ = [^=].* = $", line) and current:
+            docs.append("\n".join(current) + "\n")
+            current = []
+        if line.strip() or current:
+            current.append(line)
+    docs.append("\n".join(current) + "\n")
+    return tuple(docs)
+
+
+def limit(tokenizer, budget: int | None) -> int | None:
+    """How many leading documents fit in a token budget (at least one); None: all of them."""
+    if budget is None:
+        return None
+    total = 0
+    for count, doc in enumerate(documents()):
+        total += len(tokenizer(doc)["input_ids"])
+        if total > budget:
+            return max(count, 1)
+    return None
+
+
+class WikiText(Evaluation):
+    name, label, metric, higher_is_better, fmt = "wikitext", "word ppl", "word_perplexity", False, ".2f"
+
+    def enabled(self, settings) -> bool:
+        return settings.wikitext
+
+    def run(self, lm, tokenizer, settings, manager) -> dict:
+        from lm_eval import simple_evaluate
+
+        start = time.perf_counter()
+        if str(settings.batch_size).startswith("auto"):  # lm-eval's probe of rolling windows: full-length forwards
+            lm.batch_size_per_gpu = 1  # a max_length window is a forward's worth on its own
+        wiki = simple_evaluate(model=lm, tasks=["quantgate_wikitext"], task_manager=manager, bootstrap_iters=0,
+                               limit=limit(tokenizer, settings.wikitext_token_budget))
+        r = wiki["results"]["quantgate_wikitext"]
+        return {"word_perplexity": r["word_perplexity,none"], "byte_perplexity": r["byte_perplexity,none"],
+                "bits_per_byte": r["bits_per_byte,none"], "documents": wiki["n-samples"]["quantgate_wikitext"]["effective"],
+                "seconds": round(time.perf_counter() - start, 1)}
+
+    def card_lines(self, mine: dict, ref: dict, recipe: str, settings: dict) -> list[str]:
+        return [f"WikiText-2 word perplexity ({mine['documents']} articles): reference {ref['word_perplexity']:.3f}, "
+                f"{recipe} {mine['word_perplexity']:.3f}."]
+
+
+register(WikiText())

@@ -1,0 +1,147 @@
+"""Fetching a model source (quantgate.sources) into a verified safetensors checkpoint folder.
+
+Every checkpoint gets a manifest (files, sizes, sha256, source, revision). A GGUF is converted
+once into a bf16/fp16/fp32 safetensors checkpoint with its tokenizer and chat template; later
+runs reuse it after checking the hashes, and convert again when a file is missing or damaged.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import shutil
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from quantgate import checkpoint
+from quantgate.files import manifest, sha256_file, write_json
+from quantgate.sources import HUB_PATTERNS, PACKAGED_GGUF, DownloadError, Source, gguf_path, parse_source
+from quantgate.runlog import SHOWN
+
+log = logging.getLogger("quantgate.download")
+
+
+# ---------------------------------------------------------------- manifests
+
+def checkpoint_dir(source: Source, cache_dir: Path) -> Path:
+    """Where the checkpoint of a source lives once fetched (a local folder is its own)."""
+    if source.kind == "local":
+        return Path(source.ref)
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "--", source.ref if source.kind != "gguf" else Path(source.ref).name)
+    return cache_dir / "checkpoints" / f"{source.kind}--{slug}@{source.revision or 'none'}"
+
+
+def manifest_path(source: Source, cache_dir: Path) -> Path:
+    if source.kind == "local":  # never write into the user's own folder
+        slug = re.sub(r"[^A-Za-z0-9._-]+", "--", source.ref.strip("/"))
+        return cache_dir / "manifests" / f"{slug}.json"
+    return checkpoint_dir(source, cache_dir) / "manifest.json"
+
+
+def write_manifest(folder: Path, manifest_file: Path, source: Source, extra: dict) -> dict:
+    files = manifest(folder, exclude=(manifest_file,))
+    record = {"source": source.text, "revision": source.revision,
+              "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "files": files, **extra}
+    record["checkpoint_sha256"] = hashlib.sha256("".join(f["path"] + f["sha256"] for f in files).encode()).hexdigest()
+    manifest_file.parent.mkdir(parents=True, exist_ok=True)
+    write_json(manifest_file, record)
+    return record
+
+
+def check_manifest(folder: Path, manifest_file: Path) -> list[str]:
+    """Problems with a checkpoint folder against its manifest; empty when intact."""
+    if not manifest_file.is_file():
+        return [f"{manifest_file}: missing"]
+    problems = []
+    for entry in json.loads(manifest_file.read_text())["files"]:
+        path = folder / entry["path"]
+        if not path.is_file():
+            problems.append(f"{path}: missing")
+        elif (size := path.stat().st_size) != entry["bytes"]:
+            what = "truncated" if size < entry["bytes"] else "grown"
+            problems.append(f"{path}: {size} bytes, the manifest says {entry['bytes']} bytes ({what})")
+        elif sha256_file(path) != entry["sha256"]:
+            problems.append(f"{path}: sha256 differs from the manifest (corrupted)")
+    return problems
+
+
+def intact(source: Source, cache_dir: Path) -> list[str]:
+    return check_manifest(checkpoint_dir(source, cache_dir), manifest_path(source, cache_dir))
+
+
+# ---------------------------------------------------------------- fetching
+
+def convert_gguf(gguf: Path, out: Path, dtype: str, base_model: str | None) -> None:
+    """Dequantize a GGUF into a safetensors checkpoint with tokenizer and chat template."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=getattr(torch, dtype))
+    # The loaded model still carries its GGUF quantizer, which save_pretrained would follow;
+    # the weights are already dequantized.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    if base_model:
+        model.config._name_or_path = base_model
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    log.info("converted %s to safetensors in %.1f s", gguf.name, time.perf_counter() - t0, extra=SHOWN)
+
+
+def fetch_hub(source: Source, out: Path) -> str:
+    from huggingface_hub import HfApi, snapshot_download
+
+    api = HfApi()  # reads HF_TOKEN from the environment, for gated repos
+    commit = api.model_info(source.ref, revision=source.revision).sha
+    snapshot_download(source.ref, revision=commit, local_dir=out, allow_patterns=HUB_PATTERNS)
+    shutil.rmtree(out / ".cache", ignore_errors=True)  # huggingface_hub's bookkeeping
+    return commit
+
+
+def fetch(source: Source, cache_dir: Path, dtype: str) -> None:
+    """Fetch or convert into the cache: a temp folder, renamed into place when complete."""
+    if source.kind == "local":
+        if not (Path(source.ref) / "config.json").is_file():
+            raise DownloadError(f"{source.ref}: not a checkpoint folder (no config.json)")
+        if found := checkpoint.problems(Path(source.ref)):  # refused before any model loads from it
+            raise DownloadError("the local checkpoint is damaged: " + "; ".join(found))
+        write_manifest(Path(source.ref), manifest_path(source, cache_dir), source, {})
+        return
+    target = checkpoint_dir(source, cache_dir)
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    extra = {}
+    if source.kind == "hf":
+        extra["commit"] = fetch_hub(source, tmp)
+    else:
+        gguf = gguf_path(source, cache_dir)
+        info = PACKAGED_GGUF.get(source.ref, {})
+        convert_gguf(gguf, tmp, dtype, info.get("base_model"))
+        extra.update(converted_from=str(gguf), gguf_sha256=sha256_file(gguf), dtype=dtype,
+                     base_model=info.get("base_model"), license=info.get("license"))
+    if found := checkpoint.problems(tmp):
+        raise DownloadError(f"{source.text}: what was fetched is damaged: " + "; ".join(found))
+    write_manifest(tmp, tmp / "manifest.json", source, extra)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+
+
+def fetched(source: str, revision: str | None, cache_dir: str, dtype: str) -> dict:
+    """The source's checkpoint in the cache (fetched or converted where it is missing or damaged) and its manifest's
+    facts."""
+    src = parse_source(source, revision)
+    cache = Path(cache_dir)
+    problems = intact(src, cache)
+    if problems:
+        log.info("fetching %s: %s", src.text, problems[0], extra=SHOWN)
+        fetch(src, cache, dtype)
+    manifest = json.loads(manifest_path(src, cache).read_text())
+    return {"checkpoint": str(checkpoint_dir(src, cache)), "source": src.text, "revision": src.revision,
+            "checkpoint_sha256": manifest["checkpoint_sha256"],
+            "base_model": manifest.get("base_model"), "license": manifest.get("license")}

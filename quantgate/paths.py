@@ -1,0 +1,22 @@
+"""Where the project's own files are, and how a config's relative paths resolve: against the project root,
+the folder holding pyproject.toml, from whatever folder quantgate runs in."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import AfterValidator
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+HISTORY_DB = PROJECT_ROOT / "runs" / "history.sqlite"
+DASHBOARD = PROJECT_ROOT / "runs" / "dashboard.html"
+RECIPES_DIR = PROJECT_ROOT / "configs" / "recipes"
+DATA_DIR = PROJECT_ROOT / "data"  # the shipped evaluation and probe data (data/README.md)
+DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "default.yaml"
+
+def rooted(path: Path) -> Path:
+    """A config's relative path, resolved against the project root: the same files from any working directory."""
+    return path if path.is_absolute() else PROJECT_ROOT / path
+
+
+Rooted = Annotated[Path, AfterValidator(rooted)]

@@ -1,0 +1,210 @@
+"""The run's report (report.md) and its summary table, made from the record alone (metrics.json): a number that
+is not in the record is not in the report. The evaluations' columns come from their registry."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from quantgate import evaluations
+from quantgate.files import write_atomic
+from quantgate.formats import context_line, gb, kl_line, num, peak_memory, text, tower_measures
+from quantgate.plan import tower_lines
+
+STEPS = ("quantize", "validate", "evaluate", "benchmark", "publish")
+KV_CACHE_HEADER = ["model", "budget", "cache", "context tokens", "decode ms/token there", "stopped by"]
+BENCHMARK_HEADER = ["model", "load s", "host private peak", "host file-backed peak", "GPU peak load", "GPU peak infer",
+                    "prefill ms", "decode ms/token", "tokens/s", "x bandwidth floor", "decode path"]
+
+
+def scored(evaluate: dict, evaluation) -> str:
+    """An evaluation's cell: `0.412 (-0.010 [-0.020, +0.000]; -12/+8)` where it is paired with the reference."""
+    m = evaluate.get(evaluation.name, {})
+    if evaluation.metric not in m:
+        return "–"
+    if "delta_acc" not in m:
+        return format(m[evaluation.metric], evaluation.fmt)
+    low, high = m["delta_ci95"]
+    flipped = m.get("flips")  # answers lost and gained against the reference's
+    return (f"{m[evaluation.metric]:{evaluation.fmt}} ({m['delta_acc']:+.3f} [{low:+.3f}, {high:+.3f}]"
+            + (f"; -{flipped['right_to_wrong']}/+{flipped['wrong_to_right']}" if flipped else "") + ")")
+
+
+def _peak(bench: dict) -> str:
+    peak = peak_memory(bench)
+    if peak is None:
+        return "–"
+    reduction = bench["memory"].get("peak_reduction_vs_reference")
+    return gb(peak) + (f" ({reduction:+.0%})" if reduction is not None else "")
+
+
+def _decode(bench: dict) -> str:
+    latency = bench.get("latency", {})
+    if "decode_ms_per_token" not in latency:
+        return "–"
+    speedup = latency.get("speedup_vs_reference")
+    return f"{latency['decode_ms_per_token']:.2f}" + (f" ({speedup:.2f}x)" if speedup is not None else "")
+
+
+def summary_header() -> list[str]:
+    return ["recipe", "status", "real bytes", "of reference", "quantized/skipped/fallback", "verdict", "KL mean",
+            "top-1 vs ref", *[e.column() for e in evaluations.registered()], "peak memory (vs ref)",
+            "decode ms/token (speedup)", "reason or warnings"]
+
+
+def summary_rows(metrics: dict) -> list[list[str]]:
+    ref = metrics["reference"]
+    ref_bytes, ref_eval = ref.get("real_bytes"), ref.get("evaluate", {})
+    rows = [["reference", ref.get("status", "–"), gb(ref_bytes), "100%", "", "", "", "",
+             *[scored(ref_eval, e) for e in evaluations.registered()], _peak(ref.get("benchmark", {})),
+             _decode(ref.get("benchmark", {})), ""]]
+    for name, entry in metrics["recipes"].items():
+        q, v, e, b = (entry.get(step, {}) for step in ("quantize", "validate", "evaluate", "benchmark"))
+        ratio = f"{q['real_bytes'] / ref_bytes:.1%}" if q.get("real_bytes") and ref_bytes else "–"
+        counts = f"{q['quantized_modules']}/{q['skipped_modules']}/{q['fallback_modules']}" if "quantized_modules" in q else "–"
+        rows.append([name, entry["status"], gb(q.get("real_bytes")), ratio, counts, v.get("verdict", "–"),
+                     num(v.get("kl_mean"), ".4f"), num(v.get("top1_agreement"), ".3f"),
+                     *[scored(e, ev) for ev in evaluations.registered()], _peak(b), _decode(b), note(metrics, entry)])
+    return rows
+
+
+def note(metrics: dict, entry: dict) -> str:
+    """The row's reason, or its first warning and how many more."""
+    if metrics.get("base_broken"):  # said once, under the table, not in every row
+        return "not run: the base model is broken"
+    warnings = entry.get("warnings", [])
+    more = f" (+{len(warnings) - 1} more)" if len(warnings) > 1 else ""
+    return entry.get("reason") or (f"{warnings[0]}{more}" if warnings else "")
+
+
+def benches_of(metrics: dict) -> list[tuple[str, dict]]:
+    return [("reference", metrics["reference"].get("benchmark", {}))] + \
+        [(name, entry.get("benchmark", {})) for name, entry in metrics["recipes"].items()]
+
+
+def kv_cache_rows(metrics: dict) -> list[list[str]]:
+    rows = []
+    for name, b in benches_of(metrics):
+        kv = b.get("kv_cache")
+        if not kv:
+            continue
+        if kv["status"] != "ok":
+            rows.append([name, "–", "–", "–", "–", text(context_line(kv))])
+            continue
+        for kind, c in kv["caches"].items():
+            stopped = c.get("stopped_by") or c.get("reason", "")
+            rows.append([name, f"{kv['budget'] / 2**30:g} GiB", kind, num(c.get("context_tokens"), ","),
+                         num(c.get("decode_ms_per_token"), ".2f", c.get("decode_error", "–")), text(stopped)])
+    return rows
+
+
+def benchmark_rows(metrics: dict) -> list[list[str]]:
+    rows = []
+    for name, b in benches_of(metrics):
+        if "memory" not in b:
+            continue
+        m, lat = b["memory"], b["latency"]
+        rows.append([name, num(b.get("load_s"), ".1f"), gb(m["host_private_peak"]), gb(m["host_file_peak"]),
+                     gb(m["gpu_peak_load"]), gb(m["gpu_peak_infer"]), num(lat["prefill_ms"], ".1f"),
+                     num(lat["decode_ms_per_token"], ".2f"), num(lat["tokens_per_s"], ".1f"),
+                     num(lat.get("of_bandwidth_floor"), ".2f"), lat["path"]])
+    return rows
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header),
+            *["| " + " | ".join(text(c) if i == len(row) - 1 else c for i, c in enumerate(row)) + " |" for row in rows]]
+
+
+def write_report(run_dir: Path, metrics: dict) -> None:
+    """report.md and summary.png from the run's record (also `quantgate report RUN_DIR`)."""
+    from quantgate.figure import plot_run
+
+    figure = plot_run(metrics, run_dir / "summary.png")
+    write_atomic(run_dir / "report.md", render_report(metrics, figure.name if figure else None))
+
+
+def render_report(metrics: dict, figure: str | None = None) -> str:
+    model = metrics["model"]
+    lines = [f"# quantgate run {metrics['run_id']}", "",
+             f"- model: {text(model['source'])} (revision {text(model.get('revision'))}, checkpoint sha256 "
+             f"`{str(model.get('checkpoint_sha256'))[:16]}…`)",
+             f"- status: **{metrics['status']}**, {metrics['started_at']} → {metrics['finished_at']}",
+             f"- computed in {metrics['reference'].get('compute_dtype', '–')} (checkpoint "
+             f"{metrics['reference'].get('dtype', '–')}); everything the libraries printed: [run.log](run.log)", "",
+             *table(summary_header(), summary_rows(metrics))]
+    if metrics.get("base_broken"):
+        lines += ["", f"**{text(metrics['base_broken'])}.** No recipe was run: none of their verdicts could mean "
+                      "anything."]
+    if figure:
+        lines += ["", f"![MMLU delta against memory and speed]({figure})"]
+    lines += step_lines(metrics) + benchmark_lines(metrics) + kv_cache_lines(metrics)
+    tower_rows = [(name, line) for name, entry in metrics["recipes"].items()
+                  for line in tower_lines(entry.get("quantize", {}).get("towers", {}))]
+    if tower_rows:
+        lines += ["", "## Towers", ""] + [f"- {name}: {line}" for name, line in tower_rows]
+    for name, entry in metrics["recipes"].items():
+        lines += validation_lines(name, entry.get("validate", {}))
+    published = [(n, e["publish"]) for n, e in metrics["recipes"].items() if e.get("publish", {}).get("location")]
+    if published:
+        lines += ["", "## Published", ""] + [f"- {n}: {text(p['location'])}" for n, p in published]
+    lines += ["", "Steps marked not_run did not run; they carry no numbers.",
+              "Each recipe's plan (which Linear layers were quantized, skipped or left in high precision) "
+              "is in `<recipe>/plan.json`.", ""]
+    return "\n".join(lines)
+
+
+def step_lines(metrics: dict) -> list[str]:
+    model, ref = metrics["model"], metrics["reference"]
+    seconds = [("download", model.get("download", {}).get("seconds")), ("reference load", ref.get("load_s")),
+               ("reference validate", ref.get("validate_s")), ("reference evaluate", ref.get("evaluate_s")),
+               ("reference benchmark", ref.get("benchmark", {}).get("seconds"))]
+    lines = ["", "## Steps", "", "Seconds of the model's steps: "
+             + ", ".join(f"{what} {num(s, '.1f')}" for what, s in seconds) + ".",
+             "", "| recipe | " + " | ".join(STEPS) + " |", "| --- |" + " --- |" * len(STEPS)]
+    for name, entry in metrics["recipes"].items():
+        cells = [s["status"] + (f" ({s['seconds']:.1f} s)" if s.get("seconds") is not None else "")
+                 for s in (entry["steps"][step] for step in STEPS)]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def benchmark_lines(metrics: dict) -> list[str]:
+    rows = benchmark_rows(metrics)
+    if not rows:
+        return []
+    floor = next((b for b in [metrics["reference"].get("benchmark", {})] if "copy_bandwidth" in b), {})
+    lines = ["", "## Memory and latency", "",
+             "Each model in a fresh process, loaded (and quantized) as a user loads it; batch "
+             f"{floor.get('latency', {}).get('runs', [{}])[0].get('batch_size', '–')}, medians of the repeats. "
+             "Host private is RssAnon; file-backed is the memory-mapped checkpoint. The bandwidth floor is "
+             "the weight bytes read per token over the measured copy bandwidth"
+             + (f" ({floor['copy_bandwidth'] / 1e9:.0f} GB/s)." if floor else "."), "", *table(BENCHMARK_HEADER, rows)]
+    return lines + [f"- {name}: {text(d)}" for name, b in benches_of(metrics) for d in b.get("diagnostics", [])]
+
+
+def kv_cache_lines(metrics: dict) -> list[str]:
+    rows = kv_cache_rows(metrics)
+    if not rows:
+        return []
+    return ["", "## KV cache", "",
+            "The longest context (prompt and generated tokens) whose chunked prefill and decoding fit the memory "
+            "budget with the model loaded, per cache, found by prefilling until a chunk did not fit; decoding "
+            "one token at a time at that context.", "", *table(KV_CACHE_HEADER, rows),
+            *[f"- {name}: {line}" for name, b in benches_of(metrics) if (line := kl_line(b.get("kv_cache", {})))]]
+
+
+def validation_lines(name: str, v: dict) -> list[str]:
+    """A recipe's non-finite finding, greedy generations and towers' answers beside the reference's."""
+    lines = []
+    if nf := v.get("nonfinite"):
+        lines += ["", f"## {name}: non-finite", "",
+                  f"First non-finite module: `{nf['first_nonfinite_module']}` (prompt `{nf['prompt']}`; input "
+                  f"{nf.get('input_dtype')}, max |x| {nf.get('input_max_abs')}, input finite: {nf.get('input_finite')}, "
+                  f"weight finite: {nf.get('weight_finite')}); {nf['affected_count']} modules affected after it."]
+    if v.get("generations"):
+        lines += ["", f"## {name}: greedy generations", "", "| prompt | reference | " + name + " |", "| --- | --- | --- |"]
+        lines += [f"| {g['prompt']} | {text(g['reference'])} | {text(g['quantized'])} |" for g in v["generations"]]
+    for tower, t in v.get("towers", {}).items():
+        lines += ["", f"## {name}: {tower} ({t.get('verdict')})", "", tower_measures(t, "Embedding cosine") + ".", "",
+                  f"| {t['kind']} prompt | reference | {name} |", "| --- | --- | --- |"]
+        lines += [f"| {a['prompt']} | {text(a['reference'])} | {text(a['quantized'])} |" for a in t["answers"]]
+    return lines

@@ -1,0 +1,100 @@
+"""What each step returns: a typed result. The fields a later step or the flow reads are declared; the rest of a
+step's measurements ride along as extra fields, which the record keeps as they are (`figures`)."""
+from __future__ import annotations
+
+import warnings
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+Status = Literal["ok", "failed", "skipped", "error", "not_run"]
+OUTCOME = ("status", "reason", "seconds", "cached", "warnings")  # how a step ended, not what it measured
+
+
+class StepResult(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    status: Status = "ok"
+    reason: str | None = None
+    warnings: list[str] = []
+    seconds: float | None = None  # set by the runner
+    cached: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def figures(self) -> dict:
+        """What the step measured, as the record keeps it: the fields it set, without how it ended."""
+        return {k: v for k, v in self.model_dump(mode="json", exclude_unset=True).items() if k not in OUTCOME}
+
+    def view(self) -> dict:
+        """How the step ended, for the record's `steps` entry. A step that could not run here is not_run."""
+        view = {"status": "not_run" if self.status == "skipped" else self.status, "seconds": self.seconds}
+        if self.reason is not None:
+            view["reason"] = self.reason
+        if self.cached:
+            view["cached"] = True
+        return view
+
+
+class Downloaded(StepResult):
+    checkpoint: str | None = None
+    source: str | None = None
+    revision: str | None = None
+    checkpoint_sha256: str | None = None
+    base_model: str | None = None
+    license: str | None = None
+
+
+class ReferenceValidation(BaseModel):
+    """The reference's measurements on the validation prompts, cached at `path` (plain tensors)."""
+    model_config = ConfigDict(extra="allow")
+    path: str
+    cached: bool
+    nonfinite: dict | None = None
+    first_nonfinite_module: str | None = None
+    towers: dict | None = None  # the image and audio prompts' measurements, for a multimodal model
+
+
+class ReferenceEvaluation(BaseModel):
+    """The reference's evaluation summary; its per-item results are in the file at `path`."""
+    model_config = ConfigDict(extra="allow")
+    path: str | None = None
+    cached: bool = False
+    not_run: str | None = None
+
+
+with warnings.catch_warnings():
+    # The measurements are called validate and evaluate; pydantic's deprecated BaseModel.validate is the only clash.
+    warnings.simplefilter("ignore", UserWarning)
+
+    class Reference(StepResult):
+        real_bytes: int | None = None
+        dtype: str | None = None
+        compute_dtype: str | None = None
+        validate: ReferenceValidation | None = None
+        evaluate: ReferenceEvaluation | None = None
+
+
+class Quantized(StepResult):
+    checkpoint: str | None = None
+    real_bytes: int | None = None
+
+
+class Validated(StepResult):
+    verdict: Literal["pass", "warn", "fail"] | None = None
+    reasons: list[str] = []
+
+
+class Evaluated(StepResult):
+    pass
+
+
+class Benchmarked(StepResult):
+    latency: dict | None = None
+    memory: dict | None = None
+    copy_bandwidth: float | None = None
+
+
+class Published(StepResult):
+    location: str | None = None
