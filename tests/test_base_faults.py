@@ -12,7 +12,7 @@ import torch
 from quantgate import cli
 from quantgate.sources import DownloadError
 from tasks.download import download
-from tasks.validate import explain_nonfinite, nonfinite_reason
+from quantgate.nonfinite import explain_nonfinite, nonfinite_reason
 from tests.conftest import edited_copy
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -97,4 +97,4 @@ def test_a_local_checkpoint_missing_a_shard_is_refused(tiny_llama, tmp_path):
 
 def test_a_whole_local_checkpoint_is_accepted(tiny_llama, tmp_path):
     result = download(str(tiny_llama), None, str(tmp_path / "cache"), "float32")
-    assert result["checkpoint"] == str(tiny_llama) and len(result["checkpoint_sha256"]) == 64
+    assert result.checkpoint == str(tiny_llama) and len(result.checkpoint_sha256) == 64

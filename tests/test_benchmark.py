@@ -12,16 +12,20 @@ import torch
 
 from quantgate import modeling
 from quantgate.config import load_config
+from quantgate.backends import BACKENDS
+from quantgate.bench.decode import StaticDecoder, decode_eager, prompt_ids
+from quantgate.bench.fusion import fuse_projections
+from quantgate.bench.worker import diagnose
+from quantgate.measure import MemorySampler
 from quantgate.settings import BenchmarkSettings
-from tasks.benchmark import MemorySampler, benchmark, diagnose
+from tasks.benchmark import benchmark
 from tests.conftest import PROJECT
 
 SMALL = BenchmarkSettings(prompt_tokens=16, new_tokens=6, repeats=2, timeout_s=600)
 
 
-def recipe(name: str) -> dict:
-    config = load_config(PROJECT / "configs" / "default.yaml", [f"recipes=[{name}]"])
-    return config.recipes[0].model_dump(mode="json")
+def recipe(name: str):
+    return load_config(PROJECT / "configs" / "default.yaml", [f"recipes=[{name}]"]).recipes[0]
 
 
 def saved(smollm2, name: str, out: Path) -> str:
@@ -29,8 +33,8 @@ def saved(smollm2, name: str, out: Path) -> str:
     from tasks.quantize import quantize
 
     result = quantize(str(smollm2), recipe(name), "bfloat16", "cpu", str(out / name), roundtrip_min_top1=0.9)
-    assert result["status"] == "ok", result.get("reason")
-    return result["checkpoint"]
+    assert result.status == "ok", result.reason
+    return result.checkpoint
 
 
 def test_sampler_sees_a_planted_private_allocation_during_a_load(smollm2):
@@ -68,12 +72,11 @@ def test_quantized_too_late_is_diagnosed_on_both_sides():
 @pytest.fixture(scope="module")
 def measured(smollm2, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    settings = SMALL.model_dump()
-    ref = benchmark("reference", str(smollm2), None, "bfloat16", "cpu", settings, str(out / "reference"))
+    ref = benchmark("reference", str(smollm2), None, "bfloat16", "cpu", SMALL, str(out / "reference"))
     int8 = benchmark("torchao-int8-weight-only", saved(smollm2, "torchao-int8-weight-only", out),
-                     recipe("torchao-int8-weight-only"), "bfloat16", "cpu", settings, str(out / "int8"), reference=ref,
+                     recipe("torchao-int8-weight-only"), "bfloat16", "cpu", SMALL, str(out / "int8"), reference=ref,
                      base_checkpoint=str(smollm2))
-    return ref, int8
+    return ref.model_dump(), int8.model_dump()
 
 
 def test_reference_and_recipe_latency_from_one_run(measured):
@@ -113,15 +116,15 @@ def test_the_benchmark_loads_the_saved_checkpoint_and_keeps_quantize_on_load_apa
 
 def test_offloading_limits(smollm2, tmp_path):
     settings = SMALL.model_copy(update={"max_memory": {"cpu": "120MB"}, "offload_to_disk": True,
-                                        "new_tokens": 3, "repeats": 1}).model_dump()
-    ref = benchmark("reference", str(smollm2), None, "bfloat16", "cpu", settings, str(tmp_path / "ref"))
+                                        "new_tokens": 3, "repeats": 1})
+    ref = benchmark("reference", str(smollm2), None, "bfloat16", "cpu", settings, str(tmp_path / "ref")).model_dump()
     assert ref["status"] == "ok", ref.get("reason")
     assert ref["placement"]["hf_device_map_present"] and ref["placement"]["modules_by_device"]["disk"] > 0
     assert ref["latency"]["decode_ms_per_token"] > 0
     assert not (tmp_path / "ref" / "offload").exists()  # the offloaded weights are cleaned up
     # bitsandbytes refuses to put quantized modules on the CPU or disk: an error with the limit, not a crash.
     nf4 = benchmark("bnb-nf4", saved(smollm2, "bnb-nf4", tmp_path), recipe("bnb-nf4"), "bfloat16", "cpu", settings,
-                    str(tmp_path / "nf4"), base_checkpoint=str(smollm2))
+                    str(tmp_path / "nf4"), base_checkpoint=str(smollm2)).model_dump()
     assert nf4["status"] == "error"
     assert "ValueError: Some modules are dispatched on the CPU or the disk" in nf4["reason"]
     assert "'max_memory': {'cpu': '120MB'}" in nf4["reason"]
@@ -142,7 +145,6 @@ def tiny_gemma3(layer_types=("sliding_attention", "full_attention")):
 def test_static_cache_decoding_matches_eager(layer_types):
     """The GPU fast path's decode step (static cache, every layer full length, sliding windows masked
     by position) predicts the same tokens as plain decoding, here past a sliding window of 8."""
-    from tasks.benchmark import StaticDecoder, decode_eager, prompt_ids
 
     model = tiny_gemma3(layer_types)
     ids = prompt_ids(512, 2, 12, torch.device("cpu"))
@@ -172,7 +174,6 @@ def test_layers_compiled_one_at_a_time_share_a_graph_and_decode_as_eager(make):
     eager and the layers' own forwards come back after each step."""
     from torch._dynamo.utils import counters
 
-    from tasks.benchmark import StaticDecoder, decode_eager, prompt_ids
 
     model = make()
     ids = prompt_ids(512, 2, 12, torch.device("cpu"))
@@ -189,7 +190,6 @@ def test_layers_compiled_one_at_a_time_share_a_graph_and_decode_as_eager(make):
 def test_layers_with_a_wrapped_forward_are_not_compiled_one_at_a_time():
     """A layer whose forward is wrapped on the instance (as accelerate's hooks do) is refused by layers, which would
     bypass the wrapper; the benchmark then compiles the whole step."""
-    from tasks.benchmark import StaticDecoder
 
     model = tiny_gemma3()
     layer = model.model.layers[0]
@@ -204,7 +204,6 @@ def test_layers_with_a_wrapped_forward_are_not_compiled_one_at_a_time():
 def test_cuda_graph_decoding_matches_eager(scope):
     """On a GPU the decode step is captured once and replayed per token; it must keep decoding the
     same tokens as eager decoding (a graph that froze the position would repeat itself)."""
-    from tasks.benchmark import StaticDecoder, decode_eager, prompt_ids
 
     model = tiny_gemma3().cuda()
     ids = prompt_ids(512, 2, 12, torch.device("cuda"))
@@ -220,8 +219,6 @@ def test_cuda_graph_decoding_matches_eager(scope):
 
 
 def test_fused_projections_compute_what_the_separate_ones_did(monkeypatch):
-    from tasks import benchmark
-    from tasks.benchmark import StaticDecoder, decode_eager, fuse_projections, prompt_ids
 
     model = tiny_gemma3()
     ids = prompt_ids(512, 2, 12, torch.device("cpu"))
@@ -234,13 +231,15 @@ def test_fused_projections_compute_what_the_separate_ones_did(monkeypatch):
     del k_proj
     # Layer 0's replaced projection, though it refers to itself (as torchao's do), is gone before
     # layer 1 is fused: else the peak holds every layer's replaced weights at once.
-    alive_while_fusing, concat = [], benchmark.concat_weights
+    from quantgate.bench import fusion
 
-    def concat_and_look(weights):
+    alive_while_fusing, stack = [], fusion.fused_matmul
+
+    def stack_and_look(weights, bias, backend=None):
         alive_while_fusing.append(replaced() is not None)
-        return concat(weights)
+        return stack(weights, bias, backend)
 
-    monkeypatch.setattr(benchmark, "concat_weights", concat_and_look)
+    monkeypatch.setattr(fusion, "fused_matmul", stack_and_look)
     assert fuse_projections(model) == {"fused": {"q_proj+k_proj+v_proj": 2, "gate_proj+up_proj": 2}, "unfused": {},
                                          "padding_bytes_dropped": 0}
     assert not any(hasattr(layer.self_attn.q_proj, "weight") for layer in model.model.layers)
@@ -258,14 +257,13 @@ def test_compiled_fused_group_is_one_matmul():
     from torch._dynamo.utils import counters
     from torch._inductor.utils import run_and_get_code
 
-    from tasks.benchmark import fuse_projections
 
     attention = tiny_gemma3(["sliding_attention"]).model.layers[0].self_attn
     fuse_projections(attention)
     project = torch.compile(lambda x: attention.q_proj(x) + attention.k_proj(x).repeat(1, 1, 2)
                             + attention.v_proj(x).repeat(1, 1, 2), fullgraph=True)
     x = torch.randn(1, 3, 64)
-    weights = attention.q_proj.fused.weight.split([64, 32, 32])
+    weights = attention.q_proj.fused.matmul.weight.split([64, 32, 32])
     expected = x @ weights[0].T + (x @ weights[1].T).repeat(1, 1, 2) + (x @ weights[2].T).repeat(1, 1, 2)
     torch._dynamo.reset()
     with torch.no_grad():
@@ -283,14 +281,13 @@ def test_fused_tinygemm_int4_weights_match_the_separate_ones():
     the separate projections' outputs bit for bit."""
     from torchao.quantization import Int4WeightOnlyConfig, quantize_
 
-    from tasks.benchmark import fuse_projections
 
     attention = tiny_gemma3(["sliding_attention"]).model.layers[0].self_attn.to("cuda", torch.bfloat16)
     quantize_(attention, Int4WeightOnlyConfig(group_size=32, int4_packing_format="tile_packed_to_4d"))
     x = torch.randn(1, 3, 64, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
         separate = [attention.q_proj(x), attention.k_proj(x), attention.v_proj(x)]
-        assert fuse_projections(attention)["fused"] == {"q_proj+k_proj+v_proj": 1}
+        assert fuse_projections(attention, BACKENDS["torchao"])["fused"] == {"q_proj+k_proj+v_proj": 1}
         fused = [attention.q_proj(x), attention.k_proj(x), attention.v_proj(x)]
     for a, b in zip(fused, separate):
         assert torch.equal(a, b)
@@ -302,7 +299,6 @@ def test_fused_tinygemm_int4_drops_torchao_k_padding():
     the matmul runs on the true 384 columns with the same result."""
     from torchao.quantization import Int4WeightOnlyConfig, quantize_
 
-    from tasks.benchmark import fuse_projections
 
     mlp = torch.nn.Module()
     mlp.gate_proj, mlp.up_proj = torch.nn.Linear(384, 256, bias=False), torch.nn.Linear(384, 256, bias=False)
@@ -312,14 +308,14 @@ def test_fused_tinygemm_int4_drops_torchao_k_padding():
     x = torch.randn(1, 1, 384, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
         separate = [mlp.gate_proj(x), mlp.up_proj(x)]
-        fusion = fuse_projections(mlp)
+        fusion = fuse_projections(mlp, BACKENDS["torchao"])
         fused = [mlp.gate_proj(x), mlp.up_proj(x)]
     assert fusion["fused"] == {"gate_proj+up_proj": 1}
-    assert mlp.gate_proj.fused.qdata.shape[1] == 3
+    assert mlp.gate_proj.fused.matmul.qdata.shape[1] == 3
     # 512 rows lose 640 columns of 4-bit values and 5 groups of a bf16 scale and zero each.
     assert fusion["padding_bytes_dropped"] == 512 * 640 // 2 + 512 * 5 * 4
     # The dropped bytes are freed, not kept alive behind a view: each buffer owns exactly its bytes.
-    fused_weights = mlp.gate_proj.fused
+    fused_weights = mlp.gate_proj.fused.matmul
     assert all(t.untyped_storage().nbytes() == t.nbytes for t in (fused_weights.qdata, fused_weights.scale_and_zero))
     for a, b in zip(fused, separate):
         # tinygemm splits k across its warps differently for 3 k-tiles than for 8: fp32 sums reorder.
@@ -328,9 +324,9 @@ def test_fused_tinygemm_int4_drops_torchao_k_padding():
 
 def test_several_measurement_processes_give_the_median_and_their_spread(smollm2, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="quantgate.benchmark")
-    settings = SMALL.model_copy(update={"processes": 3}).model_dump()
+    settings = SMALL.model_copy(update={"processes": 3})
     result = benchmark("reference", str(smollm2), None, "bfloat16", "cpu", settings, str(tmp_path),
-                       cache_dir=str(tmp_path / "cache"))
+                       cache_dir=str(tmp_path / "cache")).model_dump()
     assert result["status"] == "ok", result.get("reason")
     # Each process compiles into the run's cache folder, where the next run finds the kernels.
     assert result["inductor_cache"] == str(tmp_path / "cache" / "inductor")

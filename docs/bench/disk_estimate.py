@@ -15,6 +15,7 @@ checkpoint = sys.argv[1] if len(sys.argv) > 1 else ".cache/quantgate/checkpoints
 with tempfile.TemporaryDirectory() as out:
     for name in CPU_RECIPES:
         t0 = time.time()
-        r = step.quantize(checkpoint, RECIPES[name].model_dump(), "bfloat16", "cpu", f"{out}/{name}", 0.9)
-        print(json.dumps({"recipe": name, "status": r["status"], "estimated": r.get("checkpoint_bytes_estimated"),
-                          "written": r.get("checkpoint_bytes"), "seconds": round(time.time() - t0, 1)}), flush=True)
+        r = step.quantize(checkpoint, RECIPES[name], "bfloat16", "cpu", f"{out}/{name}", 0.9)
+        print(json.dumps({"recipe": name, "status": r.status, "estimated": getattr(r, "checkpoint_bytes_estimated", None),
+                          "written": getattr(r, "checkpoint_bytes", None), "seconds": round(time.time() - t0, 1)}),
+              flush=True)

@@ -14,8 +14,10 @@ from transformers import AutoTokenizer
 
 from quantgate import modeling
 from quantgate.config import RunConfig
+from quantgate.evaluations.lmeval import reference_evaluation
+from quantgate.results import ReferenceEvaluation
 from quantgate.settings import EvaluateSettings
-from tasks.evaluate import evaluate, reference_evaluation
+from tasks.evaluate import evaluate
 
 run = Path(sys.argv[1])
 config = RunConfig.model_validate(yaml.safe_load((run / "config.yaml").read_text()))
@@ -39,6 +41,6 @@ print(json.dumps({"model": "reference", "seconds": round(time.time() - t0, 1), *
 recipes = {r.name: r for r in config.recipes}
 for name in sys.argv[2:]:
     t0 = time.time()
-    result = evaluate(str(run / name / "checkpoint"), recipes[name].model_dump(), reference, "cpu",
-                      settings.model_dump(), str(cache), str(cache / "recipes" / name))
-    print(json.dumps({"model": name, "seconds": round(time.time() - t0, 1), **scores(result)}), flush=True)
+    result = evaluate(str(run / name / "checkpoint"), recipes[name], ReferenceEvaluation(**reference), "cpu",
+                      settings, str(cache / "recipes" / name))
+    print(json.dumps({"model": name, "seconds": round(time.time() - t0, 1), **scores(result.model_dump())}), flush=True)

@@ -10,15 +10,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "gpu"))
-import prefect_shim  # noqa: E402,F401
 
 from lm_eval import simple_evaluate  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
 from quantgate import modeling  # noqa: E402
-from tasks.evaluate import write_task_dir  # noqa: E402
+from quantgate.evaluations.lmeval import TASKS_DIR  # noqa: E402
 
 checkpoint, n, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 device = sys.argv[4] if len(sys.argv) > 4 else "cpu"
@@ -26,7 +24,7 @@ from transformers import AutoTokenizer  # noqa: E402
 
 model = modeling.load(checkpoint, "bfloat16", device)
 tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-manager = TaskManager(include_path=str(write_task_dir(Path("/tmp/qg-probe"))))
+manager = TaskManager(include_path=str(TASKS_DIR))
 for batch_size in (1, batch):
     t0 = time.time()
     max_length = int(os.environ.get("MAX_LENGTH", 2048)) or None

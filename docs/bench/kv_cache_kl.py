@@ -10,15 +10,15 @@ import time
 import torch
 
 from quantgate import kvcache, modeling
-from tasks.benchmark import long_prompt
+from quantgate.bench.worker import long_prompt
 from tasks.download import download
 
 source = sys.argv[1]
 tokens = int(sys.argv[2]) if len(sys.argv) > 2 else 4096
 positions = int(sys.argv[3]) if len(sys.argv) > 3 else 64
 fetched = download(source, None, ".cache/quantgate", "bfloat16")
-model = modeling.load(fetched["checkpoint"], "float32", "cpu")
-ids, prompt = long_prompt(fetched["checkpoint"], tokens, model.config.vocab_size, torch.device("cpu"))
+model = modeling.load(fetched.checkpoint, "float32", "cpu")
+ids, prompt = long_prompt(fetched.checkpoint, tokens, model.config.vocab_size, torch.device("cpu"))
 for bits, kinds in ((4, ["quanto", "hqq", "fp8"]), (2, ["quanto", "hqq"])):
     t0 = time.time()
     results = kvcache.quantized_cache_kl(model, ids, kinds, 256, positions, bits)

@@ -1,6 +1,5 @@
 """The benchmark step on the GPU, as docs/BENCHMARKS.md reports it: each model in its own process,
-through tasks/benchmark.py's own measure() (Prefect is not installed on the lent machine; its
-decorator is replaced by a pass-through there, as in quantize_on_gpu.py).
+through the benchmark's own measure() (quantgate.bench.worker).
   python docs/gpu/bench_on_gpu.py CKPT_DIR reference RECIPE...   (prints one JSON line per model)
   python docs/gpu/bench_on_gpu.py child SPEC OUT                  (what each process runs)
   python docs/gpu/bench_on_gpu.py make CKPT_DIR                   (the Gemma-3-12B-shaped checkpoint)
@@ -25,16 +24,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import prefect_shim  # noqa: E402,F401
 
+from quantgate.backends import RecipeBase  # noqa: E402
+from quantgate.bench.worker import Spec  # noqa: E402
 from quantgate.config import load_config  # noqa: E402
-
+from quantgate.results import Benchmarked  # noqa: E402
 from quantgate.settings import BenchmarkSettings  # noqa: E402
 from tasks.benchmark import compare_with_reference  # noqa: E402
 
 
-def settings() -> dict:
+def settings() -> BenchmarkSettings:
     env = os.environ
     return BenchmarkSettings(prompt_tokens=int(env.get("PROMPT", 256)), new_tokens=int(env.get("NEW", 256)),
                              repeats=int(env.get("REPEATS", 5)),
@@ -43,8 +42,7 @@ def settings() -> dict:
                              coordinate_descent=env.get("CD", "1") == "1",
                              autotune_pointwise=env.get("AUTOTUNE_POINTWISE", "0") == "1",
                              decode_attention=env.get("ATTENTION", "math"),
-                             max_memory=json.loads(env["MAX_MEMORY"]) if env.get("MAX_MEMORY") else None,
-                             ).model_dump()
+                             max_memory=json.loads(env["MAX_MEMORY"]) if env.get("MAX_MEMORY") else None)
 
 
 def summary(name: str, r: dict) -> dict:
@@ -63,8 +61,8 @@ def summary(name: str, r: dict) -> dict:
                      for run in lat["runs"]]}
 
 
-def recipe_of(name: str) -> dict:
-    return load_config(ROOT / "configs" / "default.yaml", [f"recipes=[{name}]"]).recipes[0].model_dump(mode="json")
+def recipe_of(name: str) -> RecipeBase:
+    return load_config(ROOT / "configs" / "default.yaml", [f"recipes=[{name}]"]).recipes[0]
 
 
 def saved(checkpoint: str, name: str) -> str:
@@ -84,9 +82,9 @@ def quantize(checkpoint: str, name: str, out: str) -> None:
     result = step(checkpoint, recipe_of(name), "bfloat16", os.environ.get("DEVICE", "cuda"), out, 0.9)
     keys = ("status", "reason", "warnings", "real_bytes", "quantized_modules", "fallback_modules", "quantize_s",
             "save_s", "reload_s", "roundtrip")
-    print(json.dumps({"quantized": name, "process_s": round(time.time() - t0, 1), **{k: result.get(k) for k in keys}}),
-          flush=True)
-    if result["status"] != "ok":
+    print(json.dumps({"quantized": name, "process_s": round(time.time() - t0, 1),
+                      **{k: getattr(result, k, None) for k in keys}}), flush=True)
+    if result.status != "ok":
         sys.exit(1)
 
 
@@ -98,13 +96,13 @@ def capacity(checkpoint: str, names: list[str]) -> None:
     bench = BenchmarkSettings(memory_budget=env.get("BUDGET", "12GiB"), kv_cache={
         "caches": env.get("CACHES", "dynamic static offloaded quanto hqq fp8").split(),
         "prefill_chunk": int(env.get("CHUNK", 2048)), "max_context": int(env["MAX_CONTEXT"]) if env.get("MAX_CONTEXT") else None,
-        "kl_prompt_tokens": int(env.get("KL_TOKENS", 4096))}).model_dump()
+        "kl_prompt_tokens": int(env.get("KL_TOKENS", 4096))})
     for name in names:
-        recipe = None if name == "reference" else recipe_of(name)
-        spec = {"checkpoint": checkpoint if recipe is None else saved(checkpoint, name), "recipe": recipe,
-                "mode": "reference" if recipe is None else "saved", "dtype": "bfloat16", "device": "cuda",
-                "settings": bench, "out_dir": str(out / name), "measure": "kv_cache"}
-        (out / f"{name}.kv-spec.json").write_text(json.dumps(spec))
+        recipe = None if name == "reference" else recipe_of(name).model_dump(mode="json")
+        spec = Spec(checkpoint=checkpoint if recipe is None else saved(checkpoint, name), recipe=recipe,
+                    mode="reference" if recipe is None else "saved", dtype="bfloat16", device="cuda",
+                    settings=bench, out_dir=str(out / name), measure="kv_cache")
+        (out / f"{name}.kv-spec.json").write_text(spec.model_dump_json())
         t0 = time.time()
         code = subprocess.call([sys.executable, __file__, "child", str(out / f"{name}.kv-spec.json"),
                                 str(out / f"{name}.kv.json")])
@@ -123,17 +121,17 @@ def main(checkpoint: str, names: list[str]) -> None:
         print(json.dumps({"reference": "measured earlier on this machine", "decode_ms_per_token":
                           reference["latency"]["decode_ms_per_token"]}), flush=True)
     for name in names:
-        recipe = None if name == "reference" else recipe_of(name)
+        recipe = None if name == "reference" else recipe_of(name).model_dump(mode="json")
         mode = "reference" if recipe is None else os.environ.get("MODE", "quantize_on_load")
         try:
             loaded = saved(checkpoint, name) if mode == "saved" else checkpoint
         except subprocess.CalledProcessError as e:
             print(json.dumps({"model": name, "error": f"quantize: exit code {e.returncode}"}), flush=True)
             continue
-        spec = {"checkpoint": loaded, "recipe": recipe, "mode": mode, "dtype": "bfloat16",
-                "device": os.environ.get("DEVICE", "cuda"), "settings": settings(), "out_dir": str(out / name),
-                "copy_bandwidth": reference and reference["copy_bandwidth"]}
-        (out / f"{name}.spec.json").write_text(json.dumps(spec))
+        spec = Spec(checkpoint=loaded, recipe=recipe, mode=mode, dtype="bfloat16",
+                    device=os.environ.get("DEVICE", "cuda"), settings=settings(), out_dir=str(out / name),
+                    copy_bandwidth=reference and reference["copy_bandwidth"])
+        (out / f"{name}.spec.json").write_text(spec.model_dump_json())
         t0 = time.time()
         code = subprocess.call([sys.executable, __file__, "child", str(out / f"{name}.spec.json"),
                                 str(out / f"{name}.json")])
@@ -144,7 +142,7 @@ def main(checkpoint: str, names: list[str]) -> None:
         if name == "reference":
             reference = result
         elif reference:
-            compare_with_reference(result, reference)
+            compare_with_reference(result, Benchmarked(**reference))
         line = {**summary(name, result), "mode": mode}
         line["process_s"] = round(time.time() - t0, 1)
         if "speedup_vs_reference" in result["latency"]:
@@ -162,7 +160,7 @@ if __name__ == "__main__":
     elif sys.argv[1] == "capacity":
         capacity(sys.argv[2], sys.argv[3:])
     elif sys.argv[1] == "child":
-        from tasks.benchmark import main as child
+        from quantgate.bench.worker import main as child
         child(sys.argv[2], sys.argv[3])
     else:
         main(sys.argv[1], sys.argv[2:])

@@ -17,7 +17,6 @@ from torchao.quantization import Int4WeightOnlyConfig, quantize_
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import prefect_shim  # noqa: E402,F401
 from int4_gemv import int4_gemv, launch_config  # noqa: E402
 
 from quantgate.modeling import real_bytes  # noqa: E402

@@ -1,5 +1,5 @@
-"""A model larger than one GPU's limit, placed over two GPUs (issue 21), through the steps' own functions
-(Prefect shimmed out): the Gemma-3-12B-shaped checkpoint (random bf16, 23.5 GB) with model.max_memory
+"""A model larger than one GPU's limit, placed over two GPUs (issue 21), through the steps' own functions:
+the Gemma-3-12B-shaped checkpoint (random bf16, 23.5 GB) with model.max_memory
 {0: LIMIT, 1: LIMIT} so that neither GPU holds it alone; the reference loaded and its validation statistics
 measured, bnb-nf4 quantized while loading over both GPUs, saved, reloaded and validated; then the benchmark
 of the reference and of nf4, placed over both GPUs and on one GPU, eager decoding both ways (the CUDA-graph
@@ -16,16 +16,15 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import prefect_shim  # noqa: E402,F401
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from quantgate import modeling  # noqa: E402
+from quantgate import drift, modeling  # noqa: E402
+from quantgate.bench import worker  # noqa: E402
 from quantgate.config import load_config  # noqa: E402
+from quantgate.results import ReferenceValidation  # noqa: E402
 from quantgate.settings import BenchmarkSettings, ValidateSettings  # noqa: E402
-from tasks import benchmark as bench  # noqa: E402
 from tasks import quantize as quantize_step  # noqa: E402
 from tasks import validate as validate_step  # noqa: E402
 
@@ -92,34 +91,38 @@ def main(checkpoint: Path, tokenizer_dir: Path) -> None:
     load_s = time.time() - t0
     emit(step="reference load", seconds=round(load_s, 1), devices=modeling.devices_of(model), **peaks())
     t0 = time.time()
-    stats = validate_step.reference_stats(model, tokenizer, checkpoint.name, "bfloat16", Path("/tmp/mg-cache"), SETTINGS)
+    stats = drift.reference_stats(model, tokenizer, checkpoint.name, "bfloat16", Path("/tmp/mg-cache"), SETTINGS)
     emit(step="reference validate", seconds=round(time.time() - t0, 1), nonfinite=stats["nonfinite"], **peaks())
     del model
     reset()
 
-    recipe = config.recipes[0].model_dump(mode="json")
+    recipe = config.recipes[0]
     out = Path("/tmp/mg-runs/bnb-nf4")
     t0 = time.time()
     quantized = quantize_step.quantize(str(checkpoint), recipe, "bfloat16", placed, str(out), 0.9, "/tmp/mg-cache",
                                        "/tmp/mg-registry")
-    emit(step="quantize bnb-nf4", status=quantized["status"], reason=quantized.get("reason"),
-         seconds=round(time.time() - t0, 1), quantize_s=quantized.get("quantize_s"), real_bytes=quantized.get("real_bytes"),
-         roundtrip=quantized.get("roundtrip"), devices=quantized.get("devices"), **peaks())
+    emit(step="quantize bnb-nf4", status=quantized.status, reason=quantized.reason,
+         seconds=round(time.time() - t0, 1), quantize_s=getattr(quantized, "quantize_s", None),
+         real_bytes=quantized.real_bytes, roundtrip=getattr(quantized, "roundtrip", None),
+         devices=getattr(quantized, "devices", None), **peaks())
     reset()
     t0 = time.time()
-    validated = validate_step.validate(quantized["checkpoint"], recipe, stats, placed, SETTINGS.model_dump(), "bfloat16")
-    emit(step="validate bnb-nf4", verdict=validated["verdict"], kl_mean=validated["kl_mean"],
-         top1=validated["top1_agreement"], seconds=round(time.time() - t0, 1), **peaks())
+    validated = validate_step.validate(quantized.checkpoint, recipe, ReferenceValidation(**stats), placed, SETTINGS,
+                                       "bfloat16")
+    emit(step="validate bnb-nf4", verdict=validated.verdict, kl_mean=validated.kl_mean,
+         top1=validated.top1_agreement, seconds=round(time.time() - t0, 1), **peaks())
     reset()
 
     settings = BenchmarkSettings(prompt_tokens=256, new_tokens=int(os.environ.get("TOKENS", 64)), repeats=3,
-                                 fast_path="off").model_dump()
-    for name, path, spec_recipe in (("reference", str(checkpoint), None), ("bnb-nf4", quantized["checkpoint"], recipe)):
+                                 fast_path="off")
+    for name, path, spec_recipe in (("reference", str(checkpoint), None),
+                                    ("bnb-nf4", quantized.checkpoint, recipe.model_dump(mode="json"))):
         for where, device in (("two GPUs", placed), ("one GPU", "cuda")):
             t0 = time.time()
             try:
-                result = bench.measure({"checkpoint": path, "recipe": spec_recipe, "dtype": "bfloat16", "device": device,
-                                        "settings": settings, "out_dir": str(out), "mode": "saved" if spec_recipe else "reference"})
+                result = worker.measure(worker.Spec(checkpoint=path, recipe=spec_recipe, dtype="bfloat16", device=device,
+                                                    settings=settings, out_dir=str(out),
+                                                    mode="saved" if spec_recipe else "reference"))
             except Exception as e:  # the reference on one GPU fits an H200: a limit would be needed to refuse it
                 emit(benchmark=name, where=where, error=f"{type(e).__name__}: {str(e)[:200]}")
                 continue

@@ -18,13 +18,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import prefect_shim  # noqa: E402,F401
 
 import torch  # noqa: E402
 
 from quantgate import modeling  # noqa: E402
-from tasks.benchmark import StaticDecoder, decode_attention, fuse_projections, prompt_ids  # noqa: E402
+from quantgate.bench.decode import StaticDecoder, decode_attention, prompt_ids  # noqa: E402
+from quantgate.bench.fusion import fuse_projections  # noqa: E402
 
 
 def moved(model: torch.nn.Module, spacer_mb: int) -> torch.Tensor:

@@ -10,12 +10,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import prefect_shim  # noqa: E402,F401
 import torch  # noqa: E402
 
+from quantgate.backends import backend_of  # noqa: E402
+from quantgate.bench.decode import StaticDecoder, decode_attention, prompt_ids  # noqa: E402
+from quantgate.bench.fusion import fuse_projections  # noqa: E402
+from quantgate.bench.worker import Spec, loader  # noqa: E402
 from quantgate.config import load_config  # noqa: E402
-from tasks.benchmark import StaticDecoder, decode_attention, fuse_projections, loader, prompt_ids  # noqa: E402
+from quantgate.settings import BenchmarkSettings  # noqa: E402
 
 STEPS = 20
 DEVICE = os.environ.get("DEVICE", "cuda")  # DEVICE=cpu: a dry run of this script (eager, nothing to profile)
@@ -40,10 +42,11 @@ def profile(checkpoint: str, name: str) -> None:
 def _profile(checkpoint: str, name: str) -> None:
     recipe = None if name == "reference" else \
         load_config(ROOT / "configs" / "default.yaml", [f"recipes=[{name}]"]).recipes[0].model_dump(mode="json")
-    model = loader({"checkpoint": checkpoint, "recipe": recipe, "mode": "quantize_on_load", "dtype": "bfloat16",
-                    "device": DEVICE, "settings": {}, "out_dir": "/tmp"})()
-    print(json.dumps({"model": name, "sdpa": os.environ.get("SDPA", "math"), "fused": fuse_projections(model)["fused"]}),
-          flush=True)
+    model = loader(Spec(checkpoint=checkpoint, recipe=recipe, mode="quantize_on_load", dtype="bfloat16",
+                        device=DEVICE, settings=BenchmarkSettings(), out_dir="/tmp"))()
+    # The recipe's backend stacks its library's packed weights (torchao's int4), as the benchmark fuses them.
+    fused = fuse_projections(model, backend_of(recipe) if recipe else None)["fused"]
+    print(json.dumps({"model": name, "sdpa": os.environ.get("SDPA", "math"), "fused": fused}), flush=True)
     # AUTOTUNE_POINTWISE=1: as the six profiles of issue 19 ran (the step's default is off since).
     decoder = StaticDecoder(model, 1, 512, compiled=DEVICE == "cuda", graph=False,
                             autotune_pointwise=os.environ.get("AUTOTUNE_POINTWISE", "0") == "1")

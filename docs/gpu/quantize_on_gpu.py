@@ -1,8 +1,7 @@
 """What docs/BENCHMARKS.md reports from the GPU: the quantize step's real functions on CUDA.
 
-The lent GPU machine has no package registry and carries at most 64 MiB a call, so Prefect is not
-installed there; when it is missing, its decorators are replaced by pass-throughs (printed) and
-the steps' plain functions run as they do inside the flow. Usage (see run_on_gpu.sh):
+The steps are plain functions (Prefect wraps them only in flows/), called here as the flow calls
+them. Usage (see run_on_gpu.sh):
   python docs/gpu/quantize_on_gpu.py smollm2 GGUF_PATH RECIPE...
   python docs/gpu/quantize_on_gpu.py gemma3-12b-shaped CKPT_DIR RECIPE...
 With VALIDATE=1 the reference is measured once (and the scan's cost against a plain forward over
@@ -17,12 +16,15 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import prefect_shim  # noqa: E402,F401
 
 import torch  # noqa: E402
 
+from quantgate import drift, modeling  # noqa: E402
+from quantgate.backends import RecipeBase, parse_recipe  # noqa: E402
 from quantgate.config import load_config  # noqa: E402
+from quantgate.evaluations import lmeval  # noqa: E402
+from quantgate.results import ReferenceEvaluation, ReferenceValidation  # noqa: E402
+from quantgate.settings import ValidateSettings  # noqa: E402
 from tasks import quantize as step  # noqa: E402
 from tasks import evaluate as evaluation  # noqa: E402
 from tasks import validate as validation  # noqa: E402
@@ -32,13 +34,14 @@ ROOT = Path(__file__).resolve().parents[2]
 DEVICE = os.environ.get("DEVICE", "cuda")  # DEVICE=cpu LAYERS=1: a dry run of this script on a CPU
 
 
-def recipe(name: str) -> dict:
+def recipe(name: str) -> RecipeBase:
     """A recipe of configs/recipes by name; `given:PATH` is a checkpoint candidate (a folder made earlier)."""
     if name.startswith("given:"):
-        return {"method": "checkpoint", "name": "given-" + Path(name[6:]).parent.name, "source": name[6:],
-                "thresholds": load_config(ROOT / "configs" / "default.yaml", ["recipes=[torchao-int4-weight-only]"])
-                .recipes[0].thresholds.model_dump()}
-    return load_config(ROOT / "configs" / "default.yaml", [f"recipes=[{name}]"]).recipes[0].model_dump(mode="json")
+        return parse_recipe({"method": "checkpoint", "name": "given-" + Path(name[6:]).parent.name, "source": name[6:],
+                             "thresholds": load_config(ROOT / "configs" / "default.yaml",
+                                                       ["recipes=[torchao-int4-weight-only]"])
+                             .recipes[0].thresholds.model_dump()})
+    return load_config(ROOT / "configs" / "default.yaml", [f"recipes=[{name}]"]).recipes[0]
 
 
 def make_gemma3_12b_shaped(folder: Path) -> None:
@@ -74,10 +77,8 @@ def measure_reference(model, checkpoint: str, key: str) -> dict:
 
     from transformers import AutoTokenizer
 
-    from quantgate.settings import ValidateSettings
-
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    ids = [validation.encode(tokenizer, p).to(DEVICE) for p in validation.load_prompts()]
+    ids = [drift.encode(tokenizer, p).to(DEVICE) for p in drift.load_prompts()]
 
     def timed(fn) -> float:
         times = []
@@ -94,10 +95,9 @@ def measure_reference(model, checkpoint: str, key: str) -> dict:
     # REFERENCE_TIMING=0: the reference's statistics alone, without timing the scan against a plain forward.
     timing = os.environ.get("REFERENCE_TIMING", "1") != "0"
     plain = timed(lambda x: model(input_ids=x)) if timing else float("nan")
-    scanned = timed(lambda x: validation.forward_scanned(model, x)) if timing else float("nan")
+    scanned = timed(lambda x: drift.forward_scanned(model, x)) if timing else float("nan")
     t0 = time.perf_counter()
-    stats = validation.reference_stats(model, tokenizer, key, "bfloat16", Path("/tmp/qg-cache"),
-                                       ValidateSettings())
+    stats = drift.reference_stats(model, tokenizer, key, "bfloat16", Path("/tmp/qg-cache"), ValidateSettings())
     print(json.dumps({"prompts": len(ids), "tokens": sum(x.shape[1] for x in ids), "plain_forward_s": round(plain, 4),
                       "scanned_forward_s": round(scanned, 4), "scan_overhead": round(scanned / plain, 3),
                       "reference_measure_s": round(time.perf_counter() - t0, 1),
@@ -120,8 +120,8 @@ def evaluate_reference(model, checkpoint: str, key: str) -> dict:
     from transformers import AutoTokenizer
 
     t0 = time.perf_counter()
-    result = evaluation.reference_evaluation(model, AutoTokenizer.from_pretrained(checkpoint), key, "bfloat16",
-                                             Path("/tmp/qg-cache"), FULL_EVAL)
+    result = lmeval.reference_evaluation(model, AutoTokenizer.from_pretrained(checkpoint), key, "bfloat16",
+                                         Path("/tmp/qg-cache"), FULL_EVAL)
     print(json.dumps({"reference_evaluate": {"mmlu": {k: v for k, v in result["mmlu"].items() if k != "subjects"},
                                              "wikitext": result.get("wikitext"),
                                              "seconds": round(time.perf_counter() - t0, 1)}}), flush=True)
@@ -136,7 +136,7 @@ def main() -> None:
         t0 = time.time()
         fetched = download(f"gguf:{path}", None, "/tmp/qg-cache", "bfloat16")
         # The reference caches are keyed by the checkpoint's hash, as in the flow.
-        checkpoint, key = fetched["checkpoint"], fetched["checkpoint_sha256"]
+        checkpoint, key = fetched.checkpoint, fetched.checkpoint_sha256
         print(json.dumps({"converted": checkpoint, "seconds": round(time.time() - t0, 1)}), flush=True)
     else:
         checkpoint, key = str(path), path.name  # built on this machine; its caches live as long as it does
@@ -145,8 +145,8 @@ def main() -> None:
         # No Gemma tokenizer travels: SmolLM2's (49,152 ids, all inside Gemma's vocabulary) stands in.
         for f in Path(os.environ.get("TOKENIZER_DIR", "/tmp/qg-cache")).rglob("tokenizer*.json"):
             shutil.copy(f, path / f.name)
-    model = step.modeling.load(checkpoint, "bfloat16", DEVICE)
-    reference = step.modeling.real_bytes(model)
+    model = modeling.load(checkpoint, "bfloat16", DEVICE)
+    reference = modeling.real_bytes(model)
     print(json.dumps({"reference_real_bytes": reference}), flush=True)
     if os.environ.get("VALIDATE"):
         ref_stats = measure_reference(model, checkpoint, key)
@@ -158,24 +158,26 @@ def main() -> None:
         out = Path("/tmp/qg-out") / which / name.replace("/", "_").replace(":", "_")
         t0 = time.time()
         try:
-            result = step.quantize(checkpoint, recipe(name), "bfloat16", DEVICE, str(out), 0.95, "/tmp/qg-cache")
+            result = step.quantize(checkpoint, recipe(name), "bfloat16", DEVICE, str(out), 0.95,
+                                   "/tmp/qg-cache").model_dump()
         except Exception as e:  # the flow records these the same way
             result = {"status": "error", "reason": f"{type(e).__name__}: {str(e)[:400]}"}
         result["seconds"] = round(time.time() - t0, 1)
         if os.environ.get("VALIDATE") and result["status"] == "ok":
             t1 = time.time()
-            checked = validation.validate(result["checkpoint"], recipe(name), ref_stats, DEVICE, {})
-            result["validate"] = {k: checked.get(k) for k in (
+            checked = validation.validate(result["checkpoint"], recipe(name), ReferenceValidation(**ref_stats), DEVICE,
+                                          ValidateSettings())
+            result["validate"] = {k: getattr(checked, k, None) for k in (
                 "verdict", "reasons", "first_nonfinite_module", "kl_mean", "kl_p99", "top1_agreement", "top5_overlap",
                 "tokens", "max_divergence_layer", "kernel", "compute_dtype")}
             result["validate"]["seconds"] = round(time.time() - t1, 1)
         if os.environ.get("EVALUATE") and result["status"] == "ok":
             t1 = time.time()
-            scored = evaluation.evaluate(result["checkpoint"], recipe(name), ref_eval, DEVICE, FULL_EVAL.model_dump(),
-                                         "/tmp/qg-cache", str(out))
-            result["evaluate"] = {"mmlu": {k: v for k, v in scored["mmlu"].items() if k != "subjects"},
-                                  "wikitext": scored.get("wikitext"), "seconds": round(time.time() - t1, 1)}
-        if "real_bytes" in result:
+            scored = evaluation.evaluate(result["checkpoint"], recipe(name), ReferenceEvaluation(**ref_eval), DEVICE,
+                                         FULL_EVAL, str(out))
+            result["evaluate"] = {"mmlu": {k: v for k, v in scored.mmlu.items() if k != "subjects"},
+                                  "wikitext": getattr(scored, "wikitext", None), "seconds": round(time.time() - t1, 1)}
+        if result.get("real_bytes") is not None:
             result["of_reference"] = round(result["real_bytes"] / reference, 4)
         result.pop("checkpoint", None)
         print(json.dumps({"model": which, "recipe": name, **result}), flush=True)

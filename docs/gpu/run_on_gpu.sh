@@ -66,10 +66,10 @@ case "$1" in
      ckpt=$(dirname "$(ls /tmp/qg-cache/checkpoints/*/config.json | grep -i gemma | head -1)")
      timeout "${PROBE_S:-300}" python3 docs/bench/gemma_perplexity_probe.py "$ckpt" "${DOCS:-62}" 8 cuda 2>"$OUT/probe.err" | tee "$OUT/probe.jsonl"
      grep -E "Error|error" "$OUT/probe.err" | tail -5 ;;
-  # The gpu-marked tests (pytest travels in .gpu/b; Prefect is shimmed), and the checkpoint for bench.
+  # The gpu-marked tests (pytest travels in .gpu/b; the steps import no Prefect), and the checkpoint for bench.
   gtest) install .gpu/b/*.whl
      python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-     PYTHONPATH=/tmp/site:docs/gpu timeout 300 python3 -m pytest -p prefect_shim -q -rs -m gpu tests/test_benchmark.py 2>&1 | tail -15
+     timeout 300 python3 -m pytest -q -rs -m gpu tests/test_benchmark.py 2>&1 | tail -15
      g3_checkpoint ;;
   # The benchmark step (issue 4) on the Gemma-3-12B-shaped checkpoint, carrying .gpu/b (pydantic,
   # torchao and bitsandbytes wheels): each model in its own process, 256 in / 256 out, batch 1.
@@ -229,7 +229,7 @@ for line in sys.stdin:
      echo "elapsed $(( $(date +%s) - $(cat /tmp/flow.start) )) s, exit code $(cat /tmp/flow.rc 2>/dev/null || echo running)"
      tail -25 /tmp/flow.log; cp /tmp/flow.log "$OUT/"
      run=$(ls -td /tmp/qg-runs/*/ 2>/dev/null | head -1); [ -n "$run" ] && cp "$run/metrics.json" "$run/report.md" "$run/run.log" "$run/summary.png" "$OUT/" 2>/dev/null ;;
-  # The gpu-marked tests, on the machine the flow's wheels went to (the real Prefect, not the shim).
+  # The gpu-marked tests, on the machine the flow's wheels went to.
   flow-gtest) site
      timeout "${TEST_S:-400}" python3 -m pytest -q -rs -m gpu tests/test_benchmark.py 2>&1 | tail -15 ;;
 esac

@@ -14,17 +14,15 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import prefect_shim  # noqa: E402,F401
 
 import torch  # noqa: E402
 
-from quantgate import modeling  # noqa: E402
+from quantgate import drift, modeling, towers  # noqa: E402
 from quantgate.config import load_config  # noqa: E402
+from quantgate.results import ReferenceValidation  # noqa: E402
 from quantgate.settings import ValidateSettings  # noqa: E402
 from quantgate.processors import load_processor  # noqa: E402
 from tasks import quantize as quantize_step  # noqa: E402
-from tasks import towers  # noqa: E402
 from tasks import validate as validate_step  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -83,8 +81,8 @@ def reference(folder: Path) -> dict:
     emit(reference_load_s=round(time.perf_counter() - t0, 1), real_bytes=modeling.real_bytes(model))
     sync()
     t0 = time.perf_counter()
-    stats = validate_step.reference_stats(model, AutoTokenizer.from_pretrained(folder), folder.name, "bfloat16",
-                                          Path("/tmp/qg-cache"), SETTINGS)
+    stats = drift.reference_stats(model, AutoTokenizer.from_pretrained(folder), folder.name, "bfloat16",
+                                  Path("/tmp/qg-cache"), SETTINGS)
     sync()
     t1 = time.perf_counter()
     cache = Path("/tmp/qg-cache") / f"{folder.name}-{towers.cache_name()}"
@@ -92,7 +90,7 @@ def reference(folder: Path) -> dict:
     stats["towers"] = towers.reference_towers(model, load_processor(folder), cache, SETTINGS.max_new_tokens)
     sync()
     t2 = time.perf_counter()
-    emit(cached=cached, reference_text_pass_s=round(t1 - t0, 2), text_prompts=len(validate_step.load_prompts()),
+    emit(cached=cached, reference_text_pass_s=round(t1 - t0, 2), text_prompts=len(drift.load_prompts()),
          reference_tower_pass_s=round(t2 - t1, 2), image_prompts=len(towers.prompts("image")),
          max_new_tokens=SETTINGS.max_new_tokens, gpu_peak=torch.cuda.max_memory_allocated() if DEVICE == "cuda" else None)
     del model
@@ -109,18 +107,18 @@ def run_recipe(folder: Path, ref: dict, skip: list[str]) -> None:
     r = recipe(skip)
     out = Path("/tmp/qg-out") / r.name
     t0 = time.time()
-    quantized = quantize_step.quantize(str(folder), r.model_dump(), "bfloat16", DEVICE, str(out), 0.95, "/tmp/qg-cache")
-    emit(recipe=r.name, quantize_status=quantized["status"], quantize_s=round(time.time() - t0, 1),
-         real_bytes=quantized.get("real_bytes"), towers_plan=quantized.get("towers"))
-    if quantized["status"] != "ok":
-        emit(recipe=r.name, reason=quantized.get("reason"))
+    quantized = quantize_step.quantize(str(folder), r, "bfloat16", DEVICE, str(out), 0.95, "/tmp/qg-cache")
+    emit(recipe=r.name, quantize_status=quantized.status, quantize_s=round(time.time() - t0, 1),
+         real_bytes=quantized.real_bytes, towers_plan=getattr(quantized, "towers", None))
+    if quantized.status != "ok":
+        emit(recipe=r.name, reason=quantized.reason)
         return
     t0 = time.time()
-    checked = validate_step.validate(quantized["checkpoint"], r.model_dump(), ref, DEVICE, SETTINGS.model_dump())
+    checked = validate_step.validate(quantized.checkpoint, r, ReferenceValidation(**ref), DEVICE, SETTINGS)
     tower = {name: {k: v for k, v in t.items() if k != "answers"} | {"answers": t["answers"][:6]}
-             for name, t in checked.get("towers", {}).items()}
-    emit(recipe=r.name, validate_s=round(time.time() - t0, 1), verdict=checked["verdict"], reasons=checked["reasons"],
-         text={k: checked.get(k) for k in ("kl_mean", "kl_p99", "top1_agreement", "first_nonfinite_module")},
+             for name, t in getattr(checked, "towers", {}).items()}
+    emit(recipe=r.name, validate_s=round(time.time() - t0, 1), verdict=checked.verdict, reasons=checked.reasons,
+         text={k: getattr(checked, k, None) for k in ("kl_mean", "kl_p99", "top1_agreement", "first_nonfinite_module")},
          towers=tower)
     shutil.rmtree(out, ignore_errors=True)
     torch.cuda.empty_cache()

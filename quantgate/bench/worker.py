@@ -125,7 +125,7 @@ def measure(spec: Spec) -> dict:
             return {"real_bytes": at_load, "load_s": round(load_s, 2), "largest_shard": shard,
                     "memory": {**load, "host_private_baseline": sampler.baseline["RssAnon"]},
                     "diagnostics": diagnostics}
-        inferred = generate_measured(model, spec, sampler)
+        inferred = generate_measured(model, spec, sampler, load_s)
         if grown := growth(at_load, inferred["real_bytes"], "model"):
             diagnostics.append(grown)
         return {"real_bytes_at_load": at_load, "load_s": round(load_s, 2), **inferred, "largest_shard": shard,
@@ -137,7 +137,7 @@ def measure(spec: Spec) -> dict:
         sampler.close()
 
 
-def generate_measured(model, spec: Spec, sampler: MemorySampler) -> dict:
+def generate_measured(model, spec: Spec, sampler: MemorySampler, load_s: float) -> dict:
     """Latency, with the memory of generating sampled as the phase `infer`."""
     device = modeling.model_device(model)
     bandwidth = spec.copy_bandwidth or copy_bandwidth(device)
@@ -145,8 +145,8 @@ def generate_measured(model, spec: Spec, sampler: MemorySampler) -> dict:
         first_forward(model, device)
         real = modeling.real_bytes(model)  # what it runs in: a library may expand its weights on the first forward
         per_token = weight_bytes_per_token(model, real)
-        log.info("benchmark: real bytes %.3f GB, floor %.3f ms/token at %.0f GB/s", real / 1e9,
-                 per_token / bandwidth * 1000, bandwidth / 1e9)
+        log.info("benchmark: loaded in %.1f s, real bytes %.3f GB, floor %.3f ms/token at %.0f GB/s", load_s,
+                 real / 1e9, per_token / bandwidth * 1000, bandwidth / 1e9)
         latency = measure_latency(model, spec.settings, per_token, bandwidth, backend_for(spec))
     return {"real_bytes": real, "latency": latency, "copy_bandwidth": bandwidth, "weight_bytes_per_token": per_token,
             "placement": modeling.devices_of(model), "device": str(device)}

@@ -76,7 +76,7 @@ def cached_results(path: Path) -> dict | None:
     try:
         results = json.loads(path.read_text())
         paired = {e.name: e.paired for e in evaluations.registered() if e.paired}
-        if isinstance(results, dict) and "mmlu" in results and all(
+        if isinstance(results, dict) and results and all(
                 isinstance(results[name].get(field), dict) for name, field in paired.items() if name in results):
             return results
         problem = "no per-question results"
