@@ -96,8 +96,13 @@ def report(args) -> int:
     if not (run_dir / "metrics.json").is_file():
         print(f"{run_dir}: not a run directory (no metrics.json)", file=sys.stderr)
         return 2
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    write_report(run_dir, metrics)
+    try:
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        write_report(run_dir, metrics)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # cut short, or a run that never got that far
+        print(f"{run_dir / 'metrics.json'}: not a complete run record ({type(e).__name__}: {e}); nothing rendered",
+              file=sys.stderr)
+        return 2
     for name, entry in metrics["recipes"].items():
         if "quantize" in entry:
             where = entry.get("publish", {}).get("location") or str(run_dir / name / "checkpoint")

@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from quantgate import checkpoint
-from quantgate.files import manifest, sha256_file, write_json
+from quantgate.files import foreign_entries, manifest, sha256_file, write_json
 from quantgate.sources import HUB_PATTERNS, PACKAGED_GGUF, DownloadError, Source, gguf_path, parse_source
 from quantgate.runlog import SHOWN
 
@@ -109,7 +109,7 @@ def fetch(source: Source, cache_dir: Path, dtype: str) -> None:
         if not (Path(source.ref) / "config.json").is_file():
             raise DownloadError(f"{source.ref}: not a checkpoint folder (no config.json)")
         if found := checkpoint.problems(Path(source.ref)):  # refused before any model loads from it
-            raise DownloadError("the local checkpoint is damaged: " + "; ".join(found))
+            raise DownloadError("the local checkpoint is refused: " + "; ".join(found))
         write_manifest(Path(source.ref), manifest_path(source, cache_dir), source, {})
         return
     target = checkpoint_dir(source, cache_dir)
@@ -137,6 +137,9 @@ def fetched(source: str, revision: str | None, cache_dir: str, dtype: str) -> di
     facts."""
     src = parse_source(source, revision)
     cache = Path(cache_dir)
+    # Every time, not only when the manifest differs: a link added after a clean download changes no hash.
+    if (folder := checkpoint_dir(src, cache)).is_dir() and (found := foreign_entries(folder)):
+        raise DownloadError("the checkpoint is refused: " + "; ".join(f"{folder}/{line}" for line in found))
     problems = intact(src, cache)
     if problems:
         log.info("fetching %s: %s", src.text, problems[0], extra=SHOWN)

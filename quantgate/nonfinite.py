@@ -118,7 +118,7 @@ def _statistics(module: torch.nn.Module, inputs, outs: list[torch.Tensor]) -> di
             "input_finite": all(bool(torch.isfinite(t).all()) for t in ins),
             "output_nan": any(bool(torch.isnan(t).any()) for t in outs),
             "output_inf": any(bool(torch.isinf(t).any()) for t in outs),
-            "weight_finite": _weight_finite(module)}
+            "weight_finite": _weight_finite(module), "nonfinite_tensors": nonfinite_tensors(module)}
 
 
 def _weight_finite(module: torch.nn.Module) -> bool | None:
@@ -129,6 +129,18 @@ def _weight_finite(module: torch.nn.Module) -> bool | None:
         return bool(torch.isfinite(weight.float()).all())
     except (RuntimeError, TypeError, NotImplementedError):  # packed or subclass weights: not readable this way
         return None
+
+
+def nonfinite_tensors(module: torch.nn.Module) -> list[str]:
+    """The module's own stored tensors (weights, scales, zero points) that hold NaN or Inf, by name."""
+    found = []
+    for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+        try:
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor.float()).all()):
+                found.append(name)
+        except (RuntimeError, TypeError, NotImplementedError):  # packed or subclass tensors
+            continue
+    return found
 
 
 @torch.no_grad()
@@ -146,7 +158,9 @@ def explain_nonfinite(model, ids: torch.Tensor) -> dict | None:
 
 def nonfinite_reason(nonfinite: dict) -> str:
     """Where the output went non-finite and, for an overflow, where the huge values came from."""
-    text = f"non-finite output from {nonfinite['first_nonfinite_module']} on"
+    text = f"non-finite output from {nonfinite['first_nonfinite_module']} onward"
+    if stored := nonfinite.get("nonfinite_tensors"):
+        return text + f" (its stored {', '.join(stored)} {'holds' if len(stored) == 1 else 'hold'} NaN or Inf)"
     if nonfinite.get("weight_finite") is False:
         return text + " (its weight holds NaN or Inf)"
     source = nonfinite.get("produced_by")

@@ -131,11 +131,16 @@ def save(model: torch.nn.Module, recipe: RecipeBase, tokenizer, out: Path, sourc
     then renamed."""
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    backend_of(recipe).save(model, recipe, tmp)
-    tokenizer.save_pretrained(tmp)
-    for name in PROCESSOR_FILES:
-        if source is not None and (source / name).is_file():
-            shutil.copy(source / name, tmp / name)
+    try:
+        backend_of(recipe).save(model, recipe, tmp)
+        tokenizer.save_pretrained(tmp)
+        for name in PROCESSOR_FILES:
+            if source is not None and (source / name).is_file():
+                shutil.copy(source / name, tmp / name)
+    except OSError as e:  # a full disk after the check passed (another writer), a vanished folder: nothing half-kept
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(e.errno, f"saving the checkpoint to {out} failed ({e.strerror or e}); the partial files were "
+                               "removed") from None
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
 

@@ -187,10 +187,6 @@ def test_download_refuses_a_local_checkpoint_with_a_link_and_caches_nothing_of_i
     assert len(digest) == 64
 
 
-@pytest.mark.xfail(strict=True, reason="the download step (quantgate/fetching.py: fetched(), formerly tasks/download.py: "
-                                       "download()) checks a local folder only when its cached manifest does not "
-                                       "match, so a link added after a clean download is not seen. Fix: run "
-                                       "foreign_entries on a local folder on every download; then drop this mark.")
 def test_a_link_added_after_a_clean_download_is_refused_on_the_next(tmp_path, secret):
     download = download_step()
     folder = tiny_checkpoint(tmp_path / "mine")

@@ -16,6 +16,7 @@ with tempfile.TemporaryDirectory() as out:
     for name in CPU_RECIPES:
         t0 = time.time()
         r = step.quantize(checkpoint, RECIPES[name], "bfloat16", "cpu", f"{out}/{name}", 0.9)
-        print(json.dumps({"recipe": name, "status": r.status, "estimated": getattr(r, "checkpoint_bytes_estimated", None),
+        print(json.dumps({"recipe": name, "status": r.status,
+                          "estimated": getattr(r, "checkpoint_bytes_estimated", None),
                           "written": getattr(r, "checkpoint_bytes", None), "seconds": round(time.time() - t0, 1)}),
               flush=True)

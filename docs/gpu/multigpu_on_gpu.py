@@ -120,8 +120,8 @@ def main(checkpoint: Path, tokenizer_dir: Path) -> None:
         for where, device in (("two GPUs", placed), ("one GPU", "cuda")):
             t0 = time.time()
             try:
-                result = worker.measure(worker.Spec(checkpoint=path, recipe=spec_recipe, dtype="bfloat16", device=device,
-                                                    settings=settings, out_dir=str(out),
+                result = worker.measure(worker.Spec(checkpoint=path, recipe=spec_recipe, dtype="bfloat16",
+                                                    device=device, settings=settings, out_dir=str(out),
                                                     mode="saved" if spec_recipe else "reference"))
             except Exception as e:  # the reference on one GPU fits an H200: a limit would be needed to refuse it
                 emit(benchmark=name, where=where, error=f"{type(e).__name__}: {str(e)[:200]}")

@@ -159,7 +159,7 @@ def main() -> None:
         t0 = time.time()
         try:
             result = step.quantize(checkpoint, recipe(name), "bfloat16", DEVICE, str(out), 0.95,
-                                   "/tmp/qg-cache").model_dump()
+                                   "/tmp/qg-cache").record()
         except Exception as e:  # the flow records these the same way
             result = {"status": "error", "reason": f"{type(e).__name__}: {str(e)[:400]}"}
         result["seconds"] = round(time.time() - t0, 1)
@@ -177,7 +177,7 @@ def main() -> None:
                                          FULL_EVAL, str(out))
             result["evaluate"] = {"mmlu": {k: v for k, v in scored.mmlu.items() if k != "subjects"},
                                   "wikitext": getattr(scored, "wikitext", None), "seconds": round(time.time() - t1, 1)}
-        if result.get("real_bytes") is not None:
+        if "real_bytes" in result:
             result["of_reference"] = round(result["real_bytes"] / reference, 4)
         result.pop("checkpoint", None)
         print(json.dumps({"model": which, "recipe": name, **result}), flush=True)
