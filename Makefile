@@ -1,5 +1,6 @@
 # make run   — set up .venv if needed and run the default job (SmolLM2 from PyPI, Prefect's local server)
-# make test  — set up .venv if needed and run the tests
+# make test  — set up .venv if needed and run the tests, both tiers (what CI runs)
+# make test-fast — the fast tier only: plain functions, tiny random models, the golden run record
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 CONFIG ?= configs/default.yaml
@@ -8,7 +9,7 @@ CONFIG ?= configs/default.yaml
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test plan clean-runs
+.PHONY: run test test-fast plan clean-runs
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -33,6 +34,9 @@ plan: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -rs --durations=15 tests
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -rs -m fast --durations=10 tests
 
 clean-runs:
 	rm -rf runs

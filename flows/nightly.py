@@ -12,7 +12,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from flows.quantize_model import quantize_model
-from quantgate import dashboard, history
+from quantgate import dashboard, gate, history
 from quantgate.config import load_nightly
 from quantgate.paths import PROJECT_ROOT
 
@@ -58,27 +58,16 @@ def cell_runs(matrix, nightly_id: str) -> list[dict]:
 @flow(name="nightly")
 def nightly(matrix: str = str(PROJECT_ROOT / "configs" / "nightly.yaml")) -> str:
     config = load_nightly(matrix)
-    log = get_run_logger()
     nightly_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
     runs = cell_runs(config, nightly_id)
     recorded = history.nightly_runs(config.history_db, nightly_id)
-    results = [cell for run_id in recorded for cell in history.gate_run(config.history_db, run_id, config.gate)]
-    missing = [r for r in runs if r["state"] != "Completed"]
+    results = [cell for run_id in recorded for cell in gate.gate_run(config.history_db, run_id, config.gate)]
+    history.set_gate(config.history_db, results)  # the dashboard shows what the gate decided
     dashboard.write(config.history_db, config.dashboard)
-
-    lines = [f"# quantgate nightly {nightly_id}", "", f"{len(runs)} cells, {len(recorded)} runs recorded; dashboard: "
-             f"`{Path(config.dashboard).resolve()}`", "", "| model | recipe | status | gate | baseline | regressions | environment changes |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
-    for c in results:
-        lines.append(f"| {c['model']} | {c['recipe']} | {c['status']} | {c['gate']} | {c['baseline_run'] or '–'} | "
-                     f"{'; '.join(c['regressions']) or '–'} | {'; '.join(c['env_changes']) or '–'} |")
-    lines += [f"- cell {r['cell']}: flow run ended {r['state']}" for r in missing]
-    summary = "\n".join(lines)
+    missing = [r for r in runs if r["state"] != "Completed"]
+    summary = gate.summary(nightly_id, runs, results, missing, Path(config.dashboard).resolve())
     create_markdown_artifact(markdown=summary, key="quantgate-nightly", description=nightly_id)
-    log.info("%s", summary)
-    regressed = [c for c in results if c["gate"] == "regressed"]
-    if regressed or missing:
-        raise RegressionError("; ".join([f"{c['model']} {c['recipe']}: {', '.join(c['regressions'])}"
-                                         + (f" (with {', '.join(c['env_changes'])})" if c["env_changes"] else "")
-                                         for c in regressed] + [f"{r['cell']}: {r['state']}" for r in missing]))
+    get_run_logger().info("%s", summary)
+    if failures := gate.failures(results, missing):
+        raise RegressionError("; ".join(failures))
     return nightly_id

@@ -64,8 +64,12 @@ def run(args) -> int:
     from quantgate.report import summary_header, summary_rows
     from quantgate.terminal import quiet
 
-    # A bad config or an unwritable output path fails here with its message, before Prefect starts.
-    writable(load_config(args.config, args.set), args.config)
+    from quantgate.plan import make_plans
+
+    # A bad config, a model that does not fit or an unwritable output path fails here, before Prefect starts.
+    config = load_config(args.config, args.set)
+    make_plans(config, args.config)
+    writable(config, args.config)
     # Imported before the terminal is quieted: Prefect sets up its console handler on import, and
     # quiet() mutes the handlers it finds.
     from flows.quantize_model import quantize_model

@@ -4,6 +4,7 @@ inline SVG, so it opens offline (no CDN, no script)."""
 from __future__ import annotations
 
 import html
+import json
 from collections import defaultdict
 from pathlib import Path
 
@@ -23,11 +24,19 @@ def trends() -> list[tuple[str, str, str]]:
 
 
 def light(cell: dict) -> str:
+    if cell.get("gate") == "regressed":  # what the nightly gate decided, whatever the run's own verdict
+        return "fail"
     if cell["status"] in ("skipped", "interrupted"):  # no verdict to light
         return "skipped"
     if cell["status"] != "passed":
         return "fail"
     return "warn" if cell["verdict"] == "warn" else "pass"
+
+
+def why(cell: dict) -> str:
+    """The cell's tooltip: its regressions where the gate found some, else its reason."""
+    regressed = json.loads(cell.get("regressions") or "[]") if cell.get("gate") == "regressed" else []
+    return "; ".join(["regressed: " + r for r in regressed] + [cell["reason"] or ""]).strip("; ")
 
 
 def sparkline(values: list[float], label: str, fmt: str, width: int = 220, height: int = 60) -> str:
@@ -79,7 +88,7 @@ def render(db: str | Path) -> str:
                 detail.append(f"{last['tower'].split('.')[-1]} cos {num(last['tower_cosine'], '.3f')}")
             links = f"<a href='{report.as_uri()}'>report</a>" + (
                 f" · <a href='{Path(last['card']).as_uri()}'>card</a>" if last["card"] else "")
-            out.append(f"<td class='cell {state}' style='background:{COLOURS[state]}' title='{html.escape(last['reason'] or '')}'>"
+            out.append(f"<td class='cell {state}' style='background:{COLOURS[state]}' title='{html.escape(why(last))}'>"
                        f"<b>{state}</b><br>{html.escape(', '.join(detail))}<br>{links}</td>")
         out.append("</tr>")
     out.append("</table><h2>Trends</h2>")

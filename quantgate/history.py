@@ -5,15 +5,16 @@ with the figures the gate and the dashboard use, and one row per cell and evalua
 evaluations are registered. `regressions` compares a cell with the last passing run of the same model and recipe."""
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
 from contextlib import closing
 from pathlib import Path
 
+import yaml
+
 from quantgate import evaluations
-from quantgate.environment import packages
-from quantgate.formats import num, peak_memory
-from quantgate.settings import GateSettings
+from quantgate.formats import peak_memory
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -28,9 +29,11 @@ CREATE TABLE IF NOT EXISTS scores (
     PRIMARY KEY (run_id, recipe, evaluation));
 """
 # Columns added since SCHEMA was first made: every database gains them on connecting.
-ADDED = {"tower": "TEXT", "tower_cosine": "REAL", "decode_spread": "REAL"}
+ADDED = {"tower": "TEXT", "tower_cosine": "REAL", "decode_spread": "REAL", "decode_spread_over": "TEXT",
+         "latency_comparable": "INTEGER", "fingerprint": "TEXT", "gate": "TEXT", "regressions": "TEXT"}
+RECORDED = ("tower", "tower_cosine", "decode_spread", "decode_spread_over", "latency_comparable", "fingerprint")
 CELL_FIELDS = ("run_id", "model", "recipe", "started_at", "status", "reason", "verdict", "nonfinite_module",
-               "kl_mean", "top1", "real_bytes", "peak_memory", "decode_ms", "speedup", "card", *ADDED)
+               "kl_mean", "top1", "real_bytes", "peak_memory", "decode_ms", "speedup", "card", *RECORDED)
 SCORE_FIELDS = ("value", "delta", "low", "high", "significant")  # a cell's `{evaluation}_{field}` keys
 
 
@@ -108,6 +111,18 @@ def worst_tower(validate: dict) -> tuple[str | None, float | None]:
     return name, cosine
 
 
+def fingerprint(config: dict, recipe: str) -> str | None:
+    """What shapes a cell's figures besides the code: the model as loaded, the recipe and the measuring steps'
+    settings (timeouts and retries left out). The gate compares a cell only with a baseline of the same."""
+    spec = next((r for r in config.get("recipes", []) if r.get("name") == recipe), None)
+    if spec is None:
+        return None
+    model = {k: config["model"].get(k) for k in ("source", "revision", "dtype", "compute_dtype", "device", "max_memory")}
+    steps = {step: {k: v for k, v in config.get("steps", {}).get(step, {}).items() if k not in ("timeout_s", "retries")}
+             for step in ("validate", "evaluate", "benchmark")}
+    return hashlib.sha256(json.dumps([model, spec, steps], sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def cell_of(metrics: dict, recipe: str, run_dir: Path) -> dict:
     entry = metrics["recipes"][recipe]
     v, b, q = (entry.get(k, {}) for k in ("validate", "benchmark", "quantize"))
@@ -120,7 +135,15 @@ def cell_of(metrics: dict, recipe: str, run_dir: Path) -> dict:
             "kl_mean": v.get("kl_mean"), "top1": v.get("top1_agreement"), "real_bytes": q.get("real_bytes"),
             "peak_memory": peak_memory(b), "decode_ms": latency.get("decode_ms_per_token"),
             "speedup": latency.get("speedup_vs_reference"), "card": str(card) if card.is_file() else None,
-            "tower": tower, "tower_cosine": tower_cosine, "decode_spread": latency.get("decode_spread")}
+            "tower": tower, "tower_cosine": tower_cosine, "decode_spread": latency.get("decode_spread"),
+            "decode_spread_over": latency.get("decode_spread_over"),
+            "latency_comparable": latency.get("comparable", True) if latency else None,
+            "fingerprint": fingerprint(_config(run_dir), recipe)}
+
+
+def _config(run_dir: Path) -> dict:
+    path = run_dir / "config.yaml"
+    return yaml.safe_load(path.read_text()) or {} if path.is_file() else {}
 
 
 def record_run(db: str | Path, run_dir: str | Path) -> str:
@@ -178,83 +201,33 @@ def run_env(db: str | Path, run_id: str) -> dict:
     return json.loads(row["env"]) if row else {}
 
 
-def last_passing(db: str | Path, model: str, recipe: str, before: str) -> dict | None:
-    """The newest passing cell of this model and recipe that started before `before` (an ISO time)."""
+def last_passing(db: str | Path, cell: dict) -> dict | None:
+    """The newest passing cell of the same model, recipe and settings (fingerprint) that started before it."""
     with closing(connect(db)) as conn:
         row = conn.execute("SELECT c.*, r.run_dir FROM cells c JOIN runs r USING (run_id) WHERE c.model = ? AND "
-                           "c.recipe = ? AND c.status = 'passed' AND c.started_at < ? "
-                           "ORDER BY c.started_at DESC LIMIT 1", (model, recipe, before)).fetchone()
+                           "c.recipe = ? AND c.fingerprint = ? AND c.status = 'passed' AND c.started_at < ? "
+                           "ORDER BY c.started_at DESC LIMIT 1",
+                           (cell["model"], cell["recipe"], cell["fingerprint"], cell["started_at"])).fetchone()
         return with_scores(conn, dict(row)) if row else None
 
 
-def env_changes(before: dict, after: dict) -> list[str]:
-    keys = ["python", *packages()]  # every distribution a registered backend or evaluation runs on
-    changes = [f"{k} {before.get(k)} → {after.get(k)}" for k in keys if before.get(k) != after.get(k)]
-    device_before, device_after = before.get("device", {}).get("name"), after.get("device", {}).get("name")
-    if device_before != device_after:
-        changes.append(f"device {device_before} → {device_after}")
-    return changes
-
-
-def _grew(now, base, fraction: float) -> bool:
-    return now is not None and base is not None and base > 0 and now > base * (1 + fraction)
-
-
-def dropped(cell: dict, evaluation) -> bool:
-    """Whether a cell's paired evaluation got worse against its reference, significantly."""
-    delta = cell.get(f"{evaluation.name}_delta") or 0
-    worse = delta < 0 if evaluation.higher_is_better else delta > 0
-    return bool(cell.get(f"{evaluation.name}_significant")) and worse
-
-
-def latency_limit(cell: dict, baseline: dict, gate: GateSettings) -> float:
-    """How far decode latency may rise before it is a regression: the gate's fraction, or the spread the two
-    runs measured (times gate.latency_spread_multiple) where that is wider, so noise fails no night."""
-    spreads = [s for s in (cell.get("decode_spread"), baseline.get("decode_spread")) if s is not None]
-    return max([gate.latency_increase] + [gate.latency_spread_multiple * s for s in spreads])
-
-
-def regressions(cell: dict, baseline: dict, gate: GateSettings) -> list[str]:
-    """What got worse from the baseline cell to this one, each in a sentence."""
-    found = []
-    if cell["status"] != "passed":
-        found.append(f"status {baseline['status']} → {cell['status']}: {cell.get('reason') or ''}".rstrip(": "))
-    if cell["nonfinite_module"]:
-        found.append(f"non-finite output, first at {cell['nonfinite_module']}")
-    for e in evaluations.registered():
-        if e.paired and dropped(cell, e) and not dropped(baseline, e):
-            low, high = cell.get(f"{e.name}_low"), cell.get(f"{e.name}_high")
-            found.append(f"significant {e.label} drop: {cell[e.name + '_delta']:+.4f}"
-                         + (f" [{low:+.4f}, {high:+.4f}]" if low is not None and high is not None else "")
-                         + f" (baseline {num(baseline.get(e.name + '_delta'), '+.4f', 'not measured')}, not significant)")
-    if _grew(cell["kl_mean"], baseline["kl_mean"], gate.kl_increase):
-        found.append(f"KL mean {baseline['kl_mean']:.4f} → {cell['kl_mean']:.4f} (more than +{gate.kl_increase:.0%})")
-    for key, label in (("real_bytes", "weight memory"), ("peak_memory", "peak memory")):
-        if _grew(cell[key], baseline[key], gate.memory_increase):
-            found.append(f"{label} {baseline[key] / 1e9:.3f} → {cell[key] / 1e9:.3f} GB "
-                         f"(+{cell[key] / baseline[key] - 1:.1%}, limit +{gate.memory_increase:.0%})")
-    limit = latency_limit(cell, baseline, gate)
-    if _grew(cell["decode_ms"], baseline["decode_ms"], limit):
-        found.append(f"decode latency {baseline['decode_ms']:.2f} → {cell['decode_ms']:.2f} ms/token "
-                     f"(+{cell['decode_ms'] / baseline['decode_ms'] - 1:.1%}, limit +{limit:.1%})")
-    return found
-
-
-def gate_run(db: str | Path, run_id: str, gate: GateSettings) -> list[dict]:
-    """Each cell of a recorded run against its baseline: verdict baseline | pass | regressed."""
-    results = []
-    env = run_env(db, run_id)
+def passing_elsewhere(db: str | Path, cell: dict) -> int:
+    """How many earlier passing cells of this model and recipe ran with other settings (not compared)."""
     with closing(connect(db)) as conn:
-        rows = [with_scores(conn, dict(r)) for r in conn.execute("SELECT * FROM cells WHERE run_id = ?", (run_id,))]
-    for cell in rows:
-        if cell["status"] in ("skipped", "interrupted"):  # nothing measured to gate
-            results.append({**cell, "gate": "skipped", "regressions": [], "baseline_run": None, "env_changes": []})
-            continue
-        baseline = last_passing(db, cell["model"], cell["recipe"], cell["started_at"])
-        if baseline is None:
-            results.append({**cell, "gate": "baseline", "regressions": [], "baseline_run": None, "env_changes": []})
-            continue
-        found = regressions(cell, baseline, gate)
-        results.append({**cell, "gate": "regressed" if found else "pass", "regressions": found,
-                        "baseline_run": baseline["run_id"], "env_changes": env_changes(run_env(db, baseline["run_id"]), env)})
-    return results
+        return conn.execute("SELECT COUNT(*) FROM cells WHERE model = ? AND recipe = ? AND status = 'passed' AND "
+                            "started_at < ? AND fingerprint IS NOT ?", (cell["model"], cell["recipe"],
+                                                                          cell["started_at"], cell["fingerprint"])
+                            ).fetchone()[0]
+
+
+def run_cells(db: str | Path, run_id: str) -> list[dict]:
+    with closing(connect(db)) as conn:
+        return [with_scores(conn, dict(r)) for r in conn.execute("SELECT * FROM cells WHERE run_id = ?", (run_id,))]
+
+
+def set_gate(db: str | Path, results: list[dict]) -> None:
+    """What the nightly gate decided of each cell, kept beside it (the dashboard shows it)."""
+    with closing(connect(db, create=True)) as conn, conn:
+        for r in results:
+            conn.execute("UPDATE cells SET gate = ?, regressions = ? WHERE run_id = ? AND recipe = ?",
+                         (r["gate"], json.dumps(r["regressions"]), r["run_id"], r["recipe"]))

@@ -9,6 +9,7 @@ import threading
 import time
 from contextlib import contextmanager
 
+import psutil
 import torch
 
 
@@ -193,3 +194,24 @@ def trim_heap() -> None:
 
 def memory_of(device: torch.device) -> GpuMemory | HostMemory:
     return GpuMemory(device) if device.type == "cuda" else HostMemory()
+
+
+BUSY_CORES = 0.5  # other processes' CPU use, in cores, past which a timing shared its machine
+
+
+def others_busy(measure):
+    """measure()'s result and how many CPU cores other processes kept busy while it ran: a figure timed on a
+    machine shared with another run (two runs at once measured 41x apart on one CPU) is not comparable."""
+    me = psutil.Process()
+
+    def busy(t) -> float:
+        return t.user + t.nice + t.system + t.irq + t.softirq + getattr(t, "steal", 0.0)
+
+    def own(t) -> float:
+        return t.user + t.system + t.children_user + t.children_system
+
+    start, system, mine = time.monotonic(), psutil.cpu_times(), me.cpu_times()
+    result = measure()
+    wall = time.monotonic() - start
+    others = busy(psutil.cpu_times()) - busy(system) - (own(me.cpu_times()) - own(mine))
+    return result, round(max(0.0, others / wall), 2) if wall > 0 else 0.0

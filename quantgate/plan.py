@@ -9,6 +9,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
+import psutil
 import torch
 
 from quantgate import modeling
@@ -200,6 +201,8 @@ def make_plans(config, config_path, skeleton: tuple | None = None) -> dict[str, 
         planned_placement(model, config)
     except PlanError as e:
         errors.append(ConfigError(config_path, f"model.{e.field}", str(e)))
+    if short := memory_shortfall(model, config):
+        errors.append(ConfigError(config_path, "model.source", short))
     for i, recipe in enumerate(config.recipes):
         try:
             backend_of(recipe).check_base(recipe, model_config, config.steps.publish.registry_dir)
@@ -209,6 +212,35 @@ def make_plans(config, config_path, skeleton: tuple | None = None) -> dict[str, 
     if errors:
         raise ConfigError.of(errors)
     return plans
+
+
+MEMORY_SPARE = 1.10  # activations, the loader's buffers and the libraries beside the weights
+
+
+def memory_shortfall(model: torch.nn.Module, config) -> str | None:
+    """Why the unquantized reference cannot be loaded here (its weights in the dtype it computes in, against the
+    memory the device has free), or None. Limits set in model.max_memory are planned_placement's to check."""
+    if config.model.max_memory:
+        return None
+    try:
+        device = modeling.resolve_device(modeling.placement(config.model.device, None))
+    except RuntimeError:  # no CUDA where the config asks for it: the flow's own error names it
+        return None
+    dtype = modeling.compute_dtype(config.model.dtype, device if isinstance(device, str) else "cuda",
+                                   config.model.compute_dtype)
+    count = sum(p.numel() for p in model.parameters())
+    needed = count * torch.empty(0, dtype=getattr(torch, dtype)).element_size()
+    if isinstance(device, str) and device.startswith("cuda"):
+        free, where = torch.cuda.mem_get_info(torch.device(device))[0], f"GPU {torch.device(device).index or 0}"
+    elif isinstance(device, str):
+        free, where = psutil.virtual_memory().available, "this host"
+    else:
+        return None  # several GPUs: planned_placement, with each GPU's own limit
+    if needed * MEMORY_SPARE <= free:
+        return None
+    return (f"the unquantized model ({count:,} parameters) needs about {needed / 1e9:.2f} GB in {dtype} to load, "
+            f"{MEMORY_SPARE - 1:.0%} more to spare, and {where} has {free / 1e9:.2f} GB available; use a machine "
+            "with more memory, or set model.max_memory with a cpu entry to offload")
 
 
 def planned_placement(model: torch.nn.Module, config) -> dict[str, int]:

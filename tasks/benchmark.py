@@ -62,6 +62,10 @@ def latency_warnings(result: dict) -> list[str]:
     if result.get("latency_caveat"):
         result["latency"]["representative_of_serving"] = False
         warnings.append(f"latency: {result['latency_caveat']}")
+    if result["latency"].get("comparable") is False:
+        warnings.append(f"latency: other processes kept {result['latency']['other_busy_cores']:.1f} CPU cores busy "
+                        "while it was measured: the machine was shared, and the figure is not comparable with "
+                        "another run's")
     for run in result["latency"]["runs"]:
         if run.get("greedy_agreement_with_eager") is not None and run["greedy_agreement_with_eager"] < 0.5:
             warnings.append(f"batch {run['batch_size']}: the fast path's greedy tokens agree with eager decoding on "

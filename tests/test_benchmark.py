@@ -2,6 +2,7 @@
 import functools
 import json
 import logging
+import os
 import time
 import types
 import weakref
@@ -340,3 +341,20 @@ def test_several_measurement_processes_give_the_median_and_their_spread(smollm2,
     assert json.loads((tmp_path / "benchmark.json").read_text())["latency"] == lat
     # Each process's account of where its time went reaches the step's log (the run's run.log).
     assert sum(r.getMessage().startswith("reference: benchmark: loaded in") for r in caplog.records) == 3
+
+
+def test_a_timing_that_shared_its_machine_says_so():
+    """Another process spinning a core while a measurement runs: others_busy sees about one core busy."""
+    import subprocess
+    import sys
+
+    from quantgate.measure import BUSY_CORES, others_busy
+
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)  # started and spinning
+        result, others = others_busy(lambda: time.sleep(2) or "measured")
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert result == "measured" and BUSY_CORES < others <= os.cpu_count() + 0.1, others

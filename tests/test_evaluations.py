@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from quantgate import evaluations, history
+from quantgate import evaluations, gate, history
 from quantgate.card import render_card
 from quantgate.config import load_config
 from quantgate.record import RunRecord
@@ -97,6 +97,6 @@ def test_a_significant_drop_of_a_registered_evaluation_is_a_regression(only_pref
             "preference_low": -0.1, "preference_high": 0.1}
     worse = {**base, "preference_delta": -0.5, "preference_significant": 1, "preference_low": -0.7,
              "preference_high": -0.3}
-    assert history.regressions(worse, base, GateSettings()) == [
+    assert gate.regressions(worse, base, GateSettings()) == [
         "significant Preference drop: -0.5000 [-0.7000, -0.3000] (baseline +0.0000, not significant)"]
-    assert history.regressions(base, base, GateSettings()) == []
+    assert gate.regressions(base, base, GateSettings()) == []

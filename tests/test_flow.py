@@ -149,3 +149,11 @@ def test_reference_computes_in_the_machines_fast_dtype(run_dir):
     assert ref["load_s"] > 0 and ref["validate_s"] > 0 and ref["evaluate_s"] > 0
     v = m["recipes"]["torchao-int8-weight-only"]["validate"]
     assert v["compute_dtype"] == ref["compute_dtype"] and v["load_s"] > 0
+
+
+def test_the_flow_records_into_its_configured_history(run_dir):
+    from quantgate import history
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    recorded = history.cells(run_dir.parent / "history.sqlite")
+    assert {c["recipe"] for c in recorded if c["run_id"] == metrics["run_id"]} == set(metrics["recipes"])

@@ -1,4 +1,4 @@
-"""Run history, the regression gate and the dashboard, on the default run's real record."""
+"""Run history, the regression gate and the dashboard, on the golden run record (a real run's, checked in)."""
 import json
 import shutil
 import subprocess
@@ -7,14 +7,14 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from quantgate import dashboard, history
+from quantgate import dashboard, gate, history
 from quantgate.settings import GateSettings
 
 
-def rerun(run_dir: Path, root: Path, run_id: str, started_at: str, change=None, env_change=None) -> Path:
+def rerun(golden_run: Path, root: Path, run_id: str, started_at: str, change=None, env_change=None) -> Path:
     """A copy of a real run as the next night's run, with a planted change to its record."""
     copy = root / run_id
-    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("checkpoint", "*.safetensors"))
+    shutil.copytree(golden_run, copy, ignore=shutil.ignore_patterns("checkpoint", "*.safetensors"))
     metrics = json.loads((copy / "metrics.json").read_text())
     metrics.update(run_id=run_id, started_at=started_at)
     if change:
@@ -28,44 +28,41 @@ def rerun(run_dir: Path, root: Path, run_id: str, started_at: str, change=None, 
 
 
 @pytest.fixture
-def db(tmp_path, run_dir):
+def db(tmp_path, golden_run):
     path = tmp_path / "history.sqlite"
-    history.record_run(path, run_dir)
+    history.record_run(path, golden_run)
     return path
 
 
-def test_every_run_is_recorded_and_listed(run_dir, db):
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+def test_every_run_is_recorded_and_listed(golden_run, db):
+    metrics = json.loads((golden_run / "metrics.json").read_text())
     cells = history.cells(db)
     assert {c["recipe"] for c in cells} == set(metrics["recipes"])
     nf4 = history.cells(db, recipe="bnb-nf4")[0]
     assert nf4["status"] == "passed" and nf4["kl_mean"] == metrics["recipes"]["bnb-nf4"]["validate"]["kl_mean"]
     assert nf4["decode_ms"] == metrics["recipes"]["bnb-nf4"]["benchmark"]["latency"]["decode_ms_per_token"]
     assert [c["recipe"] for c in history.cells(db, status="error")] == ["bnb-int8"]
-    # The flow itself records into its configured database.
-    flow_db = history.cells(run_dir.parent / "history.sqlite") if (run_dir.parent / "history.sqlite").exists() else None
-    assert flow_db is None or any(c["run_id"] == metrics["run_id"] for c in flow_db)
 
 
-def test_first_run_sets_the_baseline_and_an_identical_run_passes(run_dir, db, tmp_path):
-    first = json.loads((run_dir / "metrics.json").read_text())["run_id"]
-    assert {c["gate"] for c in history.gate_run(db, first, GateSettings())} <= {"baseline", "skipped"}
-    again = rerun(run_dir, tmp_path, "night-2", "2999-01-01T02:00:00+00:00")
+def test_first_run_sets_the_baseline_and_an_identical_run_passes(golden_run, db, tmp_path):
+    first = json.loads((golden_run / "metrics.json").read_text())["run_id"]
+    assert {c["gate"] for c in gate.gate_run(db, first, GateSettings())} <= {"baseline", "skipped"}
+    again = rerun(golden_run, tmp_path, "night-2", "2999-01-01T02:00:00+00:00")
     history.record_run(db, again)
-    results = {c["recipe"]: c for c in history.gate_run(db, "night-2", GateSettings())}
+    results = {c["recipe"]: c for c in gate.gate_run(db, "night-2", GateSettings())}
     assert results["bnb-nf4"]["gate"] == results["torchao-int8-weight-only"]["gate"] == "pass"
     assert results["bnb-nf4"]["baseline_run"] == first and results["bnb-nf4"]["env_changes"] == []
 
 
-def test_planted_regressions_are_named_with_the_environment_change(run_dir, db, tmp_path):
+def test_planted_regressions_are_named_with_the_environment_change(golden_run, db, tmp_path):
     def memory_grows(m):
         m["recipes"]["bnb-nf4"]["quantize"]["real_bytes"] = int(m["recipes"]["bnb-nf4"]["quantize"]["real_bytes"] * 1.3)
 
-    night2 = rerun(run_dir, tmp_path, "night-2", "2999-01-01T02:00:00+00:00", memory_grows,
+    night2 = rerun(golden_run, tmp_path, "night-2", "2999-01-01T02:00:00+00:00", memory_grows,
                    env_change={"transformers": "5.99.0"})
     history.record_run(db, night2)
-    nf4 = next(c for c in history.gate_run(db, "night-2", GateSettings()) if c["recipe"] == "bnb-nf4")
-    before = json.loads((run_dir / "metrics.json").read_text())["recipes"]["bnb-nf4"]["quantize"]["real_bytes"]
+    nf4 = next(c for c in gate.gate_run(db, "night-2", GateSettings()) if c["recipe"] == "bnb-nf4")
+    before = json.loads((golden_run / "metrics.json").read_text())["recipes"]["bnb-nf4"]["quantize"]["real_bytes"]
     assert nf4["gate"] == "regressed"
     assert nf4["regressions"] == [f"weight memory {before / 1e9:.3f} → {int(before * 1.3) / 1e9:.3f} GB (+30.0%, limit +5%)"]
     assert nf4["env_changes"] == ["transformers 5.23.0 → 5.99.0"]
@@ -75,9 +72,9 @@ def test_planted_regressions_are_named_with_the_environment_change(run_dir, db, 
         entry.update(status="failed", reason="validate: non-finite logits")
         entry["validate"].update(verdict="fail", first_nonfinite_module="model.layers.1.self_attn.q_proj")
 
-    night3 = rerun(run_dir, tmp_path, "night-3", "2999-01-02T02:00:00+00:00", turns_nonfinite)
+    night3 = rerun(golden_run, tmp_path, "night-3", "2999-01-02T02:00:00+00:00", turns_nonfinite)
     history.record_run(db, night3)
-    int8 = next(c for c in history.gate_run(db, "night-3", GateSettings()) if c["recipe"] == "torchao-int8-weight-only")
+    int8 = next(c for c in gate.gate_run(db, "night-3", GateSettings()) if c["recipe"] == "torchao-int8-weight-only")
     assert int8["gate"] == "regressed"
     assert "non-finite output, first at model.layers.1.self_attn.q_proj" in int8["regressions"]
     assert int8["regressions"][0] == "status passed → failed: validate: non-finite logits"
@@ -89,23 +86,23 @@ def test_planted_regressions_are_named_with_the_environment_change(run_dir, db, 
             "pass_at_1": 0.35, "n": 20, "delta_acc": -0.3, "delta_ci95": [-0.5, -0.1], "significant": True,
             "flips": {"right_to_wrong": 6, "wrong_to_right": 0, "agreement": 0.7, "mcnemar_p": 0.03125}}
 
-    history.record_run(db, rerun(run_dir, tmp_path, "night-4", "2999-01-03T02:00:00+00:00", writes_worse_code))
-    nf4 = next(c for c in history.gate_run(db, "night-4", GateSettings()) if c["recipe"] == "bnb-nf4")
+    history.record_run(db, rerun(golden_run, tmp_path, "night-4", "2999-01-03T02:00:00+00:00", writes_worse_code))
+    nf4 = next(c for c in gate.gate_run(db, "night-4", GateSettings()) if c["recipe"] == "bnb-nf4")
     assert nf4["regressions"] == ["significant HumanEval pass@1 drop: -0.3000 (baseline not measured, not significant)"]
 
 
-def test_a_database_from_before_the_tower_columns_gains_them(run_dir, tmp_path):
+def test_a_database_from_before_the_tower_columns_gains_them(golden_run, tmp_path):
     import sqlite3
 
     old = tmp_path / "old.sqlite"
     with sqlite3.connect(old) as conn:  # the tables as they were made before `tower` and `tower_cosine`
         conn.executescript(history.SCHEMA)
-    history.record_run(old, run_dir)
+    history.record_run(old, golden_run)
     assert {c["tower"] for c in history.cells(old)} == {None} and len(history.cells(old)) >= 5
 
 
-def test_dashboard_renders_the_matrix_and_trends(run_dir, db, tmp_path):
-    history.record_run(db, rerun(run_dir, tmp_path, "night-2", "2999-01-01T02:00:00+00:00"))
+def test_dashboard_renders_the_matrix_and_trends(golden_run, db, tmp_path):
+    history.record_run(db, rerun(golden_run, tmp_path, "night-2", "2999-01-01T02:00:00+00:00"))
     page = dashboard.write(db, tmp_path / "dashboard.html").read_text()
     assert page.count("<table class='matrix'>") == 1 and "http" not in page.replace("charset", "")
     assert "style='background:#2e9d4f'" in page and "style='background:#d2362f'" in page  # pass and the error
@@ -113,8 +110,8 @@ def test_dashboard_renders_the_matrix_and_trends(run_dir, db, tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed (apt install chromium)")
-def test_dashboard_in_headless_chromium(run_dir, db, tmp_path, request):
-    history.record_run(db, rerun(run_dir, tmp_path, "night-2", "2999-01-01T02:00:00+00:00"))
+def test_dashboard_in_headless_chromium(golden_run, db, tmp_path, request):
+    history.record_run(db, rerun(golden_run, tmp_path, "night-2", "2999-01-01T02:00:00+00:00"))
     page = dashboard.write(db, tmp_path / "dashboard.html")
     dom = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", page.as_uri()],
                          capture_output=True, text=True, timeout=120)
@@ -129,23 +126,64 @@ def test_dashboard_in_headless_chromium(run_dir, db, tmp_path, request):
         assert tuple(int(colour[i:i + 2], 16) for i in (1, 3, 5)) in pixels, colour
 
 
-def test_latency_is_gated_against_the_spread_measured(run_dir, tmp_path):
-    """A synthetic history: a baseline whose repeats spread by 8%; tonight's decode 12% slower is inside twice
-    that spread (noise), 25% slower is outside it (a regression), whatever the gate's flat 10%."""
-    def latency(factor, spread):
+def test_latency_is_gated_against_the_spread_measured_over_processes(golden_run, tmp_path):
+    """A synthetic history: a baseline whose fresh processes spread by 8%; tonight's decode 12% slower is inside
+    twice that spread (noise), 25% slower is outside it (a regression), whatever the gate's flat 10%. A spread of
+    one process's repeats, or a run that shared its machine, gets no latency verdict, and the gate says so."""
+    def latency(factor, spread, over="processes", comparable=True):
         def change(m):
             bench = m["recipes"]["bnb-nf4"]["benchmark"]["latency"]
-            bench.update(decode_ms_per_token=10.0 * factor, decode_spread=spread)
+            bench.update(decode_ms_per_token=10.0 * factor, decode_spread=spread, decode_spread_over=over)
+            if not comparable:
+                bench["comparable"] = False
         return change
 
-    gate = GateSettings(latency_increase=0.10, latency_spread_multiple=2.0)
-    base = rerun(run_dir, tmp_path, "base", "2999-01-01T02:00:00+00:00", latency(1.0, 0.08))
+    settings = GateSettings(latency_increase=0.10, latency_spread_multiple=2.0)
+    base = rerun(golden_run, tmp_path, "base", "2999-01-01T02:00:00+00:00", latency(1.0, 0.08))
     night = {}
-    for run_id, factor in (("inside", 1.12), ("outside", 1.25)):
+    for run_id, change in (("inside", latency(1.12, 0.01)), ("outside", latency(1.25, 0.01)),
+                           ("one-process", latency(1.5, 0.01, over="repeats")),
+                           ("shared", latency(1.5, 0.01, comparable=False))):
         db = tmp_path / f"{run_id}.sqlite"  # each night against the same baseline
         history.record_run(db, base)
-        history.record_run(db, rerun(run_dir, tmp_path, run_id, "2999-01-02T02:00:00+00:00", latency(factor, 0.01)))
-        night[run_id] = {c["recipe"]: c for c in history.gate_run(db, run_id, gate)}["bnb-nf4"]
+        history.record_run(db, rerun(golden_run, tmp_path, run_id, "2999-01-02T02:00:00+00:00", change))
+        night[run_id] = {c["recipe"]: c for c in gate.gate_run(db, run_id, settings)}["bnb-nf4"]
     assert night["inside"]["baseline_run"] == "base"
     assert not any("decode latency" in r for r in night["inside"]["regressions"])
     assert "decode latency 10.00 → 12.50 ms/token (+25.0%, limit +16.0%)" in night["outside"]["regressions"]
+    assert night["one-process"]["gate"] == "pass" and "not measured over fresh processes" in night["one-process"]["notes"][0]
+    assert night["shared"]["gate"] == "pass" and "shared the machine" in night["shared"]["notes"][0]
+
+
+def test_a_baseline_with_other_settings_is_not_compared(golden_run, db, tmp_path):
+    """The quick nightly that cried wolf: its baseline had other benchmark settings, its peak memory 20% lower."""
+    import yaml
+
+    def less_memory(m):
+        m["recipes"]["bnb-nf4"]["benchmark"]["memory"]["host_private_peak"] //= 2
+    other = rerun(golden_run, tmp_path, "other-settings", "2998-12-31T02:00:00+00:00", less_memory)
+    config = yaml.safe_load((other / "config.yaml").read_text())
+    config["steps"]["benchmark"]["prompt_tokens"] = 4096
+    (other / "config.yaml").write_text(yaml.safe_dump(config))
+    history.record_run(db, other)
+    history.record_run(db, rerun(golden_run, tmp_path, "tonight", "2999-01-01T02:00:00+00:00"))
+    nf4 = {c["recipe"]: c for c in gate.gate_run(db, "tonight", GateSettings())}["bnb-nf4"]
+    original = json.loads((golden_run / "metrics.json").read_text())["run_id"]
+    assert nf4["gate"] == "pass" and nf4["baseline_run"] == original  # the same settings' run, not the newer one
+    history.record_run(tmp_path / "alone.sqlite", tmp_path / "other-settings")
+    history.record_run(tmp_path / "alone.sqlite", tmp_path / "tonight")
+    alone = {c["recipe"]: c for c in gate.gate_run(tmp_path / "alone.sqlite", "tonight", GateSettings())}["bnb-nf4"]
+    assert alone["gate"] == "baseline" and alone["notes"] == ["1 earlier passing runs had other settings: not compared"]
+
+
+def test_the_dashboard_shows_what_the_gate_decided(golden_run, db, tmp_path):
+    def memory_grows(m):
+        m["recipes"]["bnb-nf4"]["quantize"]["real_bytes"] = int(m["recipes"]["bnb-nf4"]["quantize"]["real_bytes"] * 1.3)
+
+    history.record_run(db, rerun(golden_run, tmp_path, "night-2", "2999-01-01T02:00:00+00:00", memory_grows))
+    results = gate.gate_run(db, "night-2", GateSettings())
+    history.set_gate(db, results)
+    nf4 = history.cells(db, recipe="bnb-nf4")[0]
+    assert nf4["status"] == "passed" and nf4["gate"] == "regressed" and dashboard.light(nf4) == "fail"
+    page = dashboard.render(db)
+    assert "title='regressed: weight memory" in page

@@ -6,6 +6,7 @@ import io
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -324,3 +325,21 @@ def test_sigterm_mid_quantize_marks_the_run_interrupted_and_stops_everything(smo
     rerun = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert "run " in rerun.stdout and ": passed" in rerun.stdout
+
+
+# ---------------------------------------------------------------- a model that cannot fit
+
+def test_a_model_larger_than_the_memory_is_refused_before_any_load(tiny_llama, tmp_path, capsys):
+    """Valid shapes, hidden_size 99,999: about 45 billion parameters, planned on the meta device in a second."""
+    folder = shutil.copytree(tiny_llama, tmp_path / "huge", ignore=shutil.ignore_patterns("*.safetensors"))
+    config = json.loads((folder / "config.json").read_text())
+    config.update(hidden_size=99999, num_attention_heads=3, num_key_value_heads=1, intermediate_size=4 * 99999)
+    (folder / "config.json").write_text(json.dumps(config))
+    code = cli.main(["plan", str(DEFAULT), "--set", f"model.source={folder}", "--set", "model.dtype=float32"])
+    error = capsys.readouterr().err
+    assert code == 2 and "model.source: the unquantized model (" in error, error
+    needed, free = re.search(r"needs about ([\d.]+) GB in float32 to load.*has ([\d.]+) GB available", error).groups()
+    assert float(needed) > 100 and float(free) < float(needed)
+    code = cli.main(["run", str(DEFAULT), "--set", f"model.source={folder}", "--set", "model.dtype=float32",
+                     "--set", f"output.runs_dir={tmp_path / 'runs'}"])
+    assert code == 2 and "needs about" in capsys.readouterr().err and not (tmp_path / "runs").exists()

@@ -20,7 +20,7 @@ from quantgate.bench.decode import prompt_ids
 from quantgate.bench.latency import copy_bandwidth, measure_latency, weight_bytes_per_token
 from quantgate.files import WEIGHT_FILES, write_json
 from quantgate.loading import growth, kernel_of, load_quantized
-from quantgate.measure import MemorySampler, proc_status
+from quantgate.measure import BUSY_CORES, MemorySampler, others_busy, proc_status
 from quantgate.paths import DATA_DIR
 from quantgate.plan import kept, plan_recipe
 from quantgate.settings import BenchmarkSettings
@@ -147,7 +147,11 @@ def generate_measured(model, spec: Spec, sampler: MemorySampler, load_s: float) 
         per_token = weight_bytes_per_token(model, real)
         log.info("benchmark: loaded in %.1f s, real bytes %.3f GB, floor %.3f ms/token at %.0f GB/s", load_s,
                  real / 1e9, per_token / bandwidth * 1000, bandwidth / 1e9)
-        latency = measure_latency(model, spec.settings, per_token, bandwidth, backend_for(spec))
+        latency, others = others_busy(lambda: measure_latency(model, spec.settings, per_token, bandwidth,
+                                                              backend_for(spec)))
+    latency["other_busy_cores"] = others
+    if others > BUSY_CORES:
+        latency["comparable"] = False
     return {"real_bytes": real, "latency": latency, "copy_bandwidth": bandwidth, "weight_bytes_per_token": per_token,
             "placement": modeling.devices_of(model), "device": str(device)}
 

@@ -1,0 +1,66 @@
+"""The report, the cards and the figure, rendered again from the golden run record alone; names and descriptions
+from a model folder or a recipe are text in everything a person reads."""
+import json
+import re
+
+import yaml
+
+from quantgate import cli
+from quantgate.card import render_card
+from quantgate.report import summary_header
+
+
+def test_the_report_renders_again_from_the_record(golden_run):
+    metrics = json.loads((golden_run / "metrics.json").read_text())
+    (golden_run / "report.md").unlink(missing_ok=True)
+    assert cli.main(["report", str(golden_run)]) == 0
+    report = (golden_run / "report.md").read_text()
+    assert "| " + " | ".join(summary_header()) + " |" in report
+    for name, entry in metrics["recipes"].items():
+        row = next(line for line in report.splitlines() if line.startswith(f"| {name} | "))
+        assert f"| {entry['status']} |" in row, row
+        if "kl_mean" in entry.get("validate", {}):
+            assert f"| {entry['validate']['kl_mean']:.4f} |" in row
+    assert (golden_run / "summary.png").stat().st_size > 10_000
+    nf4 = metrics["recipes"]["bnb-nf4"]
+    card = (golden_run / "bnb-nf4" / "card.md").read_text()
+    assert f"| bnb-nf4 | {nf4['evaluate']['mmlu']['acc']:.4f} | {nf4['evaluate']['mmlu']['delta_acc']:+.4f}" in card
+    assert yaml.safe_load(card.split("---\n")[1])["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def test_a_partial_record_is_a_one_line_refusal(golden_run, capsys):
+    metrics = golden_run / "metrics.json"
+    metrics.write_text(metrics.read_text()[:200])  # cut short
+    assert cli.main(["report", str(golden_run)]) == 2
+    assert "not a complete run record (JSONDecodeError" in capsys.readouterr().err
+    metrics.write_text(json.dumps({"run_id": "x", "status": "running", "recipes": {}}))  # never got far
+    assert cli.main(["report", str(golden_run)]) == 2
+
+
+HOSTILE = "/models/`tick <img src=x onerror=alert(1)> $\\x$ [link](http://x)"
+
+
+def test_names_and_descriptions_are_text_in_the_report_card_and_figure(golden_run):
+    metrics = json.loads((golden_run / "metrics.json").read_text())
+    metrics["model"].update(source=HOSTILE, base_model=None)
+    (golden_run / "metrics.json").write_text(json.dumps(metrics))
+    config = yaml.safe_load((golden_run / "config.yaml").read_text())
+    config["recipes"][0]["description"] = "<script>alert(1)</script> ``` fenced"
+    (golden_run / "config.yaml").write_text(yaml.safe_dump(config))
+    assert cli.main(["report", str(golden_run)]) == 0
+    name = config["recipes"][0]["name"]
+    for text in ((golden_run / "report.md").read_text(), (golden_run / name / "card.md").read_text()):
+        assert "<img" not in text and "<script>" not in text and "](http://x)" not in text
+        assert "$\\x$" not in text.replace("\\$\\\\x\\$", "")  # math delimiters escaped
+    card = (golden_run / name / "card.md").read_text()
+    assert "\\<script\\>alert(1)\\</script\\>" in card
+    assert card.count("```") % 2 == 0  # the description cannot close the recipe's code block
+    assert re.search(r"\\<img src=x onerror=alert\(1\)\\>", (golden_run / "report.md").read_text())
+    assert (golden_run / "summary.png").stat().st_size > 10_000  # the title is text, not mathtext
+
+
+def test_the_card_says_what_did_not_run(golden_run):
+    metrics = json.loads((golden_run / "metrics.json").read_text())
+    failed = next(n for n, e in metrics["recipes"].items() if e["status"] != "passed" and "quantize" in e)
+    card = render_card(golden_run, failed)
+    assert "Not measured in this run (" in card
