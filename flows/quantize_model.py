@@ -19,7 +19,8 @@ from quantgate.nonfinite import nonfinite_reason
 from quantgate.paths import DEFAULT_CONFIG
 from quantgate.plan import make_plans
 from quantgate.record import RunRecord
-from quantgate.results import (Benchmarked, Downloaded, Evaluated, Published, Quantized, Reference, Validated)
+from quantgate.results import Benchmarked, Downloaded, Evaluated, Published, Quantized, Reference, Validated
+from quantgate.settle import settle
 
 
 @dataclass
@@ -38,6 +39,7 @@ def quantize_model(config_path: str = str(DEFAULT_CONFIG), overrides: list[str] 
     config = load_config(config_path, overrides or [])
     make_plans(config, config_path)  # bad skip patterns or block sizes stop here, before any download
     writable(config, config_path)  # an unwritable runs, cache or history path stops here, not after every step
+    settle(config.output.runs_dir, config.output.history_db, config.steps.publish.registry_dir)  # killed runs' leftovers
     run = RunRecord(config, config_path, nightly_id)
     try:
         with runlog.stop_on_signals(), runlog.to_file(run.dir / "run.log", ui=APILogHandler()):

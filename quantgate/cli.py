@@ -12,7 +12,7 @@ from pathlib import Path
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "quantgate")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network to send it to
 
-from quantgate import runlog  # noqa: E402
+from quantgate import runlog, watchdog  # noqa: E402
 from quantgate.history import HistoryError  # noqa: E402
 from quantgate.config import ConfigError, load_config, writable  # noqa: E402
 from quantgate.paths import DASHBOARD, DEFAULT_CONFIG, HISTORY_DB  # noqa: E402
@@ -74,6 +74,8 @@ def run(args) -> int:
     # quiet() mutes the handlers it finds.
     from flows.quantize_model import quantize_model
 
+    # Outlives a SIGKILL of this process: stops what it started and settles its record (quantgate.watchdog).
+    dog = watchdog.start(config.output.runs_dir, config.output.history_db, config.steps.publish.registry_dir)
     try:
         with quiet():
             run_dir = Path(quantize_model(config_path=str(args.config), overrides=args.set))
@@ -82,6 +84,8 @@ def run(args) -> int:
         print(f"\nstopped ({stop or 'SIGINT'}): the run is marked interrupted; {stopped} child processes stopped",
               file=sys.stderr)
         return 143 if isinstance(stop, runlog.Stopped) else 130
+    finally:
+        dog.terminate()
     metrics = json.loads((run_dir / "metrics.json").read_text())
     print()
     print(_table(summary_header(), summary_rows(metrics)))
@@ -120,6 +124,11 @@ def report(args) -> int:
 def show_history(args) -> int:
     from quantgate import history
     from quantgate.formats import num
+    from quantgate.settle import settle
+
+    if args.db.is_file():  # runs a killed process left `running` beside the history read as what they are
+        for run_id in settle(args.db.parent, args.db):
+            print(f"run {run_id}: killed before it finished; its record now says so", file=sys.stderr)
 
     rows = history.cells(args.db, model=args.model, recipe=args.recipe, status=args.status, limit=args.limit)
     print(_table(["run", "model", "recipe", "status", "verdict", "KL mean", "MMLU delta", "peak GB", "decode ms"],

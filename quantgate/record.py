@@ -2,7 +2,9 @@
 metrics.json (always written atomically), report.md and <recipe>/plan.json."""
 from __future__ import annotations
 
+import os
 import secrets
+import socket
 import shutil
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,6 +30,7 @@ class RunRecord:
         (self.dir / "config.yaml").write_text(f"# resolved from {config_path}\n" + dump_config(config))
         write_json(self.dir / "env.json", environment())
         self.metrics = {"schema": SCHEMA, "run_id": self.run_id, "status": "running", "started_at": now(),
+                        "pid": os.getpid(), "host": socket.gethostname(),
                         "finished_at": None, "config_path": str(config_path), "nightly_id": nightly_id,
                         "model": {"source": config.model.source, "revision": config.model.revision},
                         "reference": {}, "recipes": {}}
@@ -89,17 +92,8 @@ class RunRecord:
         return result.ok
 
     def interrupt(self, why: str) -> None:
-        """A stopped run (SIGINT, SIGTERM): the record says so and where each recipe had got to; half-written
-        files (*.tmp) go, so nothing in the run folder reads as finished that is not."""
-        for path in sorted(self.dir.rglob("*.tmp"), reverse=True):
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-        for entry in self.metrics["recipes"].values():
-            if entry["status"] == "pending":
-                reached = next((s for s in STEPS if entry["steps"][s]["status"] == "not_run"), STEPS[-1])
-                entry.update(status="interrupted", reason=f"the run was stopped ({why}) before {reached} finished")
-        self.metrics.update(status="interrupted", reason=f"stopped by {why}", finished_at=now())
-        self.save()
-        write_report(self.dir, self.metrics)
+        """A stopped run (SIGINT, SIGTERM): the record says so and where each recipe had got to."""
+        stop(self.dir, self.metrics, f"stopped by {why}", f"the run was stopped ({why})")
 
     def model_errored(self) -> bool:
         """Whether one of the model's own steps (download, reference, the reference's benchmark) errored."""
@@ -123,3 +117,17 @@ class RunRecord:
         self.save()
         write_report(self.dir, self.metrics)
         return self.metrics
+
+
+def stop(run_dir: Path, metrics: dict, reason: str, why: str) -> None:
+    """A run that will not finish: the record says so and where each recipe had got to; half-written files
+    (*.tmp) go, so nothing in the run folder reads as finished that is not."""
+    for path in sorted(run_dir.rglob("*.tmp"), reverse=True):
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    for entry in metrics["recipes"].values():
+        if entry["status"] == "pending":
+            reached = next((s for s in STEPS if entry["steps"][s]["status"] == "not_run"), STEPS[-1])
+            entry.update(status="interrupted", reason=f"{why} before {reached} finished")
+    metrics.update(status="interrupted", reason=reason, finished_at=now())
+    write_json(run_dir / "metrics.json", metrics)
+    write_report(run_dir, metrics)

@@ -81,7 +81,7 @@ def next_version(folder: Path) -> int:
 def publish_local(run_dir: Path, metrics: dict, recipe: str, registry: Path, forced: bool) -> dict:
     parent = under(registry, model_name(metrics), recipe)
     parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".staging-{os.getpid()}-", dir=parent))
     try:
         while True:
             version = next_version(parent)

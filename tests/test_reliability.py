@@ -343,3 +343,63 @@ def test_a_model_larger_than_the_memory_is_refused_before_any_load(tiny_llama, t
     code = cli.main(["run", str(DEFAULT), "--set", f"model.source={folder}", "--set", "model.dtype=float32",
                      "--set", f"output.runs_dir={tmp_path / 'runs'}"])
     assert code == 2 and "needs about" in capsys.readouterr().err and not (tmp_path / "runs").exists()
+
+
+# ---------------------------------------------------------------- a killed run
+
+def dead_pid() -> int:
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    return gone.pid
+
+
+def test_a_record_left_running_by_a_dead_process_is_settled(tmp_path):
+    from quantgate.settle import settle
+
+    run = record(tmp_path)
+    run.metrics["pid"] = dead_pid()
+    run.save()
+    (run.dir / "bnb-nf4" / "checkpoint.tmp").mkdir(parents=True)  # a save the kill cut short
+    staging = tmp_path / "registry" / "SmolLM2-135M-Instruct" / "bnb-nf4" / f".staging-{dead_pid()}-abc"
+    staging.mkdir(parents=True)
+    (staging / "model.safetensors").write_bytes(b"half")
+    mine = staging.with_name(f".staging-{os.getpid()}-xyz")  # a live publisher's: left alone
+    mine.mkdir()
+    db = tmp_path / "history.sqlite"
+    assert settle(tmp_path, db, tmp_path / "registry") == [run.run_id]
+    metrics = json.loads((run.dir / "metrics.json").read_text())
+    assert metrics["status"] == "interrupted" and metrics["reason"].startswith("killed: its process (")
+    assert metrics["recipes"]["bnb-nf4"]["status"] == "interrupted"
+    assert not (run.dir / "bnb-nf4" / "checkpoint.tmp").exists() and (run.dir / "report.md").is_file()
+    assert not staging.exists() and mine.exists()
+    assert history.cells(db)[0]["status"] == "interrupted"
+    assert settle(tmp_path, db, tmp_path / "registry") == []  # once
+    alive = record(tmp_path)  # this process's own run, still running: not touched
+    assert settle(tmp_path, db) == [] and json.loads((alive.dir / "metrics.json").read_text())["status"] == "running"
+
+
+def test_sigkill_mid_quantize_leaves_no_server_and_a_settled_record(smollm2, cache_dir, tmp_path):
+    runs = tmp_path / "runs"
+    argv = [sys.executable, "-m", "quantgate.cli", "run", str(DEFAULT),
+            *[a for item in (f"output.runs_dir={runs}", f"output.cache_dir={cache_dir}",
+                             f"output.history_db={runs / 'history.sqlite'}", f"steps.publish.registry_dir={tmp_path / 'reg'}",
+                             "steps.evaluate={limit: 1, batch_size: 4, wikitext_token_budget: 256}", "recipes=[bnb-nf4]")
+              for a in ("--set", item)]]
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}  # its own temporary server
+    process = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, log = time.monotonic() + 600, None
+    while time.monotonic() < deadline and process.poll() is None:
+        log = next(runs.glob("*/run.log"), None)
+        if log and "bnb-nf4: quantize started" in log.read_text():
+            break
+        time.sleep(0.05)
+    children = psutil.Process(process.pid).children(recursive=True)
+    assert process.poll() is None and len(children) >= 2  # the watchdog and the temporary Prefect server
+    process.kill()
+    process.wait()
+    gone, alive = psutil.wait_procs(children, timeout=60)
+    assert not alive, [p.cmdline() for p in alive]
+    metrics = json.loads((log.parent / "metrics.json").read_text())
+    assert metrics["status"] == "interrupted" and metrics["reason"].startswith("killed: its process")
+    assert not list(log.parent.rglob("*.tmp"))
+    assert history.cells(runs / "history.sqlite")[0]["status"] == "interrupted"
