@@ -15,7 +15,7 @@ from flows.steps import (benchmark_task, download_task, evaluate_task, publish_t
 from quantgate import history, modeling, runlog
 from quantgate.backends import RecipeBase
 from quantgate.config import RunConfig, load_config, writable
-from quantgate.nonfinite import nonfinite_reason
+from quantgate.nonfinite import nonfinite_reason, overflow_reason
 from quantgate.paths import DEFAULT_CONFIG
 from quantgate.plan import make_plans
 from quantgate.record import RunRecord
@@ -75,6 +75,9 @@ def gate_model(run: RunRecord, config: RunConfig) -> Model | None:
     if broken := reference.validate.nonfinite:
         run.set_base_broken(f"the base model is broken: its unquantized {nonfinite_reason(broken)}")
         return None
+    if overflow := reference.validate.overflow:
+        run.set_base_broken(f"the base model is broken where it is served: {overflow_reason(overflow)}")
+        return None
     benchmark = run_step(benchmark_task, steps.benchmark, Benchmarked, "model", "benchmark", name="reference",
                          checkpoint=download.checkpoint, recipe=None, dtype=model.dtype, device=device,
                          settings=steps.benchmark, out_dir=str(run.dir / "reference"), cache_dir=cache)
@@ -93,7 +96,7 @@ def gate_recipe(run: RunRecord, config: RunConfig, model: Model, recipe: RecipeB
         return
     validated = run_step(validate_task, steps.validate, Validated, name, "validate", checkpoint=quantized.checkpoint,
                          recipe=recipe, reference=model.reference.validate, device=model.device,
-                         settings=steps.validate, compute_dtype=model.compute_dtype)
+                         settings=steps.validate, compute_dtype=model.compute_dtype, served=config.model.dtype)
     if not run.set_step(name, "validate", validated):
         if validated.status == "failed" and steps.publish.force:
             publish(run, config, name)

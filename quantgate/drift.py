@@ -14,7 +14,8 @@ import torch
 
 from quantgate.files import cached_tensors, write_atomic
 from quantgate.formats import error_line
-from quantgate.nonfinite import NonFiniteScan, explain_nonfinite, first_nonfinite_layer
+from quantgate import modeling
+from quantgate.nonfinite import NonFiniteScan, explain_nonfinite, first_nonfinite_layer, serving_limit
 from quantgate.paths import DATA_DIR
 from quantgate.runlog import SHOWN
 from quantgate.settings import ValidateSettings
@@ -38,20 +39,29 @@ def encode(tokenizer, prompt: dict) -> torch.Tensor:
 
 
 @torch.no_grad()
-def forward_scanned(model, ids: torch.Tensor) -> tuple[torch.Tensor, tuple, list[str]]:
+def forward_scanned(model, ids: torch.Tensor, limit: float | None = None) -> tuple[torch.Tensor, tuple, list[str], tuple | None]:
+    """Logits, hidden states, the modules whose output went non-finite, and the first whose output passed `limit`."""
     with NonFiniteScan(model) as scan:
         out = model(input_ids=ids, output_hidden_states=True)
-    return out.logits[0].float(), out.hidden_states, scan.flagged()
+    return out.logits[0].float(), out.hidden_states, scan.flagged(), scan.beyond(limit) if limit else None
+
+
+def overflow_of(prompt: str, over: tuple | None, limit: float | None, served: str, model) -> dict | None:
+    """The record's entry for an output past the served dtype's range, or None."""
+    if over is None:
+        return None
+    return {"prompt": prompt, "module": over[0], "max_abs": over[1], "limit": limit, "dtype": served,
+            "computed": modeling.computed_dtype(model)}
 
 
 def sample_positions(length: int, count: int) -> torch.Tensor:
     return torch.linspace(0, length - 1, steps=min(count, length)).round().long().unique()
 
 
-def reference_key(checkpoint_sha256: str, dtype: str, settings: ValidateSettings) -> str:
+def reference_key(checkpoint_sha256: str, dtype: str, settings: ValidateSettings, served: str | None = None) -> str:
     prompts = hashlib.sha256(PROMPTS.read_bytes()).hexdigest()
     spec = json.dumps([checkpoint_sha256, dtype, prompts, settings.top_k, settings.hidden_positions,
-                       settings.generate_prompts, settings.max_new_tokens])
+                       settings.generate_prompts, settings.max_new_tokens] + ([served] if served else []))
     return hashlib.sha256(spec.encode()).hexdigest()[:24]
 
 
@@ -67,15 +77,18 @@ def generate(model, tokenizer, prompts: list[dict], max_new_tokens: int) -> list
     return texts
 
 
-def measure_reference(model, tokenizer, settings: ValidateSettings) -> dict:
-    """What every recipe is compared with: per prompt the top-k log-probs, sampled hidden states."""
+def measure_reference(model, tokenizer, settings: ValidateSettings, served: str | None = None) -> dict:
+    """What every recipe is compared with: per prompt the top-k log-probs, sampled hidden states; where the model
+    goes non-finite, or past the range of the dtype it is served in."""
     device = next(model.parameters()).device
-    prompts, per_prompt, nonfinite = load_prompts(), [], None
+    prompts, per_prompt, nonfinite, overflow = load_prompts(), [], None, None
+    limit = serving_limit(served, modeling.computed_dtype(model))
     for prompt in prompts:
         ids = encode(tokenizer, prompt).to(device)
-        logits, hidden, flagged = forward_scanned(model, ids)
+        logits, hidden, flagged, over = forward_scanned(model, ids, limit)
         if flagged and nonfinite is None and (found := explain_nonfinite(model, ids)):
             nonfinite = {"prompt": prompt["id"], **found}
+        overflow = overflow or overflow_of(prompt["id"], over, limit, served, model)
         logp = torch.log_softmax(logits, -1)
         top = logp.topk(settings.top_k, dim=-1)
         positions = sample_positions(ids.shape[1], settings.hidden_positions).to(device)
@@ -83,26 +96,40 @@ def measure_reference(model, tokenizer, settings: ValidateSettings) -> dict:
                            "top_idx": top.indices.cpu(), "positions": positions.cpu(),
                            "hidden": torch.stack([h[0, positions.to(h.device)].float().cpu() for h in hidden])})
     chat = [p for p in prompts if p["chat"]][:settings.generate_prompts]
-    return {"prompts": per_prompt, "nonfinite": nonfinite,
+    return {"prompts": per_prompt, "nonfinite": nonfinite, "overflow": overflow,
             "generations": dict(zip([p["id"] for p in chat], generate(model, tokenizer, chat, settings.max_new_tokens)))}
 
 
 def reference_stats(model, tokenizer, checkpoint_sha256: str, dtype: str, cache_dir: Path,
-                    settings: ValidateSettings) -> dict:
-    """The reference's measurements from the cache, or measured and cached; returns path and summary."""
-    path = Path(cache_dir) / "reference" / reference_key(checkpoint_sha256, dtype, settings) / "validate.pt"
+                    settings: ValidateSettings, served: str | None = None) -> dict:
+    """The reference's measurements from the cache, or measured and cached; returns path and summary. `served`:
+    the dtype the checkpoint is served in, whose range its activations are checked against."""
+    path = Path(cache_dir) / "reference" / reference_key(checkpoint_sha256, dtype, settings, served) / "validate.pt"
     stats = cached_tensors(path) if path.is_file() else None
     cached = stats is not None
     if not cached:
         t0 = time.perf_counter()
-        stats = measure_reference(model, tokenizer, settings)
+        stats = measure_reference(model, tokenizer, settings, served)
         path.parent.mkdir(parents=True, exist_ok=True)
         buffer = io.BytesIO()
         torch.save(stats, buffer)
         write_atomic(path, buffer.getvalue())
         log.info("reference measured on %d prompts in %.1f s", len(stats["prompts"]), time.perf_counter() - t0, extra=SHOWN)
-    return {"path": str(path), "cached": cached, "nonfinite": stats["nonfinite"],
+    return {"path": str(path), "cached": cached, "nonfinite": stats["nonfinite"], "overflow": stats.get("overflow"),
             "first_nonfinite_module": (stats["nonfinite"] or {}).get("first_nonfinite_module")}
+
+
+def compare_one(model, ref: dict, limit: float | None, served: str | None, found: dict):
+    """One prompt's per-token comparison and per-layer cosine; the first non-finite module (explained) and the
+    first output past the served dtype's range go into `found`."""
+    ids = ref["ids"].to(next(model.parameters()).device)
+    logits, hidden, flagged, over = forward_scanned(model, ids, limit)
+    if flagged and found["nonfinite"] is None and (explained := explain_nonfinite(model, ids)):
+        found.update(nonfinite={"prompt": ref["id"], **explained}, layer=first_nonfinite_layer(hidden))
+    found["overflow"] = found["overflow"] or overflow_of(ref["id"], over, limit, served, model)
+    # A model over several GPUs leaves each layer's hidden states on its own GPU.
+    mine = torch.stack([h[0, ref["positions"].to(h.device)].float().cpu() for h in hidden])
+    return compare_prompt(ref, logits.cpu()), torch.nn.functional.cosine_similarity(mine, ref["hidden"], dim=-1).mean(-1)
 
 
 def compare_prompt(ref: dict, logits: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -125,30 +152,26 @@ def compare_prompt(ref: dict, logits: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def compare(model, tokenizer, stats: dict, settings: ValidateSettings) -> dict:
-    device = next(model.parameters()).device
-    kls, top1, top5, cosines, nonfinite, layer = [], [], [], [], None, None
+def compare(model, tokenizer, stats: dict, settings: ValidateSettings, served: str | None = None) -> dict:
+    """A model against the reference's measurements: per-token KL, top-1 and top-5, per-layer hidden-state
+    cosine, where it goes non-finite or past the range of the dtype it is served in, and its generations."""
+    kls, top1, top5, cosines, found = [], [], [], [], {"nonfinite": None, "layer": None, "overflow": None}
+    limit = serving_limit(served, modeling.computed_dtype(model))
     for ref in stats["prompts"]:
-        ids = ref["ids"].to(device)
-        logits, hidden, flagged = forward_scanned(model, ids)
-        if flagged and nonfinite is None and (found := explain_nonfinite(model, ids)):
-            nonfinite = {"prompt": ref["id"], **found}
-            layer = first_nonfinite_layer(hidden)
-        per_token = compare_prompt(ref, logits.cpu())
+        per_token, cosine = compare_one(model, ref, limit, served, found)
         kls.append(per_token["kl"])
         top1.append(per_token["top1"])
         top5.append(per_token["top5"])
-        # A model over several GPUs leaves each layer's hidden states on its own GPU.
-        mine = torch.stack([h[0, ref["positions"].to(h.device)].float().cpu() for h in hidden])
-        cosines.append(torch.nn.functional.cosine_similarity(mine, ref["hidden"], dim=-1).mean(-1))
+        cosines.append(cosine)
     kl, cos = torch.cat(kls), torch.stack(cosines).nanmean(0)
     finite = lambda x: float(x) if torch.isfinite(x) else None  # noqa: E731 (JSON has no NaN)
     drops = (cos[:-1] - cos[1:]).nan_to_num(nan=float("inf"))
+    nonfinite = found["nonfinite"]
     metrics = {
         "first_nonfinite_module": (nonfinite or {}).get("first_nonfinite_module"), "nonfinite": nonfinite,
-        "first_nonfinite_layer": layer, "kl_mean": finite(kl.mean()), "kl_p99": finite(kl.quantile(0.99)),
-        "top1_agreement": float(torch.cat(top1).mean()), "top5_overlap": float(torch.cat(top5).mean()),
-        "tokens": int(kl.numel()), "prompts": len(stats["prompts"]),
+        "first_nonfinite_layer": found["layer"], "overflow": found["overflow"], "kl_mean": finite(kl.mean()),
+        "kl_p99": finite(kl.quantile(0.99)), "top1_agreement": float(torch.cat(top1).mean()),
+        "top5_overlap": float(torch.cat(top5).mean()), "tokens": int(kl.numel()), "prompts": len(stats["prompts"]),
         "hidden_cosine": [round(float(c), 5) if torch.isfinite(c) else None for c in cos],
         # hidden_states[i] is the output of decoder layer i-1: the layer that lost the most agreement.
         "max_divergence_layer": int(drops.argmax()) if len(drops) else None}

@@ -17,10 +17,10 @@ def _tensors(value):
 
 
 class NonFiniteScan:
-    """Forward hooks on every module. The cheap pass queues each floating output and reduces them in
-    batches with one fused L2-norm kernel (a NaN or Inf makes the norm non-finite; one sync a
-    forward). `detailed` checks every element and records each flagged module's input statistics;
-    it also confirms the cheap pass, whose norm could overflow on huge but finite values."""
+    """Forward hooks on every module. The cheap pass queues each floating output and reduces them in batches with
+    one fused max-|x| kernel (a NaN or Inf makes it non-finite; one sync a forward), which also tells how close
+    each output came to the range of the dtype the model is served in. `detailed` checks every element and
+    records each flagged module's input statistics."""
 
     BATCH = 64  # outputs held before a reduction: bounds the activations kept alive
 
@@ -94,7 +94,7 @@ class NonFiniteScan:
         home = self.maxima[0].device if self.maxima else self.pending[0].device
         norms = torch.empty(len(self.pending), dtype=torch.float32, device=home)
         for device, index in where.items():
-            found = torch.stack(torch._foreach_norm([self.pending[i] for i in index], 2, dtype=torch.float32))
+            found = torch.stack(torch._foreach_norm([self.pending[i] for i in index], float("inf"), dtype=torch.float32))
             norms[torch.tensor(index, device=home)] = found.to(home)
         self.maxima.append(norms)
         self.pending = []
@@ -108,6 +108,15 @@ class NonFiniteScan:
             return []
         bad = (~torch.isfinite(torch.cat(self.maxima))).cpu().tolist()
         return list(dict.fromkeys(name for name, b in zip(self.names, bad) if b))
+
+    def beyond(self, limit: float) -> tuple[str, float] | None:
+        """The first module whose output held a finite value larger than `limit` (the range of the dtype the model
+        is served in, where it computes in a wider one), with that value; None where every output fits."""
+        self._reduce()
+        if not self.maxima:
+            return None
+        largest = torch.cat(self.maxima).cpu().tolist()
+        return next(((name, m) for name, m in zip(self.names, largest) if limit < m < float("inf")), None)
 
 
 def _statistics(module: torch.nn.Module, inputs, outs: list[torch.Tensor]) -> dict:
@@ -175,3 +184,18 @@ def nonfinite_reason(nonfinite: dict) -> str:
 def first_nonfinite_layer(hidden_states: tuple) -> int | None:
     """Index into hidden_states (0 = embeddings, i = output of decoder layer i-1)."""
     return next((i for i, h in enumerate(hidden_states) if not torch.isfinite(h).all()), None)
+
+
+def serving_limit(served: str | None, computed: str) -> float | None:
+    """The largest value the dtype a checkpoint is served in holds, where the gate computes in a wider dtype (a
+    float16 checkpoint validated in float32 on a CPU); None where the two agree and an overflow shows itself."""
+    if served is None or served == computed:
+        return None
+    served_max, computed_max = (torch.finfo(getattr(torch, d)).max for d in (served, computed))
+    return served_max if served_max < computed_max else None
+
+
+def overflow_reason(overflow: dict) -> str:
+    return (f"{overflow['module']}'s output reached max |x| {overflow['max_abs']:.4g} on prompt {overflow['prompt']}, "
+            f"past {overflow['dtype']}'s {overflow['limit']:.4g}: it overflows where the checkpoint is served "
+            f"(computed here in {overflow['computed']})")

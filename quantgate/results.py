@@ -56,6 +56,7 @@ class ReferenceValidation(BaseModel):
     path: str
     cached: bool
     nonfinite: dict | None = None
+    overflow: dict | None = None  # an output past the range of the dtype the checkpoint is served in
     first_nonfinite_module: str | None = None
     towers: dict | None = None  # the image and audio prompts' measurements, for a multimodal model
 

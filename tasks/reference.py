@@ -21,10 +21,11 @@ def reference(download: Downloaded, dtype: str, compute_dtype: str, device: str 
     tokenizer = AutoTokenizer.from_pretrained(download.checkpoint)
     t1 = time.perf_counter()
     with modeling.timed("reference measurements"):
-        measured = measure_validation(model, tokenizer, download, compute_dtype, Path(cache_dir), validate)
+        measured = measure_validation(model, tokenizer, download, compute_dtype, dtype, Path(cache_dir), validate)
     t2 = time.perf_counter()
     # A base that goes non-finite has no scores worth the evaluation's minutes: the run stops at it.
-    evaluation = ReferenceEvaluation(not_run="the reference goes non-finite") if measured.nonfinite else \
+    broken = measured.nonfinite or measured.overflow
+    evaluation = ReferenceEvaluation(not_run="the reference goes non-finite") if broken else \
         ReferenceEvaluation(**lmeval.reference_evaluation(model, tokenizer, download.checkpoint_sha256, compute_dtype,
                                                           Path(cache_dir), evaluate))
     # Bytes as the checkpoint holds them: a float32 compute copy is not what a recipe is compared with.
@@ -34,11 +35,11 @@ def reference(download: Downloaded, dtype: str, compute_dtype: str, device: str 
                      evaluate_s=round(time.perf_counter() - t2, 2))
 
 
-def measure_validation(model, tokenizer, download: Downloaded, compute_dtype: str, cache_dir: Path,
+def measure_validation(model, tokenizer, download: Downloaded, compute_dtype: str, served: str, cache_dir: Path,
                        settings: ValidateSettings) -> ReferenceValidation:
     """The validation prompts' measurements and, for a multimodal model, its image and audio prompts' beside them."""
     measured = ReferenceValidation(**drift.reference_stats(model, tokenizer, download.checkpoint_sha256,
-                                                           compute_dtype, cache_dir, settings))
+                                                           compute_dtype, cache_dir, settings, served))
     if towers.senses(model):
         measured.towers = towers.reference_towers(model, load_processor(download.checkpoint),
                                                   Path(measured.path).with_name(towers.cache_name()),

@@ -11,7 +11,7 @@ import torch
 from quantgate import drift, modeling, towers
 from quantgate.backends import RecipeBase, ValidateThresholds
 from quantgate.loading import kernel_of, load_saved
-from quantgate.nonfinite import nonfinite_reason
+from quantgate.nonfinite import nonfinite_reason, overflow_reason
 from quantgate.processors import load_processor
 from quantgate.results import ReferenceValidation, Validated
 from quantgate.settings import ValidateSettings
@@ -24,6 +24,8 @@ def verdict(metrics: dict, t: ValidateThresholds) -> tuple[str, list[str]]:
     fails, warns = [], []
     if metrics.get("first_nonfinite_module"):
         fails.append(nonfinite_reason(metrics["nonfinite"]))
+    if metrics.get("overflow"):
+        fails.append(overflow_reason(metrics["overflow"]))
     if metrics.get("generation_error"):
         fails.append(f"generation raised {metrics['generation_error']}")
     for key, label, fail_at, warn_at, higher_is_worse in (
@@ -45,8 +47,9 @@ def verdict(metrics: dict, t: ValidateThresholds) -> tuple[str, list[str]]:
 
 
 def validate(checkpoint: str, recipe: RecipeBase, reference: ReferenceValidation, device: str | dict,
-             settings: ValidateSettings, compute_dtype: str = "auto") -> Validated:
-    """Compare a recipe's saved checkpoint with the reference; the step's result with its verdict."""
+             settings: ValidateSettings, compute_dtype: str = "auto", served: str | None = None) -> Validated:
+    """Compare a recipe's saved checkpoint with the reference; the step's result with its verdict. `served`: the
+    dtype the checkpoint is served in, whose range its activations must stay within whatever dtype computed."""
     from transformers import AutoTokenizer
 
     stats = torch.load(reference.path, weights_only=True)  # the reference step wrote it this run, or checked it
@@ -54,7 +57,7 @@ def validate(checkpoint: str, recipe: RecipeBase, reference: ReferenceValidation
     model = load_saved(Path(checkpoint), recipe, modeling.resolve_device(device), compute_dtype)
     load_s = round(time.perf_counter() - t0, 2)
     with modeling.timed(f"validate {recipe.name}"):
-        metrics = drift.compare(model, AutoTokenizer.from_pretrained(checkpoint), stats, settings)
+        metrics = drift.compare(model, AutoTokenizer.from_pretrained(checkpoint), stats, settings, served)
     metrics.update(compute_dtype=modeling.computed_dtype(model), load_s=load_s, **kernel_of(recipe))
     result, reasons = verdict(metrics, recipe.thresholds)
     if reference.towers:  # a multimodal model: its vision and audio towers, on their own prompts

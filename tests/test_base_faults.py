@@ -98,3 +98,34 @@ def test_a_local_checkpoint_missing_a_shard_is_refused(tiny_llama, tmp_path):
 def test_a_whole_local_checkpoint_is_accepted(tiny_llama, tmp_path):
     result = download(str(tiny_llama), None, str(tmp_path / "cache"), "float32")
     assert result.checkpoint == str(tiny_llama) and len(result.checkpoint_sha256) == 64
+
+
+def test_an_activation_past_float16_fails_where_float32_computed_it(tiny_llama, tmp_path):
+    """A float16 checkpoint validated in float32 on a CPU: its MLP output passes 65,504, which float32 holds and
+    float16, where it is served, does not. The scan compares each output with the served dtype's range; the same
+    model served in bfloat16 fits."""
+    from transformers import AutoTokenizer
+
+    from quantgate import drift, modeling
+    from quantgate.backends import ValidateThresholds
+    from quantgate.settings import ValidateSettings
+    from tasks.validate import verdict
+
+    def huge_mlp(w):  # every value fits float16; their products do not
+        w["model.layers.0.mlp.gate_proj.weight"].fill_(10.0)
+        w["model.layers.0.mlp.up_proj.weight"].fill_(10.0)
+        w["model.layers.0.mlp.down_proj.weight"].fill_(60000.0)
+
+    folder = edited_copy(tiny_llama, tmp_path / "fp16", huge_mlp)
+    model, tokenizer = modeling.load(folder, "float32", "cpu"), AutoTokenizer.from_pretrained(folder)
+    settings = ValidateSettings(generate_prompts=0)
+    stats = drift.measure_reference(model, tokenizer, settings, served="float16")
+    overflow = stats["overflow"]
+    assert overflow["module"] == "model.layers.0.mlp.down_proj" and overflow["max_abs"] > 65504
+    assert (overflow["dtype"], overflow["computed"], overflow["limit"]) == ("float16", "float32", 65504.0)
+    assert stats["nonfinite"] is None  # float32 itself held it: only the served dtype's range tells
+    metrics = drift.compare(model, tokenizer, stats, settings, served="float16")
+    result, reasons = verdict(metrics, ValidateThresholds())
+    assert result == "fail" and reasons[0].startswith("model.layers.0.mlp.down_proj's output reached max |x| ")
+    assert "past float16's 6.55e+04: it overflows where the checkpoint is served (computed here in float32)" in reasons[0]
+    assert drift.measure_reference(model, tokenizer, settings, served="bfloat16")["overflow"] is None
