@@ -160,12 +160,14 @@ def test_the_token_is_in_nothing_the_run_wrote(smollm2, cache_dir, prefect_serve
     monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
     run_dir = Path(quantize_model(str(PROJECT / "configs" / "default.yaml"), overrides=[
         f"output.runs_dir={tmp_path / 'runs'}", f"output.cache_dir={cache_dir}",
-        f"output.history_db={tmp_path / 'runs' / 'history.sqlite'}", "recipes=[bnb-nf4]",
+        # torchao int8: the cheapest recipe to validate and evaluate on a CPU (nf4 computes in emulated bf16 here)
+        f"output.history_db={tmp_path / 'runs' / 'history.sqlite'}", "recipes=[torchao-int8-weight-only]",
         "steps.evaluate={limit: 1, batch_size: 4, wikitext_token_budget: 256}",  # the cached reference's
         "steps.benchmark={prompt_tokens: 8, new_tokens: 2, repeats: 1}",
         f"steps.publish={{target: hub, hub_repo: 'quantgate-test/{{model}}-{{recipe}}', hub_endpoint: '{hub.endpoint}'}}"]))
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["recipes"]["bnb-nf4"]["steps"]["publish"]["status"] == "ok", metrics["recipes"]["bnb-nf4"]
+    entry = metrics["recipes"]["torchao-int8-weight-only"]
+    assert entry["steps"]["publish"]["status"] == "ok", entry
     assert hub.commits and any(FAKE_TOKEN in r["headers"].get("authorization", "") for r in hub.requests)
     for path in run_dir.rglob("*"):
         if path.is_file():
@@ -183,6 +185,6 @@ def test_the_token_is_in_nothing_the_run_wrote(smollm2, cache_dir, prefect_serve
     artifacts, logs = asyncio.run(stored())
     assert artifacts, "no artifacts"
     assert logs, "no logs"
-    assert any((a.key or "").endswith("bnb-nf4-card") for a in artifacts)
+    assert any((a.key or "").endswith("torchao-int8-weight-only-card") for a in artifacts)
     assert FAKE_TOKEN not in json.dumps([a.model_dump(mode="json") for a in artifacts])
     assert not any(FAKE_TOKEN in log.message for log in logs)

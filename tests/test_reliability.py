@@ -292,7 +292,8 @@ def test_sigterm_mid_quantize_marks_the_run_interrupted_and_stops_everything(smo
             *[a for item in (f"output.runs_dir={runs}", f"output.cache_dir={cache_dir}",
                              f"output.history_db={runs / 'history.sqlite'}", f"steps.publish.registry_dir={tmp_path / 'reg'}",
                              "steps.evaluate={limit: 1, batch_size: 4, wikitext_token_budget: 256}",
-                             "steps.benchmark={prompt_tokens: 16, new_tokens: 4, repeats: 1}", "recipes=[bnb-nf4]")
+                             "steps.benchmark={prompt_tokens: 16, new_tokens: 4, repeats: 1}",
+                             "recipes=[torchao-int8-weight-only]")
               for a in ("--set", item)]]
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}  # its own temporary server
     process = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -300,7 +301,7 @@ def test_sigterm_mid_quantize_marks_the_run_interrupted_and_stops_everything(smo
     log = None
     while time.monotonic() < deadline and process.poll() is None:
         log = next(runs.glob("*/run.log"), None)
-        if log and "bnb-nf4: quantize started" in log.read_text():
+        if log and "torchao-int8-weight-only: quantize started" in log.read_text():
             break
         time.sleep(0.05)
     assert process.poll() is None, process.stdout.read()
@@ -316,8 +317,8 @@ def test_sigterm_mid_quantize_marks_the_run_interrupted_and_stops_everything(smo
     run_dir = log.parent
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["status"] == "interrupted" and metrics["reason"] == "stopped by SIGTERM"
-    assert metrics["recipes"]["bnb-nf4"]["status"] == "interrupted"
-    assert "before quantize finished" in metrics["recipes"]["bnb-nf4"]["reason"]
+    assert metrics["recipes"]["torchao-int8-weight-only"]["status"] == "interrupted"
+    assert "before quantize finished" in metrics["recipes"]["torchao-int8-weight-only"]["reason"]
     assert not list(run_dir.rglob("*.tmp"))  # no half-written checkpoint left behind
     assert history.cells(runs / "history.sqlite")[0]["status"] == "interrupted"
 
@@ -383,14 +384,15 @@ def test_sigkill_mid_quantize_leaves_no_server_and_a_settled_record(smollm2, cac
     argv = [sys.executable, "-m", "quantgate.cli", "run", str(DEFAULT),
             *[a for item in (f"output.runs_dir={runs}", f"output.cache_dir={cache_dir}",
                              f"output.history_db={runs / 'history.sqlite'}", f"steps.publish.registry_dir={tmp_path / 'reg'}",
-                             "steps.evaluate={limit: 1, batch_size: 4, wikitext_token_budget: 256}", "recipes=[bnb-nf4]")
+                             "steps.evaluate={limit: 1, batch_size: 4, wikitext_token_budget: 256}",
+                             "recipes=[torchao-int8-weight-only]")
               for a in ("--set", item)]]
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}  # its own temporary server
     process = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline, log = time.monotonic() + 600, None
     while time.monotonic() < deadline and process.poll() is None:
         log = next(runs.glob("*/run.log"), None)
-        if log and "bnb-nf4: quantize started" in log.read_text():
+        if log and "torchao-int8-weight-only: quantize started" in log.read_text():
             break
         time.sleep(0.05)
     children = psutil.Process(process.pid).children(recursive=True)
