@@ -61,8 +61,9 @@ class RoundToNearest(Backend):
 register(RoundToNearest())
 
 
-def test_a_backend_registered_in_one_module_runs_the_whole_flow(smollm2, cache_dir, prefect_server, tmp_path,
+def test_a_backend_registered_in_one_module_runs_the_whole_flow(run_dir, cache_dir, prefect_server, tmp_path,
                                                                   monkeypatch):
+    # run_dir: the session's flow run measured the reference with these settings first; this run finds it cached.
     from flows.quantize_model import quantize_model
 
     monkeypatch.setenv("QUANTGATE_BACKENDS", __name__)  # the benchmark's own process registers it too

@@ -83,7 +83,8 @@ def quick(tmp: Path, cache_dir: Path) -> list[str]:
             f"steps.publish.registry_dir={tmp / 'registry'}"]
 
 
-def test_quantize_deployment_runs_and_leaves_its_record(server, smollm2, cache_dir, tmp_path):
+def test_quantize_deployment_runs_and_leaves_its_record(server, run_dir, cache_dir, tmp_path):
+    # run_dir: the session's flow run measured the reference first, so each run here finds it in the cache.
     worker, _ = server["start_worker"]("solo")
     params = {"config_path": str(PROJECT / "configs" / "default.yaml"),
               "overrides": [*quick(tmp_path, cache_dir), "recipes=[torchao-int8-weight-only]"]}
@@ -99,7 +100,7 @@ def test_quantize_deployment_runs_and_leaves_its_record(server, smollm2, cache_d
     stop([worker])
 
 
-def test_two_workers_share_a_nightly_matrix(server, smollm2, cache_dir, tmp_path):
+def test_two_workers_share_a_nightly_matrix(server, run_dir, cache_dir, tmp_path):
     logs = [server["start_worker"](f"gpu{i}")[1] for i in (0, 1)]
     matrix = tmp_path / "nightly.yaml"
     matrix.write_text(yaml.safe_dump({
