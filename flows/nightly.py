@@ -64,7 +64,8 @@ def nightly(matrix: str = str(PROJECT_ROOT / "configs" / "nightly.yaml")) -> str
     results = [cell for run_id in recorded for cell in gate.gate_run(config.history_db, run_id, config.gate)]
     history.set_gate(config.history_db, results)  # the dashboard shows what the gate decided
     dashboard.write(config.history_db, config.dashboard)
-    missing = [r for r in runs if r["state"] != "Completed"]
+    # Failed is a run that finished with a failing verdict (its record is gated); anything else left no record.
+    missing = [r for r in runs if r["state"] not in ("Completed", "Failed")]
     summary = gate.summary(nightly_id, runs, results, missing, Path(config.dashboard).resolve())
     create_markdown_artifact(markdown=summary, key="quantgate-nightly", description=nightly_id)
     get_run_logger().info("%s", summary)

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from prefect import flow
+from prefect import State, flow
+from prefect.states import Failed
 from prefect.logging.handlers import APILogHandler
 
 from flows.artifacts import create_artifacts
@@ -35,7 +36,7 @@ class Model:
 
 @flow(name="quantize-model")
 def quantize_model(config_path: str = str(DEFAULT_CONFIG), overrides: list[str] | None = None,
-                   nightly_id: str | None = None) -> str:
+                   nightly_id: str | None = None) -> str | State:
     config = load_config(config_path, overrides or [])
     make_plans(config, config_path)  # bad skip patterns or block sizes stop here, before any download
     writable(config, config_path)  # an unwritable runs, cache or history path stops here, not after every step
@@ -53,7 +54,15 @@ def quantize_model(config_path: str = str(DEFAULT_CONFIG), overrides: list[str] 
         raise
     history.record_run(config.output.history_db, run.dir)
     create_artifacts(run.dir)
-    return str(run.dir)
+    return outcome(run)
+
+
+def outcome(run: RunRecord) -> str | State:
+    """The run folder; a run that did not pass ends Failed in Prefect, as its record says, the folder its data."""
+    if run.metrics["status"] == "passed":
+        return str(run.dir)
+    return Failed(message=f"run {run.run_id}: {run.metrics['status']}: {run.metrics.get('reason') or 'see report.md'}",
+                  data=str(run.dir))
 
 
 def gate_model(run: RunRecord, config: RunConfig) -> Model | None:

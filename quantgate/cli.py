@@ -78,7 +78,11 @@ def run(args) -> int:
     dog = watchdog.start(config.output.runs_dir, config.output.history_db, config.steps.publish.registry_dir)
     try:
         with quiet():
-            run_dir = Path(quantize_model(config_path=str(args.config), overrides=args.set))
+            state = quantize_model(config_path=str(args.config), overrides=args.set, return_state=True)
+        result = state.result(raise_on_failure=False)  # Failed: a run whose verdict is not passed, its folder
+        if isinstance(result, BaseException):
+            raise result
+        run_dir = Path(result)
     except KeyboardInterrupt as stop:  # the flow has marked its run interrupted; its helpers must not outlive it
         stopped = runlog.stop_children()
         print(f"\nstopped ({stop or 'SIGINT'}): the run is marked interrupted; {stopped} child processes stopped",

@@ -157,3 +157,20 @@ def test_the_flow_records_into_its_configured_history(run_dir):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     recorded = history.cells(run_dir.parent / "history.sqlite")
     assert {c["recipe"] for c in recorded if c["run_id"] == metrics["run_id"]} == set(metrics["recipes"])
+
+
+def test_prefect_says_what_the_record_says(run_dir):
+    """The session's run reads `error` (a recipe's planted failure): its Prefect flow run ended Failed, naming it."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+
+    async def states():
+        async with get_client() as client:
+            return [run.state for run in await client.read_flow_runs()]
+
+    mine = [s for s in asyncio.run(states()) if s and metrics["run_id"] in (s.message or "")]
+    assert metrics["status"] == "error" and [s.type.value for s in mine] == ["FAILED"]
+    assert mine[0].message.startswith(f"run {metrics['run_id']}: error")
