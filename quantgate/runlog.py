@@ -92,12 +92,12 @@ def stop_on_signals():
         signal.signal(signal.SIGTERM, previous)
 
 
-def stop_children(timeout_s: float = 10) -> int:
-    """Terminate this process's children (the temporary Prefect server, a benchmark's own process, a sandbox),
-    killing what is left after timeout_s; returns how many there were."""
+def stop_children(timeout_s: float = 10, spare=lambda process: False) -> int:
+    """Terminate this process's children (a benchmark's own process, a sandbox), killing what is left after
+    timeout_s; returns how many there were. `spare`: children left to their owner's own shutdown."""
     import psutil
 
-    children = psutil.Process().children(recursive=True)
+    children = [c for c in psutil.Process().children(recursive=True) if not _spared(c, spare)]
     for child in children:
         try:
             child.terminate()
@@ -107,3 +107,10 @@ def stop_children(timeout_s: float = 10) -> int:
     for child in alive:
         child.kill()
     return len(children)
+
+
+def _spared(process, spare) -> bool:
+    try:
+        return bool(spare(process))
+    except Exception:  # noqa: BLE001 - a child gone meanwhile, or one whose command line cannot be read
+        return False

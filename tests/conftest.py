@@ -17,7 +17,12 @@ PROJECT = Path(__file__).resolve().parents[1]
 
 # What makes a test part of the integration tier: the real models, a whole flow's record, a Prefect server.
 INTEGRATION_FIXTURES = {"smollm2", "flow_run", "run_dir", "prefect_server", "qwen"}
-GOLDEN = PROJECT / "tests" / "golden" / "run"  # a real run's record (docs/testing.md), for the fast tier
+GOLDEN = PROJECT / "tests" / "golden" / "run"
+# The quick settings every flow of the suite runs with: the same ones, so the reference that the session's flow
+# run measured (validation and evaluation, cached by checkpoint and settings) serves every later run.
+QUICK = ["steps.validate={generate_prompts: 1, max_new_tokens: 8}",
+         "steps.evaluate={limit: 1, batch_size: 4, wikitext_token_budget: 256}",
+         "steps.benchmark={prompt_tokens: 16, new_tokens: 4, repeats: 1}"]  # a real run's record (docs/testing.md), for the fast tier
 
 
 def pytest_collection_modifyitems(config, items):
@@ -96,7 +101,7 @@ def flow_run(tmp_path_factory, smollm2, cache_dir, prefect_server):
     step.load_quantized = int8_breaks
     overrides = [
         f"output.runs_dir={runs}", f"output.cache_dir={cache_dir}", f"output.history_db={runs / 'history.sqlite'}",
-        "steps.evaluate={limit: 1, batch_size: 4, wikitext_token_budget: 256}",
+        *QUICK[:2],
         "steps.benchmark={prompt_tokens: 16, new_tokens: 4, repeats: 1, memory_budget: 4GiB, "
         "kv_cache: {caches: [dynamic, static], prefill_chunk: 512, max_context: 1024}}",
         f"steps.publish.registry_dir={runs / 'registry'}",

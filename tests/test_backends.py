@@ -7,7 +7,7 @@ from safetensors.torch import load_file, save_file
 
 from quantgate import modeling
 from quantgate.backends import BACKENDS, Backend, RecipeBase, register
-from tests.conftest import write_config
+from tests.conftest import QUICK, write_config
 
 
 class RoundToNearestRecipe(RecipeBase):
@@ -73,8 +73,7 @@ def test_a_backend_registered_in_one_module_runs_the_whole_flow(run_dir, cache_d
     run_dir = Path(quantize_model(str(config), overrides=[
         f"output.runs_dir={tmp_path / 'runs'}", f"output.cache_dir={cache_dir}",
         f"output.history_db={tmp_path / 'history.sqlite'}",
-        "steps.evaluate={limit: 1, batch_size: 4, wikitext_token_budget: 256}",
-        "steps.benchmark={prompt_tokens: 16, new_tokens: 4, repeats: 1}",
+        *QUICK,
         f"steps.publish.registry_dir={tmp_path / 'registry'}"]))
     m = json.loads((run_dir / "metrics.json").read_text())
     rtn = m["recipes"]["rtn8"]

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from quantgate import history
-from tests.conftest import PROJECT
+from tests.conftest import PROJECT, QUICK
 
 PREFECT = str(Path(sys.executable).parent / "prefect")
 
@@ -78,8 +78,7 @@ def stop(processes) -> None:
 def quick(tmp: Path, cache_dir: Path) -> list[str]:
     return [f"output.runs_dir={tmp / 'runs'}", f"output.cache_dir={cache_dir}", f"output.history_db={tmp / 'h.sqlite'}",
             # The session's other flow runs use these evaluate settings: the reference comes from the cache.
-            "steps.evaluate={limit: 1, batch_size: 4, wikitext_token_budget: 256}",
-            "steps.benchmark={prompt_tokens: 8, new_tokens: 2, repeats: 1}",
+            *QUICK,
             f"steps.publish.registry_dir={tmp / 'registry'}"]
 
 

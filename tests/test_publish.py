@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from tasks.publish import PublishError, publish, publish_hub
-from tests.conftest import PROJECT
+from tests.conftest import PROJECT, QUICK
 from tests.fake_hub import FakeHub
 
 FAKE_TOKEN = "hf_quantgateTESTtoken0123456789abcdefXYZ"
@@ -162,8 +162,7 @@ def test_the_token_is_in_nothing_the_run_wrote(smollm2, cache_dir, prefect_serve
         f"output.runs_dir={tmp_path / 'runs'}", f"output.cache_dir={cache_dir}",
         # torchao int8: the cheapest recipe to validate and evaluate on a CPU (nf4 computes in emulated bf16 here)
         f"output.history_db={tmp_path / 'runs' / 'history.sqlite'}", "recipes=[torchao-int8-weight-only]",
-        "steps.evaluate={limit: 1, batch_size: 4, wikitext_token_budget: 256}",  # the cached reference's
-        "steps.benchmark={prompt_tokens: 8, new_tokens: 2, repeats: 1}",
+        *QUICK,  # the cached reference's
         f"steps.publish={{target: hub, hub_repo: 'quantgate-test/{{model}}-{{recipe}}', hub_endpoint: '{hub.endpoint}'}}"]))
     metrics = json.loads((run_dir / "metrics.json").read_text())
     entry = metrics["recipes"]["torchao-int8-weight-only"]
