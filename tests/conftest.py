@@ -105,7 +105,7 @@ def flow_run(tmp_path_factory, smollm2, cache_dir, prefect_server):
         "steps.benchmark={prompt_tokens: 16, new_tokens: 4, repeats: 1, memory_budget: 4GiB, "
         "kv_cache: {caches: [dynamic, static], prefill_chunk: 512, max_context: 1024}}",
         f"steps.publish.registry_dir={runs / 'registry'}",
-        "recipes=[bnb-nf4, {use: bnb-nf4, name: nf4-strict, thresholds: {kl_mean_fail: 0.001}}, bnb-int8, "
+        "recipes=[bnb-nf4, {use: torchao-int8-weight-only, name: int8-strict, thresholds: {kl_mean_fail: 0.0001}}, bnb-int8, "
         "torchao-int8-weight-only, fp8-block64]"]
     terminal = io.StringIO()
     try:

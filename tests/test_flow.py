@@ -14,7 +14,7 @@ def test_run_record_files(run_dir):
     assert env["torch"] and env["transformers"] == "5.23.0" and env["prefect"] == "3.8.8"
     assert env["host"]["cpu_cores"] >= 1 and "device" in env
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    assert [r["name"] for r in config["recipes"]] == ["bnb-nf4", "nf4-strict", "bnb-int8", "torchao-int8-weight-only",
+    assert [r["name"] for r in config["recipes"]] == ["bnb-nf4", "int8-strict", "bnb-int8", "torchao-int8-weight-only",
                                                       "fp8-block64"]
     # A partial thresholds override keeps the rest of the recipe family's thresholds.
     assert config["recipes"][1]["thresholds"]["kl_mean_fail"] == 0.001
@@ -86,13 +86,13 @@ def test_benchmark_in_the_record(run_dir):
 
 def test_failed_validation_stops_the_recipe_only(run_dir):
     m = json.loads((run_dir / "metrics.json").read_text())
-    strict = m["recipes"]["nf4-strict"]
+    strict = m["recipes"]["int8-strict"]
     assert strict["status"] == "failed" and strict["validate"]["verdict"] == "fail"
     assert strict["reason"].startswith("validate: mean KL") and "(fail threshold)" in strict["reason"]
     assert strict["steps"]["validate"]["status"] == "failed"
     for step in ("evaluate", "benchmark", "publish"):
         assert strict["steps"][step]["status"] == "not_run"
-    assert m["recipes"]["bnb-nf4"]["status"] == "passed"  # same quantization, its own thresholds
+    assert m["recipes"]["torchao-int8-weight-only"]["status"] == "passed"  # same quantization, its own thresholds
 
 
 def test_one_recipe_failing_leaves_the_others(run_dir):
@@ -117,7 +117,7 @@ def test_fp8_runs_on_the_reference_kernel_without_a_gpu_or_the_hub(run_dir):
 
 def test_report_lists_every_recipe(run_dir):
     report = (run_dir / "report.md").read_text()
-    for name in ("bnb-nf4", "nf4-strict", "bnb-int8", "torchao-int8-weight-only", "fp8-block64"):
+    for name in ("bnb-nf4", "int8-strict", "bnb-int8", "torchao-int8-weight-only", "fp8-block64"):
         assert f"| {name} |" in report
     assert "planted failure" in report and "not_run" in report
     assert "## bnb-nf4: greedy generations" in report

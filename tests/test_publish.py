@@ -54,10 +54,10 @@ def test_a_second_publish_makes_a_new_version_and_a_failing_recipe_is_refused(ru
     again = publish(str(run_dir), "bnb-nf4", settings(registry_dir=str(registry))).model_dump()
     assert again["status"] == "ok" and again["version"] == "v2"
     assert (Path(again["location"]).parent / "v1" / "manifest.json").is_file()  # v1 untouched
-    refused = publish(str(run_dir), "nf4-strict", settings(registry_dir=str(registry))).model_dump()
+    refused = publish(str(run_dir), "int8-strict", settings(registry_dir=str(registry))).model_dump()
     assert refused["status"] == "failed" and refused["reason"].startswith("refused: validation failed")
-    assert not (registry / "SmolLM2-135M-Instruct" / "nf4-strict").exists()
-    forced = publish(str(run_dir), "nf4-strict", settings(registry_dir=str(registry), force=True)).model_dump()
+    assert not (registry / "SmolLM2-135M-Instruct" / "int8-strict").exists()
+    forced = publish(str(run_dir), "int8-strict", settings(registry_dir=str(registry), force=True)).model_dump()
     assert forced["status"] == "ok" and forced["forced"]
     card = (Path(forced["location"]) / "README.md").read_text()
     first_line_after_front_matter = card.split("---\n", 2)[2].splitlines()[0]
