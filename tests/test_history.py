@@ -88,7 +88,8 @@ def test_planted_regressions_are_named_with_the_environment_change(golden_run, d
 
     history.record_run(db, rerun(golden_run, tmp_path, "night-4", "2999-01-03T02:00:00+00:00", writes_worse_code))
     nf4 = next(c for c in gate.gate_run(db, "night-4", GateSettings()) if c["recipe"] == "bnb-nf4")
-    assert nf4["regressions"] == ["significant HumanEval pass@1 drop: -0.3000 (baseline not measured, not significant)"]
+    assert nf4["regressions"] == ["significant HumanEval pass@1 drop: -0.3000 [-0.5000, -0.1000] (baseline not measured, "
+                                  "not significant)"]
 
 
 def test_a_database_from_before_the_tower_columns_gains_them(golden_run, tmp_path):
