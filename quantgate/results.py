@@ -36,8 +36,8 @@ class StepResult(BaseModel):
         view = {"status": "not_run" if self.status == "skipped" else self.status, "seconds": self.seconds}
         if self.reason is not None:
             view["reason"] = self.reason
-        if self.cached:
-            view["cached"] = True
+        if "cached" in self.model_fields_set:  # set by the runner (Prefect's cache), for every step it ran
+            view["cached"] = self.cached
         return view
 
 
