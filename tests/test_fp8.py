@@ -1,6 +1,7 @@
 """Block FP8 without a GPU or the Hub: quantgate's reference kernel against the block scaling, and the
 seed's failure reproduced: a layer whose 128x128 blocks go NaN where 64x64 blocks stay finite."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -164,3 +165,23 @@ def test_gemma4_moe_with_its_vision_tower_skipped(smollm2, tmp_path, cache_dir):
     checked = validate_step.validate(quantized["checkpoint"], recipe, ReferenceValidation(**reference), "cpu",
                                      ValidateSettings()).model_dump()
     assert checked["first_nonfinite_module"] is None and checked["kl_mean"] < 0.01, checked["reasons"]
+
+
+def test_a_nan_stored_scale_is_named_with_its_tensor(tiny, tmp_path, cache_dir):
+    """A published FP8 checkpoint whose stored weight_scale_inv holds a NaN (the compressed-tensors and
+    Model-Optimizer reports): the reason names the module and the tensor, not only where the output went."""
+    clean, _ = tiny
+    quantized, _ = gate(clean, "fp8-block64", tmp_path, cache_dir)
+
+    def nan_scale(weights):
+        weights["model.layers.1.self_attn.q_proj.weight_scale_inv"][0, 0] = float("nan")
+
+    edit_weights(Path(quantized["checkpoint"]), nan_scale)
+    recipe = load_config(PROJECT / "configs" / "default.yaml", ["recipes=[fp8-block64]"]).recipes[0]
+    reference = drift.reference_stats(modeling.load(clean, "bfloat16", "cpu"), None, clean.name, "bfloat16", cache_dir,
+                                      ValidateSettings())
+    checked = validate_step.validate(quantized["checkpoint"], recipe, ReferenceValidation(**reference), "cpu",
+                                     ValidateSettings())
+    assert checked.verdict == "fail" and checked.first_nonfinite_module == "model.layers.1.self_attn.q_proj"
+    assert checked.reason.startswith("non-finite output from model.layers.1.self_attn.q_proj onward (its stored "
+                                     "weight_scale_inv holds NaN or Inf)"), checked.reason

@@ -406,3 +406,37 @@ def test_sigkill_mid_quantize_leaves_no_server_and_a_settled_record(smollm2, cac
     assert metrics["status"] == "interrupted" and metrics["reason"].startswith("killed: its process")
     assert not list(log.parent.rglob("*.tmp"))
     assert history.cells(runs / "history.sqlite")[0]["status"] == "interrupted"
+
+
+def test_a_deterministic_download_refusal_is_not_retried():
+    from prefect.states import Failed
+
+    from flows.steps import transient
+    from quantgate.sources import DownloadError
+
+    refused = Failed(data=DownloadError("/models/x: processor_config.json: a symbolic link to /etc/hostname"))
+    assert transient(None, None, refused) is False  # a damaged or linked folder stays so: retried, it fails again
+    assert transient(None, None, Failed(data=ConnectionError("the Hub did not answer"))) is True
+
+
+def test_a_save_that_fails_leaves_no_half_written_checkpoint(tiny_llama, tmp_path, monkeypatch):
+    import errno
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from quantgate.backends import BACKENDS
+    from tasks.quantize import save
+
+    recipe = load_config(DEFAULT, ["recipes=[torchao-int8-weight-only]"]).recipes[0]
+
+    def disk_full(model, recipe, path):
+        path.mkdir(parents=True)
+        (path / "model.safetensors").write_bytes(b"half a shard")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(BACKENDS["torchao"], "save", disk_full)
+    out = tmp_path / "q" / "checkpoint"
+    with pytest.raises(OSError, match=r"saving the checkpoint to .*checkpoint failed \(No space left on device\); "
+                                      r"the partial files were removed"):
+        save(AutoModelForCausalLM.from_pretrained(tiny_llama), recipe, AutoTokenizer.from_pretrained(tiny_llama), out)
+    assert not out.exists() and not out.with_name("checkpoint.tmp").exists()
