@@ -54,7 +54,7 @@ def test_an_fp16_overflow_names_the_module_that_made_the_huge_values(tiny_llama)
     assert found["produced_by"]["module"] == "model.layers.0.mlp.up_proj"
     assert found["produced_by"]["dtype"] == "torch.float16" and 65504 / 1e3 < found["produced_by"]["max_abs"] <= 65504
     reason = nonfinite_reason(found)
-    assert reason.startswith("non-finite output from model.layers.0.mlp.down_proj on; its input came from "
+    assert reason.startswith("non-finite output from model.layers.0.mlp.down_proj onward; its input came from "
                              "model.layers.0.mlp.up_proj") and "float16 (limit 6.55e+04): an overflow" in reason
 
 

@@ -35,6 +35,7 @@ def free_budget(free_mib: int) -> int:
         memory.close()
 
 
+@pytest.mark.integration  # a tiny model, but about 40 s of prefill on the 2-core CPU
 def test_the_search_stops_where_the_budget_ends(llama):
     budget = free_budget(48)
     found = kvcache.capacity(llama, budget, ["dynamic", "static", "offloaded"], CHUNK, 16384, 8, 4)
@@ -92,6 +93,7 @@ def test_quantized_caches_move_the_next_token_distribution_of_a_real_model(smoll
     print(json.dumps({"4-bit": four, "2-bit": two}))
 
 
+@pytest.mark.integration  # a process of its own, a search and a KL: about 20 s on the 2-core CPU
 def test_the_benchmark_step_measures_capacity_in_a_process_of_its_own(tiny_llama, tmp_path):
     settings = BenchmarkSettings(prompt_tokens=16, new_tokens=4, repeats=1, timeout_s=600, memory_budget="4GiB",
                                  kv_cache={"caches": ["dynamic", "static", "quanto"], "prefill_chunk": 512,

@@ -135,6 +135,7 @@ def test_a_projector_that_hands_over_a_constant_fails_where_the_text_check_passe
     assert result["reason"].startswith("model.vision_tower: embedding cosine 0.0 < 0.95 (fail)")  # the 8-bit family
 
 
+@pytest.mark.integration  # tiny models, but 45-50 s each on the 2-core CPU: more than the fast tier's share
 @pytest.mark.parametrize("model, ref, tower, module", [
     ("gemma3_vision", "reference", "model.vision_tower", "vision_tower.encoder.layers.1.mlp.fc1"),
     ("gemma4_vision_audio", "reference4", "model.audio_tower", "model.audio_tower.layers.1.feed_forward1.ffw_layer_1.linear"),
