@@ -11,7 +11,7 @@ import yaml
 
 from quantgate import evaluations
 from quantgate.backends import BACKENDS
-from quantgate.formats import context_line, gb, kl_line, num, peak_memory, text, tower_measures
+from quantgate.formats import code, context_line, gb, kl_line, num, peak_memory, text, tower_measures
 from quantgate.plan import tower_lines
 
 NOT_MEASURED = "not measured"
@@ -68,9 +68,9 @@ def header_lines(metrics: dict, recipe: dict, entry: dict, forced: bool) -> list
         lines += [f"**Warning: this checkpoint FAILED quantgate's checks ({text(entry.get('reason', verdict))}) and "
                   "was published only because publishing was forced.**", ""]
     q = entry.get("quantize", {})
-    made = (f"**Not made by quantgate**: an existing checkpoint, {text(q['source'])} (revision "
-            f"{text(q.get('revision'))}, sha256 `{str(q.get('checkpoint_sha256'))[:16]}…`), checked by quantgate "
-            f"against {text(base)}" if q.get("given") else f"Quantized from {text(base)} and checked by quantgate")
+    made = (f"**Not made by quantgate**: an existing checkpoint, {code(q['source'])} (revision "
+            f"{code(q.get('revision'))}, sha256 `{str(q.get('checkpoint_sha256'))[:16]}…`), checked by quantgate "
+            f"against {code(base)}" if q.get("given") else f"Quantized from {code(base)} and checked by quantgate")
     # A fence inside the recipe (a description) would end the code block early.
     recipe_yaml = yaml.safe_dump(recipe, sort_keys=False).strip().replace("```", "` ` `")
     return lines + [f"# {text(model_name(metrics))} — {name}", "",
@@ -81,7 +81,7 @@ def header_lines(metrics: dict, recipe: dict, entry: dict, forced: bool) -> list
 def quantize_lines(entry: dict, ref: dict, plan: dict | None) -> list[str]:
     q, lines = entry.get("quantize", {}), []
     if q.get("given"):
-        lines += [f"Its own quantization config (`config.json`): {text(json.dumps(q.get('quantization_config')))}", ""]
+        lines += [f"Its own quantization config (`config.json`): {code(json.dumps(q.get('quantization_config')))}", ""]
     if "quantized_modules" not in q:
         return lines + [_step_note(entry, "quantize")]
     lines.append(f"{q['quantized_modules']} Linear layers quantized, {q['skipped_modules']} skipped, "

@@ -1,6 +1,8 @@
 """How numbers from a run's record read in tables, reports and cards."""
 from __future__ import annotations
 
+import re
+
 
 def gb(n, missing: str = "–") -> str:
     return f"{n / 1e9:.3f} GB" if isinstance(n, (int, float)) else missing
@@ -63,3 +65,11 @@ def text(value) -> str:
     """A name, a description or a reason as plain text in Markdown a person reads (and a UI renders as HTML):
     markup, HTML tags and math delimiters escaped, lines joined."""
     return str(value).translate(MARKUP).replace("\n", " ⏎ ").replace("\r", " ")
+
+
+def code(value) -> str:
+    """A path or a name as a Markdown code span, shown as it is: fenced with more backticks than any run inside it."""
+    value = str(value).replace("\n", " ")
+    runs = [len(r) for r in re.findall(r"`+", value)]
+    fence = "`" * (max(runs, default=0) + 1)
+    return f"{fence} {value} {fence}" if runs else f"{fence}{value}{fence}"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from quantgate import evaluations
 from quantgate.files import write_atomic
-from quantgate.formats import context_line, gb, kl_line, num, peak_memory, text, tower_measures
+from quantgate.formats import code, context_line, gb, kl_line, num, peak_memory, text, tower_measures
 from quantgate.plan import tower_lines
 
 STEPS = ("quantize", "validate", "evaluate", "benchmark", "publish")
@@ -125,7 +125,7 @@ def write_report(run_dir: Path, metrics: dict) -> None:
 def render_report(metrics: dict, figure: str | None = None) -> str:
     model = metrics["model"]
     lines = [f"# quantgate run {metrics['run_id']}", "",
-             f"- model: {text(model['source'])} (revision {text(model.get('revision'))}, checkpoint sha256 "
+             f"- model: {code(model['source'])} (revision {code(model.get('revision'))}, checkpoint sha256 "
              f"`{str(model.get('checkpoint_sha256'))[:16]}…`)",
              f"- status: **{metrics['status']}**, {metrics['started_at']} → {metrics['finished_at']}",
              f"- computed in {metrics['reference'].get('compute_dtype', '–')} (checkpoint "
