@@ -52,12 +52,13 @@ def connect(db: str | Path, create: bool = False) -> sqlite3.Connection:
     conn = sqlite3.connect(db, timeout=60)
     conn.row_factory = sqlite3.Row
     try:
+        tables = {row["name"] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         conn.executescript(SCHEMA)
         have = {row["name"] for row in conn.execute("PRAGMA table_info(cells)")}
         for column, kind in ADDED.items():
             if column not in have:
                 _add_column(conn, column, kind)
-        if create:
+        if "runs" in tables and "scores" not in tables:  # a history from before the scores table: once
             _backfill_scores(conn)
     except sqlite3.DatabaseError as e:
         conn.close()
@@ -75,7 +76,7 @@ def _add_column(conn: sqlite3.Connection, column: str, kind: str) -> None:
 
 def _backfill_scores(conn: sqlite3.Connection) -> None:
     """Scores for runs recorded before the scores table (their full record is in runs.metrics)."""
-    missing = conn.execute("SELECT run_id, metrics FROM runs WHERE run_id NOT IN (SELECT run_id FROM scores)").fetchall()
+    missing = conn.execute("SELECT run_id, metrics FROM runs").fetchall()
     with conn:
         for row in missing:
             metrics = json.loads(row["metrics"])

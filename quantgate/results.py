@@ -11,8 +11,12 @@ Status = Literal["ok", "failed", "skipped", "error", "not_run"]
 OUTCOME = ("status", "reason", "seconds", "cached", "warnings")  # how a step ended, not what it measured
 
 
-class StepResult(BaseModel):
+class Measurements(BaseModel):
+    """Declared fields for what a later step reads; the rest ride along as extras the record keeps."""
     model_config = ConfigDict(extra="allow")
+
+
+class StepResult(Measurements):
     status: Status = "ok"
     reason: str | None = None
     warnings: list[str] = []
@@ -50,9 +54,8 @@ class Downloaded(StepResult):
     license: str | None = None
 
 
-class ReferenceValidation(BaseModel):
+class ReferenceValidation(Measurements):
     """The reference's measurements on the validation prompts, cached at `path` (plain tensors)."""
-    model_config = ConfigDict(extra="allow")
     path: str
     cached: bool
     nonfinite: dict | None = None
@@ -61,9 +64,8 @@ class ReferenceValidation(BaseModel):
     towers: dict | None = None  # the image and audio prompts' measurements, for a multimodal model
 
 
-class ReferenceEvaluation(BaseModel):
+class ReferenceEvaluation(Measurements):
     """The reference's evaluation summary; its per-item results are in the file at `path`."""
-    model_config = ConfigDict(extra="allow")
     path: str | None = None
     cached: bool = False
     not_run: str | None = None
