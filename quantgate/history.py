@@ -190,6 +190,11 @@ def with_scores(conn: sqlite3.Connection, cell: dict) -> dict:
     return cell
 
 
+def run_ids(db: str | Path) -> set[str]:
+    with closing(connect(db)) as conn:
+        return {row["run_id"] for row in conn.execute("SELECT run_id FROM runs")}
+
+
 def nightly_runs(db: str | Path, nightly_id: str) -> list[str]:
     with closing(connect(db)) as conn:
         return [r["run_id"] for r in conn.execute("SELECT run_id FROM runs WHERE nightly_id = ? ORDER BY started_at",

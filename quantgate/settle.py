@@ -29,10 +29,13 @@ def alive(pid: int, since: str | None = None) -> bool:
         return False
 
 
-def dead_runs(runs_dir: Path) -> list[tuple[Path, dict]]:
-    """Run folders whose record reads `running` though the process that wrote it (on this host) is gone."""
+def dead_runs(runs_dir: Path, recorded: set[str] = frozenset()) -> list[tuple[Path, dict]]:
+    """Run folders whose record reads `running` though the process that wrote it (on this host) is gone. A run the
+    history holds finished (or was settled), so only the others' records are read."""
     found = []
     for path in sorted(Path(runs_dir).glob("*/metrics.json")) if Path(runs_dir).is_dir() else []:
+        if path.parent.name in recorded:
+            continue
         try:
             metrics = json.loads(path.read_text())
         except ValueError:
@@ -47,7 +50,8 @@ def settle(runs_dir: Path, history_db: Path | None = None, registry_dir: Path | 
     """Settle every dead run under runs_dir (and record it in history_db), and clear dead publishers' staging
     folders under registry_dir; the run ids settled."""
     settled = []
-    for run_dir, metrics in dead_runs(runs_dir):
+    recorded = history.run_ids(history_db) if history_db is not None and Path(history_db).is_file() else set()
+    for run_dir, metrics in dead_runs(runs_dir, recorded):
         why = f"killed: its process ({metrics['pid']}) ended without finishing (SIGKILL, or the out-of-memory killer)"
         stop(run_dir, metrics, why, f"the run was killed ({metrics['pid']})")
         if history_db is not None:
