@@ -19,7 +19,7 @@ from tests.test_evaluate import assert_same_mmlu, lm_eval_command_line
 
 # One MMLU question a subject (57) and the first 20 HumanEval problems: about 2 minutes on a 2-core CPU.
 QUICK = EvaluateSettings(limit=1, humaneval=True, humaneval_limit=20, humaneval_max_tokens=256, wikitext=False)
-INT8 = load_config(PROJECT / "configs" / "default.yaml", ["recipes=[bnb-int8]"]).recipes[0]
+INT8 = load_config(PROJECT / "configs" / "default.yaml", ["recipes=[torchao-int8-weight-only]"]).recipes[0]
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ random Gemma 3 (SigLIP vision tower, projector) and a tiny random Gemma 4 (visio
 Linear layers sit in Gemma4ClippableLinear), each with a working processor: SmolLM2's tokenizer plus the
 model's image (and audio) tokens."""
 import json
-import shutil
 import subprocess
 import sys
 
@@ -151,15 +150,15 @@ def test_nan_in_a_tower_linear_is_that_towers_first_nonfinite_module(model, ref,
     assert f"{tower}: non-finite output from model." in result["reason"]
 
 
-def test_the_report_shows_each_tower_and_both_answers(gemma3_vision, reference, tmp_path, run_dir):
-    """A real tower result, in the session flow run's record, rendered as report.md renders it."""
-    from quantgate.record import render_report
+def test_the_report_shows_each_tower_and_both_answers(gemma3_vision, reference, tmp_path, golden_run):
+    """A real tower result, in the golden run record, rendered as report.md renders it."""
+    from quantgate.report import render_report
 
     def grey(weights):
         weights["multi_modal_projector.mm_input_projection_weight"].zero_()
 
     result = check(edited_copy(gemma3_vision, tmp_path / "edited", grey), INT8, reference)
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = json.loads((golden_run / "metrics.json").read_text())
     metrics["recipes"]["bnb-nf4"]["validate"]["towers"] = result["towers"]
     report = render_report(metrics)
     assert "## bnb-nf4: model.vision_tower (fail)" in report
@@ -168,16 +167,15 @@ def test_the_report_shows_each_tower_and_both_answers(gemma3_vision, reference, 
     assert f"| {first['prompt']} | " in report and "| image prompt | reference | bnb-nf4 |" in report
 
 
-def test_the_history_and_dashboard_carry_the_worst_tower(gemma3_vision, reference, tmp_path, run_dir):
-    """The grey-projector result in a copy of the session's run, recorded and rendered as the nightly does it."""
+def test_the_history_and_dashboard_carry_the_worst_tower(gemma3_vision, reference, tmp_path, golden_run):
+    """The grey-projector result in a copy of the golden run, recorded and rendered as the nightly does it."""
     from quantgate import dashboard, history
 
     def grey(weights):
         weights["multi_modal_projector.mm_input_projection_weight"].zero_()
 
     result = check(edited_copy(gemma3_vision, tmp_path / "edited", grey), INT8, reference)
-    run = tmp_path / "run"
-    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("checkpoint"))
+    run = golden_run
     metrics = json.loads((run / "metrics.json").read_text())
     metrics["recipes"]["bnb-nf4"]["validate"]["towers"] = result["towers"]
     (run / "metrics.json").write_text(json.dumps(metrics))
@@ -190,16 +188,15 @@ def test_the_history_and_dashboard_carry_the_worst_tower(gemma3_vision, referenc
     assert "vision_tower cos 0.000" in page and page.count("worst tower&#x27;s embedding cosine") == 1
 
 
-def test_the_card_has_a_vision_and_audio_section(gemma3_vision, reference, tmp_path, run_dir):
-    """The quantize and validate results of nf4 with the tower skipped, in a copy of the session's run."""
+def test_the_card_has_a_vision_and_audio_section(gemma3_vision, reference, tmp_path, golden_run):
+    """The quantize and validate results of nf4 with the tower skipped, in a copy of the golden run."""
     from quantgate.card import render_card
 
     recipe = NF4.model_copy(update={"skip": ["model.vision_tower", "model.multi_modal_projector"]})
     quantized = quantize_step.quantize(str(gemma3_vision), recipe, "bfloat16", "cpu",
                                        str(tmp_path / "q"), 0.9).model_dump()
     checked = check(quantized["checkpoint"], recipe, reference)
-    run = tmp_path / "run"
-    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("checkpoint"))
+    run = golden_run
     metrics = json.loads((run / "metrics.json").read_text())
     metrics["recipes"]["bnb-nf4"]["quantize"]["towers"] = quantized["towers"]
     metrics["recipes"]["bnb-nf4"]["validate"]["towers"] = checked["towers"]
