@@ -104,6 +104,9 @@ def validation_lines(entry: dict) -> list[str]:
                   f"{_fmt(v.get('top1_agreement'), '.3f')} | {_fmt(v.get('top5_overlap'), '.3f')} | "
                   f"{v.get('first_nonfinite_module') or 'none'} |",
                   "", "KL is per token, KL(reference ‖ quantized) in nats, over quantgate's 20-prompt set."]
+        if found := v.get("stored", {}).get("findings"):
+            lines += ["", "Stored tensors that fail it, read from its files before any forward:", ""]
+            lines += [f"- {code(f['module'])}'s {code(f['tensor'])}: {f['count']:,} × {f['problem']}" for f in found]
     else:
         lines.append(_step_note(entry, "validate"))
     if v.get("towers") or q.get("towers"):

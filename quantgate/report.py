@@ -200,6 +200,13 @@ def validation_lines(name: str, v: dict) -> list[str]:
                   f"First non-finite module: `{nf['first_nonfinite_module']}` (prompt `{nf['prompt']}`; input "
                   f"{nf.get('input_dtype')}, max |x| {nf.get('input_max_abs')}, input finite: {nf.get('input_finite')}, "
                   f"weight finite: {nf.get('weight_finite')}); {nf['affected_count']} modules affected after it."]
+    scanned = v.get("stored", {})
+    if scanned.get("findings") or scanned.get("notes"):
+        lines += ["", f"## {name}: stored tensors", "", "Read from the checkpoint's files before any forward; a noted "
+                  "problem fails nothing (a pruned base stores it too), the forward judges it.", "",
+                  "| module | tensor | problem | count | fails the recipe |", "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {code(f['module'])} | {code(f['tensor'])} | {f['problem']} | {f['count']:,} | {fails} |"
+                  for key, fails in (("findings", "yes"), ("notes", "no")) for f in scanned.get(key, [])]
     if v.get("generations"):
         lines += ["", f"## {name}: greedy generations", "", "| prompt | reference | " + name + " |", "| --- | --- | --- |"]
         lines += [f"| {g['prompt']} | {text(g['reference'])} | {text(g['quantized'])} |" for g in v["generations"]]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from quantgate import drift, modeling, towers
+from quantgate import drift, modeling, stored, towers
 from quantgate.backends import RecipeBase, ValidateThresholds
 from quantgate.loading import kernel_of, load_saved
 from quantgate.nonfinite import nonfinite_reason, overflow_reason
@@ -52,22 +52,38 @@ def validate(checkpoint: str, recipe: RecipeBase, reference: ReferenceValidation
     dtype the checkpoint is served in, whose range its activations must stay within whatever dtype computed."""
     from transformers import AutoTokenizer
 
+    scanned = stored.scan(Path(checkpoint))
+    if scanned.get("findings"):  # no forward makes these right: fail before loading
+        return broken_storage(scanned, reference)
     stats = torch.load(reference.path, weights_only=True)  # the reference step wrote it this run, or checked it
     t0 = time.perf_counter()
     model = load_saved(Path(checkpoint), recipe, modeling.resolve_device(device), compute_dtype)
     load_s = round(time.perf_counter() - t0, 2)
     with modeling.timed(f"validate {recipe.name}"):
         metrics = drift.compare(model, AutoTokenizer.from_pretrained(checkpoint), stats, settings, served)
-    metrics.update(compute_dtype=modeling.computed_dtype(model), load_s=load_s, **kernel_of(recipe))
+    metrics.update(compute_dtype=modeling.computed_dtype(model), load_s=load_s, stored=scanned, **kernel_of(recipe))
     result, reasons = verdict(metrics, recipe.thresholds)
     if reference.towers:  # a multimodal model: its vision and audio towers, on their own prompts
         metrics["towers"] = towers.compare(model, load_processor(checkpoint), reference.towers, settings.max_new_tokens)
         worst, tower_reasons = towers.verdicts(metrics["towers"], recipe.thresholds)
         result = max(result, worst, key=SEVERITY.index)
         reasons += tower_reasons
-    if result == "fail" and reference.first_nonfinite_module:
-        reasons.insert(0, f"the reference itself goes non-finite from {reference.first_nonfinite_module} on: "
-                          "a broken base model, not a broken quantization")
+    if result == "fail":
+        reasons[:0] = base_broken(reference)
     failed = result == "fail"
     return Validated(status="failed" if failed else "ok", reason="; ".join(reasons) if failed else None,
                      warnings=reasons if result == "warn" else [], verdict=result, reasons=reasons, **metrics)
+
+
+def base_broken(reference: ReferenceValidation) -> list[str]:
+    """The reason that comes first where the reference itself goes non-finite."""
+    if not reference.first_nonfinite_module:
+        return []
+    return [f"the reference itself goes non-finite from {reference.first_nonfinite_module} on: "
+            "a broken base model, not a broken quantization"]
+
+
+def broken_storage(scanned: dict, reference: ReferenceValidation) -> Validated:
+    """A checkpoint whose stored tensors hold what no forward can make right: failed, with every finding kept."""
+    reasons = [*base_broken(reference), stored.finding_reason(scanned)]
+    return Validated(status="failed", reason="; ".join(reasons), verdict="fail", reasons=reasons, stored=scanned)

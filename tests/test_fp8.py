@@ -102,14 +102,18 @@ def gate(checkpoint, block: str, out, cache_dir):
 def test_tiny_blocks_go_nan_at_128_and_stay_finite_at_64(tiny, tmp_path, cache_dir):
     _, planted = tiny
     q128, v128 = gate(planted, "fp8-block128", tmp_path, cache_dir)
-    assert v128["verdict"] == "fail" and v128["first_nonfinite_module"] == "model.layers.1.self_attn.q_proj"
-    assert v128["reason"].startswith("non-finite output from model.layers.1.self_attn.q_proj on")
-    assert v128["nonfinite"]["weight_finite"] is False and v128["nonfinite"]["input_finite"] is True
+    # The stored block went NaN: the checkpoint's files fail it before any forward, naming the module and tensor.
+    assert v128["verdict"] == "fail" and v128["reason"].startswith("model.layers.1.self_attn.q_proj's stored weight")
+    assert {f["module"] for f in v128["stored"]["findings"]} == {"model.layers.1.self_attn.q_proj"}
+    assert "first_nonfinite_module" not in v128  # no forward ran
     assert q128["warnings"] == ["the quantized model gives non-finite logits, before saving and after reloading alike"]
-    assert v128["kernel"] == fp8_kernel.REFERENCE
     q64, v64 = gate(planted, "fp8-block64", tmp_path, cache_dir)
     assert v64["verdict"] == "pass" and v64["first_nonfinite_module"] is None, v64["reasons"]
-    assert q64["roundtrip"]["finite"] and v64["kl_mean"] < 0.01
+    assert q64["roundtrip"]["finite"] and v64["kl_mean"] < 0.01 and v64["kernel"] == fp8_kernel.REFERENCE
+    # The base's 64x64 block of zeros stores zeros, and its three blocks of 1e-37 zero scales: noted, not failed.
+    assert v64["stored"]["findings"] == [] and v64["stored"]["notes"] == [
+        {"module": "model.layers.1.self_attn.q_proj", "tensor": "weight", "problem": "all-zero blocks", "count": 1},
+        {"module": "model.layers.1.self_attn.q_proj", "tensor": "weight_scale_inv", "problem": "zero", "count": 3}]
 
 
 def test_both_block_sizes_pass_on_the_unplanted_model(tiny, tmp_path, cache_dir):
@@ -169,7 +173,7 @@ def test_gemma4_moe_with_its_vision_tower_skipped(smollm2, tmp_path, cache_dir):
 
 def test_a_nan_stored_scale_is_named_with_its_tensor(tiny, tmp_path, cache_dir):
     """A published FP8 checkpoint whose stored weight_scale_inv holds a NaN (the compressed-tensors and
-    Model-Optimizer reports): the reason names the module and the tensor, not only where the output went."""
+    Model-Optimizer reports): it fails from its files before any forward, naming the module and the tensor."""
     clean, _ = tiny
     quantized, _ = gate(clean, "fp8-block64", tmp_path, cache_dir)
 
@@ -182,6 +186,7 @@ def test_a_nan_stored_scale_is_named_with_its_tensor(tiny, tmp_path, cache_dir):
                                       ValidateSettings())
     checked = validate_step.validate(quantized["checkpoint"], recipe, ReferenceValidation(**reference), "cpu",
                                      ValidateSettings())
-    assert checked.verdict == "fail" and checked.first_nonfinite_module == "model.layers.1.self_attn.q_proj"
-    assert checked.reason.startswith("non-finite output from model.layers.1.self_attn.q_proj onward (its stored "
-                                     "weight_scale_inv holds NaN or Inf)"), checked.reason
+    assert checked.verdict == "fail" and checked.record()["stored"]["findings"] == [
+        {"module": "model.layers.1.self_attn.q_proj", "tensor": "weight_scale_inv", "problem": "NaN or Inf", "count": 1}]
+    assert checked.reason == ("model.layers.1.self_attn.q_proj's stored weight_scale_inv: 1 NaN or Inf value, before "
+                              "any forward"), checked.reason

@@ -74,3 +74,27 @@ def test_the_card_says_what_did_not_run(golden_run):
     failed = next(n for n, e in metrics["recipes"].items() if e["status"] != "passed" and "quantize" in e)
     card = render_card(golden_run, failed)
     assert "Not measured in this run (" in card
+
+
+def test_a_stored_tensor_finding_shows_in_the_report_and_card(golden_run):
+    """What the stored-tensor scan found, planted in the golden record as validate records it: the report's table
+    says which findings fail the recipe, and the card names the first."""
+    from quantgate.report import render_report
+    from quantgate.stored import finding_reason
+
+    metrics = json.loads((golden_run / "metrics.json").read_text())
+    scanned = {"scanned": True, "quantized_modules": 210, "seconds": 0.5,
+               "findings": [{"module": "model.layers.1.self_attn.q_proj", "tensor": "weight_scale_inv",
+                             "problem": "NaN or Inf", "count": 2}],
+               "notes": [{"module": "model.layers.3.mlp.up_proj", "tensor": "weight", "problem": "all-zero blocks",
+                          "count": 1}]}
+    reason = finding_reason(scanned)
+    assert reason == "model.layers.1.self_attn.q_proj's stored weight_scale_inv: 2 NaN or Inf values, before any forward"
+    metrics["recipes"]["fp8-block64"]["validate"] = {"verdict": "fail", "reasons": [reason], "stored": scanned}
+    report = render_report(metrics)
+    assert "## fp8-block64: stored tensors" in report
+    assert "| `model.layers.1.self_attn.q_proj` | `weight_scale_inv` | NaN or Inf | 2 | yes |" in report
+    assert "| `model.layers.3.mlp.up_proj` | `weight` | all-zero blocks | 1 | no |" in report
+    (golden_run / "metrics.json").write_text(json.dumps(metrics))
+    card = render_card(golden_run, "fp8-block64")
+    assert "- `model.layers.1.self_attn.q_proj`'s `weight_scale_inv`: 2 × NaN or Inf" in card

@@ -83,7 +83,8 @@ def test_nan_in_a_quantization_scale_names_that_module(smollm2, tmp_path, refere
 
     edit_weights(folder, nan_scale)
     result = run(folder, reference)
-    assert result["verdict"] == "fail" and result["first_nonfinite_module"] == "model.layers.4.self_attn.q_proj"
+    assert result["verdict"] == "fail" and result["reason"] == (
+        "model.layers.4.self_attn.q_proj's stored SCB: 1 NaN or Inf value, before any forward")
 
 
 def test_fp16_overflow_is_caught(smollm2, tmp_path, reference):

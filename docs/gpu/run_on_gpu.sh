@@ -232,4 +232,23 @@ for line in sys.stdin:
   # The gpu-marked tests, on the machine the flow's wheels went to.
   flow-gtest) site
      timeout "${TEST_S:-400}" python3 -m pytest -q -rs -m gpu tests/test_benchmark.py 2>&1 | tail -15 ;;
+  # Issue 33 (one house): the gpu-marked tests (GTEST=1), then the benchmark of the library as it is against the code
+  # before it (a0904bc, unpacked in .old: `git archive a0904bc quantgate tasks docs/gpu/bench_on_gpu.py
+  # docs/gpu/prefect_shim.py configs | tar -x -C .old; ln -s ../data .old/data`), fresh processes alternating, RUNS
+  # rounds of MODELS on the Gemma-3-12B-shaped checkpoint; carrying .whl (transformers 5.23.0, huggingface_hub 2.4.0,
+  # tokenizers 0.23.3, torchao 0.18.0, pydantic 2.14.4 and their needs but numpy, pyyaml, regex, safetensors) and .old.
+  one-house) install .whl/*.whl
+     [ -n "${GTEST:-}" ] && timeout 240 python3 -m pytest -q -rs -p no:cacheprovider -m gpu tests/test_benchmark.py 2>&1 | tail -8
+     g3_checkpoint
+     for i in $(seq 1 "${RUNS:-1}"); do for code in new old; do
+       root=.; [ $code = old ] && root=.old
+       CD=0 BENCH_DIR=/tmp/bench-$code-$i-$RANDOM timeout "${BENCH_S:-280}" python3 $root/docs/gpu/bench_on_gpu.py /tmp/g3-12b \
+         ${MODELS:-reference} 2>>"$OUT/one-house.err" | sed "s/^{/{\"code\": \"$code\", \"round\": $i, /" \
+         | tee -a "$OUT/one-house.jsonl" | python3 -c "
+import json, sys
+for line in sys.stdin:
+    d = json.loads(line); r = (d.get('runs') or [{}])[0]
+    print(d['code'], d['round'], d.get('model'), r.get('decode_ms_per_token'), r.get('compile_s'), d.get('gpu_peak_infer_gb'), d.get('error'), flush=True)"
+     done; done
+     grep -E "Error|Traceback" "$OUT/one-house.err" | tail -5 ;;
 esac
