@@ -156,6 +156,54 @@ def write_dashboard(args) -> int:
     return 0
 
 
+def remedy(args) -> int:
+    """Attribution and the search (the remedy step), then the remedied recipe quantized and validated for real."""
+    from quantgate.config import dump_config
+    from quantgate.files import write_json
+    from quantgate.formats import num
+    from quantgate.results import ReferenceValidation
+    from tasks.quantize import quantize
+    from tasks.remedy import facts, remedy as remedy_step
+    from tasks.validate import validate
+
+    config, metrics, _, _ = facts(args.run_dir, args.recipe)
+    found = remedy_step(str(args.run_dir), args.recipe, args.top, args.budget)
+    out = args.run_dir / args.recipe
+    print(_table(["module", "local error", "share", "KL with it kept", "KL recovered", "bytes added"],
+                 [[r["module"], num(r["local_error"], ".4g"), num(r["share"], ".3f"), num(r["kl_mean"], ".4f"),
+                   num(r["kl_recovered"], "+.4f"), f"{r['bytes_added']:,}"] for r in found.attribution["modules"]]))
+    print(_table(["modules kept", "bytes", "KL mean", "KL p99", "top-1", "verdict"],
+                 [[str(t["kept"]), f"{t['bytes']:,}", num(t["kl_mean"], ".4f"), num(t["kl_p99"], ".3f"),
+                   num(t["top1_agreement"], ".3f"), t["verdict"]] for t in found.search["tried"]]))
+    record = found.model_dump(mode="json")
+    if found.recipe is None:
+        print(f"no variant passed within {found.search['budget']:,} bytes ({args.budget:.0%} of the reference's)")
+        write_json(out / "remedy.json", record)
+        return 1
+    remedied = load_config(args.run_dir / "config.yaml").model_copy(update={"recipes": []})
+    (out / "remedy.yaml").write_text(f"# quantgate remedy {args.run_dir} {args.recipe}\n" + dump_config(remedied)
+                                     .replace("recipes: []\n", "recipes:\n" + _recipe_yaml(found.recipe)))
+    recipe = load_config(out / "remedy.yaml").recipes[0]
+    quantized = quantize(metrics["model"]["checkpoint"], recipe, config.model.dtype, config.model.device,
+                         str(out / "remedy"), config.steps.quantize.roundtrip_min_top1)
+    checked = validate(quantized.checkpoint, recipe, ReferenceValidation(**metrics["reference"]["validate"]),
+                       config.model.device, config.steps.validate, metrics["reference"]["compute_dtype"],
+                       config.model.dtype) if quantized.ok else None
+    record["check"] = {"quantize": quantized.record(), "validate": checked.record() if checked else None}
+    write_json(out / "remedy.json", record)
+    verdict = checked.verdict if checked else f"not validated ({quantized.reason})"
+    print(f"{recipe.name}: {verdict}, KL mean {num(checked and checked.model_dump().get('kl_mean'), '.4f')}, "
+          f"{quantized.model_dump().get('real_bytes', 0):,} bytes; recipe: {out / 'remedy.yaml'}")
+    return 0 if checked and checked.verdict == "pass" else 1
+
+
+def _recipe_yaml(recipe: dict) -> str:
+    import yaml
+
+    return "".join("  " + line if i else "- " + line
+                   for i, line in enumerate(yaml.safe_dump(recipe, sort_keys=False).splitlines(keepends=True)))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="quantgate", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -170,6 +218,12 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("report", help="render a run directory's report.md, summary.png and cards again")
     p.add_argument("run_dir", type=Path)
     p.set_defaults(fn=report)
+    p = sub.add_parser("remedy", help="which modules cause a recipe's drift, and the recipe that passes")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("recipe")
+    p.add_argument("--top", type=int, default=8, help="modules whose KL recovery is measured one at a time")
+    p.add_argument("--budget", type=float, default=0.5, help="the most bytes, as a fraction of the reference's")
+    p.set_defaults(fn=remedy)
     p = sub.add_parser("history", help="list recorded runs, one line per model and recipe")
     p.add_argument("--db", type=Path, default=HISTORY_DB)
     p.add_argument("--model")

@@ -105,3 +105,11 @@ class Benchmarked(StepResult):
 
 class Published(StepResult):
     location: str | None = None
+
+
+class Remedied(StepResult):
+    """Which modules cause a recipe's drift (quantgate.attribution), the variants tried, and the recipe that passes
+    (as the run's config holds recipes), or None where none did within the budget."""
+    attribution: dict | None = None
+    search: dict | None = None
+    recipe: dict | None = None
