@@ -5,6 +5,7 @@ module at a time put back in the checkpoint's dtype, as a skip pattern would lea
 from __future__ import annotations
 
 import copy
+import logging
 import re
 import time
 from contextlib import contextmanager
@@ -14,6 +15,7 @@ import torch
 from quantgate import drift, modeling
 
 LAYER = re.compile(r"\.layers\.(\d+)\.")
+log = logging.getLogger("quantgate.remedy")
 
 
 def quantized_modules(reference: torch.nn.Module, quantized: torch.nn.Module) -> list[str]:
@@ -97,11 +99,14 @@ def attribute(reference, quantized, stats: dict, top: int = 8) -> dict:
     t0 = time.perf_counter()
     errors = local_errors(reference, quantized, stats)
     base = drift_of(quantized, stats)
+    log.info("local errors of %d modules, and the recipe's mean KL %.4f, in %.0f s", len(errors), base["kl_mean"],
+             time.perf_counter() - t0)
     total = sum(errors.values()) or 1.0
     rows = []
     for name in sorted(errors, key=errors.get, reverse=True)[:top]:
         with restored(quantized, reference, [name]):
             kl = drift_of(quantized, stats)["kl_mean"]
+        log.info("%s kept: mean KL %.4f", name, kl)
         rows.append({"module": name, "local_error": round(errors[name], 6), "share": round(errors[name] / total, 4),
                      "kl_mean": round(kl, 5), "kl_recovered": round(base["kl_mean"] - kl, 5),
                      "bytes_added": bytes_added(quantized, name)})
@@ -126,6 +131,7 @@ def keep_order(attribution: dict) -> list[str]:
 def trial(reference, quantized, stats: dict, names: list[str], start_bytes: int, thresholds) -> dict:
     with restored(quantized, reference, names):
         measured = drift_of(quantized, stats)
+    log.info("%d modules kept: mean KL %.4f, top-1 %.3f", len(names), measured["kl_mean"], measured["top1_agreement"])
     return {"kept": len(names), "bytes": start_bytes + sum(bytes_added(quantized, n) for n in names), **measured,
             "verdict": "pass" if passes(measured, thresholds) else "not a pass"}
 

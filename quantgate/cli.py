@@ -15,6 +15,8 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network
 from quantgate import runlog, watchdog  # noqa: E402
 from quantgate.history import HistoryError  # noqa: E402
 from quantgate.config import ConfigError, load_config, writable  # noqa: E402
+from quantgate.files import write_json  # noqa: E402
+from quantgate.formats import num  # noqa: E402
 from quantgate.paths import DASHBOARD, DEFAULT_CONFIG, HISTORY_DB  # noqa: E402
 
 
@@ -157,44 +159,67 @@ def write_dashboard(args) -> int:
 
 
 def remedy(args) -> int:
-    """Attribution and the search (the remedy step), then the remedied recipe quantized and validated for real."""
-    from quantgate.config import dump_config
-    from quantgate.files import write_json
-    from quantgate.formats import num
-    from quantgate.results import ReferenceValidation
-    from tasks.quantize import quantize
+    """Attribution and the search (the remedy step), then the remedied recipe quantized and validated for real; the
+    libraries' output goes to <recipe>/remedy.log, each measurement to the terminal."""
+    import contextlib
+    import logging
+
+    from quantgate.terminal import LogStream
     from tasks.remedy import facts, remedy as remedy_step
-    from tasks.validate import validate
 
     config, metrics, _, _ = facts(args.run_dir, args.recipe)
-    found = remedy_step(str(args.run_dir), args.recipe, args.top, args.budget)
     out = args.run_dir / args.recipe
-    print(_table(["module", "local error", "share", "KL with it kept", "KL recovered", "bytes added"],
-                 [[r["module"], num(r["local_error"], ".4g"), num(r["share"], ".3f"), num(r["kl_mean"], ".4f"),
-                   num(r["kl_recovered"], "+.4f"), f"{r['bytes_added']:,}"] for r in found.attribution["modules"]]))
-    print(_table(["modules kept", "bytes", "KL mean", "KL p99", "top-1", "verdict"],
-                 [[str(t["kept"]), f"{t['bytes']:,}", num(t["kl_mean"], ".4f"), num(t["kl_p99"], ".3f"),
-                   num(t["top1_agreement"], ".3f"), t["verdict"]] for t in found.search["tried"]]))
-    record = found.model_dump(mode="json")
+    shown = logging.StreamHandler(sys.stderr)
+    shown.setFormatter(logging.Formatter("  %(message)s"))
+    logger = logging.getLogger("quantgate.remedy")
+    with runlog.to_file(out / "remedy.log"), contextlib.redirect_stderr(LogStream("output")):
+        logger.addHandler(shown)
+        try:
+            found = remedy_step(str(args.run_dir), args.recipe, args.top, args.budget)
+            record = found.model_dump(mode="json")
+            if found.recipe is not None:
+                recipe, record["check"] = _gate_remedy(args, config, metrics, found.recipe)
+        finally:
+            logger.removeHandler(shown)
+    _print_remedy(found)
+    write_json(out / "remedy.json", record)
     if found.recipe is None:
         print(f"no variant passed within {found.search['budget']:,} bytes ({args.budget:.0%} of the reference's)")
-        write_json(out / "remedy.json", record)
         return 1
+    checked, quantized = record["check"]["validate"], record["check"]["quantize"]
+    verdict = checked["verdict"] if checked else f"not validated ({quantized.get('reason')})"
+    print(f"{recipe.name}: {verdict}, KL mean {num(checked and checked.get('kl_mean'), '.4f')}, "
+          f"{quantized.get('real_bytes', 0):,} bytes; recipe: {out / 'remedy.yaml'}")
+    return 0 if checked and checked["verdict"] == "pass" else 1
+
+
+def _gate_remedy(args, config, metrics: dict, recipe_fields: dict) -> tuple:
+    """remedy.yaml (the run's config with the remedied recipe alone), then that recipe quantized and validated."""
+    from quantgate.config import dump_config
+    from quantgate.results import ReferenceValidation
+    from tasks.quantize import quantize
+    from tasks.validate import validate
+
+    out = args.run_dir / args.recipe
     remedied = load_config(args.run_dir / "config.yaml").model_copy(update={"recipes": []})
     (out / "remedy.yaml").write_text(f"# quantgate remedy {args.run_dir} {args.recipe}\n" + dump_config(remedied)
-                                     .replace("recipes: []\n", "recipes:\n" + _recipe_yaml(found.recipe)))
+                                     .replace("recipes: []\n", "recipes:\n" + _recipe_yaml(recipe_fields)))
     recipe = load_config(out / "remedy.yaml").recipes[0]
     quantized = quantize(metrics["model"]["checkpoint"], recipe, config.model.dtype, config.model.device,
                          str(out / "remedy"), config.steps.quantize.roundtrip_min_top1)
     checked = validate(quantized.checkpoint, recipe, ReferenceValidation(**metrics["reference"]["validate"]),
                        config.model.device, config.steps.validate, metrics["reference"]["compute_dtype"],
                        config.model.dtype) if quantized.ok else None
-    record["check"] = {"quantize": quantized.record(), "validate": checked.record() if checked else None}
-    write_json(out / "remedy.json", record)
-    verdict = checked.verdict if checked else f"not validated ({quantized.reason})"
-    print(f"{recipe.name}: {verdict}, KL mean {num(checked and checked.model_dump().get('kl_mean'), '.4f')}, "
-          f"{quantized.model_dump().get('real_bytes', 0):,} bytes; recipe: {out / 'remedy.yaml'}")
-    return 0 if checked and checked.verdict == "pass" else 1
+    return recipe, {"quantize": quantized.record(), "validate": checked.record() if checked else None}
+
+
+def _print_remedy(found) -> None:
+    print(_table(["module", "local error", "share", "KL with it kept", "KL recovered", "bytes added"],
+                 [[r["module"], num(r["local_error"], ".4g"), num(r["share"], ".3f"), num(r["kl_mean"], ".4f"),
+                   num(r["kl_recovered"], "+.4f"), f"{r['bytes_added']:,}"] for r in found.attribution["modules"]]))
+    print(_table(["modules kept", "bytes", "KL mean", "KL p99", "top-1", "verdict"],
+                 [[str(t["kept"]), f"{t['bytes']:,}", num(t["kl_mean"], ".4f"), num(t["kl_p99"], ".3f"),
+                   num(t["top1_agreement"], ".3f"), t["verdict"]] for t in found.search["tried"]]))
 
 
 def _recipe_yaml(recipe: dict) -> str:
