@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import re
 import time
 from contextlib import contextmanager
@@ -46,7 +47,9 @@ def local_errors(reference, quantized, stats: dict) -> dict[str, float]:
     finally:
         for handle in handles:
             handle.remove()
-    return {n: error[n] / norm[n] if norm[n] else 0.0 for n in names}
+    # A module whose output goes non-finite ranks first: nothing after it can be measured.
+    return {n: error[n] / norm[n] if norm[n] and math.isfinite(error[n]) else (math.inf if norm[n] else 0.0)
+            for n in names}
 
 
 @torch.no_grad()
@@ -56,7 +59,8 @@ def drift_of(model, stats: dict) -> dict:
     per = [drift.compare_prompt(ref, model(input_ids=ref["ids"].to(device)).logits[0].float().cpu())
            for ref in stats["prompts"]]
     kl, top1 = torch.cat([p["kl"] for p in per]), torch.cat([p["top1"] for p in per])
-    return {"kl_mean": float(kl.mean()), "kl_p99": float(kl.quantile(0.99)), "top1_agreement": float(top1.mean())}
+    finite = lambda x: float(x) if torch.isfinite(x) else None  # noqa: E731 (JSON has no NaN)
+    return {"kl_mean": finite(kl.mean()), "kl_p99": finite(kl.quantile(0.99)), "top1_agreement": float(top1.mean())}
 
 
 @contextmanager
@@ -76,11 +80,11 @@ def restored(quantized, reference, names: list[str]):
             setattr(quantized.get_submodule(parent), child, module)
 
 
-def bytes_added(quantized, name: str) -> int:
+def bytes_added(quantized, name: str, dtype: str) -> int:
     """What keeping a module in the checkpoint's dtype costs over its quantized form."""
     module = quantized.get_submodule(name)
-    plain = sum(p.numel() for p in module.parameters()) * quantized.dtype.itemsize
-    return plain - modeling.real_bytes(module)
+    plain = sum(p.numel() for p in module.parameters()) * getattr(torch, dtype).itemsize
+    return plain - modeling.real_bytes(module, as_dtype=dtype)
 
 
 def by_layer(errors: dict[str, float]) -> list[dict]:
@@ -93,23 +97,30 @@ def by_layer(errors: dict[str, float]) -> list[dict]:
     return sorted(({"layer": k, "share": round(v / total, 4)} for k, v in layers.items()), key=lambda r: -r["share"])
 
 
-def attribute(reference, quantized, stats: dict, top: int = 8) -> dict:
+def recovered(base: float | None, kept: float | None) -> float | None:
+    """The KL a kept module recovers; None where either is non-finite (the KL it leaves ranks it then)."""
+    return round(base - kept, 5) if base is not None and kept is not None else None
+
+
+def attribute(reference, quantized, stats: dict, dtype: str, top: int = 8) -> dict:
     """All quantized modules ranked by local error; the top `top` confirmed by the KL recovered when each alone is
-    kept in high precision, and what that costs in bytes."""
+    kept in high precision, and what that costs in bytes at the checkpoint's `dtype`."""
     t0 = time.perf_counter()
     errors = local_errors(reference, quantized, stats)
     base = drift_of(quantized, stats)
-    log.info("local errors of %d modules, and the recipe's mean KL %.4f, in %.0f s", len(errors), base["kl_mean"],
+    log.info("local errors of %d modules, and the recipe's mean KL %s, in %.0f s", len(errors), base["kl_mean"],
              time.perf_counter() - t0)
     total = sum(errors.values()) or 1.0
     rows = []
     for name in sorted(errors, key=errors.get, reverse=True)[:top]:
         with restored(quantized, reference, [name]):
             kl = drift_of(quantized, stats)["kl_mean"]
-        log.info("%s kept: mean KL %.4f", name, kl)
-        rows.append({"module": name, "local_error": round(errors[name], 6), "share": round(errors[name] / total, 4),
-                     "kl_mean": round(kl, 5), "kl_recovered": round(base["kl_mean"] - kl, 5),
-                     "bytes_added": bytes_added(quantized, name)})
+        log.info("%s kept: mean KL %s", name, kl)
+        known = math.isfinite(errors[name])
+        rows.append({"module": name, "local_error": round(errors[name], 6) if known else None,
+                     "share": round(errors[name] / total, 4) if known and math.isfinite(total) else None,
+                     "kl_mean": kl, "kl_recovered": recovered(base["kl_mean"], kl),
+                     "bytes_added": bytes_added(quantized, name, dtype)})
     return {"method": "local error on the reference's inputs, then whole-model KL with each module kept",
             "prompts": len(stats["prompts"]), "quantized_modules": len(errors), "drift": base, "modules": rows,
             "layers": by_layer(errors)[:top], "ranking": sorted(errors, key=errors.get, reverse=True),
@@ -118,40 +129,46 @@ def attribute(reference, quantized, stats: dict, top: int = 8) -> dict:
 
 def passes(measured: dict, thresholds) -> bool:
     """Whether drift measured by drift_of is within the recipe's warn thresholds: a pass verdict."""
+    if measured["kl_mean"] is None or measured["kl_p99"] is None:  # non-finite
+        return False
     return (measured["kl_mean"] <= thresholds.kl_mean_warn and measured["kl_p99"] <= thresholds.kl_p99_warn
             and measured["top1_agreement"] >= thresholds.top1_warn)
 
 
 def keep_order(attribution: dict) -> list[str]:
-    """The modules to keep, in order: those whose KL was confirmed, by KL recovered, then the rest by local error."""
-    confirmed = [r["module"] for r in sorted(attribution["modules"], key=lambda r: -r["kl_recovered"])]
+    """The modules to keep, in order: those whose KL was confirmed, by the KL left with each kept (least first, a
+    non-finite one last), then the rest by local error."""
+    left = lambda r: r["kl_mean"] if r["kl_mean"] is not None else math.inf  # noqa: E731
+    confirmed = [r["module"] for r in sorted(attribution["modules"], key=left)]
     return confirmed + [n for n in attribution["ranking"] if n not in confirmed]
 
 
-def trial(reference, quantized, stats: dict, names: list[str], start_bytes: int, thresholds) -> dict:
+def trial(reference, quantized, stats: dict, names: list[str], cost: int, thresholds) -> dict:
     with restored(quantized, reference, names):
         measured = drift_of(quantized, stats)
-    log.info("%d modules kept: mean KL %.4f, top-1 %.3f", len(names), measured["kl_mean"], measured["top1_agreement"])
-    return {"kept": len(names), "bytes": start_bytes + sum(bytes_added(quantized, n) for n in names), **measured,
+    log.info("%d modules kept: mean KL %s, top-1 %.3f", len(names), measured["kl_mean"], measured["top1_agreement"])
+    return {"kept": len(names), "bytes": cost, **measured,
             "verdict": "pass" if passes(measured, thresholds) else "not a pass"}
 
 
-def search(reference, quantized, stats: dict, attribution: dict, thresholds, budget: int) -> dict:
+def search(reference, quantized, stats: dict, attribution: dict, thresholds, budget: int, dtype: str) -> dict:
     """Keep the first 1, 2, 4 ... modules of keep_order until the drift passes or the next step would pass `budget`
-    bytes, then halve the gap to the fewest that pass. Every variant tried, with its bytes, KL, top-1 and verdict."""
+    bytes (at the checkpoint's `dtype`), then halve the gap to the fewest that pass. Every variant tried, with its
+    bytes, KL, top-1 and verdict."""
     # Keeping every module is no quantization: the last one stays quantized.
-    order, start = keep_order(attribution)[:-1], modeling.real_bytes(quantized)
-    cost = lambda k: start + sum(bytes_added(quantized, n) for n in order[:k])  # noqa: E731
+    order, start = keep_order(attribution)[:-1], modeling.real_bytes(quantized, as_dtype=dtype)
+    added = [bytes_added(quantized, n, dtype) for n in order]
+    cost = lambda k: start + sum(added[:k])  # noqa: E731
     tried, failing, passing, k = [], 0, None, 1
     while k <= len(order) and cost(k) <= budget:
-        tried.append(trial(reference, quantized, stats, order[:k], start, thresholds))
+        tried.append(trial(reference, quantized, stats, order[:k], cost(k), thresholds))
         if tried[-1]["verdict"] == "pass":
             passing = k
             break
         failing, k = k, min(2 * k, len(order)) if k < len(order) else k + 1
     while passing is not None and passing - failing > 1:
         mid = (passing + failing) // 2
-        tried.append(trial(reference, quantized, stats, order[:mid], start, thresholds))
+        tried.append(trial(reference, quantized, stats, order[:mid], cost(mid), thresholds))
         failing, passing = (failing, mid) if tried[-1]["verdict"] == "pass" else (mid, passing)
     return {"tried": tried, "budget": budget, "kept": order[:passing] if passing else None,
             "over_budget_at": None if passing or k > len(order) else k}

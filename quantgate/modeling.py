@@ -181,7 +181,8 @@ def real_bytes(model: torch.nn.Module, as_dtype: str | None = None) -> int:
         key = (storage.data_ptr(), t.device, storage.nbytes())
         if key not in seen:
             seen.add(key)
-            scale = itemsize / t.element_size() if itemsize and t.is_floating_point() and t.data_ptr() in params else 1
+            plain = t.is_floating_point() and not low_precision(t) and t.data_ptr() in params  # FP8 stays FP8
+            scale = itemsize / t.element_size() if itemsize and plain else 1
             total += round(storage.nbytes() * scale)
 
     # state_dict holds bitsandbytes' quantization state; buffers hold non-persistent ones (rotary).

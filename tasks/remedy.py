@@ -37,9 +37,9 @@ def remedy(run_dir: str, name: str, top: int = 8, budget_ratio: float = 0.5) -> 
     device, dtype = modeling.resolve_device(config.model.device), reference_entry["compute_dtype"]
     reference = modeling.load(metrics["model"]["checkpoint"], dtype, device)
     quantized = load_saved(checkpoint, recipe, device, dtype)
-    found = attribution.attribute(reference, quantized, stats, top)
+    found = attribution.attribute(reference, quantized, stats, config.model.dtype, top)
     budget = int(budget_ratio * reference_entry["real_bytes"])
-    tried = attribution.search(reference, quantized, stats, found, recipe.thresholds, budget)
+    tried = attribution.search(reference, quantized, stats, found, recipe.thresholds, budget, config.model.dtype)
     remedied = None
     if tried["kept"]:
         remedied = recipe.model_copy(update={"name": f"{name}-remedy", "skip": [*recipe.skip, *tried["kept"]],

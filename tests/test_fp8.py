@@ -190,3 +190,26 @@ def test_a_nan_stored_scale_is_named_with_its_tensor(tiny, tmp_path, cache_dir):
         {"module": "model.layers.1.self_attn.q_proj", "tensor": "weight_scale_inv", "problem": "NaN or Inf", "count": 1}]
     assert checked.reason == ("model.layers.1.self_attn.q_proj's stored weight_scale_inv: 1 NaN or Inf value, before "
                               "any forward"), checked.reason
+
+
+def test_the_remedy_of_128x128_blocks_keeps_the_module_that_goes_nan(tiny, tmp_path):
+    """Seed 004's shape: fp8-block128 fails on layer 1's q_proj; the remedy finds that module from the NaN it makes,
+    keeps it, and its recipe passes for real at a cost within 1% of the recipe's bytes."""
+    from quantgate import cli
+    from tests.test_remedy import make_run
+
+    _, planted = tiny
+    # A random model's top-1 flips on noise (its logits are nearly flat): KL is the measure here.
+    run, measured = make_run(planted, "{use: fp8-block128, thresholds: {top1_warn: 0, top1_fail: 0}}", tmp_path,
+                             dtype="bfloat16")
+    assert measured["verdict"] == "fail"
+    assert cli.main(["remedy", str(run), "fp8-block128", "--top", "3", "--budget", "1.0"]) == 0
+    found = json.loads((run / "fp8-block128" / "remedy.json").read_text())
+    first = found["attribution"]["modules"][0]
+    assert first["module"] == "model.layers.1.self_attn.q_proj" and first["local_error"] is None  # non-finite
+    assert found["attribution"]["drift"]["kl_mean"] is None and first["kl_mean"] < 0.05
+    assert found["search"]["kept"] == ["model.layers.1.self_attn.q_proj"]
+    check = found["check"]
+    assert check["validate"]["verdict"] == "pass" and check["validate"]["stored"]["findings"] == []
+    made = json.loads((run / "metrics.json").read_text())["recipes"]["fp8-block128"]["quantize"]["real_bytes"]
+    assert made < check["quantize"]["real_bytes"] <= 1.01 * made

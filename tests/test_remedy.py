@@ -32,32 +32,41 @@ def damage(checkpoint: Path) -> None:
     save_file(weights, path, metadata=metadata)
 
 
-@pytest.fixture
-def run_record(tiny_llama, tmp_path):
-    """A finished run's folder as the flow leaves it, for one recipe whose checkpoint has one damaged module and whose
-    drift is three times its warn threshold."""
+def make_run(base: Path, recipe_text: str, folder: Path, dtype: str = "float32", damage=None, thresholds=None):
+    """A finished run's folder as the flow leaves it for one recipe (config.yaml, metrics.json, the checkpoint and
+    the reference's cached validation), its checkpoint damaged by `damage`; `thresholds(measured)`, the recipe's."""
     from transformers import AutoTokenizer
 
     config = load_config(PROJECT / "configs" / "default.yaml", [
-        f"model.source={tiny_llama}", "model.dtype=float32", f"output.cache_dir={tmp_path / 'cache'}",
-        "recipes=[{use: torchao-int8-weight-only, name: int8-tight}]"])
-    recipe = config.recipes[0]
-    run = tmp_path / "run"
-    quantized = quantize_step.quantize(str(tiny_llama), recipe, "float32", "cpu", str(run / recipe.name), 0.0)
-    damage(Path(quantized.checkpoint))
-    reference = drift.reference_stats(modeling.load(tiny_llama, "float32", "cpu"), AutoTokenizer.from_pretrained(tiny_llama),
-                                      "tiny", "float32", tmp_path / "cache", ValidateSettings())
+        f"model.source={base}", f"model.dtype={dtype}", f"output.cache_dir={folder / 'cache'}", f"recipes=[{recipe_text}]"])
+    recipe, run, computes = config.recipes[0], folder / "run", modeling.compute_dtype(dtype, "cpu")
+    quantized = quantize_step.quantize(str(base), recipe, dtype, "cpu", str(run / recipe.name), 0.0)
+    if damage:
+        damage(Path(quantized.checkpoint))
+    reference = drift.reference_stats(modeling.load(base, computes, "cpu"), AutoTokenizer.from_pretrained(base),
+                                      base.name, dtype, folder / "cache", ValidateSettings())
     measured = validate_step.validate(quantized.checkpoint, recipe, ReferenceValidation(**reference), "cpu",
-                                      ValidateSettings(), "float32").model_dump()
-    tight = recipe.thresholds.model_copy(update={"kl_mean_warn": measured["kl_mean"] / 3, "kl_p99_warn": 100.0,
-                                                  "top1_warn": 0.0})
-    config = config.model_copy(update={"recipes": [recipe.model_copy(update={"thresholds": tight})]})
+                                      ValidateSettings(), computes).model_dump()
+    if thresholds:
+        config = config.model_copy(update={"recipes": [recipe.model_copy(update={"thresholds": thresholds(measured)})]})
     (run / "config.yaml").write_text(dump_config(config))
-    metrics = {"model": {"checkpoint": str(tiny_llama)},
-               "reference": {"validate": reference, "compute_dtype": "float32",
-                             "real_bytes": modeling.real_bytes(modeling.load(tiny_llama, "float32", "cpu"))},
+    metrics = {"model": {"checkpoint": str(base)},
+               "reference": {"validate": reference, "compute_dtype": computes,
+                             "real_bytes": modeling.real_bytes(modeling.load(base, dtype, "cpu"))},
                "recipes": {recipe.name: {"quantize": quantized.record(), "validate": measured}}}
     (run / "metrics.json").write_text(json.dumps(metrics))
+    return run, measured
+
+
+@pytest.fixture
+def run_record(tiny_llama, tmp_path):
+    """torchao int8 of the tiny Llama with one damaged module, its warn threshold a third of the KL it measured."""
+    def tight(measured):
+        return load_config(PROJECT / "configs" / "default.yaml", ["recipes=[torchao-int8-weight-only]"]).recipes[0] \
+            .thresholds.model_copy(update={"kl_mean_warn": measured["kl_mean"] / 3, "kl_p99_warn": 100.0, "top1_warn": 0.0})
+
+    run, measured = make_run(tiny_llama, "{use: torchao-int8-weight-only, name: int8-tight}", tmp_path, damage=damage,
+                             thresholds=tight)
     return run, measured["kl_mean"]
 
 
