@@ -97,6 +97,10 @@ def by_layer(errors: dict[str, float]) -> list[dict]:
     return sorted(({"layer": k, "share": round(v / total, 4)} for k, v in layers.items()), key=lambda r: -r["share"])
 
 
+def shown(kl: float | None) -> str:
+    return "non-finite" if kl is None else f"{kl:.4f}"
+
+
 def recovered(base: float | None, kept: float | None) -> float | None:
     """The KL a kept module recovers; None where either is non-finite (the KL it leaves ranks it then)."""
     return round(base - kept, 5) if base is not None and kept is not None else None
@@ -108,14 +112,14 @@ def attribute(reference, quantized, stats: dict, dtype: str, top: int = 8) -> di
     t0 = time.perf_counter()
     errors = local_errors(reference, quantized, stats)
     base = drift_of(quantized, stats)
-    log.info("local errors of %d modules, and the recipe's mean KL %s, in %.0f s", len(errors), base["kl_mean"],
+    log.info("local errors of %d modules, and the recipe's mean KL %s, in %.0f s", len(errors), shown(base["kl_mean"]),
              time.perf_counter() - t0)
     total = sum(errors.values()) or 1.0
     rows = []
     for name in sorted(errors, key=errors.get, reverse=True)[:top]:
         with restored(quantized, reference, [name]):
             kl = drift_of(quantized, stats)["kl_mean"]
-        log.info("%s kept: mean KL %s", name, kl)
+        log.info("%s kept: mean KL %s", name, shown(kl))
         known = math.isfinite(errors[name])
         rows.append({"module": name, "local_error": round(errors[name], 6) if known else None,
                      "share": round(errors[name] / total, 4) if known and math.isfinite(total) else None,
@@ -146,7 +150,8 @@ def keep_order(attribution: dict) -> list[str]:
 def trial(reference, quantized, stats: dict, names: list[str], cost: int, thresholds) -> dict:
     with restored(quantized, reference, names):
         measured = drift_of(quantized, stats)
-    log.info("%d modules kept: mean KL %s, top-1 %.3f", len(names), measured["kl_mean"], measured["top1_agreement"])
+    log.info("%d modules kept: mean KL %s, top-1 %.3f", len(names), shown(measured["kl_mean"]),
+             measured["top1_agreement"])
     return {"kept": len(names), "bytes": cost, **measured,
             "verdict": "pass" if passes(measured, thresholds) else "not a pass"}
 
