@@ -167,7 +167,8 @@ def remedy(args) -> int:
     from quantgate.terminal import LogStream
     from tasks.remedy import facts, remedy as remedy_step
 
-    config, metrics, _, _ = facts(args.run_dir, args.recipe)
+    run_facts = facts(args.run_dir, args.recipe)
+    config, metrics = run_facts[:2]
     out = args.run_dir / args.recipe
     shown = logging.StreamHandler(sys.stderr)
     shown.setFormatter(logging.Formatter("  %(message)s"))
@@ -175,7 +176,7 @@ def remedy(args) -> int:
     with runlog.to_file(out / "remedy.log"), contextlib.redirect_stderr(LogStream("output")):
         logger.addHandler(shown)
         try:
-            found = remedy_step(str(args.run_dir), args.recipe, args.top, args.budget)
+            found = remedy_step(*run_facts, args.top, args.budget)
             record = found.model_dump(mode="json")
             if found.recipe is not None:
                 recipe, record["check"] = _gate_remedy(args, config, metrics, found.recipe)
@@ -201,7 +202,7 @@ def _gate_remedy(args, config, metrics: dict, recipe_fields: dict) -> tuple:
     from tasks.validate import validate
 
     out = args.run_dir / args.recipe
-    remedied = load_config(args.run_dir / "config.yaml").model_copy(update={"recipes": []})
+    remedied = config.model_copy(update={"recipes": []})
     (out / "remedy.yaml").write_text(f"# quantgate remedy {args.run_dir} {args.recipe}\n" + dump_config(remedied)
                                      .replace("recipes: []\n", "recipes:\n" + _recipe_yaml(recipe_fields)))
     recipe = load_config(out / "remedy.yaml").recipes[0]

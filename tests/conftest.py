@@ -60,12 +60,16 @@ def smollm2(cache_dir) -> Path:
 
 
 def edit_weights(folder: Path, edit) -> Path:
-    """A checkpoint folder's model.safetensors, its state dict changed in place by `edit`."""
+    """A checkpoint folder's model.safetensors, its state dict changed in place by `edit`, the file's metadata kept
+    (torchao's names its tensors' layout)."""
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
+    with safe_open(folder / "model.safetensors", "pt") as f:
+        metadata = f.metadata() or {"format": "pt"}
     weights = load_file(folder / "model.safetensors")
     edit(weights)
-    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    save_file(weights, folder / "model.safetensors", metadata=metadata)
     return folder
 
 

@@ -12,24 +12,15 @@ from quantgate.results import ReferenceValidation
 from quantgate.settings import ValidateSettings
 from tasks import quantize as quantize_step
 from tasks import validate as validate_step
-from tests.conftest import PROJECT
+from tests.conftest import PROJECT, edit_weights
 
 
 PLANTED = "model.layers.1.mlp.down_proj"
 
 
-def damage(checkpoint: Path) -> None:
-    """PLANTED's stored per-row scales eight times what they should be (its output eight times too large), the
-    file's torchao metadata kept."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
-
-    path = checkpoint / "model.safetensors"
-    with safe_open(path, "pt") as f:
-        metadata = f.metadata()
-    weights = load_file(path)
+def damage(weights):
+    """PLANTED's stored per-row scales eight times what they should be: its output eight times too large."""
     weights[PLANTED + "._weight_scale"] *= 8
-    save_file(weights, path, metadata=metadata)
 
 
 def make_run(base: Path, recipe_text: str, folder: Path, dtype: str = "float32", damage=None, thresholds=None):
@@ -42,7 +33,7 @@ def make_run(base: Path, recipe_text: str, folder: Path, dtype: str = "float32",
     recipe, run, computes = config.recipes[0], folder / "run", modeling.compute_dtype(dtype, "cpu")
     quantized = quantize_step.quantize(str(base), recipe, dtype, "cpu", str(run / recipe.name), 0.0)
     if damage:
-        damage(Path(quantized.checkpoint))
+        edit_weights(Path(quantized.checkpoint), damage)
     reference = drift.reference_stats(modeling.load(base, computes, "cpu"), AutoTokenizer.from_pretrained(base),
                                       base.name, dtype, folder / "cache", ValidateSettings())
     measured = validate_step.validate(quantized.checkpoint, recipe, ReferenceValidation(**reference), "cpu",
