@@ -1,6 +1,7 @@
-"""The quantize-model flow: download → reference → for each recipe: quantize → validate → evaluate → benchmark
-→ publish. Each step is a plain function of tasks/ run as a Prefect task (flows.steps); one recipe failing
-leaves the others running, and a recipe stops at its first step that does not end ok. Everything the libraries
+"""The quantize-model flow: download → reference → for each recipe: quantize → validate (→ remedy where it warns or
+fails and steps.remedy is on) → evaluate → benchmark → publish. Each step is a plain function of tasks/ run as a
+Prefect task (flows.steps); one recipe failing leaves the others running, and a recipe stops at its first step that
+does not end ok. Everything the libraries
 print goes to the run's log (runs/<run_id>/run.log)."""
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from prefect.states import Failed
 from prefect.logging.handlers import APILogHandler
 
 from flows.artifacts import create_artifacts
+from flows.remedy import remedy_recipe
 from flows.steps import (benchmark_task, download_task, evaluate_task, publish_task, quantize_task, reference_task,
                          run_step, validate_task)
 from quantgate import history, modeling, runlog
@@ -106,7 +108,10 @@ def gate_recipe(run: RunRecord, config: RunConfig, model: Model, recipe: RecipeB
     validated = run_step(validate_task, steps.validate, Validated, name, "validate", checkpoint=quantized.checkpoint,
                          recipe=recipe, reference=model.reference.validate, device=model.device,
                          settings=steps.validate, compute_dtype=model.compute_dtype, served=config.model.dtype)
-    if not run.set_step(name, "validate", validated):
+    went_on = run.set_step(name, "validate", validated)
+    if steps.remedy.enabled and validated.verdict in steps.remedy.verdicts:
+        run.set_remedy(name, remedy_recipe(run.dir, config, run.metrics, recipe, steps.remedy))
+    if not went_on:
         if validated.status == "failed" and steps.publish.force:
             publish(run, config, name)
         return

@@ -131,12 +131,13 @@ def attribute(reference, quantized, stats: dict, dtype: str, top: int = 8) -> di
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
-def passes(measured: dict, thresholds) -> bool:
-    """Whether drift measured by drift_of is within the recipe's warn thresholds: a pass verdict."""
+def passes(measured: dict, t) -> bool:
+    """Whether drift measured by drift_of is a pass under thresholds `t`: within both its warn and fail limits (a
+    recipe may set a fail limit tighter than the warn one)."""
     if measured["kl_mean"] is None or measured["kl_p99"] is None:  # non-finite
         return False
-    return (measured["kl_mean"] <= thresholds.kl_mean_warn and measured["kl_p99"] <= thresholds.kl_p99_warn
-            and measured["top1_agreement"] >= thresholds.top1_warn)
+    return (measured["kl_mean"] <= min(t.kl_mean_warn, t.kl_mean_fail) and measured["kl_p99"] <= min(
+        t.kl_p99_warn, t.kl_p99_fail) and measured["top1_agreement"] >= max(t.top1_warn, t.top1_fail))
 
 
 def keep_order(attribution: dict) -> list[str]:

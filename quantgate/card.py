@@ -104,6 +104,13 @@ def validation_lines(entry: dict) -> list[str]:
                   f"{_fmt(v.get('top1_agreement'), '.3f')} | {_fmt(v.get('top5_overlap'), '.3f')} | "
                   f"{v.get('first_nonfinite_module') or 'none'} |",
                   "", "KL is per token, KL(reference ‖ quantized) in nats, over quantgate's 20-prompt set."]
+        if long := v.get("long"):
+            lines += ["", f"By position, teacher-forced on sequences of up to {long['longest']:,} tokens: "
+                      + "; ".join(f"{r['from']:,}-{r['to']:,}: KL {_fmt(r['kl_mean'], '.4f')}, top-1 "
+                                  f"{_fmt(r['top1_agreement'], '.3f')}" for r in long["buckets"]) + "."]
+            lines += [f"Long greedy generation ({g['quantized']['tokens']} tokens) of {g['prompt']}: 4-gram repetition "
+                      f"{g['quantized']['repetition']:.3f} (reference {g['reference']['repetition']:.3f})."
+                      for g in long["generations"]]
         if found := v.get("stored", {}).get("findings"):
             lines += ["", "Stored tensors that fail it, read from its files before any forward:", ""]
             lines += [f"- {code(f['module'])}'s {code(f['tensor'])}: {f['count']:,} × {f['problem']}" for f in found]
@@ -114,6 +121,26 @@ def validation_lines(entry: dict) -> list[str]:
         lines += [f"- {tower}: {t['verdict']} on {t['prompts']} {t['kind']} prompts; "
                   + tower_measures(t, "embedding cosine to the reference's") + "."
                   for tower, t in v.get("towers", {}).items()]
+    return lines + remedy_lines(v.get("attribution"), entry.get("remedy"))
+
+
+def remedy_lines(found: dict | None, remedy: dict | None) -> list[str]:
+    """Which modules drift the most (the top three by KL recovered) and the variant that passes, where quantgate
+    remedy ran on this recipe."""
+    if not remedy:
+        return []
+    lines = ["", "### What would pass", ""]
+    if found:
+        top = sorted(found["modules"], key=lambda r: (r["kl_recovered"] is not None, -(r["kl_recovered"] or 0)))[:3]
+        lines += [f"- {code(r['module'])} kept in high precision: mean KL {_fmt(r['kl_mean'], '.4f')} "
+                  f"(recovers {_fmt(r['kl_recovered'], '.4f')}) for {r['bytes_added']:,} bytes" for r in top]
+    chosen = (remedy.get("gated") or {}).get("chosen")
+    if chosen:
+        row = remedy["gated"]["tried"][chosen - 1]
+        lines.append(f"- Passes when quantized and validated again: {row['change']} ({row['bytes']:,} bytes, mean KL "
+                     f"{_fmt(row.get('kl_mean'), '.4f')}); the recipe: `{Path(remedy['file']).name}` in the run's folder.")
+    else:
+        lines.append(f"- {remedy.get('reason')}.")
     return lines
 
 

@@ -159,16 +159,15 @@ def write_dashboard(args) -> int:
 
 
 def remedy(args) -> int:
-    """Attribution and the search (the remedy step), then the remedied recipe quantized and validated for real; the
+    """Attribution and the variants (the remedy step), each quantized and validated for real until one passes; the
     libraries' output goes to <recipe>/remedy.log, each measurement to the terminal."""
     import contextlib
     import logging
 
     from quantgate.terminal import LogStream
-    from tasks.remedy import facts, remedy as remedy_step
+    from tasks import remedy as step
 
-    run_facts = facts(args.run_dir, args.recipe)
-    config, metrics = run_facts[:2]
+    run_facts = step.facts(args.run_dir, args.recipe)
     out = args.run_dir / args.recipe
     shown = logging.StreamHandler(sys.stderr)
     shown.setFormatter(logging.Formatter("  %(message)s"))
@@ -176,58 +175,40 @@ def remedy(args) -> int:
     with runlog.to_file(out / "remedy.log"), contextlib.redirect_stderr(LogStream("output")):
         logger.addHandler(shown)
         try:
-            found = remedy_step(*run_facts, args.top, args.budget)
-            record = found.model_dump(mode="json")
-            if found.recipe is not None:
-                recipe, record["check"] = _gate_remedy(args, config, metrics, found.recipe)
+            found = step.remedy(*run_facts, args.top, args.budget)
+            found = step.conclude(found, _gate(found, *run_facts[:2], out), run_facts[0], out / "remedy.yaml",
+                                  f"quantgate remedy {args.run_dir} {args.recipe}")
         finally:
             logger.removeHandler(shown)
-    _print_remedy(found)
-    write_json(out / "remedy.json", record)
-    if found.recipe is None:
-        print(f"no variant passed within {found.search['budget']:,} bytes ({args.budget:.0%} of the reference's)")
-        return 1
-    checked, quantized = record["check"]["validate"], record["check"]["quantize"]
-    verdict = checked["verdict"] if checked else f"not validated ({quantized.get('reason')})"
-    print(f"{recipe.name}: {verdict}, KL mean {num(checked and checked.get('kl_mean'), '.4f')}, "
-          f"{quantized.get('real_bytes', 0):,} bytes; recipe: {out / 'remedy.yaml'}")
-    return 0 if checked and checked["verdict"] == "pass" else 1
+    write_json(out / "remedy.json", found.model_dump(mode="json"))
+    print(_remedy_tables(found.model_dump(mode="json")))
+    print(f"{args.recipe}: {found.reason}" if found.file is None else f"recipe that passes: {found.file}")
+    return 0 if found.file else 1
 
 
-def _gate_remedy(args, config, metrics: dict, recipe_fields: dict) -> tuple:
-    """remedy.yaml (the run's config with the remedied recipe alone), then that recipe quantized and validated."""
-    from quantgate.config import dump_config
+def _remedy_tables(found: dict) -> str:
+    from quantgate.report import (ATTRIBUTION_HEADER, SEARCH_HEADER, VARIANT_HEADER, attribution_rows, search_rows,
+                                  variant_rows)
+
+    tables = [(ATTRIBUTION_HEADER, attribution_rows(found["attribution"])), (SEARCH_HEADER, search_rows(found["search"])),
+              (VARIANT_HEADER, variant_rows(found["gated"]))]
+    return "\n\n".join(_table(header, rows) for header, rows in tables if rows)
+
+
+def _gate(found, config, metrics: dict, out: Path) -> dict:
+    """The remedy's variants through the quantize and validate steps, each in <recipe>/remedy/<number>."""
     from quantgate.results import ReferenceValidation
     from tasks.quantize import quantize
+    from tasks.remedy import gate
     from tasks.validate import validate
 
-    out = args.run_dir / args.recipe
-    remedied = config.model_copy(update={"recipes": []})
-    (out / "remedy.yaml").write_text(f"# quantgate remedy {args.run_dir} {args.recipe}\n" + dump_config(remedied)
-                                     .replace("recipes: []\n", "recipes:\n" + _recipe_yaml(recipe_fields)))
-    recipe = load_config(out / "remedy.yaml").recipes[0]
-    quantized = quantize(metrics["model"]["checkpoint"], recipe, config.model.dtype, config.model.device,
-                         str(out / "remedy"), config.steps.quantize.roundtrip_min_top1)
-    checked = validate(quantized.checkpoint, recipe, ReferenceValidation(**metrics["reference"]["validate"]),
-                       config.model.device, config.steps.validate, metrics["reference"]["compute_dtype"],
-                       config.model.dtype) if quantized.ok else None
-    return recipe, {"quantize": quantized.record(), "validate": checked.record() if checked else None}
-
-
-def _print_remedy(found) -> None:
-    print(_table(["module", "local error", "share", "KL with it kept", "KL recovered", "bytes added"],
-                 [[r["module"], num(r["local_error"], ".4g"), num(r["share"], ".3f"), num(r["kl_mean"], ".4f"),
-                   num(r["kl_recovered"], "+.4f"), f"{r['bytes_added']:,}"] for r in found.attribution["modules"]]))
-    print(_table(["modules kept", "bytes", "KL mean", "KL p99", "top-1", "verdict"],
-                 [[str(t["kept"]), f"{t['bytes']:,}", num(t["kl_mean"], ".4f"), num(t["kl_p99"], ".3f"),
-                   num(t["top1_agreement"], ".3f"), t["verdict"]] for t in found.search["tried"]]))
-
-
-def _recipe_yaml(recipe: dict) -> str:
-    import yaml
-
-    return "".join("  " + line if i else "- " + line
-                   for i, line in enumerate(yaml.safe_dump(recipe, sort_keys=False).splitlines(keepends=True)))
+    reference, device = ReferenceValidation(**metrics["reference"]["validate"]), config.model.device
+    return gate(found.variants,
+                lambda recipe, n: quantize(metrics["model"]["checkpoint"], recipe, config.model.dtype, device,
+                                           str(out / "remedy" / str(n)), config.steps.quantize.roundtrip_min_top1),
+                lambda recipe, quantized: validate(quantized.checkpoint, recipe, reference, device, config.steps.validate,
+                                                   metrics["reference"]["compute_dtype"], config.model.dtype),
+                found.budget)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,7 +22,10 @@ def tower_measures(t: dict, cosine: str = "embedding cosine") -> str:
     """One tower's validation figures, as the report and the card print them."""
     return (f"{cosine} mean {num(t['embedding_cosine_mean'], '.4f')}, min {num(t['embedding_cosine_min'], '.4f')}; "
             f"{t['kind']}-prompt KL mean {num(t['kl_mean'], '.4f')}, top-1 {num(t['top1_agreement'], '.3f')}; "
-            f"first non-finite module {t['first_nonfinite_module'] or 'none'}")
+            f"first non-finite module {t['first_nonfinite_module'] or 'none'}"
+            + (f"; input dependence {t['input_dependence']:.4g} (reference {t['reference_input_dependence']:.4g}); "
+               f"answers as the reference's {t['answer_agreement']:.2f}, the best constant answer's "
+               f"{t['constant_answer_agreement']:.2f}" if "input_dependence" in t else ""))
 
 
 def error_line(e: BaseException) -> str:
@@ -48,14 +51,16 @@ def context_line(kv: dict) -> str:
 
 
 def kl_line(kv: dict) -> str | None:
-    """The quantized caches' KL against the full-precision cache, or None where none was measured."""
+    """The quantized caches' KL against the full-precision cache, by position bucket, or None where none was measured."""
     measured = {k: c for k, c in kv.get("kl", {}).items() if c["status"] == "ok"}
     if not measured:
         return None
     first = next(iter(measured.values()))
-    return (f"Quantized caches against the full-precision cache ({kv['kl_prompt']}; next-token distributions at the "
-            f"last {first['positions']}): " + ", ".join(f"{k} KL mean {c['kl_mean']:.4g}, top-1 {c['top1_agreement']:.3f}"
-                                                       for k, c in measured.items()))
+    parts = [f"{k} KL mean {c['kl_mean']:.4g}, top-1 {c['top1_agreement']:.3f}; by position "
+             + ", ".join(f"{r['from']:,}-{r['to']:,}: {r['kl_mean']:.4g}" for r in c.get("buckets", []))
+             + (f" (**{c['flagged']}**)" if c.get("flagged") else "") for k, c in measured.items()]
+    return (f"Quantized caches against the full-precision cache ({kv['kl_prompt']}; every position, fed "
+            f"{first.get('chunk', '–')} tokens at a time): " + "; ".join(parts))
 
 
 MARKUP = str.maketrans({c: f"\\{c}" for c in "\\`*_{}[]<>#|!$~"})

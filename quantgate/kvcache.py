@@ -249,31 +249,43 @@ def capacity(model, budget: int, caches: list[str], chunk: int, limit: int, deco
     return result
 
 
+def chunk_logits(model, cache, ids: torch.Tensor, start: int) -> torch.Tensor:
+    """Log-probabilities of the next token at every position of a chunk that follows `start` tokens in the cache."""
+    positions = torch.arange(start, start + ids.shape[1], device=ids.device)
+    logits = model(input_ids=ids, position_ids=positions[None], cache_position=positions, past_key_values=cache,
+                   use_cache=True).logits[0]
+    return torch.log_softmax(logits.float(), -1)
+
+
 @torch.no_grad()
-def teacher_forced(model, cache, ids: torch.Tensor, chunk: int, positions: int) -> torch.Tensor:
-    """Log-probabilities of the next token at each of the last `positions` tokens, fed one at a time after
-    the rest is prefilled in chunks: the quantized caches quantize what the later tokens read."""
-    prompt = ids.shape[1] - positions
-    for start in range(0, prompt, chunk):
-        forward(model, cache, ids[:, start:min(start + chunk, prompt)], start)
-    rows = [torch.log_softmax(forward(model, cache, ids[:, i:i + 1], i).float(), -1) for i in range(prompt, ids.shape[1])]
-    return torch.cat(rows)
+def quantized_cache_kl(model, ids: torch.Tensor, kinds: list[str], chunk: int, bits: int, flag_kl: float) -> dict:
+    """KL(full-precision cache || quantized cache) of the next-token distribution at every position of `ids`, fed
+    `chunk` tokens at a time to a full-precision cache and to each quantized one side by side (each chunk reads the
+    ones before it from its cache, as decoding reads the context), by position bucket; the first bucket whose mean
+    KL passes `flag_kl` is named."""
+    from quantgate.longrange import bucket_of
 
-
-def quantized_cache_kl(model, ids: torch.Tensor, kinds: list[str], chunk: int, positions: int, bits: int) -> dict:
-    """KL(full-precision cache || quantized cache) of the next-token distribution, per quantized cache."""
-    full = teacher_forced(model, new_cache("dynamic", model, ids.shape[1], bits), ids, chunk, positions)
-    results = {}
-    for kind in kinds:
-        cache = new_cache(kind, model, ids.shape[1], bits)
-        if isinstance(cache, str):
-            results[kind] = {"status": "not_offered", "reason": cache}
-            continue
-        quantized = teacher_forced(model, cache, ids, chunk, positions)
-        kl = (full.exp() * (full - quantized)).sum(-1)
-        results[kind] = {"status": "ok", "kl_mean": round(kl.mean().item(), 6), "kl_max": round(kl.max().item(), 6),
-                         "top1_agreement": round((full.argmax(-1) == quantized.argmax(-1)).float().mean().item(), 4),
-                         "prompt_tokens": ids.shape[1], "positions": positions}
-        del cache
-        released()
+    caches = {kind: new_cache(kind, model, ids.shape[1], bits) for kind in ["dynamic", *kinds]}
+    results = {k: {"status": "not_offered", "reason": c} for k, c in caches.items() if isinstance(c, str)}
+    live = [k for k in kinds if k not in results]
+    kl, agree = {k: [] for k in live}, {k: [] for k in live}
+    for start in range(0, ids.shape[1], chunk):
+        piece = ids[:, start:start + chunk]
+        full = chunk_logits(model, caches["dynamic"], piece, start)
+        for kind in live:
+            mine = chunk_logits(model, caches[kind], piece, start)
+            kl[kind].append((full.exp() * (full - mine)).sum(-1).cpu())
+            agree[kind].append((full.argmax(-1) == mine.argmax(-1)).float().cpu())
+    for kind in live:
+        per, same = torch.cat(kl[kind]), torch.cat(agree[kind])
+        edges = torch.tensor([bucket_of(p)[0] for p in range(len(per))])
+        rows = [{"from": a, "to": min(bucket_of(a)[1], len(per)), "kl_mean": round(per[edges == a].mean().item(), 6),
+                 "top1_agreement": round(same[edges == a].mean().item(), 4)} for a in edges.unique().tolist()]
+        flagged = next((r for r in rows if r["kl_mean"] > flag_kl), None)
+        results[kind] = {"status": "ok", "kl_mean": round(per.mean().item(), 6), "kl_max": round(per.max().item(), 6),
+                         "top1_agreement": round(same.mean().item(), 4), "prompt_tokens": len(per), "chunk": chunk,
+                         "buckets": rows, "flagged": flagged and f"mean KL {flagged['kl_mean']:.4g} > {flag_kl} at "
+                                                                f"positions {flagged['from']:,}-{flagged['to']:,}"}
+    del caches
+    released()
     return results

@@ -94,6 +94,14 @@ def plan_recipe(model: torch.nn.Module, recipe) -> list[dict]:
 
 # The parts of a multimodal model that turn images or audio into what its language model reads.
 TOWERS = ("vision_tower", "audio_tower", "multi_modal_projector", "embed_vision", "embed_audio")
+PROJECTORS = {"vision_tower": ("multi_modal_projector", "embed_vision"), "audio_tower": ("embed_audio",)}
+
+
+def with_projectors(tower: str, towers_found: list[str]) -> list[str]:
+    """A tower (`model.vision_tower`) and, of `towers_found`, the projectors beside it that hand its output on."""
+    parent, _, last = tower.rpartition(".")
+    beside = {f"{parent}.{p}" if parent else p for p in PROJECTORS.get(last, ())}
+    return [tower] + [t for t in towers_found if t in beside]
 
 
 def tower_of(module: str) -> str | None:

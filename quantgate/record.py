@@ -91,6 +91,14 @@ class RunRecord:
         self.save()
         return result.ok
 
+    def set_remedy(self, recipe: str, result: StepResult) -> None:
+        """A recipe's remedy (its status stays the verdict's); the attribution goes under its validate entry."""
+        entry, record = self.metrics["recipes"][recipe], result.record()
+        if found := record.pop("attribution", None):
+            entry.setdefault("validate", {})["attribution"] = found
+        entry["remedy"] = record
+        self.save()
+
     def interrupt(self, why: str) -> None:
         """A stopped run (SIGINT, SIGTERM): the record says so and where each recipe had got to."""
         stop(self.dir, self.metrics, f"stopped by {why}", f"the run was stopped ({why})")

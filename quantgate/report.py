@@ -13,6 +13,9 @@ STEPS = ("quantize", "validate", "evaluate", "benchmark", "publish")
 KV_CACHE_HEADER = ["model", "budget", "cache", "context tokens", "decode ms/token there", "stopped by"]
 BENCHMARK_HEADER = ["model", "load s", "host private peak", "host file-backed peak", "GPU peak load", "GPU peak infer",
                     "prefill ms", "decode ms/token", "tokens/s", "x bandwidth floor", "decode path"]
+ATTRIBUTION_HEADER = ["module", "local error", "share", "KL with it kept", "KL recovered", "bytes added"]
+SEARCH_HEADER = ["modules kept (in memory)", "bytes", "KL mean", "KL p99", "top-1", "verdict"]
+VARIANT_HEADER = ["variant", "change", "bytes", "KL mean", "KL p99", "top-1", "verdict"]
 
 
 def scored(evaluate: dict, evaluation) -> str:
@@ -109,6 +112,37 @@ def benchmark_rows(metrics: dict) -> list[list[str]]:
     return rows
 
 
+def attribution_rows(found: dict) -> list[list[str]]:
+    return [[code(r["module"]), num(r["local_error"], ".4g"), num(r["share"], ".3f"), num(r["kl_mean"], ".4f"),
+             num(r["kl_recovered"], "+.4f"), f"{r['bytes_added']:,}"] for r in (found or {}).get("modules", [])]
+
+
+def search_rows(search: dict | None) -> list[list[str]]:
+    return [[str(t["kept"]), f"{t['bytes']:,}", num(t["kl_mean"], ".4f"), num(t["kl_p99"], ".3f"),
+             num(t["top1_agreement"], ".3f"), t["verdict"]] for t in (search or {}).get("tried", [])]
+
+
+def variant_rows(gated: dict | None) -> list[list[str]]:
+    return [[str(t["variant"]), t["change"], num(t["bytes"], ",d"), num(t.get("kl_mean"), ".4f"),
+             num(t.get("kl_p99"), ".3f"), num(t.get("top1_agreement"), ".3f"), t["verdict"]]
+            for t in (gated or {}).get("tried", [])]
+
+
+def remedy_lines(name: str, remedy: dict, found: dict | None) -> list[str]:
+    """What causes a recipe's drift (its attribution), the variants gated and the recipe that passes (`steps.remedy`)."""
+    lines = ["", f"## {name}: remedy", ""]
+    if found:
+        lines += [f"Modules ranked by their error on the reference's own inputs ({found['quantized_modules']} quantized "
+                  f"modules); the top {len(found['modules'])} confirmed by the mean KL left with each kept in high "
+                  f"precision (recipe's own: {num(found['drift']['kl_mean'], '.4f', 'non-finite')}).", "",
+                  *table(ATTRIBUTION_HEADER, attribution_rows(found)), "", *table(SEARCH_HEADER, search_rows(remedy["search"]))]
+    else:
+        lines.append("The text prompts' drift passes: no module attribution.")
+    lines += ["", f"Variants quantized and validated for real, in order, within {num(remedy.get('budget'), ',d')} bytes:",
+              "", *table(VARIANT_HEADER, variant_rows(remedy.get("gated")))]
+    return lines + ["", f"Recipe that passes: `{remedy['file']}`." if remedy.get("file") else f"{text(remedy.get('reason'))}."]
+
+
 def table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header),
             *["| " + " | ".join(text(c) if i == len(row) - 1 else c for i, c in enumerate(row)) + " |" for row in rows]]
@@ -143,6 +177,8 @@ def render_report(metrics: dict, figure: str | None = None) -> str:
         lines += ["", "## Towers", ""] + [f"- {name}: {line}" for name, line in tower_rows]
     for name, entry in metrics["recipes"].items():
         lines += validation_lines(name, entry.get("validate", {}))
+        if entry.get("remedy"):
+            lines += remedy_lines(name, entry["remedy"], entry.get("validate", {}).get("attribution"))
     published = [(n, e["publish"]) for n, e in metrics["recipes"].items() if e.get("publish", {}).get("location")]
     if published:
         lines += ["", "## Published", ""] + [f"- {n}: {text(p['location'])}" for n, p in published]
@@ -210,6 +246,18 @@ def validation_lines(name: str, v: dict) -> list[str]:
     if v.get("generations"):
         lines += ["", f"## {name}: greedy generations", "", "| prompt | reference | " + name + " |", "| --- | --- | --- |"]
         lines += [f"| {g['prompt']} | {text(g['reference'])} | {text(g['quantized'])} |" for g in v["generations"]]
+    if long := v.get("long"):
+        lines += ["", f"## {name}: long sequences", "", f"Teacher-forced on {long['sequences']} sequences of up to "
+                  f"{long['longest']:,} tokens (WikiText-2 stretches and the reference's long greedy generations), "
+                  "against the reference's top-k; buckets past the first are judged by the recipe's thresholds.", "",
+                  *table(["positions", "compared", "KL mean", "top-1 agreement"],
+                         [[f"{r['from']:,}-{r['to']:,}", str(r["positions"]), num(r["kl_mean"], ".4f", "non-finite"),
+                           num(r["top1_agreement"], ".3f")] for r in long["buckets"]])]
+        lines += ["", *table(["long generation", "tokens", "repetition (ref / this)", "distinct-2 (ref / this)",
+                              "entropy (ref / this)"],
+                             [[g["prompt"], str(g["quantized"]["tokens"])] + [
+                                 f"{g['reference'][k]:.3f} / {g['quantized'][k]:.3f}" for k in
+                                 ("repetition", "distinct_2", "entropy")] for g in long["generations"]])]
     for tower, t in v.get("towers", {}).items():
         lines += ["", f"## {name}: {tower} ({t.get('verdict')})", "", tower_measures(t, "Embedding cosine") + ".", "",
                   f"| {t['kind']} prompt | reference | {name} |", "| --- | --- | --- |"]

@@ -62,6 +62,7 @@ class ReferenceValidation(Measurements):
     overflow: dict | None = None  # an output past the range of the dtype the checkpoint is served in
     first_nonfinite_module: str | None = None
     towers: dict | None = None  # the image and audio prompts' measurements, for a multimodal model
+    long: dict | None = None  # the long sequences' (quantgate/longrange.py), where measured
 
 
 class ReferenceEvaluation(Measurements):
@@ -108,8 +109,13 @@ class Published(StepResult):
 
 
 class Remedied(StepResult):
-    """Which modules cause a recipe's drift (quantgate.attribution), the variants tried, and the recipe that passes
-    (as the run's config holds recipes), or None where none did within the budget."""
+    """Which modules cause a recipe's drift (quantgate.attribution, None where its text drift passes), the variants
+    to gate, then (set by whoever gates them: tasks/remedy.gate) what each measured and the recipe that passed, as
+    the run's config holds recipes, written to `file`; None where none did within the budget."""
     attribution: dict | None = None
     search: dict | None = None
+    variants: list[dict] = []
+    budget: int | None = None
+    gated: dict | None = None
     recipe: dict | None = None
+    file: str | None = None

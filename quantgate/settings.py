@@ -76,6 +76,14 @@ class ValidateSettings(StepSettings):
     hidden_positions: PositiveInt = 32  # token positions per prompt whose hidden states are compared
     generate_prompts: int = Field(3, ge=0)  # chat prompts decoded greedily by both models
     max_new_tokens: PositiveInt = 32
+    # Damage the short prompts miss (quantgate/longrange.py): KL and top-1 by position bucket along long_sequences
+    # WikiText-2 stretches of long_context tokens (at most the model's context; null: not measured) and along
+    # long_generations greedy generations of long_new_tokens, whose repetition is judged against the reference's.
+    long_context: PositiveInt | None = 2048
+    long_sequences: int = Field(2, ge=0)
+    long_generations: int = Field(2, ge=0)
+    long_new_tokens: PositiveInt = 256
+    bucket_positions: PositiveInt = 128  # positions compared per bucket and sequence, evenly spaced
 
 
 class EvaluateSettings(StepSettings):
@@ -111,10 +119,12 @@ class KVCacheSettings(Strict):
     max_context: PositiveInt | None = None  # where the search stops; null: the model's max_position_embeddings
     bits: Literal[2, 4] = 4  # of the quanto and hqq caches
     decode_tokens: PositiveInt = 16  # decoded one at a time at the context found, for its latency
-    # The quantized caches' KL against the full-precision cache: the next-token distributions at the last
-    # kl_positions tokens of a WikiText-2 prompt of kl_prompt_tokens.
-    kl_prompt_tokens: PositiveInt = 4096
-    kl_positions: PositiveInt = 64
+    # The quantized caches' KL against the full-precision cache at every position of a WikiText-2 prompt of
+    # kl_prompt_tokens (at most the longest context the dynamic cache fit; null: that context), fed kl_chunk tokens
+    # at a time, by position bucket; a bucket whose mean KL passes kl_flag is named in the record and report.
+    kl_prompt_tokens: PositiveInt | None = 4096
+    kl_chunk: PositiveInt = 128
+    kl_flag: float = Field(0.05, ge=0)
 
 
 class BenchmarkSettings(StepSettings):
@@ -164,6 +174,16 @@ class BenchmarkSettings(StepSettings):
     kv_cache: KVCacheSettings = KVCacheSettings()
 
 
+class RemedySettings(StepSettings):
+    """For a recipe whose validate verdict is one of `verdicts`: which modules cause its drift, and variants of it
+    quantized and validated until one passes (tasks/remedy.py); off by default, as it quantizes again."""
+    key = "remedy"
+    enabled: bool = False
+    verdicts: list[Literal["warn", "fail"]] = Field(["warn", "fail"], min_length=1)
+    top: PositiveInt = 8  # modules whose KL recovery is measured one at a time
+    budget: float = Field(0.5, gt=0, le=1)  # the most bytes a variant may take, as a fraction of the reference's
+
+
 class PublishSettings(StepSettings):
     key = "publish"
     target: Literal["local", "hub", "none"] = "local"
@@ -201,6 +221,7 @@ with warnings.catch_warnings():
         validate: ValidateSettings = ValidateSettings()
         evaluate: EvaluateSettings = EvaluateSettings()
         benchmark: BenchmarkSettings = BenchmarkSettings()
+        remedy: RemedySettings = RemedySettings()
         publish: PublishSettings = PublishSettings()
 
 

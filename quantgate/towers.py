@@ -22,6 +22,7 @@ from quantgate.paths import DATA_DIR
 from quantgate.processors import read_wav
 
 PROMPTS = DATA_DIR / "multimodal" / "prompts.jsonl"
+BLIND_FLOOR = 1e-4  # input dependence below which a tower hands over the same whatever it is shown
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ def prompts(kind: str, path: Path = PROMPTS) -> list[dict]:
 
 
 def handed_over(model, sense: Sense, inputs: dict) -> torch.Tensor:
-    """What the tower hands the language model for these inputs, flattened (padding positions left out)."""
+    """What the tower hands the language model for these inputs, a row per soft token (padding positions left out)."""
     method = features_method(model, sense)
     out = method(**{k: v for k, v in inputs.items() if k in inspect.signature(method).parameters})
     pooled = out.pooler_output
@@ -76,7 +77,7 @@ def handed_over(model, sense: Sense, inputs: dict) -> torch.Tensor:
     mask = getattr(out, "attention_mask", None)
     if mask is not None and mask.shape == pooled.shape[:-1]:
         pooled = pooled[mask.bool()]
-    return pooled.float().cpu().flatten()
+    return pooled.float().cpu().reshape(-1, pooled.shape[-1])
 
 
 @torch.no_grad()
@@ -93,19 +94,20 @@ def measure(model, processor, max_new_tokens: int) -> dict:
             for key, value in inputs.items():  # pixels and audio features in the compute dtype
                 if value.is_floating_point():
                     inputs[key] = value.to(dtype)
-            features = handed_over(model, sense, inputs)
+            rows = handed_over(model, sense, inputs)
             with NonFiniteScan(model) as scan:
                 logits = model(**inputs).logits[0, -1].float().cpu()
             answer = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
             measured[sense.kind].append({
-                "id": prompt["id"], "features": features, "logits": logits, "nonfinite": scan.flagged(),
+                "id": prompt["id"], "features": rows.flatten(), "pooled": rows.mean(0), "logits": logits,
+                "nonfinite": scan.flagged(),
                 "answer": processor.decode(answer[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)})
     return measured
 
 
 def cache_name() -> str:
     """The cache file's name, keyed by the prompt set (a changed prompt set is measured again)."""
-    return f"towers-v2-{sha256_file(PROMPTS)[:12]}.pt"
+    return f"towers-v3-{sha256_file(PROMPTS)[:12]}.pt"
 
 
 def reference_towers(model, processor, cache: Path, max_new_tokens: int) -> dict | None:
@@ -135,7 +137,26 @@ def metrics(reference: list[dict], measured: list[dict]) -> dict:
     return {"prompts": len(measured), "embedding_cosine_mean": sum(finite) / len(finite) if finite else None,
             "embedding_cosine_min": min(finite) if finite else None, "kl_mean": sum(kls) / len(kls),
             "top1_agreement": sum(top1) / len(top1), "first_nonfinite_module": nonfinite[0] if nonfinite else None,
-            "answers": answers}
+            "input_dependence": input_dependence(measured), "reference_input_dependence": input_dependence(reference),
+            **answer_scores(answers), "answers": answers}
+
+
+def input_dependence(measured: list[dict]) -> float:
+    """How far what the tower hands over moves from one input to the next: the mean of 1 - cosine between the
+    average soft token of consecutive prompts. 0 for a tower that hands over the same (or nothing) whatever it is shown."""
+    pooled = [m["pooled"] for m in measured]
+    moves = [1 - float(torch.nn.functional.cosine_similarity(a, b, dim=0)) if a.norm() * b.norm() > 0 else 0.0
+             for a, b in zip(pooled, pooled[1:])]
+    return round(sum(moves) / len(moves), 6) if moves else 0.0
+
+
+def answer_scores(answers: list[dict]) -> dict:
+    """The answers that match the reference's, against the best one answer given to every prompt (club-3090's check
+    for a blind tower that answers fluently)."""
+    same = sum(a["quantized"].strip() == a["reference"].strip() for a in answers) / len(answers)
+    references = [a["reference"].strip() for a in answers]
+    constant = max(references.count(r) for r in references) / len(references)
+    return {"answer_agreement": round(same, 4), "constant_answer_agreement": round(constant, 4)}
 
 
 def compare(model, processor, reference: dict, max_new_tokens: int) -> dict:
@@ -144,6 +165,12 @@ def compare(model, processor, reference: dict, max_new_tokens: int) -> dict:
     mine = measure(model, processor, max_new_tokens)
     return {sense.tower_name(model): {"kind": sense.kind, **metrics(ref[sense.kind], mine[sense.kind])}
             for sense in senses(model)}
+
+
+def blind(mine: float, reference: float) -> bool:
+    """A tower whose output barely moves with its input: under a tenth of the reference's movement, or none at all
+    (which a reference that is blind itself cannot excuse)."""
+    return mine < max(BLIND_FLOOR, 0.1 * reference)
 
 
 def verdicts(towers: dict, t: ValidateThresholds) -> tuple[str, list[str]]:
@@ -163,6 +190,9 @@ def verdicts(towers: dict, t: ValidateThresholds) -> tuple[str, list[str]]:
             fails.append(f"{m['kind']}-prompt KL mean {m['kl_mean']:.4f} > {t.kl_mean_fail} (fail)")
         elif m["kl_mean"] > t.kl_mean_warn:
             warns.append(f"{m['kind']}-prompt KL mean {m['kl_mean']:.4f} > {t.kl_mean_warn} (warn)")
+        if blind(m["input_dependence"], m["reference_input_dependence"]):
+            fails.append(f"blind: what it hands over no longer depends on the {m['kind']} (input dependence "
+                         f"{m['input_dependence']:.4g}, the reference's {m['reference_input_dependence']:.4g})")
         m["verdict"] = "fail" if fails else "warn" if warns else "pass"
         reasons += [f"{tower}: {r}" for r in fails + warns]
         worst = max(worst, m["verdict"], key=["pass", "warn", "fail"].index)

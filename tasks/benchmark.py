@@ -69,7 +69,8 @@ def latency_warnings(result: dict) -> list[str]:
     for run in result["latency"]["runs"]:
         if run.get("greedy_agreement_with_eager") is not None and run["greedy_agreement_with_eager"] < 0.5:
             warnings.append(f"batch {run['batch_size']}: the fast path's greedy tokens agree with eager decoding on "
-                            f"only {run['greedy_agreement_with_eager']:.0%} of the first 16")
+                            f"only {run['greedy_agreement_with_eager']:.0%} of {run['new_tokens']}, parting at "
+                            f"token {run['first_divergence_from_eager']}")
     return warnings
 
 

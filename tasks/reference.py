@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from quantgate import drift, modeling, towers
+from quantgate import drift, longrange, modeling, towers
 from quantgate.evaluations import lmeval
 from quantgate.processors import load_processor
 from quantgate.results import Downloaded, Reference, ReferenceEvaluation, ReferenceValidation
@@ -37,9 +37,12 @@ def reference(download: Downloaded, dtype: str, compute_dtype: str, device: str 
 
 def measure_validation(model, tokenizer, download: Downloaded, compute_dtype: str, served: str, cache_dir: Path,
                        settings: ValidateSettings) -> ReferenceValidation:
-    """The validation prompts' measurements and, for a multimodal model, its image and audio prompts' beside them."""
+    """The validation prompts' measurements, the long sequences' and, for a multimodal model, its image and audio
+    prompts' beside them."""
     measured = ReferenceValidation(**drift.reference_stats(model, tokenizer, download.checkpoint_sha256,
                                                            compute_dtype, cache_dir, settings, served))
+    measured.long = longrange.reference_long(model, tokenizer, Path(measured.path).with_name(longrange.cache_name(settings)),
+                                             settings)
     if towers.senses(model):
         measured.towers = towers.reference_towers(model, load_processor(download.checkpoint),
                                                   Path(measured.path).with_name(towers.cache_name()),

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from quantgate import drift, modeling, stored, towers
+from quantgate import drift, longrange, modeling, stored, towers
 from quantgate.backends import RecipeBase, ValidateThresholds
 from quantgate.loading import kernel_of, load_saved
 from quantgate.nonfinite import nonfinite_reason, overflow_reason
@@ -60,9 +60,16 @@ def validate(checkpoint: str, recipe: RecipeBase, reference: ReferenceValidation
     model = load_saved(Path(checkpoint), recipe, modeling.resolve_device(device), compute_dtype)
     load_s = round(time.perf_counter() - t0, 2)
     with modeling.timed(f"validate {recipe.name}"):
-        metrics = drift.compare(model, AutoTokenizer.from_pretrained(checkpoint), stats, settings, served)
+        metrics = drift.compare(model, tokenizer := AutoTokenizer.from_pretrained(checkpoint), stats, settings, served)
     metrics.update(compute_dtype=modeling.computed_dtype(model), load_s=load_s, stored=scanned, **kernel_of(recipe))
     result, reasons = verdict(metrics, recipe.thresholds)
+    if reference.long:  # damage the short prompts miss: late positions, long generations
+        with modeling.timed(f"validate {recipe.name} on long sequences"):
+            metrics["long"] = longrange.compare(model, tokenizer, torch.load(reference.long["path"], weights_only=True),
+                                                settings)
+        worst, long_reasons = longrange.verdicts(metrics["long"], recipe.thresholds)
+        result = max(result, worst, key=SEVERITY.index)
+        reasons += long_reasons
     if reference.towers:  # a multimodal model: its vision and audio towers, on their own prompts
         metrics["towers"] = towers.compare(model, load_processor(checkpoint), reference.towers, settings.max_new_tokens)
         worst, tower_reasons = towers.verdicts(metrics["towers"], recipe.thresholds)

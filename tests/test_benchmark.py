@@ -358,3 +358,27 @@ def test_a_timing_that_shared_its_machine_says_so():
         spinner.kill()
         spinner.wait()
     assert result == "measured" and BUSY_CORES < others <= os.cpu_count() + 0.1, others
+
+
+def test_the_shipped_decode_path_is_checked_over_the_whole_generation(monkeypatch):
+    """A decode path that agrees with eager decoding for its first 20 tokens and then goes wrong (output right eagerly
+    and wrong only under the graph, vLLM #46329): found at token 20, which a check of the first 16 missed."""
+    from quantgate.bench import latency
+
+    model = tiny_gemma3()
+    ids = prompt_ids(512, 1, 12, torch.device("cpu"))
+
+    class WrongLate:  # stands in for the captured decoder: eager's tokens, then a constant one from token 20
+        def __init__(self, *args, **kwargs):
+            self.compile_s = 0.0
+
+        def run(self, prompt, n):
+            prefill, decode, tokens = decode_eager(model, prompt, n)
+            tokens[:, 20:] = (tokens[:, 20:] + 1) % 512
+            return prefill, decode, tokens
+
+    monkeypatch.setattr(latency, "StaticDecoder", WrongLate)
+    decoding = latency.fast_path(model, ids, BenchmarkSettings(prompt_tokens=12, new_tokens=40), "")
+    assert decoding.divergence == 20 and decoding.agreement == pytest.approx(20 / 40)
+    timed = latency.timed_runs(decoding, ids, BenchmarkSettings(prompt_tokens=12, new_tokens=40, repeats=1))
+    assert timed["first_divergence_from_eager"] == 20 and timed["greedy_agreement_with_eager"] == 0.5

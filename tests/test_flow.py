@@ -95,6 +95,25 @@ def test_failed_validation_stops_the_recipe_only(run_dir):
     assert m["recipes"]["torchao-int8-weight-only"]["status"] == "passed"  # same quantization, its own thresholds
 
 
+def test_steps_remedy_attributes_a_failing_recipe_and_says_what_it_tried(run_dir):
+    m = json.loads((run_dir / "metrics.json").read_text())
+    strict, warned = m["recipes"]["int8-strict"], m["recipes"]["bnb-nf4"]
+    assert strict["status"] == "failed" and "remedy" not in warned  # verdicts: [fail]; the verdict's status stays
+    found = strict["validate"]["attribution"]
+    assert found["quantized_modules"] == 30 * 7 and len(found["modules"]) == 2  # every Linear of 30 layers; top: 2
+    assert found["drift"]["kl_mean"] == pytest.approx(strict["validate"]["kl_mean"], rel=1e-3)
+    assert all(r["kl_recovered"] > 0 and r["bytes_added"] > 0 for r in found["modules"])
+    remedy = strict["remedy"]
+    assert remedy["budget"] == int(0.5 * m["reference"]["real_bytes"])
+    # int8 with bf16 embeddings is over half the reference's bytes already: no module can be kept within it.
+    assert remedy["search"]["tried"] == [] and remedy["search"]["over_budget_at"] == 1 and remedy["variants"] == []
+    assert remedy["status"] == "failed" and remedy["file"] is None
+    assert remedy["reason"] == (f"no variant passed within {remedy['budget']:,} bytes (0 quantized and validated); "
+                                "the search stopped where keeping 1 modules would go over it")
+    report = (run_dir / "report.md").read_text()
+    assert "## int8-strict: remedy" in report and found["modules"][0]["module"] in report
+
+
 def test_one_recipe_failing_leaves_the_others(run_dir):
     m = json.loads((run_dir / "metrics.json").read_text())
     broken = m["recipes"]["bnb-int8"]

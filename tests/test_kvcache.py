@@ -79,17 +79,22 @@ def test_sliding_window_layers_cost_nothing_past_their_window_and_refuse_quantiz
         assert "only full attention layers" in found["caches"][kind]["reason"]
 
 
-def test_quantized_caches_move_the_next_token_distribution_of_a_real_model(smollm2):
+def test_quantized_caches_move_the_next_token_distribution_of_a_real_model_more_with_position(smollm2):
     model = modeling.load(smollm2, "float32", "cpu")
     ids, source = long_prompt(str(smollm2), 1024, model.config.vocab_size, torch.device("cpu"))
     assert ids.shape == (1, 1024) and source.startswith("WikiText-2")
-    four = kvcache.quantized_cache_kl(model, ids, ["quanto", "hqq", "fp8"], CHUNK, 32, 4)
-    two = kvcache.quantized_cache_kl(model, ids, ["quanto", "hqq"], CHUNK, 32, 2)
+    four = kvcache.quantized_cache_kl(model, ids, ["quanto", "hqq", "fp8"], 128, 4, 0.05)
+    two = kvcache.quantized_cache_kl(model, ids, ["quanto", "hqq"], 128, 2, 0.05)
     for kind in ("quanto", "hqq", "fp8"):
         assert four[kind]["status"] == "ok" and 0 < four[kind]["kl_mean"] <= four[kind]["kl_max"], four
-    # Two bits per key and value lose more of the distribution than four.
+        assert [(r["from"], r["to"]) for r in four[kind]["buckets"]] == [(0, 128), (128, 512), (512, 1024)]
     for kind in ("quanto", "hqq"):
+        # The first chunk reads nothing from the cache; past it, what it reads was quantized.
+        assert two[kind]["buckets"][0]["kl_mean"] < 1e-6 < two[kind]["buckets"][1]["kl_mean"]
+        # Two bits per key and value lose more of the distribution than four.
         assert two[kind]["kl_mean"] > four[kind]["kl_mean"] and two[kind]["top1_agreement"] <= four[kind]["top1_agreement"]
+        flagged = next(r for r in two[kind]["buckets"] if r["kl_mean"] > 0.05)
+        assert two[kind]["flagged"] == f"mean KL {flagged['kl_mean']:.4g} > 0.05 at positions {flagged['from']:,}-{flagged['to']:,}"
     print(json.dumps({"4-bit": four, "2-bit": two}))
 
 
@@ -97,7 +102,7 @@ def test_quantized_caches_move_the_next_token_distribution_of_a_real_model(smoll
 def test_the_benchmark_step_measures_capacity_in_a_process_of_its_own(tiny_llama, tmp_path):
     settings = BenchmarkSettings(prompt_tokens=16, new_tokens=4, repeats=1, timeout_s=600, memory_budget="4GiB",
                                  kv_cache={"caches": ["dynamic", "static", "quanto"], "prefill_chunk": 512,
-                                           "max_context": 2048, "kl_prompt_tokens": 600, "kl_positions": 8})
+                                           "max_context": 2048, "kl_prompt_tokens": 600, "kl_chunk": 128})
     result = benchmark("reference", str(tiny_llama), None, "float32", "cpu", settings, str(tmp_path)).model_dump()
     kv = result["kv_cache"]
     assert kv["status"] == "ok", kv

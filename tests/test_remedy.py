@@ -9,7 +9,6 @@ import torch
 from quantgate import attribution, cli, drift, modeling
 from quantgate.config import dump_config, load_config
 from quantgate.results import ReferenceValidation
-from quantgate.settings import ValidateSettings
 from tasks import quantize as quantize_step
 from tasks import validate as validate_step
 from tests.conftest import PROJECT, edit_weights
@@ -23,21 +22,26 @@ def damage(weights):
     weights[PLANTED + "._weight_scale"] *= 8
 
 
-def make_run(base: Path, recipe_text: str, folder: Path, dtype: str = "float32", damage=None, thresholds=None):
+def make_run(base: Path, recipe_text: str, folder: Path, dtype: str = "float32", damage=None, thresholds=None,
+             reference: dict | None = None, overrides: tuple = ()):
     """A finished run's folder as the flow leaves it for one recipe (config.yaml, metrics.json, the checkpoint and
-    the reference's cached validation), its checkpoint damaged by `damage`; `thresholds(measured)`, the recipe's."""
+    the reference's cached validation, measured here unless given), its checkpoint damaged by `damage`;
+    `thresholds(measured)`, the recipe's."""
     from transformers import AutoTokenizer
 
     config = load_config(PROJECT / "configs" / "default.yaml", [
-        f"model.source={base}", f"model.dtype={dtype}", f"output.cache_dir={folder / 'cache'}", f"recipes=[{recipe_text}]"])
+        f"model.source={base}", f"model.dtype={dtype}", f"output.cache_dir={folder / 'cache'}", f"recipes=[{recipe_text}]",
+        *overrides])
     recipe, run, computes = config.recipes[0], folder / "run", modeling.compute_dtype(dtype, "cpu")
     quantized = quantize_step.quantize(str(base), recipe, dtype, "cpu", str(run / recipe.name), 0.0)
     if damage:
         edit_weights(Path(quantized.checkpoint), damage)
-    reference = drift.reference_stats(modeling.load(base, computes, "cpu"), AutoTokenizer.from_pretrained(base),
-                                      base.name, dtype, folder / "cache", ValidateSettings())
+    settings = config.steps.validate
+    reference = reference or drift.reference_stats(modeling.load(base, computes, "cpu"),
+                                                   AutoTokenizer.from_pretrained(base), base.name, dtype,
+                                                   folder / "cache", settings)
     measured = validate_step.validate(quantized.checkpoint, recipe, ReferenceValidation(**reference), "cpu",
-                                      ValidateSettings(), computes).model_dump()
+                                      settings, computes).model_dump()
     if thresholds:
         config = config.model_copy(update={"recipes": [recipe.model_copy(update={"thresholds": thresholds(measured)})]})
     (run / "config.yaml").write_text(dump_config(config))
@@ -75,14 +79,16 @@ def test_remedy_keeps_the_modules_that_matter_and_its_recipe_passes_for_real(run
     assert kept[0] == PLANTED
     best = min((t for t in tried if t["verdict"] == "pass"), key=lambda t: t["kept"])
     assert best["kept"] == len(kept) and all(t["verdict"] != "pass" for t in tried if t["kept"] < len(kept))
+    assert [v["change"] for v in found["variants"]] == [f"keep {len(kept)} module" + "s" * (len(kept) > 1)]  # int8 has no finer variant
     recipe = load_config(run / "int8-tight" / "remedy.yaml").recipes[0]
     assert recipe.name == "int8-tight-remedy" and recipe.skip == kept
-    checked = found["check"]["validate"]
+    assert found["gated"]["chosen"] == 1 and found["recipe"] == recipe.model_dump(mode="json")
+    checked = found["gated"]["tried"][0]
     assert checked["verdict"] == "pass" and checked["kl_mean"] <= kl / 3
     assert checked["kl_mean"] == pytest.approx(best["kl_mean"], rel=1e-3)  # kept in memory as the skip leaves it
-    plan = json.loads((run / "int8-tight" / "remedy" / "plan.json").read_text())
+    plan = json.loads((run / "int8-tight" / "remedy" / "1" / "plan.json").read_text())
     assert sorted(e["module"] for e in plan["modules"] if e["status"] == "skipped" and e["module"] in kept) == sorted(kept)
-    assert "int8-tight-remedy: pass" in capsys.readouterr().out
+    assert f"recipe that passes: {run / 'int8-tight' / 'remedy.yaml'}" in capsys.readouterr().out
 
 
 def test_a_recipe_the_run_does_not_hold_is_refused_naming_the_allowed(run_record, capsys):

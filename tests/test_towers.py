@@ -255,3 +255,51 @@ def test_quantgate_plan_prints_each_towers_counts(gemma4_vision_audio, tmp_path)
     assert done.returncode == 0, done.stderr
     assert "bnb-nf4: model.vision_tower: 0 of 15 quantized (skip pattern 'model.vision_tower')" in done.stdout
     assert "bnb-nf4: model.audio_tower: " in done.stdout and "bnb-nf4: model.embed_audio: 1 of 1 quantized" in done.stdout
+
+
+def test_the_remedy_of_nf4_with_a_blind_vision_tower_keeps_the_tower_and_its_projector(gemma4_vision_audio, reference4,
+                                                                                      tmp_path):
+    """Seed 001's shape: nf4 with the towers quantized, the vision tower's clipped linears collapsed in its checkpoint
+    (whatever the image, the tower hands over the same embeddings). The recipe fails on the tower; the remedy keeps
+    the failing towers with their projectors, and that recipe, quantized again, passes."""
+    from quantgate import cli
+    from tests.test_remedy import make_run
+
+    def collapse(weights):
+        for key in weights:
+            if key.startswith("model.vision_tower.") and key.endswith(("output_min", "output_max")):
+                weights[key].zero_()
+
+    # A random model's top-1 flips on noise (its logits are nearly flat): KL and the towers are the measure here.
+    run, measured = make_run(gemma4_vision_audio, "{use: bnb-nf4, skip: [], thresholds: {top1_warn: 0, top1_fail: 0}}",
+                             tmp_path, dtype="bfloat16", damage=collapse, reference=reference4,
+                             overrides=(f"steps.validate.max_new_tokens={SETTINGS.max_new_tokens}",))
+    failing = [t for t, m in measured["towers"].items() if m["verdict"] != "pass"]
+    assert measured["verdict"] == "fail" and "model.vision_tower" in failing
+    assert cli.main(["remedy", str(run), "bnb-nf4", "--budget", "1.0"]) == 0
+    found = json.loads((run / "bnb-nf4" / "remedy.json").read_text())
+    assert found["attribution"] is None  # the text prompts' drift passes: no module to rank
+    kept = load_config(run / "bnb-nf4" / "remedy.yaml").recipes[0].skip
+    assert {"model.vision_tower", "model.embed_vision"} <= set(kept)
+    assert set(kept) == {*failing, *(["model.embed_audio"] if "model.audio_tower" in failing else []), "model.embed_vision"}
+    assert found["gated"]["tried"][0]["verdict"] == "pass" and found["gated"]["chosen"] == 1
+    plan = json.loads((run / "bnb-nf4" / "remedy" / "1" / "plan.json").read_text())
+    assert all(e["status"] == "skipped" for e in plan["modules"] if e["module"].startswith("model.vision_tower."))
+
+
+def test_a_vision_tower_blind_to_its_image_fails_even_against_itself(gemma4_vision_audio, reference4, tmp_path):
+    """The tower made input-blind (its patches' pixels zeroed out of it: every image becomes its position
+    embeddings, the same for every 224x224 image) and gated against itself: cosine 1 and KL 0, and still a fail."""
+    def blind(weights):
+        weights["model.vision_tower.patch_embedder.input_proj.weight"].zero_()
+
+    folder = edited_copy(gemma4_vision_audio, tmp_path / "blind", blind)
+    result = check(folder, INT8, measured_reference(folder, tmp_path / "cache"))
+    vision, audio = result["towers"]["model.vision_tower"], result["towers"]["model.audio_tower"]
+    assert vision["embedding_cosine_min"] > 0.9999 and vision["kl_mean"] < 1e-6  # itself, in every figure of today
+    assert vision["input_dependence"] == vision["reference_input_dependence"] < towers.BLIND_FLOOR
+    assert vision["verdict"] == "fail" and result["verdict"] == "fail"
+    assert result["reason"].startswith("model.vision_tower: blind: what it hands over no longer depends on the image")
+    assert audio["verdict"] == "pass" and audio["input_dependence"] > towers.BLIND_FLOOR
+    seeing = towers.input_dependence(torch.load(reference4["towers"]["path"], weights_only=True)["image"])
+    assert seeing > 100 * towers.BLIND_FLOOR  # the unedited tower moves with its image

@@ -39,6 +39,9 @@ class ValidateThresholds(Strict):
     # What a multimodal model's vision tower hands its language model, against the reference's (tasks/towers.py).
     embedding_cosine_warn: float = Field(0.98, ge=-1, le=1)
     embedding_cosine_fail: float = Field(0.9, ge=-1, le=1)
+    # Long greedy generations: the share of repeated 4-grams above the reference's own (quantgate/longrange.py).
+    repetition_increase_warn: float = Field(0.1, ge=0, le=1)
+    repetition_increase_fail: float = Field(0.25, ge=0, le=1)
 
 
 Slug = Annotated[str, AfterValidator(slug)]  # a name that becomes a folder
@@ -99,6 +102,11 @@ class Backend:
         """Why a mixture-of-experts block's 3-D expert weights stay in high precision (None: they are
         quantized); raises PlanError where the recipe cannot apply to them at all."""
         return "the library quantizes Linear layers; 3-D expert weights stay in high precision"
+
+    def finer(self, recipe) -> list[tuple[str, dict]]:
+        """Variants of the recipe that quantize more finely (smaller blocks or groups), finest last: what changes, in
+        words, and the recipe fields that change it. The remedy tries them beside keeping modules."""
+        return []
 
     def check_plan(self, recipe, entries: list[dict]) -> None:
         """Raises PlanError where the library cannot do what the whole plan asks."""

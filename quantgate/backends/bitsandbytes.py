@@ -21,6 +21,11 @@ class BitsAndBytes(Backend):
     quant_method = "bitsandbytes"
     packages, tags, imports = ("bitsandbytes",), ("bitsandbytes",), ("bitsandbytes",)
 
+    def load(self, path, device: str, dtype: str = "auto", **load_kwargs) -> torch.nn.Module:
+        # bitsandbytes computes in its own compute dtype and transformers keeps the rest as stored: asked for another
+        # dtype, it converts a few parameters only, and a Linear kept out of the quantization gets the other dtype's input.
+        return super().load(path, device, "auto", **load_kwargs)
+
     def stored_bits(self, recipe: BitsAndBytesRecipe) -> float:
         if recipe.bits == 8:
             return 8.0  # and a float32 scale per row

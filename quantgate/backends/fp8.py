@@ -54,6 +54,14 @@ class FineGrainedFp8(Backend):
     def kernel(self, recipe) -> str:
         return ready()
 
+    def finer(self, recipe: FineGrainedFp8Recipe) -> list[tuple[str, dict]]:
+        # Halving keeps every dim the blocks divided divisible; 32 is as fine as a scale per block stays cheap.
+        rows, cols, found = *recipe.weight_block_size, []
+        while rows >= 64 and cols >= 64:
+            rows, cols = rows // 2, cols // 2
+            found.append((f"{rows}x{cols} weight blocks", {"weight_block_size": [rows, cols]}))
+        return found
+
     def latency_caveat(self, recipe) -> str | None:
         if ready() == fp8_kernel.REFERENCE:
             return f"measured on the {fp8_kernel.REFERENCE}, a correctness reference, not an FP8 serving kernel"

@@ -31,6 +31,14 @@ class Hqq(Backend):
     def stored_bits(self, recipe: HqqRecipe) -> float:
         return recipe.nbits + 32 / recipe.group_size  # a 16-bit scale and zero per group
 
+    def finer(self, recipe: HqqRecipe) -> list[tuple[str, dict]]:
+        # Halving keeps every dim the groups divided divisible; below 32 the scales cost more than a bit a weight.
+        size, found = recipe.group_size, []
+        while size >= 64 and size % 2 == 0:
+            size //= 2
+            found.append((f"groups of {size}", {"group_size": size}))
+        return found
+
     def fallback(self, recipe: HqqRecipe, name: str, out_features: int, in_features: int) -> str | None:
         # HQQ groups the weight along `axis` and has no layout for a dimension the groups do not divide.
         size = in_features if recipe.axis == 1 else out_features

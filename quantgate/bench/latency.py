@@ -47,7 +47,7 @@ class Decoding:
 
     def __init__(self, model):
         self.run = lambda ids, n: decode_eager(model, ids, n)
-        self.path, self.fallback, self.compile_s, self.agreement = "eager", None, None, None
+        self.path, self.fallback, self.compile_s, self.agreement, self.divergence = "eager", None, None, None, None
 
 
 def eager_reason(model, settings: BenchmarkSettings) -> str | None:
@@ -65,10 +65,10 @@ def eager_reason(model, settings: BenchmarkSettings) -> str | None:
 
 
 def fast_path(model, ids: torch.Tensor, settings: BenchmarkSettings, fused: str) -> Decoding:
-    """The static-cache decoder through the compile scopes in their fallback order, its first tokens checked
-    against eager decoding; eager with the last failure's reason where none captures."""
+    """The static-cache decoder through the compile scopes in their fallback order, its whole greedy generation
+    checked against eager decoding's; eager with the last failure's reason where none captures."""
     decoding = Decoding(model)
-    check = min(settings.new_tokens, 16)
+    check = settings.new_tokens  # output right eagerly and wrong under the graph can start late (vLLM #46329)
     _, _, eager_tokens = decode_eager(model, ids, check)
     for scope in FALLBACKS[FALLBACKS.index(settings.compile_scope):]:
         try:
@@ -86,7 +86,9 @@ def fast_path(model, ids: torch.Tensor, settings: BenchmarkSettings, fused: str)
         decoding.path = (f"static cache{fused} + {COMPILE_LABELS[scope]} + CUDA graph" if scope
                          else f"static cache{fused} + CUDA graph (eager kernels)")
         _, _, fast_tokens = decoding.run(ids, check)
+        same = (fast_tokens == eager_tokens).all(0)
         decoding.agreement = float((fast_tokens == eager_tokens).float().mean())
+        decoding.divergence = None if bool(same.all()) else int((~same).nonzero()[0])
         break
     return decoding
 
@@ -110,7 +112,7 @@ def timed_runs(decoding: Decoding, ids: torch.Tensor, settings: BenchmarkSetting
             "decode_ms_all": [round(d, 4) for d in decodes], "compile_s": decoding.compile_s,
             # (max - min) / median of the repeats: what the nightly gate allows a baseline to move by.
             "decode_spread": round((max(decodes) - min(decodes)) / decode_ms, 4),
-            "greedy_agreement_with_eager": decoding.agreement}
+            "greedy_agreement_with_eager": decoding.agreement, "first_divergence_from_eager": decoding.divergence}
 
 
 def measure_latency(model, settings: BenchmarkSettings, bytes_per_token: int, bandwidth: float, backend=None) -> dict:

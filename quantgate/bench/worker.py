@@ -203,10 +203,10 @@ def measure_kv_cache(spec: Spec) -> dict:
              {k: c.get("context_tokens", c["status"]) for k, c in result["caches"].items()})
     quantized = [k for k in kv.caches if k in kvcache.QUANTIZED]
     if quantized:
-        ids, result["kl_prompt"] = long_prompt(spec.checkpoint, kv.kl_prompt_tokens, text.vocab_size,
+        fit = result["caches"].get("dynamic", {}).get("context_tokens") or limit  # the longest the budget allows
+        ids, result["kl_prompt"] = long_prompt(spec.checkpoint, min(kv.kl_prompt_tokens or fit, fit), text.vocab_size,
                                                modeling.model_device(model))
-        result["kl"] = kvcache.quantized_cache_kl(model, ids, quantized, kv.prefill_chunk,
-                                                  min(kv.kl_positions, ids.shape[1] - 1), kv.bits)
+        result["kl"] = kvcache.quantized_cache_kl(model, ids, quantized, kv.kl_chunk, kv.bits, kv.kl_flag)
     return {"status": "ok", **result}
 
 

@@ -1,0 +1,177 @@
+"""Damage that short prompts miss. Drift by position: teacher-forced KL and top-1 against the reference along long
+sequences (WikiText-2 articles, and the reference's own long greedy generations), in position buckets. Degeneration:
+greedy generations of several hundred tokens, their repetition, distinct n-grams and per-token entropy beside the
+reference's."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import re
+import time
+from pathlib import Path
+
+import torch
+
+from quantgate import modeling
+from quantgate.drift import compare_prompt, encode, load_prompts
+from quantgate.files import cached_tensors, sha256_file, write_atomic
+from quantgate.paths import DATA_DIR
+from quantgate.runlog import SHOWN
+
+log = logging.getLogger("quantgate.validate")
+EDGES = (0, 128, 512, 2048, 8192, 32768, 131072)
+ARTICLE = re.compile(r"^ = [^=].* = $", re.M)  # a WikiText article's title line
+
+
+def buckets(length: int) -> list[tuple[int, int]]:
+    """Position buckets of a sequence of `length` tokens: 0-128, 128-512, 512-2k, 2k-8k ..., the last cut at length."""
+    edges = [e for e in EDGES if e < length] + [length]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def sampled(length: int, per_bucket: int) -> torch.Tensor:
+    """Up to `per_bucket` evenly spaced positions in each bucket: every bucket weighs alike, whatever its width."""
+    picks = [torch.linspace(a, b - 1, steps=min(per_bucket, b - a)).round().long() for a, b in buckets(length)]
+    return torch.cat(picks).unique()
+
+
+def articles(count: int) -> list[str]:
+    """`count` stretches of the WikiText-2 test split, each starting at an article's title, spread over the file."""
+    text = (DATA_DIR / "wikitext2" / "test.txt").read_text()
+    starts = [m.start() for m in ARTICLE.finditer(text)]
+    return [text[starts[i * len(starts) // count]:] for i in range(count)]
+
+
+def context_of(model, wanted: int) -> int:
+    """The tokens a long sequence takes: `wanted`, at most the model's own context."""
+    return min(wanted, model.config.get_text_config(decoder=True).max_position_embeddings)
+
+
+@torch.no_grad()
+def reference_sequences(model, tokenizer, settings) -> list[dict]:
+    """The reference's top-k log-probs at sampled positions of each long sequence: the WikiText stretches, then each
+    long greedy generation (its prompt and what it generated), with that generation's own figures."""
+    device, tokens, found = modeling.model_device(model), context_of(model, settings.long_context), []
+    for i, text in enumerate(articles(settings.long_sequences)):
+        ids = tokenizer(text[:tokens * 40], return_tensors="pt").input_ids[:, :tokens]  # generous: cut, then tokenize
+        found.append({"id": f"wikitext-{i + 1}", "ids": ids, **top_at(model, ids.to(device), settings)})
+    for prompt in [p for p in load_prompts() if p["chat"]][:settings.long_generations]:
+        ids = encode(tokenizer, prompt).to(device)
+        made = generated(model, tokenizer, ids, settings.long_new_tokens)
+        found.append({"id": f"generation-{prompt['id']}", "ids": made["ids"], "prompt_tokens": ids.shape[1],
+                      "degeneration": made["degeneration"], "text": made["text"],
+                      **top_at(model, made["ids"].to(device), settings)})
+    return found
+
+
+def top_at(model, ids: torch.Tensor, settings) -> dict:
+    positions = sampled(ids.shape[1], settings.bucket_positions)
+    logits = model(input_ids=ids, logits_to_keep=positions.to(ids.device)).logits[0].float()
+    top = torch.log_softmax(logits, -1).topk(settings.top_k, -1)
+    return {"positions": positions, "top_logp": top.values.cpu(), "top_idx": top.indices.cpu()}
+
+
+@torch.no_grad()
+def generated(model, tokenizer, ids: torch.Tensor, new_tokens: int) -> dict:
+    """A greedy generation of `new_tokens` (no early stop, so every model's is as long), its degeneration figures."""
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                         min_new_tokens=new_tokens, do_sample=False, output_scores=True, return_dict_in_generate=True,
+                         pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    new = out.sequences[0, ids.shape[1]:].cpu()
+    logp = torch.log_softmax(torch.stack(out.scores)[:, 0].float(), -1)
+    entropy = float(-(logp.exp() * logp).nan_to_num().sum(-1).mean())
+    return {"ids": out.sequences.cpu(), "text": tokenizer.decode(new, skip_special_tokens=True),
+            "degeneration": {**degeneration(new.tolist()), "entropy": round(entropy, 4)}}
+
+
+def degeneration(tokens: list[int]) -> dict:
+    """Repetition: the share of 4-grams that repeat an earlier one; distinct-2: the share of bigrams that are unique."""
+    grams = lambda n: [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]  # noqa: E731
+    four, two = grams(4), grams(2)
+    return {"tokens": len(tokens), "repetition": round(1 - len(set(four)) / len(four), 4) if four else 0.0,
+            "distinct_2": round(len(set(two)) / len(two), 4) if two else 1.0}
+
+
+def bucket_of(position: int) -> tuple[int, int]:
+    """The standard bucket a position falls in, whatever the length of its sequence."""
+    i = max(i for i, e in enumerate(EDGES) if e <= position)
+    return EDGES[i], EDGES[i + 1] if i + 1 < len(EDGES) else position + 1
+
+
+@torch.no_grad()
+def compare(model, tokenizer, stats: list[dict], settings) -> dict:
+    """A model against the reference's long sequences: KL and top-1 per position bucket, teacher-forced on the
+    reference's tokens; and its own long greedy generations from the same prompts, beside the reference's."""
+    device, per = modeling.model_device(model), {}
+    for ref in stats:
+        logits = model(input_ids=ref["ids"].to(device), logits_to_keep=ref["positions"].to(device)).logits[0]
+        measured = compare_prompt(ref, logits.float().cpu())
+        for j, position in enumerate(ref["positions"].tolist()):
+            kl, top1 = per.setdefault(bucket_of(position), ([], []))
+            kl.append(float(measured["kl"][j]))
+            top1.append(float(measured["top1"][j]))
+    rows = []
+    for (a, b), (kl, top1) in sorted(per.items()):
+        kl_t = torch.tensor(kl)
+        finite = bool(torch.isfinite(kl_t).all())
+        rows.append({"from": a, "to": b, "positions": len(kl), "kl_mean": round(float(kl_t.mean()), 6) if finite else None,
+                     "top1_agreement": round(sum(top1) / len(top1), 4)})
+    generations = []
+    for ref in [s for s in stats if "degeneration" in s]:
+        made = generated(model, tokenizer, ref["ids"][:, :ref["prompt_tokens"]].to(device), len(ref["ids"][0]) - ref["prompt_tokens"])
+        generations.append({"prompt": ref["id"].removeprefix("generation-"), "reference": ref["degeneration"],
+                            "quantized": made["degeneration"], "reference_text": ref["text"], "quantized_text": made["text"]})
+    longest = max(s["ids"].shape[1] for s in stats)
+    return {"longest": longest, "sequences": len(stats), "buckets": rows, "generations": generations}
+
+
+def level(value: float, warn_at: float, fail_at: float, higher_is_worse: bool = True) -> tuple[str, float] | None:
+    """fail or warn with the threshold crossed, or None: as validate judges the short prompts."""
+    worse = (lambda a, b: a > b) if higher_is_worse else (lambda a, b: a < b)
+    return ("fail", fail_at) if worse(value, fail_at) else ("warn", warn_at) if worse(value, warn_at) else None
+
+
+def verdicts(long: dict, t) -> tuple[str, list[str]]:
+    """Each bucket past the first judged by the recipe's mean-KL and top-1 thresholds, and the long generations'
+    repetition against the reference's: the worst verdict, with its reasons naming the bucket."""
+    found = []
+    for row in long["buckets"][1:]:  # 0-128 is what the short prompts see already
+        where = f"positions {row['from']:,}-{row['to']:,}"
+        if row["kl_mean"] is None:
+            found.append(("fail", f"{where}: non-finite KL"))
+            continue
+        if hit := level(row["kl_mean"], t.kl_mean_warn, t.kl_mean_fail):
+            found.append((hit[0], f"{where}: mean KL {row['kl_mean']:.4g} > {hit[1]} ({hit[0]} threshold)"))
+        if hit := level(row["top1_agreement"], t.top1_warn, t.top1_fail, higher_is_worse=False):
+            found.append((hit[0], f"{where}: top-1 agreement {row['top1_agreement']:.3f} < {hit[1]} ({hit[0]} threshold)"))
+    for g in long["generations"]:
+        mine, theirs = g["quantized"]["repetition"], g["reference"]["repetition"]
+        if hit := level(mine - theirs, t.repetition_increase_warn, t.repetition_increase_fail):
+            found.append((hit[0], f"long generation of {g['prompt']}: 4-gram repetition {mine:.2f} against the "
+                                  f"reference's {theirs:.2f} (+{mine - theirs:.2f} > {hit[1]}, {hit[0]} threshold)"))
+    fails, warns = [r for v, r in found if v == "fail"], [r for v, r in found if v == "warn"]
+    return ("fail" if fails else "warn" if warns else "pass"), fails + warns
+
+
+def cache_name(settings) -> str:
+    """The cache file's name, keyed by the settings and the data it reads (the rest is the reference folder's key)."""
+    spec = [settings.long_context, settings.long_sequences, settings.long_generations, settings.long_new_tokens,
+            settings.bucket_positions, settings.top_k, sha256_file(DATA_DIR / "wikitext2" / "test.txt")]
+    return f"long-{hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:16]}.pt"
+
+
+def reference_long(model, tokenizer, cache: Path, settings) -> dict | None:
+    """The reference's long sequences, measured once and cached at `cache` (plain tensors); None where not asked."""
+    if not settings.long_context or not (settings.long_sequences or settings.long_generations):
+        return None
+    stats = cached_tensors(cache) if cache.is_file() else None
+    if stats is None:
+        t0 = time.perf_counter()
+        stats = reference_sequences(model, tokenizer, settings)
+        buffer = io.BytesIO()
+        torch.save(stats, buffer)
+        write_atomic(cache, buffer.getvalue())
+        log.info("reference measured on %d long sequences in %.1f s", len(stats), time.perf_counter() - t0, extra=SHOWN)
+    return {"path": str(cache), "sequences": len(stats), "longest": max(s["ids"].shape[1] for s in stats)}

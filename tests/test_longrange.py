@@ -1,0 +1,71 @@
+"""Damage the short prompts miss (quantgate/longrange.py): a fault planted past the longest validation prompt passes
+the 20-prompt check and fails its position bucket; long generations' repetition against the reference's."""
+import pytest
+import torch
+
+from quantgate import drift, longrange, modeling
+from quantgate.backends import ValidateThresholds
+from quantgate.settings import ValidateSettings
+
+SETTINGS = ValidateSettings(long_context=2048, long_sequences=1, long_generations=1, long_new_tokens=48,
+                            bucket_positions=64, generate_prompts=0)
+
+
+def past(model, start: int):
+    """A fault that acts only past position `start` of a whole sequence: the final norm's output there a thousand
+    times too large (a random model's flat next-token distributions turn peaked)."""
+    def hook(module, args, output):
+        output[:, start:] *= 1000
+        return output
+    return model.model.norm.register_forward_hook(hook)
+
+
+@pytest.fixture(scope="module")
+def measured(tiny_llama, tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    model, tokenizer = modeling.load(tiny_llama, "float32", "cpu"), AutoTokenizer.from_pretrained(tiny_llama)
+    cache = tmp_path_factory.mktemp("long")
+    short = torch.load(drift.reference_stats(model, tokenizer, "tiny", "float32", cache, SETTINGS)["path"],
+                       weights_only=True)
+    found = longrange.reference_long(model, tokenizer, cache / longrange.cache_name(SETTINGS), SETTINGS)
+    return model, tokenizer, short, torch.load(found["path"], weights_only=True), found
+
+
+def test_buckets_cover_the_sequence_and_weigh_alike():
+    assert longrange.buckets(2048) == [(0, 128), (128, 512), (512, 2048)]
+    assert longrange.buckets(300) == [(0, 128), (128, 300)]
+    picked = longrange.sampled(2048, 64)
+    assert [int(((picked >= a) & (picked < b)).sum()) for a, b in longrange.buckets(2048)] == [64, 64, 64]
+    assert longrange.bucket_of(5000) == (2048, 8192) and longrange.bucket_of(127) == (0, 128)
+
+
+def test_a_fault_past_the_short_prompts_passes_them_and_fails_its_bucket(measured):
+    model, tokenizer, short, long, found = measured
+    assert found["sequences"] == 2 and found["longest"] == 2048  # one WikiText stretch, one long generation
+    start = max(p["ids"].shape[1] for p in short["prompts"]) + 1  # past the longest of the 20 prompts
+    assert start < 2048
+    handle = past(model, start)
+    try:
+        today = drift.compare(model, tokenizer, short, SETTINGS)
+        now = longrange.compare(model, tokenizer, long, SETTINGS)
+    finally:
+        handle.remove()
+    assert today["kl_mean"] < 1e-6 and today["top1_agreement"] == 1.0  # the short prompts see nothing
+    rows = {(r["from"], r["to"]): r for r in now["buckets"]}
+    assert rows[(0, 128)]["kl_mean"] < 1e-6 and rows[(128, 512)]["kl_mean"] < 1e-6
+    assert rows[(512, 2048)]["kl_mean"] > ValidateThresholds().kl_mean_fail
+    verdict, reasons = longrange.verdicts(now, ValidateThresholds())
+    assert verdict == "fail" and reasons[0].startswith("positions 512-2,048: mean KL ")
+    assert now["generations"][0]["quantized"] == now["generations"][0]["reference"]  # the generation stays short of it
+
+
+def test_long_generations_that_repeat_more_than_the_reference_fail():
+    assert longrange.degeneration([1, 2, 3, 4] * 10) == {"tokens": 40, "repetition": 0.8919, "distinct_2": 0.1026}
+    assert longrange.degeneration(list(range(40)))["repetition"] == 0.0
+    long = {"buckets": [], "generations": [{"prompt": "chat-1", "reference": {"repetition": 0.1},
+                                            "quantized": {"repetition": 0.6}}]}
+    verdict, reasons = longrange.verdicts(long, ValidateThresholds())
+    assert verdict == "fail"
+    assert reasons == ["long generation of chat-1: 4-gram repetition 0.60 against the reference's 0.10 (+0.50 > 0.25, "
+                       "fail threshold)"]
