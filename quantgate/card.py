@@ -150,6 +150,9 @@ def evaluation_lines(entry: dict, ref: dict, recipe: str, settings: dict) -> lis
     shown = [e for e in evaluations.registered() if e.metric in mine.get(e.name, {}) and e.name in theirs]
     for e in shown:
         lines += e.card_lines(mine[e.name], theirs[e.name], recipe, settings) + [""]
+    if joint := mine.get("joint"):
+        lines += [f"Accuracy across its paired evaluations: {joint['decision']} ({joint['method']}; adjusted p: "
+                  + ", ".join(f"{name} {p:.3g}" for name, p in joint["adjusted_p"].items()) + ").", ""]
     return lines[:-1] if shown else lines + [_step_note(entry, "evaluate")]
 
 

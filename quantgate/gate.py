@@ -33,6 +33,18 @@ def dropped(cell: dict, evaluation) -> bool:
     return bool(cell.get(f"{evaluation.name}_significant")) and worse
 
 
+def weak_evaluations(cell: dict, gate: GateSettings) -> list[str]:
+    """The paired evaluations whose "no significant drop" is too weak to mean no drop: a drop larger than
+    gate.weak_power could have gone unseen at the n they ran."""
+    weak = []
+    for e in evaluations.registered():
+        mde = cell.get(f"{e.name}_mde")  # None: a record from before it was measured
+        if e.paired and mde is not None and not cell.get(f"{e.name}_significant") and mde > gate.weak_power:
+            weak.append(f"{e.label}: no significant drop, but a drop under {100 * mde:.1f} points could go unseen "
+                        f"(80% power): too weak to mean no drop of {100 * gate.weak_power:.0f}")
+    return weak
+
+
 def latency_limit(cell: dict, baseline: dict, gate: GateSettings) -> float:
     """How far decode latency may rise before it is a regression: the gate's fraction, or the spread the two
     runs measured across processes (times gate.latency_spread_multiple) where that is wider."""
@@ -88,9 +100,9 @@ def gate_cell(db: str | Path, cell: dict, env: dict, gate: GateSettings) -> dict
     if baseline is None:
         others = passing_elsewhere(db, cell)
         notes = [f"{others} earlier passing runs had other settings: not compared"] if others else []
-        return {**cell, **empty, "gate": "baseline", "notes": notes}
+        return {**cell, **empty, "gate": "baseline", "notes": notes + weak_evaluations(cell, gate)}
     found = regressions(cell, baseline, gate)
-    notes = [why] if (why := unjudged_latency(cell, baseline)) else []
+    notes = ([why] if (why := unjudged_latency(cell, baseline)) else []) + weak_evaluations(cell, gate)
     return {**cell, "gate": "regressed" if found else "pass", "regressions": found, "notes": notes,
             "baseline_run": baseline["run_id"], "env_changes": env_changes(run_env(db, baseline["run_id"]), env)}
 

@@ -31,10 +31,11 @@ CREATE TABLE IF NOT EXISTS scores (
 # Columns added since SCHEMA was first made: every database gains them on connecting.
 ADDED = {"tower": "TEXT", "tower_cosine": "REAL", "decode_spread": "REAL", "decode_spread_over": "TEXT",
          "latency_comparable": "INTEGER", "fingerprint": "TEXT", "gate": "TEXT", "regressions": "TEXT"}
+ADDED_SCORES = {"mde": "REAL"}  # the same for the scores table
 RECORDED = ("tower", "tower_cosine", "decode_spread", "decode_spread_over", "latency_comparable", "fingerprint")
 CELL_FIELDS = ("run_id", "model", "recipe", "started_at", "status", "reason", "verdict", "nonfinite_module",
                "kl_mean", "top1", "real_bytes", "peak_memory", "decode_ms", "speedup", "card", *RECORDED)
-SCORE_FIELDS = ("value", "delta", "low", "high", "significant")  # a cell's `{evaluation}_{field}` keys
+SCORE_FIELDS = ("value", "delta", "low", "high", "significant", "mde")  # a cell's `{evaluation}_{field}` keys
 
 
 class HistoryError(RuntimeError):
@@ -54,10 +55,11 @@ def connect(db: str | Path, create: bool = False) -> sqlite3.Connection:
     try:
         tables = {row["name"] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         conn.executescript(SCHEMA)
-        have = {row["name"] for row in conn.execute("PRAGMA table_info(cells)")}
-        for column, kind in ADDED.items():
-            if column not in have:
-                _add_column(conn, column, kind)
+        for table, added in (("cells", ADDED), ("scores", ADDED_SCORES)):
+            have = {row["name"] for row in conn.execute(f"PRAGMA table_info({table})")}
+            for column, kind in added.items():
+                if column not in have:
+                    _add_column(conn, table, column, kind)
         if "runs" in tables and "scores" not in tables:  # a history from before the scores table: once
             _backfill_scores(conn)
     except sqlite3.DatabaseError as e:
@@ -66,9 +68,9 @@ def connect(db: str | Path, create: bool = False) -> sqlite3.Connection:
     return conn
 
 
-def _add_column(conn: sqlite3.Connection, column: str, kind: str) -> None:
+def _add_column(conn: sqlite3.Connection, table: str, column: str, kind: str) -> None:
     try:
-        conn.execute(f"ALTER TABLE cells ADD COLUMN {column} {kind}")
+        conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
     except sqlite3.OperationalError as e:  # another process added it between our look and this
         if "duplicate column" not in str(e):
             raise
@@ -93,13 +95,14 @@ def scores_of(entry: dict) -> dict[str, dict]:
             continue
         low, high = m.get("delta_ci95") or (None, None)
         out[e.name] = {"value": m[e.metric], "delta": m.get("delta_acc", m.get(f"delta_{e.metric}")), "low": low,
-                       "high": high, "significant": m.get("significant")}
+                       "high": high, "significant": m.get("significant"), "mde": m.get("mde")}
     return out
 
 
 def _insert_scores(conn: sqlite3.Connection, metrics: dict, recipe: str) -> None:
     for name, s in scores_of(metrics["recipes"][recipe]).items():
-        conn.execute("INSERT OR REPLACE INTO scores VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        conn.execute(f"INSERT OR REPLACE INTO scores (run_id, recipe, evaluation, {', '.join(SCORE_FIELDS)}) "
+                     f"VALUES (?, ?, ?, {', '.join('?' * len(SCORE_FIELDS))})",
                      (metrics["run_id"], recipe, name, *[s[k] for k in SCORE_FIELDS]))
 
 

@@ -112,19 +112,22 @@ def compare(model, tokenizer, stats: list[dict], settings) -> dict:
             kl, top1 = per.setdefault(bucket_of(position), ([], []))
             kl.append(float(measured["kl"][j]))
             top1.append(float(measured["top1"][j]))
-    rows = []
-    for (a, b), (kl, top1) in sorted(per.items()):
-        kl_t = torch.tensor(kl)
-        finite = bool(torch.isfinite(kl_t).all())
-        rows.append({"from": a, "to": b, "positions": len(kl), "kl_mean": round(float(kl_t.mean()), 6) if finite else None,
-                     "top1_agreement": round(sum(top1) / len(top1), 4)})
+    longest = max(s["ids"].shape[1] for s in stats)
+    rows = [bucket_row(a, min(b, longest), kl, top1) for (a, b), (kl, top1) in sorted(per.items())]
     generations = []
     for ref in [s for s in stats if "degeneration" in s]:
-        made = generated(model, tokenizer, ref["ids"][:, :ref["prompt_tokens"]].to(device), len(ref["ids"][0]) - ref["prompt_tokens"])
+        prompt = ref["ids"][:, :ref["prompt_tokens"]].to(device)
+        made = generated(model, tokenizer, prompt, ref["ids"].shape[1] - ref["prompt_tokens"])
         generations.append({"prompt": ref["id"].removeprefix("generation-"), "reference": ref["degeneration"],
-                            "quantized": made["degeneration"], "reference_text": ref["text"], "quantized_text": made["text"]})
-    longest = max(s["ids"].shape[1] for s in stats)
+                            "quantized": made["degeneration"], "reference_text": ref["text"],
+                            "quantized_text": made["text"]})
     return {"longest": longest, "sequences": len(stats), "buckets": rows, "generations": generations}
+
+
+def bucket_row(start: int, end: int, kl: list[float], top1: list[float]) -> dict:
+    mean = torch.tensor(kl).mean()
+    return {"from": start, "to": end, "positions": len(kl), "kl_mean": round(float(mean), 6) if torch.isfinite(mean)
+            else None, "top1_agreement": round(sum(top1) / len(top1), 4)}
 
 
 def level(value: float, warn_at: float, fail_at: float, higher_is_worse: bool = True) -> tuple[str, float] | None:
@@ -134,7 +137,7 @@ def level(value: float, warn_at: float, fail_at: float, higher_is_worse: bool = 
 
 
 def verdicts(long: dict, t) -> tuple[str, list[str]]:
-    """Each bucket past the first judged by the recipe's mean-KL and top-1 thresholds, and the long generations'
+    """Each bucket past the first judged by the recipe's mean-KL and top-1 thresholds, and the long generations' mean
     repetition against the reference's: the worst verdict, with its reasons naming the bucket."""
     found = []
     for row in long["buckets"][1:]:  # 0-128 is what the short prompts see already
@@ -146,11 +149,13 @@ def verdicts(long: dict, t) -> tuple[str, list[str]]:
             found.append((hit[0], f"{where}: mean KL {row['kl_mean']:.4g} > {hit[1]} ({hit[0]} threshold)"))
         if hit := level(row["top1_agreement"], t.top1_warn, t.top1_fail, higher_is_worse=False):
             found.append((hit[0], f"{where}: top-1 agreement {row['top1_agreement']:.3f} < {hit[1]} ({hit[0]} threshold)"))
-    for g in long["generations"]:
-        mine, theirs = g["quantized"]["repetition"], g["reference"]["repetition"]
+    if gens := long["generations"]:  # judged on the mean over the prompts: one greedy loop is not a verdict alone
+        mine, theirs = (sum(g[who]["repetition"] for g in gens) / len(gens) for who in ("quantized", "reference"))
+        worst = max(gens, key=lambda g: g["quantized"]["repetition"] - g["reference"]["repetition"])
         if hit := level(mine - theirs, t.repetition_increase_warn, t.repetition_increase_fail):
-            found.append((hit[0], f"long generation of {g['prompt']}: 4-gram repetition {mine:.2f} against the "
-                                  f"reference's {theirs:.2f} (+{mine - theirs:.2f} > {hit[1]}, {hit[0]} threshold)"))
+            found.append((hit[0], f"long generations: 4-gram repetition {mine:.2f} against the reference's {theirs:.2f} "
+                                  f"(+{mine - theirs:.2f} > {hit[1]}, {hit[0]} threshold; most on {worst['prompt']}: "
+                                  f"{worst['quantized']['repetition']:.2f} against {worst['reference']['repetition']:.2f})"))
     fails, warns = [r for v, r in found if v == "fail"], [r for v, r in found if v == "warn"]
     return ("fail" if fails else "warn" if warns else "pass"), fails + warns
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from quantgate import evaluations
+from quantgate.evaluations import power_line
 from quantgate.files import write_atomic
 from quantgate.formats import code, context_line, gb, kl_line, num, peak_memory, text, tower_measures
 from quantgate.plan import tower_lines
@@ -170,7 +171,7 @@ def render_report(metrics: dict, figure: str | None = None) -> str:
                       "anything."]
     if figure:
         lines += ["", f"![MMLU delta against memory and speed]({figure})"]
-    lines += step_lines(metrics) + benchmark_lines(metrics) + kv_cache_lines(metrics)
+    lines += accuracy_lines(metrics) + step_lines(metrics) + benchmark_lines(metrics) + kv_cache_lines(metrics)
     tower_rows = [(name, line) for name, entry in metrics["recipes"].items()
                   for line in tower_lines(entry.get("quantize", {}).get("towers", {}))]
     if tower_rows:
@@ -186,6 +187,21 @@ def render_report(metrics: dict, figure: str | None = None) -> str:
               "Each recipe's plan (which Linear layers were quantized, skipped or left in high precision) "
               "is in `<recipe>/plan.json`.", ""]
     return "\n".join(lines)
+
+
+def accuracy_lines(metrics: dict) -> list[str]:
+    """Each recipe's joint accuracy decision and what its paired evaluations could have seen (their power)."""
+    rows = []
+    for name, entry in metrics["recipes"].items():
+        scored = entry.get("evaluate", {})
+        powers = [f"{e.label} {power_line(scored[e.name])}" for e in evaluations.registered()
+                  if e.paired and "mde" in scored.get(e.name, {})]
+        if scored.get("joint") or powers:
+            rows.append(f"- {name}: {(scored.get('joint') or {}).get('decision', 'no joint decision')}"
+                        + (f"; {'; '.join(powers)}" if powers else ""))
+    joints = [e["evaluate"]["joint"] for e in metrics["recipes"].values() if e.get("evaluate", {}).get("joint")]
+    said = f"Decided jointly over the paired evaluations: {joints[0]['method']}." if joints else "No joint decision."
+    return ["", "## Accuracy", "", said, "", *rows] if rows else []
 
 
 def step_lines(metrics: dict) -> list[str]:

@@ -81,7 +81,7 @@ class ValidateSettings(StepSettings):
     # long_generations greedy generations of long_new_tokens, whose repetition is judged against the reference's.
     long_context: PositiveInt | None = 2048
     long_sequences: int = Field(2, ge=0)
-    long_generations: int = Field(2, ge=0)
+    long_generations: int = Field(4, ge=0)
     long_new_tokens: PositiveInt = 256
     bucket_positions: PositiveInt = 128  # positions compared per bucket and sequence, evenly spaced
 
@@ -241,3 +241,6 @@ class GateSettings(Strict):
     latency_increase: float = Field(0.10, ge=0)
     # A latency rise within this many times the spread measured (baseline's or tonight's repeats) is noise.
     latency_spread_multiple: float = Field(2.0, ge=0)
+    # A paired evaluation's "no significant drop" where a larger drop than this could go unseen at 80% power is
+    # noted as too weak to mean "no drop" (its minimum detectable effect, quantgate/evaluations/stats.py).
+    weak_power: float = Field(0.05, gt=0, le=1)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from quantgate import modeling
 from quantgate.backends import RecipeBase
-from quantgate.evaluations import lmeval
+from quantgate.evaluations import lmeval, stats
 from quantgate.files import write_json
 from quantgate.loading import kernel_of, load_saved
 from quantgate.results import Evaluated, ReferenceEvaluation
@@ -28,5 +28,6 @@ def evaluate(checkpoint: str, recipe: RecipeBase, reference: ReferenceEvaluation
         results = lmeval.run_all(model, AutoTokenizer.from_pretrained(checkpoint), settings)
     write_json(Path(out_dir) / "evaluate.json", results)  # per item, for later comparisons
     ref = json.loads(Path(reference.path).read_text())
-    return Evaluated(status="ok", **lmeval.compared(results, ref, settings),
-                     compute_dtype=modeling.computed_dtype(model), load_s=load_s, **kernel_of(recipe))
+    scored = lmeval.compared(results, ref, settings)
+    return Evaluated(status="ok", **scored, joint=stats.joint(scored), compute_dtype=modeling.computed_dtype(model),
+                     load_s=load_s, **kernel_of(recipe))

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from quantgate import modeling
@@ -81,6 +82,54 @@ def test_paired_bootstrap():
     assert result["delta_acc"] == pytest.approx(-0.005) and not result["significant"]
     assert result["paired_n"] == 200
     assert result["flips"] == {"right_to_wrong": 1, "wrong_to_right": 0, "agreement": 0.995, "mcnemar_p": 1.0}
+
+
+def simulated_power(n: int, changed_rate: float, drop: float, trials: int = 400) -> float:
+    """How often McNemar's test finds a true drop of `drop` among n items of which changed_rate flip either way."""
+    generator = torch.Generator().manual_seed(0)
+    found = 0
+    for _ in range(trials):
+        draw = torch.rand(n, generator=generator)
+        lost, gained = draw < (changed_rate + drop) / 2, (draw >= (changed_rate + drop) / 2) & (draw < changed_rate)
+        ref, rec = torch.ones(n), torch.ones(n)
+        rec[lost], ref[gained] = 0, 0
+        found += stats.flips(ref, rec)["flips"]["mcnemar_p"] < 0.05
+    return found / trials
+
+
+def test_the_minimum_detectable_drop_is_what_the_test_finds_four_times_in_five():
+    assert stats.minimum_detectable_effect(570, 57) == pytest.approx(2.8016 * (0.1 / 570) ** 0.5, rel=0.03)
+    assert stats.minimum_detectable_effect(570, 0) == pytest.approx(7.849 / 570, rel=0.05)  # a drop flips its own share
+    assert stats.minimum_detectable_effect(5, 0) > 0.9 and stats.minimum_detectable_effect(0, 0) == 1.0
+    mde = stats.minimum_detectable_effect(570, 57)
+    assert 0.7 <= simulated_power(570, 0.1, mde) <= 0.9  # Connor's formula is an approximation: 80% within its error
+    assert simulated_power(570, 0.1, mde / 2) < 0.5
+    result = stats.paired_bootstrap({str(i): 1.0 for i in range(100)}, {str(i): float(i >= 4) for i in range(100)},
+                                    iters=500)
+    assert result["mde"] == stats.minimum_detectable_effect(100, 4) and result["mde_power"] == 0.8
+
+
+def test_the_joint_decision_holds_the_false_positive_rate_across_evaluations():
+    def paired(lost: int, gained: int, p: float) -> dict:
+        return {"flips": {"right_to_wrong": lost, "wrong_to_right": gained, "mcnemar_p": p}}
+
+    each_alone = {"mmlu": paired(9, 2, 0.03), "humaneval": paired(6, 0, 0.04), "wikitext": {"word_perplexity": 20.1}}
+    found = stats.joint(each_alone)
+    assert found["adjusted_p"] == {"mmlu": 0.06, "humaneval": 0.06} and found["drops"] == []  # under 0.05 alone only
+    assert found["decision"] == "no significant drop" and found["method"].startswith("Holm's step-down over 2")
+    each_alone["mmlu"] = paired(30, 2, 0.001)
+    assert stats.joint(each_alone)["adjusted_p"] == {"mmlu": 0.002, "humaneval": 0.04}
+    assert stats.joint(each_alone)["drops"] == ["mmlu", "humaneval"]
+    each_alone["humaneval"] = paired(0, 6, 0.04)  # significant, but it got better
+    assert stats.joint(each_alone)["drops"] == ["mmlu"]
+    # No drop anywhere: over 2,000 nights of two evaluations, Holm calls one in 1 - 0.975² = 4.9% of them (its
+    # binomial spread is 0.5 points), where taking each at 0.05 alone would call one in 9.75%.
+    generator, called, alone = torch.Generator().manual_seed(1), 0, 0
+    for _ in range(2000):
+        ps = torch.rand(2, generator=generator).tolist()  # p-values under no drop are uniform
+        called += bool(stats.joint({"a": paired(2, 1, ps[0]), "b": paired(2, 1, ps[1])})["drops"])
+        alone += min(ps) < 0.05
+    assert called / 2000 < 0.065 and alone / 2000 > 0.08
 
 
 def test_flips_see_a_recipe_right_as_often_on_other_questions():

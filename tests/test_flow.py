@@ -114,6 +114,15 @@ def test_steps_remedy_attributes_a_failing_recipe_and_says_what_it_tried(run_dir
     assert "## int8-strict: remedy" in report and found["modules"][0]["module"] in report
 
 
+def test_the_long_sequences_are_in_the_record_and_the_report(run_dir):
+    m = json.loads((run_dir / "metrics.json").read_text())
+    long = m["recipes"]["torchao-int8-weight-only"]["validate"]["long"]
+    assert long["longest"] == 1024 and long["sequences"] == 1 and long["generations"] == []  # QUICK's sizes
+    assert [(r["from"], r["to"], r["positions"]) for r in long["buckets"]] == [(0, 128, 64), (128, 512, 64), (512, 1024, 64)]
+    assert all(r["kl_mean"] < 0.05 and r["top1_agreement"] > 0.85 for r in long["buckets"])  # int8 holds along them
+    assert "## torchao-int8-weight-only: long sequences" in (run_dir / "report.md").read_text()
+
+
 def test_one_recipe_failing_leaves_the_others(run_dir):
     m = json.loads((run_dir / "metrics.json").read_text())
     broken = m["recipes"]["bnb-int8"]

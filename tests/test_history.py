@@ -92,6 +92,20 @@ def test_planted_regressions_are_named_with_the_environment_change(golden_run, d
                                   "not significant)"]
 
 
+def test_a_no_drop_too_weak_to_mean_no_drop_is_noted(golden_run, db, tmp_path):
+    def quiet_on_few_questions(m):  # 57 questions, 4 flipped: a drop under 9.4 points could go unseen
+        m["recipes"]["torchao-int8-weight-only"]["evaluate"]["mmlu"].update(mde=0.0941, mde_power=0.8, significant=False)
+
+    history.record_run(db, rerun(golden_run, tmp_path, "night-2", "2999-01-01T02:00:00+00:00", quiet_on_few_questions))
+    int8 = next(c for c in gate.gate_run(db, "night-2", GateSettings()) if c["recipe"] == "torchao-int8-weight-only")
+    assert int8["gate"] == "pass" and int8["mmlu_mde"] == 0.0941
+    assert int8["notes"][-1] == ("MMLU: no significant drop, but a drop under 9.4 points could go unseen (80% power): "
+                                 "too weak to mean no drop of 5")
+    lenient = GateSettings(weak_power=0.1)  # a team that accepts not seeing a 10-point drop
+    noted = next(c for c in gate.gate_run(db, "night-2", lenient) if c["recipe"] == "torchao-int8-weight-only")["notes"]
+    assert not any(n.startswith("MMLU") for n in noted)
+
+
 def test_a_database_from_before_the_tower_columns_gains_them(golden_run, tmp_path):
     import sqlite3
 

@@ -251,4 +251,15 @@ for line in sys.stdin:
     print(d['code'], d['round'], d.get('model'), r.get('decode_ms_per_token'), r.get('compile_s'), d.get('gpu_peak_infer_gb'), d.get('error'), flush=True)"
      done; done
      grep -E "Error|Traceback" "$OUT/one-house.err" | tail -5 ;;
+  # Issues 35 and 36 (remedy, damage where it hides): the gpu-marked tests and the checkpoint (SETUP=1), then the
+  # remedy's cost on the Gemma-3-12B-shaped checkpoint with seed 004's fault planted (remedy_on_gpu.py) in a second
+  # call at once on the warm machine; carrying .whl (as one-house) and .gpu/tok (SmolLM2's tokenizer files, copied
+  # into the checkpoint: the steps tokenize).
+  remedy) if [ -n "${SETUP:-}" ]; then install .whl/*.whl
+       timeout 200 python3 -m pytest -q -rs -p no:cacheprovider -m gpu tests/test_benchmark.py 2>&1 | tail -6
+       g3_checkpoint; cp .gpu/tok/* /tmp/g3-12b/
+     else site
+       timeout "${REMEDY_S:-560}" python3 docs/gpu/remedy_on_gpu.py /tmp/g3-12b 2>"$OUT/remedy.err" | tee "$OUT/remedy.jsonl"
+       grep -E "Error|Traceback" -A3 "$OUT/remedy.err" | tail -12
+     fi ;;
 esac

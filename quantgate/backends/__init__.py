@@ -39,9 +39,11 @@ class ValidateThresholds(Strict):
     # What a multimodal model's vision tower hands its language model, against the reference's (tasks/towers.py).
     embedding_cosine_warn: float = Field(0.98, ge=-1, le=1)
     embedding_cosine_fail: float = Field(0.9, ge=-1, le=1)
-    # Long greedy generations: the share of repeated 4-grams above the reference's own (quantgate/longrange.py).
-    repetition_increase_warn: float = Field(0.1, ge=0, le=1)
-    repetition_increase_fail: float = Field(0.25, ge=0, le=1)
+    # Long greedy generations: their mean share of repeated 4-grams above the reference's (quantgate/longrange.py).
+    # Greedy paths part on a near-tie and one may loop where the other did not: torchao int8 on SmolLM2 (KL 0.002)
+    # repeated 0.45 of its 4-grams on one prompt where the reference repeated 0.11 (docs/validation.md).
+    repetition_increase_warn: float = Field(0.15, ge=0, le=1)
+    repetition_increase_fail: float = Field(0.3, ge=0, le=1)
 
 
 Slug = Annotated[str, AfterValidator(slug)]  # a name that becomes a folder

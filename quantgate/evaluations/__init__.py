@@ -12,7 +12,7 @@ import importlib
 import os
 from typing import ClassVar
 
-from quantgate.evaluations.stats import paired_bootstrap
+from quantgate.evaluations.stats import WEAK_MDE, paired_bootstrap
 
 
 class Evaluation:
@@ -51,9 +51,22 @@ class Evaluation:
         low, high = mine["delta_ci95"]
         f = mine["flips"]
         return [f"{self.label}: {value}, delta {mine['delta_acc']:+.4f} [{low:+.4f}, {high:+.4f}] (significant: "
-                f"{'yes' if mine['significant'] else 'no'}; {mine['paired_n']} items).", "",
+                f"{'yes' if mine['significant'] else 'no'}; {mine['paired_n']} items; {power_line(mine)}).", "",
                 f"{self.label} answers that changed against the reference: {f['right_to_wrong']} right → wrong, "
                 f"{f['wrong_to_right']} wrong → right (agreement {f['agreement']:.3f}; McNemar p = {f['mcnemar_p']:.3g})."]
+
+
+def power_line(mine: dict, weak: float = WEAK_MDE) -> str:
+    """`n=570: could detect a drop of 3.1 points or more at 80% power`, from a paired result, and where a drop of more
+    than `weak` could go unseen, that its "no significant drop" is too weak to mean no drop."""
+    if mine.get("mde") is None:
+        return "power not measured"
+    said = (f"n={mine['paired_n']}: could detect a drop of {100 * mine['mde']:.1f} points or more at "
+            f"{mine['mde_power']:.0%} power" if mine["mde"] < 1
+            else f"n={mine['paired_n']}: too few items to detect even a total drop")
+    if not mine["significant"] and mine["mde"] > weak:
+        said += f"; too weak for \"no significant drop\" to mean no drop (of {100 * weak:.0f} points)"
+    return said
 
 
 EVALUATIONS: dict[str, Evaluation] = {}

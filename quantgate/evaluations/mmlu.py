@@ -6,7 +6,7 @@ import functools
 import json
 import time
 
-from quantgate.evaluations import Evaluation, register
+from quantgate.evaluations import Evaluation, power_line, register
 from quantgate.paths import DATA_DIR
 
 
@@ -66,6 +66,7 @@ class Mmlu(Evaluation):
                 f"{'yes' if mine['significant'] else 'no'} | "
                 + (f"{mine['normalized_degradation']:.2%}" if mine.get("normalized_degradation") is not None
                    else "not measured") + " |", "",
+                f"Power: {power_line(mine)}.", "",
                 *super().card_lines(mine, ref, recipe, settings)[2:]]
 
 
