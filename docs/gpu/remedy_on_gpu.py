@@ -30,20 +30,23 @@ ROOT, OUT, Q_PROJ = Path(__file__).resolve().parents[2], Path("/tmp/qg-remedy"),
 
 
 def planted(base: Path) -> Path:
-    """A copy of the checkpoint with seed 004's block in layer 1's q_proj."""
+    """The checkpoint with seed 004's block in layer 1's q_proj: the shard holding it written anew, the others
+    hard links (a second 24 GB copy does not fit the machine's disk beside the checkpoints)."""
     folder = OUT / "planted"
-    if not (folder / "config.json").is_file():
-        shutil.copytree(base, folder)
-        for shard in folder.glob("*.safetensors"):
-            with safe_open(shard, "pt") as f:
-                if Q_PROJ not in f.keys():
-                    continue
-            weights = load_file(shard)
-            if Q_PROJ in weights:
-                q = weights[Q_PROJ]
-                q[:128, :128] = (torch.randint(0, 2, (128, 128)) * 2 - 1).to(q.dtype) * 1e-37
-                q[:64, :64] = 0
-                save_file(weights, shard, metadata={"format": "pt"})
+    if (folder / "config.json").is_file():
+        return folder
+    folder.mkdir(parents=True)
+    for file in base.iterdir():
+        with safe_open(file, "pt") if file.suffix == ".safetensors" else open(os.devnull) as f:
+            holds = file.suffix == ".safetensors" and Q_PROJ in f.keys()
+        if not holds:
+            os.link(file, folder / file.name)
+            continue
+        weights = load_file(file)
+        q = weights[Q_PROJ]
+        q[:128, :128] = (torch.randint(0, 2, (128, 128)) * 2 - 1).to(q.dtype) * 1e-37
+        q[:64, :64] = 0
+        save_file(weights, folder / file.name, metadata={"format": "pt"})
     return folder
 
 
@@ -80,6 +83,7 @@ def main(base: Path) -> None:
     found = remedy_step.remedy(config, metrics, recipe, top=2, budget_ratio=1.0)
     t0 = stage("attribution and search", t0, first=found.attribution["modules"][0], kept=found.search["kept"],
                variants=[v["change"] for v in found.variants], attribution_s=found.attribution["seconds"])
+    shutil.rmtree(OUT / "run")  # its figures are in `metrics`; the disk holds one 12B checkpoint more, not two
     gated = remedy_step.gate(
         found.variants, lambda r, n: quantize_step.quantize(str(folder), r, "bfloat16", DEVICE, str(OUT / "v" / str(n)), 0.0),
         lambda r, q: validate_step.validate(q.checkpoint, r, ReferenceValidation(**reference), DEVICE, settings),
