@@ -109,3 +109,16 @@ def test_restoring_a_module_is_undone(tiny_llama):
         assert not modeling.is_quantized(quantized.get_submodule(name))
         assert torch.equal(quantized.get_submodule(name).weight, reference.get_submodule(name).weight)
     assert quantized.get_submodule(name) is before
+
+
+def test_the_remedy_flow_of_the_deployment_writes_the_recipe_that_passes(run_record, prefect_server):
+    """`remedy/remedy` runs flows/remedy.py:remedy_run: the same attribution and variants through the quantize and
+    validate tasks, its record beside the run's."""
+    from flows.remedy import remedy_run
+
+    run, kl = run_record
+    assert remedy_run(str(run), "int8-tight", top=2, budget=1.0) == str(run / "int8-tight" / "remedy.yaml")
+    found = json.loads((run / "int8-tight" / "remedy.json").read_text())
+    assert found["status"] == "ok" and found["attribution"]["modules"][0]["module"] == PLANTED
+    assert found["gated"]["tried"][-1]["verdict"] == "pass" and found["gated"]["tried"][-1]["kl_mean"] <= kl / 3
+    assert load_config(run / "int8-tight" / "remedy.yaml").recipes[0].skip == found["search"]["kept"]
