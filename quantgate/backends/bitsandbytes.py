@@ -1,6 +1,8 @@
 """bitsandbytes: LLM.int8() and 4-bit NF4/FP4 weights, quantized while loading."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -24,7 +26,9 @@ class BitsAndBytes(Backend):
     def load(self, path, device: str, dtype: str = "auto", **load_kwargs) -> torch.nn.Module:
         # bitsandbytes computes in its own compute dtype and transformers keeps the rest as stored: asked for another
         # dtype, it converts a few parameters only, and a Linear kept out of the quantization gets the other dtype's input.
-        return super().load(path, device, "auto", **load_kwargs)
+        config = json.loads((Path(path) / "config.json").read_text())
+        quantized = config.get("quantization_config", {}).get("quant_method") == "bitsandbytes"
+        return super().load(path, device, "auto" if quantized else dtype, **load_kwargs)
 
     def stored_bits(self, recipe: BitsAndBytesRecipe) -> float:
         if recipe.bits == 8:
