@@ -4,7 +4,6 @@ settings) and a model's per-token comparison with them (KL, top-1, top-5, hidden
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import time
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from quantgate.files import cached_tensors, write_atomic
+from quantgate.files import cached_tensors, save_tensors
 from quantgate.formats import error_line
 from quantgate import modeling
 from quantgate.nonfinite import NonFiniteScan, explain_nonfinite, first_nonfinite_layer, serving_limit
@@ -110,10 +109,7 @@ def reference_stats(model, tokenizer, checkpoint_sha256: str, dtype: str, cache_
     if not cached:
         t0 = time.perf_counter()
         stats = measure_reference(model, tokenizer, settings, served)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        buffer = io.BytesIO()
-        torch.save(stats, buffer)
-        write_atomic(path, buffer.getvalue())
+        save_tensors(path, stats)
         log.info("reference measured on %d prompts in %.1f s", len(stats["prompts"]), time.perf_counter() - t0, extra=SHOWN)
     return {"path": str(path), "cached": cached, "nonfinite": stats["nonfinite"], "overflow": stats.get("overflow"),
             "first_nonfinite_module": (stats["nonfinite"] or {}).get("first_nonfinite_module")}

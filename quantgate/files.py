@@ -135,6 +135,18 @@ def manifest(folder: Path, exclude: tuple[Path, ...] = ()) -> list[dict]:
             for p in sorted(Path(folder).rglob("*")) if p.is_file() and p not in exclude]
 
 
+def save_tensors(path: Path, stats) -> Path:
+    """Tensors in plain containers written atomically (cached_tensors reads them back), the folder made."""
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(stats, buffer)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_atomic(path, buffer.getvalue())
+
+
 def cached_tensors(path: Path):
     """A cached file of tensors in plain containers, read as data only (a pickle planted in a shared cache runs
     no code); None, with a warning, where it does not load as such: the caller measures it again."""

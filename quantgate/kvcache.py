@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from quantgate.longrange import bucket_of
 from quantgate.measure import Timer, memory_of, trim_heap
 from quantgate.modeling import model_device
 
@@ -263,8 +264,6 @@ def quantized_cache_kl(model, ids: torch.Tensor, kinds: list[str], chunk: int, b
     `chunk` tokens at a time to a full-precision cache and to each quantized one side by side (each chunk reads the
     ones before it from its cache, as decoding reads the context), by position bucket; the first bucket whose mean
     KL passes `flag_kl` is named."""
-    from quantgate.longrange import bucket_of
-
     caches = {kind: new_cache(kind, model, ids.shape[1], bits) for kind in ["dynamic", *kinds]}
     results = {k: {"status": "not_offered", "reason": c} for k, c in caches.items() if isinstance(c, str)}
     live = [k for k in kinds if k not in results]

@@ -5,7 +5,6 @@ reference's."""
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import re
@@ -16,7 +15,7 @@ import torch
 
 from quantgate import modeling
 from quantgate.drift import compare_prompt, encode, load_prompts
-from quantgate.files import cached_tensors, sha256_file, write_atomic
+from quantgate.files import cached_tensors, save_tensors, sha256_file
 from quantgate.paths import DATA_DIR
 from quantgate.runlog import SHOWN
 
@@ -175,8 +174,6 @@ def reference_long(model, tokenizer, cache: Path, settings) -> dict | None:
     if stats is None:
         t0 = time.perf_counter()
         stats = reference_sequences(model, tokenizer, settings)
-        buffer = io.BytesIO()
-        torch.save(stats, buffer)
-        write_atomic(cache, buffer.getvalue())
+        save_tensors(cache, stats)
         log.info("reference measured on %d long sequences in %.1f s", len(stats), time.perf_counter() - t0, extra=SHOWN)
     return {"path": str(cache), "sequences": len(stats), "longest": max(s["ids"].shape[1] for s in stats)}

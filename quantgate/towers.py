@@ -7,7 +7,6 @@ and cached like its text statistics.
 from __future__ import annotations
 
 import inspect
-import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,7 @@ import torch
 
 from quantgate import modeling
 from quantgate.backends import ValidateThresholds
-from quantgate.files import cached_tensors, sha256_file, write_atomic
+from quantgate.files import cached_tensors, save_tensors, sha256_file
 from quantgate.nonfinite import NonFiniteScan
 from quantgate.paths import DATA_DIR
 from quantgate.processors import read_wav
@@ -116,10 +115,7 @@ def reference_towers(model, processor, cache: Path, max_new_tokens: int) -> dict
         return None
     if not cache.is_file() or cached_tensors(cache) is None:
         stats = measure(model, processor, max_new_tokens)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        buffer = io.BytesIO()
-        torch.save(stats, buffer)
-        write_atomic(cache, buffer.getvalue())
+        save_tensors(cache, stats)
     return {"path": str(cache), "prompts": {s.kind: len(prompts(s.kind)) for s in senses(model)}}
 
 
