@@ -1,6 +1,7 @@
 """The deployments for real: a Prefect server on 127.0.0.1, process workers, `prefect deploy`, the
-`quantize` deployment run on SmolLM2 with quick settings, and a nightly matrix of two cells shared
-by two workers. Everything started here is stopped at the end."""
+`quantize` deployment run with quick settings, and a nightly matrix of two cells shared by two workers.
+Everything started here is stopped at the end. The model is the tiny Llama: what is tested is the server, the
+workers and the deployments, each running the whole flow; the real models' flow is the session's (test_flow.py)."""
 import json
 import os
 import socket
@@ -17,6 +18,7 @@ from quantgate import history
 from tests.conftest import PROJECT, QUICK
 
 PREFECT = str(Path(sys.executable).parent / "prefect")
+pytestmark = pytest.mark.integration  # a Prefect server, workers and deployments, though on the tiny model
 
 
 def free_port() -> int:
@@ -75,18 +77,18 @@ def stop(processes) -> None:
             os.killpg(p.pid, 9)
 
 
-def quick(tmp: Path, cache_dir: Path) -> list[str]:
-    return [f"output.runs_dir={tmp / 'runs'}", f"output.cache_dir={cache_dir}", f"output.history_db={tmp / 'h.sqlite'}",
-            # The session's other flow runs use these evaluate settings: the reference comes from the cache.
+def quick(tmp: Path, cache_dir: Path, model: Path) -> list[str]:
+    return [f"model.source={model}", "model.dtype=float32",
+            f"output.runs_dir={tmp / 'runs'}", f"output.cache_dir={cache_dir}", f"output.history_db={tmp / 'h.sqlite'}",
+            # The same settings in every run here: the reference the first run measured comes from the cache after.
             *QUICK,
             f"steps.publish.registry_dir={tmp / 'registry'}"]
 
 
-def test_quantize_deployment_runs_and_leaves_its_record(server, run_dir, cache_dir, tmp_path):
-    # run_dir: the session's flow run measured the reference first, so each run here finds it in the cache.
+def test_quantize_deployment_runs_and_leaves_its_record(server, tiny_llama, cache_dir, tmp_path):
     worker, _ = server["start_worker"]("solo")
     params = {"config_path": str(PROJECT / "configs" / "default.yaml"),
-              "overrides": [*quick(tmp_path, cache_dir), "recipes=[torchao-int8-weight-only]"]}
+              "overrides": [*quick(tmp_path, cache_dir, tiny_llama), "recipes=[torchao-int8-weight-only]"]}
     run = subprocess.run([PREFECT, "deployment", "run", "quantize-model/quantize", "--params", json.dumps(params),
                           "--watch", "--watch-timeout", "900"], env=server["env"], capture_output=True, text=True,
                          timeout=960)
@@ -99,13 +101,12 @@ def test_quantize_deployment_runs_and_leaves_its_record(server, run_dir, cache_d
     stop([worker])
 
 
-def test_two_workers_share_a_nightly_matrix(server, run_dir, cache_dir, tmp_path):
+def test_two_workers_share_a_nightly_matrix(server, tiny_llama, cache_dir, tmp_path):
     logs = [server["start_worker"](f"gpu{i}")[1] for i in (0, 1)]
     matrix = tmp_path / "nightly.yaml"
     matrix.write_text(yaml.safe_dump({
-        "models": [{"config": str(PROJECT / "configs" / "default.yaml"), "overrides": quick(tmp_path, cache_dir)}],
-        # Two cells, one for each worker, of the recipes quickest on a CPU (bitsandbytes computes in bf16 or float16,
-        # emulated where the CPU lacks them).
+        "models": [{"config": str(PROJECT / "configs" / "default.yaml"), "overrides": quick(tmp_path, cache_dir, tiny_llama)}],
+        # Two cells, one for each worker.
         "recipes": ["quanto-int8", "torchao-int8-weight-only"],
         "deployment": "quantize-model/quantize", "history_db": str(tmp_path / "h.sqlite"),
         "dashboard": str(tmp_path / "dashboard.html")}))

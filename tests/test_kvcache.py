@@ -117,15 +117,15 @@ def test_the_benchmark_step_measures_capacity_in_a_process_of_its_own(tiny_llama
 
 
 def test_the_run_record_report_and_card_carry_the_capacity(run_dir):
-    """The session's `quantgate run` sets a 4 GiB budget up to 1,024 tokens: SmolLM2 fits it whole."""
+    """The session's `quantgate run` sets a 4 GiB budget up to 256 tokens: SmolLM2 fits it whole."""
     metrics = json.loads((run_dir / "metrics.json").read_text())
     kv = metrics["reference"]["benchmark"]["kv_cache"]
     assert kv["status"] == "ok" and kv["budget"] == 4 * 2**30
-    assert {k: c["context_tokens"] for k, c in kv["caches"].items()} == {"dynamic": 1024, "static": 1024}
+    assert {k: c["context_tokens"] for k, c in kv["caches"].items()} == {"dynamic": 256, "static": 256}
     assert metrics["recipes"]["torchao-int8-weight-only"]["benchmark"]["kv_cache"]["status"] == "ok"
     report = (run_dir / "report.md").read_text()
-    assert "## KV cache" in report and "| reference | 4 GiB | dynamic | 1,024 | " in report
+    assert "## KV cache" in report and "| reference | 4 GiB | dynamic | 256 | " in report
     from quantgate.card import render_card
 
     card = render_card(run_dir, "torchao-int8-weight-only")
-    assert "- reference: Context that fits in 4 GiB: 1,024 tokens with the dynamic cache (decoding " in card
+    assert "- reference: Context that fits in 4 GiB: 256 tokens with the dynamic cache (decoding " in card

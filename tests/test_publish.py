@@ -149,8 +149,9 @@ def test_dry_run_uploads_nothing(run_dir, hub, monkeypatch):
     assert result["dry_run"] and "model.safetensors" in result["would_upload"] and hub.requests == []
 
 
-def test_the_token_is_in_nothing_the_run_wrote(smollm2, cache_dir, prefect_server, tmp_path, hub, monkeypatch):
-    """A whole flow run publishing to the Hub endpoint: the token goes to the endpoint and nowhere else."""
+def test_the_token_is_in_nothing_the_run_wrote(tiny_llama, cache_dir, prefect_server, tmp_path, hub, monkeypatch):
+    """A whole flow run publishing to the Hub endpoint: the token goes to the endpoint and nowhere else (the tiny
+    Llama: the token's path is the flow's, whatever the model)."""
     import asyncio
 
     from prefect.client.orchestration import get_client
@@ -159,10 +160,9 @@ def test_the_token_is_in_nothing_the_run_wrote(smollm2, cache_dir, prefect_serve
 
     monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
     run_dir = Path(quantize_model(str(PROJECT / "configs" / "default.yaml"), overrides=[
-        f"output.runs_dir={tmp_path / 'runs'}", f"output.cache_dir={cache_dir}",
-        # torchao int8: the cheapest recipe to validate and evaluate on a CPU (nf4 computes in emulated bf16 here)
-        f"output.history_db={tmp_path / 'runs' / 'history.sqlite'}", "recipes=[torchao-int8-weight-only]",
-        *QUICK,  # the cached reference's
+        f"model.source={tiny_llama}", "model.dtype=float32", f"output.runs_dir={tmp_path / 'runs'}",
+        f"output.cache_dir={cache_dir}", f"output.history_db={tmp_path / 'runs' / 'history.sqlite'}",
+        "recipes=[torchao-int8-weight-only]", *QUICK,
         f"steps.publish={{target: hub, hub_repo: 'quantgate-test/{{model}}-{{recipe}}', hub_endpoint: '{hub.endpoint}'}}"]))
     metrics = json.loads((run_dir / "metrics.json").read_text())
     entry = metrics["recipes"]["torchao-int8-weight-only"]

@@ -17,8 +17,9 @@ from tasks.download import download
 from tests.conftest import PROJECT, edited_copy
 from tests.test_evaluate import assert_same_mmlu, lm_eval_command_line
 
-# One MMLU question a subject (57) and the first 20 HumanEval problems: about 2 minutes on a 2-core CPU.
-QUICK = EvaluateSettings(limit=1, humaneval=True, humaneval_limit=20, humaneval_max_tokens=256, wikitext=False)
+# One MMLU question a subject (57) and the first 10 HumanEval problems, of which the reference solves 7 (float32, on
+# the 2-core CPU, 2026-12-05; 14 of the first 20): 7 answers the damaged model can lose, enough for McNemar's p < 0.05.
+QUICK = EvaluateSettings(limit=1, humaneval=True, humaneval_limit=10, humaneval_max_tokens=256, wikitext=False)
 INT8 = load_config(PROJECT / "configs" / "default.yaml", ["recipes=[torchao-int8-weight-only]"]).recipes[0]
 
 
@@ -60,7 +61,7 @@ def test_the_sandbox_runs_code_and_contains_it():
 
 def test_the_reference_writes_code(reference):
     humaneval = reference["humaneval"]
-    assert humaneval["n"] == 20 and humaneval["pass_at_1"] >= 0.4  # Qwen's card: 0.616 on all 164
+    assert humaneval["n"] == 10 and humaneval["pass_at_1"] >= 0.5  # Qwen's card: 0.616 on all 164
     assert reference["mmlu"]["n"] == 57
 
 

@@ -14,13 +14,15 @@ from tests.conftest import PROJECT, edit_weights, edited_copy
 
 SETTINGS = ValidateSettings()
 INT8 = load_config(PROJECT / "configs" / "default.yaml", ["recipes=[bnb-int8]"]).recipes[0]
+# What the steps compute the bf16 SmolLM2 in on this CPU: float32 where bf16 would be emulated (three times slower).
+COMPUTE = modeling.compute_dtype("bfloat16", "cpu")
 
 
 @pytest.fixture(scope="module")
 def reference(smollm2, cache_dir):
     from transformers import AutoTokenizer
 
-    model = modeling.load(smollm2, "bfloat16", "cpu")
+    model = modeling.load(smollm2, COMPUTE, "cpu")
     return drift.reference_stats(model, AutoTokenizer.from_pretrained(smollm2), "sha-of-smollm2", "bfloat16",
                                 cache_dir, SETTINGS)
 
@@ -39,8 +41,9 @@ def edited_checkpoint(smollm2, tmp_path, edit, dtype=None):
     return folder
 
 
-def run(folder, reference, recipe=INT8):
-    return step.validate(str(folder), recipe, ReferenceValidation(**reference), "cpu", SETTINGS).model_dump()
+def run(folder, reference, recipe=INT8, compute_dtype=COMPUTE):
+    return step.validate(str(folder), recipe, ReferenceValidation(**reference), "cpu", SETTINGS,
+                         compute_dtype).model_dump()
 
 
 def test_prompt_set():
@@ -68,7 +71,7 @@ def test_nan_in_a_weight_names_that_module(smollm2, tmp_path, reference):
     assert result["reason"].startswith("non-finite output from model.layers.4.self_attn.q_proj on")
     nf = result["nonfinite"]
     assert nf["input_finite"] is True and nf["weight_finite"] is False and nf["output_nan"] is True
-    assert nf["input_dtype"] == "torch.bfloat16" and nf["input_max_abs"] > 0
+    assert nf["input_dtype"] == f"torch.{COMPUTE}" and nf["input_max_abs"] > 0
     assert "model.layers.4.self_attn" in nf["affected_after"] and "lm_head" in nf["affected_after"]
     assert result["first_nonfinite_layer"] == 5  # hidden_states[5] is layer 4's output
 
@@ -91,7 +94,8 @@ def test_fp16_overflow_is_caught(smollm2, tmp_path, reference):
     def scale(w):
         w["model.layers.3.mlp.down_proj.weight"] *= 4096  # outputs pass fp16's 65504
 
-    result = run(edited_checkpoint(smollm2, tmp_path, scale, dtype=torch.float16), reference)
+    # "auto": the checkpoint's own float16, whose range is the point
+    result = run(edited_checkpoint(smollm2, tmp_path, scale, dtype=torch.float16), reference, compute_dtype="auto")
     assert result["verdict"] == "fail"
     assert result["first_nonfinite_module"] == "model.layers.3.mlp.down_proj"
     assert result["nonfinite"]["output_inf"] is True and result["nonfinite"]["input_finite"] is True
@@ -157,7 +161,7 @@ def test_broken_reference_is_told_apart(smollm2, tmp_path, cache_dir):
         w["model.layers.2.mlp.up_proj.weight"][0, 0] = float("inf")
 
     folder = edited_checkpoint(smollm2, tmp_path, plant)
-    broken = drift.reference_stats(modeling.load(folder, "bfloat16", "cpu"), AutoTokenizer.from_pretrained(folder),
+    broken = drift.reference_stats(modeling.load(folder, COMPUTE, "cpu"), AutoTokenizer.from_pretrained(folder),
                                   "sha-of-broken", "bfloat16", tmp_path / "c", SETTINGS)
     assert broken["first_nonfinite_module"] == "model.layers.2.mlp.up_proj"
     result = run(folder, broken)
