@@ -12,12 +12,17 @@ os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "quantgate")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from quantgate import modeling  # noqa: E402
+
 PROJECT = Path(__file__).resolve().parents[1]
 
 
 # What makes a test part of the integration tier: the real models, a whole flow's record, a Prefect server.
 INTEGRATION_FIXTURES = {"smollm2", "flow_run", "run_dir", "prefect_server", "qwen"}
 GOLDEN = PROJECT / "tests" / "golden" / "run"
+# What the steps compute a bf16 checkpoint in on this CPU: float32 where bf16 would be emulated (about three times
+# slower), bf16 where native. A test computing a model outside the flow uses it too, to compare like with like.
+COMPUTE = modeling.compute_dtype("bfloat16", "cpu")
 # The quick settings every flow of the suite runs with: the same ones, so the reference that the session's flow
 # run measured (validation and evaluation, cached by checkpoint and settings) serves every later run.
 # No long-sequence checks in the flows that test something else; the session flow has them at a quick size (LONG).

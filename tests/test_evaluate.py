@@ -14,6 +14,7 @@ from quantgate.paths import DATA_DIR
 from quantgate.settings import EvaluateSettings
 from quantgate.evaluations import lmeval, mmlu, stats, wikitext
 from quantgate.evaluations.lmeval import TASKS_DIR
+from tests.conftest import COMPUTE
 
 QUICK = EvaluateSettings(limit=1, batch_size=4, wikitext=False)
 
@@ -160,7 +161,7 @@ def reference_eval(smollm2, tmp_path_factory):
     from transformers import AutoTokenizer
 
     cache = tmp_path_factory.mktemp("evalcache")
-    model = modeling.load(smollm2, modeling.compute_dtype("bfloat16", "cpu"), "cpu")
+    model = modeling.load(smollm2, COMPUTE, "cpu")
     return cache, lmeval.reference_evaluation(model, AutoTokenizer.from_pretrained(smollm2), "smol", "bfloat16",
                                             cache, QUICK)
 
@@ -206,10 +207,9 @@ def test_wikitext_windows_go_one_at_a_time_under_auto(smollm2, tmp_path, monkeyp
 def lm_eval_command_line(checkpoint, out: Path, task_dir: Path = TASKS_DIR) -> dict:
     """lm_eval run from the command line on a checkpoint, with the evaluate step's quick MMLU settings, in the
     dtype the step computes a bf16 checkpoint in on this CPU (float32 where bf16 would be emulated)."""
-    dtype = modeling.compute_dtype("bfloat16", "cpu")
     done = subprocess.run(
         [sys.executable, "-m", "lm_eval", "run", "--model", "hf",
-         "--model_args", f"pretrained={checkpoint},dtype={dtype},max_length=2048", "--device", "cpu",
+         "--model_args", f"pretrained={checkpoint},dtype={COMPUTE},max_length=2048", "--device", "cpu",
          "--tasks", "quantgate_mmlu", "--include_path", str(task_dir),
          "--limit", "1", "--batch_size", "4", "--num_fewshot", "0", "--output_path", str(out)],
         capture_output=True, text=True, timeout=900)

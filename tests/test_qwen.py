@@ -14,7 +14,7 @@ from quantgate.evaluations import lmeval
 from quantgate.results import ReferenceEvaluation
 from tasks import evaluate as step
 from tasks.download import download
-from tests.conftest import PROJECT, edited_copy
+from tests.conftest import COMPUTE, PROJECT, edited_copy
 from tests.test_evaluate import assert_same_mmlu, lm_eval_command_line
 
 # One MMLU question a subject (57) and the first 10 HumanEval problems in one batch of generations, 128 new tokens at
@@ -35,7 +35,7 @@ def qwen(cache_dir) -> Path:
 def reference(qwen, cache_dir):
     from transformers import AutoTokenizer
 
-    model = modeling.load(qwen, modeling.compute_dtype("bfloat16", "cpu"), "cpu")
+    model = modeling.load(qwen, COMPUTE, "cpu")
     return lmeval.reference_evaluation(model, AutoTokenizer.from_pretrained(qwen), "qwen", "bfloat16", cache_dir, QUICK)
 
 
@@ -84,7 +84,7 @@ def test_damage_that_mmlu_misses_is_significant_on_humaneval(qwen, reference, ca
 
     # In the reference's dtype: float32 where bf16 would be emulated (the checkpoint's bf16 took 460 s on this CPU).
     result = step.evaluate(str(damaged), INT8, ReferenceEvaluation(**reference), "cpu", QUICK, str(tmp_path),
-                           modeling.compute_dtype("bfloat16", "cpu")).model_dump()
+                           COMPUTE).model_dump()
     mmlu, humaneval = result["mmlu"], result["humaneval"]
     assert not mmlu["significant"]  # within its interval: the old check passes this model
     assert humaneval["significant"] and humaneval["delta_acc"] < 0

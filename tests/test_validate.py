@@ -10,12 +10,10 @@ from quantgate.settings import ValidateSettings
 from quantgate import drift
 from quantgate.results import ReferenceValidation
 from tasks import validate as step
-from tests.conftest import PROJECT, edit_weights, edited_copy
+from tests.conftest import COMPUTE, PROJECT, edit_weights, edited_copy
 
 SETTINGS = ValidateSettings()
 INT8 = load_config(PROJECT / "configs" / "default.yaml", ["recipes=[bnb-int8]"]).recipes[0]
-# What the steps compute the bf16 SmolLM2 in on this CPU: float32 where bf16 would be emulated (three times slower).
-COMPUTE = modeling.compute_dtype("bfloat16", "cpu")
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ of a run (the benchmark's own included).
 from __future__ import annotations
 
 import importlib
+import json
 import os
 from pathlib import Path
 from typing import Annotated, ClassVar
@@ -150,6 +151,12 @@ class Backend:
 
 BACKENDS: dict[str, Backend] = {}
 BUILTIN = ("bitsandbytes", "torchao", "fp8", "quanto", "hqq", "llmcompressor", "given")  # modules of this package
+
+
+def quant_method_of(path: Path) -> str | None:
+    """The quant_method a checkpoint's config.json names (what transformers wrote when it quantized it), or None."""
+    config = json.loads((Path(path) / "config.json").read_text())
+    return (config.get("quantization_config") or {}).get("quant_method")
 
 
 def register(backend: Backend) -> Backend:

@@ -1,13 +1,11 @@
 """bitsandbytes: LLM.int8() and 4-bit NF4/FP4 weights, quantized while loading."""
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Literal
 
 import torch
 
-from quantgate.backends import Backend, RecipeBase, register
+from quantgate.backends import Backend, RecipeBase, quant_method_of, register
 
 
 class BitsAndBytesRecipe(RecipeBase):
@@ -26,8 +24,7 @@ class BitsAndBytes(Backend):
     def load(self, path, device: str, dtype: str = "auto", **load_kwargs) -> torch.nn.Module:
         # bitsandbytes computes in its own compute dtype and transformers keeps the rest as stored: asked for another
         # dtype, it converts a few parameters only, and a Linear kept out of the quantization gets the other dtype's input.
-        config = json.loads((Path(path) / "config.json").read_text())
-        quantized = config.get("quantization_config", {}).get("quant_method") == "bitsandbytes"
+        quantized = quant_method_of(path) == self.quant_method
         return super().load(path, device, "auto" if quantized else dtype, **load_kwargs)
 
     def stored_bits(self, recipe: BitsAndBytesRecipe) -> float:

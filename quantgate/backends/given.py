@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 
 from quantgate import modeling
-from quantgate.backends import BACKENDS, Backend, PlanError, RecipeBase, parse_recipe, register
+from quantgate.backends import BACKENDS, Backend, PlanError, RecipeBase, parse_recipe, quant_method_of, register
 
 # The text config fields a candidate must share with its base.
 COMPARED = ("hidden_size", "vocab_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
@@ -81,8 +81,7 @@ def maker(path: Path) -> Backend | None:
     record = path / "quantgate_metrics.json"
     if record.is_file() and (spec := json.loads(record.read_text()).get("recipe_spec")):
         return BACKENDS[parse_recipe(spec).method]
-    config = json.loads((path / "config.json").read_text())
-    method = (config.get("quantization_config") or {}).get("quant_method")
+    method = quant_method_of(path)
     return next((b for b in BACKENDS.values() if method and b.quant_method == method), None)
 
 
