@@ -7,6 +7,8 @@ CONFIG ?= configs/default.yaml
 # PyPI's torch 2.13.0 for Linux is the CUDA build; this project's CPU machines have the CPU build
 # of the same version on disk, which pip takes. Override for another build: make TORCH=... run
 TORCH  ?= torch==2.13.0
+# make test's pytest-xdist workers: one a core of CI's two (docs/testing.md)
+WORKERS ?= 2
 STAMP  := $(VENV)/.installed
 
 .PHONY: run test test-fast plan clean-runs
@@ -33,10 +35,10 @@ plan: $(STAMP)
 	$(VENV)/bin/quantgate plan $(CONFIG)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -rs --durations=15 tests
+	$(PY) -m pytest -q -rs -n $(WORKERS) --dist loadgroup --durations=15 tests
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -rs -m fast --durations=10 tests
+	$(PY) -m pytest -q -rs -n $(WORKERS) --dist loadgroup -m fast --durations=10 tests
 
 clean-runs:
 	rm -rf runs

@@ -8,6 +8,10 @@ from pathlib import Path
 # Prefect's database, results and cache records go to a throwaway home for the test session.
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="quantgate-prefect-")
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "quantgate")
+# `make test` runs two pytest-xdist workers on two cores: one thread each (and in what they start), since torch's
+# threads of two processes contending for two cores cost more than they give (docs/testing.md).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -19,6 +23,9 @@ PROJECT = Path(__file__).resolve().parents[1]
 
 # What makes a test part of the integration tier: the real models, a whole flow's record, a Prefect server.
 INTEGRATION_FIXTURES = {"smollm2", "flow_run", "run_dir", "prefect_server", "qwen"}
+# Under xdist (--dist loadgroup) a module's tests go to one worker, so its module fixtures are paid once, and the tests
+# of any module that use one of these session fixtures go to one worker together, so it is paid once in the suite.
+ONE_WORKER = {"flow_run": "session-flow", "run_dir": "session-flow", "qwen": "qwen"}
 GOLDEN = PROJECT / "tests" / "golden" / "run"
 # What the steps compute a bf16 checkpoint in on this CPU: float32 where bf16 would be emulated (about three times
 # slower), bf16 where native. A test computing a model outside the flow uses it too, to compare like with like.
@@ -40,6 +47,8 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.integration)
         if "integration" not in item.keywords:
             item.add_marker(pytest.mark.fast)
+        shared = [ONE_WORKER[f] for f in getattr(item, "fixturenames", ()) if f in ONE_WORKER]
+        item.add_marker(pytest.mark.xdist_group(shared[0] if shared else item.module.__name__))
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip)
 

@@ -22,10 +22,13 @@ class BitsAndBytes(Backend):
     packages, tags, imports = ("bitsandbytes",), ("bitsandbytes",), ("bitsandbytes",)
 
     def load(self, path, device: str, dtype: str = "auto", **load_kwargs) -> torch.nn.Module:
-        # bitsandbytes computes in its own compute dtype and transformers keeps the rest as stored: asked for another
-        # dtype, it converts a few parameters only, and a Linear kept out of the quantization gets the other dtype's input.
-        quantized = quant_method_of(path) == self.quant_method
-        return super().load(path, device, "auto" if quantized else dtype, **load_kwargs)
+        if quant_method_of(path) != self.quant_method:
+            return super().load(path, device, dtype, **load_kwargs)
+        # transformers keeps a bitsandbytes checkpoint's other weights as stored whatever dtype it is asked for, and
+        # the 4-bit layers compute in the dtype saved with them: float32 (asked for where the CPU would emulate half
+        # precision, docs/testing.md) is set on both here; a half dtype stays the recipe's own.
+        model = super().load(path, device, "auto", **load_kwargs)
+        return computing_in_float32(model) if dtype == "float32" else model
 
     def stored_bits(self, recipe: BitsAndBytesRecipe) -> float:
         if recipe.bits == 8:
@@ -42,6 +45,23 @@ class BitsAndBytes(Backend):
                                   bnb_4bit_use_double_quant=recipe.double_quant,
                                   bnb_4bit_compute_dtype=getattr(torch, recipe.compute_dtype),
                                   llm_int8_skip_modules=keep)
+
+
+def computing_in_float32(model: torch.nn.Module) -> torch.nn.Module:
+    """A loaded 4-bit model made to compute in float32: its 4-bit layers' compute dtype and its plain floating
+    weights (an 8-bit model, or one offloaded in part, is left as loaded: LLM.int8() takes half-precision input,
+    and offloaded weights come back in their stored dtype)."""
+    from bitsandbytes.nn import Linear4bit
+
+    four_bit = [module for module in model.modules() if isinstance(module, Linear4bit)]
+    if not four_bit or any(param.device.type == "meta" for param in model.parameters()):
+        return model
+    for module in four_bit:
+        module.compute_dtype = torch.float32
+    for param in model.parameters():
+        if type(param) is torch.nn.Parameter and param.is_floating_point():
+            param.data = param.data.float()
+    return model
 
 
 register(BitsAndBytes())
