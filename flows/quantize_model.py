@@ -13,8 +13,8 @@ from prefect.logging.handlers import APILogHandler
 
 from flows.artifacts import create_artifacts
 from flows.remedy import remedy_recipe
-from flows.steps import (benchmark_task, download_task, evaluate_task, publish_task, quantize_task, reference_task,
-                         run_step, validate_task)
+from flows.steps import (adapters_task, benchmark_task, download_task, evaluate_task, publish_task, quantize_task,
+                         reference_task, run_step, validate_task)
 from quantgate import history, modeling, runlog
 from quantgate.backends import RecipeBase
 from quantgate.config import RunConfig, load_config, writable
@@ -22,7 +22,8 @@ from quantgate.nonfinite import nonfinite_reason, overflow_reason
 from quantgate.paths import DEFAULT_CONFIG
 from quantgate.plan import make_plans
 from quantgate.record import RunRecord
-from quantgate.results import Benchmarked, Downloaded, Evaluated, Published, Quantized, Reference, Validated
+from quantgate.results import (AdaptersChecked, Benchmarked, Downloaded, Evaluated, Published, Quantized, Reference,
+                               Validated)
 from quantgate.settle import settle
 
 
@@ -79,7 +80,7 @@ def gate_model(run: RunRecord, config: RunConfig) -> Model | None:
     device = modeling.placement(model.device, model.max_memory)  # one GPU, several, or the CPU: every step's
     reference = run_step(reference_task, steps.reference, Reference, "model", "reference", download=download,
                          dtype=model.dtype, compute_dtype=compute, device=device, cache_dir=cache,
-                         validate=steps.validate, evaluate=steps.evaluate)
+                         validate=steps.validate, evaluate=steps.evaluate, adapters_served=config.adapters)
     run.set_reference(reference)
     if not reference.ok:
         return None  # nothing to compare a recipe with: the run's error (run.finish)
@@ -114,6 +115,11 @@ def gate_recipe(run: RunRecord, config: RunConfig, model: Model, recipe: RecipeB
     if not went_on:
         if validated.status == "failed" and steps.publish.force:
             publish(run, config, name)
+        return
+    if model.reference.adapters and not run.set_adapters(name, run_step(
+            adapters_task, steps.validate, AdaptersChecked, name, "adapters", checkpoint=quantized.checkpoint,
+            recipe=recipe, served=model.reference.adapters, base_stats=model.reference.validate.path,
+            device=model.device, settings=steps.validate, compute_dtype=model.compute_dtype, dtype=config.model.dtype)):
         return
     evaluated = run_step(evaluate_task, steps.evaluate, Evaluated, name, "evaluate", checkpoint=quantized.checkpoint,
                          recipe=recipe, reference=model.reference.evaluate, device=model.device,

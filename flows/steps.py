@@ -15,6 +15,7 @@ from quantgate.fetching import intact, manifest_path
 from quantgate.results import StepResult
 from quantgate.runlog import SHOWN, announce
 from quantgate.sources import DownloadError, parse_source
+from tasks.adapters import check_adapters
 from tasks.benchmark import benchmark
 from tasks.download import download
 from tasks.evaluate import evaluate
@@ -58,6 +59,7 @@ download_task = task(download_as_data, name="download", cache_key_fn=download_ca
 reference_task = task(reference, name="reference")
 quantize_task = task(quantize, name="quantize", task_run_name="quantize-{recipe.name}")
 validate_task = task(validate, name="validate", task_run_name="validate-{recipe.name}")
+adapters_task = task(check_adapters, name="adapters", task_run_name="adapters-{recipe.name}")
 evaluate_task = task(evaluate, name="evaluate", task_run_name="evaluate-{recipe.name}")
 benchmark_task = task(benchmark, name="benchmark", task_run_name="benchmark-{name}")
 publish_task = task(publish, name="publish", task_run_name="publish-{recipe}")

@@ -11,7 +11,8 @@ import yaml
 
 from quantgate import evaluations
 from quantgate.backends import BACKENDS
-from quantgate.formats import code, context_line, gb, kl_line, num, peak_memory, text, tower_measures
+from quantgate.formats import (ADAPTER_HEADER, adapter_row, code, context_line, gb, kl_line, num, peak_memory, text,
+                               tower_measures)
 from quantgate.plan import tower_lines
 
 NOT_MEASURED = "not measured"
@@ -45,7 +46,8 @@ def render_card(run_dir: Path, recipe_name: str, checkpoint_path: str = "PATH_OR
     plan_path = run_dir / recipe_name / "plan.json"
     plan = json.loads(plan_path.read_text()) if plan_path.is_file() else None
     lines = header_lines(metrics, recipe, entry, forced) + quantize_lines(entry, ref, plan)
-    lines += validation_lines(entry) + evaluation_lines(entry, ref, recipe_name, config["steps"]["evaluate"])
+    lines += validation_lines(entry) + adapter_lines(entry, ref)
+    lines += evaluation_lines(entry, ref, recipe_name, config["steps"]["evaluate"])
     lines += benchmark_lines(entry, ref, recipe_name)
     lines += environment_lines(env, recipe) + [
         "## How to load", "", "```python", BACKENDS[recipe["method"]].snippet(checkpoint_path), "```", "",
@@ -122,6 +124,21 @@ def validation_lines(entry: dict) -> list[str]:
                   + tower_measures(t, "embedding cosine to the reference's") + "."
                   for tower, t in v.get("towers", {}).items()]
     return lines + remedy_lines(v.get("attribution"), entry.get("remedy"))
+
+
+def adapter_lines(entry: dict, ref: dict) -> list[str]:
+    """The LoRA adapters gated on this checkpoint, each against the unquantized model with it."""
+    if not ref.get("adapters"):
+        return []
+    lines = ["", "## Served with adapters", ""]
+    if not entry.get("adapters"):
+        return lines + [_step_note(entry, "adapters") if "adapters" in entry["steps"] else
+                        "Not measured in this run (the recipe stopped before its adapters were gated)."]
+    return lines + ["Each adapter loaded by peft on this checkpoint, against the unquantized model with the same "
+                    "adapter; its decided tokens are those whose top-1 it changes on the unquantized model.", "",
+                    "| " + " | ".join(ADAPTER_HEADER) + " |", "|" + " --- |" * len(ADAPTER_HEADER),
+                    *["| " + " | ".join(text(c) for c in adapter_row(name, a)) + " |"
+                      for name, a in entry["adapters"].items()]]
 
 
 def remedy_lines(found: dict | None, remedy: dict | None) -> list[str]:

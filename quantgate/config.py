@@ -15,7 +15,7 @@ from pydantic import Field, PositiveInt, SerializeAsAny, ValidationError, field_
 
 from quantgate.backends import RecipeBase, Strict, methods, parse_recipe
 from quantgate.paths import DASHBOARD, HISTORY_DB, RECIPES_DIR, Rooted
-from quantgate.settings import GateSettings, ModelSpec, Output, Steps
+from quantgate.settings import AdapterSpec, GateSettings, ModelSpec, Output, Steps
 
 
 class ConfigError(ValueError):
@@ -41,8 +41,18 @@ class RunConfig(Strict):
     model: ModelSpec
     # Each recipe is its backend's model (quantgate.backends), told apart by `method`.
     recipes: list[SerializeAsAny[RecipeBase]] = Field(min_length=1)
+    # LoRA adapters served on the model, each gated with every recipe.
+    adapters: list[AdapterSpec] = []
     steps: Steps = Steps()
     output: Output = Output()
+
+    @field_validator("adapters")
+    @classmethod
+    def _unique_adapters(cls, adapters: list[AdapterSpec]) -> list[AdapterSpec]:
+        names = [a.name for a in adapters]
+        if dupes := sorted({n for n in names if names.count(n) > 1}):
+            raise ValueError(f"adapter names must be unique; repeated: {', '.join(dupes)}")
+        return adapters
 
     @field_validator("recipes", mode="before")
     @classmethod

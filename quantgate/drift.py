@@ -14,10 +14,12 @@ import torch
 from quantgate.files import cached_tensors, save_tensors
 from quantgate.formats import error_line
 from quantgate import modeling
-from quantgate.nonfinite import NonFiniteScan, explain_nonfinite, first_nonfinite_layer, serving_limit
+from quantgate.nonfinite import (NonFiniteScan, explain_nonfinite, first_nonfinite_layer, nonfinite_reason,
+                                 overflow_reason, serving_limit)
 from quantgate.paths import DATA_DIR
 from quantgate.runlog import SHOWN
 from quantgate.settings import ValidateSettings
+from quantgate.backends import ValidateThresholds
 
 log = logging.getLogger("quantgate.validate")
 
@@ -125,7 +127,7 @@ def compare_one(model, ref: dict, limit: float | None, served: str | None, found
     found["overflow"] = found["overflow"] or overflow_of(ref["id"], over, limit, served, model)
     # A model over several GPUs leaves each layer's hidden states on its own GPU.
     mine = torch.stack([h[0, ref["positions"].to(h.device)].float().cpu() for h in hidden])
-    return compare_prompt(ref, logits.cpu()), torch.nn.functional.cosine_similarity(mine, ref["hidden"], dim=-1).mean(-1)
+    return logits.cpu(), torch.nn.functional.cosine_similarity(mine, ref["hidden"], dim=-1).mean(-1)
 
 
 def compare_prompt(ref: dict, logits: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -148,13 +150,17 @@ def compare_prompt(ref: dict, logits: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def compare(model, tokenizer, stats: dict, settings: ValidateSettings, served: str | None = None) -> dict:
+def compare(model, tokenizer, stats: dict, settings: ValidateSettings, served: str | None = None, each=None) -> dict:
     """A model against the reference's measurements: per-token KL, top-1 and top-5, per-layer hidden-state
-    cosine, where it goes non-finite or past the range of the dtype it is served in, and its generations."""
+    cosine, where it goes non-finite or past the range of the dtype it is served in, and its generations. `each`,
+    if given, is called with each prompt's reference measurements, the model's logits and their comparison."""
     kls, top1, top5, cosines, found = [], [], [], [], {"nonfinite": None, "layer": None, "overflow": None}
     limit = serving_limit(served, modeling.computed_dtype(model))
     for ref in stats["prompts"]:
-        per_token, cosine = compare_one(model, ref, limit, served, found)
+        logits, cosine = compare_one(model, ref, limit, served, found)
+        per_token = compare_prompt(ref, logits)
+        if each:
+            each(ref, logits, per_token)
         kls.append(per_token["kl"])
         top1.append(per_token["top1"])
         top5.append(per_token["top5"])
@@ -179,3 +185,33 @@ def compare(model, tokenizer, stats: dict, settings: ValidateSettings, served: s
     except Exception as e:  # a CUDA device-side assert included: a failed recipe, not a crashed flow
         metrics["generation_error"] = error_line(e)
     return metrics
+
+
+SEVERITY = ["pass", "warn", "fail"]
+
+
+def verdict(metrics: dict, t: ValidateThresholds) -> tuple[str, list[str]]:
+    """pass, warn or fail, with the reasons, from the measured metrics and the recipe's thresholds."""
+    fails, warns = [], []
+    if metrics.get("first_nonfinite_module"):
+        fails.append(nonfinite_reason(metrics["nonfinite"]))
+    if metrics.get("overflow"):
+        fails.append(overflow_reason(metrics["overflow"]))
+    if metrics.get("generation_error"):
+        fails.append(f"generation raised {metrics['generation_error']}")
+    for key, label, fail_at, warn_at, higher_is_worse in (
+            ("kl_mean", "mean KL", t.kl_mean_fail, t.kl_mean_warn, True),
+            ("kl_p99", "p99 KL", t.kl_p99_fail, t.kl_p99_warn, True),
+            ("top1_agreement", "top-1 agreement", t.top1_fail, t.top1_warn, False)):
+        value = metrics.get(key)
+        if value is None:  # not measured, or not finite: the non-finite reason covers it
+            continue
+        worse = (lambda a, b: a > b) if higher_is_worse else (lambda a, b: a < b)
+        sign = ">" if higher_is_worse else "<"
+        if worse(value, fail_at):
+            fails.append(f"{label} {value:.4g} {sign} {fail_at} (fail threshold)")
+        elif worse(value, warn_at):
+            warns.append(f"{label} {value:.4g} {sign} {warn_at} (warn threshold)")
+    if fails:
+        return "fail", fails + warns
+    return ("warn", warns) if warns else ("pass", [])

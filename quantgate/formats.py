@@ -78,3 +78,22 @@ def code(value) -> str:
     runs = [len(r) for r in re.findall(r"`+", value)]
     fence = "`" * (max(runs, default=0) + 1)
     return f"{fence} {value} {fence}" if runs else f"{fence}{value}{fence}"
+
+
+ADAPTER_HEADER = ["adapter", "verdict", "KL vs reference + adapter", "top-1", "adapter's KL effect (here / reference)",
+                  "its decided tokens kept", "reload", "merge / unmerge top-1", "reasons"]
+
+
+def adapter_row(name: str, a: dict) -> list[str]:
+    """One served adapter on one recipe, as the report and the card print it."""
+    effect, same = a.get("effect", {}), a.get("equivalence", {})
+    merge = same.get("merge", {})
+    merged = (f"{num(merge.get('top1_agreement'), '.3f')} / {num(same.get('unmerge', {}).get('top1_agreement'), '.3f')}"
+              if merge.get("supported") else "not supported" if merge else "–")
+    kept = (f"{num(effect.get('kept'), '.1%')} of {effect['decided_tokens']}" if effect.get("decided_tokens")
+            else "none decided" if effect else "–")
+    reload = same.get("reload", {})
+    return [name, a["verdict"], num(a.get("kl_mean"), ".4f"), num(a.get("top1_agreement"), ".3f"),
+            f"{num(effect.get('kl_mean'), '.4f')} / {num(effect.get('kl_mean_reference'), '.4f')}", kept,
+            ("identical" if reload.get("identical") else num(reload.get("max_abs_logit_diff"), ".3g")) if reload else "–",
+            merged, "; ".join(a.get("reasons", []) + a.get("notes", [])) or "–"]

@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from quantgate import modeling
+from quantgate import adapters, modeling
 from quantgate.backends import PlanError, backend_of
 from quantgate.config import ConfigError
 from quantgate.sources import DownloadError, parse_source, read_model_config
@@ -217,9 +217,29 @@ def make_plans(config, config_path, skeleton: tuple | None = None) -> dict[str, 
             plans[recipe.name] = plan_recipe(model, recipe)
         except PlanError as e:
             errors.append(ConfigError(config_path, f"recipes[{i}].{e.field}", f"{recipe.name}: {e}"))
+    errors += adapter_errors(config, config_path, model)
     if errors:
         raise ConfigError.of(errors)
     return plans
+
+
+def adapter_errors(config, config_path, model: torch.nn.Module) -> list[ConfigError]:
+    """Each adapter's problems on the model's skeleton: a source that is not an adapter, targets that match nothing
+    or a wrapper peft cannot adapt, weights for layers the model lacks or sizes it does not have."""
+    errors = []
+    for i, spec in enumerate(config.adapters):
+        try:
+            folder = adapters.fetch(spec.source, Path(config.output.cache_dir))
+            problems = adapters.check(folder, model)
+        except adapters.AdapterError as e:
+            errors.append(ConfigError(config_path, f"adapters[{i}].{e.field}", f"{spec.name}: {e}"))
+            continue
+        # A target is the adapter's own field: the error names its file.
+        errors += [ConfigError(folder / "adapter_config.json", field, f"adapter {spec.name} (adapters[{i}]): {problem}")
+                   if field == "target_modules" else
+                   ConfigError(config_path, f"adapters[{i}].{field}", f"{spec.name}: {problem}")
+                   for field, problem in problems]
+    return errors
 
 
 MEMORY_SPARE = 1.10  # activations, the loader's buffers and the libraries beside the weights

@@ -91,6 +91,17 @@ class RunRecord:
         self.save()
         return result.ok
 
+    def set_adapters(self, recipe: str, result: StepResult) -> bool:
+        """A recipe's served adapters under `adapters.<name>`; one whose effect the recipe loses fails the recipe (the
+        model it serves is base and adapter). Whether the recipe goes on."""
+        entry = self.metrics["recipes"][recipe]
+        entry["steps"]["adapters"], entry["adapters"] = result.view(), result.figures().get("adapters", {})
+        entry.setdefault("warnings", []).extend(f"adapters: {w}" for w in result.warnings)
+        if not result.ok:
+            entry.update(status="failed" if result.status == "failed" else "error", reason=f"adapters: {result.reason or ''}")
+        self.save()
+        return result.ok
+
     def set_remedy(self, recipe: str, result: StepResult) -> None:
         """A recipe's remedy (its status stays the verdict's); the attribution goes under its validate entry."""
         entry, record = self.metrics["recipes"][recipe], result.record()

@@ -7,7 +7,8 @@ from pathlib import Path
 from quantgate import evaluations
 from quantgate.evaluations import power_line
 from quantgate.files import write_atomic
-from quantgate.formats import code, context_line, gb, kl_line, num, peak_memory, text, tower_measures
+from quantgate.formats import (ADAPTER_HEADER, adapter_row, code, context_line, gb, kl_line, num, peak_memory, text,
+                               tower_measures)
 from quantgate.plan import tower_lines
 
 STEPS = ("quantize", "validate", "evaluate", "benchmark", "publish")
@@ -176,6 +177,7 @@ def render_report(metrics: dict, figure: str | None = None) -> str:
                   for line in tower_lines(entry.get("quantize", {}).get("towers", {}))]
     if tower_rows:
         lines += ["", "## Towers", ""] + [f"- {name}: {line}" for name, line in tower_rows]
+    lines += adapter_lines(metrics)
     for name, entry in metrics["recipes"].items():
         lines += validation_lines(name, entry.get("validate", {}))
         if entry.get("remedy"):
@@ -242,6 +244,22 @@ def kv_cache_lines(metrics: dict) -> list[str]:
             "budget with the model loaded, per cache, found by prefilling until a chunk did not fit; decoding "
             "one token at a time at that context.", "", *table(KV_CACHE_HEADER, rows),
             *[f"- {name}: {line}" for name, b in benches_of(metrics) if (line := kl_line(b.get("kv_cache", {})))]]
+
+
+def adapter_lines(metrics: dict) -> list[str]:
+    """Each served adapter on each recipe's base against the reference with it (quantgate/adapters.py)."""
+    served = metrics["reference"].get("adapters") or {}
+    rows = [[recipe, *adapter_row(name, a)] for recipe, entry in metrics["recipes"].items()
+            for name, a in (entry.get("adapters") or {}).items()]
+    if not served:
+        return []
+    effects = "; ".join(f"{code(name)} ({code(a['source'])}, r {a['r']}, {a['adapted_modules']} modules) changes the "
+                        f"reference's top-1 on {a['effect']['changed_tokens']} of {a['effect']['tokens']} tokens, KL "
+                        f"{a['effect']['kl_mean']:.4f}" for name, a in served.items())
+    return ["", "## Adapters", "", f"Served on every recipe, loaded by peft on its saved checkpoint: {effects}. A "
+            "recipe keeps an adapter's decided tokens where its base with the adapter still picks the reference-with-"
+            "adapter's top-1 there.", "", *table(["recipe", *ADAPTER_HEADER], rows)] if rows else \
+        ["", "## Adapters", "", f"Served: {effects}. No recipe reached them (see each recipe's status)."]
 
 
 def validation_lines(name: str, v: dict) -> list[str]:

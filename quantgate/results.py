@@ -82,6 +82,7 @@ with warnings.catch_warnings():
         compute_dtype: str | None = None
         validate: ReferenceValidation | None = None
         evaluate: ReferenceEvaluation | None = None
+        adapters: dict | None = None  # per served adapter, the reference with it on top (tasks/reference.py)
 
 
 class Quantized(StepResult):
@@ -102,6 +103,11 @@ class Benchmarked(StepResult):
     latency: dict | None = None
     memory: dict | None = None
     copy_bandwidth: float | None = None
+
+
+class AdaptersChecked(StepResult):
+    """Per served adapter, the recipe's base with it on top against the reference with it (tasks/adapters.py)."""
+    adapters: dict = {}
 
 
 class Published(StepResult):

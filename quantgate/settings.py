@@ -8,7 +8,7 @@ from typing import Annotated, ClassVar, Literal, Union
 
 from pydantic import ByteSize, Field, PositiveFloat, PositiveInt, StringConstraints, field_validator, model_validator
 
-from quantgate.backends import Strict
+from quantgate.backends import Slug, Strict
 from quantgate.files import slug
 from quantgate.paths import HISTORY_DB, PROJECT_ROOT, Rooted, rooted
 
@@ -45,6 +45,22 @@ class ModelSpec(Strict):
             return f"gguf:{rooted(Path(rest))}"
         return value if sep and scheme in ("hf", "pypi") else str(rooted(Path(value)))
 
+
+
+class AdapterSpec(Strict):
+    """A LoRA adapter served on the model: gated with every recipe, loaded by peft on the recipe's saved checkpoint
+    (quantgate/adapters.py)."""
+    name: Slug
+    source: str = Field(description="a folder peft's save_pretrained wrote | hf:ORG/NAME[@REVISION]")
+
+    @field_validator("source")
+    @classmethod
+    def _folder_or_hub(cls, value: str) -> str:
+        if value.startswith("hf:"):
+            if "/" not in value[3:].split("@")[0]:
+                raise ValueError(f"'{value}': a Hub adapter is hf:ORG/NAME[@REVISION]")
+            return value
+        return str(rooted(Path(value)))
 
 
 class StepSettings(Strict):

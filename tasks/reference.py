@@ -5,15 +5,16 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from quantgate import drift, longrange, modeling, towers
+from quantgate import adapters, drift, longrange, modeling, towers
 from quantgate.evaluations import lmeval
+from quantgate.files import cached_tensors, save_tensors, sha256_file
 from quantgate.processors import load_processor
 from quantgate.results import Downloaded, Reference, ReferenceEvaluation, ReferenceValidation
-from quantgate.settings import EvaluateSettings, ValidateSettings
+from quantgate.settings import AdapterSpec, EvaluateSettings, ValidateSettings
 
 
 def reference(download: Downloaded, dtype: str, compute_dtype: str, device: str | dict, cache_dir: str,
-              validate: ValidateSettings, evaluate: EvaluateSettings) -> Reference:
+              validate: ValidateSettings, evaluate: EvaluateSettings, adapters_served: list[AdapterSpec] = ()) -> Reference:
     from transformers import AutoTokenizer
 
     t0 = time.perf_counter()
@@ -28,11 +29,15 @@ def reference(download: Downloaded, dtype: str, compute_dtype: str, device: str 
     evaluation = ReferenceEvaluation(not_run="the reference goes non-finite") if broken else \
         ReferenceEvaluation(**lmeval.reference_evaluation(model, tokenizer, download.checkpoint_sha256, compute_dtype,
                                                           Path(cache_dir), evaluate))
+    t3 = time.perf_counter()
+    adapted = {} if broken else {spec.name: measure_adapter(model, tokenizer, spec, measured, Path(cache_dir), validate,
+                                                            dtype) for spec in adapters_served}
     # Bytes as the checkpoint holds them: a float32 compute copy is not what a recipe is compared with.
-    return Reference(real_bytes=modeling.real_bytes(model, as_dtype=dtype), dtype=dtype,
+    return Reference(adapters=adapted or None, adapters_s=round(time.perf_counter() - t3, 2) if adapted else None,
+                     real_bytes=modeling.real_bytes(model, as_dtype=dtype), dtype=dtype,
                      devices=modeling.devices_of(model), compute_dtype=modeling.computed_dtype(model),
                      validate=measured, evaluate=evaluation, load_s=round(t1 - t0, 2), validate_s=round(t2 - t1, 2),
-                     evaluate_s=round(time.perf_counter() - t2, 2))
+                     evaluate_s=round(t3 - t2, 2))
 
 
 def measure_validation(model, tokenizer, download: Downloaded, compute_dtype: str, served: str, cache_dir: Path,
@@ -48,3 +53,28 @@ def measure_validation(model, tokenizer, download: Downloaded, compute_dtype: st
                                                   Path(measured.path).with_name(towers.cache_name()),
                                                   settings.max_new_tokens)
     return measured
+
+
+def measure_adapter(model, tokenizer, spec: AdapterSpec, measured: ReferenceValidation, cache_dir: Path,
+                    settings: ValidateSettings, served: str) -> dict:
+    """The reference with the adapter on top: its measurements on the validation prompts (cached by the adapter's
+    files), what the adapter changes there, and the adapter's description; the model is left as it was."""
+    folder = adapters.fetch(spec.source, cache_dir)
+    sha = sha256_file(folder / "adapter_model.safetensors")[:16] + sha256_file(folder / "adapter_config.json")[:8]
+    path = Path(measured.path).with_name(f"adapter-{sha}.pt")
+    adapted = adapters.attach(model, folder)
+    try:
+        stats = cached_tensors(path) if path.is_file() else None
+        if stats is None:
+            stats = drift.measure_reference(adapted, tokenizer, settings, served)
+            save_tensors(path, stats)
+        effect = adapters.effect_on(adapted, stats["prompts"])
+        config = adapted.peft_config[adapters.NAME]
+        targets = config.target_modules if isinstance(config.target_modules, str) else sorted(config.target_modules)
+        described = {"r": config.r, "lora_alpha": config.lora_alpha, "target_modules": targets,
+                     "base_model": config.base_model_name_or_path,
+                     "adapted_modules": len(adapters.weight_shapes(folder))}
+    finally:
+        adapted.unload()  # the LoRA layers out again: the model is the plain reference
+    return {"path": str(path), "folder": str(folder), "source": spec.source, **described, "effect": effect,
+            "nonfinite": stats["nonfinite"], "generations": stats["generations"]}

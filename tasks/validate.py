@@ -9,41 +9,12 @@ from pathlib import Path
 import torch
 
 from quantgate import drift, longrange, modeling, stored, towers
-from quantgate.backends import RecipeBase, ValidateThresholds
+from quantgate.backends import RecipeBase
+from quantgate.drift import SEVERITY, verdict
 from quantgate.loading import kernel_of, load_saved
-from quantgate.nonfinite import nonfinite_reason, overflow_reason
 from quantgate.processors import load_processor
 from quantgate.results import ReferenceValidation, Validated
 from quantgate.settings import ValidateSettings
-
-SEVERITY = ["pass", "warn", "fail"]
-
-
-def verdict(metrics: dict, t: ValidateThresholds) -> tuple[str, list[str]]:
-    """pass, warn or fail, with the reasons, from the measured metrics and the recipe's thresholds."""
-    fails, warns = [], []
-    if metrics.get("first_nonfinite_module"):
-        fails.append(nonfinite_reason(metrics["nonfinite"]))
-    if metrics.get("overflow"):
-        fails.append(overflow_reason(metrics["overflow"]))
-    if metrics.get("generation_error"):
-        fails.append(f"generation raised {metrics['generation_error']}")
-    for key, label, fail_at, warn_at, higher_is_worse in (
-            ("kl_mean", "mean KL", t.kl_mean_fail, t.kl_mean_warn, True),
-            ("kl_p99", "p99 KL", t.kl_p99_fail, t.kl_p99_warn, True),
-            ("top1_agreement", "top-1 agreement", t.top1_fail, t.top1_warn, False)):
-        value = metrics.get(key)
-        if value is None:  # not measured, or not finite: the non-finite reason covers it
-            continue
-        worse = (lambda a, b: a > b) if higher_is_worse else (lambda a, b: a < b)
-        sign = ">" if higher_is_worse else "<"
-        if worse(value, fail_at):
-            fails.append(f"{label} {value:.4g} {sign} {fail_at} (fail threshold)")
-        elif worse(value, warn_at):
-            warns.append(f"{label} {value:.4g} {sign} {warn_at} (warn threshold)")
-    if fails:
-        return "fail", fails + warns
-    return ("warn", warns) if warns else ("pass", [])
 
 
 def validate(checkpoint: str, recipe: RecipeBase, reference: ReferenceValidation, device: str | dict,

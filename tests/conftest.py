@@ -38,6 +38,12 @@ QUICK = ["steps.validate={generate_prompts: 1, max_new_tokens: 8, long_context: 
          "steps.benchmark={prompt_tokens: 16, new_tokens: 4, repeats: 1}"]  # a real run's record (docs/testing.md), for the fast tier
 
 
+def pytest_itemcollected(item):
+    """Its xdist group, set as it is collected: xdist's own pytest_collection_modifyitems reads it."""
+    shared = [ONE_WORKER[f] for f in getattr(item, "fixturenames", ()) if f in ONE_WORKER]
+    item.add_marker(pytest.mark.xdist_group(shared[0] if shared else item.module.__name__))
+
+
 def pytest_collection_modifyitems(config, items):
     """Every test is in one tier: integration where it needs a real model, a flow's record or a Prefect server
     (or says so), fast otherwise (`make test-fast`); GPU tests skip without CUDA."""
@@ -47,8 +53,6 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.integration)
         if "integration" not in item.keywords:
             item.add_marker(pytest.mark.fast)
-        shared = [ONE_WORKER[f] for f in getattr(item, "fixturenames", ()) if f in ONE_WORKER]
-        item.add_marker(pytest.mark.xdist_group(shared[0] if shared else item.module.__name__))
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip)
 
@@ -101,10 +105,52 @@ def write_config(path: Path, text: str) -> Path:
     return path
 
 
+def make_lora(base: Path, folder: Path, targets: list[str], scale: float, seed: int = 0) -> Path:
+    """A LoRA of rank 8 on `targets` of the checkpoint at `base`, its B set to N(0, scale) (peft starts B at zero: no
+    effect), saved by peft."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+                           LoraConfig(r=8, lora_alpha=16, target_modules=targets))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, scale)
+    model.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
-def flow_run(tmp_path_factory, smollm2, cache_dir, prefect_server):
-    """`quantgate run` of the default config on SmolLM2 with quick settings and five recipes, one made
-    to fail: the run directory, what the terminal showed, and the exit code."""
+def smol_lora(smollm2, tmp_path_factory) -> Path:
+    """A LoRA of rank 8 on SmolLM2's q_proj and v_proj, trained 8 steps of Adam on WikiText-2's test text (4 x 128
+    tokens a step): an adapter that changes what the model predicts, as a fine-tune does."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from quantgate.paths import DATA_DIR
+
+    torch.manual_seed(0)
+    text = (DATA_DIR / "wikitext2" / "test.txt").read_text()[:100_000]
+    ids = AutoTokenizer.from_pretrained(smollm2)(text, return_tensors="pt")["input_ids"][0]
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32),
+                           LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    for step in range(8):
+        batch = ids[step * 512:(step + 1) * 512].view(4, 128)
+        model(input_ids=batch, labels=batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    folder = tmp_path_factory.mktemp("adapters") / "wiki"
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def flow_run(tmp_path_factory, smollm2, smol_lora, cache_dir, prefect_server):
+    """`quantgate run` of the default config on SmolLM2 with quick settings, five recipes (one made to fail) and a
+    LoRA adapter served on them: the run directory, what the terminal showed, and the exit code."""
     from quantgate import cli
 
     import tasks.quantize as step
@@ -129,7 +175,7 @@ def flow_run(tmp_path_factory, smollm2, cache_dir, prefect_server):
         f"steps.publish.registry_dir={runs / 'registry'}",
         "steps.remedy={enabled: true, verdicts: [fail], top: 1}",  # int8-strict's: its attribution, no room to keep
         "recipes=[bnb-nf4, {use: torchao-int8-weight-only, name: int8-strict, thresholds: {kl_mean_fail: 0.0001}}, bnb-int8, "
-        "torchao-int8-weight-only, fp8-block64]"]
+        "torchao-int8-weight-only, fp8-block64]", f"adapters=[{{name: wiki, source: {smol_lora}}}]"]
     terminal = io.StringIO()
     try:
         with contextlib.redirect_stdout(terminal), contextlib.redirect_stderr(terminal):

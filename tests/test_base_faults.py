@@ -109,7 +109,7 @@ def test_an_activation_past_float16_fails_where_float32_computed_it(tiny_llama, 
     from quantgate import drift, modeling
     from quantgate.backends import ValidateThresholds
     from quantgate.settings import ValidateSettings
-    from tasks.validate import verdict
+    from quantgate.drift import verdict
 
     def huge_mlp(w):  # every value fits float16; their products do not
         w["model.layers.0.mlp.gate_proj.weight"].fill_(10.0)

@@ -138,9 +138,9 @@ def test_each_threshold_on_each_side(key, metric, higher_is_worse, level):
     fields = {f"{key}_{level}": good}
     if level == "warn" and higher_is_worse is False:
         fields[f"{key}_fail"] = 0
-    assert step.verdict(metrics, lax.model_copy(update=fields)) == ("pass", [])
+    assert drift.verdict(metrics, lax.model_copy(update=fields)) == ("pass", [])
     fields[f"{key}_{level}"] = bad
-    result, reasons = step.verdict(metrics, lax.model_copy(update=fields))
+    result, reasons = drift.verdict(metrics, lax.model_copy(update=fields))
     assert result == level and len(reasons) == 1 and f"({level} threshold)" in reasons[0]
 
 

@@ -45,6 +45,10 @@ class ValidateThresholds(Strict):
     # repeated 0.45 of its 4-grams on one prompt where the reference repeated 0.11 (docs/validation.md).
     repetition_increase_warn: float = Field(0.15, ge=0, le=1)
     repetition_increase_fail: float = Field(0.3, ge=0, le=1)
+    # A served LoRA adapter: the share of the tokens whose top-1 it changes in high precision that it still
+    # changes the same way on the recipe's base (quantgate/adapters.py).
+    adapter_kept_warn: float = Field(0.9, ge=0, le=1)
+    adapter_kept_fail: float = Field(0.7, ge=0, le=1)
 
 
 Slug = Annotated[str, AfterValidator(slug)]  # a name that becomes a folder

@@ -1,0 +1,211 @@
+"""LoRA adapters served on a recipe's quantized base: checked against the model's module tree before any weight
+is loaded, then measured on the reference and on each recipe (quantgate/adapters.py, tasks/adapters.py). The
+adapters are made here with peft, their B matrices set (peft starts them at zero: no effect)."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from quantgate import adapters, drift, modeling
+from quantgate.config import ConfigError, load_config
+from quantgate.plan import make_plans
+from quantgate.results import ReferenceValidation
+from quantgate.settings import AdapterSpec, ValidateSettings
+from tasks.adapters import check_adapters
+from tasks.quantize import quantize
+from tasks.reference import measure_adapter
+from tests.conftest import COMPUTE, PROJECT, edited_copy, make_lora, write_config
+
+SETTINGS = ValidateSettings(generate_prompts=1, max_new_tokens=4, long_context=None)
+
+
+def adapter_config(tmp_path, source, adapter_source, recipes="[torchao-int8-weight-only]"):
+    return write_config(tmp_path / "run.yaml", f"model:\n  source: {source}\nrecipes: {recipes}\n"
+                                               f"adapters:\n  - {{name: style, source: {adapter_source}}}\n"
+                                               f"output:\n  cache_dir: {tmp_path / 'cache'}\n")
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_tokenizer, tmp_path_factory):
+    """A two-layer random Llama whose vocabulary is its tokenizer's 1,024 tokens: full logits stay small."""
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                                 bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)).save_pretrained(folder)
+    for file in tiny_tokenizer.iterdir():
+        shutil.copy(file, folder / file.name)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def lora(tiny, tmp_path_factory):
+    return make_lora(tiny, tmp_path_factory.mktemp("lora") / "style", ["q_proj", "v_proj"], 0.05)
+
+
+def test_an_adapter_that_fits_plans_and_one_that_does_not_is_a_config_error(tiny, lora, tmp_path):
+    make_plans(load_config(config := adapter_config(tmp_path, tiny, lora)), config)
+    raw = json.loads((lora / "adapter_config.json").read_text())
+    raw["target_modules"] = ["q_proj", "vproj"]
+    (lora / "adapter_config.json").write_text(json.dumps(raw))
+    try:
+        with pytest.raises(ConfigError) as e:
+            make_plans(load_config(config), config)
+    finally:
+        (lora / "adapter_config.json").write_text(json.dumps({**raw, "target_modules": ["q_proj", "v_proj"]}))
+    assert str(e.value) == (f"{lora / 'adapter_config.json'}: target_modules: adapter style (adapters[0]): 'vproj' "
+                            "matches no module of LlamaForCausalLM; did you mean 'v_proj'?")
+
+
+def test_an_adapter_for_another_base_or_no_adapter_at_all_is_refused_before_loading(tiny, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    wider = tmp_path / "wider"
+    LlamaForCausalLM(LlamaConfig(vocab_size=1024, hidden_size=96, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(wider)
+    other = make_lora(wider, tmp_path / "other", ["q_proj"], 0.05)
+    config = adapter_config(tmp_path, tiny, other)
+    with pytest.raises(ConfigError) as e:
+        make_plans(load_config(config), config)
+    assert e.value.field == "adapters[0].source" and "model.layers.0.self_attn.q_proj: the adapter's lora_A is 8x96 " \
+        "and lora_B 96x8, but the layer is 64x64 (an adapter for another base model?)" in str(e.value)
+    config = adapter_config(tmp_path, tiny, tmp_path / "nothing-here")
+    with pytest.raises(ConfigError) as e:
+        make_plans(load_config(config), config)
+    assert f"adapters[0].source: style: {tmp_path / 'nothing-here'} has no adapter_config.json or " \
+           "adapter_model.safetensors" in str(e.value)
+    with pytest.raises(ConfigError, match=r"adapters\[0\]\.source: .*'hf:just-a-name': a Hub adapter is hf:ORG/NAME"):
+        load_config(adapter_config(tmp_path, tiny, "hf:just-a-name"))
+
+
+def test_gemma4_clipped_linears_are_refused_with_the_name_inside():
+    """Gemma 4's towers wrap each Linear in Gemma4ClippableLinear, which peft cannot adapt: `q_proj` names the
+    wrapper (and the language model's plain q_proj), `q_proj.linear` the Linear inside."""
+    from peft import LoraConfig
+    from transformers import Gemma4Config, Gemma4TextConfig
+    from transformers.models.gemma4.configuration_gemma4 import Gemma4VisionConfig
+
+    text = Gemma4TextConfig(vocab_size=1024, vocab_size_per_layer_input=1024, hidden_size=128, intermediate_size=256,
+                            num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=64,
+                            global_head_dim=64, layer_types=["sliding_attention", "full_attention"], sliding_window=64,
+                            hidden_size_per_layer_input=0)
+    vision = Gemma4VisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                                num_key_value_heads=2, head_dim=32, use_clipped_linears=True)
+    skeleton = modeling.skeleton(Gemma4Config(text_config=text, vision_config=vision, audio_config=None))
+    (problem,) = adapters.target_problems(LoraConfig(target_modules=["q_proj"]), skeleton)
+    assert problem == ("'q_proj' matches 2 modules peft cannot adapt, such as "
+                       "model.vision_tower.encoder.layers.0.self_attn.q_proj (Gemma4ClippableLinear); the layer inside "
+                       "is 'q_proj.linear': target that")
+    assert adapters.target_problems(LoraConfig(target_modules=["q_proj.linear"]), skeleton) == []
+
+
+@pytest.fixture(scope="module")
+def measured(tiny, lora, tmp_path_factory):
+    """The tiny Llama's reference measured without and with the adapter, and its int8 checkpoint."""
+    from transformers import AutoTokenizer
+
+    cache, out = tmp_path_factory.mktemp("cache"), tmp_path_factory.mktemp("out")
+    model, tokenizer = modeling.load(tiny, COMPUTE, "cpu"), AutoTokenizer.from_pretrained(tiny)
+    base = ReferenceValidation(**drift.reference_stats(model, tokenizer, "tiny", COMPUTE, cache, SETTINGS, "float32"))
+    served = {"style": measure_adapter(model, tokenizer, AdapterSpec(name="style", source=str(lora)), base, cache,
+                                       SETTINGS, "float32")}
+    recipe = load_config(PROJECT / "configs" / "default.yaml", ["recipes=[torchao-int8-weight-only]"]).recipes[0]
+    quantized = quantize(str(tiny), recipe, "float32", "cpu", str(out / "int8"), roundtrip_min_top1=0.9,
+                         cache_dir=str(cache))
+    return base, served, recipe, quantized.checkpoint
+
+
+def test_the_reference_with_the_adapter_is_measured_and_left_without_it(measured, tiny):
+    base, served, _, _ = measured
+    style = served["style"]
+    assert style["r"] == 8 and style["target_modules"] == ["q_proj", "v_proj"] and style["adapted_modules"] == 4
+    assert style["effect"]["kl_mean"] > 0 and 0 < style["effect"]["changed_tokens"] < style["effect"]["tokens"]
+    with_adapter, plain = torch.load(style["path"]), torch.load(base.path)
+    assert not torch.equal(with_adapter["prompts"][0]["top_logp"], plain["prompts"][0]["top_logp"])
+
+
+def test_int8_keeps_the_adapter_and_merge_unmerge_and_reload_agree(measured):
+    base, served, recipe, checkpoint = measured
+    checked = check_adapters(checkpoint, recipe, served, base.path, "cpu", SETTINGS, COMPUTE, "float32")
+    style = checked.adapters["style"]
+    assert checked.status == "ok" and style["verdict"] in ("pass", "warn"), style["reasons"]
+    effect = style["effect"]
+    assert effect["decided_tokens"] == served["style"]["effect"]["changed_tokens"]
+    assert effect["kept"] > 0.9 and effect["kl_mean"] == pytest.approx(effect["kl_mean_reference"], rel=0.2)
+    same = style["equivalence"]
+    assert same["reload"]["identical"]
+    assert same["merge"]["supported"] and same["merge"]["top1_agreement"] > 0.99
+    assert same["unmerge"]["top1_agreement"] > 0.99
+
+
+def test_a_base_that_loses_the_adapters_effect_fails_with_the_count(measured, tmp_path):
+    """The recipe's checkpoint with noise planted in the layers the adapter adapts: the adapter still loads, but
+    the tokens it decides no longer follow it."""
+    base, served, recipe, checkpoint = measured
+
+    def noisy_embeddings(weights):
+        torch.manual_seed(1)
+        for name in [n for n in weights if "embed" in n]:
+            weights[name] = weights[name] + torch.randn_like(weights[name]) * weights[name].std() * 3
+
+    damaged = edited_copy(Path(checkpoint), tmp_path / "damaged", noisy_embeddings)
+    checked = check_adapters(str(damaged), recipe, served, base.path, "cpu", SETTINGS, COMPUTE, "float32")
+    style = checked.adapters["style"]
+    assert checked.status == "failed" and style["verdict"] == "fail"
+    n = style["effect"]["decided_tokens"]
+    assert f"the adapter's effect is lost: of the {n} tokens whose top-1 it changes in high precision" in checked.reason
+
+
+def test_the_session_flow_gates_its_adapter_on_every_recipe_that_reaches_it(run_dir):
+    """The session flow serves a LoRA trained on WikiText (conftest's smol_lora) on every recipe: measured on the
+    reference once, then on each recipe that passed validation, in the record, the report and the card."""
+    from quantgate.card import render_card
+
+    m = json.loads((run_dir / "metrics.json").read_text())
+    wiki = m["reference"]["adapters"]["wiki"]
+    assert (wiki["r"], wiki["target_modules"], wiki["adapted_modules"]) == (8, ["q_proj", "v_proj"], 60)  # 30 layers
+    assert 0 < wiki["effect"]["changed_tokens"] < wiki["effect"]["tokens"] and wiki["effect"]["kl_mean"] > 0
+    gated = {name: e["adapters"]["wiki"] for name, e in m["recipes"].items() if e.get("adapters")}
+    # int8-strict failed its validation and bnb-int8 its quantize: neither reaches the adapters.
+    assert sorted(gated) == ["bnb-nf4", "fp8-block64", "torchao-int8-weight-only"]
+    for name, a in gated.items():
+        assert m["recipes"][name]["steps"]["adapters"]["status"] == "ok", a["reasons"]
+        assert abs(a["effect"]["decided_tokens"] - wiki["effect"]["changed_tokens"]) <= 2  # ties may part
+        assert a["equivalence"]["reload"]["identical"] and a["effect"]["kl_mean"] > 0
+    # 4-bit weights move the adapted model further than 8-bit ones, and keep fewer of the adapter's decisions.
+    nf4, int8 = gated["bnb-nf4"], gated["torchao-int8-weight-only"]
+    assert nf4["kl_mean"] > 3 * int8["kl_mean"] and nf4["effect"]["kept"] <= int8["effect"]["kept"]
+    report = (run_dir / "report.md").read_text()
+    assert "## Adapters" in report and "| torchao-int8-weight-only | wiki | " in report
+    card = render_card(run_dir, "torchao-int8-weight-only")
+    assert "## Served with adapters" in card and f"| wiki | {int8['verdict']} | {int8['kl_mean']:.4f} |" in card
+
+
+def test_an_adapter_whose_effect_sits_below_the_quantization_error_is_lost_on_nf4(run_dir, smollm2, tmp_path):
+    """A weak adapter (random B at a small scale) decides tokens by margins that nf4's error overturns and int8's
+    does not: flagged on nf4 with the count, kept on int8."""
+    from transformers import AutoTokenizer
+
+    m = json.loads((run_dir / "metrics.json").read_text())
+    weak = make_lora(smollm2, tmp_path / "weak", ["q_proj", "v_proj", "o_proj", "down_proj"], 0.03)
+    base = ReferenceValidation(**m["reference"]["validate"])
+    settings = ValidateSettings(generate_prompts=1, max_new_tokens=8, long_context=None)
+    model = modeling.load(smollm2, COMPUTE, "cpu")
+    served = {"weak": measure_adapter(model, AutoTokenizer.from_pretrained(smollm2), AdapterSpec(name="weak",
+                                      source=str(weak)), base, tmp_path, settings, "bfloat16")}
+    del model
+    config = load_config(run_dir / "config.yaml")
+    found = {}
+    for recipe in (r for r in config.recipes if r.name in ("bnb-nf4", "torchao-int8-weight-only")):
+        found[recipe.name] = check_adapters(str(run_dir / recipe.name / "checkpoint"), recipe, served, base.path, "cpu",
+                                            settings, COMPUTE, "bfloat16").adapters["weak"]
+    nf4, int8 = found["bnb-nf4"], found["torchao-int8-weight-only"]
+    print({name: f["effect"] for name, f in found.items()})
+    assert nf4["effect"]["decided_tokens"] >= 20 and nf4["verdict"] in ("warn", "fail")
+    assert any(r.startswith("the adapter's effect is lost") for r in nf4["reasons"])
+    assert int8["effect"]["kept"] > nf4["effect"]["kept"]
