@@ -1,5 +1,5 @@
 """The quantize-model flow: download → reference → for each recipe: quantize → validate (→ remedy where it warns or
-fails and steps.remedy is on) → evaluate → benchmark → publish. Each step is a plain function of tasks/ run as a
+fails and steps.remedy is on) → adapters (where the config serves any) → evaluate → benchmark → publish. Each step is a plain function of tasks/ run as a
 Prefect task (flows.steps); one recipe failing leaves the others running, and a recipe stops at its first step that
 does not end ok. Everything the libraries
 print goes to the run's log (runs/<run_id>/run.log)."""
@@ -118,8 +118,10 @@ def gate_recipe(run: RunRecord, config: RunConfig, model: Model, recipe: RecipeB
         return
     if model.reference.adapters and not run.set_adapters(name, run_step(
             adapters_task, steps.validate, AdaptersChecked, name, "adapters", checkpoint=quantized.checkpoint,
-            recipe=recipe, served=model.reference.adapters, base_stats=model.reference.validate.path,
-            device=model.device, settings=steps.validate, compute_dtype=model.compute_dtype, dtype=config.model.dtype)):
+            recipe=recipe, references=model.reference.adapters, base_stats=model.reference.validate.path,
+            device=model.device, settings=steps.validate, compute_dtype=model.compute_dtype, served=config.model.dtype)):
+        if steps.publish.force:
+            publish(run, config, name)
         return
     evaluated = run_step(evaluate_task, steps.evaluate, Evaluated, name, "evaluate", checkpoint=quantized.checkpoint,
                          recipe=recipe, reference=model.reference.evaluate, device=model.device,

@@ -13,7 +13,7 @@ import torch
 from quantgate.formats import error_line
 
 FILES = ("adapter_config.json", "adapter_model.safetensors")
-LORA_WEIGHT = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>A|B|embedding_A|embedding_B)(\.[^.]+)?\.weight$")
+LORA_WEIGHT = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>A|B|embedding_A|embedding_B)(\.[^.]+)?(\.weight)?$")
 NAME = "adapter"  # the name the adapter is loaded under; `reloaded` is its saved copy
 
 
@@ -100,7 +100,8 @@ def target_problems(config, model: torch.nn.Module) -> list[str]:
             problems.append(f"'{pattern}' matches no module of {type(model).__name__}{suggestion(pattern, modules)}")
             continue
         if wrappers := [n for n in hits if not adaptable(modules[n])]:
-            inner = next((f"{pattern}.{child}" for child, m in modules[wrappers[0]].named_children() if adaptable(m)), None)
+            inner = next((f"{pattern}.{child}" for child, m in modules[wrappers[0]].named_children() if adaptable(m)),
+                         None) if isinstance(config.target_modules, (list, set)) else None
             hint = f"; the layer inside is '{inner}': target that" if inner else ""
             problems.append(f"'{pattern}' matches {len(wrappers)} modules peft cannot adapt, such as {wrappers[0]} "
                             f"({type(modules[wrappers[0]]).__name__}){hint}")
@@ -133,10 +134,16 @@ def shape_problems(shapes: dict[str, dict[str, list[int]]], model: torch.nn.Modu
 
 def check(folder: Path, model: torch.nn.Module) -> list[tuple[str, str]]:
     """(field, problem) for everything that keeps the adapter off this model (its skeleton, on the meta device)."""
-    config = read_config(folder)
+    try:
+        config = read_config(folder)
+        shapes = weight_shapes(folder)
+    except AdapterError:
+        raise
+    except Exception as e:  # a malformed adapter_config.json, a truncated safetensors file
+        raise AdapterError("source", f"{folder}: not a readable peft adapter: {error_line(e)}") from None
     problems = [("target_modules", p) for p in target_problems(config, model)]
     return problems + [("source", p + " (an adapter for another base model?)")
-                       for p in shape_problems(weight_shapes(folder), model)]
+                       for p in shape_problems(shapes, model)]
 
 
 def attach(model: torch.nn.Module, folder: Path):
@@ -147,7 +154,7 @@ def attach(model: torch.nn.Module, folder: Path):
     try:
         return PeftModel.from_pretrained(model, str(folder), adapter_name=NAME, is_trainable=False).eval()
     except (RuntimeError, NotImplementedError) as e:
-        if "meta" in str(e):
+        if "meta tensor" in str(e):
             raise AdapterError("source", f"peft could not load the adapter onto a model offloaded in part (its "
                                          f"offloaded weights are meta tensors): {error_line(e)}") from None
         raise
@@ -195,7 +202,9 @@ class Survival:
         self.kls.append(kl_per_token(plain.float().cpu(), logits))
         decided = adapted_ref["top_idx"][:, 0] != plain_ref["top_idx"][:, 0]
         self.kept.append(compared["top1"].bool()[decided])
-        self.reverted.append((logits.argmax(-1) == plain_ref["top_idx"][:, 0])[decided])
+        # As kept is counted: the base's token ranked as high as the model's own top-1, ties included.
+        base_top = logits.gather(-1, plain_ref["top_idx"][:, :1])[:, 0]
+        self.reverted.append((base_top >= logits.max(-1).values)[decided])
 
     def result(self) -> dict:
         kept, reverted = torch.cat(self.kept), torch.cat(self.reverted)
@@ -206,16 +215,16 @@ class Survival:
 
 def effect_verdict(effect: dict, t) -> tuple[str, list[str]]:
     """Whether the recipe keeps what the adapter does: its share of the adapter's decided tokens, against the
-    recipe's adapter_kept thresholds."""
+    recipe's adapter_kept thresholds; too few decided tokens to judge is said, not judged."""
     n, kept = effect["decided_tokens"], effect["kept"]
     if n < MIN_DECIDED:
-        return "pass", []
-    said = (f"the adapter's effect is lost: of the {n} tokens whose top-1 it changes in high precision, the recipe "
-            f"keeps {kept:.0%} ({effect['reverted']:.0%} back to the base's own)")
+        return "pass", [f"the adapter changes the reference's top-1 on {n} tokens only: too few to judge what survives"]
+    said = (f"of the {n} tokens whose top-1 the adapter changes in high precision, the recipe keeps {kept:.0%} "
+            f"({effect['reverted']:.0%} back to the base's own)")
     if kept < t.adapter_kept_fail:
-        return "fail", [f"{said} < {t.adapter_kept_fail:.0%} (fail threshold)"]
+        return "fail", [f"the adapter's effect is lost: {said} < {t.adapter_kept_fail:.0%} (fail threshold)"]
     if kept < t.adapter_kept_warn:
-        return "warn", [f"{said} < {t.adapter_kept_warn:.0%} (warn threshold)"]
+        return "warn", [f"the adapter's effect weakens: {said} < {t.adapter_kept_warn:.0%} (warn threshold)"]
     return "pass", []
 
 
@@ -225,11 +234,11 @@ def equivalence(model, tokenizer, scratch: Path) -> dict:
     from quantgate import modeling
 
     before = modeling.probe_logits(model, tokenizer)
-    model.save_pretrained(scratch)
+    model.save_pretrained(scratch, save_embedding_layers=False)  # "auto" would look the base model up on the Hub
     model.load_adapter(str(scratch / NAME) if (scratch / NAME).is_dir() else str(scratch), adapter_name="reloaded")
-    model.set_adapter("reloaded")
+    model.set_adapter("reloaded", inference_mode=True)
     found = {"reload": modeling.compare_logits(before, modeling.probe_logits(model, tokenizer))}
-    model.set_adapter(NAME)
+    model.set_adapter(NAME, inference_mode=True)
     model.delete_adapter("reloaded")
     try:
         model.merge_adapter()

@@ -98,7 +98,8 @@ class RunRecord:
         entry["steps"]["adapters"], entry["adapters"] = result.view(), result.figures().get("adapters", {})
         entry.setdefault("warnings", []).extend(f"adapters: {w}" for w in result.warnings)
         if not result.ok:
-            entry.update(status="failed" if result.status == "failed" else "error", reason=f"adapters: {result.reason or ''}")
+            entry.update(status={"failed": "failed", "skipped": "skipped"}.get(result.status, "error"),
+                         reason=f"adapters: {result.reason or ''}")
         self.save()
         return result.ok
 

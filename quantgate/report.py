@@ -253,7 +253,8 @@ def adapter_lines(metrics: dict) -> list[str]:
             for name, a in (entry.get("adapters") or {}).items()]
     if not served:
         return []
-    effects = "; ".join(f"{code(name)} ({code(a['source'])}, r {a['r']}, {a['adapted_modules']} modules) changes the "
+    effects = "; ".join(f"{code(name)} ({code(a['source'])}) not measured: {text(a['error'])}" if a.get("error") else
+                        f"{code(name)} ({code(a['source'])}, r {a['r']}, {a['adapted_modules']} modules) changes the "
                         f"reference's top-1 on {a['effect']['changed_tokens']} of {a['effect']['tokens']} tokens, KL "
                         f"{a['effect']['kl_mean']:.4f}" for name, a in served.items())
     return ["", "## Adapters", "", f"Served on every recipe, loaded by peft on its saved checkpoint: {effects}. A "

@@ -17,25 +17,39 @@ from quantgate.results import AdaptersChecked
 from quantgate.settings import ValidateSettings
 
 
-def check_adapters(checkpoint: str, recipe: RecipeBase, served: dict, base_stats: str, device: str | dict,
-                   settings: ValidateSettings, compute_dtype: str = "auto", dtype: str | None = None) -> AdaptersChecked:
-    """`served`: the reference step's measurements per adapter; `base_stats`: the reference's own, without one."""
+def check_adapters(checkpoint: str, recipe: RecipeBase, references: dict, base_stats: str, device: str | dict,
+                   settings: ValidateSettings, compute_dtype: str = "auto", served: str | None = None) -> AdaptersChecked:
+    """`references`: the reference step's measurements with each adapter; `base_stats`: the reference's own, without
+    one; `served`: the dtype the checkpoint is served in (validate's)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     base = torch.load(base_stats, weights_only=True)
-    found = {name: check_one(checkpoint, recipe, reference, base, tokenizer, device, settings, compute_dtype, dtype)
-             for name, reference in served.items()}
-    failed = [f"{name}: {'; '.join(r['reasons'])}" for name, r in found.items() if r["verdict"] == "fail"]
-    warned = [f"{name}: {reason}" for name, r in found.items() if r["verdict"] == "warn" for reason in r["reasons"]]
-    return AdaptersChecked(status="failed" if failed else "ok", reason="; ".join(failed) or None,
-                           warnings=warned + [f"{name}: {w}" for name, r in found.items() for w in r["notes"]],
-                           adapters=found)
+    found = {}
+    for name, reference in references.items():
+        if why := reference.get("error"):
+            found[name] = {"verdict": "not_run", "reasons": [], "notes": [f"not measured: the reference with it: {why}"]}
+            continue
+        try:
+            found[name] = check_one(checkpoint, recipe, reference, base, tokenizer, device, settings, compute_dtype, served)
+        except Exception as e:  # one adapter's error is recorded; the others are still measured
+            found[name] = {"verdict": "error", "reasons": [error_line(e)], "notes": []}
+    return ended(found)
+
+
+def ended(found: dict) -> AdaptersChecked:
+    """The step's end: failed where an adapter's verdict fails, error where one could not be measured."""
+    said = lambda verdict: [f"{n}: {'; '.join(r['reasons'])}" for n, r in found.items() if r["verdict"] == verdict]  # noqa: E731
+    failed, errors = said("fail"), said("error")
+    warnings = [f"{n}: {reason}" for n, r in found.items() if r["verdict"] == "warn" for reason in r["reasons"]]
+    warnings += [f"{n}: {note}" for n, r in found.items() for note in r["notes"]]
+    status = "failed" if failed else "error" if errors else "ok"
+    return AdaptersChecked(status=status, reason="; ".join(failed or errors) or None, warnings=warnings, adapters=found)
 
 
 def check_one(checkpoint: str, recipe: RecipeBase, reference: dict, base: dict, tokenizer, device, settings,
-              compute_dtype: str, dtype: str | None) -> dict:
-    """One adapter on the recipe's base: its verdict, the reasons and what was measured."""
+              compute_dtype: str, served: str | None) -> dict:
+    """One adapter on the recipe's base: its verdict, the reasons, notes and what was measured."""
     model = load_saved(Path(checkpoint), recipe, modeling.resolve_device(device), compute_dtype)
     try:
         adapted = adapters.attach(model, Path(reference["folder"]))
@@ -45,12 +59,12 @@ def check_one(checkpoint: str, recipe: RecipeBase, reference: dict, base: dict, 
     stats = torch.load(reference["path"], weights_only=True)
     with modeling.timed(f"adapter on {recipe.name}"):
         survival = adapters.Survival(adapted, base)
-        measured = drift.compare(adapted, tokenizer, stats, settings, dtype, each=survival)
+        measured = drift.compare(adapted, tokenizer, stats, settings, served, each=survival)
         measured["effect"] = {**survival.result(), "kl_mean_reference": reference["effect"]["kl_mean"]}
         with tempfile.TemporaryDirectory(prefix="adapter-") as scratch:
             measured["equivalence"] = adapters.equivalence(adapted, tokenizer, Path(scratch))
     result, reasons = drift.verdict(measured, recipe.thresholds)
-    worst, lost = adapters.effect_verdict(measured["effect"], recipe.thresholds)
-    result = max(result, worst, key=drift.SEVERITY.index)
-    return {"verdict": result, "reasons": reasons + lost, "notes": adapters.equivalence_warnings(measured["equivalence"]),
-            "compute_dtype": modeling.computed_dtype(model), **measured}
+    worst, said = adapters.effect_verdict(measured["effect"], recipe.thresholds)
+    notes = adapters.equivalence_warnings(measured["equivalence"]) + (said if worst == "pass" else [])
+    return {"verdict": max(result, worst, key=drift.SEVERITY.index), "reasons": reasons + ([] if worst == "pass" else said),
+            "notes": notes, "compute_dtype": modeling.computed_dtype(model), **measured}

@@ -8,6 +8,8 @@ from pathlib import Path
 from quantgate import adapters, drift, longrange, modeling, towers
 from quantgate.evaluations import lmeval
 from quantgate.files import cached_tensors, save_tensors, sha256_file
+from quantgate.formats import error_line
+from quantgate.nonfinite import nonfinite_reason, overflow_reason
 from quantgate.processors import load_processor
 from quantgate.results import Downloaded, Reference, ReferenceEvaluation, ReferenceValidation
 from quantgate.settings import AdapterSpec, EvaluateSettings, ValidateSettings
@@ -30,8 +32,8 @@ def reference(download: Downloaded, dtype: str, compute_dtype: str, device: str 
         ReferenceEvaluation(**lmeval.reference_evaluation(model, tokenizer, download.checkpoint_sha256, compute_dtype,
                                                           Path(cache_dir), evaluate))
     t3 = time.perf_counter()
-    adapted = {} if broken else {spec.name: measure_adapter(model, tokenizer, spec, measured, Path(cache_dir), validate,
-                                                            dtype) for spec in adapters_served}
+    adapted = {} if broken else {spec.name: adapter_or_error(model, tokenizer, spec, measured, Path(cache_dir),
+                                                             validate, dtype) for spec in adapters_served}
     # Bytes as the checkpoint holds them: a float32 compute copy is not what a recipe is compared with.
     return Reference(adapters=adapted or None, adapters_s=round(time.perf_counter() - t3, 2) if adapted else None,
                      real_bytes=modeling.real_bytes(model, as_dtype=dtype), dtype=dtype,
@@ -53,6 +55,21 @@ def measure_validation(model, tokenizer, download: Downloaded, compute_dtype: st
                                                   Path(measured.path).with_name(towers.cache_name()),
                                                   settings.max_new_tokens)
     return measured
+
+
+def adapter_or_error(model, tokenizer, spec: AdapterSpec, measured: ReferenceValidation, cache_dir: Path,
+                     settings: ValidateSettings, served: str) -> dict:
+    """measure_adapter's figures, or why the reference with the adapter could not be measured or is broken (each
+    recipe then says so for it instead of measuring it): one adapter's problem is not the run's."""
+    try:
+        found = measure_adapter(model, tokenizer, spec, measured, cache_dir, settings, served)
+    except Exception as e:  # an offloaded reference peft cannot load onto, a file gone since the plan
+        return {"source": spec.source, "error": error_line(e)}
+    if broken := found["nonfinite"] or found["overflow"]:
+        found["error"] = (f"the unquantized model with the adapter is broken: {nonfinite_reason(broken)}"
+                          if found["nonfinite"] else f"the unquantized model with the adapter is broken where it is served: "
+                          f"{overflow_reason(broken)}")
+    return found
 
 
 def measure_adapter(model, tokenizer, spec: AdapterSpec, measured: ReferenceValidation, cache_dir: Path,
@@ -77,4 +94,4 @@ def measure_adapter(model, tokenizer, spec: AdapterSpec, measured: ReferenceVali
     finally:
         adapted.unload()  # the LoRA layers out again: the model is the plain reference
     return {"path": str(path), "folder": str(folder), "source": spec.source, **described, "effect": effect,
-            "nonfinite": stats["nonfinite"], "generations": stats["generations"]}
+            "nonfinite": stats["nonfinite"], "overflow": stats.get("overflow"), "generations": stats["generations"]}

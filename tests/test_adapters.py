@@ -144,8 +144,8 @@ def test_int8_keeps_the_adapter_and_merge_unmerge_and_reload_agree(measured):
 
 
 def test_a_base_that_loses_the_adapters_effect_fails_with_the_count(measured, tmp_path):
-    """The recipe's checkpoint with noise planted in the layers the adapter adapts: the adapter still loads, but
-    the tokens it decides no longer follow it."""
+    """The recipe's checkpoint with noise planted in its (tied) embeddings: the adapter still loads, but the tokens it
+    decides no longer follow it."""
     base, served, recipe, checkpoint = measured
 
     def noisy_embeddings(weights):
@@ -158,7 +158,7 @@ def test_a_base_that_loses_the_adapters_effect_fails_with_the_count(measured, tm
     style = checked.adapters["style"]
     assert checked.status == "failed" and style["verdict"] == "fail"
     n = style["effect"]["decided_tokens"]
-    assert f"the adapter's effect is lost: of the {n} tokens whose top-1 it changes in high precision" in checked.reason
+    assert f"the adapter's effect is lost: of the {n} tokens whose top-1 the adapter changes in high precision" in checked.reason
 
 
 def test_the_session_flow_gates_its_adapter_on_every_recipe_that_reaches_it(run_dir):
