@@ -213,18 +213,22 @@ class Survival:
                 "kept": float(kept.float().mean()) if n else None, "reverted": float(reverted.float().mean()) if n else None}
 
 
-def effect_verdict(effect: dict, t) -> tuple[str, list[str]]:
+def effect_verdict(effect: dict, drift_kl: float | None, t) -> tuple[str, list[str]]:
     """Whether the recipe keeps what the adapter does: its share of the adapter's decided tokens, against the
-    recipe's adapter_kept thresholds; too few decided tokens to judge is said, not judged."""
+    recipe's adapter_kept thresholds, beside how its drift compares with the adapter's effect; too few decided
+    tokens to judge is said, not judged."""
     n, kept = effect["decided_tokens"], effect["kept"]
     if n < MIN_DECIDED:
         return "pass", [f"the adapter changes the reference's top-1 on {n} tokens only: too few to judge what survives"]
-    said = (f"of the {n} tokens whose top-1 the adapter changes in high precision, the recipe keeps {kept:.0%} "
-            f"({effect['reverted']:.0%} back to the base's own)")
+    scale = (f"; the recipe's drift with the adapter (KL {drift_kl:.3g}) is {drift_kl / effect['kl_mean_reference']:.1f}x "
+             "the adapter's own effect" if drift_kl is not None and effect["kl_mean_reference"] > 0 else "")
+    said = lambda what, at, level: (  # noqa: E731
+        f"the adapter's effect {what}: of the {n} tokens whose top-1 the adapter changes in high precision, the "
+        f"recipe keeps {kept:.0%} < {at:.0%} ({level} threshold), {effect['reverted']:.0%} back to the base's own{scale}")
     if kept < t.adapter_kept_fail:
-        return "fail", [f"the adapter's effect is lost: {said} < {t.adapter_kept_fail:.0%} (fail threshold)"]
+        return "fail", [said("is lost", t.adapter_kept_fail, "fail")]
     if kept < t.adapter_kept_warn:
-        return "warn", [f"the adapter's effect weakens: {said} < {t.adapter_kept_warn:.0%} (warn threshold)"]
+        return "warn", [said("weakens", t.adapter_kept_warn, "warn")]
     return "pass", []
 
 

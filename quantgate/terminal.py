@@ -76,6 +76,8 @@ class Bars(logging.Handler):
             total = len(MODEL_STEPS if group == "model" else STEPS)
             self.bar = tqdm(total=total, desc=f"{group:<26}", file=self.stream, disable=not self.tty, leave=True,
                             bar_format="{desc} {bar:12} {n_fmt}/{total_fmt} steps [{elapsed}] {postfix}")
+        if group != "model" and step not in STEPS:  # a step only some configs run (adapters)
+            self.bar.total += 1
         self.bar.set_postfix_str(f"{step}...")
 
     def end(self, record: logging.LogRecord) -> None:

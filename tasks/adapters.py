@@ -64,7 +64,7 @@ def check_one(checkpoint: str, recipe: RecipeBase, reference: dict, base: dict, 
         with tempfile.TemporaryDirectory(prefix="adapter-") as scratch:
             measured["equivalence"] = adapters.equivalence(adapted, tokenizer, Path(scratch))
     result, reasons = drift.verdict(measured, recipe.thresholds)
-    worst, said = adapters.effect_verdict(measured["effect"], recipe.thresholds)
+    worst, said = adapters.effect_verdict(measured["effect"], measured.get("kl_mean"), recipe.thresholds)
     notes = adapters.equivalence_warnings(measured["equivalence"]) + (said if worst == "pass" else [])
     return {"verdict": max(result, worst, key=drift.SEVERITY.index), "reasons": reasons + ([] if worst == "pass" else said),
             "notes": notes, "compute_dtype": modeling.computed_dtype(model), **measured}

@@ -45,10 +45,11 @@ class ValidateThresholds(Strict):
     # repeated 0.45 of its 4-grams on one prompt where the reference repeated 0.11 (docs/validation.md).
     repetition_increase_warn: float = Field(0.15, ge=0, le=1)
     repetition_increase_fail: float = Field(0.3, ge=0, le=1)
-    # A served LoRA adapter: the share of the tokens whose top-1 it changes in high precision that it still
-    # changes the same way on the recipe's base (quantgate/adapters.py).
-    adapter_kept_warn: float = Field(0.9, ge=0, le=1)
-    adapter_kept_fail: float = Field(0.7, ge=0, le=1)
+    # A served LoRA adapter: the share of the tokens whose top-1 it changes in high precision that it still changes
+    # the same way on the recipe's base (quantgate/adapters.py). They are near-ties, which any drift moves: on
+    # SmolLM2 with a LoRA trained on WikiText, torchao int8 kept 83% of 331, fp8-block64 71%, nf4 39% (docs/validation.md).
+    adapter_kept_warn: float = Field(0.6, ge=0, le=1)
+    adapter_kept_fail: float = Field(0.3, ge=0, le=1)
 
 
 Slug = Annotated[str, AfterValidator(slug)]  # a name that becomes a folder
