@@ -146,6 +146,13 @@ def check(folder: Path, model: torch.nn.Module) -> list[tuple[str, str]]:
                        for p in shape_problems(shapes, model)]
 
 
+def describe(folder: Path) -> str:
+    """One line for `quantgate plan`: the LoRA's rank, targets and how many modules it adapts."""
+    config = read_config(folder)
+    targets_said = config.target_modules if isinstance(config.target_modules, str) else ", ".join(sorted(config.target_modules))
+    return f"LoRA of rank {config.r} on {len(weight_shapes(folder))} modules ({targets_said}), from {folder}"
+
+
 def attach(model: torch.nn.Module, folder: Path):
     """The model with the adapter loaded on top, as peft loads it for serving; an offloaded model's known failure
     named as such."""

@@ -27,6 +27,7 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def plan(args) -> int:
+    from quantgate import adapters
     from quantgate.backends import backend_of
     from quantgate.plan import (checkpoint_bytes, make_plans, placement_lines, planned_placement, skeleton_of, summarize,
                                 tower_lines, towers)
@@ -59,6 +60,8 @@ def plan(args) -> int:
             print(f"  {name}: {status} {module}" + (f" (x{count})" if count > 1 else "") + f": {reason}")
         for line in tower_lines(towers(entries)):
             print(f"  {name}: {line}")
+    for spec in config.adapters:  # checked by make_plans: each one's folder is there and fits the model
+        print(f"adapter {spec.name}: {adapters.describe(adapters.fetch(spec.source, config.output.cache_dir))}")
     return 0
 
 

@@ -48,8 +48,11 @@ def lora(tiny, tmp_path_factory):
     return make_lora(tiny, tmp_path_factory.mktemp("lora") / "style", ["q_proj", "v_proj"], 0.05)
 
 
-def test_an_adapter_that_fits_plans_and_one_that_does_not_is_a_config_error(tiny, lora, tmp_path):
-    make_plans(load_config(config := adapter_config(tmp_path, tiny, lora)), config)
+def test_an_adapter_that_fits_plans_and_one_that_does_not_is_a_config_error(tiny, lora, tmp_path, capsys):
+    from quantgate import cli
+
+    assert cli.main(["plan", str(config := adapter_config(tmp_path, tiny, lora))]) == 0
+    assert f"adapter style: LoRA of rank 8 on 4 modules (q_proj, v_proj), from {lora}" in capsys.readouterr().out
     raw = json.loads((lora / "adapter_config.json").read_text())
     raw["target_modules"] = ["q_proj", "vproj"]
     (lora / "adapter_config.json").write_text(json.dumps(raw))
@@ -87,21 +90,67 @@ def test_gemma4_clipped_linears_are_refused_with_the_name_inside():
     """Gemma 4's towers wrap each Linear in Gemma4ClippableLinear, which peft cannot adapt: `q_proj` names the
     wrapper (and the language model's plain q_proj), `q_proj.linear` the Linear inside."""
     from peft import LoraConfig
+
+    skeleton = modeling.skeleton(gemma4_config())
+    (problem,) = adapters.target_problems(LoraConfig(target_modules=["q_proj"]), skeleton)
+    assert problem == ("'q_proj' matches 2 modules peft cannot adapt, such as "
+                       "model.vision_tower.encoder.layers.0.self_attn.q_proj (Gemma4ClippableLinear); the layer inside "
+                       "is 'q_proj.linear': target that")
+    assert adapters.target_problems(LoraConfig(target_modules=["q_proj.linear"]), skeleton) == []
+
+
+def test_gemma4_with_its_clipped_linears_targeted_inside_is_gated_and_recorded(tiny_tokenizer, tmp_path):
+    """The tiny Gemma 4 with a LoRA on the Linear inside each clipped q_proj (`q_proj.linear`, as seed 001 had to
+    name it): planned without a problem, measured on the reference and gated on torchao int8, its block recorded.
+    The adapter adapts the vision tower only, so the text prompts see no decided token and nothing is judged."""
+    import shutil
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import Gemma4ForConditionalGeneration
+    from transformers import AutoTokenizer
+
+    folder, cache = tmp_path / "gemma4", tmp_path / "cache"
+    torch.manual_seed(0)
+    Gemma4ForConditionalGeneration(gemma4_config()).save_pretrained(folder)
+    for file in tiny_tokenizer.iterdir():
+        shutil.copy(file, folder / file.name)
+    model = modeling.load(folder, "float32", "cpu")
+    adapted = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj.linear"]))
+    with torch.no_grad():
+        for name, param in adapted.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    adapted.save_pretrained(tmp_path / "vision-lora")
+    config = adapter_config(tmp_path, folder, tmp_path / "vision-lora")
+    make_plans(load_config(config), config)
+    model = modeling.load(folder, COMPUTE, "cpu")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    base = ReferenceValidation(**drift.reference_stats(model, tokenizer, "gemma4", COMPUTE, cache, SETTINGS, "float32"))
+    served = {"style": measure_adapter(model, tokenizer, AdapterSpec(name="style", source=str(tmp_path / "vision-lora")),
+                                       base, cache, SETTINGS, "float32")}
+    assert served["style"]["adapted_modules"] == 2 and served["style"]["effect"]["changed_tokens"] == 0
+    recipe = load_config(PROJECT / "configs" / "default.yaml", ["recipes=[torchao-int8-weight-only]"]).recipes[0]
+    quantized = quantize(str(folder), recipe, "float32", "cpu", str(tmp_path / "int8"), roundtrip_min_top1=0.9,
+                         cache_dir=str(cache))
+    checked = check_adapters(quantized.checkpoint, recipe, served, base.path, "cpu", SETTINGS, COMPUTE, "float32")
+    style = checked.adapters["style"]
+    assert checked.status == "ok" and style["equivalence"]["reload"]["identical"], style["reasons"]
+    assert style["notes"][-1] == "the adapter changes the reference's top-1 on 0 tokens only: too few to judge what survives"
+
+
+def gemma4_config():
+    """A tiny Gemma 4 whose vision tower wraps each Linear in Gemma4ClippableLinear; its text vocabulary is the tiny
+    tokenizer's 1,024 tokens."""
     from transformers import Gemma4Config, Gemma4TextConfig
     from transformers.models.gemma4.configuration_gemma4 import Gemma4VisionConfig
 
     text = Gemma4TextConfig(vocab_size=1024, vocab_size_per_layer_input=1024, hidden_size=128, intermediate_size=256,
                             num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=64,
                             global_head_dim=64, layer_types=["sliding_attention", "full_attention"], sliding_window=64,
-                            hidden_size_per_layer_input=0)
+                            hidden_size_per_layer_input=0, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     vision = Gemma4VisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
                                 num_key_value_heads=2, head_dim=32, use_clipped_linears=True)
-    skeleton = modeling.skeleton(Gemma4Config(text_config=text, vision_config=vision, audio_config=None))
-    (problem,) = adapters.target_problems(LoraConfig(target_modules=["q_proj"]), skeleton)
-    assert problem == ("'q_proj' matches 2 modules peft cannot adapt, such as "
-                       "model.vision_tower.encoder.layers.0.self_attn.q_proj (Gemma4ClippableLinear); the layer inside "
-                       "is 'q_proj.linear': target that")
-    assert adapters.target_problems(LoraConfig(target_modules=["q_proj.linear"]), skeleton) == []
+    return Gemma4Config(text_config=text, vision_config=vision, audio_config=None)
 
 
 @pytest.fixture(scope="module")
