@@ -149,8 +149,9 @@ def check(folder: Path, model: torch.nn.Module) -> list[tuple[str, str]]:
 def describe(folder: Path) -> str:
     """One line for `quantgate plan`: the LoRA's rank, targets and how many modules it adapts."""
     config = read_config(folder)
-    targets_said = config.target_modules if isinstance(config.target_modules, str) else ", ".join(sorted(config.target_modules))
-    return f"LoRA of rank {config.r} on {len(weight_shapes(folder))} modules ({targets_said}), from {folder}"
+    named = config.target_modules
+    named = named if isinstance(named, str) else ", ".join(sorted(named))
+    return f"LoRA of rank {config.r} on {len(weight_shapes(folder))} modules ({named}), from {folder}"
 
 
 def attach(model: torch.nn.Module, folder: Path):
