@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from quantgate import drift
 from quantgate.formats import error_line
 
 FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -168,12 +169,6 @@ def attach(model: torch.nn.Module, folder: Path):
         raise
 
 
-def kl_per_token(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) per token, from full logits."""
-    logp, logq = torch.log_softmax(p_logits.float(), -1), torch.log_softmax(q_logits.float(), -1)
-    return (logp.exp() * (logp - logq)).sum(-1).clamp_min(0)
-
-
 @torch.no_grad()
 def effect_on(model, prompts: list[dict]) -> dict:
     """How far the adapter moves the model it is on: KL(without || with) per token and the tokens whose top-1 it
@@ -184,7 +179,7 @@ def effect_on(model, prompts: list[dict]) -> dict:
         adapted = model(input_ids=ids).logits[0].float().cpu()
         with model.disable_adapter():
             plain = model(input_ids=ids).logits[0].float().cpu()
-        kls.append(kl_per_token(plain, adapted))
+        kls.append(drift.kl_per_token(plain, adapted))
         changed.append(adapted.argmax(-1) != plain.argmax(-1))
     kl, moved = torch.cat(kls), torch.cat(changed)
     return {"kl_mean": float(kl.mean()), "changed_tokens": int(moved.sum()), "tokens": int(moved.numel())}
@@ -207,7 +202,7 @@ class Survival:
         plain_ref = self.base[adapted_ref["id"]]
         with self.model.disable_adapter():
             plain = self.model(input_ids=adapted_ref["ids"].to(next(self.model.parameters()).device)).logits[0]
-        self.kls.append(kl_per_token(plain.float().cpu(), logits))
+        self.kls.append(drift.kl_per_token(plain.float().cpu(), logits))
         decided = adapted_ref["top_idx"][:, 0] != plain_ref["top_idx"][:, 0]
         self.kept.append(compared["top1"].bool()[decided])
         # As kept is counted: the base's token ranked as high as the model's own top-1, ties included.

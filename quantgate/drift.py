@@ -130,6 +130,12 @@ def compare_one(model, ref: dict, limit: float | None, served: str | None, found
     return logits.cpu(), torch.nn.functional.cosine_similarity(mine, ref["hidden"], dim=-1).mean(-1)
 
 
+def kl_per_token(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) over the last dimension, from full logits (or log-probabilities)."""
+    logp, logq = torch.log_softmax(p_logits.float(), -1), torch.log_softmax(q_logits.float(), -1)
+    return (logp.exp() * (logp - logq)).sum(-1).clamp_min(0)
+
+
 def compare_prompt(ref: dict, logits: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-token KL(reference || quantized) from the reference's top-k plus a tail bucket, top-1
     agreement and top-5 overlap."""

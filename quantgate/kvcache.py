@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from quantgate.drift import kl_per_token
 from quantgate.longrange import bucket_of
 from quantgate.measure import Timer, memory_of, trim_heap
 from quantgate.modeling import model_device
@@ -273,7 +274,7 @@ def quantized_cache_kl(model, ids: torch.Tensor, kinds: list[str], chunk: int, b
         full = chunk_logits(model, caches["dynamic"], piece, start)
         for kind in live:
             mine = chunk_logits(model, caches[kind], piece, start)
-            kl[kind].append((full.exp() * (full - mine)).sum(-1).cpu())
+            kl[kind].append(kl_per_token(full, mine).cpu())
             agree[kind].append((full.argmax(-1) == mine.argmax(-1)).float().cpu())
     for kind in live:
         per, same = torch.cat(kl[kind]), torch.cat(agree[kind])

@@ -84,10 +84,7 @@ class RunRecord:
         if measured := result.figures():
             entry[step] = measured
         entry.setdefault("warnings", []).extend(f"{step}: {w}" for w in result.warnings)
-        # A step the config turned off (not_run) says so in its own entry and leaves the recipe's status.
-        if result.status not in ("ok", "not_run"):
-            entry["status"] = {"failed": "failed", "skipped": "skipped"}.get(result.status, "error")
-            entry["reason"] = f"{step}: {result.reason or ''}"
+        settle_recipe(entry, step, result)
         self.save()
         return result.ok
 
@@ -97,9 +94,7 @@ class RunRecord:
         entry = self.metrics["recipes"][recipe]
         entry["steps"]["adapters"], entry["adapters"] = result.view(), result.figures().get("adapters", {})
         entry.setdefault("warnings", []).extend(f"adapters: {w}" for w in result.warnings)
-        if not result.ok:
-            entry.update(status={"failed": "failed", "skipped": "skipped"}.get(result.status, "error"),
-                         reason=f"adapters: {result.reason or ''}")
+        settle_recipe(entry, "adapters", result)
         self.save()
         return result.ok
 
@@ -137,6 +132,14 @@ class RunRecord:
         self.save()
         write_report(self.dir, self.metrics)
         return self.metrics
+
+
+def settle_recipe(entry: dict, step: str, result: StepResult) -> None:
+    """A step that did not end ok settles its recipe's status and reason; one the config turned off (not_run) says
+    so in its own entry and leaves the recipe's status."""
+    if result.status not in ("ok", "not_run"):
+        entry["status"] = {"failed": "failed", "skipped": "skipped"}.get(result.status, "error")
+        entry["reason"] = f"{step}: {result.reason or ''}"
 
 
 def stop(run_dir: Path, metrics: dict, reason: str, why: str) -> None:

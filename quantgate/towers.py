@@ -15,6 +15,7 @@ import torch
 
 from quantgate import modeling
 from quantgate.backends import ValidateThresholds
+from quantgate.drift import kl_per_token
 from quantgate.files import cached_tensors, save_tensors, sha256_file
 from quantgate.nonfinite import NonFiniteScan
 from quantgate.paths import DATA_DIR
@@ -124,8 +125,7 @@ def metrics(reference: list[dict], measured: list[dict]) -> dict:
     cosines, kls, top1, answers, nonfinite = [], [], [], [], []
     for r, m in zip(reference, measured):
         cosines.append(float(torch.nn.functional.cosine_similarity(r["features"], m["features"], dim=0)))
-        p, q = torch.log_softmax(r["logits"], -1), torch.log_softmax(m["logits"], -1)
-        kls.append(float((p.exp() * (p - q)).sum()))
+        kls.append(float(kl_per_token(r["logits"], m["logits"])))
         top1.append(float(r["logits"].argmax() == m["logits"].argmax()))
         answers.append({"prompt": r["id"], "reference": r["answer"], "quantized": m["answer"]})
         nonfinite += [name for name in m["nonfinite"] if name not in nonfinite]
