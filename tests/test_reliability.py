@@ -287,23 +287,34 @@ def test_two_workers_recording_at_once_lose_nothing(run_dir, tmp_path):
 
 # ---------------------------------------------------------------- a stopped run
 
-def test_sigterm_mid_quantize_marks_the_run_interrupted_and_stops_everything(smollm2, cache_dir, tmp_path):
+def cli_run(model: Path, cache_dir: Path, tmp_path: Path) -> tuple[list[str], dict]:
+    """`quantgate run` of one int8 recipe on `model` as its own process, with its own temporary Prefect server."""
     runs = tmp_path / "runs"
     argv = [sys.executable, "-m", "quantgate.cli", "run", str(DEFAULT),
-            *[a for item in (f"output.runs_dir={runs}", f"output.cache_dir={cache_dir}",
-                             f"output.history_db={runs / 'history.sqlite'}", f"steps.publish.registry_dir={tmp_path / 'reg'}",
-                             *QUICK,
-                             "recipes=[torchao-int8-weight-only]")
+            *[a for item in (f"model.source={model}", "model.dtype=float32", f"output.runs_dir={runs}",
+                             f"output.cache_dir={cache_dir}", f"output.history_db={runs / 'history.sqlite'}",
+                             f"steps.publish.registry_dir={tmp_path / 'reg'}", *QUICK, "recipes=[torchao-int8-weight-only]")
               for a in ("--set", item)]]
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}  # its own temporary server
-    process = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 600
-    log = None
+    return argv, {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
+
+
+def log_once_quantizing(process: subprocess.Popen, runs: Path) -> Path | None:
+    """The run's log once it says quantize started (polled every 50 ms: torchao's reload check keeps the step going
+    for seconds after), or None if the process ended first."""
+    deadline, log = time.monotonic() + 600, None
     while time.monotonic() < deadline and process.poll() is None:
         log = next(runs.glob("*/run.log"), None)
         if log and "torchao-int8-weight-only: quantize started" in log.read_text():
-            break
+            return log
         time.sleep(0.05)
+    return log
+
+
+def test_sigterm_mid_quantize_marks_the_run_interrupted_and_stops_everything(tiny_llama, cache_dir, tmp_path):
+    runs = tmp_path / "runs"
+    argv, env = cli_run(tiny_llama, cache_dir, tmp_path)
+    process = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = log_once_quantizing(process, runs)
     assert process.poll() is None, process.stdout.read()
     children = psutil.Process(process.pid).children(recursive=True)
     assert children  # the temporary Prefect server at least
@@ -381,21 +392,11 @@ def test_a_record_left_running_by_a_dead_process_is_settled(tmp_path):
     assert settle(tmp_path, db) == [] and json.loads((alive.dir / "metrics.json").read_text())["status"] == "running"
 
 
-def test_sigkill_mid_quantize_leaves_no_server_and_a_settled_record(smollm2, cache_dir, tmp_path):
+def test_sigkill_mid_quantize_leaves_no_server_and_a_settled_record(tiny_llama, cache_dir, tmp_path):
     runs = tmp_path / "runs"
-    argv = [sys.executable, "-m", "quantgate.cli", "run", str(DEFAULT),
-            *[a for item in (f"output.runs_dir={runs}", f"output.cache_dir={cache_dir}",
-                             f"output.history_db={runs / 'history.sqlite'}", f"steps.publish.registry_dir={tmp_path / 'reg'}",
-                             *QUICK, "recipes=[torchao-int8-weight-only]")
-              for a in ("--set", item)]]
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}  # its own temporary server
+    argv, env = cli_run(tiny_llama, cache_dir, tmp_path)
     process = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline, log = time.monotonic() + 600, None
-    while time.monotonic() < deadline and process.poll() is None:
-        log = next(runs.glob("*/run.log"), None)
-        if log and "torchao-int8-weight-only: quantize started" in log.read_text():
-            break
-        time.sleep(0.05)
+    log = log_once_quantizing(process, runs)
     children = psutil.Process(process.pid).children(recursive=True)
     assert process.poll() is None and len(children) >= 2  # the watchdog and the temporary Prefect server
     process.kill()

@@ -17,7 +17,7 @@ from quantgate import drift, towers
 from quantgate.results import ReferenceValidation
 from tasks import quantize as quantize_step
 from tasks import validate as validate_step
-from tests.conftest import PROJECT, edited_copy
+from tests.conftest import COMPUTE, PROJECT, edited_copy
 
 SETTINGS = ValidateSettings(max_new_tokens=4)
 NF4 = load_config(PROJECT / "configs" / "default.yaml", ["recipes=[bnb-nf4]"]).recipes[0]
@@ -84,9 +84,9 @@ def gemma4_vision_audio(smollm2, tmp_path_factory):
 def measured_reference(folder, cache_dir):
     from transformers import AutoTokenizer
 
-    model = modeling.load(folder, "bfloat16", "cpu")
-    stats = drift.reference_stats(model, AutoTokenizer.from_pretrained(folder), folder.name, "bfloat16",
-                                          cache_dir, SETTINGS)
+    model = modeling.load(folder, COMPUTE, "cpu")
+    stats = drift.reference_stats(model, AutoTokenizer.from_pretrained(folder), folder.name, COMPUTE, cache_dir,
+                                  SETTINGS, "bfloat16")
     stats["towers"] = towers.reference_towers(model, load_processor(folder), cache_dir / f"{folder.name}-towers.pt",
                                               SETTINGS.max_new_tokens)
     return stats
@@ -103,7 +103,9 @@ def reference4(gemma4_vision_audio, cache_dir):
 
 
 def check(checkpoint, recipe, reference):
-    return validate_step.validate(str(checkpoint), recipe, ReferenceValidation(**reference), "cpu", SETTINGS).model_dump()
+    """The validate step as the flow calls it: the bf16 checkpoint computed in COMPUTE, its range bf16's."""
+    return validate_step.validate(str(checkpoint), recipe, ReferenceValidation(**reference), "cpu", SETTINGS, COMPUTE,
+                                  "bfloat16").model_dump()
 
 
 def test_nf4_with_the_towers_skipped_keeps_what_the_tower_sees(gemma3_vision, reference, tmp_path):
