@@ -121,7 +121,7 @@ def test_the_run_record_report_and_card_carry_the_capacity(run_dir):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     kv = metrics["reference"]["benchmark"]["kv_cache"]
     assert kv["status"] == "ok" and kv["budget"] == 4 * 2**30
-    assert {k: c["context_tokens"] for k, c in kv["caches"].items()} == {"dynamic": 256, "static": 256}
+    assert {k: c["context_tokens"] for k, c in kv["caches"].items()} == {"dynamic": 256}
     assert metrics["recipes"]["torchao-int8-weight-only"]["benchmark"]["kv_cache"]["status"] == "ok"
     report = (run_dir / "report.md").read_text()
     assert "## KV cache" in report and "| reference | 4 GiB | dynamic | 256 | " in report
