@@ -310,6 +310,7 @@ def log_once_quantizing(process: subprocess.Popen, runs: Path) -> Path | None:
     return log
 
 
+@pytest.mark.integration  # a whole flow in a CLI process with its own Prefect server
 def test_sigterm_mid_quantize_marks_the_run_interrupted_and_stops_everything(tiny_llama, cache_dir, tmp_path):
     runs = tmp_path / "runs"
     argv, env = cli_run(tiny_llama, cache_dir, tmp_path)
@@ -392,6 +393,7 @@ def test_a_record_left_running_by_a_dead_process_is_settled(tmp_path):
     assert settle(tmp_path, db) == [] and json.loads((alive.dir / "metrics.json").read_text())["status"] == "running"
 
 
+@pytest.mark.integration  # a whole flow in a CLI process with its own Prefect server
 def test_sigkill_mid_quantize_leaves_no_server_and_a_settled_record(tiny_llama, cache_dir, tmp_path):
     runs = tmp_path / "runs"
     argv, env = cli_run(tiny_llama, cache_dir, tmp_path)

