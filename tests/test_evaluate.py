@@ -226,3 +226,32 @@ def assert_same_mmlu(cli: dict, mmlu: dict) -> None:
 def test_lm_eval_command_line_gets_the_same_accuracy(smollm2, reference_eval, tmp_path):
     cache, result = reference_eval
     assert_same_mmlu(lm_eval_command_line(smollm2, tmp_path / "out"), result["mmlu"])
+
+
+def test_a_perplexity_delta_inside_the_references_own_spread_is_no_change(tiny_llama):
+    """Batched windows: the reference's perplexity measured again one window at a time gives its own spread, and a
+    recipe's delta inside it is called no change; windows one at a time (under auto) are exact."""
+    from transformers import AutoTokenizer
+
+    from quantgate.evaluations import EVALUATIONS
+
+    model, tokenizer = modeling.load(tiny_llama, "float32", "cpu"), AutoTokenizer.from_pretrained(tiny_llama)
+    wiki, found = EVALUATIONS["wikitext"], {}
+    for batch_size in ("auto", 3):
+        settings = EvaluateSettings(batch_size=batch_size, wikitext_token_budget=10, max_length=128)
+        lm = lmeval.hf_lm(model, tokenizer, settings)
+        result = wiki.run(lm, tokenizer, settings, lmeval.task_manager())
+        found[batch_size] = {**result, "floor": wiki.floor(lm, tokenizer, settings, lmeval.task_manager(), result)}
+    assert found["auto"]["floor"] == {"relative": 0.0, "how": "exact: its windows one at a time, as the recipe's"}
+    ref = found[3]
+    assert ref["floor"]["how"].startswith("its windows in batches of 3 against one at a time, ")
+    assert 0 <= ref["floor"]["relative"] < 1e-4  # float32: rounding alone (the test above)
+    inside = dict(ref, word_perplexity=ref["word_perplexity"] * (1 + ref["floor"]["relative"] / 2))
+    outside = dict(ref, word_perplexity=ref["word_perplexity"] * 1.01)
+    assert wiki.compare(inside, ref, settings)["within_floor"] is True
+    assert wiki.compare(outside, ref, settings)["within_floor"] is False
+    assert wiki.card_lines({**inside, **wiki.compare(inside, ref, settings)}, ref, "r", {})[0].endswith(": no change.")
+    assert "; outside the reference's own spread (" in wiki.card_lines(
+        {**outside, **wiki.compare(outside, ref, settings)}, ref, "r", {})[0]
+    unmeasured = {k: v for k, v in ref.items() if k != "floor"}  # a reference cached before floors were measured
+    assert "within_floor" not in wiki.compare(inside, unmeasured, settings)

@@ -33,11 +33,19 @@ class Evaluation:
         """Its results on an lm-eval model (`lm`), the per-item scores under `paired` included."""
         raise NotImplementedError
 
+    def floor(self, lm, tokenizer, settings, manager, result: dict) -> dict | None:
+        """The reference's own spread in its headline figure where how it is computed moves it (a recipe's delta
+        inside it is no change): {"relative": ..., "how": ...}; None where not measured."""
+        return None
+
     def compare(self, mine: dict, ref: dict, settings) -> dict:
         """What the record adds to a recipe's results against the reference's."""
         if self.paired:
             return paired_bootstrap(ref[self.paired], mine[self.paired], settings.bootstrap_iters)
-        return {f"delta_{self.metric}": mine[self.metric] - ref[self.metric]}
+        delta = mine[self.metric] - ref[self.metric]
+        floor = ref.get("floor")
+        return {f"delta_{self.metric}": delta,
+                **({"within_floor": abs(delta) <= floor["relative"] * abs(ref[self.metric])} if floor else {})}
 
     def column(self) -> str:
         """The report's column header."""
@@ -47,7 +55,7 @@ class Evaluation:
         """The model card's paragraph on it."""
         value = f"reference {ref[self.metric]:{self.fmt}}, {recipe} {mine[self.metric]:{self.fmt}}"
         if not self.paired:
-            return [f"{self.label}: {value}."]
+            return [f"{self.label}: {value}{floor_words(mine, ref)}."]
         low, high = mine["delta_ci95"]
         f = mine["flips"]
         return [f"{self.label}: {value}, delta {mine['delta_acc']:+.4f} [{low:+.4f}, {high:+.4f}] (significant: "
@@ -67,6 +75,15 @@ def power_line(mine: dict, weak: float = WEAK_MDE) -> str:
     if not mine["significant"] and mine["mde"] > weak:
         said += f"; too weak for \"no significant drop\" to mean no drop (of {100 * weak:.0f} points)"
     return said
+
+
+def floor_words(mine: dict, ref: dict) -> str:
+    """`; within the reference's own spread (0.55%, ...): no change`, where the reference's floor was measured."""
+    if "within_floor" not in mine:
+        return ""
+    floor = ref["floor"]
+    return (f"; {'within' if mine['within_floor'] else 'outside'} the reference's own spread ({100 * floor['relative']:.2g}%, "
+            f"{floor['how']}){': no change' if mine['within_floor'] else ''}")
 
 
 EVALUATIONS: dict[str, Evaluation] = {}

@@ -37,11 +37,16 @@ def hf_lm(model, tokenizer, settings):
                 max_length=min(settings.max_length, own))
 
 
-def run_all(model, tokenizer, settings) -> dict:
-    """Every enabled evaluation's results, per item included."""
+def run_all(model, tokenizer, settings, floors: bool = False) -> dict:
+    """Every enabled evaluation's results, per item included; with `floors` (the reference), each one's own spread
+    where it measures one."""
     lm = hf_lm(model, tokenizer, settings)
     manager = task_manager(with_lm_evals_own=settings.mmlu_source == "hub")
-    return {e.name: e.run(lm, tokenizer, settings, manager) for e in evaluations.enabled(settings)}
+    results = {e.name: e.run(lm, tokenizer, settings, manager) for e in evaluations.enabled(settings)}
+    for e in evaluations.enabled(settings) if floors else ():
+        if (found := e.floor(lm, tokenizer, settings, manager, results[e.name])) is not None:
+            results[e.name]["floor"] = found
+    return results
 
 
 def summary(results: dict) -> dict:
@@ -93,7 +98,7 @@ def reference_evaluation(model, tokenizer, checkpoint_sha256: str, dtype: str, c
     cached = results is not None
     if not cached:
         with modeling.timed("evaluate reference"):
-            results = run_all(model, tokenizer, settings)
+            results = run_all(model, tokenizer, settings, floors=True)
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json(path, results)
     return {"path": str(path), "cached": cached, **summary(results)}
