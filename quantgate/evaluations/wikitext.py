@@ -57,8 +57,8 @@ class WikiText(Evaluation):
 
     def floor(self, lm, tokenizer, settings, manager, result: dict) -> dict:
         """Windows one at a time (under auto) are computed alike in every run, the recipe's too: exact. Batched,
-        their padding moves the sums in a half dtype (0.55% in bf16 on a CPU with AMX), so the same windows one at a
-        time measure how far."""
+        their padding moves the sums in a half dtype (docs/evaluation.md), so the same windows one at a time measure
+        how far."""
         batch = lm.batch_size_per_gpu
         if batch == 1:
             return {"relative": 0.0, "how": "exact: its windows one at a time, as the recipe's"}
