@@ -5,7 +5,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
-import gc
 import threading
 import time
 from contextlib import contextmanager
@@ -160,7 +159,6 @@ class HostMemory:
         return proc_status()["RssAnon"]
 
     def held(self) -> int:
-        gc.collect()  # garbage of reference cycles (modules, tensors) still counts in RssAnon until collected
         trim_heap()
         return self.in_use()
 

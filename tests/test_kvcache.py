@@ -28,6 +28,9 @@ def llama():
 
 def free_budget(free_mib: int) -> int:
     """A budget of the memory this process holds now plus `free_mib`: the model is loaded, the rest is for the cache."""
+    import gc
+
+    gc.collect()  # garbage of the worker's earlier tests, freed during the search, would let it pass the budget
     memory = HostMemory()
     try:
         return memory.held() + free_mib * 2**20

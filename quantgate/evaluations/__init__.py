@@ -79,9 +79,9 @@ def power_line(mine: dict, weak: float = WEAK_MDE) -> str:
 
 def floor_words(mine: dict, ref: dict) -> str:
     """`; within the reference's own spread (0.55%, ...): no change`, where the reference's floor was measured."""
-    if "within_floor" not in mine:
+    floor = ref.get("floor") or {}
+    if "within_floor" not in mine or not floor.get("relative"):  # exact: any change is one, nothing to add
         return ""
-    floor = ref["floor"]
     return (f"; {'within' if mine['within_floor'] else 'outside'} the reference's own spread ({100 * floor['relative']:.2g}%, "
             f"{floor['how']}){': no change' if mine['within_floor'] else ''}")
 

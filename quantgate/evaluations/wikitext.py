@@ -3,6 +3,7 @@ fit a token budget (data/wikitext2)."""
 from __future__ import annotations
 
 import functools
+import math
 import re
 import time
 
@@ -36,6 +37,12 @@ def limit(tokenizer, budget: int | None) -> int | None:
     return None
 
 
+def windows(tokenizer, settings, max_length: int) -> int:
+    """How many rolling windows of max_length tokens lm-eval scores over the documents the settings take."""
+    docs = documents()[:limit(tokenizer, settings.wikitext_token_budget)]
+    return sum(math.ceil(len(tokenizer(doc)["input_ids"]) / max_length) for doc in docs)
+
+
 class WikiText(Evaluation):
     name, label, metric, higher_is_better, fmt = "wikitext", "word ppl", "word_perplexity", False, ".2f"
 
@@ -56,11 +63,11 @@ class WikiText(Evaluation):
                 "seconds": round(time.perf_counter() - start, 1)}
 
     def floor(self, lm, tokenizer, settings, manager, result: dict) -> dict:
-        """Windows one at a time (under auto) are computed alike in every run, the recipe's too: exact. Batched,
-        their padding moves the sums in a half dtype (docs/evaluation.md), so the same windows one at a time measure
-        how far."""
+        """Windows one at a time (under auto), or a single window, are computed alike in every run, the recipe's too:
+        exact. Batched, the batch's shape moves the sums in a half dtype (docs/evaluation.md), so the same windows one
+        at a time measure how far."""
         batch = lm.batch_size_per_gpu
-        if batch == 1:
+        if batch == 1 or windows(tokenizer, settings, lm.max_length) <= 1:
             return {"relative": 0.0, "how": "exact: its windows one at a time, as the recipe's"}
         lm.batch_size_per_gpu = 1
         try:
