@@ -47,6 +47,11 @@ def say(**fields) -> None:
     print(json.dumps(fields), flush=True)
 
 
+def headline(mmlu: dict) -> dict:
+    """An MMLU result without its 57 subjects."""
+    return {k: v for k, v in mmlu.items() if k != "subjects"}
+
+
 def converted(gguf: Path | None = None):
     """The bf16 checkpoint the download step makes of the GGUF (its size and sha256 checked first)."""
     from quantgate.files import sha256_file
@@ -66,7 +71,7 @@ def reference(fetched) -> dict:
     t0 = time.perf_counter()
     found = lmeval.reference_evaluation(model, AutoTokenizer.from_pretrained(fetched.checkpoint),
                                         fetched.checkpoint_sha256, COMPUTE, CACHE, SETTINGS)
-    say(reference={k: v for k, v in found["mmlu"].items() if k != "subjects"}, wikitext=found.get("wikitext"),
+    say(reference=headline(found["mmlu"]), wikitext=found.get("wikitext"),
         cached=found["cached"], seconds=round(time.perf_counter() - t0, 1))
     return found
 
@@ -116,7 +121,7 @@ def gate(fetched, name: str) -> None:
     mine, ref = (json.loads(p.read_text())["mmlu"]["correct"] for p in (out / "evaluate.json", Path(found["path"])))
     say(recipe=name, quantize={"status": quantized.status, "real_bytes": quantized.real_bytes,
                                "seconds": round(t1 - t0, 1)},
-        mmlu={k: v for k, v in scored.mmlu.items() if k != "subjects"}, wikitext=scored.wikitext, joint=scored.joint,
+        mmlu=headline(scored.mmlu), wikitext=scored.wikitext, joint=scored.joint,
         evaluate_seconds=round(time.perf_counter() - t1, 1), subsets=subsets(mine, ref))
     torch.cuda.empty_cache()
 
