@@ -123,15 +123,18 @@ def gate_recipe(run: RunRecord, config: RunConfig, model: Model, recipe: RecipeB
         if steps.publish.force:
             publish(run, config, name)
         return
+    served = {n: a for n, a in (model.reference.adapters or {}).items() if "error" not in a}  # kept by this recipe
     evaluated = run_step(evaluate_task, steps.evaluate, Evaluated, name, "evaluate", checkpoint=quantized.checkpoint,
                          recipe=recipe, reference=model.reference.evaluate, device=model.device,
-                         settings=steps.evaluate, out_dir=out, compute_dtype=model.compute_dtype)
+                         settings=steps.evaluate, out_dir=out, compute_dtype=model.compute_dtype,
+                         adapters_served={n: a for n, a in served.items() if a.get("evaluate")})
     if not run.set_step(name, "evaluate", evaluated):
         return
     benchmarked = run_step(benchmark_task, steps.benchmark, Benchmarked, name, "benchmark", name=name,
                            checkpoint=quantized.checkpoint, recipe=recipe, dtype=config.model.dtype,
                            device=model.device, settings=steps.benchmark, out_dir=out, reference=model.benchmark,
-                           base_checkpoint=model.checkpoint, cache_dir=cache)
+                           base_checkpoint=model.checkpoint, cache_dir=cache,
+                           adapters_served={n: a["folder"] for n, a in served.items()} if steps.benchmark.adapters else None)
     if run.set_step(name, "benchmark", benchmarked):
         publish(run, config, name)
 

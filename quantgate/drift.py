@@ -16,7 +16,7 @@ from quantgate.formats import error_line
 from quantgate import modeling
 from quantgate.nonfinite import (NonFiniteScan, explain_nonfinite, first_nonfinite_layer, nonfinite_reason,
                                  overflow_reason, serving_limit)
-from quantgate.paths import DATA_DIR
+from quantgate import prompts as validation_prompts
 from quantgate.runlog import SHOWN
 from quantgate.settings import ValidateSettings
 from quantgate.backends import ValidateThresholds
@@ -24,11 +24,8 @@ from quantgate.backends import ValidateThresholds
 log = logging.getLogger("quantgate.validate")
 
 
-PROMPTS = DATA_DIR / "validate_prompts.jsonl"
-
-
-def load_prompts(path: Path = PROMPTS) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def load_prompts(settings: ValidateSettings) -> list[dict]:
+    return validation_prompts.read(settings.prompts)
 
 
 def encode(tokenizer, prompt: dict) -> torch.Tensor:
@@ -60,7 +57,7 @@ def sample_positions(length: int, count: int) -> torch.Tensor:
 
 
 def reference_key(checkpoint_sha256: str, dtype: str, settings: ValidateSettings, served: str | None = None) -> str:
-    prompts = hashlib.sha256(PROMPTS.read_bytes()).hexdigest()
+    prompts = hashlib.sha256(settings.prompts.read_bytes()).hexdigest()
     spec = json.dumps([checkpoint_sha256, dtype, prompts, settings.top_k, settings.hidden_positions,
                        settings.generate_prompts, settings.max_new_tokens] + ([served] if served else []))
     return hashlib.sha256(spec.encode()).hexdigest()[:24]
@@ -82,7 +79,7 @@ def measure_reference(model, tokenizer, settings: ValidateSettings, served: str 
     """What every recipe is compared with: per prompt the top-k log-probs, sampled hidden states; where the model
     goes non-finite, or past the range of the dtype it is served in."""
     device = next(model.parameters()).device
-    prompts, per_prompt, nonfinite, overflow = load_prompts(), [], None, None
+    prompts, per_prompt, nonfinite, overflow = load_prompts(settings), [], None, None
     limit = serving_limit(served, modeling.computed_dtype(model))
     for prompt in prompts:
         ids = encode(tokenizer, prompt).to(device)
@@ -183,7 +180,7 @@ def compare(model, tokenizer, stats: dict, settings: ValidateSettings, served: s
         "hidden_cosine": [round(float(c), 5) if torch.isfinite(c) else None for c in cos],
         # hidden_states[i] is the output of decoder layer i-1: the layer that lost the most agreement.
         "max_divergence_layer": int(drops.argmax()) if len(drops) else None}
-    prompts = {p["id"]: p for p in load_prompts()}
+    prompts = {p["id"]: p for p in load_prompts(settings)}
     try:
         texts = generate(model, tokenizer, [prompts[i] for i in stats["generations"]], settings.max_new_tokens)
         metrics["generations"] = [{"prompt": i, "reference": stats["generations"][i], "quantized": text}

@@ -97,3 +97,39 @@ def adapter_row(name: str, a: dict) -> list[str]:
             f"{num(effect.get('kl_mean'), '.4f')} / {num(effect.get('kl_mean_reference'), '.4f')}", kept,
             ("identical" if reload.get("identical") else num(reload.get("max_abs_logit_diff"), ".3g")) if reload else "–",
             merged, "; ".join(a.get("reasons", []) + a.get("notes", [])) or "–"]
+
+
+def scored(evaluate: dict, evaluation) -> str:
+    """An evaluation's cell: `0.412 (-0.010 [-0.020, +0.000]; -12/+8)` where it is paired with the reference."""
+    m = evaluate.get(evaluation.name, {})
+    if evaluation.metric not in m:
+        return "–"
+    if "delta_acc" not in m:
+        return format(m[evaluation.metric], evaluation.fmt)
+    low, high = m["delta_ci95"]
+    flipped = m.get("flips")  # answers lost and gained against the reference's
+    return (f"{m[evaluation.metric]:{evaluation.fmt}} ({m['delta_acc']:+.3f} [{low:+.3f}, {high:+.3f}]"
+            + (f"; -{flipped['right_to_wrong']}/+{flipped['wrong_to_right']}" if flipped else "") + ")")
+
+
+def adapter_evaluation_rows(entry: dict) -> list[list[str]]:
+    """A recipe's evaluations with each served adapter, against the reference with the same adapter: per adapter,
+    each registered evaluation's cell and the joint decision."""
+    from quantgate import evaluations
+
+    return [[name, *[scored(found, e) for e in evaluations.registered()], (found.get("joint") or {}).get("decision", "–")]
+            for name, found in ((entry.get("evaluate") or {}).get("adapters") or {}).items()]
+
+
+def adapter_benchmark_lines(entry: dict) -> list[str]:
+    """A recipe's benchmark with each served adapter on top, against its own without it: one line per adapter."""
+    lines = []
+    for name, found in ((entry.get("benchmark") or {}).get("adapters") or {}).items():
+        if found.get("status", "ok") != "ok":
+            lines.append(f"{name}: not measured: {found.get('reason')}")
+            continue
+        latency = found["latency"]
+        lines.append(f"{name}: decode {latency['decode_ms_per_token']:.2f} ms/token ({found['decode_ms_added']:+.2f} ms, "
+                     f"{found['decode_ratio']:.2f}x without it; {latency['runs'][0].get('fallback_reason') or latency['path']}), "
+                     f"weights {found['real_bytes_added'] / 1e6:+.1f} MB")
+    return lines

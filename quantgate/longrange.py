@@ -56,7 +56,7 @@ def reference_sequences(model, tokenizer, settings) -> list[dict]:
     for i, text in enumerate(articles(settings.long_sequences)):
         ids = tokenizer(text[:tokens * 40], return_tensors="pt").input_ids[:, :tokens]  # generous: cut, then tokenize
         found.append({"id": f"wikitext-{i + 1}", "ids": ids, **top_at(model, ids.to(device), settings)})
-    for prompt in [p for p in load_prompts() if p["chat"]][:settings.long_generations]:
+    for prompt in [p for p in load_prompts(settings) if p["chat"]][:settings.long_generations]:
         ids = encode(tokenizer, prompt).to(device)
         made = generated(model, tokenizer, ids, settings.long_new_tokens)
         found.append({"id": f"generation-{prompt['id']}", "ids": made["ids"], "prompt_tokens": ids.shape[1],

@@ -7,8 +7,8 @@ from pathlib import Path
 from quantgate import evaluations
 from quantgate.evaluations import power_line
 from quantgate.files import write_atomic
-from quantgate.formats import (ADAPTER_HEADER, adapter_row, code, context_line, gb, kl_line, num, peak_memory, text,
-                               tower_measures)
+from quantgate.formats import (ADAPTER_HEADER, adapter_benchmark_lines, adapter_evaluation_rows, adapter_row, code,
+                               context_line, gb, kl_line, num, peak_memory, scored, text, tower_measures)
 from quantgate.plan import tower_lines
 
 STEPS = ("quantize", "validate", "evaluate", "benchmark", "publish")
@@ -18,19 +18,6 @@ BENCHMARK_HEADER = ["model", "load s", "host private peak", "host file-backed pe
 ATTRIBUTION_HEADER = ["module", "local error", "share", "KL with it kept", "KL recovered", "bytes added"]
 SEARCH_HEADER = ["modules kept (in memory)", "bytes", "KL mean", "KL p99", "top-1", "verdict"]
 VARIANT_HEADER = ["variant", "change", "bytes", "KL mean", "KL p99", "top-1", "verdict"]
-
-
-def scored(evaluate: dict, evaluation) -> str:
-    """An evaluation's cell: `0.412 (-0.010 [-0.020, +0.000]; -12/+8)` where it is paired with the reference."""
-    m = evaluate.get(evaluation.name, {})
-    if evaluation.metric not in m:
-        return "–"
-    if "delta_acc" not in m:
-        return format(m[evaluation.metric], evaluation.fmt)
-    low, high = m["delta_ci95"]
-    flipped = m.get("flips")  # answers lost and gained against the reference's
-    return (f"{m[evaluation.metric]:{evaluation.fmt}} ({m['delta_acc']:+.3f} [{low:+.3f}, {high:+.3f}]"
-            + (f"; -{flipped['right_to_wrong']}/+{flipped['wrong_to_right']}" if flipped else "") + ")")
 
 
 def _peak(bench: dict) -> str:
@@ -195,11 +182,11 @@ def accuracy_lines(metrics: dict) -> list[str]:
     """Each recipe's joint accuracy decision and what its paired evaluations could have seen (their power)."""
     rows = []
     for name, entry in metrics["recipes"].items():
-        scored = entry.get("evaluate", {})
-        powers = [f"{e.label} {power_line(scored[e.name])}" for e in evaluations.registered()
-                  if e.paired and "mde" in scored.get(e.name, {})]
-        if scored.get("joint") or powers:
-            rows.append(f"- {name}: {(scored.get('joint') or {}).get('decision', 'no joint decision')}"
+        found = entry.get("evaluate", {})
+        powers = [f"{e.label} {power_line(found[e.name])}" for e in evaluations.registered()
+                  if e.paired and "mde" in found.get(e.name, {})]
+        if found.get("joint") or powers:
+            rows.append(f"- {name}: {(found.get('joint') or {}).get('decision', 'no joint decision')}"
                         + (f"; {'; '.join(powers)}" if powers else ""))
     joints = [e["evaluate"]["joint"] for e in metrics["recipes"].values() if e.get("evaluate", {}).get("joint")]
     said = f"Decided jointly over the paired evaluations: {joints[0]['method']}." if joints else "No joint decision."
@@ -257,9 +244,16 @@ def adapter_lines(metrics: dict) -> list[str]:
                         f"{code(name)} ({code(a['source'])}, r {a['r']}, {a['adapted_modules']} modules) changes the "
                         f"reference's top-1 on {a['effect']['changed_tokens']} of {a['effect']['tokens']} tokens, KL "
                         f"{a['effect']['kl_mean']:.4f}" for name, a in served.items())
+    evaluated = [[recipe, *row] for recipe, entry in metrics["recipes"].items() for row in adapter_evaluation_rows(entry)]
     return ["", "## Adapters", "", f"Served on every recipe, loaded by peft on its saved checkpoint: {effects}. A "
             "recipe keeps an adapter's decided tokens where its base with the adapter still picks the reference-with-"
-            "adapter's top-1 there.", "", *table(["recipe", *ADAPTER_HEADER], rows)] if rows else \
+            "adapter's top-1 there.", "", *table(["recipe", *ADAPTER_HEADER], rows),
+            *(["", "Evaluated with each adapter, against the reference with the same adapter:", "",
+               *table(["recipe", "adapter", *[e.column() for e in evaluations.registered()], "joint decision"], evaluated)]
+              if evaluated else []),
+            *(["", "Benchmarked with each adapter on top, against the same checkpoint without it:", "", *benched]
+              if (benched := [f"- {recipe}, {line}" for recipe, entry in metrics["recipes"].items()
+                              for line in adapter_benchmark_lines(entry)]) else [])] if rows else \
         ["", "## Adapters", "", f"Served: {effects}. No recipe reached them (see each recipe's status)."]
 
 

@@ -96,13 +96,14 @@ class Validated(StepResult):
 
 
 class Evaluated(StepResult):
-    pass
+    adapters: dict | None = None  # per served adapter, its evaluations with it against the reference with it
 
 
 class Benchmarked(StepResult):
     latency: dict | None = None
     memory: dict | None = None
     copy_bandwidth: float | None = None
+    adapters: dict | None = None  # per served adapter, the model measured again with it on top
 
 
 class AdaptersChecked(StepResult):

@@ -11,6 +11,7 @@ from pydantic import ByteSize, Field, PositiveFloat, PositiveInt, StringConstrai
 from quantgate.backends import Slug, Strict
 from quantgate.files import slug
 from quantgate.paths import HISTORY_DB, PROJECT_ROOT, Rooted, rooted
+from quantgate import prompts as validation_prompts
 
 Dtype = Literal["bfloat16", "float16", "float32"]
 
@@ -100,6 +101,14 @@ class ValidateSettings(StepSettings):
     long_generations: int = Field(4, ge=0)
     long_new_tokens: PositiveInt = 256
     bucket_positions: PositiveInt = 128  # positions compared per bucket and sequence, evenly spaced
+    # The prompts compared token by token (quantgate/prompts.py): the shipped 20, or a JSONL file of a team's own.
+    prompts: Rooted = validation_prompts.DEFAULT
+
+    @field_validator("prompts")
+    @classmethod
+    def _readable_prompts(cls, path: Path) -> Path:
+        validation_prompts.read(path)
+        return path
 
 
 class EvaluateSettings(StepSettings):
@@ -117,6 +126,9 @@ class EvaluateSettings(StepSettings):
     humaneval_limit: PositiveInt | None = 20  # the first N of the 164 problems; null: all
     humaneval_max_tokens: PositiveInt = 384
     wikitext: bool = True
+    # Each served adapter (adapters:) evaluated too, on the reference and on every recipe that keeps it: the
+    # evaluations run once more per adapter.
+    adapters: bool = True
     wikitext_token_budget: PositiveInt | None = 4096  # leading documents up to this many tokens; null: all
     # lm-eval's context length (rolling windows for perplexity, batch padding), capped by the model's
     # own. Uncapped, a 32k-context model pads batches of whole documents to 32k tokens: 68 GB of
@@ -183,6 +195,9 @@ class BenchmarkSettings(StepSettings):
     # Inference figures come from the recipe's saved checkpoint (what ships); where its backend quantizes
     # while loading, also measure the reference checkpoint quantized while loading (memory), in a process of its own.
     quantize_on_load: bool = True
+    # Each served adapter (adapters:) on every recipe that kept it: the recipe's checkpoint with the adapter on top,
+    # loaded by peft, in a process of its own, against the same checkpoint without it.
+    adapters: bool = True
     # KV-cache capacity, in a process of its own per model: the longest context whose chunked prefill and
     # decoding stay within this much memory (e.g. 12GiB; on a GPU what torch reserves plus the CUDA context,
     # on a CPU the process's private memory), per cache. null: not measured.

@@ -21,12 +21,14 @@ from quantgate.settings import BenchmarkSettings
 
 def benchmark(name: str, checkpoint: str, recipe: RecipeBase | None, dtype: str, device: str | dict,
               settings: BenchmarkSettings, out_dir: str, reference: Benchmarked | None = None,
-              base_checkpoint: str | None = None, cache_dir: str | None = None) -> Benchmarked:
+              base_checkpoint: str | None = None, cache_dir: str | None = None,
+              adapters_served: dict[str, str] | None = None) -> Benchmarked:
     """Measure one model in fresh processes: the reference (recipe None) or a recipe's saved checkpoint, what
     ships. Where the recipe's backend quantizes while loading and `base_checkpoint` is given, the reference
     quantized while loading is measured too (`quantize_on_load`). A process that dies (out of memory, a load that
     fails under a memory limit) becomes a record with its error. Inductor's compiled kernels are kept in
-    `cache_dir`/inductor, so a model compiled once compiles again in a fraction of the time on the next run."""
+    `cache_dir`/inductor, so a model compiled once compiles again in a fraction of the time on the next run.
+    `adapters_served` (name: folder): each measured again with the adapter on top, against the model without it."""
     if recipe is not None and (skipped := cuda_skip(recipe, modeling.resolve_device(device))):
         return Benchmarked(**skipped)
     out = Path(out_dir)
@@ -45,6 +47,9 @@ def benchmark(name: str, checkpoint: str, recipe: RecipeBase | None, dtype: str,
         result["kv_cache"] = kv_cache = run_measurement(name, spec.model_copy(update={"measure": "kv_cache"}),
                                                         out / "benchmark-kv-cache.json")
         warnings += kv_cache_warnings(kv_cache)
+    for adapter, folder in (adapters_served or {}).items():
+        result.setdefault("adapters", {})[adapter] = with_adapter(name, spec, adapter, folder, result, out)
+        warnings += [f"adapter {adapter}: {w}" for w in adapter_warnings(result["adapters"][adapter])]
     if base_checkpoint and settings.quantize_on_load and quantizes_while_loading(recipe):
         on_load = run_measurement(name, spec.model_copy(update={"checkpoint": base_checkpoint, "latency": False,
                                                                 "mode": "quantize_on_load"}),
@@ -54,6 +59,26 @@ def benchmark(name: str, checkpoint: str, recipe: RecipeBase | None, dtype: str,
         if on_load["status"] != "ok":
             warnings.append(f"quantize on load: {on_load['reason']}")
     return Benchmarked(**{**result, "warnings": warnings})
+
+
+def with_adapter(name: str, spec: Spec, adapter: str, folder: str, alone: dict, out: Path) -> dict:
+    """The model with a served adapter on top, in a process of its own: its memory and latency, and the decode time
+    and private memory it adds to the model's own figures of this step."""
+    found = run_measurement(f"{name} with {adapter}", spec.model_copy(update={"adapter": folder}),
+                            out / f"benchmark-adapter-{adapter}.json")
+    if found["status"] != "ok":
+        return found
+    mine, theirs = found["latency"]["decode_ms_per_token"], alone["latency"]["decode_ms_per_token"]
+    found["decode_ms_added"] = round(mine - theirs, 4)
+    found["decode_ratio"] = round(mine / theirs, 4)
+    found["real_bytes_added"] = found["real_bytes"] - alone["real_bytes"]
+    return found
+
+
+def adapter_warnings(found: dict) -> list[str]:
+    if found["status"] != "ok":
+        return [found["reason"]]
+    return latency_warnings(found)
 
 
 def latency_warnings(result: dict) -> list[str]:

@@ -34,6 +34,10 @@ def reference(download: Downloaded, dtype: str, compute_dtype: str, device: str 
     t3 = time.perf_counter()
     adapted = {} if broken else {spec.name: adapter_or_error(model, tokenizer, spec, measured, Path(cache_dir),
                                                              validate, dtype) for spec in adapters_served}
+    for found in adapted.values() if evaluate.adapters else ():
+        if "error" not in found:
+            found["evaluate"] = evaluate_adapter(model, tokenizer, found, download.checkpoint_sha256, compute_dtype,
+                                                 Path(cache_dir), evaluate)
     # Bytes as the checkpoint holds them: a float32 compute copy is not what a recipe is compared with.
     return Reference(adapters=adapted or None, adapters_s=round(time.perf_counter() - t3, 2) if adapted else None,
                      real_bytes=modeling.real_bytes(model, as_dtype=dtype), dtype=dtype,
@@ -55,6 +59,18 @@ def measure_validation(model, tokenizer, download: Downloaded, compute_dtype: st
                                                   Path(measured.path).with_name(towers.cache_name()),
                                                   settings.max_new_tokens)
     return measured
+
+
+def evaluate_adapter(model, tokenizer, found: dict, checkpoint_sha256: str, compute_dtype: str, cache_dir: Path,
+                     settings: EvaluateSettings) -> dict:
+    """The reference with the adapter through the evaluations, cached as the reference's is, by the adapter's files
+    too; the model is left as it was."""
+    adapted = adapters.attach(model, Path(found["folder"]))
+    try:
+        return lmeval.reference_evaluation(adapted, tokenizer, f"{checkpoint_sha256}+{found['files_sha256']}",
+                                           compute_dtype, cache_dir, settings)
+    finally:
+        adapted.unload()
 
 
 def adapter_or_error(model, tokenizer, spec: AdapterSpec, measured: ReferenceValidation, cache_dir: Path,
@@ -93,5 +109,5 @@ def measure_adapter(model, tokenizer, spec: AdapterSpec, measured: ReferenceVali
                      "adapted_modules": len(adapters.weight_shapes(folder))}
     finally:
         adapted.unload()  # the LoRA layers out again: the model is the plain reference
-    return {"path": str(path), "folder": str(folder), "source": spec.source, **described, "effect": effect,
+    return {"path": str(path), "folder": str(folder), "files_sha256": sha, "source": spec.source, **described, "effect": effect,
             "nonfinite": stats["nonfinite"], "overflow": stats.get("overflow"), "generations": stats["generations"]}

@@ -30,10 +30,15 @@ GOLDEN = PROJECT / "tests" / "golden" / "run"
 # What the steps compute a bf16 checkpoint in on this CPU: float32 where bf16 would be emulated (about three times
 # slower), bf16 where native. A test computing a model outside the flow uses it too, to compare like with like.
 COMPUTE = modeling.compute_dtype("bfloat16", "cpu")
+# The validation prompts of the suite's flows: the shipped set without its three long ones, which hold 80% of its
+# 3,800 tokens on SmolLM2 (test_validate's own tests, the long-sequence checks and `make run` compare those).
+SHORT_PROMPTS = Path(tempfile.mkdtemp(prefix="quantgate-prompts-")) / "short.jsonl"
+SHORT_PROMPTS.write_text("".join(line + "\n" for line in (PROJECT / "data" / "validate_prompts.jsonl").read_text().splitlines()
+                                 if '"kind": "long"' not in line))
 # The quick settings every flow of the suite runs with: the same ones, so the reference that the session's flow
 # run measured (validation and evaluation, cached by checkpoint and settings) serves every later run.
 # No long-sequence checks in the flows that test something else; the session flow has them at a quick size (LONG).
-QUICK = ["steps.validate={generate_prompts: 1, max_new_tokens: 8, long_context: null}",
+QUICK = [f"steps.validate={{generate_prompts: 1, max_new_tokens: 8, long_context: null, prompts: {SHORT_PROMPTS}}}",
          "steps.evaluate={limit: 1, batch_size: 4, wikitext_token_budget: 256}",
          "steps.benchmark={prompt_tokens: 16, new_tokens: 4, repeats: 1}"]  # a real run's record (docs/testing.md), for the fast tier
 
@@ -169,7 +174,7 @@ def flow_run(tmp_path_factory, smollm2, smol_lora, cache_dir, prefect_server):
         # The long checks at a quick size: one WikiText stretch to 1,024 tokens, no long generation (the fast tier's
         # tests/test_longrange.py generates; nf4's SmolLM2 repeats itself over 256 tokens: docs/validation.md).
         "steps.validate={generate_prompts: 1, max_new_tokens: 8, long_context: 1024, long_sequences: 1, "
-        "long_generations: 0, bucket_positions: 64}", QUICK[1],
+        f"long_generations: 0, bucket_positions: 64, prompts: {SHORT_PROMPTS}}}", QUICK[1],
         "steps.benchmark={prompt_tokens: 16, new_tokens: 4, repeats: 1, memory_budget: 4GiB, "
         "kv_cache: {caches: [dynamic], prefill_chunk: 128, max_context: 256}}",  # static: tests/test_kvcache.py
         f"steps.publish.registry_dir={runs / 'registry'}",

@@ -15,7 +15,7 @@ from quantgate.settings import AdapterSpec, ValidateSettings
 from tasks.adapters import check_adapters
 from tasks.quantize import quantize
 from tasks.reference import measure_adapter
-from tests.conftest import COMPUTE, PROJECT, edited_copy, make_lora, write_config
+from tests.conftest import COMPUTE, PROJECT, SHORT_PROMPTS, edited_copy, make_lora, write_config
 
 SETTINGS = ValidateSettings(generate_prompts=1, max_new_tokens=4, long_context=None)
 
@@ -229,10 +229,22 @@ def test_the_session_flow_gates_its_adapter_on_every_recipe_that_reaches_it(run_
     # 4-bit weights move the adapted model further than 8-bit ones, and keep fewer of the adapter's decisions.
     nf4, int8 = gated["bnb-nf4"], gated["torchao-int8-weight-only"]
     assert nf4["kl_mean"] > 3 * int8["kl_mean"] and nf4["effect"]["kept"] <= int8["effect"]["kept"]
+    # Evaluated with it: trained on WikiText-2's test text, it lowers the reference's perplexity there.
+    ppl = lambda found: found["wikitext"]["word_perplexity"]  # noqa: E731
+    assert ppl(wiki["evaluate"]) < ppl(m["reference"]["evaluate"]) and wiki["evaluate"]["mmlu"]["n"] == 57
+    for name in gated:
+        with_it = m["recipes"][name]["evaluate"]["adapters"]["wiki"]
+        assert with_it["mmlu"]["paired_n"] == 57 and with_it["joint"]["decision"]
+        assert with_it["wikitext"]["delta_word_perplexity"] == pytest.approx(ppl(with_it) - ppl(wiki["evaluate"]))
+        benched = m["recipes"][name]["benchmark"]["adapters"]["wiki"]  # 60 LoRA layers of rank 8 add their weights
+        assert benched["status"] == "ok" and benched["real_bytes_added"] > 0 and benched["decode_ratio"] > 0
     report = (run_dir / "report.md").read_text()
     assert "## Adapters" in report and "| torchao-int8-weight-only | wiki | " in report
+    assert "Evaluated with each adapter, against the reference with the same adapter:" in report
+    assert "- torchao-int8-weight-only, wiki: decode " in report
     card = render_card(run_dir, "torchao-int8-weight-only")
     assert "## Served with adapters" in card and f"| wiki | {int8['verdict']} | {int8['kl_mean']:.4f} |" in card
+    assert f"| wiki | {m['recipes']['torchao-int8-weight-only']['evaluate']['adapters']['wiki']['mmlu']['acc']:.3f} (" in card
 
 
 def test_an_adapter_whose_effect_sits_below_the_quantization_error_is_flagged_on_nf4(run_dir, smollm2, tmp_path):
@@ -243,7 +255,7 @@ def test_an_adapter_whose_effect_sits_below_the_quantization_error_is_flagged_on
     m = json.loads((run_dir / "metrics.json").read_text())
     weak = make_lora(smollm2, tmp_path / "weak", ["q_proj", "v_proj", "o_proj", "down_proj"], 0.03)
     base = ReferenceValidation(**m["reference"]["validate"])
-    settings = ValidateSettings(generate_prompts=1, max_new_tokens=8, long_context=None)
+    settings = ValidateSettings(generate_prompts=1, max_new_tokens=8, long_context=None, prompts=SHORT_PROMPTS)
     model = modeling.load(smollm2, COMPUTE, "cpu")
     served = {"weak": measure_adapter(model, AutoTokenizer.from_pretrained(smollm2), AdapterSpec(name="weak",
                                       source=str(weak)), base, tmp_path, settings, "bfloat16")}
@@ -257,3 +269,74 @@ def test_an_adapter_whose_effect_sits_below_the_quantization_error_is_flagged_on
     assert nf4["effect"]["decided_tokens"] >= 20 and nf4["verdict"] in ("warn", "fail")
     assert any(r.startswith(("the adapter's effect weakens", "the adapter's effect is lost")) for r in nf4["reasons"])
     assert int8["effect"]["kept"] > nf4["effect"]["kept"]
+
+
+def test_the_evaluations_run_with_the_adapter_on_the_reference_and_on_the_recipe(measured, tiny, golden_run, tmp_path):
+    """The reference with the adapter through the evaluations (cached by the adapter's files), then the int8
+    checkpoint with the same adapter against it, beside the recipe's own: in the record, the report and the card."""
+    from transformers import AutoTokenizer
+
+    from quantgate.card import render_card
+    from quantgate.evaluations import lmeval
+    from quantgate.report import render_report
+    from quantgate.results import ReferenceEvaluation
+    from quantgate.settings import EvaluateSettings
+    from tasks.evaluate import evaluate
+    from tasks.reference import evaluate_adapter
+
+    base, served, recipe, checkpoint = measured
+    settings = EvaluateSettings(limit=1, batch_size=4, wikitext_token_budget=256)
+    model, tokenizer = modeling.load(tiny, COMPUTE, "cpu"), AutoTokenizer.from_pretrained(tiny)
+    plain = lmeval.reference_evaluation(model, tokenizer, "tiny", COMPUTE, tmp_path, settings)
+    style = {**served["style"], "evaluate": evaluate_adapter(model, tokenizer, served["style"], "tiny", COMPUTE, tmp_path,
+                                                             settings)}
+    assert not any("lora" in name for name, _ in model.named_modules())  # left as it was
+    assert style["evaluate"]["wikitext"]["word_perplexity"] != plain["wikitext"]["word_perplexity"]
+    assert evaluate_adapter(model, tokenizer, served["style"], "tiny", COMPUTE, tmp_path, settings)["cached"]
+
+    (tmp_path / "out").mkdir()
+    found = evaluate(checkpoint, recipe, ReferenceEvaluation(**plain), "cpu", settings, str(tmp_path / "out"), COMPUTE,
+                     {"style": style})
+    with_it = found.adapters["style"]
+    assert with_it["mmlu"]["n"] == found.mmlu["n"] == 57 and with_it["mmlu"]["paired_n"] == 57
+    assert with_it["wikitext"]["word_perplexity"] != found.wikitext["word_perplexity"]
+    assert with_it["wikitext"]["delta_word_perplexity"] == pytest.approx(
+        with_it["wikitext"]["word_perplexity"] - style["evaluate"]["wikitext"]["word_perplexity"])
+    assert with_it["joint"]["decision"] and (tmp_path / "out" / "evaluate-adapter-style.json").is_file()
+
+    metrics = json.loads((golden_run / "metrics.json").read_text())
+    metrics["reference"]["adapters"] = {"style": style}
+    entry = metrics["recipes"]["torchao-int8-weight-only"]
+    checked = check_adapters(checkpoint, recipe, served, base.path, "cpu", SETTINGS, COMPUTE, "float32")
+    entry["adapters"], entry["evaluate"]["adapters"] = checked.adapters, found.model_dump(mode="json")["adapters"]
+    (golden_run / "metrics.json").write_text(json.dumps(metrics))
+    row = f"| torchao-int8-weight-only | style | {with_it['mmlu']['acc']:.3f} ({with_it['mmlu']['delta_acc']:+.3f} ["
+    assert "Evaluated with each adapter, against the reference with the same adapter:" in render_report(metrics)
+    assert row in render_report(metrics)
+    card = render_card(golden_run, "torchao-int8-weight-only")
+    assert "Evaluated with each adapter, against the unquantized model with the same adapter:" in card
+    assert f"| style | {with_it['mmlu']['acc']:.3f} (" in card and f"| {with_it['joint']['decision']} |" in card
+
+
+@pytest.mark.integration  # two measurement processes
+def test_the_benchmark_measures_the_recipe_with_the_adapter_on_top(measured, lora, tmp_path):
+    """The int8 checkpoint benchmarked alone and with the adapter loaded by peft on top, each in a process of its own:
+    the adapter's weights and decode time added, in the record's block and the report's line."""
+    from quantgate.formats import adapter_benchmark_lines
+    from quantgate.settings import BenchmarkSettings
+    from tasks.benchmark import benchmark
+
+    _, _, recipe, checkpoint = measured
+    settings = BenchmarkSettings(prompt_tokens=16, new_tokens=4, repeats=1, quantize_on_load=False)
+    found = benchmark(recipe.name, checkpoint, recipe, "float32", "cpu", settings, str(tmp_path),
+                      adapters_served={"style": str(lora)})
+    assert found.status == "ok", found.reason
+    style = found.adapters["style"]
+    assert style["status"] == "ok" and style["adapter"] == str(lora) and style["loaded"] == checkpoint
+    # Rank 8 on two layers' q_proj (64 to 64) and v_proj (64 to 32: two KV heads of 16), in float32.
+    lora_bytes = 2 * ((8 * 64 + 64 * 8) + (8 * 64 + 32 * 8)) * 4
+    assert style["real_bytes_added"] == lora_bytes
+    assert style["decode_ratio"] == pytest.approx(
+        style["latency"]["decode_ms_per_token"] / found.latency["decode_ms_per_token"], rel=1e-3)
+    (line,) = adapter_benchmark_lines({"benchmark": found.model_dump(mode="json")})
+    assert line.startswith(f"style: decode {style['latency']['decode_ms_per_token']:.2f} ms/token (") and "+0.0 MB" in line

@@ -72,6 +72,33 @@ def test_wrong_value_names_allowed_values(tmp_path):
     assert "'bfloat16', 'float16' or 'float32'" in str(e.value)
 
 
+@pytest.mark.parametrize("line,said", [
+    ('{"id": "a", "chat": true}', "line 2: 'text' is missing"),
+    ('{"id": "a", "chat": "yes", "text": "Hi"}', "line 2: 'chat' is 'yes'"),
+    ('{"id": "one", "chat": false, "text": "Again"}', "line 2: id 'one' already used"),
+    ('{"id": "a", "chat": false, "text": "Hi", "lang": "en"}', "line 2: unknown field(s) ['lang']"),
+    ("not json", "line 2: not JSON")])
+def test_a_bad_prompts_file_names_its_line_and_field(tmp_path, line, said):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"id": "one", "chat": true, "text": "Hello"}\n' + line + "\n")
+    path = write_config(tmp_path / "c.yaml", SMOL + f"recipes: [bnb-nf4]\nsteps:\n  validate: {{prompts: {prompts}}}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(e.value).startswith(f"{path}: steps.validate.prompts: ") and f"{prompts} {said}" in str(e.value)
+
+
+def test_a_teams_own_prompts_are_read_and_a_missing_file_is_refused(tmp_path):
+    from quantgate import drift
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"id": "sql", "chat": true, "text": "Write a SQL query counting rows per day."}\n')
+    config = load_config(write_config(tmp_path / "c.yaml", SMOL + f"recipes: [bnb-nf4]\nsteps:\n  validate: {{prompts: {prompts}}}\n"))
+    assert [p["id"] for p in drift.load_prompts(config.steps.validate)] == ["sql"]
+    path = write_config(tmp_path / "d.yaml", SMOL + "recipes: [bnb-nf4]\nsteps:\n  validate: {prompts: nowhere.jsonl}\n")
+    with pytest.raises(ConfigError, match=r"steps\.validate\.prompts: .*nowhere\.jsonl: no such file"):
+        load_config(path)
+
+
 def test_missing_field(tmp_path):
     path = write_config(tmp_path / "c.yaml", "recipes: [bnb-nf4]\n")
     with pytest.raises(ConfigError) as e:

@@ -10,9 +10,11 @@ from quantgate.settings import ValidateSettings
 from quantgate import drift
 from quantgate.results import ReferenceValidation
 from tasks import validate as step
-from tests.conftest import COMPUTE, PROJECT, edit_weights, edited_copy
+from tests.conftest import COMPUTE, PROJECT, SHORT_PROMPTS, edit_weights, edited_copy
 
-SETTINGS = ValidateSettings()
+# The shipped prompts without the three long ones, one short generation: what a planted fault shows on
+# (the long prompts' positions: tests/test_longrange.py).
+SETTINGS = ValidateSettings(prompts=SHORT_PROMPTS, generate_prompts=1, max_new_tokens=8)
 INT8 = load_config(PROJECT / "configs" / "default.yaml", ["recipes=[bnb-int8]"]).recipes[0]
 
 
@@ -45,7 +47,7 @@ def run(folder, reference, recipe=INT8, compute_dtype=COMPUTE):
 
 
 def test_prompt_set():
-    prompts = drift.load_prompts()
+    prompts = drift.load_prompts(ValidateSettings())
     assert len(prompts) >= 16 and len({p["id"] for p in prompts}) == len(prompts)
     assert {"chat", "prose", "code", "numbers", "multilingual", "long"} <= {p["kind"] for p in prompts}
 
@@ -54,7 +56,9 @@ def test_unchanged_model_passes_exactly(smollm2, reference):
     result = run(smollm2, reference)
     assert result["verdict"] == "pass" and result["status"] == "ok" and result["reasons"] == []
     assert result["kl_mean"] < 1e-6 and result["top1_agreement"] == 1.0 and result["top5_overlap"] == 1.0
-    assert result["first_nonfinite_module"] is None and result["tokens"] > 3000
+    stats = torch.load(reference["path"], weights_only=True)
+    assert result["first_nonfinite_module"] is None and result["prompts"] == len(drift.load_prompts(SETTINGS)) == 17
+    assert result["tokens"] == sum(p["ids"].shape[1] for p in stats["prompts"])
     assert all(c > 0.9999 for c in result["hidden_cosine"])
     assert all(g["reference"] == g["quantized"] for g in result["generations"])
 

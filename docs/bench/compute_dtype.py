@@ -13,7 +13,8 @@ from transformers import AutoConfig, AutoTokenizer
 
 from quantgate import modeling
 from quantgate.backends import BACKENDS
-from quantgate.drift import encode, load_prompts
+from quantgate.drift import encode
+from quantgate.prompts import read as read_prompts
 
 
 def backend_for(path: str):
@@ -23,7 +24,7 @@ def backend_for(path: str):
 
 
 tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])
-prompts = [encode(tokenizer, p) for p in load_prompts()]
+prompts = [encode(tokenizer, p) for p in read_prompts()]
 for path in sys.argv[1:]:
     for dtype in ("bfloat16", "float32"):
         backend = backend_for(path)

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
 
-from quantgate import drift, modeling  # noqa: E402
+from quantgate import drift, modeling, prompts as validation_prompts  # noqa: E402
 from quantgate.backends import RecipeBase, parse_recipe  # noqa: E402
 from quantgate.config import load_config  # noqa: E402
 from quantgate.evaluations import lmeval  # noqa: E402
@@ -78,7 +78,7 @@ def measure_reference(model, checkpoint: str, key: str) -> dict:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    ids = [drift.encode(tokenizer, p).to(DEVICE) for p in drift.load_prompts()]
+    ids = [drift.encode(tokenizer, p).to(DEVICE) for p in validation_prompts.read()]
 
     def timed(fn) -> float:
         times = []

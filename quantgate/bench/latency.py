@@ -56,6 +56,8 @@ def eager_reason(model, settings: BenchmarkSettings) -> str | None:
         return "CPU: eager decoding with a dynamic KV cache"
     if settings.fast_path == "off":
         return "fast_path: off in the config"
+    if hasattr(model, "peft_config"):
+        return "a peft adapter on top: its LoRA layers run unmerged, eagerly, as peft serves them"
     if any(p.device.type == "meta" for p in model.parameters()):
         return "weights are offloaded: the hooks that fetch them cannot be captured in a CUDA graph"
     if len(gpus := {p.device for p in model.parameters() if p.device.type == "cuda"}) > 1:

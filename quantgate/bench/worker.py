@@ -41,6 +41,7 @@ class Spec(BaseModel):
     inductor_cache: str | None = None
     latency: bool = True  # false: memory while loading only
     measure: Literal["latency", "kv_cache"] = "latency"
+    adapter: str | None = None  # a served LoRA adapter's folder, loaded by peft on top of the model
 
 
 def largest_shard(checkpoint: Path) -> int:
@@ -73,6 +74,16 @@ def limits_of(settings: BenchmarkSettings) -> dict:
 
 
 def loader(spec: Spec):
+    """A function that loads the model as a user does, with the spec's adapter on top where it names one."""
+    load = model_loader(spec)
+    if spec.adapter is None:
+        return load
+    from quantgate import adapters
+
+    return lambda: adapters.attach(load(), Path(spec.adapter))
+
+
+def model_loader(spec: Spec):
     """A function that loads the model as a user does: the reference, a recipe's saved checkpoint (mode `saved`),
     or the reference quantized while loading (mode `quantize_on_load`). Libraries are imported and the plan made
     here, so the load's samples hold the load alone."""
@@ -130,6 +141,7 @@ def measure(spec: Spec) -> dict:
             diagnostics.append(grown)
         return {"real_bytes_at_load": at_load, "load_s": round(load_s, 2), **inferred, "largest_shard": shard,
                 "memory": memory_of_phases(sampler), "loaded": spec.checkpoint,
+                **({"adapter": spec.adapter} if spec.adapter else {}),
                 "inductor_cache": os.environ.get("TORCHINDUCTOR_CACHE_DIR"),
                 **(caveats(parse_recipe(spec.recipe)) if spec.recipe else {}),
                 "dtype": modeling.computed_dtype(model), "limits": limits_of(spec.settings), "diagnostics": diagnostics}

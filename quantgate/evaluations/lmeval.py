@@ -73,7 +73,7 @@ def eval_key(checkpoint_sha256: str, dtype: str, settings) -> str:
             digest.update(path.read_bytes())
     # "floors": results cached before the reference measured its own spread are measured again, not reused without it
     spec = json.dumps([checkpoint_sha256, dtype, digest.hexdigest(), sorted(evaluations.EVALUATIONS),
-                       settings.model_dump(exclude={"timeout_s", "retries"}), "floors"])
+                       settings.model_dump(exclude={"timeout_s", "retries", "adapters"}), "floors"])
     return hashlib.sha256(spec.encode()).hexdigest()[:24]
 
 
