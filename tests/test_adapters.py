@@ -340,3 +340,23 @@ def test_the_benchmark_measures_the_recipe_with_the_adapter_on_top(measured, lor
         style["latency"]["decode_ms_per_token"] / found.latency["decode_ms_per_token"], rel=1e-3)
     (line,) = adapter_benchmark_lines({"benchmark": found.model_dump(mode="json")})
     assert line.startswith(f"style: decode {style['latency']['decode_ms_per_token']:.2f} ms/token (") and "+0.0 MB" in line
+
+
+@pytest.mark.integration  # two measurement processes
+def test_an_adapter_on_a_model_offloaded_to_disk_is_measured_or_named(tiny, lora, tmp_path):
+    """Under a max_memory that sends layers to disk (meta tensors until accelerate's hooks fetch them), peft 0.21.2
+    cannot load the adapter on top (seed 001's `Tensor.item() cannot be called on meta tensors`): the model's own
+    figures are recorded, and the adapter's measurement names that failure."""
+    from quantgate.settings import BenchmarkSettings
+    from tasks.benchmark import benchmark
+
+    settings = BenchmarkSettings(prompt_tokens=16, new_tokens=3, repeats=1, max_memory={"cpu": "150KB"},
+                                 offload_to_disk=True)
+    found = benchmark("reference", str(tiny), None, "float32", "cpu", settings, str(tmp_path),
+                      adapters_served={"style": str(lora)})
+    assert found.status == "ok", found.reason
+    assert found.model_dump()["placement"]["modules_by_device"]["disk"] > 0
+    style = found.adapters["style"]
+    assert style["status"] == "error" and "peft could not load the adapter onto a model offloaded in part (its " \
+        "offloaded weights are meta tensors)" in style["reason"]
+    assert any(w.startswith("adapter style: ") and "meta tensors" in w for w in found.warnings)
