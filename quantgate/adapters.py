@@ -180,9 +180,22 @@ def effect_on(model, prompts: list[dict]) -> dict:
         with model.disable_adapter():
             plain = model(input_ids=ids).logits[0].float().cpu()
         kls.append(drift.kl_per_token(plain, adapted))
-        changed.append(adapted.argmax(-1) != plain.argmax(-1))
+        changed.append(top1_parts(adapted, plain))
     kl, moved = torch.cat(kls), torch.cat(changed)
     return {"kl_mean": float(kl.mean()), "changed_tokens": int(moved.sum()), "tokens": int(moved.numel())}
+
+
+def top1_parts(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per token, whether two models' top-1 differ beyond ties: no token tied for the top in one is tied for it in
+    the other (bf16 logits tie often: a tie broken one way here and the other way there is not a change)."""
+    return ~((a == a.max(-1, keepdim=True).values) & (b == b.max(-1, keepdim=True).values)).any(-1)
+
+
+def stored_top1_parts(a: dict, b: dict) -> torch.Tensor:
+    """top1_parts from two measurements' stored top-k log-probs and their token ids."""
+    a_top = torch.where(a["top_logp"] == a["top_logp"][:, :1], a["top_idx"], -1)
+    b_top = torch.where(b["top_logp"] == b["top_logp"][:, :1], b["top_idx"], -2)
+    return ~(a_top[:, :, None] == b_top[:, None, :]).any(-1).any(-1)
 
 
 MIN_DECIDED = 20  # tokens whose top-1 the adapter changes in high precision, below which what survives is not judged
@@ -203,7 +216,7 @@ class Survival:
         with self.model.disable_adapter():
             plain = self.model(input_ids=adapted_ref["ids"].to(next(self.model.parameters()).device)).logits[0]
         self.kls.append(drift.kl_per_token(plain.float().cpu(), logits))
-        decided = adapted_ref["top_idx"][:, 0] != plain_ref["top_idx"][:, 0]
+        decided = stored_top1_parts(adapted_ref, plain_ref)
         self.kept.append(compared["top1"].bool()[decided])
         # As kept is counted: the base's token ranked as high as the model's own top-1, ties included.
         base_top = logits.gather(-1, plain_ref["top_idx"][:, :1])[:, 0]

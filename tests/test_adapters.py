@@ -224,7 +224,8 @@ def test_the_session_flow_gates_its_adapter_on_every_recipe_that_reaches_it(run_
     assert sorted(gated) == ["bnb-nf4", "fp8-block64", "torchao-int8-weight-only"]
     for name, a in gated.items():
         assert m["recipes"][name]["steps"]["adapters"]["status"] == "ok", a["reasons"]
-        assert abs(a["effect"]["decided_tokens"] - wiki["effect"]["changed_tokens"]) <= 2  # ties may part
+        # Both counted on the reference's own measurements, a tie for the top read alike (bf16 logits tie often).
+        assert a["effect"]["decided_tokens"] == wiki["effect"]["changed_tokens"]
         assert a["equivalence"]["reload"]["identical"] and a["effect"]["kl_mean"] > 0
     # 4-bit weights move the adapted model further than 8-bit ones, and keep fewer of the adapter's decisions.
     nf4, int8 = gated["bnb-nf4"], gated["torchao-int8-weight-only"]
