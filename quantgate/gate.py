@@ -65,6 +65,15 @@ def unjudged_latency(cell: dict, baseline: dict) -> str | None:
     return None
 
 
+def unjudged_kl(cell: dict, baseline: dict) -> str | None:
+    """Why the two runs' KL cannot be compared, or None: computed in other dtypes (`compute_dtype: auto` resolves per
+    host), the dtype alone moves it about as far as an 8-bit recipe does (docs/validation.md, "The KL's own floor")."""
+    mine, theirs = cell.get("compute_dtype"), baseline.get("compute_dtype")
+    if mine and theirs and mine != theirs:
+        return f"KL not judged: computed in {mine} in this run and in {theirs} in the baseline's"
+    return None
+
+
 def regressions(cell: dict, baseline: dict, gate: GateSettings) -> list[str]:
     """What got worse from the baseline cell to this one, each in a sentence."""
     found = []
@@ -78,7 +87,7 @@ def regressions(cell: dict, baseline: dict, gate: GateSettings) -> list[str]:
             found.append(f"significant {e.label} drop: {cell[e.name + '_delta']:+.4f}"
                          + (f" [{low:+.4f}, {high:+.4f}]" if low is not None and high is not None else "")
                          + f" (baseline {num(baseline.get(e.name + '_delta'), '+.4f', 'not measured')}, not significant)")
-    if _grew(cell["kl_mean"], baseline["kl_mean"], gate.kl_increase):
+    if unjudged_kl(cell, baseline) is None and _grew(cell["kl_mean"], baseline["kl_mean"], gate.kl_increase):
         found.append(f"KL mean {baseline['kl_mean']:.4f} → {cell['kl_mean']:.4f} (more than +{gate.kl_increase:.0%})")
     for key, label in (("real_bytes", "weight memory"), ("peak_memory", "peak memory")):
         if _grew(cell[key], baseline[key], gate.memory_increase):
@@ -102,7 +111,8 @@ def gate_cell(db: str | Path, cell: dict, env: dict, gate: GateSettings) -> dict
         notes = [f"{others} earlier passing runs had other settings: not compared"] if others else []
         return {**cell, **empty, "gate": "baseline", "notes": notes + weak_evaluations(cell, gate)}
     found = regressions(cell, baseline, gate)
-    notes = ([why] if (why := unjudged_latency(cell, baseline)) else []) + weak_evaluations(cell, gate)
+    notes = [why for why in (unjudged_kl(cell, baseline), unjudged_latency(cell, baseline)) if why]
+    notes += weak_evaluations(cell, gate)
     return {**cell, "gate": "regressed" if found else "pass", "regressions": found, "notes": notes,
             "baseline_run": baseline["run_id"], "env_changes": env_changes(run_env(db, baseline["run_id"]), env)}
 

@@ -30,9 +30,11 @@ CREATE TABLE IF NOT EXISTS scores (
 """
 # Columns added since SCHEMA was first made: every database gains them on connecting.
 ADDED = {"tower": "TEXT", "tower_cosine": "REAL", "decode_spread": "REAL", "decode_spread_over": "TEXT",
-         "latency_comparable": "INTEGER", "fingerprint": "TEXT", "gate": "TEXT", "regressions": "TEXT"}
+         "latency_comparable": "INTEGER", "fingerprint": "TEXT", "gate": "TEXT", "regressions": "TEXT",
+         "compute_dtype": "TEXT"}
 ADDED_SCORES = {"mde": "REAL"}  # the same for the scores table
-RECORDED = ("tower", "tower_cosine", "decode_spread", "decode_spread_over", "latency_comparable", "fingerprint")
+RECORDED = ("tower", "tower_cosine", "decode_spread", "decode_spread_over", "latency_comparable", "fingerprint",
+            "compute_dtype")
 CELL_FIELDS = ("run_id", "model", "recipe", "started_at", "status", "reason", "verdict", "nonfinite_module",
                "kl_mean", "top1", "real_bytes", "peak_memory", "decode_ms", "speedup", "card", *RECORDED)
 SCORE_FIELDS = ("value", "delta", "low", "high", "significant", "mde")  # a cell's `{evaluation}_{field}` keys
@@ -142,7 +144,7 @@ def cell_of(metrics: dict, recipe: str, run_dir: Path) -> dict:
             "tower": tower, "tower_cosine": tower_cosine, "decode_spread": latency.get("decode_spread"),
             "decode_spread_over": latency.get("decode_spread_over"),
             "latency_comparable": latency.get("comparable", True) if latency else None,
-            "fingerprint": fingerprint(_config(run_dir), recipe)}
+            "fingerprint": fingerprint(_config(run_dir), recipe), "compute_dtype": v.get("compute_dtype")}
 
 
 def _config(run_dir: Path) -> dict:
@@ -211,12 +213,14 @@ def run_env(db: str | Path, run_id: str) -> dict:
 
 
 def last_passing(db: str | Path, cell: dict) -> dict | None:
-    """The newest passing cell of the same model, recipe and settings (fingerprint) that started before it."""
+    """The newest passing cell of the same model, recipe and settings (fingerprint) that started before it, computed
+    in the same dtype where one was (`compute_dtype: auto` resolves per host)."""
     with closing(connect(db)) as conn:
         row = conn.execute("SELECT c.*, r.run_dir FROM cells c JOIN runs r USING (run_id) WHERE c.model = ? AND "
                            "c.recipe = ? AND c.fingerprint = ? AND c.status = 'passed' AND c.started_at < ? "
-                           "ORDER BY c.started_at DESC LIMIT 1",
-                           (cell["model"], cell["recipe"], cell["fingerprint"], cell["started_at"])).fetchone()
+                           "ORDER BY (c.compute_dtype IS ?) DESC, c.started_at DESC LIMIT 1",
+                           (cell["model"], cell["recipe"], cell["fingerprint"], cell["started_at"],
+                            cell.get("compute_dtype"))).fetchone()
         return with_scores(conn, dict(row)) if row else None
 
 

@@ -226,7 +226,12 @@ def test_the_session_flow_gates_its_adapter_on_every_recipe_that_reaches_it(run_
         assert m["recipes"][name]["steps"]["adapters"]["status"] == "ok", a["reasons"]
         # Both counted on the reference's own measurements, a tie for the top read alike (bf16 logits tie often).
         assert a["effect"]["decided_tokens"] == wiki["effect"]["changed_tokens"]
-        assert a["equivalence"]["reload"]["identical"] and a["effect"]["kl_mean"] > 0
+        assert a["effect"]["kl_mean"] > 0
+        # bitsandbytes' 4-bit layers on a CPU with AVX512 change the base's own outputs when peft loads a second
+        # adapter onto them (max |diff| 1.19 with both adapters off, measured): said, where it happens.
+        same = a["equivalence"]["reload"]["identical"]
+        assert same or (name == "bnb-nf4" and any(n.startswith("the adapter saved and loaded again gives other logits")
+                                                  for n in a["notes"]))
     # 4-bit weights move the adapted model further than 8-bit ones, and keep fewer of the adapter's decisions.
     nf4, int8 = gated["bnb-nf4"], gated["torchao-int8-weight-only"]
     assert nf4["kl_mean"] > 3 * int8["kl_mean"] and nf4["effect"]["kept"] <= int8["effect"]["kept"]

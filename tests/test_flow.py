@@ -105,7 +105,11 @@ def test_steps_remedy_attributes_a_failing_recipe_and_says_what_it_tried(run_dir
     found = strict["validate"]["attribution"]
     assert found["quantized_modules"] == 30 * 7 and len(found["modules"]) == 1  # every Linear of 30 layers; top: 1
     assert found["drift"]["kl_mean"] == pytest.approx(strict["validate"]["kl_mean"], rel=1e-3)
-    assert all(r["kl_recovered"] > 0 and r["bytes_added"] > 0 for r in found["modules"])
+    # What keeping the top module recovers, as measured: int8's drift here (KL about 0.002 computed in float32, 0.006
+    # in bf16 on a host with native bf16) is spread over 210 modules, so one module's 2% can sit below the compute
+    # dtype's own noise on 17 prompts, either sign (a real recovery: tests/test_remedy.py's planted fault).
+    assert all(r["kl_recovered"] == pytest.approx(found["drift"]["kl_mean"] - r["kl_mean"], abs=1e-5)
+               and r["bytes_added"] > 0 and r["share"] > 0 for r in found["modules"])
     remedy = strict["remedy"]
     assert remedy["budget"] == int(0.5 * m["reference"]["real_bytes"])
     # int8 with bf16 embeddings is over half the reference's bytes already: no module can be kept within it.

@@ -202,3 +202,29 @@ def test_the_dashboard_shows_what_the_gate_decided(golden_run, db, tmp_path):
     assert nf4["status"] == "passed" and nf4["gate"] == "regressed" and dashboard.light(nf4) == "fail"
     page = dashboard.render(db)
     assert "title='regressed: weight memory" in page
+
+
+def test_kl_from_another_compute_dtype_is_not_judged(golden_run, db, tmp_path):
+    """`compute_dtype: auto` computes in bf16 on a host with native bf16 and in float32 on one without: int8's KL on
+    SmolLM2 reads about 0.006 and 0.002, and computing in bf16 alone moves it 0.0009 (docs/validation.md). Across
+    dtypes the gate says it did not judge KL; a baseline of the same dtype is taken where there is one."""
+    int8 = "torchao-int8-weight-only"
+    before = json.loads((golden_run / "metrics.json").read_text())["recipes"][int8]["validate"]
+
+    def on_another_host(m):
+        other = "bfloat16" if before["compute_dtype"] == "float32" else "float32"
+        m["recipes"][int8]["validate"].update(compute_dtype=other, kl_mean=before["kl_mean"] * 3)
+
+    history.record_run(db, rerun(golden_run, tmp_path, "night-2", "2999-01-01T02:00:00+00:00", on_another_host))
+    cell = next(c for c in gate.gate_run(db, "night-2", GateSettings()) if c["recipe"] == int8)
+    assert cell["gate"] == "pass" and cell["regressions"] == []
+    assert cell["notes"][0] == (f"KL not judged: computed in {cell['compute_dtype']} in this run and in "
+                                f"{before['compute_dtype']} in the baseline's")
+
+    def kl_triples(m):
+        m["recipes"][int8]["validate"]["kl_mean"] = before["kl_mean"] * 3
+
+    history.record_run(db, rerun(golden_run, tmp_path, "night-3", "2999-01-02T02:00:00+00:00", kl_triples))
+    cell = next(c for c in gate.gate_run(db, "night-3", GateSettings()) if c["recipe"] == int8)
+    assert cell["baseline_run"] == json.loads((golden_run / "metrics.json").read_text())["run_id"]  # not night 2's
+    assert cell["gate"] == "regressed" and cell["regressions"][0].startswith("KL mean ")
