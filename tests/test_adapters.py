@@ -366,3 +366,7 @@ def test_an_adapter_on_a_model_offloaded_to_disk_is_measured_or_named(tiny, lora
     assert style["status"] == "error" and "peft could not load the adapter onto a model offloaded in part (its " \
         "offloaded weights are meta tensors)" in style["reason"]
     assert any(w.startswith("adapter style: ") and "meta tensors" in w for w in found.warnings)
+    # peft copies the offloaded weights to their absolute path made relative: into the measurement's folder, which
+    # the process runs in, not the project's.
+    assert not (PROJECT / tiny.relative_to("/").parts[0]).exists()
+    assert (tmp_path / tiny.relative_to("/") / "model.safetensors").is_file()

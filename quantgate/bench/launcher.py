@@ -38,7 +38,10 @@ def measured_in_processes(name: str, spec: Spec, out: Path, processes: int) -> d
 
 
 def measurement_env(spec: Spec) -> dict:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # The worker runs in the measurement's folder (below); quantgate is imported from where this file is.
+    project = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (project, os.environ.get("PYTHONPATH")) if p)}
     if spec.inductor_cache:
         # set over any inherited value: inductor writes its /tmp default into the environment once used
         env["TORCHINDUCTOR_CACHE_DIR"] = spec.inductor_cache
@@ -47,14 +50,17 @@ def measurement_env(spec: Spec) -> dict:
 
 def run_measurement(name: str, spec: Spec, result_path: Path) -> dict:
     """`python -m quantgate.bench.worker SPEC OUT` under the step's timeout; its result, or a record of its error."""
-    settings, out = spec.settings, Path(spec.out_dir)
-    spec_path = result_path.with_name(result_path.stem + "-spec.json")
+    out, result_path = Path(spec.out_dir).resolve(), result_path.resolve()
+    spec = spec.model_copy(update={"out_dir": str(out)})
+    settings, spec_path = spec.settings, result_path.with_name(result_path.stem + "-spec.json")
     write_json(spec_path, spec.model_dump(mode="json"))
     result_path.unlink(missing_ok=True)
     tail: deque[str] = deque(maxlen=40)
+    # In the measurement's folder: what a library writes to a relative path stays in the run (peft 0.21 copies an
+    # offloaded checkpoint's weights to its absolute path made relative when it loads an adapter onto them).
     proc = subprocess.Popen([sys.executable, "-m", "quantgate.bench.worker", str(spec_path), str(result_path)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            cwd=Path(__file__).resolve().parents[2], env=measurement_env(spec))
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=out,
+                            env=measurement_env(spec))
 
     def pump():
         for line in proc.stderr:
@@ -69,7 +75,7 @@ def run_measurement(name: str, spec: Spec, result_path: Path) -> dict:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
-        return {"status": "error", "reason": f"the benchmark process ran past {settings['timeout_s']:g} s"}
+        return {"status": "error", "reason": f"the benchmark process ran past {settings.timeout_s:g} s"}
     finally:
         reader.join(timeout=5)
         shutil.rmtree(out / "offload", ignore_errors=True)
