@@ -4,6 +4,8 @@ does on the reference and on each recipe: its effect, how much of it survives th
 reload."""
 from __future__ import annotations
 
+import contextlib
+
 import json
 import re
 from pathlib import Path
@@ -167,6 +169,16 @@ def attach(model: torch.nn.Module, folder: Path):
             raise AdapterError("source", f"peft could not load the adapter onto a model offloaded in part (its "
                                          f"offloaded weights are meta tensors): {error_line(e)}") from None
         raise
+
+
+@contextlib.contextmanager
+def attached(model: torch.nn.Module, folder: Path):
+    """The model with the adapter loaded on top (attach), unloaded again on leaving: the model is as it was."""
+    adapted = attach(model, folder)
+    try:
+        yield adapted
+    finally:
+        adapted.unload()
 
 
 @torch.no_grad()

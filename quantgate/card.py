@@ -11,8 +11,9 @@ import yaml
 
 from quantgate import evaluations
 from quantgate.backends import BACKENDS
-from quantgate.formats import (ADAPTER_HEADER, adapter_benchmark_lines, adapter_evaluation_rows, adapter_row, code,
-                               context_line, gb, kl_line, num, peak_memory, text, tower_measures)
+from quantgate.formats import (ADAPTER_HEADER, adapter_benchmark_lines, adapter_evaluation_header, adapter_evaluation_rows,
+                               adapter_row, code, context_line, gb, kl_line, markdown_table, num, peak_memory, text,
+                               tower_measures)
 from quantgate.plan import tower_lines
 
 NOT_MEASURED = "not measured"
@@ -136,9 +137,8 @@ def adapter_lines(entry: dict, ref: dict) -> list[str]:
                         "Not measured in this run (the recipe stopped before its adapters were gated)."]
     return lines + ["Each adapter loaded by peft on this checkpoint, against the unquantized model with the same "
                     "adapter; its decided tokens are those whose top-1 it changes on the unquantized model.", "",
-                    "| " + " | ".join(ADAPTER_HEADER) + " |", "|" + " --- |" * len(ADAPTER_HEADER),
-                    *["| " + " | ".join(text(c) for c in adapter_row(name, a)) + " |"
-                      for name, a in entry["adapters"].items()], *adapter_evaluation_lines(entry),
+                    *markdown_table(ADAPTER_HEADER, [adapter_row(name, a) for name, a in entry["adapters"].items()]),
+                    *adapter_evaluation_lines(entry),
                     *(["", "Benchmarked with each adapter on top, against this checkpoint without it:", "",
                        *[f"- {line}" for line in benched]] if (benched := adapter_benchmark_lines(entry)) else [])]
 
@@ -147,10 +147,8 @@ def adapter_evaluation_lines(entry: dict) -> list[str]:
     """The evaluations run with each adapter on this checkpoint, against the unquantized model with the same adapter."""
     if not (rows := adapter_evaluation_rows(entry)):
         return []
-    header = ["adapter", *[e.column() for e in evaluations.registered()], "joint decision"]
     return ["", "Evaluated with each adapter, against the unquantized model with the same adapter:", "",
-            "| " + " | ".join(header) + " |", "|" + " --- |" * len(header),
-            *["| " + " | ".join(text(c) for c in row) + " |" for row in rows]]
+            *markdown_table(adapter_evaluation_header(), rows)]
 
 
 def remedy_lines(found: dict | None, remedy: dict | None) -> list[str]:

@@ -112,6 +112,18 @@ def scored(evaluate: dict, evaluation) -> str:
             + (f"; -{flipped['right_to_wrong']}/+{flipped['wrong_to_right']}" if flipped else "") + ")")
 
 
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A markdown table, every cell made safe for one (text)."""
+    return ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header),
+            *["| " + " | ".join(text(c) for c in row) + " |" for row in rows]]
+
+
+def adapter_evaluation_header() -> list[str]:
+    from quantgate import evaluations
+
+    return ["adapter", *[e.column() for e in evaluations.registered()], "joint decision"]
+
+
 def adapter_evaluation_rows(entry: dict) -> list[list[str]]:
     """A recipe's evaluations with each served adapter, against the reference with the same adapter: per adapter,
     each registered evaluation's cell and the joint decision."""

@@ -7,8 +7,9 @@ from pathlib import Path
 from quantgate import evaluations
 from quantgate.evaluations import power_line
 from quantgate.files import write_atomic
-from quantgate.formats import (ADAPTER_HEADER, adapter_benchmark_lines, adapter_evaluation_rows, adapter_row, code,
-                               context_line, gb, kl_line, num, peak_memory, scored, text, tower_measures)
+from quantgate.formats import (ADAPTER_HEADER, adapter_benchmark_lines, adapter_evaluation_header, adapter_evaluation_rows,
+                               adapter_row, code, context_line, gb, kl_line, num, peak_memory, scored, text,
+                               tower_measures)
 from quantgate.plan import tower_lines
 
 STEPS = ("quantize", "validate", "evaluate", "benchmark", "publish")
@@ -249,7 +250,7 @@ def adapter_lines(metrics: dict) -> list[str]:
             "recipe keeps an adapter's decided tokens where its base with the adapter still picks the reference-with-"
             "adapter's top-1 there.", "", *table(["recipe", *ADAPTER_HEADER], rows),
             *(["", "Evaluated with each adapter, against the reference with the same adapter:", "",
-               *table(["recipe", "adapter", *[e.column() for e in evaluations.registered()], "joint decision"], evaluated)]
+               *table(["recipe", *adapter_evaluation_header()], evaluated)]
               if evaluated else []),
             *(["", "Benchmarked with each adapter on top, against the same checkpoint without it:", "", *benched]
               if (benched := [f"- {recipe}, {line}" for recipe, entry in metrics["recipes"].items()

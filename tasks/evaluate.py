@@ -50,8 +50,5 @@ def scored_against(results: dict, reference_path: str, settings: EvaluateSetting
 def with_adapter(model, tokenizer, found: dict, settings: EvaluateSettings, out: Path) -> dict:
     """The checkpoint with a served adapter on top, as peft loads it, against the reference with the same adapter;
     the model is left without it."""
-    adapted = adapters.attach(model, Path(found["folder"]))
-    try:
+    with adapters.attached(model, Path(found["folder"])) as adapted:
         return scored_against(lmeval.run_all(adapted, tokenizer, settings), found["evaluate"]["path"], settings, out)
-    finally:
-        adapted.unload()

@@ -65,12 +65,9 @@ def evaluate_adapter(model, tokenizer, found: dict, checkpoint_sha256: str, comp
                      settings: EvaluateSettings) -> dict:
     """The reference with the adapter through the evaluations, cached as the reference's is, by the adapter's files
     too; the model is left as it was."""
-    adapted = adapters.attach(model, Path(found["folder"]))
-    try:
+    with adapters.attached(model, Path(found["folder"])) as adapted:
         return lmeval.reference_evaluation(adapted, tokenizer, f"{checkpoint_sha256}+{found['files_sha256']}",
                                            compute_dtype, cache_dir, settings)
-    finally:
-        adapted.unload()
 
 
 def adapter_or_error(model, tokenizer, spec: AdapterSpec, measured: ReferenceValidation, cache_dir: Path,
@@ -95,8 +92,7 @@ def measure_adapter(model, tokenizer, spec: AdapterSpec, measured: ReferenceVali
     folder = adapters.fetch(spec.source, cache_dir)
     sha = sha256_file(folder / "adapter_model.safetensors")[:16] + sha256_file(folder / "adapter_config.json")[:8]
     path = Path(measured.path).with_name(f"adapter-{sha}.pt")
-    adapted = adapters.attach(model, folder)
-    try:
+    with adapters.attached(model, folder) as adapted:  # the LoRA layers out again after: the plain reference
         stats = cached_tensors(path) if path.is_file() else None
         if stats is None:
             stats = drift.measure_reference(adapted, tokenizer, settings, served)
@@ -107,7 +103,5 @@ def measure_adapter(model, tokenizer, spec: AdapterSpec, measured: ReferenceVali
         described = {"r": config.r, "lora_alpha": config.lora_alpha, "target_modules": targets,
                      "base_model": config.base_model_name_or_path,
                      "adapted_modules": len(adapters.weight_shapes(folder))}
-    finally:
-        adapted.unload()  # the LoRA layers out again: the model is the plain reference
     return {"path": str(path), "folder": str(folder), "files_sha256": sha, "source": spec.source, **described, "effect": effect,
             "nonfinite": stats["nonfinite"], "overflow": stats.get("overflow"), "generations": stats["generations"]}

@@ -129,27 +129,11 @@ def make_lora(base: Path, folder: Path, targets: list[str], scale: float, seed: 
 
 @pytest.fixture(scope="session")
 def smol_lora(smollm2, tmp_path_factory) -> Path:
-    """A LoRA of rank 8 on SmolLM2's q_proj and v_proj, trained 8 steps of Adam on WikiText-2's test text (4 x 128
-    tokens a step): an adapter that changes what the model predicts, as a fine-tune does."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """A LoRA of rank 8 on SmolLM2's q_proj and v_proj, trained 8 steps on WikiText-2's test text (tests/lora.py): an
+    adapter that changes what the model predicts, as a fine-tune does."""
+    from tests.lora import train_lora
 
-    from quantgate.paths import DATA_DIR
-
-    torch.manual_seed(0)
-    text = (DATA_DIR / "wikitext2" / "test.txt").read_text()[:100_000]
-    ids = AutoTokenizer.from_pretrained(smollm2)(text, return_tensors="pt")["input_ids"][0]
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32),
-                           LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    for step in range(8):
-        batch = ids[step * 512:(step + 1) * 512].view(4, 128)
-        model(input_ids=batch, labels=batch).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    folder = tmp_path_factory.mktemp("adapters") / "wiki"
-    model.save_pretrained(folder)
-    return folder
+    return train_lora(smollm2, tmp_path_factory.mktemp("adapters") / "wiki")
 
 
 @pytest.fixture(scope="session")
