@@ -62,6 +62,28 @@ def test_batched_and_grouped_expert_matmuls_match_one_expert_at_a_time():
     torch.testing.assert_close(grouped, one_by_one[order], **close)
 
 
+def test_kept_float_weights_give_the_same_products_and_follow_an_edit(monkeypatch):
+    torch.manual_seed(2)
+    weight, scale = blocky(128, 192, (64, 64))
+    weight, x = torch.nn.Parameter(weight, requires_grad=False), torch.randn(4, 192)
+    monkeypatch.setattr(fp8_kernel, "keep_bytes", 0)
+    fresh = fp8_kernel.matmul_2d(x, weight, scale, [64, 64])
+    assert not fp8_kernel._kept
+    monkeypatch.setattr(fp8_kernel, "keep_bytes", 1 << 20)
+    assert torch.equal(fp8_kernel.matmul_2d(x, weight, scale, [64, 64]), fresh)
+    assert torch.equal(fp8_kernel.matmul_2d(x, weight, scale, [64, 64]), fresh) and id(weight) in fp8_kernel._kept
+    with torch.no_grad():
+        weight.copy_(weight.flip(0))  # edited in place, as a test plants a fault: the kept copy is stale
+    edited = fp8_kernel.matmul_2d(x, weight.detach().clone(), scale, [64, 64])  # another tensor: computed afresh
+    assert not torch.equal(edited, fresh) and torch.equal(fp8_kernel.matmul_2d(x, weight, scale, [64, 64]), edited)
+    key = id(weight)
+    del weight
+    assert key not in fp8_kernel._kept  # freed with its layer
+    big, big_scale = blocky(1024, 512, (64, 64))  # 2 MiB in float32, over the budget: computed at every call
+    fp8_kernel.matmul_2d(torch.randn(1, 512), big, big_scale, [64, 64])
+    assert id(big) not in fp8_kernel._kept
+
+
 @pytest.fixture(scope="module")
 def tiny(smollm2, tmp_path_factory):
     """A small random Llama whose layers 128x128 blocks divide, with SmolLM2's tokenizer, and a copy of it

@@ -15,7 +15,7 @@ import torch
 from pydantic import BaseModel
 
 from quantgate import kvcache, modeling
-from quantgate.backends import backend_of, parse_recipe
+from quantgate.backends import backend_of, fp8_kernel, parse_recipe
 from quantgate.bench.decode import prompt_ids
 from quantgate.bench.latency import copy_bandwidth, measure_latency, weight_bytes_per_token
 from quantgate.files import WEIGHT_FILES, write_json
@@ -226,6 +226,7 @@ def main(spec_path: str, out_path: str) -> None:
     # force: importing Prefect gave the root its own handler and WARNING, which dropped these lines
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr, force=True)
     spec = Spec.model_validate_json(Path(spec_path).read_text())
+    fp8_kernel.keep_bytes = 0  # the model's memory is measured here: no float32 copies of FP8 weights
     write_json(Path(out_path), measure_kv_cache(spec) if spec.measure == "kv_cache" else measure(spec))
 
 
