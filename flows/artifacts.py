@@ -1,4 +1,4 @@
-"""The run's Prefect artifacts: its report, a table of every recipe's metrics, each recipe's card and the links,
+"""The run's Prefect artifacts: its report, a table of every recipe's metrics, each recipe's table and card, the links,
 under keys that stay the same across runs, so the UI shows each one's history."""
 from __future__ import annotations
 
@@ -31,7 +31,11 @@ def create_artifacts(run_dir: Path) -> list[str]:
                           description=f"run {metrics['run_id']}")
     create_link_artifact(link=run_dir.resolve().as_uri(), link_text=str(run_dir), key=keys[2],
                          description=f"run directory of {metrics['run_id']}")
+    rows = {row[0]: dict(zip(summary_header(), row)) for row in summary_rows(metrics)}
     for recipe, entry in metrics["recipes"].items():
+        keys.append(artifact_key("quantgate", model, recipe, "metrics"))  # the recipe beside the reference, per run
+        create_table_artifact(table=[rows["reference"], rows[recipe]], key=keys[-1],
+                              description=f"run {metrics['run_id']}: {entry['status']}")
         card = run_dir / recipe / "card.md"
         if card.is_file():
             keys.append(artifact_key("quantgate", model, recipe, "card"))

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
+from prefect.events import emit_event
 
 from flows.quantize_model import quantize_model
 from quantgate import dashboard, gate, history
@@ -55,6 +56,30 @@ def cell_runs(matrix, nightly_id: str) -> list[dict]:
             for (m, r), run in zip(cells, finished)]
 
 
+def emit_alerts(nightly_id: str, results: list[dict], missing: list[dict]) -> None:
+    """An event per regressed cell and per cell that did not finish, for the automations of configs/automations
+    (`quantgate alerts`) to notify on."""
+    for c in results:
+        if c["gate"] == "regressed":
+            emit_event("quantgate.nightly.regression", resource={
+                "prefect.resource.id": f"quantgate.cell.{c['model']}.{c['recipe']}",
+                "prefect.resource.name": f"{c['model']} {c['recipe']}"},
+                payload={"nightly_id": nightly_id, "run_id": c["run_id"], "model": c["model"], "recipe": c["recipe"],
+                         "regressions": c["regressions"], "env_changes": c["env_changes"]})
+    for c in results:
+        if c["status"] == "error" and c["gate"] != "regressed":  # a step errored: the cell measured nothing
+            emit_event("quantgate.nightly.cell-failed", resource={
+                "prefect.resource.id": f"quantgate.cell.{c['model']}.{c['recipe']}",
+                "prefect.resource.name": f"{c['model']} {c['recipe']}"},
+                payload={"nightly_id": nightly_id, "cell": f"{c['model']} {c['recipe']}", "state": "error",
+                         "run_id": c["run_id"], "reason": c.get("reason")})
+    for r in missing:
+        emit_event("quantgate.nightly.cell-failed", resource={"prefect.resource.id": f"quantgate.cell.{r['cell']}",
+                                                              "prefect.resource.name": r["cell"]},
+                   payload={"nightly_id": nightly_id, "cell": r["cell"], "state": r["state"],
+                            "flow_run": r.get("flow_run")})
+
+
 @flow(name="nightly")
 def nightly(matrix: str = str(PROJECT_ROOT / "configs" / "nightly.yaml")) -> str:
     config = load_nightly(matrix)
@@ -69,6 +94,7 @@ def nightly(matrix: str = str(PROJECT_ROOT / "configs" / "nightly.yaml")) -> str
     summary = gate.summary(nightly_id, runs, results, missing, Path(config.dashboard).resolve())
     create_markdown_artifact(markdown=summary, key="quantgate-nightly", description=nightly_id)
     get_run_logger().info("%s", summary)
+    emit_alerts(nightly_id, results, missing)
     if failures := gate.failures(results, missing):
         raise RegressionError("; ".join(failures))
     return nightly_id

@@ -11,7 +11,9 @@ from prefect import State, flow
 from prefect.states import Failed
 from prefect.logging.handlers import APILogHandler
 
+from flows.approval import ask
 from flows.artifacts import create_artifacts
+from flows.devices import device_limits
 from flows.remedy import remedy_recipe
 from flows.steps import (adapters_task, benchmark_task, download_task, evaluate_task, publish_task, quantize_task,
                          reference_task, run_step, validate_task)
@@ -35,6 +37,7 @@ class Model:
     device: str | dict
     reference: Reference
     benchmark: Benchmarked | None
+    hold: tuple[str, ...]  # the devices its steps hold while they compute (flows.devices)
 
 
 @flow(name="quantize-model")
@@ -78,7 +81,8 @@ def gate_model(run: RunRecord, config: RunConfig) -> Model | None:
         return None
     compute = modeling.compute_dtype(model.dtype, model.device, model.compute_dtype)
     device = modeling.placement(model.device, model.max_memory)  # one GPU, several, or the CPU: every step's
-    reference = run_step(reference_task, steps.reference, Reference, "model", "reference", download=download,
+    hold = device_limits(model, device)
+    reference = run_step(reference_task, steps.reference, Reference, "model", "reference", hold, download=download,
                          dtype=model.dtype, compute_dtype=compute, device=device, cache_dir=cache,
                          validate=steps.validate, evaluate=steps.evaluate, adapters_served=config.adapters)
     run.set_reference(reference)
@@ -90,23 +94,23 @@ def gate_model(run: RunRecord, config: RunConfig) -> Model | None:
     if overflow := reference.validate.overflow:
         run.set_base_broken(f"the base model is broken where it is served: {overflow_reason(overflow)}")
         return None
-    benchmark = run_step(benchmark_task, steps.benchmark, Benchmarked, "model", "benchmark", name="reference",
+    benchmark = run_step(benchmark_task, steps.benchmark, Benchmarked, "model", "benchmark", hold, name="reference",
                          checkpoint=download.checkpoint, recipe=None, dtype=model.dtype, device=device,
                          settings=steps.benchmark, out_dir=str(run.dir / "reference"), cache_dir=cache)
     run.set_reference_benchmark(benchmark)
-    return Model(download.checkpoint, compute, device, reference, benchmark if benchmark.ok else None)
+    return Model(download.checkpoint, compute, device, reference, benchmark if benchmark.ok else None, hold)
 
 
 def gate_recipe(run: RunRecord, config: RunConfig, model: Model, recipe: RecipeBase) -> None:
     """One recipe through the steps, stopping at the first that does not end ok."""
     steps, name, out, cache = config.steps, recipe.name, str(run.recipe_dir(recipe.name)), str(config.output.cache_dir)
-    quantized = run_step(quantize_task, steps.quantize, Quantized, name, "quantize", checkpoint=model.checkpoint,
+    quantized = run_step(quantize_task, steps.quantize, Quantized, name, "quantize", model.hold, checkpoint=model.checkpoint,
                          recipe=recipe, dtype=config.model.dtype, device=model.device, out_dir=out,
                          roundtrip_min_top1=steps.quantize.roundtrip_min_top1, cache_dir=cache,
                          registry_dir=str(steps.publish.registry_dir))
     if not run.set_step(name, "quantize", quantized):
         return
-    validated = run_step(validate_task, steps.validate, Validated, name, "validate", checkpoint=quantized.checkpoint,
+    validated = run_step(validate_task, steps.validate, Validated, name, "validate", model.hold, checkpoint=quantized.checkpoint,
                          recipe=recipe, reference=model.reference.validate, device=model.device,
                          settings=steps.validate, compute_dtype=model.compute_dtype, served=config.model.dtype)
     went_on = run.set_step(name, "validate", validated)
@@ -117,20 +121,20 @@ def gate_recipe(run: RunRecord, config: RunConfig, model: Model, recipe: RecipeB
             publish(run, config, name)
         return
     if model.reference.adapters and not run.set_adapters(name, run_step(
-            adapters_task, steps.validate, AdaptersChecked, name, "adapters", checkpoint=quantized.checkpoint,
+            adapters_task, steps.validate, AdaptersChecked, name, "adapters", model.hold, checkpoint=quantized.checkpoint,
             recipe=recipe, references=model.reference.adapters, base_stats=model.reference.validate.path,
             device=model.device, settings=steps.validate, compute_dtype=model.compute_dtype, served=config.model.dtype)):
         if steps.publish.force:
             publish(run, config, name)
         return
     served = {n: a for n, a in (model.reference.adapters or {}).items() if "error" not in a}  # kept by this recipe
-    evaluated = run_step(evaluate_task, steps.evaluate, Evaluated, name, "evaluate", checkpoint=quantized.checkpoint,
+    evaluated = run_step(evaluate_task, steps.evaluate, Evaluated, name, "evaluate", model.hold, checkpoint=quantized.checkpoint,
                          recipe=recipe, reference=model.reference.evaluate, device=model.device,
                          settings=steps.evaluate, out_dir=out, compute_dtype=model.compute_dtype,
                          adapters_served={n: a for n, a in served.items() if a.get("evaluate")})
     if not run.set_step(name, "evaluate", evaluated):
         return
-    benchmarked = run_step(benchmark_task, steps.benchmark, Benchmarked, name, "benchmark", name=name,
+    benchmarked = run_step(benchmark_task, steps.benchmark, Benchmarked, name, "benchmark", model.hold, name=name,
                            checkpoint=quantized.checkpoint, recipe=recipe, dtype=config.model.dtype,
                            device=model.device, settings=steps.benchmark, out_dir=out, reference=model.benchmark,
                            base_checkpoint=model.checkpoint, cache_dir=cache,
@@ -141,5 +145,13 @@ def gate_recipe(run: RunRecord, config: RunConfig, model: Model, recipe: RecipeB
 
 def publish(run: RunRecord, config: RunConfig, recipe: str) -> None:
     settings = config.steps.publish
-    run.set_step(recipe, "publish", run_step(publish_task, settings, Published, recipe, "publish", run_dir=str(run.dir),
-                                             recipe=recipe, settings=settings))
+    approval = None
+    if settings.approve and settings.target == "hub" and not settings.dry_run:
+        approved, approval = ask(run.dir, recipe, settings.hub_repo, settings.approve_timeout_s)
+        if not approved:
+            run.set_step(recipe, "publish", Published(status="skipped", reason=approval))
+            return
+    published = run_step(publish_task, settings, Published, recipe, "publish", run_dir=str(run.dir), recipe=recipe,
+                         settings=settings)
+    published.approval = approval if published.ok else None
+    run.set_step(recipe, "publish", published)

@@ -9,7 +9,9 @@ from pathlib import Path
 from prefect import flow, task
 from prefect.states import Failed
 
+from flows.devices import device_limits
 from flows.steps import quantize_task, run_step, validate_task
+from quantgate import modeling
 from quantgate.backends import RecipeBase
 from quantgate.config import RunConfig
 from quantgate.files import write_json
@@ -23,7 +25,8 @@ remedy_task = task(step.remedy, name="remedy", task_run_name="remedy-{recipe.nam
 def remedy_recipe(run_dir: Path, config: RunConfig, metrics: dict, recipe: RecipeBase, settings: RemedySettings) -> Remedied:
     """Attribution, then the variants through the quantize and validate tasks (<recipe>/remedy/<number>) until one
     passes: <recipe>/remedy.yaml."""
-    found = run_step(remedy_task, settings, Remedied, recipe.name, "remedy", config=config, metrics=metrics,
+    hold = device_limits(config.model, modeling.placement(config.model.device, config.model.max_memory))
+    found = run_step(remedy_task, settings, Remedied, recipe.name, "remedy", hold, config=config, metrics=metrics,
                      recipe=recipe, top=settings.top, budget_ratio=settings.budget)
     if not found.ok:
         return found
@@ -31,13 +34,13 @@ def remedy_recipe(run_dir: Path, config: RunConfig, metrics: dict, recipe: Recip
     reference = ReferenceValidation(**metrics["reference"]["validate"])
 
     def quantized(variant: RecipeBase, number: int) -> Quantized:
-        return run_step(quantize_task, steps.quantize, Quantized, variant.name, f"quantize {number}",
+        return run_step(quantize_task, steps.quantize, Quantized, variant.name, f"quantize {number}", hold,
                         checkpoint=metrics["model"]["checkpoint"], recipe=variant, dtype=config.model.dtype,
                         device=config.model.device, out_dir=str(out / "remedy" / str(number)),
                         roundtrip_min_top1=steps.quantize.roundtrip_min_top1)
 
     def validated(variant: RecipeBase, checkpoint: Quantized) -> Validated:
-        return run_step(validate_task, steps.validate, Validated, variant.name, "validate",
+        return run_step(validate_task, steps.validate, Validated, variant.name, "validate", hold,
                         checkpoint=checkpoint.checkpoint, recipe=variant, reference=reference, device=config.model.device,
                         settings=steps.validate, compute_dtype=metrics["reference"]["compute_dtype"],
                         served=config.model.dtype)

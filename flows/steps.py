@@ -6,11 +6,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 from prefect import task
 from prefect.context import TaskRunContext
 
+from flows.devices import held
 from quantgate.fetching import intact, manifest_path
 from quantgate.results import StepResult
 from quantgate.runlog import SHOWN, announce
@@ -65,21 +67,25 @@ benchmark_task = task(benchmark, name="benchmark", task_run_name="benchmark-{nam
 publish_task = task(publish, name="publish", task_run_name="publish-{recipe}")
 
 
-def run_step(step_task, settings, result_type: type[StepResult], group: str, step: str, /, **params) -> StepResult:
-    """Run a step's task under its settings' timeout and retries, announcing its start and end (group is the
-    recipe, or `model`); any way it ends becomes its typed result, never a raise."""
+def run_step(step_task, settings, result_type: type[StepResult], group: str, step: str, /, hold: tuple[str, ...] = (),
+             **params) -> StepResult:
+    """Run a step's task under its settings' timeout and retries, holding the devices named in `hold`
+    (flows.devices), announcing its start and end (group is the recipe, or `model`); any way it ends becomes its
+    typed result, never a raise."""
     announce(group, step, "start")
-    t0 = time.perf_counter()
-    state = step_task.with_options(timeout_seconds=settings.timeout_s, retries=settings.retries)(
-        **params, return_state=True)
-    seconds = round(time.perf_counter() - t0, 2)
+    with held(hold, group, step):
+        started_at = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+        t0 = time.perf_counter()
+        state = step_task.with_options(timeout_seconds=settings.timeout_s, retries=settings.retries)(
+            **params, return_state=True)
+        seconds = round(time.perf_counter() - t0, 2)
     if state.is_completed():
         result = state.result()
         result = result_type.model_validate(result) if isinstance(result, dict) else result
         result.cached = state.name == "Cached"
     else:
         result = result_type(status="error", reason=failure(state, settings))
-    result.seconds = seconds
+    result.seconds, result.started_at = seconds, started_at
     announce(group, step, "end", result.status, seconds, result.reason)
     return result
 

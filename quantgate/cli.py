@@ -1,4 +1,4 @@
-"""quantgate plan | run | report | history | dashboard — the command line."""
+"""quantgate plan | run | report | remedy | history | dashboard | approve | alerts — the command line."""
 from __future__ import annotations
 
 import argparse
@@ -17,7 +17,7 @@ from quantgate.history import HistoryError  # noqa: E402
 from quantgate.config import ConfigError, load_config, writable  # noqa: E402
 from quantgate.files import write_json  # noqa: E402
 from quantgate.formats import num  # noqa: E402
-from quantgate.paths import DASHBOARD, DEFAULT_CONFIG, HISTORY_DB  # noqa: E402
+from quantgate.paths import DASHBOARD, DEFAULT_CONFIG, HISTORY_DB, history_location  # noqa: E402
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -142,7 +142,7 @@ def show_history(args) -> int:
     from quantgate.formats import num
     from quantgate.settle import settle
 
-    if args.db.is_file():  # runs a killed process left `running` beside the history read as what they are
+    if isinstance(args.db, Path) and args.db.is_file():  # runs a killed process left `running` beside the history read as what they are
         for run_id in settle(args.db.parent, args.db):
             print(f"run {run_id}: killed before it finished; its record now says so", file=sys.stderr)
 
@@ -214,6 +214,34 @@ def _gate(found, config, metrics: dict, out: Path) -> dict:
                 found.budget)
 
 
+def approve(args) -> int:
+    """Answer a flow run paused for an approval before the Hub (steps.publish.approve), or list those waiting."""
+    from flows import approval
+
+    if args.run_id is None:
+        waiting = approval.waiting()
+        print("\n".join(f"{key}  (flow run {run})" for key, run in waiting.items()) or "no flow run is waiting")
+        return 0
+    if args.recipe is None:
+        print("error: approve takes a run id and a recipe (no arguments: list the flow runs waiting)", file=sys.stderr)
+        return 2
+    try:
+        flow_run = approval.answer(args.run_id, args.recipe, not args.reject, args.reviewer, args.reason)
+    except LookupError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{'rejected' if args.reject else 'approved'}: {args.recipe} of run {args.run_id} (flow run {flow_run})")
+    return 0
+
+
+def alerts(args) -> int:
+    from flows import alerts as automations
+
+    for name in automations.install(args.webhook, args.nightly_window):
+        print(f"automation: {name}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="quantgate", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -235,16 +263,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", type=float, default=0.5, help="the most bytes, as a fraction of the reference's")
     p.set_defaults(fn=remedy)
     p = sub.add_parser("history", help="list recorded runs, one line per model and recipe")
-    p.add_argument("--db", type=Path, default=HISTORY_DB)
+    p.add_argument("--db", type=history_location, default=HISTORY_DB, help="a SQLite file or postgresql://USER@HOST/DB")
     p.add_argument("--model")
     p.add_argument("--recipe")
     p.add_argument("--status", choices=["passed", "failed", "error", "skipped", "interrupted"])
     p.add_argument("--limit", type=int, default=50)
     p.set_defaults(fn=show_history)
     p = sub.add_parser("dashboard", help="write the static HTML dashboard from the history")
-    p.add_argument("--db", type=Path, default=HISTORY_DB)
+    p.add_argument("--db", type=history_location, default=HISTORY_DB, help="a SQLite file or postgresql://USER@HOST/DB")
     p.add_argument("--out", type=Path, default=DASHBOARD)
     p.set_defaults(fn=write_dashboard)
+    p = sub.add_parser("approve", help="approve or reject a Hub upload a flow run waits for (no arguments: list them)")
+    p.add_argument("run_id", nargs="?")
+    p.add_argument("recipe", nargs="?")
+    p.add_argument("--reject", action="store_true")
+    p.add_argument("--reviewer", default=os.environ.get("USER", ""))
+    p.add_argument("--reason", default="")
+    p.set_defaults(fn=approve)
+    p = sub.add_parser("alerts", help="create the nightly's automations (configs/automations) on the Prefect server")
+    p.add_argument("--webhook", required=True, help="where notifications are posted (Slack, Teams, any JSON receiver)")
+    p.add_argument("--nightly-window", type=int, metavar="SECONDS",
+                   help="how long a nightly may run before it is reported as not finished (default: the file's, 8 h)")
+    p.set_defaults(fn=alerts)
     args = parser.parse_args(argv)
     try:
         return args.fn(args)

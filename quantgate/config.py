@@ -7,6 +7,7 @@ before validation, so every error names the file and field it came from.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ import yaml
 from pydantic import Field, PositiveInt, SerializeAsAny, ValidationError, field_validator
 
 from quantgate.backends import RecipeBase, Strict, methods, parse_recipe
-from quantgate.paths import DASHBOARD, HISTORY_DB, RECIPES_DIR, Rooted
+from quantgate.paths import DASHBOARD, HISTORY_DB, RECIPES_DIR, HistoryDb, Rooted, is_database_url
 from quantgate.settings import AdapterSpec, GateSettings, ModelSpec, Output, Steps
 
 
@@ -198,7 +199,12 @@ def _config_error(path: Path, err: dict, applied: dict[str, str], prefix: str = 
     origin = next((f"--set {item}" for key, item in applied.items()
                    if dotted == key or dotted.startswith(key + ".")), path)
     message = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
-    return ConfigError(origin, field, f"{message}; got {err.get('input')!r}")
+    return ConfigError(_unsecret(str(origin)), field, _unsecret(f"{message}; got {err.get('input')!r}"))
+
+
+def _unsecret(text: str) -> str:
+    """A URL's password starred out: an error goes to terminals and CI logs."""
+    return re.sub(r"(://[^/:@\s]+:)[^@/\s]+@", r"\1***@", text)
 
 
 def _unwritable(path: Path, is_file: bool) -> str | None:
@@ -217,14 +223,28 @@ def _unwritable(path: Path, is_file: bool) -> str | None:
     return None if os.access(parent, os.W_OK | os.X_OK) else f"{path} cannot be made: {parent} is not writable"
 
 
+def _unreachable(url: str) -> str | None:
+    """Why the history's database server cannot take this run's record, asked before any heavy work."""
+    from quantgate import history
+
+    try:
+        history.connect(url, create=True)
+    except history.HistoryError as e:
+        return str(e)
+    return None
+
+
 def writable(config: RunConfig, config_path: str | Path) -> None:
     """Every place a run writes (runs, cache, registry, history), checked before any heavy work."""
-    places = [("output.runs_dir", config.output.runs_dir, False), ("output.cache_dir", config.output.cache_dir, False),
-              ("output.history_db", config.output.history_db, True)]
+    places = [("output.runs_dir", config.output.runs_dir, False), ("output.cache_dir", config.output.cache_dir, False)]
+    if not is_database_url(config.output.history_db):
+        places.append(("output.history_db", config.output.history_db, True))
     if config.steps.publish.target == "local":
         places.append(("steps.publish.registry_dir", config.steps.publish.registry_dir, False))
     errors = [ConfigError(config_path, field, why) for field, path, is_file in places
               if (why := _unwritable(Path(path), is_file))]
+    if is_database_url(config.output.history_db) and (why := _unreachable(config.output.history_db)):
+        errors.append(ConfigError(config_path, "output.history_db", why))
     if errors:
         raise ConfigError.of(errors)
 
@@ -249,7 +269,7 @@ class NightlyConfig(Strict):
     # the cells one after another in the nightly flow's own process.
     deployment: str | None = "quantize-model/quantize"
     gate: GateSettings = GateSettings()
-    history_db: Rooted = HISTORY_DB
+    history_db: HistoryDb = HISTORY_DB
     dashboard: Rooted = DASHBOARD
 
 

@@ -1,91 +1,138 @@
-"""Run history in an embedded SQLite database, and the regression gate that reads it.
+"""Run history in a database, and the regression gate that reads it: an embedded SQLite file (the default) or a
+PostgreSQL server for several hosts (`postgresql://USER@HOST/DB`), through SQLAlchemy, one schema for both.
 
 Every run's record goes in (`record_run`): one row per run with its environment, one row per recipe ("cell")
 with the figures the gate and the dashboard use, and one row per cell and evaluation ("scores"), whatever
 evaluations are registered. `regressions` compares a cell with the last passing run of the same model and recipe."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
-import sqlite3
-from contextlib import closing
 from pathlib import Path
 
+import sqlalchemy as sa
 import yaml
+from sqlalchemy.dialects import postgresql, sqlite
 
 from quantgate import evaluations
 from quantgate.formats import peak_memory
+from quantgate.paths import is_database_url as is_url
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS runs (
-    run_id TEXT PRIMARY KEY, started_at TEXT, finished_at TEXT, model TEXT, status TEXT, run_dir TEXT,
-    env TEXT, metrics TEXT, nightly_id TEXT);
-CREATE TABLE IF NOT EXISTS cells (
-    run_id TEXT, model TEXT, recipe TEXT, started_at TEXT, status TEXT, reason TEXT, verdict TEXT,
-    nonfinite_module TEXT, kl_mean REAL, top1 REAL, real_bytes INTEGER, peak_memory INTEGER,
-    decode_ms REAL, speedup REAL, card TEXT, PRIMARY KEY (run_id, recipe));
-CREATE TABLE IF NOT EXISTS scores (
-    run_id TEXT, recipe TEXT, evaluation TEXT, value REAL, delta REAL, low REAL, high REAL, significant INTEGER,
-    PRIMARY KEY (run_id, recipe, evaluation));
-"""
-# Columns added since SCHEMA was first made: every database gains them on connecting.
-ADDED = {"tower": "TEXT", "tower_cosine": "REAL", "decode_spread": "REAL", "decode_spread_over": "TEXT",
-         "latency_comparable": "INTEGER", "fingerprint": "TEXT", "gate": "TEXT", "regressions": "TEXT",
-         "compute_dtype": "TEXT"}
-ADDED_SCORES = {"mde": "REAL"}  # the same for the scores table
+
+class Flag(sa.types.TypeDecorator):
+    """A yes/no kept as 0/1 in both databases (PostgreSQL will not take a Python bool for an integer)."""
+    impl, cache_ok = sa.Integer, True
+
+    def process_bind_param(self, value, dialect):
+        return None if value is None else int(value)
+
+
+METADATA = sa.MetaData()
+RUNS = sa.Table("runs", METADATA, sa.Column("run_id", sa.Text, primary_key=True),
+                *(sa.Column(c, sa.Text) for c in ("started_at", "finished_at", "model", "status", "run_dir", "env",
+                                                 "metrics", "nightly_id")))
+CELLS = sa.Table(
+    "cells", METADATA, sa.Column("run_id", sa.Text, primary_key=True), sa.Column("model", sa.Text),
+    sa.Column("recipe", sa.Text, primary_key=True),
+    *(sa.Column(c, sa.Text) for c in ("started_at", "status", "reason", "verdict", "nonfinite_module")),
+    sa.Column("kl_mean", sa.Float), sa.Column("top1", sa.Float), sa.Column("real_bytes", sa.BigInteger),
+    sa.Column("peak_memory", sa.BigInteger), sa.Column("decode_ms", sa.Float), sa.Column("speedup", sa.Float),
+    sa.Column("card", sa.Text),
+    # added since the table was first made: an older database gains them when it is opened (`_migrate`)
+    sa.Column("tower", sa.Text), sa.Column("tower_cosine", sa.Float), sa.Column("decode_spread", sa.Float),
+    sa.Column("decode_spread_over", sa.Text), sa.Column("latency_comparable", Flag), sa.Column("fingerprint", sa.Text),
+    sa.Column("gate", sa.Text), sa.Column("regressions", sa.Text), sa.Column("compute_dtype", sa.Text))
+SCORES = sa.Table(
+    "scores", METADATA, *(sa.Column(c, sa.Text, primary_key=True) for c in ("run_id", "recipe", "evaluation")),
+    *(sa.Column(c, sa.Float) for c in ("value", "delta", "low", "high")), sa.Column("significant", Flag),
+    sa.Column("mde", sa.Float))
 RECORDED = ("tower", "tower_cosine", "decode_spread", "decode_spread_over", "latency_comparable", "fingerprint",
             "compute_dtype")
 CELL_FIELDS = ("run_id", "model", "recipe", "started_at", "status", "reason", "verdict", "nonfinite_module",
                "kl_mean", "top1", "real_bytes", "peak_memory", "decode_ms", "speedup", "card", *RECORDED)
 SCORE_FIELDS = ("value", "delta", "low", "high", "significant", "mde")  # a cell's `{evaluation}_{field}` keys
+MIGRATION_LOCK = 0x71677473  # PostgreSQL advisory lock: one process at a time creates or alters the tables
 
 
 class HistoryError(RuntimeError):
-    """A history database that is missing or is not one: a one-line message naming the file."""
+    """A history database that is missing, unreachable or is not one: a one-line message naming it."""
 
 
-def connect(db: str | Path, create: bool = False) -> sqlite3.Connection:
-    """The history at `db`; only a writer (create=True) makes it where there is none."""
-    db = Path(db)
-    if not create and not db.is_file():
-        raise HistoryError(f"{db}: no history database there (a run creates it at its output.history_db)")
-    if create:
-        db.parent.mkdir(parents=True, exist_ok=True)
-    # Several runs finishing together wait for each other's write lock (up to 60 s) rather than fail.
-    conn = sqlite3.connect(db, timeout=60)
-    conn.row_factory = sqlite3.Row
+def shown(db: str | Path) -> str:
+    """The history's location as a message may name it: a URL without its password."""
+    return sa.engine.make_url(db).render_as_string(hide_password=True) if is_url(db) else str(db)
+
+
+def exists(db: str | Path) -> bool:
+    """Whether there is a history to read: a database server always answers for itself."""
+    return is_url(db) or Path(db).is_file()
+
+
+@functools.cache
+def _engine(db: str) -> sa.Engine:
+    url = sa.engine.make_url(db if is_url(db) else f"sqlite:///{db}")
+    if url.drivername == "postgresql":
+        url = url.set(drivername="postgresql+psycopg")
+    # Several runs finishing together wait for SQLite's write lock (up to 60 s) rather than fail. No pool: a
+    # connection a forked worker inherited would be shared with its parent.
+    args = {"timeout": 60} if url.get_backend_name() == "sqlite" else {"connect_timeout": 10}
+    return sa.create_engine(url, poolclass=sa.pool.NullPool, connect_args=args)
+
+
+def connect(db: str | Path, create: bool = False) -> sa.Engine:
+    """The history at `db`, its tables made or brought up to date; only a writer (create=True) makes a SQLite file
+    where there is none."""
+    if not is_url(db):
+        db = Path(db)
+        if not create and not db.is_file():
+            raise HistoryError(f"{db}: no history database there (a run creates it at its output.history_db)")
+        if create:
+            db.parent.mkdir(parents=True, exist_ok=True)
+    engine = _engine(str(db))
     try:
-        tables = {row["name"] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        conn.executescript(SCHEMA)
-        for table, added in (("cells", ADDED), ("scores", ADDED_SCORES)):
-            have = {row["name"] for row in conn.execute(f"PRAGMA table_info({table})")}
-            for column, kind in added.items():
-                if column not in have:
-                    _add_column(conn, table, column, kind)
-        if "runs" in tables and "scores" not in tables:  # a history from before the scores table: once
-            _backfill_scores(conn)
-    except sqlite3.DatabaseError as e:
-        conn.close()
-        raise HistoryError(f"{db}: not a quantgate history database (sqlite: {e})") from None
-    return conn
+        _migrate(engine)
+    except sa.exc.SQLAlchemyError as e:
+        cause = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
+        what = "unreachable" if isinstance(e, sa.exc.OperationalError) and is_url(db) else "not a quantgate history database"
+        raise HistoryError(f"{shown(db)}: {what} ({engine.dialect.name}: {cause})") from None
+    return engine
 
 
-def _add_column(conn: sqlite3.Connection, table: str, column: str, kind: str) -> None:
-    try:
-        conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
-    except sqlite3.OperationalError as e:  # another process added it between our look and this
-        if "duplicate column" not in str(e):
-            raise
+_migrated: set[str] = set()
 
 
-def _backfill_scores(conn: sqlite3.Connection) -> None:
-    """Scores for runs recorded before the scores table (their full record is in runs.metrics)."""
-    missing = conn.execute("SELECT run_id, metrics FROM runs").fetchall()
-    with conn:
-        for row in missing:
-            metrics = json.loads(row["metrics"])
-            for recipe in metrics["recipes"]:
-                _insert_scores(conn, metrics, recipe)
+def _migrate(engine: sa.Engine) -> None:
+    """The tables made where missing, and columns added since they were first made, once a process."""
+    key = engine.url.render_as_string(hide_password=False)
+    if key in _migrated:
+        return
+    with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
+        had = set(sa.inspect(conn).get_table_names())
+        METADATA.create_all(conn)
+        inspector = sa.inspect(conn)
+        for table in (CELLS, SCORES):
+            have = {c["name"] for c in inspector.get_columns(table.name)}
+            for column in table.columns:
+                if column.name not in have:
+                    kind = column.type.compile(dialect=conn.dialect)
+                    conn.execute(sa.text(f"ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}"))
+        if "runs" in had and "scores" not in had:  # a history from before the scores table: once
+            for row in conn.execute(sa.select(RUNS.c.metrics)):
+                metrics = json.loads(row.metrics)
+                for recipe in metrics["recipes"]:
+                    _insert_scores(conn, metrics, recipe)
+    _migrated.add(key)
+
+
+def _upsert(conn: sa.Connection, table: sa.Table, row: dict) -> None:
+    """Insert the row, or replace the one with its key (a run recorded again: settled, then finished)."""
+    insert = (postgresql if conn.dialect.name == "postgresql" else sqlite).insert(table).values(row)
+    keys = [c.name for c in table.primary_key]
+    conn.execute(insert.on_conflict_do_update(index_elements=keys,
+                                              set_={k: insert.excluded[k] for k in row if k not in keys}))
 
 
 def scores_of(entry: dict) -> dict[str, dict]:
@@ -101,11 +148,9 @@ def scores_of(entry: dict) -> dict[str, dict]:
     return out
 
 
-def _insert_scores(conn: sqlite3.Connection, metrics: dict, recipe: str) -> None:
-    for name, s in scores_of(metrics["recipes"][recipe]).items():
-        conn.execute(f"INSERT OR REPLACE INTO scores (run_id, recipe, evaluation, {', '.join(SCORE_FIELDS)}) "
-                     f"VALUES (?, ?, ?, {', '.join('?' * len(SCORE_FIELDS))})",
-                     (metrics["run_id"], recipe, name, *[s[k] for k in SCORE_FIELDS]))
+def _insert_scores(conn: sa.Connection, metrics: dict, recipe: str) -> None:
+    for name, score in scores_of(metrics["recipes"][recipe]).items():
+        _upsert(conn, SCORES, {"run_id": metrics["run_id"], "recipe": recipe, "evaluation": name, **score})
 
 
 def worst_tower(validate: dict) -> tuple[str | None, float | None]:
@@ -157,90 +202,90 @@ def record_run(db: str | Path, run_dir: str | Path) -> str:
     run_dir = Path(run_dir).resolve()
     metrics = json.loads((run_dir / "metrics.json").read_text())
     env = json.loads((run_dir / "env.json").read_text())
-    with closing(connect(db, create=True)) as conn, conn:
-        conn.execute("INSERT OR REPLACE INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                     (metrics["run_id"], metrics["started_at"], metrics["finished_at"], metrics["model"]["source"],
-                      metrics["status"], str(run_dir), json.dumps(env), json.dumps(metrics), metrics.get("nightly_id")))
+    with connect(db, create=True).begin() as conn:
+        _upsert(conn, RUNS, {"run_id": metrics["run_id"], "started_at": metrics["started_at"],
+                             "finished_at": metrics["finished_at"], "model": metrics["model"]["source"],
+                             "status": metrics["status"], "run_dir": str(run_dir), "env": json.dumps(env),
+                             "metrics": json.dumps(metrics), "nightly_id": metrics.get("nightly_id")})
         for recipe in metrics["recipes"]:
             cell = cell_of(metrics, recipe, run_dir)
-            conn.execute(f"INSERT OR REPLACE INTO cells ({', '.join(CELL_FIELDS)}) "
-                         f"VALUES ({', '.join('?' * len(CELL_FIELDS))})",
-                         [cell[k] for k in CELL_FIELDS])
+            _upsert(conn, CELLS, {k: cell[k] for k in CELL_FIELDS})
             _insert_scores(conn, metrics, recipe)
     return metrics["run_id"]
+
+
+def _cells_with_dirs():
+    return sa.select(CELLS, RUNS.c.run_dir).select_from(CELLS.join(RUNS, CELLS.c.run_id == RUNS.c.run_id))
 
 
 def cells(db: str | Path, model: str | None = None, recipe: str | None = None, status: str | None = None,
           limit: int | None = None) -> list[dict]:
     """Cells, newest first, with each run's directory."""
-    where, args = [], []
-    for column, value in (("c.model", model), ("c.recipe", recipe), ("c.status", status)):
+    query = _cells_with_dirs().order_by(CELLS.c.started_at.desc(), CELLS.c.run_id.desc()).limit(limit)
+    for column, value in ((CELLS.c.model, model), (CELLS.c.recipe, recipe), (CELLS.c.status, status)):
         if value:
-            where.append(f"{column} = ?")
-            args.append(value)
-    sql = ("SELECT c.*, r.run_dir FROM cells c JOIN runs r USING (run_id)"
-           + (f" WHERE {' AND '.join(where)}" if where else "") + " ORDER BY c.started_at DESC, c.run_id DESC"
-           + (f" LIMIT {int(limit)}" if limit else ""))
-    with closing(connect(db)) as conn:
-        return [with_scores(conn, dict(row)) for row in conn.execute(sql, args)]
+            query = query.where(column == value)
+    with connect(db).connect() as conn:
+        return [with_scores(conn, dict(row._mapping)) for row in conn.execute(query)]
 
 
-def with_scores(conn: sqlite3.Connection, cell: dict) -> dict:
+def with_scores(conn: sa.Connection, cell: dict) -> dict:
     """The cell with `{evaluation}_{value,delta,low,high,significant}` for every registered evaluation (None
     where it was not measured)."""
-    found = {r["evaluation"]: dict(r) for r in conn.execute(
-        "SELECT * FROM scores WHERE run_id = ? AND recipe = ?", (cell["run_id"], cell["recipe"]))}
+    found = {r.evaluation: dict(r._mapping) for r in conn.execute(
+        sa.select(SCORES).where(SCORES.c.run_id == cell["run_id"], SCORES.c.recipe == cell["recipe"]))}
     for e in evaluations.registered():
         cell.update({f"{e.name}_{k}": found.get(e.name, {}).get(k) for k in SCORE_FIELDS})
     return cell
 
 
 def run_ids(db: str | Path) -> set[str]:
-    with closing(connect(db)) as conn:
-        return {row["run_id"] for row in conn.execute("SELECT run_id FROM runs")}
+    with connect(db).connect() as conn:
+        return set(conn.execute(sa.select(RUNS.c.run_id)).scalars())
 
 
 def nightly_runs(db: str | Path, nightly_id: str) -> list[str]:
-    with closing(connect(db)) as conn:
-        return [r["run_id"] for r in conn.execute("SELECT run_id FROM runs WHERE nightly_id = ? ORDER BY started_at",
-                                                   (nightly_id,))]
+    with connect(db).connect() as conn:
+        return list(conn.execute(sa.select(RUNS.c.run_id).where(RUNS.c.nightly_id == nightly_id)
+                                 .order_by(RUNS.c.started_at)).scalars())
 
 
 def run_env(db: str | Path, run_id: str) -> dict:
-    with closing(connect(db)) as conn:
-        row = conn.execute("SELECT env FROM runs WHERE run_id = ?", (run_id,)).fetchone()
-    return json.loads(row["env"]) if row else {}
+    with connect(db).connect() as conn:
+        env = conn.execute(sa.select(RUNS.c.env).where(RUNS.c.run_id == run_id)).scalar()
+    return json.loads(env) if env else {}
 
 
 def last_passing(db: str | Path, cell: dict) -> dict | None:
     """The newest passing cell of the same model, recipe and settings (fingerprint) that started before it, computed
     in the same dtype where one was (`compute_dtype: auto` resolves per host)."""
-    with closing(connect(db)) as conn:
-        row = conn.execute("SELECT c.*, r.run_dir FROM cells c JOIN runs r USING (run_id) WHERE c.model = ? AND "
-                           "c.recipe = ? AND c.fingerprint = ? AND c.status = 'passed' AND c.started_at < ? "
-                           "ORDER BY (c.compute_dtype IS ?) DESC, c.started_at DESC LIMIT 1",
-                           (cell["model"], cell["recipe"], cell["fingerprint"], cell["started_at"],
-                            cell.get("compute_dtype"))).fetchone()
-        return with_scores(conn, dict(row)) if row else None
+    query = (_cells_with_dirs()
+             .where(CELLS.c.model == cell["model"], CELLS.c.recipe == cell["recipe"], CELLS.c.status == "passed",
+                    CELLS.c.fingerprint == cell["fingerprint"], CELLS.c.started_at < cell["started_at"])
+             .order_by(CELLS.c.compute_dtype.is_not_distinct_from(cell.get("compute_dtype")).desc(),
+                       CELLS.c.started_at.desc()).limit(1))
+    with connect(db).connect() as conn:
+        row = conn.execute(query).first()
+        return with_scores(conn, dict(row._mapping)) if row else None
 
 
 def passing_elsewhere(db: str | Path, cell: dict) -> int:
     """How many earlier passing cells of this model and recipe ran with other settings (not compared)."""
-    with closing(connect(db)) as conn:
-        return conn.execute("SELECT COUNT(*) FROM cells WHERE model = ? AND recipe = ? AND status = 'passed' AND "
-                            "started_at < ? AND fingerprint IS NOT ?", (cell["model"], cell["recipe"],
-                                                                          cell["started_at"], cell["fingerprint"])
-                            ).fetchone()[0]
+    query = sa.select(sa.func.count()).select_from(CELLS).where(
+        CELLS.c.model == cell["model"], CELLS.c.recipe == cell["recipe"], CELLS.c.status == "passed",
+        CELLS.c.started_at < cell["started_at"], CELLS.c.fingerprint.is_distinct_from(cell["fingerprint"]))
+    with connect(db).connect() as conn:
+        return conn.execute(query).scalar()
 
 
 def run_cells(db: str | Path, run_id: str) -> list[dict]:
-    with closing(connect(db)) as conn:
-        return [with_scores(conn, dict(r)) for r in conn.execute("SELECT * FROM cells WHERE run_id = ?", (run_id,))]
+    with connect(db).connect() as conn:
+        return [with_scores(conn, dict(r._mapping)) for r in conn.execute(sa.select(CELLS).where(CELLS.c.run_id == run_id))]
 
 
 def set_gate(db: str | Path, results: list[dict]) -> None:
     """What the nightly gate decided of each cell, kept beside it (the dashboard shows it)."""
-    with closing(connect(db, create=True)) as conn, conn:
+    with connect(db, create=True).begin() as conn:
         for r in results:
-            conn.execute("UPDATE cells SET gate = ?, regressions = ? WHERE run_id = ? AND recipe = ?",
-                         (r["gate"], json.dumps(r["regressions"]), r["run_id"], r["recipe"]))
+            conn.execute(sa.update(CELLS).where(CELLS.c.run_id == r["run_id"], CELLS.c.recipe == r["recipe"])
+                         .values(gate=r["gate"], regressions=json.dumps(r["regressions"])))

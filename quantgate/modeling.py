@@ -57,6 +57,18 @@ def placement(device: str | list[int], max_memory: dict | None = None, gpus: int
         **({"cpu": limits["cpu"]} if "cpu" in limits else {})}}
 
 
+def devices_used(placement: str | dict) -> list[str]:
+    """The physical devices a placement computes on, named the same from any process or host: each GPU by its UUID
+    (CUDA_VISIBLE_DEVICES renumbers them per process), the CPU by its host."""
+    import socket
+
+    if placement == "cpu":
+        return [f"cpu-{socket.gethostname()}"]
+    if isinstance(placement, str):
+        return [f"gpu-{torch.cuda.get_device_properties(torch.device(placement).index or 0).uuid}"]
+    return [f"gpu-{torch.cuda.get_device_properties(g).uuid}" for g in sorted(k for k in placement["max_memory"] if k != "cpu")]
+
+
 def single_device(device: str | dict) -> str:
     """One device for a library whose loader takes one (hqq, quanto): the first GPU of a placement."""
     if isinstance(device, str):

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Annotated
+from urllib.parse import urlsplit
 
-from pydantic import AfterValidator
+from pydantic import AfterValidator, BeforeValidator
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 HISTORY_DB = PROJECT_ROOT / "runs" / "history.sqlite"
@@ -20,3 +21,24 @@ def rooted(path: Path) -> Path:
 
 
 Rooted = Annotated[Path, AfterValidator(rooted)]
+
+
+DATABASE_URLS = ("postgresql://", "postgresql+psycopg://", "sqlite:///")
+
+
+def is_database_url(value) -> bool:
+    return isinstance(value, str) and value.startswith(DATABASE_URLS)
+
+
+def history_location(value):
+    """A history database: a URL as it is (its password refused: the config is saved with every run's record and
+    passed to every nightly cell), otherwise a path, rooted."""
+    if not is_database_url(value):
+        return rooted(Path(value))
+    if urlsplit(value).password:
+        raise ValueError("a password in the URL is refused (the config is saved with the run's record): give it "
+                         "through PGPASSWORD or ~/.pgpass")
+    return value
+
+
+HistoryDb = Annotated[Path | str, BeforeValidator(history_location)]

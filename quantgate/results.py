@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict
 
 Status = Literal["ok", "failed", "skipped", "error", "not_run"]
-OUTCOME = ("status", "reason", "seconds", "cached", "warnings")  # how a step ended, not what it measured
+OUTCOME = ("status", "reason", "seconds", "started_at", "cached", "warnings")  # how a step ended, not what it measured
 
 
 class Measurements(BaseModel):
@@ -21,6 +21,7 @@ class StepResult(Measurements):
     reason: str | None = None
     warnings: list[str] = []
     seconds: float | None = None  # set by the runner
+    started_at: str | None = None  # set by the runner: UTC, when the step's work began (after its device was free)
     cached: bool = False
 
     @property
@@ -38,6 +39,8 @@ class StepResult(Measurements):
     def view(self) -> dict:
         """How the step ended, for the record's `steps` entry. A step that could not run here is not_run."""
         view = {"status": "not_run" if self.status == "skipped" else self.status, "seconds": self.seconds}
+        if self.started_at is not None:
+            view["started_at"] = self.started_at
         if self.reason is not None:
             view["reason"] = self.reason
         if "cached" in self.model_fields_set:  # set by the runner (Prefect's cache), for every step it ran
@@ -113,6 +116,7 @@ class AdaptersChecked(StepResult):
 
 class Published(StepResult):
     location: str | None = None
+    approval: str | None = None  # who approved a Hub upload, where steps.publish.approve asked
 
 
 class Remedied(StepResult):

@@ -10,7 +10,7 @@ from pydantic import ByteSize, Field, PositiveFloat, PositiveInt, StringConstrai
 
 from quantgate.backends import Slug, Strict
 from quantgate.files import slug
-from quantgate.paths import HISTORY_DB, PROJECT_ROOT, Rooted, rooted
+from quantgate.paths import HISTORY_DB, PROJECT_ROOT, HistoryDb, Rooted, rooted
 from quantgate import prompts as validation_prompts
 
 Dtype = Literal["bfloat16", "float16", "float32"]
@@ -30,6 +30,10 @@ class ModelSpec(Strict):
     # lets what does not fit go to host memory (offloading). null: each GPU's own memory.
     max_memory: dict[Union[int, Literal["cpu"]], Annotated[str, StringConstraints(
         pattern=r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$")]] | None = None
+    # Which devices one step at a time may use, across every run and worker sharing the Prefect server: each GPU
+    # the run computes on (a Prefect global concurrency limit of 1 per GPU, made on first use); `all`: the host's
+    # CPU too (CPU hosts running several cells); `none`: no limit.
+    device_lock: Literal["gpu", "all", "none"] = "gpu"
 
     @field_validator("source")
     @classmethod
@@ -226,6 +230,10 @@ class PublishSettings(StepSettings):
     hub_endpoint: str | None = None  # None: HF_ENDPOINT, or huggingface.co
     dry_run: bool = False  # Hub only: print what would be uploaded, upload nothing
     force: bool = False  # publish a recipe whose validation failed (its card says so first)
+    # Hub only: the flow run pauses before the upload with a form (verdict, figures, card) in Prefect's UI, or
+    # `quantgate approve`; no answer within approve_timeout_s rejects.
+    approve: bool = False
+    approve_timeout_s: PositiveInt = 86400
 
     @model_validator(mode="after")
     def _hub_needs_a_repo(self):
@@ -260,7 +268,8 @@ class Output(Strict):
     # Relative paths are the project root's (see rooted), from whatever folder quantgate runs in.
     runs_dir: Rooted = PROJECT_ROOT / "runs"
     cache_dir: Rooted = PROJECT_ROOT / ".cache" / "quantgate"
-    history_db: Rooted = HISTORY_DB  # every run's record, for `quantgate history` and the gate
+    # every run's record, for `quantgate history` and the gate: a SQLite file or postgresql://USER@HOST/DB
+    history_db: HistoryDb = HISTORY_DB
 
 
 

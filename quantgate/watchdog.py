@@ -16,7 +16,7 @@ import psutil
 POLL_S = 0.5
 
 
-def start(runs_dir: Path, history_db: Path, registry_dir: Path) -> subprocess.Popen:
+def start(runs_dir: Path, history_db: Path | str, registry_dir: Path) -> subprocess.Popen:
     """Watch this process; the watchdog runs in a session of its own, so a signal to the run's group spares it."""
     return subprocess.Popen([sys.executable, "-m", "quantgate.watchdog", str(os.getpid()), str(runs_dir),
                              str(history_db), str(registry_dir)], start_new_session=True,
@@ -45,7 +45,7 @@ def kill(known: dict[int, float]) -> None:
             continue
 
 
-def watch(pid: int, runs_dir: Path, history_db: Path, registry_dir: Path) -> None:
+def watch(pid: int, runs_dir: Path, history_db: Path | str, registry_dir: Path) -> None:
     try:
         parent = psutil.Process(pid)
     except psutil.NoSuchProcess:
@@ -66,4 +66,6 @@ def watch(pid: int, runs_dir: Path, history_db: Path, registry_dir: Path) -> Non
 
 
 if __name__ == "__main__":
-    watch(int(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]))
+    from quantgate.paths import history_location
+
+    watch(int(sys.argv[1]), Path(sys.argv[2]), history_location(sys.argv[3]), Path(sys.argv[4]))

@@ -222,6 +222,27 @@ def tiny_llama(tiny_tokenizer, tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def postgres():
+    """A PostgreSQL server for the history's tests (tests/postgres.py); they skip where its binaries are absent."""
+    from tests.postgres import Server, binaries
+
+    if (bindir := binaries()) is None:
+        pytest.skip("PostgreSQL's server binaries are not installed (Debian: apt-get install postgresql)")
+    server = Server(bindir).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def new_history(request, tmp_path):
+    """Makes new, empty histories: SQLite files, or databases on the suite's PostgreSQL server."""
+    if request.param == "sqlite":
+        return lambda name="history": tmp_path / f"{name}.sqlite"
+    server = request.getfixturevalue("postgres")
+    return lambda name="history": server.new_database()
+
+
 @pytest.fixture
 def golden_run(tmp_path) -> Path:
     """A copy of the checked-in golden run record (tests/golden/run: a real `quantgate run`'s record, its

@@ -2,13 +2,17 @@
 `quantize` deployment run with quick settings, and a nightly matrix of two cells shared by two workers.
 Everything started here is stopped at the end. The model is the tiny Llama: what is tested is the server, the
 workers and the deployments, each running the whole flow; the real models' flow is the session's (test_flow.py)."""
+import itertools
 import json
 import os
+import sqlite3
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -33,7 +37,8 @@ def server(tmp_path_factory):
     port = free_port()
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOGGING_EXTRA_LOGGERS": "quantgate",
-           "PYTHONUNBUFFERED": "1"}
+           "PYTHONUNBUFFERED": "1",
+           "PREFECT_WORKER_QUERY_SECONDS": "2"}  # a worker takes a scheduled run within 2 s, not 10
     log = open(home / "server.log", "w")
     proc = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -49,9 +54,9 @@ def server(tmp_path_factory):
             time.sleep(1)
     workers = []
 
-    def start_worker(name: str, pool: str = "quantgate"):
+    def start_worker(name: str, pool: str = "quantgate", limit: int = 1):
         out = home / f"{name}.log"
-        workers.append(subprocess.Popen([PREFECT, "worker", "start", "--pool", pool, "--name", name, "--limit", "1"],
+        workers.append(subprocess.Popen([PREFECT, "worker", "start", "--pool", pool, "--name", name, "--limit", str(limit)],
                                         env=env, cwd=PROJECT, stdout=open(out, "w"), stderr=subprocess.STDOUT,
                                         start_new_session=True))
         return workers[-1], out
@@ -121,3 +126,94 @@ def test_two_workers_share_a_nightly_matrix(server, tiny_llama, cache_dir, tmp_p
     for log, name in zip(logs, ("gpu0", "gpu1")):
         assert f"Worker '{name}' submitting flow run" in log.read_text(), log.read_text()[-2000:]
     assert (tmp_path / "dashboard.html").is_file()
+
+
+class Receiver:
+    """A local HTTP endpoint standing in for Slack: the JSON bodies posted to it."""
+    def __init__(self):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        received = self.received = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                self.send_response(200)
+                self.end_headers()
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def wait_for(self, *words: str, timeout: float = 90) -> str:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if found := next((m["text"] for m in self.received if all(w in m["text"] for w in words)), None):
+                return found
+            time.sleep(1)
+        raise AssertionError(f"no message with {words}; received: {self.received}")
+
+
+def nightly_of(tmp_path: Path, cells: list[str], overrides: list[str], deployment: str | None) -> Path:
+    matrix = tmp_path / f"nightly-{len(list(tmp_path.glob('nightly-*.yaml')))}.yaml"
+    matrix.write_text(yaml.safe_dump({
+        "models": [{"config": str(PROJECT / "configs" / "default.yaml"), "overrides": overrides}], "recipes": cells,
+        "deployment": deployment, "history_db": str(tmp_path / "h.sqlite"), "dashboard": str(tmp_path / "d.html")}))
+    return matrix
+
+
+def test_a_regressed_nightly_alerts_and_its_two_cells_on_one_worker_never_share_the_device(
+        server, tiny_llama, cache_dir, tmp_path):
+    """The automations of configs/automations on the server, a webhook at a local receiver; a baseline night, then
+    a night whose int8 cell reads 2x the baseline's weight bytes (planted in the history): the receiver hears of the
+    regression, of the failed nightly and of a nightly still going at the end of its (10 s) window. The second
+    night's two cells run at once on one process worker (--limit 2) with `model.device_lock: all`: no two of their
+    model steps overlap."""
+    receiver = Receiver()
+    installed = subprocess.run([str(Path(sys.executable).parent / "quantgate"), "alerts", "--webhook", receiver.url,
+                                "--nightly-window", "10"], env=server["env"], capture_output=True, text=True, timeout=120)
+    assert installed.returncode == 0 and installed.stdout.count("automation: ") == 4, installed.stdout + installed.stderr
+    overrides = [*quick(tmp_path, cache_dir, tiny_llama), "model.device_lock=all"]
+    night = lambda matrix: subprocess.run(  # noqa: E731
+        [sys.executable, "-c", f"from flows.nightly import nightly; print(nightly({str(matrix)!r}))"],
+        env=server["env"], cwd=PROJECT, capture_output=True, text=True, timeout=900)
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.nightly import nightly
+
+    with temporary_settings({PREFECT_API_URL: server["env"]["PREFECT_API_URL"]}):  # the baseline night, in this process
+        nightly(str(nightly_of(tmp_path, ["torchao-int8-weight-only"], overrides, None)))
+    with sqlite3.connect(tmp_path / "h.sqlite") as conn:
+        conn.execute("UPDATE cells SET real_bytes = real_bytes / 2")
+    server["start_worker"]("shared-gpu", limit=2)
+    second = night(nightly_of(tmp_path, ["torchao-int8-weight-only", "quanto-int8"], overrides,
+                              "quantize-model/quantize"))
+    assert second.returncode != 0 and "RegressionError" in second.stderr
+    regression = receiver.wait_for("quantgate regression:", "torchao-int8-weight-only", "weight memory")
+    assert Path(tiny_llama).name in regression
+    receiver.wait_for("quantgate nightly", "Failed", "torchao-int8-weight-only")
+    receiver.wait_for("has not finished")
+
+    runs = sorted((json.loads((d / "metrics.json").read_text()) for d in (tmp_path / "runs").iterdir()
+                   if (d / "metrics.json").is_file()), key=lambda m: m["started_at"])
+    tonight = runs[1:]  # the first is the baseline night's
+    assert len(tonight) == 2 and tonight[0]["finished_at"] > tonight[1]["started_at"]  # the two cells ran at once
+    held = [(run["run_id"], *interval(step)) for run in tonight for step in model_steps(run)]
+    for a, b in itertools.combinations(held, 2):
+        assert a[0] == b[0] or a[2] <= b[1] or b[2] <= a[1], (a, b)
+
+
+def model_steps(metrics: dict) -> list[dict]:
+    """The steps that computed on the device: the reference's, and each recipe's but download and publish."""
+    steps = [metrics["reference"], metrics["reference"].get("benchmark", {})]
+    for entry in metrics["recipes"].values():
+        steps += [v for k, v in entry["steps"].items() if k != "publish"]
+    return [s for s in steps if s.get("started_at")]
+
+
+def interval(step: dict) -> tuple[float, float]:
+    start = datetime.fromisoformat(step["started_at"]).timestamp()
+    return start, start + step["seconds"]

@@ -28,10 +28,11 @@ def rerun(golden_run: Path, root: Path, run_id: str, started_at: str, change=Non
 
 
 @pytest.fixture
-def db(tmp_path, golden_run):
-    path = tmp_path / "history.sqlite"
-    history.record_run(path, golden_run)
-    return path
+def db(new_history, golden_run):
+    """The golden run recorded in a new history, SQLite and PostgreSQL alike."""
+    location = new_history()
+    history.record_run(location, golden_run)
+    return location
 
 
 def test_every_run_is_recorded_and_listed(golden_run, db):
@@ -106,14 +107,54 @@ def test_a_no_drop_too_weak_to_mean_no_drop_is_noted(golden_run, db, tmp_path):
     assert not any(n.startswith("MMLU") for n in noted)
 
 
-def test_a_database_from_before_the_tower_columns_gains_them(golden_run, tmp_path):
+FIRST_SCHEMA = """
+CREATE TABLE runs (run_id TEXT PRIMARY KEY, started_at TEXT, finished_at TEXT, model TEXT, status TEXT, run_dir TEXT,
+    env TEXT, metrics TEXT, nightly_id TEXT);
+CREATE TABLE cells (run_id TEXT, model TEXT, recipe TEXT, started_at TEXT, status TEXT, reason TEXT, verdict TEXT,
+    nonfinite_module TEXT, kl_mean REAL, top1 REAL, real_bytes INTEGER, peak_memory INTEGER,
+    decode_ms REAL, speedup REAL, card TEXT, PRIMARY KEY (run_id, recipe));
+"""  # the tables as they were first made: before the scores table and the columns since (`tower`, `gate`, ...)
+
+
+def test_a_database_from_before_the_added_columns_gains_them(golden_run, tmp_path):
     import sqlite3
 
     old = tmp_path / "old.sqlite"
-    with sqlite3.connect(old) as conn:  # the tables as they were made before `tower` and `tower_cosine`
-        conn.executescript(history.SCHEMA)
+    with sqlite3.connect(old) as conn:
+        conn.executescript(FIRST_SCHEMA)
     history.record_run(old, golden_run)
     assert {c["tower"] for c in history.cells(old)} == {None} and len(history.cells(old)) >= 5
+    assert history.cells(old, recipe="bnb-nf4")[0]["mmlu_value"] is not None  # scores, a table of its own now
+
+
+def _record_many(db: str, run_dirs: list[str]) -> None:
+    for run_dir in run_dirs:
+        history.record_run(db, run_dir)
+
+
+def test_four_processes_recording_at_once_lose_nothing_and_the_gate_reads_them(golden_run, new_history, tmp_path):
+    """16 nights from 4 processes at once into a new history (each process creates the tables if it comes first):
+    every row there, and the gate and the dashboard read them."""
+    import multiprocessing
+
+    copies = [str(rerun(golden_run, tmp_path, f"night-{i:02d}", f"2999-01-{i + 1:02d}T02:00:00+00:00"))
+              for i in range(16)]
+    db = new_history()
+    workers = [multiprocessing.get_context("spawn").Process(target=_record_many, args=(str(db), copies[i::4]))
+               for i in range(4)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(120)
+        assert w.exitcode == 0
+    recipes = json.loads((golden_run / "metrics.json").read_text())["recipes"]
+    cells = history.cells(db)
+    assert len({c["run_id"] for c in cells}) == 16 and len(cells) == 16 * len(recipes)
+    results = {c["recipe"]: c for c in gate.gate_run(db, "night-15", GateSettings())}
+    assert results["bnb-nf4"]["gate"] == "pass" and results["bnb-nf4"]["baseline_run"] == "night-14"
+    history.set_gate(db, list(results.values()))
+    page = dashboard.render(db)
+    assert page.count("<table class='matrix'>") == 1 and "night-15" in page
 
 
 def test_dashboard_renders_the_matrix_and_trends(golden_run, db, tmp_path):
@@ -141,7 +182,7 @@ def test_dashboard_in_headless_chromium(golden_run, db, tmp_path, request):
         assert tuple(int(colour[i:i + 2], 16) for i in (1, 3, 5)) in pixels, colour
 
 
-def test_latency_is_gated_against_the_spread_measured_over_processes(golden_run, tmp_path):
+def test_latency_is_gated_against_the_spread_measured_over_processes(golden_run, new_history, tmp_path):
     """A synthetic history: a baseline whose fresh processes spread by 8%; tonight's decode 12% slower is inside
     twice that spread (noise), 25% slower is outside it (a regression), whatever the gate's flat 10%. A spread of
     one process's repeats, or a run that shared its machine, gets no latency verdict, and the gate says so."""
@@ -159,7 +200,7 @@ def test_latency_is_gated_against_the_spread_measured_over_processes(golden_run,
     for run_id, change in (("inside", latency(1.12, 0.01)), ("outside", latency(1.25, 0.01)),
                            ("one-process", latency(1.5, 0.01, over="repeats")),
                            ("shared", latency(1.5, 0.01, comparable=False))):
-        db = tmp_path / f"{run_id}.sqlite"  # each night against the same baseline
+        db = new_history(run_id)  # each night against the same baseline
         history.record_run(db, base)
         history.record_run(db, rerun(golden_run, tmp_path, run_id, "2999-01-02T02:00:00+00:00", change))
         night[run_id] = {c["recipe"]: c for c in gate.gate_run(db, run_id, settings)}["bnb-nf4"]
@@ -170,7 +211,7 @@ def test_latency_is_gated_against_the_spread_measured_over_processes(golden_run,
     assert night["shared"]["gate"] == "pass" and "shared the machine" in night["shared"]["notes"][0]
 
 
-def test_a_baseline_with_other_settings_is_not_compared(golden_run, db, tmp_path):
+def test_a_baseline_with_other_settings_is_not_compared(golden_run, db, new_history, tmp_path):
     """The quick nightly that cried wolf: its baseline had other benchmark settings, its peak memory 20% lower."""
     import yaml
 
@@ -185,9 +226,10 @@ def test_a_baseline_with_other_settings_is_not_compared(golden_run, db, tmp_path
     nf4 = {c["recipe"]: c for c in gate.gate_run(db, "tonight", GateSettings())}["bnb-nf4"]
     original = json.loads((golden_run / "metrics.json").read_text())["run_id"]
     assert nf4["gate"] == "pass" and nf4["baseline_run"] == original  # the same settings' run, not the newer one
-    history.record_run(tmp_path / "alone.sqlite", tmp_path / "other-settings")
-    history.record_run(tmp_path / "alone.sqlite", tmp_path / "tonight")
-    alone = {c["recipe"]: c for c in gate.gate_run(tmp_path / "alone.sqlite", "tonight", GateSettings())}["bnb-nf4"]
+    alone_db = new_history("alone")
+    history.record_run(alone_db, tmp_path / "other-settings")
+    history.record_run(alone_db, tmp_path / "tonight")
+    alone = {c["recipe"]: c for c in gate.gate_run(alone_db, "tonight", GateSettings())}["bnb-nf4"]
     assert alone["gate"] == "baseline" and alone["notes"] == ["1 earlier passing runs had other settings: not compared"]
 
 

@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -185,5 +186,73 @@ def test_the_token_is_in_nothing_the_run_wrote(tiny_llama, cache_dir, prefect_se
     assert artifacts, "no artifacts"
     assert logs, "no logs"
     assert any((a.key or "").endswith("torchao-int8-weight-only-card") for a in artifacts)
+    table = next(a for a in artifacts if (a.key or "").endswith("torchao-int8-weight-only-metrics"))
+    assert [row["recipe"] for row in json.loads(table.data)] == ["reference", "torchao-int8-weight-only"]
     assert FAKE_TOKEN not in json.dumps([a.model_dump(mode="json") for a in artifacts])
     assert not any(FAKE_TOKEN in log.message for log in logs)
+
+
+def test_a_hub_upload_waits_for_approval_and_silence_publishes_nothing(
+        tiny_llama, cache_dir, prefect_server, tmp_path, hub, monkeypatch):
+    """steps.publish.approve: the flow run pauses before each recipe's upload with its verdict and card in the form;
+    one approved with `quantgate approve` (it uploads only then), one left unanswered: rejected when its time is up
+    (a reviewer's rejection resumes the run the same way), and the run goes on to a normal end."""
+    import threading
+
+    from prefect.client.orchestration import get_client
+    from prefect.input.actions import read_flow_run_input
+
+    from flows import approval
+    from flows.quantize_model import quantize_model
+    from quantgate import cli
+
+    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+    recipes = ["torchao-int8-weight-only", "{use: torchao-int8-weight-only, name: int8-unanswered}"]
+    overrides = [f"model.source={tiny_llama}", "model.dtype=float32", f"output.runs_dir={tmp_path / 'runs'}",
+                 f"output.cache_dir={cache_dir}", f"output.history_db={tmp_path / 'runs' / 'history.sqlite'}",
+                 f"recipes=[{', '.join(recipes)}]", *QUICK,
+                 f"steps.publish={{target: hub, hub_repo: 'quantgate-test/{{model}}-{{recipe}}', "
+                 f"hub_endpoint: '{hub.endpoint}', approve: true, approve_timeout_s: 8}}"]
+    finished = {}
+    flow = threading.Thread(target=lambda: finished.update(state=quantize_model(
+        str(PROJECT / "configs" / "default.yaml"), overrides=overrides, return_state=True)))
+    flow.start()
+
+    def paused_for(recipe: str) -> tuple[str, str]:
+        deadline = time.time() + 300
+        while time.time() < deadline and flow.is_alive():
+            runs = list((tmp_path / "runs").glob("2*"))
+            if runs and (flow_run := approval.waiting().get(approval.pause_key(runs[0].name, recipe))):
+                return runs[0].name, flow_run
+            time.sleep(0.5)
+        raise AssertionError(f"no pause for {recipe}: {finished}")
+
+    def answered(answer) -> None:
+        for _ in range(20):  # the form's schema is saved just after the pause: Prefect refuses an answer before it
+            try:
+                return answer()
+            except RuntimeError as e:
+                if "schema" not in str(e):
+                    raise
+                time.sleep(0.5)
+
+    run_id, flow_run = paused_for("torchao-int8-weight-only")
+    with get_client(sync_client=True):
+        form = read_flow_run_input(f"paused-{approval.pause_key(run_id, 'torchao-int8-weight-only')}-description",
+                                   flow_run_id=flow_run)
+    assert f"Publish torchao-int8-weight-only of run {run_id}" in form and "| reference |" in form and "KL" in form
+    assert hub.commits == []  # nothing uploaded while it waits
+    assert answered(lambda: cli.main(["approve", run_id, "torchao-int8-weight-only", "--reviewer", "alice",
+                                      "--reason", "numbers as expected"])) == 0
+    flow.join(600)
+    from quantgate.card import model_name
+
+    metrics = json.loads((tmp_path / "runs" / run_id / "metrics.json").read_text())
+    recipes = metrics["recipes"]
+    approved = recipes["torchao-int8-weight-only"]
+    assert approved["steps"]["publish"]["status"] == "ok"
+    assert approved["publish"]["approval"] == "approved by alice: numbers as expected"
+    assert {c["repo"] for c in hub.commits} == {f"quantgate-test/{model_name(metrics)}-torchao-int8-weight-only"}
+    assert recipes["int8-unanswered"]["status"] == "skipped"
+    assert recipes["int8-unanswered"]["reason"] == "publish: not approved within 8 s (steps.publish.approve_timeout_s)"
+    assert finished["state"].is_completed()

@@ -4,7 +4,6 @@ where they live, a run's status follows its steps, and output paths are checked 
 import contextlib
 import io
 import json
-import multiprocessing
 import os
 import re
 import shutil
@@ -257,32 +256,18 @@ def test_the_download_cache_key_holds_where_the_cache_lives(smollm2, cache_dir, 
     assert _cache_key(None, {**params, "cache_dir": str(other)}) is None
 
 
-# ---------------------------------------------------------------- concurrent history writes
+def test_a_history_server_that_does_not_answer_or_a_password_in_its_url_is_refused_before_anything_runs(tmp_path):
+    from tests.postgres import free_port
 
-def _record_many(db: str, run_dirs: list[str]) -> None:
-    for run_dir in run_dirs:
-        history.record_run(db, run_dir)
-
-
-def test_two_workers_recording_at_once_lose_nothing(run_dir, tmp_path):
-    copies = []
-    for i in range(16):
-        copy = shutil.copytree(run_dir, tmp_path / f"run-{i}", ignore=shutil.ignore_patterns("checkpoint", "*.safetensors"))
-        metrics = json.loads((copy / "metrics.json").read_text())
-        metrics["run_id"] = f"concurrent-{i:02d}"
-        (copy / "metrics.json").write_text(json.dumps(metrics))
-        copies.append(str(copy))
-    db = str(tmp_path / "history.sqlite")  # created by whichever worker comes first
-    context = multiprocessing.get_context("spawn")
-    workers = [context.Process(target=_record_many, args=(db, copies[i::2])) for i in range(2)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join(120)
-        assert w.exitcode == 0
-    recipes = len(json.loads(Path(run_dir, "metrics.json").read_text())["recipes"])
-    cells = history.cells(db)
-    assert len({c["run_id"] for c in cells}) == 16 and len(cells) == 16 * recipes
+    runs = tmp_path / "runs"
+    url = f"postgresql://quantgate@127.0.0.1:{free_port()}/history"  # nothing listens there
+    code, shown = quantgate("run", str(DEFAULT), "--set", f"output.runs_dir={runs}", "--set", f"output.history_db={url}")
+    assert code == 2 and f"output.history_db: {url}: unreachable (postgresql: connection failed" in shown
+    code, shown = quantgate("run", str(DEFAULT), "--set", f"output.runs_dir={runs}",
+                            "--set", "output.history_db=postgresql://quantgate:s3cret@db.example/history")
+    assert code == 2 and "a password in the URL is refused" in shown and "PGPASSWORD" in shown
+    assert "s3cret" not in shown and "quantgate:***@db.example" in shown
+    assert not runs.exists()
 
 
 # ---------------------------------------------------------------- a stopped run
