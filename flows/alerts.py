@@ -3,7 +3,6 @@ within its window, a gate regression, a failed cell), created on the Prefect ser
 (`quantgate alerts --webhook URL`), each notifying through one webhook block. Running it again replaces them."""
 from __future__ import annotations
 
-from datetime import timedelta
 from pathlib import Path
 
 import yaml
@@ -38,7 +37,8 @@ def load(folder: Path, block_id, nightly_window_s: int | None) -> list[Automatio
 def install(webhook_url: str, nightly_window_s: int | None = None, folder: Path = AUTOMATIONS) -> list[str]:
     """The webhook block saved and the folder's automations created on the server, replacing those of the same
     names; their names."""
-    block = CustomWebhookNotificationBlock(name=BLOCK, url=webhook_url,
+    # The URL is a secret (a Slack webhook's is its credential): kept in the block's secrets, shown masked in the UI.
+    block = CustomWebhookNotificationBlock(name=BLOCK, url="{{webhook}}", secrets={"webhook": webhook_url},
                                            json_data={"text": "{{subject}}\n{{body}}"})  # Slack's, Teams', Mattermost's
     automations = load(folder, block.save(BLOCK, overwrite=True), nightly_window_s)
     with get_client(sync_client=True) as client:

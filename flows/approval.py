@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import threading
+import time
 from pathlib import Path
 
 from prefect.client.orchestration import get_client
@@ -75,10 +76,14 @@ def ask(run_dir: Path, recipe: str, repo_template: str, timeout_s: int) -> tuple
 
 
 def reject_if_paused(flow_run_id, answer: dict) -> None:
-    try:
-        resume_flow_run(flow_run_id, run_input={"approve": False, **answer})
-    except NotPausedError:  # a reviewer answered first
-        pass
+    for _ in range(30):
+        try:
+            return resume_flow_run(flow_run_id, run_input={"approve": False, **answer})
+        except NotPausedError:  # a reviewer answered first
+            return None
+        except RuntimeError:  # refused for a moment (the form's schema not saved yet): asked again
+            time.sleep(1)
+    log.warning("could not answer the pause of flow run %s after its timeout: %s", flow_run_id, answer["reason"])
 
 
 def waiting() -> dict[str, str]:
@@ -95,5 +100,10 @@ def answer(run_id: str, recipe: str, approve: bool, reviewer: str, reason: str) 
     flow_run = waiting().get(pause_key(run_id, recipe))
     if flow_run is None:
         raise LookupError(f"no flow run is waiting for an approval of {recipe} in run {run_id}")
-    resume_flow_run(flow_run, run_input={"approve": approve, "reviewer": reviewer, "reason": reason})
+    try:
+        resume_flow_run(flow_run, run_input={"approve": approve, "reviewer": reviewer, "reason": reason})
+    except NotPausedError:
+        raise LookupError(f"flow run {flow_run} is no longer waiting (answered, or its time ran out)") from None
+    except RuntimeError as e:  # Prefect refused the answer: the form's schema not saved yet, a field it does not take
+        raise LookupError(f"Prefect refused the answer: {e}") from None
     return flow_run

@@ -51,8 +51,11 @@ def quantize_model(config_path: str = str(DEFAULT_CONFIG), overrides: list[str] 
     try:
         with runlog.stop_on_signals(), runlog.to_file(run.dir / "run.log", ui=APILogHandler()):
             model = gate_model(run, config)
+            awaiting: list[str] = []  # recipes whose Hub upload waits for a reviewer: asked once every recipe is gated
             for recipe in config.recipes if model else []:
-                gate_recipe(run, config, model, recipe)
+                gate_recipe(run, config, model, recipe, awaiting)
+            for name in awaiting:
+                publish_approved(run, config, name)
             run.finish()
     except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM through stop_on_signals
         run.interrupt(str(stop) or "SIGINT")
@@ -101,7 +104,7 @@ def gate_model(run: RunRecord, config: RunConfig) -> Model | None:
     return Model(download.checkpoint, compute, device, reference, benchmark if benchmark.ok else None, hold)
 
 
-def gate_recipe(run: RunRecord, config: RunConfig, model: Model, recipe: RecipeBase) -> None:
+def gate_recipe(run: RunRecord, config: RunConfig, model: Model, recipe: RecipeBase, awaiting: list[str]) -> None:
     """One recipe through the steps, stopping at the first that does not end ok."""
     steps, name, out, cache = config.steps, recipe.name, str(run.recipe_dir(recipe.name)), str(config.output.cache_dir)
     quantized = run_step(quantize_task, steps.quantize, Quantized, name, "quantize", model.hold, checkpoint=model.checkpoint,
@@ -118,14 +121,14 @@ def gate_recipe(run: RunRecord, config: RunConfig, model: Model, recipe: RecipeB
         run.set_remedy(name, remedy_recipe(run.dir, config, run.metrics, recipe, steps.remedy))
     if not went_on:
         if validated.status == "failed" and steps.publish.force:
-            publish(run, config, name)
+            publish(run, config, name, awaiting)
         return
     if model.reference.adapters and not run.set_adapters(name, run_step(
             adapters_task, steps.validate, AdaptersChecked, name, "adapters", model.hold, checkpoint=quantized.checkpoint,
             recipe=recipe, references=model.reference.adapters, base_stats=model.reference.validate.path,
             device=model.device, settings=steps.validate, compute_dtype=model.compute_dtype, served=config.model.dtype)):
         if steps.publish.force:
-            publish(run, config, name)
+            publish(run, config, name, awaiting)
         return
     served = {n: a for n, a in (model.reference.adapters or {}).items() if "error" not in a}  # kept by this recipe
     evaluated = run_step(evaluate_task, steps.evaluate, Evaluated, name, "evaluate", model.hold, checkpoint=quantized.checkpoint,
@@ -140,17 +143,32 @@ def gate_recipe(run: RunRecord, config: RunConfig, model: Model, recipe: RecipeB
                            base_checkpoint=model.checkpoint, cache_dir=cache,
                            adapters_served={n: a["folder"] for n, a in served.items()} if steps.benchmark.adapters else None)
     if run.set_step(name, "benchmark", benchmarked):
-        publish(run, config, name)
+        publish(run, config, name, awaiting)
 
 
-def publish(run: RunRecord, config: RunConfig, recipe: str) -> None:
+def publish(run: RunRecord, config: RunConfig, recipe: str, awaiting: list[str]) -> None:
+    """The publish step now, or, where a reviewer must approve a Hub upload, once every recipe is gated: no device
+    and no recipe waits for a person."""
     settings = config.steps.publish
-    approval = None
     if settings.approve and settings.target == "hub" and not settings.dry_run:
+        awaiting.append(recipe)
+        return
+    run.set_step(recipe, "publish", run_step(publish_task, settings, Published, recipe, "publish", run_dir=str(run.dir),
+                                             recipe=recipe, settings=settings))
+
+
+def publish_approved(run: RunRecord, config: RunConfig, recipe: str) -> None:
+    """The flow run paused until a reviewer approves the upload (flows.approval); rejected or unanswered, nothing is
+    uploaded and the recipe says why."""
+    settings = config.steps.publish
+    try:
         approved, approval = ask(run.dir, recipe, settings.hub_repo, settings.approve_timeout_s)
-        if not approved:
-            run.set_step(recipe, "publish", Published(status="skipped", reason=approval))
-            return
+    except Exception as e:  # Prefect's server unreachable, the pause refused: not published, and said why
+        run.set_step(recipe, "publish", Published(status="error", reason=f"approval: {type(e).__name__}: {e}"))
+        return
+    if not approved:
+        run.set_step(recipe, "publish", Published(status="skipped", reason=approval))
+        return
     published = run_step(publish_task, settings, Published, recipe, "publish", run_dir=str(run.dir), recipe=recipe,
                          settings=settings)
     published.approval = approval if published.ok else None

@@ -73,12 +73,17 @@ def run_step(step_task, settings, result_type: type[StepResult], group: str, ste
     (flows.devices), announcing its start and end (group is the recipe, or `model`); any way it ends becomes its
     typed result, never a raise."""
     announce(group, step, "start")
-    with held(hold, group, step):
-        started_at = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
-        t0 = time.perf_counter()
-        state = step_task.with_options(timeout_seconds=settings.timeout_s, retries=settings.retries)(
-            **params, return_state=True)
-        seconds = round(time.perf_counter() - t0, 2)
+    try:
+        with held(hold, group, step):
+            started_at = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+            t0 = time.perf_counter()
+            state = step_task.with_options(timeout_seconds=settings.timeout_s, retries=settings.retries)(
+                **params, return_state=True)
+            seconds = round(time.perf_counter() - t0, 2)
+    except Exception as e:  # the device's limit could not be had (Prefect's server gone, the limit deleted)
+        result = result_type(status="error", reason=f"holding {', '.join(hold)}: {type(e).__name__}: {e}")
+        announce(group, step, "end", result.status, 0.0, result.reason)
+        return result
     if state.is_completed():
         result = state.result()
         result = result_type.model_validate(result) if isinstance(result, dict) else result

@@ -1,4 +1,4 @@
-"""quantgate plan | run | report | remedy | history | dashboard | approve | alerts — the command line."""
+"""quantgate plan | run | report | remedy | history | dashboard | approve | publish-adapter | alerts — the command line."""
 from __future__ import annotations
 
 import argparse
@@ -15,9 +15,9 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network
 from quantgate import runlog, watchdog  # noqa: E402
 from quantgate.history import HistoryError  # noqa: E402
 from quantgate.config import ConfigError, load_config, writable  # noqa: E402
-from quantgate.files import write_json  # noqa: E402
+from quantgate.files import slug, write_json  # noqa: E402
 from quantgate.formats import num  # noqa: E402
-from quantgate.paths import DASHBOARD, DEFAULT_CONFIG, HISTORY_DB, history_location  # noqa: E402
+from quantgate.paths import DASHBOARD, DEFAULT_CONFIG, HISTORY_DB, PROJECT_ROOT, history_location  # noqa: E402
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -227,17 +227,36 @@ def approve(args) -> int:
         return 2
     try:
         flow_run = approval.answer(args.run_id, args.recipe, not args.reject, args.reviewer, args.reason)
-    except LookupError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except LookupError as e:  # none waiting, answered meanwhile, refused by Prefect
+        print(f"error: {args.recipe} of run {args.run_id}: {e}", file=sys.stderr)
         return 2
     print(f"{'rejected' if args.reject else 'approved'}: {args.recipe} of run {args.run_id} (flow run {flow_run})")
+    return 0
+
+
+def publish_adapter(args) -> int:
+    from quantgate import adapters
+    from quantgate.registry import publish_adapter as publish
+
+    try:
+        adapters.read_config(adapters.fetch(str(args.folder), Path()))
+    except adapters.AdapterError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    target = publish(args.folder, args.name, args.registry, adapters.FILES)
+    print(f"published: {target} (use it as source: registry:{args.name} or registry:{args.name}/{target.name})")
     return 0
 
 
 def alerts(args) -> int:
     from flows import alerts as automations
 
-    for name in automations.install(args.webhook, args.nightly_window):
+    webhook = args.webhook or os.environ.get("QUANTGATE_ALERTS_WEBHOOK")
+    if not webhook:
+        print("error: no webhook: --webhook URL, or QUANTGATE_ALERTS_WEBHOOK (kept out of the process list)",
+              file=sys.stderr)
+        return 2
+    for name in automations.install(webhook, args.nightly_window):
         print(f"automation: {name}")
     return 0
 
@@ -280,8 +299,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reviewer", default=os.environ.get("USER", ""))
     p.add_argument("--reason", default="")
     p.set_defaults(fn=approve)
+    p = sub.add_parser("publish-adapter", help="put a LoRA adapter folder in the registry as the next version of NAME")
+    p.add_argument("folder", type=Path)
+    p.add_argument("name", type=slug)
+    p.add_argument("--registry", type=Path, default=PROJECT_ROOT / "registry", help="steps.publish.registry_dir")
+    p.set_defaults(fn=publish_adapter)
     p = sub.add_parser("alerts", help="create the nightly's automations (configs/automations) on the Prefect server")
-    p.add_argument("--webhook", required=True, help="where notifications are posted (Slack, Teams, any JSON receiver)")
+    p.add_argument("--webhook", help="where notifications are posted (Slack, Teams, any JSON receiver); default: "
+                   "$QUANTGATE_ALERTS_WEBHOOK")
     p.add_argument("--nightly-window", type=int, metavar="SECONDS",
                    help="how long a nightly may run before it is reported as not finished (default: the file's, 8 h)")
     p.set_defaults(fn=alerts)

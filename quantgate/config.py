@@ -175,7 +175,25 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
                    if recipes_ok or err["loc"][:1] != ("recipes",)]
     if errors:
         raise ConfigError.of(errors)
-    return config
+    return _adapters_from_registry(config, path)
+
+
+def _adapters_from_registry(config: RunConfig, path: Path) -> RunConfig:
+    """Each `registry:NAME[/vN]` adapter as its version's folder, checked intact now: the record names the version
+    the run served."""
+    from quantgate.registry import RegistryError, adapter_folder
+
+    errors, served = [], []
+    for i, spec in enumerate(config.adapters):
+        if spec.source.startswith("registry:"):
+            try:
+                spec = spec.model_copy(update={"source": str(adapter_folder(spec.source, config.steps.publish.registry_dir))})
+            except RegistryError as e:
+                errors.append(ConfigError(path, f"adapters[{i}].source", str(e)))
+        served.append(spec)
+    if errors:
+        raise ConfigError.of(errors)
+    return config.model_copy(update={"adapters": served})
 
 
 def _validate_recipe(recipe: dict, origin: Path, set_here: set[str], index: int, config_path: Path) -> RecipeBase:
@@ -204,7 +222,7 @@ def _config_error(path: Path, err: dict, applied: dict[str, str], prefix: str = 
 
 def _unsecret(text: str) -> str:
     """A URL's password starred out: an error goes to terminals and CI logs."""
-    return re.sub(r"(://[^/:@\s]+:)[^@/\s]+@", r"\1***@", text)
+    return re.sub(r"(password=)[^&\s'\"]+", r"\1***", re.sub(r"(://[^/:@\s]*:)[^@\s]+@", r"\1***@", text))
 
 
 def _unwritable(path: Path, is_file: bool) -> str | None:
@@ -281,7 +299,7 @@ def load_nightly(path: str | Path) -> NightlyConfig:
     except ValidationError as e:
         err = e.errors()[0]
         field = ".".join(str(p) for p in err["loc"]) or "-"
-        raise ConfigError(path, field, f"{err['msg']}; got {err.get('input')!r}") from None
+        raise ConfigError(path, field, _unsecret(f"{err['msg']}; got {err.get('input')!r}")) from None
     for i, model in enumerate(config.models):
         if not model.config.is_file():
             raise ConfigError(path, f"models.{i}.config", f"{model.config}: file not found")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -74,10 +75,14 @@ def _engine(db: str) -> sa.Engine:
     url = sa.engine.make_url(db if is_url(db) else f"sqlite:///{db}")
     if url.drivername == "postgresql":
         url = url.set(drivername="postgresql+psycopg")
-    # Several runs finishing together wait for SQLite's write lock (up to 60 s) rather than fail. No pool: a
-    # connection a forked worker inherited would be shared with its parent.
-    args = {"timeout": 60} if url.get_backend_name() == "sqlite" else {"connect_timeout": 10}
-    return sa.create_engine(url, poolclass=sa.pool.NullPool, connect_args=args)
+    # No pool: a connection a forked worker inherited would be shared with its parent.
+    if url.get_backend_name() == "postgresql":
+        return sa.create_engine(url, poolclass=sa.pool.NullPool, connect_args={"connect_timeout": 10})
+    # Every transaction takes SQLite's write lock as it begins (the driver's own BEGIN off), so two processes never
+    # both find a table or column missing and both make it; one waits for the other up to 60 s rather than fail.
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool, connect_args={"timeout": 60, "isolation_level": None})
+    sa.event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
+    return engine
 
 
 def connect(db: str | Path, create: bool = False) -> sa.Engine:
@@ -89,7 +94,7 @@ def connect(db: str | Path, create: bool = False) -> sa.Engine:
             raise HistoryError(f"{db}: no history database there (a run creates it at its output.history_db)")
         if create:
             db.parent.mkdir(parents=True, exist_ok=True)
-    engine = _engine(str(db))
+    engine = _engine(str(db) if is_url(db) else str(Path(db).resolve()))
     try:
         _migrate(engine)
     except sa.exc.SQLAlchemyError as e:
@@ -105,13 +110,15 @@ _migrated: set[str] = set()
 def _migrate(engine: sa.Engine) -> None:
     """The tables made where missing, and columns added since they were first made, once a process."""
     key = engine.url.render_as_string(hide_password=False)
-    if key in _migrated:
+    if key in _migrated:  # a server's tables once a process; a SQLite file's each time (it may be a new file)
         return
     with engine.begin() as conn:
+        # One process at a time makes or alters the tables: PostgreSQL's advisory lock, SQLite's write lock (_engine).
         if conn.dialect.name == "postgresql":
             conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
         had = set(sa.inspect(conn).get_table_names())
-        METADATA.create_all(conn)
+        for table in METADATA.sorted_tables:
+            conn.execute(sa.schema.CreateTable(table, if_not_exists=True))
         inspector = sa.inspect(conn)
         for table in (CELLS, SCORES):
             have = {c["name"] for c in inspector.get_columns(table.name)}
@@ -124,11 +131,15 @@ def _migrate(engine: sa.Engine) -> None:
                 metrics = json.loads(row.metrics)
                 for recipe in metrics["recipes"]:
                     _insert_scores(conn, metrics, recipe)
-    _migrated.add(key)
+    if engine.dialect.name == "postgresql":
+        _migrated.add(key)
 
 
 def _upsert(conn: sa.Connection, table: sa.Table, row: dict) -> None:
-    """Insert the row, or replace the one with its key (a run recorded again: settled, then finished)."""
+    """Insert the row, or replace the one with its key (a run recorded again: settled, then finished). Both databases
+    keep the same values: NaN as NULL (as SQLite does), no NUL character (which PostgreSQL refuses)."""
+    row = {k: None if isinstance(v, float) and math.isnan(v) else v.replace("\0", "") if isinstance(v, str) else v
+           for k, v in row.items()}
     insert = (postgresql if conn.dialect.name == "postgresql" else sqlite).insert(table).values(row)
     keys = [c.name for c in table.primary_key]
     conn.execute(insert.on_conflict_do_update(index_elements=keys,
@@ -209,7 +220,7 @@ def record_run(db: str | Path, run_dir: str | Path) -> str:
                              "metrics": json.dumps(metrics), "nightly_id": metrics.get("nightly_id")})
         for recipe in metrics["recipes"]:
             cell = cell_of(metrics, recipe, run_dir)
-            _upsert(conn, CELLS, {k: cell[k] for k in CELL_FIELDS})
+            _upsert(conn, CELLS, {**{k: cell[k] for k in CELL_FIELDS}, "gate": None, "regressions": None})  # gated anew
             _insert_scores(conn, metrics, recipe)
     return metrics["run_id"]
 
@@ -221,7 +232,7 @@ def _cells_with_dirs():
 def cells(db: str | Path, model: str | None = None, recipe: str | None = None, status: str | None = None,
           limit: int | None = None) -> list[dict]:
     """Cells, newest first, with each run's directory."""
-    query = _cells_with_dirs().order_by(CELLS.c.started_at.desc(), CELLS.c.run_id.desc()).limit(limit)
+    query = _cells_with_dirs().order_by(CELLS.c.started_at.desc(), CELLS.c.run_id.desc()).limit(limit or None)
     for column, value in ((CELLS.c.model, model), (CELLS.c.recipe, recipe), (CELLS.c.status, status)):
         if value:
             query = query.where(column == value)
@@ -259,6 +270,8 @@ def run_env(db: str | Path, run_id: str) -> dict:
 def last_passing(db: str | Path, cell: dict) -> dict | None:
     """The newest passing cell of the same model, recipe and settings (fingerprint) that started before it, computed
     in the same dtype where one was (`compute_dtype: auto` resolves per host)."""
+    if cell["fingerprint"] is None:  # settings unknown: nothing to compare with
+        return None
     query = (_cells_with_dirs()
              .where(CELLS.c.model == cell["model"], CELLS.c.recipe == cell["recipe"], CELLS.c.status == "passed",
                     CELLS.c.fingerprint == cell["fingerprint"], CELLS.c.started_at < cell["started_at"])

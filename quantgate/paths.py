@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Annotated
-from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BeforeValidator
 
@@ -23,7 +22,7 @@ def rooted(path: Path) -> Path:
 Rooted = Annotated[Path, AfterValidator(rooted)]
 
 
-DATABASE_URLS = ("postgresql://", "postgresql+psycopg://", "sqlite:///")
+DATABASE_URLS = ("postgresql://", "postgresql+psycopg://")
 
 
 def is_database_url(value) -> bool:
@@ -31,11 +30,17 @@ def is_database_url(value) -> bool:
 
 
 def history_location(value):
-    """A history database: a URL as it is (its password refused: the config is saved with every run's record and
-    passed to every nightly cell), otherwise a path, rooted."""
+    """A history database: a PostgreSQL URL as it is (its password refused: the config is saved with every run's
+    record and passed to every nightly cell), otherwise a SQLite file's path, rooted."""
+    if isinstance(value, str) and "://" in value and not is_database_url(value):
+        raise ValueError(f"{value.split('://')[0]}:// is not a history database quantgate takes; allowed: "
+                         "postgresql://USER@HOST[:PORT]/DB or a SQLite file's path")
     if not is_database_url(value):
         return rooted(Path(value))
-    if urlsplit(value).password:
+    from sqlalchemy.engine import make_url
+
+    url = make_url(value)
+    if url.password is not None or "password" in url.query:
         raise ValueError("a password in the URL is refused (the config is saved with the run's record): give it "
                          "through PGPASSWORD or ~/.pgpass")
     return value

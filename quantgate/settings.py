@@ -56,16 +56,18 @@ class AdapterSpec(Strict):
     """A LoRA adapter served on the model: gated with every recipe, loaded by peft on the recipe's saved checkpoint
     (quantgate/adapters.py)."""
     name: Slug
-    source: str = Field(description="a folder peft's save_pretrained wrote | hf:ORG/NAME[@REVISION]")
+    # A registry entry becomes its version's folder when the config loads (quantgate.config.load_config).
+    source: str = Field(description="a folder peft's save_pretrained wrote | hf:ORG/NAME[@REVISION] | "
+                                    "registry:NAME[/vN]")
 
     @field_validator("source")
     @classmethod
-    def _folder_or_hub(cls, value: str) -> str:
+    def _folder_hub_or_registry(cls, value: str) -> str:
         if value.startswith("hf:"):
             if "/" not in value[3:].split("@")[0]:
                 raise ValueError(f"'{value}': a Hub adapter is hf:ORG/NAME[@REVISION]")
             return value
-        return str(rooted(Path(value)))
+        return value if value.startswith("registry:") else str(rooted(Path(value)))
 
 
 class StepSettings(Strict):

@@ -50,7 +50,11 @@ def settle(runs_dir: Path, history_db: Path | None = None, registry_dir: Path | 
     """Settle every dead run under runs_dir (and record it in history_db), and clear dead publishers' staging
     folders under registry_dir; the run ids settled."""
     settled = []
-    recorded = history.run_ids(history_db) if history_db is not None and history.exists(history_db) else set()
+    try:
+        recorded = history.run_ids(history_db) if history_db is not None and history.exists(history_db) else set()
+    except history.HistoryError as e:  # a database server down: the run folders still say what happened
+        log.warning("%s; the killed runs below are settled in their folders only", e)
+        recorded, history_db = set(), None
     for run_dir, metrics in dead_runs(runs_dir, recorded):
         why = f"killed: its process ({metrics['pid']}) ended without finishing (SIGKILL, or the out-of-memory killer)"
         stop(run_dir, metrics, why, f"the run was killed ({metrics['pid']})")

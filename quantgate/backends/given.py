@@ -17,6 +17,7 @@ import torch
 
 from quantgate import modeling
 from quantgate.backends import BACKENDS, Backend, PlanError, RecipeBase, parse_recipe, quant_method_of, register
+from quantgate.registry import versions
 
 # The text config fields a candidate must share with its base.
 COMPARED = ("hidden_size", "vocab_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
@@ -37,11 +38,10 @@ def registry_folder(source: str, registry_dir: Path) -> Path:
     folder = Path(registry_dir) / parts[0] / parts[1]
     if len(parts) == 3:
         folder = folder / parts[2]
+    elif published := versions(folder):
+        folder = folder / f"v{published[-1]}"
     else:
-        versions = sorted((int(p.name[1:]), p) for p in folder.glob("v*") if p.name[1:].isdigit())
-        if not versions:
-            raise PlanError("source", f"{source}: no published version in {folder}")
-        folder = versions[-1][1]
+        raise PlanError("source", f"{source}: no published version in {folder}")
     if not (folder / "config.json").is_file():
         raise PlanError("source", f"{source}: {folder} holds no checkpoint (no config.json)")
     return folder
