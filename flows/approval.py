@@ -79,9 +79,9 @@ def reject_if_paused(flow_run_id, answer: dict) -> None:
     for _ in range(30):
         try:
             return resume_flow_run(flow_run_id, run_input={"approve": False, **answer})
-        except NotPausedError:  # a reviewer answered first
+        except (NotPausedError, FlowPauseTimeout):  # a reviewer answered first, or the pause is over anyway
             return None
-        except RuntimeError:  # refused for a moment (the form's schema not saved yet): asked again
+        except Exception:  # refused for a moment (the form's schema not saved yet, the server busy): asked again
             time.sleep(1)
     log.warning("could not answer the pause of flow run %s after its timeout: %s", flow_run_id, answer["reason"])
 
@@ -102,7 +102,7 @@ def answer(run_id: str, recipe: str, approve: bool, reviewer: str, reason: str) 
         raise LookupError(f"no flow run is waiting for an approval of {recipe} in run {run_id}")
     try:
         resume_flow_run(flow_run, run_input={"approve": approve, "reviewer": reviewer, "reason": reason})
-    except NotPausedError:
+    except (NotPausedError, FlowPauseTimeout):
         raise LookupError(f"flow run {flow_run} is no longer waiting (answered, or its time ran out)") from None
     except RuntimeError as e:  # Prefect refused the answer: the form's schema not saved yet, a field it does not take
         raise LookupError(f"Prefect refused the answer: {e}") from None

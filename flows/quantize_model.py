@@ -161,13 +161,16 @@ def publish_approved(run: RunRecord, config: RunConfig, recipe: str) -> None:
     """The flow run paused until a reviewer approves the upload (flows.approval); rejected or unanswered, nothing is
     uploaded and the recipe says why."""
     settings = config.steps.publish
+    # A recipe published with steps.publish.force failed validation: not publishing it leaves it failed.
+    failed = run.metrics["recipes"][recipe]["status"] in ("failed", "error")
     try:
         approved, approval = ask(run.dir, recipe, settings.hub_repo, settings.approve_timeout_s)
     except Exception as e:  # Prefect's server unreachable, the pause refused: not published, and said why
-        run.set_step(recipe, "publish", Published(status="error", reason=f"approval: {type(e).__name__}: {e}"))
+        run.set_step(recipe, "publish", Published(status="not_run" if failed else "error",
+                                                  reason=f"approval: {type(e).__name__}: {e}"))
         return
     if not approved:
-        run.set_step(recipe, "publish", Published(status="skipped", reason=approval))
+        run.set_step(recipe, "publish", Published(status="not_run" if failed else "skipped", reason=approval))
         return
     published = run_step(publish_task, settings, Published, recipe, "publish", run_dir=str(run.dir), recipe=recipe,
                          settings=settings)

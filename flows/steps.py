@@ -3,6 +3,7 @@ download, its cache; timeouts and retries come from the step's settings. `run_st
 can end (a result, a timeout, an exception) into the step's typed result."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import time
@@ -73,17 +74,25 @@ def run_step(step_task, settings, result_type: type[StepResult], group: str, ste
     (flows.devices), announcing its start and end (group is the recipe, or `model`); any way it ends becomes its
     typed result, never a raise."""
     announce(group, step, "start")
+    devices = contextlib.ExitStack()
     try:
-        with held(hold, group, step):
-            started_at = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
-            t0 = time.perf_counter()
-            state = step_task.with_options(timeout_seconds=settings.timeout_s, retries=settings.retries)(
-                **params, return_state=True)
-            seconds = round(time.perf_counter() - t0, 2)
+        devices.enter_context(held(hold, group, step))
     except Exception as e:  # the device's limit could not be had (Prefect's server gone, the limit deleted)
         result = result_type(status="error", reason=f"holding {', '.join(hold)}: {type(e).__name__}: {e}")
         announce(group, step, "end", result.status, 0.0, result.reason)
         return result
+    try:
+        started_at = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+        t0 = time.perf_counter()
+        state = step_task.with_options(timeout_seconds=settings.timeout_s, retries=settings.retries)(
+            **params, return_state=True)
+        seconds = round(time.perf_counter() - t0, 2)
+    finally:
+        try:
+            devices.close()
+        except Exception as e:  # the step's work is done; an unreleased slot's lease ends by itself
+            logging.getLogger("quantgate.progress").warning("%s: %s: releasing %s: %s: %s", group, step,
+                                                            ", ".join(hold), type(e).__name__, e)
     if state.is_completed():
         result = state.result()
         result = result_type.model_validate(result) if isinstance(result, dict) else result

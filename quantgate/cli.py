@@ -17,7 +17,7 @@ from quantgate.history import HistoryError  # noqa: E402
 from quantgate.config import ConfigError, load_config, writable  # noqa: E402
 from quantgate.files import slug, write_json  # noqa: E402
 from quantgate.formats import num  # noqa: E402
-from quantgate.paths import DASHBOARD, DEFAULT_CONFIG, HISTORY_DB, PROJECT_ROOT, history_location  # noqa: E402
+from quantgate.paths import DASHBOARD, DEFAULT_CONFIG, HISTORY_DB, PROJECT_ROOT, history_location, rooted  # noqa: E402
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -239,11 +239,11 @@ def publish_adapter(args) -> int:
     from quantgate.registry import publish_adapter as publish
 
     try:
-        adapters.read_config(adapters.fetch(str(args.folder), Path()))
-    except adapters.AdapterError as e:
+        adapters.read_config(adapters.fetch(str(args.folder.resolve()), Path()))  # a local folder, never the Hub
+        target = publish(args.folder, args.name, rooted(args.registry), adapters.FILES)
+    except (adapters.AdapterError, OSError, ValueError) as e:  # not an adapter, an unwritable registry
         print(f"error: {e}", file=sys.stderr)
         return 2
-    target = publish(args.folder, args.name, args.registry, adapters.FILES)
     print(f"published: {target} (use it as source: registry:{args.name} or registry:{args.name}/{target.name})")
     return 0
 
@@ -302,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("publish-adapter", help="put a LoRA adapter folder in the registry as the next version of NAME")
     p.add_argument("folder", type=Path)
     p.add_argument("name", type=slug)
-    p.add_argument("--registry", type=Path, default=PROJECT_ROOT / "registry", help="steps.publish.registry_dir")
+    p.add_argument("--registry", type=Path, default=PROJECT_ROOT / "registry",
+                   help="steps.publish.registry_dir (a relative path is the project root's, as in a config)")
     p.set_defaults(fn=publish_adapter)
     p = sub.add_parser("alerts", help="create the nightly's automations (configs/automations) on the Prefect server")
     p.add_argument("--webhook", help="where notifications are posted (Slack, Teams, any JSON receiver); default: "

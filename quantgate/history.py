@@ -6,6 +6,7 @@ with the figures the gate and the dashboard use, and one row per cell and evalua
 evaluations are registered. `regressions` compares a cell with the last passing run of the same model and recipe."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -78,11 +79,22 @@ def _engine(db: str) -> sa.Engine:
     # No pool: a connection a forked worker inherited would be shared with its parent.
     if url.get_backend_name() == "postgresql":
         return sa.create_engine(url, poolclass=sa.pool.NullPool, connect_args={"connect_timeout": 10})
-    # Every transaction takes SQLite's write lock as it begins (the driver's own BEGIN off), so two processes never
-    # both find a table or column missing and both make it; one waits for the other up to 60 s rather than fail.
+    # A writer's transaction takes SQLite's write lock as it begins (the driver's own BEGIN off), so two processes
+    # never both find a table missing and both make it; one waits for the other up to 60 s. Readers take none: a
+    # history on a read-only mount still reads.
     engine = sa.create_engine(url, poolclass=sa.pool.NullPool, connect_args={"timeout": 60, "isolation_level": None})
-    sa.event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
+    sa.event.listen(engine, "begin", lambda conn: conn.exec_driver_sql(
+        "BEGIN IMMEDIATE" if conn.info.get("writer") else "BEGIN"))
     return engine
+
+
+@contextlib.contextmanager
+def writing(engine: sa.Engine):
+    """A transaction that writes: on SQLite it holds the write lock from its first statement."""
+    with engine.connect() as conn:
+        conn.info["writer"] = True
+        with conn.begin():
+            yield conn
 
 
 def connect(db: str | Path, create: bool = False) -> sa.Engine:
@@ -112,7 +124,12 @@ def _migrate(engine: sa.Engine) -> None:
     key = engine.url.render_as_string(hide_password=False)
     if key in _migrated:  # a server's tables once a process; a SQLite file's each time (it may be a new file)
         return
-    with engine.begin() as conn:
+    with engine.connect() as conn:
+        if _up_to_date(conn):
+            if engine.dialect.name == "postgresql":
+                _migrated.add(key)
+            return
+    with writing(engine) as conn:
         # One process at a time makes or alters the tables: PostgreSQL's advisory lock, SQLite's write lock (_engine).
         if conn.dialect.name == "postgresql":
             conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
@@ -120,7 +137,7 @@ def _migrate(engine: sa.Engine) -> None:
         for table in METADATA.sorted_tables:
             conn.execute(sa.schema.CreateTable(table, if_not_exists=True))
         inspector = sa.inspect(conn)
-        for table in (CELLS, SCORES):
+        for table in METADATA.sorted_tables:
             have = {c["name"] for c in inspector.get_columns(table.name)}
             for column in table.columns:
                 if column.name not in have:
@@ -133,6 +150,14 @@ def _migrate(engine: sa.Engine) -> None:
                     _insert_scores(conn, metrics, recipe)
     if engine.dialect.name == "postgresql":
         _migrated.add(key)
+
+
+def _up_to_date(conn: sa.Connection) -> bool:
+    """Every table there with every column: nothing to make or add (read without a lock)."""
+    inspector = sa.inspect(conn)
+    tables = set(inspector.get_table_names())
+    return all(t.name in tables and {c.name for c in t.columns} <= {c["name"] for c in inspector.get_columns(t.name)}
+               for t in METADATA.sorted_tables)
 
 
 def _upsert(conn: sa.Connection, table: sa.Table, row: dict) -> None:
@@ -213,7 +238,7 @@ def record_run(db: str | Path, run_dir: str | Path) -> str:
     run_dir = Path(run_dir).resolve()
     metrics = json.loads((run_dir / "metrics.json").read_text())
     env = json.loads((run_dir / "env.json").read_text())
-    with connect(db, create=True).begin() as conn:
+    with writing(connect(db, create=True)) as conn:
         _upsert(conn, RUNS, {"run_id": metrics["run_id"], "started_at": metrics["started_at"],
                              "finished_at": metrics["finished_at"], "model": metrics["model"]["source"],
                              "status": metrics["status"], "run_dir": str(run_dir), "env": json.dumps(env),
@@ -298,7 +323,7 @@ def run_cells(db: str | Path, run_id: str) -> list[dict]:
 
 def set_gate(db: str | Path, results: list[dict]) -> None:
     """What the nightly gate decided of each cell, kept beside it (the dashboard shows it)."""
-    with connect(db, create=True).begin() as conn:
+    with writing(connect(db, create=True)) as conn:
         for r in results:
             conn.execute(sa.update(CELLS).where(CELLS.c.run_id == r["run_id"], CELLS.c.recipe == r["recipe"])
                          .values(gate=r["gate"], regressions=json.dumps(r["regressions"])))

@@ -13,7 +13,8 @@ from quantgate.fetching import check_manifest
 from quantgate.files import SLUG, manifest, under, write_json
 
 ADAPTERS = "adapters"
-ADAPTER_SOURCE = re.compile(rf"^registry:(?P<name>{SLUG.pattern})(?:/(?P<version>v\d+))?$")
+VERSION = re.compile(r"v[1-9][0-9]*")
+ADAPTER_SOURCE = re.compile(rf"^registry:(?P<name>{SLUG.pattern})(?:/(?P<version>{VERSION.pattern}))?$")
 
 
 class RegistryError(ValueError):
@@ -21,7 +22,7 @@ class RegistryError(ValueError):
 
 
 def versions(folder: Path) -> list[int]:
-    return sorted(int(p.name[1:]) for p in folder.glob("v*") if p.name[1:].isdigit()) if folder.is_dir() else []
+    return sorted(int(p.name[1:]) for p in folder.glob("v*") if VERSION.fullmatch(p.name)) if folder.is_dir() else []
 
 
 def next_version(folder: Path) -> int:

@@ -59,7 +59,8 @@ def test_a_missing_or_damaged_registry_adapter_is_a_config_error(tmp_path):
     assert quantgate("publish-adapter", str(lora_folder(tmp_path / "lora", 0)), "support", "--registry", str(registry))[0] == 0
     for source, why in (("registry:support/v9", "no v9 of support; allowed: v1"),
                         ("registry:other", f"no adapter named other in the registry {registry}"),
-                        ("registry:support/latest", "allowed: registry:NAME or registry:NAME/vN")):
+                        ("registry:support/latest", "allowed: registry:NAME or registry:NAME/vN"),
+                        ("registry:support/v01", "allowed: registry:NAME or registry:NAME/vN")):
         with pytest.raises(ConfigError) as error:
             served(registry, source)
         assert f"adapters[0].source: {source}: {why}" in str(error.value)
