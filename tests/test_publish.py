@@ -201,7 +201,8 @@ def test_the_token_is_in_nothing_the_run_wrote(tiny_llama, cache_dir, prefect_se
 def test_a_hub_upload_waits_for_approval_and_silence_publishes_nothing(
         tiny_llama, cache_dir, prefect_server, tmp_path, hub, monkeypatch):
     """steps.publish.approve: the flow run pauses before each recipe's upload with its verdict and card in the form;
-    one approved with `quantgate approve` (it uploads only then), one left unanswered: rejected when its time is up
+    one approved with `quantgate approve` (it uploads only then; 20 s to answer, room for a loaded CI host), one left
+    unanswered: rejected when its time is up
     (a reviewer's rejection resumes the run the same way), and the run goes on to a normal end."""
     import threading
 
@@ -218,7 +219,7 @@ def test_a_hub_upload_waits_for_approval_and_silence_publishes_nothing(
                  f"output.cache_dir={cache_dir}", f"output.history_db={tmp_path / 'runs' / 'history.sqlite'}",
                  f"recipes=[{', '.join(recipes)}]", *QUICK,
                  f"steps.publish={{target: hub, hub_repo: 'quantgate-test/{{model}}-{{recipe}}', "
-                 f"hub_endpoint: '{hub.endpoint}', approve: true, approve_timeout_s: 8}}"]
+                 f"hub_endpoint: '{hub.endpoint}', approve: true, approve_timeout_s: 20}}"]
     finished = {}
     flow = threading.Thread(target=lambda: finished.update(state=quantize_model(
         str(PROJECT / "configs" / "default.yaml"), overrides=overrides, return_state=True)))
@@ -263,5 +264,5 @@ def test_a_hub_upload_waits_for_approval_and_silence_publishes_nothing(
     assert approved["publish"]["approval"] == "approved by alice: numbers as expected"
     assert {c["repo"] for c in hub.commits} == {f"quantgate-test/{model_name(metrics)}-torchao-int8-weight-only"}
     assert recipes["int8-unanswered"]["status"] == "skipped"
-    assert recipes["int8-unanswered"]["reason"] == "publish: not approved within 8 s (steps.publish.approve_timeout_s)"
+    assert recipes["int8-unanswered"]["reason"] == "publish: not approved within 20 s (steps.publish.approve_timeout_s)"
     assert finished["state"].is_completed()
