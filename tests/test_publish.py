@@ -202,8 +202,8 @@ def test_a_hub_upload_waits_for_approval_and_silence_publishes_nothing(
         tiny_llama, cache_dir, prefect_server, tmp_path, hub, monkeypatch):
     """steps.publish.approve: the flow run pauses before each recipe's upload with its verdict and card in the form;
     one approved with `quantgate approve` (it uploads only then; 20 s to answer, room for a loaded CI host), one left
-    unanswered: rejected when its time is up
-    (a reviewer's rejection resumes the run the same way), and the run goes on to a normal end."""
+    unanswered: rejected when its time is up (a reviewer's rejection resumes the run the same way), and the run goes
+    on to a normal end."""
     import threading
 
     from prefect.client.orchestration import get_client
