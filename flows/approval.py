@@ -20,8 +20,7 @@ from prefect.runtime import flow_run
 
 from flows.artifacts import artifact_key
 from quantgate.card import render_card
-from quantgate.formats import markdown_table
-from quantgate.report import summary_header, summary_rows
+from quantgate.report import summary_header, summary_rows, table
 from quantgate.runlog import SHOWN
 from tasks.publish import hub_repo_id
 
@@ -39,20 +38,19 @@ def pause_key(run_id: str, recipe: str) -> str:
     return artifact_key("approve", run_id, recipe, hashlib.sha256(recipe.encode()).hexdigest()[:6])
 
 
-def describe(run_dir: Path, recipe: str, repo_id: str) -> str:
-    """What the reviewer decides on: the recipe's row of the run's summary beside the reference's, and its card."""
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+def describe(run_dir: Path, metrics: dict, recipe: str, repo_id: str) -> str:
+    """What the reviewer decides on: the recipe's row of the run's summary beside the reference's, as report.md shows
+    them, and its card."""
     rows = [row for row in summary_rows(metrics) if row[0] in ("reference", recipe)]
     return "\n".join([f"## Publish {recipe} of run {metrics['run_id']} to the Hub as `{repo_id}`?", "",
-                      *markdown_table(summary_header(), rows), "", "---", "",
-                      render_card(run_dir, recipe, repo_id)])
+                      *table(summary_header(), rows), "", "---", "", render_card(run_dir, recipe, repo_id)])
 
 
 def ask(run_dir: Path, recipe: str, repo_template: str, timeout_s: int) -> tuple[bool, str]:
     """Pause this flow run until a reviewer answers: whether to publish, and who decided what, in a sentence."""
     metrics = json.loads((run_dir / "metrics.json").read_text())
     repo_id = hub_repo_id(repo_template, metrics, recipe)
-    form = Approval.with_initial_data(description=describe(run_dir, recipe, repo_id))
+    form = Approval.with_initial_data(description=describe(run_dir, metrics, recipe, repo_id))
     log.info("%s: waiting up to %d s for a reviewer to approve the upload to %s (Prefect's UI, or `quantgate approve "
              "%s %s`)", recipe, timeout_s, repo_id, metrics["run_id"], recipe, extra=SHOWN)
     silence = f"not approved within {timeout_s} s (steps.publish.approve_timeout_s)"

@@ -57,27 +57,21 @@ def cell_runs(matrix, nightly_id: str) -> list[dict]:
 
 
 def emit_alerts(nightly_id: str, results: list[dict], missing: list[dict]) -> None:
-    """An event per regressed cell and per cell that did not finish, for the automations of configs/automations
-    (`quantgate alerts`) to notify on."""
+    """An event per regressed cell and per cell that did not finish or errored, for the automations of
+    configs/automations (`quantgate alerts`) to notify on."""
+    def emit(event: str, key: str, cell: str, **payload) -> None:
+        emit_event(event, resource={"prefect.resource.id": f"quantgate.cell.{key}", "prefect.resource.name": cell},
+                   payload={"nightly_id": nightly_id, "cell": cell, **payload})
+
     for c in results:
+        key, cell = f"{c['model']}.{c['recipe']}", f"{c['model']} {c['recipe']}"
         if c["gate"] == "regressed":
-            emit_event("quantgate.nightly.regression", resource={
-                "prefect.resource.id": f"quantgate.cell.{c['model']}.{c['recipe']}",
-                "prefect.resource.name": f"{c['model']} {c['recipe']}"},
-                payload={"nightly_id": nightly_id, "run_id": c["run_id"], "model": c["model"], "recipe": c["recipe"],
-                         "regressions": c["regressions"], "env_changes": c["env_changes"]})
-    for c in results:
-        if c["status"] == "error" and c["gate"] != "regressed":  # a step errored: the cell measured nothing
-            emit_event("quantgate.nightly.cell-failed", resource={
-                "prefect.resource.id": f"quantgate.cell.{c['model']}.{c['recipe']}",
-                "prefect.resource.name": f"{c['model']} {c['recipe']}"},
-                payload={"nightly_id": nightly_id, "cell": f"{c['model']} {c['recipe']}", "state": "error",
-                         "run_id": c["run_id"], "reason": c.get("reason")})
+            emit("quantgate.nightly.regression", key, cell, run_id=c["run_id"], model=c["model"], recipe=c["recipe"],
+                 regressions=c["regressions"], env_changes=c["env_changes"])
+        elif c["status"] == "error":  # a step errored: the cell measured nothing
+            emit("quantgate.nightly.cell-failed", key, cell, state="error", run_id=c["run_id"], reason=c.get("reason"))
     for r in missing:
-        emit_event("quantgate.nightly.cell-failed", resource={"prefect.resource.id": f"quantgate.cell.{r['cell']}",
-                                                              "prefect.resource.name": r["cell"]},
-                   payload={"nightly_id": nightly_id, "cell": r["cell"], "state": r["state"],
-                            "flow_run": r.get("flow_run")})
+        emit("quantgate.nightly.cell-failed", r["cell"], r["cell"], state=r["state"], flow_run=r.get("flow_run"))
 
 
 @flow(name="nightly")

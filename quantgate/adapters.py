@@ -5,7 +5,6 @@ reload."""
 from __future__ import annotations
 
 import contextlib
-
 import json
 import re
 from pathlib import Path

@@ -19,7 +19,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from quantgate import evaluations
 from quantgate.formats import peak_memory
-from quantgate.paths import is_database_url as is_url
+from quantgate.paths import is_database_url
 
 
 class Flag(sa.types.TypeDecorator):
@@ -63,17 +63,17 @@ class HistoryError(RuntimeError):
 
 def shown(db: str | Path) -> str:
     """The history's location as a message may name it: a URL without its password."""
-    return sa.engine.make_url(db).render_as_string(hide_password=True) if is_url(db) else str(db)
+    return sa.engine.make_url(db).render_as_string(hide_password=True) if is_database_url(db) else str(db)
 
 
 def exists(db: str | Path) -> bool:
     """Whether there is a history to read: a database server always answers for itself."""
-    return is_url(db) or Path(db).is_file()
+    return is_database_url(db) or Path(db).is_file()
 
 
 @functools.cache
 def _engine(db: str) -> sa.Engine:
-    url = sa.engine.make_url(db if is_url(db) else f"sqlite:///{db}")
+    url = sa.engine.make_url(db if is_database_url(db) else f"sqlite:///{db}")
     if url.drivername == "postgresql":
         url = url.set(drivername="postgresql+psycopg")
     # No pool: a connection a forked worker inherited would be shared with its parent.
@@ -100,18 +100,19 @@ def writing(engine: sa.Engine):
 def connect(db: str | Path, create: bool = False) -> sa.Engine:
     """The history at `db`, its tables made or brought up to date; only a writer (create=True) makes a SQLite file
     where there is none."""
-    if not is_url(db):
+    if not is_database_url(db):
         db = Path(db)
         if not create and not db.is_file():
             raise HistoryError(f"{db}: no history database there (a run creates it at its output.history_db)")
         if create:
             db.parent.mkdir(parents=True, exist_ok=True)
-    engine = _engine(str(db) if is_url(db) else str(Path(db).resolve()))
+    engine = _engine(str(db) if is_database_url(db) else str(Path(db).resolve()))
     try:
         _migrate(engine)
     except sa.exc.SQLAlchemyError as e:
         cause = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
-        what = "unreachable" if isinstance(e, sa.exc.OperationalError) and is_url(db) else "not a quantgate history database"
+        unreachable = isinstance(e, sa.exc.OperationalError) and is_database_url(db)
+        what = "unreachable" if unreachable else "not a quantgate history database"
         raise HistoryError(f"{shown(db)}: {what} ({engine.dialect.name}: {cause})") from None
     return engine
 

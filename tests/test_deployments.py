@@ -6,7 +6,6 @@ import itertools
 import json
 import os
 import sqlite3
-import socket
 import subprocess
 import sys
 import threading
@@ -19,16 +18,10 @@ import pytest
 import yaml
 
 from quantgate import history
-from tests.conftest import PROJECT, QUICK
+from tests.conftest import PROJECT, QUICK, free_port
 
 PREFECT = str(Path(sys.executable).parent / "prefect")
 pytestmark = pytest.mark.integration  # a Prefect server, workers and deployments, though on the tiny model
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -108,13 +101,9 @@ def test_quantize_deployment_runs_and_leaves_its_record(server, tiny_llama, cach
 
 def test_two_workers_share_a_nightly_matrix(server, tiny_llama, cache_dir, tmp_path):
     logs = [server["start_worker"](f"gpu{i}")[1] for i in (0, 1)]
-    matrix = tmp_path / "nightly.yaml"
-    matrix.write_text(yaml.safe_dump({
-        "models": [{"config": str(PROJECT / "configs" / "default.yaml"), "overrides": quick(tmp_path, cache_dir, tiny_llama)}],
-        # Two cells, one for each worker.
-        "recipes": ["quanto-int8", "torchao-int8-weight-only"],
-        "deployment": "quantize-model/quantize", "history_db": str(tmp_path / "h.sqlite"),
-        "dashboard": str(tmp_path / "dashboard.html")}))
+    # Two cells, one for each worker.
+    matrix = nightly_of(tmp_path, ["quanto-int8", "torchao-int8-weight-only"], quick(tmp_path, cache_dir, tiny_llama),
+                        "quantize-model/quantize")
     nightly = subprocess.run([sys.executable, "-c", f"from flows.nightly import nightly; print(nightly({str(matrix)!r}))"],
                              env=server["env"], cwd=PROJECT, capture_output=True, text=True, timeout=1500)
     assert nightly.returncode == 0, nightly.stdout[-3000:] + nightly.stderr[-3000:]
@@ -161,7 +150,8 @@ def nightly_of(tmp_path: Path, cells: list[str], overrides: list[str], deploymen
     matrix = tmp_path / f"nightly-{len(list(tmp_path.glob('nightly-*.yaml')))}.yaml"
     matrix.write_text(yaml.safe_dump({
         "models": [{"config": str(PROJECT / "configs" / "default.yaml"), "overrides": overrides}], "recipes": cells,
-        "deployment": deployment, "history_db": str(tmp_path / "h.sqlite"), "dashboard": str(tmp_path / "d.html")}))
+        "deployment": deployment, "history_db": str(tmp_path / "h.sqlite"),
+        "dashboard": str(tmp_path / "dashboard.html")}))
     return matrix
 
 

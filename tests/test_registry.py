@@ -1,17 +1,15 @@
 """Adapters kept in the local registry: `quantgate publish-adapter` puts a LoRA folder there as the next version,
 checksummed; a config serves it as `registry:NAME[/vN]`, resolved to its version's folder and checked intact when the
 config loads."""
-import contextlib
-import io
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from quantgate import cli
 from quantgate.config import ConfigError, load_config
 from quantgate.paths import PROJECT_ROOT
+from tests.conftest import quantgate
 
 DEFAULT = PROJECT_ROOT / "configs" / "default.yaml"
 
@@ -26,13 +24,6 @@ def lora_folder(folder: Path, seed: int) -> Path:
                "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.randn(64, 2)},
               folder / "adapter_model.safetensors")
     return folder
-
-
-def quantgate(*argv: str) -> tuple[int, str]:
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-        code = cli.main(list(argv))
-    return code, out.getvalue()
 
 
 def served(registry: Path, source: str):

@@ -1,8 +1,6 @@
 """Reliability and a run's own state: cached files are data, names stay inside their folders, bad input is a
 config error naming all its problems, a stopped run says so and leaves nothing running, caches are keyed by
 where they live, a run's status follows its steps, and output paths are checked before any heavy work."""
-import contextlib
-import io
 import json
 import os
 import re
@@ -22,16 +20,9 @@ from quantgate.config import ConfigError, load_config
 from quantgate.files import cached_tensors, under
 from quantgate.paths import PROJECT_ROOT
 from quantgate.results import Reference, StepResult
-from tests.conftest import QUICK
+from tests.conftest import QUICK, quantgate
 
 DEFAULT = PROJECT_ROOT / "configs" / "default.yaml"
-
-
-def quantgate(*argv: str) -> tuple[int, str]:
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-        code = cli.main(list(argv))
-    return code, out.getvalue()
 
 
 # ---------------------------------------------------------------- cached files are data, never code
@@ -257,7 +248,7 @@ def test_the_download_cache_key_holds_where_the_cache_lives(smollm2, cache_dir, 
 
 
 def test_a_history_server_that_does_not_answer_or_a_password_in_its_url_is_refused_before_anything_runs(tmp_path):
-    from tests.postgres import free_port
+    from tests.conftest import free_port
 
     runs = tmp_path / "runs"
     url = f"postgresql://quantgate@127.0.0.1:{free_port()}/history"  # nothing listens there

@@ -113,43 +113,50 @@ def kept_float(weight: torch.Tensor, scale_inv: torch.Tensor, block_size) -> tor
     return full
 
 
+def float_weights(weight: torch.Tensor, scale_inv: torch.Tensor, block_size) -> torch.Tensor:
+    """The layer's weights in float32: the kept copy where there is one, computed for this call otherwise."""
+    kept = kept_float(weight, scale_inv, block_size)
+    return kept if kept is not None else dequantize_weight(weight, scale_inv, block_size)
+
+
+def _product(input, weights: torch.Tensor, block_size, activation_scale=None) -> torch.Tensor:
+    block_k = block_size[1] if block_size is not None else input.shape[-1]
+    return quantize_activations(input, block_k, activation_scale) @ weights.T
+
+
 def matmul_2d(input, weight, weight_scale_inv, block_size, output_dtype=None, activation_scale=None):
     """input (..., K) @ weight (N, K).T, as `matmul_2d` of the Hub kernel."""
-    block_k = block_size[1] if block_size is not None else input.shape[-1]
-    a = quantize_activations(input, block_k, activation_scale)
-    full = kept_float(weight, weight_scale_inv, block_size)
-    out = a @ (full if full is not None else dequantize_weight(weight, weight_scale_inv, block_size)).T
+    out = _product(input, float_weights(weight, weight_scale_inv, block_size), block_size, activation_scale)
     return out.to(output_dtype or input.dtype)
 
 
-def _expert_product(input, weight, weight_scale_inv, block_size, expert: int, full):
-    block_k = block_size[1] if block_size is not None else input.shape[-1]
-    if full is None:
-        full = dequantize_weight(weight[expert], weight_scale_inv[expert], block_size)[None]
-        expert = 0
-    return (quantize_activations(input, block_k) @ full[expert].T).to(input.dtype)
+def _expert(weight, weight_scale_inv, block_size, expert: int, kept) -> torch.Tensor:
+    """One expert's float32 weights: a slice of the kept copy of them all, or that expert's alone."""
+    return kept[expert] if kept is not None else dequantize_weight(weight[expert], weight_scale_inv[expert], block_size)
 
 
 def matmul_batched(input, weight, weight_scale_inv, block_size, expert_ids):
     """Row s of input (S, K) times expert expert_ids[s] of weight (E, N, K); rows routed past E stay zero."""
     out = input.new_zeros(input.shape[0], weight.shape[1])
-    full = kept_float(weight, weight_scale_inv, block_size)
+    kept = kept_float(weight, weight_scale_inv, block_size)
     for expert in expert_ids.unique().tolist():
         if expert >= weight.shape[0]:
             continue
         rows = expert_ids == expert
-        out[rows] = _expert_product(input[rows], weight, weight_scale_inv, block_size, expert, full)
+        out[rows] = _product(input[rows], _expert(weight, weight_scale_inv, block_size, expert, kept),
+                             block_size).to(input.dtype)
     return out
 
 
 def matmul_grouped(input, weight, weight_scale_inv, offsets, tokens_per_expert, block_size):
     """Rows of input (S, K) sorted by expert, expert e's ending at offsets[e]; rows past the last stay zero."""
     out = input.new_zeros(input.shape[0], weight.shape[1])
-    full = kept_float(weight, weight_scale_inv, block_size)
+    kept = kept_float(weight, weight_scale_inv, block_size)
     start = 0
     for expert, end in enumerate(offsets.tolist()):
         if end > start:
-            out[start:end] = _expert_product(input[start:end], weight, weight_scale_inv, block_size, expert, full)
+            out[start:end] = _product(input[start:end], _expert(weight, weight_scale_inv, block_size, expert, kept),
+                                      block_size).to(input.dtype)
         start = end
     return out
 
