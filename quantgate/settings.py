@@ -122,6 +122,9 @@ class EvaluateSettings(StepSettings):
     mmlu_source: Literal["local", "hub"] = "local"  # data/mmlu, or the Hub dataset cais/mmlu
     num_fewshot: int = Field(0, ge=0, le=5)
     limit: PositiveInt | None = 5  # questions per subject (57 subjects); null: all 14,042
+    # The subjects asked, by name (data/mmlu's, as cais/mmlu spells them), e.g. [college_physics, virology]: a team's
+    # domain; null: all 57. The figure is then the mean over those subjects' questions.
+    mmlu_subjects: Annotated[list[str], Field(min_length=1)] | None = None
     # auto:N: lm-eval's probe on CUDA, redone N times as the (length-sorted) requests get shorter;
     # 8 on a CPU, where the probe's full-length forwards take minutes. WikiText's rolling windows go one
     # at a time under auto: lm-eval probes them at full length.
@@ -141,6 +144,16 @@ class EvaluateSettings(StepSettings):
     # logits for four documents of Gemma 3 270M (262k vocabulary).
     max_length: PositiveInt = 2048
     bootstrap_iters: PositiveInt = 10000
+
+
+    @field_validator("mmlu_subjects")
+    @classmethod
+    def _known_subjects(cls, names: list[str] | None) -> list[str] | None:
+        from quantgate.evaluations.mmlu import subjects
+
+        if names is not None and (unknown := [n for n in names if n not in subjects()]):
+            raise ValueError(f"unknown MMLU subject {', '.join(map(repr, unknown))}; allowed: {', '.join(subjects())}")
+        return None if names is None else sorted(set(names))
 
 
 class KVCacheSettings(Strict):

@@ -15,7 +15,7 @@ from quantgate.settings import AdapterSpec, ValidateSettings
 from tasks.adapters import check_adapters
 from tasks.quantize import quantize
 from tasks.reference import measure_adapter
-from tests.conftest import COMPUTE, PROJECT, SHORT_PROMPTS, edited_copy, make_lora, write_config
+from tests.conftest import COMPUTE, PROJECT, SHORT_PROMPTS, SUBJECTS, edited_copy, make_lora, write_config
 
 SETTINGS = ValidateSettings(generate_prompts=1, max_new_tokens=4, long_context=None)
 
@@ -237,10 +237,10 @@ def test_the_session_flow_gates_its_adapter_on_every_recipe_that_reaches_it(run_
     assert nf4["kl_mean"] > 3 * int8["kl_mean"] and nf4["effect"]["kept"] <= int8["effect"]["kept"]
     # Evaluated with it: trained on WikiText-2's test text, it lowers the reference's perplexity there.
     ppl = lambda found: found["wikitext"]["word_perplexity"]  # noqa: E731
-    assert ppl(wiki["evaluate"]) < ppl(m["reference"]["evaluate"]) and wiki["evaluate"]["mmlu"]["n"] == 57
+    assert ppl(wiki["evaluate"]) < ppl(m["reference"]["evaluate"]) and wiki["evaluate"]["mmlu"]["n"] == len(SUBJECTS)
     for name in gated:
         with_it = m["recipes"][name]["evaluate"]["adapters"]["wiki"]
-        assert with_it["mmlu"]["paired_n"] == 57 and with_it["joint"]["decision"]
+        assert with_it["mmlu"]["paired_n"] == len(SUBJECTS) and with_it["joint"]["decision"]
         assert with_it["wikitext"]["delta_word_perplexity"] == pytest.approx(ppl(with_it) - ppl(wiki["evaluate"]))
         benched = m["recipes"][name]["benchmark"]["adapters"]["wiki"]  # 60 LoRA layers of rank 8 add their weights
         assert benched["status"] == "ok" and benched["real_bytes_added"] > 0 and benched["decode_ratio"] > 0

