@@ -16,7 +16,7 @@ from prefect.context import TaskRunContext
 from flows.devices import held
 from quantgate.fetching import intact, manifest_path
 from quantgate.results import StepResult
-from quantgate.runlog import SHOWN, announce
+from quantgate.runlog import SHOWN, announce, raise_if_signalled
 from quantgate.sources import DownloadError, parse_source
 from tasks.adapters import check_adapters
 from tasks.benchmark import benchmark
@@ -73,6 +73,7 @@ def run_step(step_task, settings, result_type: type[StepResult], group: str, ste
     """Run a step's task under its settings' timeout and retries, holding the devices named in `hold`
     (flows.devices), announcing its start and end (group is the recipe, or `model`); any way it ends becomes its
     typed result, never a raise."""
+    raise_if_signalled()
     announce(group, step, "start")
     devices = contextlib.ExitStack()
     try:
@@ -93,6 +94,7 @@ def run_step(step_task, settings, result_type: type[StepResult], group: str, ste
         except Exception as e:  # the step's work is done; an unreleased slot's lease ends by itself
             logging.getLogger("quantgate.progress").warning("%s: %s: releasing %s: %s: %s", group, step,
                                                             ", ".join(hold), type(e).__name__, e)
+    raise_if_signalled()  # the step ended, but the run was told to stop while it ran
     if state.is_completed():
         result = state.result()
         result = result_type.model_validate(result) if isinstance(result, dict) else result

@@ -278,6 +278,27 @@ def cli_run(model: Path, cache_dir: Path, tmp_path: Path) -> tuple[list[str], di
     return argv, {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the dropped Stopped, as Python drops it
+def test_a_sigterm_lost_in_a_finalizer_stops_the_run_at_the_next_step():
+    """Python drops an exception raised in `__del__`: SIGTERM's Stopped raised there never reaches the run, so the
+    steps ask again whether a signal came (flows.steps.run_step)."""
+    from quantgate import runlog
+
+    class Finalized:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)  # the handler runs here, inside the finalizer
+
+    before = signal.getsignal(signal.SIGTERM)
+    with runlog.stop_on_signals():
+        runlog.raise_if_signalled()  # no signal yet
+        Finalized()  # collected at once: its Stopped is printed and dropped
+        with pytest.raises(runlog.Stopped, match="SIGTERM"):
+            runlog.raise_if_signalled()
+    runlog.raise_if_signalled()  # the block's end forgets it
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 def log_once_quantizing(process: subprocess.Popen, runs: Path) -> Path | None:
     """The run's log once it says quantize started (polled every 50 ms; on the tiny Llama the step lasts about half a
     second), or None if the process ended first."""
