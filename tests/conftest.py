@@ -44,8 +44,8 @@ SUBJECTS = ["abstract_algebra", "conceptual_physics", "elementary_mathematics", 
             "high_school_computer_science", "marketing", "virology", "world_religions"]
 QUICK = [f"steps.validate={{generate_prompts: 1, max_new_tokens: 8, long_context: null, prompts: {SHORT_PROMPTS}}}",
          f"steps.evaluate={{limit: 1, batch_size: 4, wikitext_token_budget: 256, mmlu_subjects: [{', '.join(SUBJECTS)}]}}",
-         # No second load to measure quantizing while loading: a process of 8 s of imports a flow, and 15 of the
-         # suite's 76 benchmark processes; the session flow and tests/test_benchmark.py measure it.
+         # No second load to measure quantizing while loading: a process of about 8 s a flow, 15 of the
+         # suite's 69 benchmark processes; the session flow and tests/test_benchmark.py measure it.
          "steps.benchmark={prompt_tokens: 16, new_tokens: 4, repeats: 1, quantize_on_load: false}"]
 
 
