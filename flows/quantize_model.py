@@ -56,6 +56,7 @@ def quantize_model(config_path: str = str(DEFAULT_CONFIG), overrides: list[str] 
                 gate_recipe(run, config, model, recipe, awaiting)
             for name in awaiting:
                 publish_approved(run, config, name)
+            runlog.raise_if_signalled()  # told to stop after the last step began: interrupted, not passed
             run.finish()
     except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM through stop_on_signals
         run.interrupt(str(stop) or "SIGINT")

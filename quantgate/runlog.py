@@ -92,18 +92,18 @@ def stop_on_signals():
         _signalled = signal.Signals(signum).name
         raise Stopped(_signalled)
 
-    previous = signal.signal(signal.SIGTERM, stop)
+    previous, outer = signal.signal(signal.SIGTERM, stop), _signalled
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-        _signalled = None
+        _signalled = outer
 
 
 def raise_if_signalled() -> None:
     """Stopped, where SIGTERM came but its Stopped never reached the run: Python prints and drops an exception
     raised in a finalizer (`__del__`), so a signal landing while one runs is lost (the suite's SIGTERM test saw it
-    once, in asyncio's transport finalizer)."""
+    once, in asyncio's transport finalizer). SIGINT's KeyboardInterrupt is Python's own, and not remembered."""
     if _signalled:
         raise Stopped(_signalled)
 

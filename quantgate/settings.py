@@ -121,9 +121,9 @@ class EvaluateSettings(StepSettings):
     key = "evaluate"
     mmlu_source: Literal["local", "hub"] = "local"  # data/mmlu, or the Hub dataset cais/mmlu
     num_fewshot: int = Field(0, ge=0, le=5)
-    limit: PositiveInt | None = 5  # questions per subject (57 subjects); null: all 14,042
+    limit: PositiveInt | None = 5  # questions per subject; null: every question of the subjects asked
     # The subjects asked, by name (data/mmlu's, as cais/mmlu spells them), e.g. [college_physics, virology]: a team's
-    # domain; null: all 57. The figure is then the mean over those subjects' questions.
+    # domain; null (or all 57 named): all 57, 14,042 questions. The figure is the mean over the asked questions.
     mmlu_subjects: Annotated[list[str], Field(min_length=1)] | None = None
     # auto:N: lm-eval's probe on CUDA, redone N times as the (length-sorted) requests get shorter;
     # 8 on a CPU, where the probe's full-length forwards take minutes. WikiText's rolling windows go one
@@ -145,7 +145,6 @@ class EvaluateSettings(StepSettings):
     max_length: PositiveInt = 2048
     bootstrap_iters: PositiveInt = 10000
 
-
     @field_validator("mmlu_subjects")
     @classmethod
     def _known_subjects(cls, names: list[str] | None) -> list[str] | None:
@@ -153,7 +152,8 @@ class EvaluateSettings(StepSettings):
 
         if names is not None and (unknown := [n for n in names if n not in subjects()]):
             raise ValueError(f"unknown MMLU subject {', '.join(map(repr, unknown))}; allowed: {', '.join(subjects())}")
-        return None if names is None else sorted(set(names))
+        # every subject named is the group itself: its figure, its card line and its cached reference
+        return None if names is None or set(names) == set(subjects()) else sorted(set(names))
 
 
 class KVCacheSettings(Strict):

@@ -38,12 +38,13 @@ SHORT_PROMPTS.write_text("".join(line + "\n" for line in (PROJECT / "data" / "va
 # The quick settings every flow of the suite runs with: the same ones, so the reference that the session's flow
 # run measured (validation and evaluation, cached by checkpoint and settings) serves every later run.
 # No long-sequence checks in the flows that test something else; the session flow has them at a quick size (LONG).
-# MMLU in the flows and on Qwen: the first question of eight subjects of short questions (one of each of the 57 cost
-# the session flow 100 s more on one thread); test_evaluate's reference asks all 57, as lm_eval's command line does.
+# MMLU in the flows: the first question of eight subjects of short questions (one of each of the 57 cost the session
+# flow 100 s more on one thread); test_evaluate's reference and Qwen's ask all 57, as lm_eval's command line does.
 SUBJECTS = ["abstract_algebra", "conceptual_physics", "elementary_mathematics", "global_facts",
             "high_school_computer_science", "marketing", "virology", "world_religions"]
 QUICK = [f"steps.validate={{generate_prompts: 1, max_new_tokens: 8, long_context: null, prompts: {SHORT_PROMPTS}}}",
-         f"steps.evaluate={{limit: 1, batch_size: 4, wikitext_token_budget: 256, mmlu_subjects: [{', '.join(SUBJECTS)}]}}",
+         "steps.evaluate={limit: 1, batch_size: 4, wikitext_token_budget: 256, "
+         f"mmlu_subjects: [{', '.join(SUBJECTS)}]}}",
          # No second load to measure quantizing while loading: a process of about 8 s a flow, 15 of the
          # suite's 69 benchmark processes; the session flow and tests/test_benchmark.py measure it.
          "steps.benchmark={prompt_tokens: 16, new_tokens: 4, repeats: 1, quantize_on_load: false}"]

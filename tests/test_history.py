@@ -233,6 +233,20 @@ def test_a_baseline_with_other_settings_is_not_compared(golden_run, db, new_hist
     assert alone["gate"] == "baseline" and alone["notes"] == ["1 earlier passing runs had other settings: not compared"]
 
 
+def test_a_setting_added_since_at_its_old_meaning_keeps_the_baseline(golden_run):
+    """The golden run was recorded before steps.evaluate.mmlu_subjects: null there (every subject) is the same
+    fingerprint, so the next night still has its baseline; subjects asked are other settings."""
+    import yaml
+
+    config = yaml.safe_load((golden_run / "config.yaml").read_text())
+    assert "mmlu_subjects" not in config["steps"]["evaluate"]
+    before = history.fingerprint(config, "bnb-nf4")
+    config["steps"]["evaluate"]["mmlu_subjects"] = None
+    assert history.fingerprint(config, "bnb-nf4") == before
+    config["steps"]["evaluate"]["mmlu_subjects"] = ["virology"]
+    assert history.fingerprint(config, "bnb-nf4") != before
+
+
 def test_the_dashboard_shows_what_the_gate_decided(golden_run, db, tmp_path):
     def memory_grows(m):
         m["recipes"]["bnb-nf4"]["quantize"]["real_bytes"] = int(m["recipes"]["bnb-nf4"]["quantize"]["real_bytes"] * 1.3)

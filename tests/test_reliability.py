@@ -278,21 +278,35 @@ def cli_run(model: Path, cache_dir: Path, tmp_path: Path) -> tuple[list[str], di
     return argv, {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the dropped Stopped, as Python drops it
+class DropsSigterm:
+    """Collected at once: SIGTERM comes while its finalizer runs, and Python prints and drops the Stopped raised
+    there."""
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.2)  # the handler runs here, inside the finalizer
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the Stopped Python drops
 def test_a_sigterm_lost_in_a_finalizer_stops_the_run_at_the_next_step():
     """Python drops an exception raised in `__del__`: SIGTERM's Stopped raised there never reaches the run, so the
-    steps ask again whether a signal came (flows.steps.run_step)."""
+    steps ask again whether a signal came: after the step it came in, before any next one."""
+    import types
+
+    from flows.steps import run_step
     from quantgate import runlog
 
-    class Finalized:
-        def __del__(self):
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(0.2)  # the handler runs here, inside the finalizer
+    class Task:  # a Prefect task's stand-in, whose work loses the signal
+        def with_options(self, **_):
+            return self
+
+        def __call__(self, **_):
+            DropsSigterm()
 
     before = signal.getsignal(signal.SIGTERM)
     with runlog.stop_on_signals():
         runlog.raise_if_signalled()  # no signal yet
-        Finalized()  # collected at once: its Stopped is printed and dropped
+        with pytest.raises(runlog.Stopped, match="SIGTERM"):
+            run_step(Task(), types.SimpleNamespace(timeout_s=60, retries=0), StepResult, "int8", "quantize")
         with pytest.raises(runlog.Stopped, match="SIGTERM"):
             runlog.raise_if_signalled()
     runlog.raise_if_signalled()  # the block's end forgets it
