@@ -50,9 +50,11 @@ class Mmlu(Evaluation):
         if group in result["results"]:  # every subject: the group's figure, weighted by size
             overall = result["results"][group]
             acc, stderr = overall["acc,none"], overall.get("acc_stderr,none")
-        else:  # some subjects: the same mean over their questions, and its standard error as lm-eval computes a task's
-            acc = sum(correct.values()) / n
-            stderr = (sum((c - acc) ** 2 for c in correct.values()) / (n - 1) / n) ** 0.5 if n > 1 else None
+        else:  # some subjects: the same mean over their questions, and its standard error, by lm-eval's own metrics
+            from lm_eval.api.metrics import mean, mean_stderr
+
+            scores = list(correct.values())
+            acc, stderr = mean(scores), mean_stderr(scores) if n > 1 else None
         return {"acc": acc, "acc_stderr": stderr, "n": n, "subjects": per_subject, "correct": correct}
 
     def compare(self, mine: dict, ref: dict, settings) -> dict:
