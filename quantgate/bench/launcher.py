@@ -1,7 +1,8 @@
-"""Running a measurement in fresh processes (quantgate.bench.worker) under the step's timeout: its result, or a
+"""Running a measurement in processes of its own (quantgate.bench.worker) under the step's timeout: its result, or a
 record of how the process died; several processes, the one with the median decode figure and their spread."""
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -9,11 +10,14 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
+import time
 from collections import deque
 from pathlib import Path
 
 from quantgate.bench.worker import Spec, limits_of
+from quantgate.bench.zygote import Zygote, ZygoteError, strip
 from quantgate.files import write_json
 
 log = logging.getLogger("quantgate.benchmark")
@@ -49,26 +53,27 @@ def measurement_env(spec: Spec) -> dict:
 
 
 def run_measurement(name: str, spec: Spec, result_path: Path) -> dict:
-    """`python -m quantgate.bench.worker SPEC OUT` under the step's timeout; its result, or a record of its error."""
+    """quantgate.bench.worker on SPEC in a process of its own under the step's timeout; its result, or a record of
+    its error. Its output goes to `<result>-log.txt` beside the result, its `benchmark:` lines to the step's log."""
     out, result_path = Path(spec.out_dir).resolve(), result_path.resolve()
     spec = spec.model_copy(update={"out_dir": str(out)})
     settings, spec_path = spec.settings, result_path.with_name(result_path.stem + "-spec.json")
+    log_path = result_path.with_name(result_path.stem + "-log.txt")
     write_json(spec_path, spec.model_dump(mode="json"))
     result_path.unlink(missing_ok=True)
+    log_path.write_text("")
     tail: deque[str] = deque(maxlen=40)
+
+    def shown(line: str) -> None:
+        tail.append(line)
+        if line.startswith("benchmark"):
+            log.info("%s: %s", name, line)
+
     # In the measurement's folder: what a library writes to a relative path stays in the run (peft 0.21 copies an
     # offloaded checkpoint's weights to its absolute path made relative when it loads an adapter onto them).
-    proc = subprocess.Popen([sys.executable, "-m", "quantgate.bench.worker", str(spec_path), str(result_path)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=out,
-                            env=measurement_env(spec))
-
-    def pump():
-        for line in proc.stderr:
-            tail.append(line.rstrip())
-            if line.startswith("benchmark"):
-                log.info("%s: %s", name, line.rstrip())
-
-    reader = threading.Thread(target=pump, daemon=True)
+    proc, started = start_process([str(spec_path), str(result_path)], log_path, out, measurement_env(spec))
+    ended = threading.Event()
+    reader = threading.Thread(target=follow, args=(log_path, ended, shown), daemon=True)
     reader.start()
     try:
         code = proc.wait(timeout=settings.timeout_s)
@@ -77,6 +82,7 @@ def run_measurement(name: str, spec: Spec, result_path: Path) -> dict:
         proc.wait()
         return {"status": "error", "reason": f"the benchmark process ran past {settings.timeout_s:g} s"}
     finally:
+        ended.set()
         reader.join(timeout=5)
         shutil.rmtree(out / "offload", ignore_errors=True)
     limits = limits_of(settings)
@@ -86,4 +92,72 @@ def run_measurement(name: str, spec: Spec, result_path: Path) -> dict:
         why = "killed (out of memory?)" if code in (-9, 137) else f"exit code {code}"
         return {"status": "error", "reason": f"the benchmark process failed ({why}): {error}"
                 + (f"; under the limits {limits}" if limits else ""), "limits": limits, "log_tail": list(tail)[-15:]}
-    return {"status": "ok", **json.loads(result_path.read_text())}
+    return {"status": "ok", **json.loads(result_path.read_text()), "process": started}
+
+
+def start_process(argv: list[str], log_path: Path, cwd: Path, env: dict):
+    """The measurement forked by this process's zygote where it can serve it, else a fresh interpreter: the process
+    (waited on and killed as a Popen is) and which it was."""
+    if (zygote := zygote_for(env)) is not None:
+        try:
+            return zygote.start(argv, log_path, cwd, env, threads_of(env)), "forked"
+        except ZygoteError as e:
+            log.info("benchmark: a fresh interpreter instead: %s", e)
+    with open(log_path, "a") as stderr:
+        return subprocess.Popen([sys.executable, "-m", "quantgate.bench.worker", *argv], stdout=subprocess.DEVNULL,
+                                stderr=stderr, cwd=cwd, env=env), "fresh"
+
+
+_zygote: dict = {"running": None, "failed_in": None}  # this process's zygote; the environment it failed in
+_zygote_lock = threading.Lock()
+
+
+def zygote_for(env: dict) -> Zygote | None:
+    """This process's zygote for a measurement in `env`: started on first use, started again where the environment
+    changed and nothing runs in it; None on a host with CUDA or where it cannot start."""
+    import torch
+
+    if torch.cuda.is_available():
+        return None
+    with _zygote_lock:
+        current = _zygote["running"]
+        if current is not None and current.serves(env):
+            return current
+        if _zygote["failed_in"] == strip(env) or (current is not None and current.busy()):
+            return None
+        if current is not None:
+            current.close()
+        try:
+            _zygote["running"] = Zygote(env, Path(tempfile.mkstemp(prefix="quantgate-zygote-", suffix=".log")[1]))
+        except ZygoteError as e:
+            _zygote.update(running=None, failed_in=strip(env))
+            log.info("benchmark: fresh interpreters: %s", e)
+            return None
+        atexit.register(_zygote["running"].close)
+        return _zygote["running"]
+
+
+def threads_of(env: dict) -> int:
+    """The torch threads a fresh interpreter in `env` would run: OMP_NUM_THREADS, else this process's count (which
+    came from the same environment: nothing in quantgate sets it)."""
+    import torch
+
+    value = env.get("OMP_NUM_THREADS", "")
+    return int(value) if value.isdigit() and int(value) > 0 else torch.get_num_threads()
+
+
+def follow(path: Path, ended: threading.Event, on_line) -> None:
+    """Each line written to `path` until `ended` is set and nothing more comes."""
+    with open(path, errors="replace") as f:
+        pending = ""
+        while True:
+            if chunk := f.read():
+                *lines, pending = (pending + chunk).split("\n")
+                for line in lines:
+                    on_line(line.rstrip())
+            elif ended.is_set():
+                break
+            else:
+                time.sleep(0.1)
+        if pending:
+            on_line(pending.rstrip())

@@ -165,7 +165,7 @@ def generate_measured(model, spec: Spec, sampler: MemorySampler, load_s: float) 
     if others > BUSY_CORES:
         latency["comparable"] = False
     return {"real_bytes": real, "latency": latency, "copy_bandwidth": bandwidth, "weight_bytes_per_token": per_token,
-            "placement": modeling.devices_of(model), "device": str(device)}
+            "placement": modeling.devices_of(model), "device": str(device), "cpu_threads": torch.get_num_threads()}
 
 
 def backend_for(spec: Spec):
