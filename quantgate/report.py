@@ -215,7 +215,8 @@ def benchmark_lines(metrics: dict) -> list[str]:
         return []
     floor = next((b for b in [metrics["reference"].get("benchmark", {})] if "copy_bandwidth" in b), {})
     lines = ["", "## Memory and latency", "",
-             "Each model in a fresh process, loaded (and quantized) as a user loads it; batch "
+             "Each model in a process of its own (forked or fresh: docs/benchmark.md), loaded (and quantized) as a user "
+             "loads it; batch "
              f"{floor.get('latency', {}).get('runs', [{}])[0].get('batch_size', '–')}, medians of the repeats. "
              "Host private is RssAnon; file-backed is the memory-mapped checkpoint. The bandwidth floor is "
              "the weight bytes read per token over the measured copy bandwidth"

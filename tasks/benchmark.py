@@ -1,5 +1,5 @@
 """Benchmark step: memory and latency of the reference and of each recipe's saved checkpoint (what ships), each in
-a fresh process (quantgate.bench); for a recipe whose library quantizes while loading, also the memory of loading
+a process of its own (quantgate.bench); for a recipe whose library quantizes while loading, also the memory of loading
 the reference checkpoint quantized on the fly (the "load a bf16 checkpoint in 4-bit" case).
 
 Memory is sampled while the model loads (and quantizes) and while it generates: host private memory (RssAnon) and
@@ -23,7 +23,7 @@ def benchmark(name: str, checkpoint: str, recipe: RecipeBase | None, dtype: str,
               settings: BenchmarkSettings, out_dir: str, reference: Benchmarked | None = None,
               base_checkpoint: str | None = None, cache_dir: str | None = None,
               adapters_served: dict[str, str] | None = None) -> Benchmarked:
-    """Measure one model in fresh processes: the reference (recipe None) or a recipe's saved checkpoint, what
+    """Measure one model in processes of its own: the reference (recipe None) or a recipe's saved checkpoint, what
     ships. Where the recipe's backend quantizes while loading and `base_checkpoint` is given, the reference
     quantized while loading is measured too (`quantize_on_load`). A process that dies (out of memory, a load that
     fails under a memory limit) becomes a record with its error. Inductor's compiled kernels are kept in

@@ -334,7 +334,7 @@ def test_several_measurement_processes_give_the_median_and_their_spread(smollm2,
     lat = result["latency"]
     figures = lat["decode_ms_by_process"]
     assert len(figures) == 3 and figures == sorted(figures) and lat["decode_ms_per_token"] == figures[1]
-    assert lat["decode_spread_over"] == "processes"
+    assert lat["decode_spread_over"] == "processes" and result["process"] == "fresh"  # never forked siblings
     assert lat["decode_spread"] == pytest.approx((figures[2] - figures[0]) / figures[1], abs=1e-4)
     assert sorted(p.name for p in tmp_path.glob("benchmark-process?.json")) == [
         "benchmark-process1.json", "benchmark-process2.json", "benchmark-process3.json"]

@@ -1,15 +1,21 @@
 """The benchmark's measurement processes forked from a zygote that imported torch and transformers once
 (quantgate/bench/zygote.py), against a fresh interpreter, on the tiny Llama: the same figures where they must be
-the same, failures and overruns recorded and their process gone, and a new zygote for another environment."""
+the same, failures and overruns recorded and their process gone, a new zygote for another environment, a fresh
+interpreter where no zygote starts, and a zygote's children ended with it."""
+import logging
+import os
+import signal
+import time
 from pathlib import Path
 
 import psutil
 
-from quantgate.bench import launcher
+from quantgate.bench import launcher, zygote
 from quantgate.bench.worker import Spec
 from quantgate.settings import BenchmarkSettings
 
 QUICK = BenchmarkSettings(prompt_tokens=16, new_tokens=4, repeats=1, timeout_s=300)
+SLOW = QUICK.model_copy(update={"new_tokens": 4096, "repeats": 50})
 
 
 def spec_of(checkpoint: Path, out: Path, settings: BenchmarkSettings = QUICK) -> Spec:
@@ -17,47 +23,76 @@ def spec_of(checkpoint: Path, out: Path, settings: BenchmarkSettings = QUICK) ->
     return Spec(checkpoint=str(checkpoint), dtype="float32", device="cpu", settings=settings, out_dir=str(out))
 
 
-def zygote_children() -> list[psutil.Process]:
-    zygote = launcher._zygote["running"]
-    return psutil.Process(zygote.proc.pid).children() if zygote and zygote.proc.poll() is None else []
+def measure(checkpoint: Path, out: Path, settings: BenchmarkSettings = QUICK, fresh: bool = False) -> dict:
+    return launcher.run_measurement("tiny", spec_of(checkpoint, out, settings), out / "benchmark.json", fresh)
 
 
-def test_a_forked_measurement_measures_what_a_fresh_interpreter_does(tiny_llama, tmp_path, monkeypatch):
-    forked = launcher.run_measurement("tiny", spec_of(tiny_llama, tmp_path / "f"), tmp_path / "f" / "benchmark.json")
-    with monkeypatch.context() as m:
-        m.setattr(launcher, "zygote_for", lambda env: None)
-        fresh = launcher.run_measurement("tiny", spec_of(tiny_llama, tmp_path / "n"), tmp_path / "n" / "benchmark.json")
+def test_a_forked_measurement_measures_what_a_fresh_interpreter_does(tiny_llama, tmp_path):
+    forked, fresh = measure(tiny_llama, tmp_path / "f"), measure(tiny_llama, tmp_path / "n", fresh=True)
     assert (forked["status"], forked["process"], fresh["status"], fresh["process"]) == ("ok", "forked", "ok", "fresh")
     for key in ("real_bytes", "real_bytes_at_load", "weight_bytes_per_token", "cpu_threads", "dtype", "device"):
         assert forked[key] == fresh[key], key
     # Both hold the same libraries before the load: the baseline within 5% (351.2 against 351.2 MB on the Xeon).
     base = [r["memory"]["host_private_baseline"] for r in (forked, fresh)]
     assert abs(base[0] - base[1]) <= 0.05 * base[1], base
-    # What the process printed is in its log beside the result, the step's lines among it.
-    assert "benchmark: batch 1, repeat 1/1" in (tmp_path / "f" / "benchmark-log.txt").read_text()
-    assert zygote_children() == []
+    # What each printed is in its log beside its result, the step's lines among it.
+    for folder in ("f", "n"):
+        assert "benchmark: batch 1, repeat 1/1" in (tmp_path / folder / "benchmark-log.txt").read_text()
 
 
 def test_a_measurement_that_fails_or_overruns_is_recorded_and_its_process_gone(tiny_llama, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
-    failed = launcher.run_measurement("none", spec_of(empty, tmp_path / "a"), tmp_path / "a" / "benchmark.json")
-    assert failed["status"] == "error" and failed["reason"].startswith("the benchmark process failed (exit code 1): ")
+    failed = measure(empty, tmp_path / "a")
+    assert failed["status"] == "error" and failed["process"] == "forked"
+    assert failed["reason"].startswith("the benchmark process failed (exit code 1): ")
     assert "ValueError: Unrecognized model in " + str(empty) in failed["reason"]  # the exception, from its log
-    slow = QUICK.model_copy(update={"new_tokens": 4096, "repeats": 50, "timeout_s": 3})
-    overran = launcher.run_measurement("slow", spec_of(tiny_llama, tmp_path / "b", slow), tmp_path / "b" / "benchmark.json")
-    assert overran == {"status": "error", "reason": "the benchmark process ran past 3 s"}
-    assert zygote_children() == []  # killed and reaped
+    before = set(psutil.pids())
+    overran = measure(tiny_llama, tmp_path / "b", SLOW.model_copy(update={"timeout_s": 3}))
+    assert overran == {"status": "error", "reason": "the benchmark process ran past 3 s", "process": "forked"}
+    assert launcher._zygote["running"].proc.poll() is None  # the zygote lives on; its child does not
+    assert not [p for p in set(psutil.pids()) - before if psutil.pid_exists(p)
+                and psutil.Process(p).ppid() == launcher._zygote["running"].proc.pid]
 
 
 def test_another_environment_gets_a_zygote_of_its_own_and_its_threads(tiny_llama, tmp_path, monkeypatch):
     """The zygote imports on one thread (a thread pool would not survive the fork); a measurement then runs as many
     as OMP_NUM_THREADS asks, as a fresh interpreter would. Another environment: another zygote."""
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    first = launcher.run_measurement("tiny", spec_of(tiny_llama, tmp_path / "a"), tmp_path / "a" / "benchmark.json")
-    zygote = launcher._zygote["running"]
-    monkeypatch.setenv("OMP_NUM_THREADS", "2")
-    second = launcher.run_measurement("tiny", spec_of(tiny_llama, tmp_path / "b"), tmp_path / "b" / "benchmark.json")
-    assert first["process"] == second["process"] == "forked"
-    assert (first["cpu_threads"], second["cpu_threads"]) == (1, 2)
-    assert launcher._zygote["running"] is not zygote and zygote.proc.poll() is not None  # the old one closed
+    env = launcher.measurement_env(spec_of(tiny_llama, tmp_path))
+    before = launcher.lease_zygote(env)
+    launcher.release(before)
+    monkeypatch.setenv("QUANTGATE_ANY_NAME", "read when used")  # not read by an import: the same zygote
+    assert launcher.lease_zygote(launcher.measurement_env(spec_of(tiny_llama, tmp_path))) is before
+    launcher.release(before)
+    threads = "2" if env.get("OMP_NUM_THREADS") != "2" else "1"
+    monkeypatch.setenv("OMP_NUM_THREADS", threads)
+    found = measure(tiny_llama, tmp_path / "b")
+    assert found["process"] == "forked" and found["cpu_threads"] == int(threads)
+    assert launcher._zygote["running"] is not before and before.proc.poll() is not None  # the old one closed
+
+
+def test_where_no_zygote_starts_a_fresh_interpreter_measures(tiny_llama, tmp_path, monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="quantgate.benchmark")
+    monkeypatch.setitem(launcher._zygote, "running", None)  # the worker's own zygote comes back after the test
+    monkeypatch.setitem(launcher._zygote, "failed_in", None)
+    monkeypatch.setattr(zygote.Zygote, "COMMAND", [zygote.sys.executable, "-c", "print('no torch here'); exit(3)"])
+    found = measure(tiny_llama, tmp_path)
+    assert found["status"] == "ok" and found["process"] == "fresh"
+    assert "fresh interpreters for this environment: no zygote" in caplog.text and "no torch here" in caplog.text
+    assert launcher.lease_zygote(launcher.measurement_env(spec_of(tiny_llama, tmp_path))) is None  # not tried again
+
+
+def test_a_zygote_stopped_by_sigterm_ends_its_measurements(tiny_llama, tmp_path):
+    """What `quantgate run` does on SIGTERM (runlog.stop_children) and its watchdog on SIGKILL: the zygote goes, and
+    the measurements it forked go with it."""
+    spec = spec_of(tiny_llama, tmp_path, SLOW)
+    (tmp_path / "spec.json").write_text(spec.model_dump_json())
+    z = zygote.Zygote(launcher.measurement_env(spec), tmp_path / "zygote.log")
+    child = z.start([str(tmp_path / "spec.json"), str(tmp_path / "out.json")], tmp_path / "log.txt", tmp_path,
+                    launcher.measurement_env(spec))
+    time.sleep(1)
+    assert psutil.Process(child.pid).ppid() == z.proc.pid
+    os.kill(z.proc.pid, signal.SIGTERM)
+    assert z.proc.wait(timeout=30) == 0 and child.wait(timeout=30) == -signal.SIGKILL
+    assert not psutil.pid_exists(child.pid)
+    z.close()

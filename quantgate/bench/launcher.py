@@ -17,18 +17,21 @@ from collections import deque
 from pathlib import Path
 
 from quantgate.bench.worker import Spec, limits_of
-from quantgate.bench.zygote import Zygote, ZygoteError, strip
+from quantgate.bench.zygote import Zygote, ZygoteError, imported_with
 from quantgate.files import write_json
 
 log = logging.getLogger("quantgate.benchmark")
 
 
 def measured_in_processes(name: str, spec: Spec, out: Path, processes: int) -> dict:
-    """The measurement in `processes` fresh processes: the one with the median decode figure, with every
-    process's figure and their spread, (max - min) / median, in its latency (one process: its repeats' spread)."""
+    """The measurement in `processes` processes of its own: the one with the median decode figure, with every
+    process's figure and their spread, (max - min) / median, in its latency (one process: its repeats' spread).
+    Several are fresh interpreters, never forked: siblings forked from one zygote share its address layout and
+    hash seed, which fresh processes do not, and the spread is meant to show what a fresh process varies by."""
     if processes == 1:
         return run_measurement(name, spec, out / "benchmark.json")
-    results = [run_measurement(name, spec, out / f"benchmark-process{i}.json") for i in range(1, processes + 1)]
+    results = [run_measurement(name, spec, out / f"benchmark-process{i}.json", fresh=True)
+               for i in range(1, processes + 1)]
     if failed := next((r for r in results if r["status"] != "ok"), None):
         return failed
     results.sort(key=lambda r: r["latency"]["decode_ms_per_token"])
@@ -52,9 +55,10 @@ def measurement_env(spec: Spec) -> dict:
     return env
 
 
-def run_measurement(name: str, spec: Spec, result_path: Path) -> dict:
-    """quantgate.bench.worker on SPEC in a process of its own under the step's timeout; its result, or a record of
-    its error. Its output goes to `<result>-log.txt` beside the result, its `benchmark:` lines to the step's log."""
+def run_measurement(name: str, spec: Spec, result_path: Path, fresh: bool = False) -> dict:
+    """quantgate.bench.worker on SPEC in a process of its own (a fresh interpreter where `fresh`) under the step's
+    timeout; its result, or a record of its error. What it printed goes to `<result>-log.txt` beside the result,
+    its `benchmark:` lines to the step's log."""
     out, result_path = Path(spec.out_dir).resolve(), result_path.resolve()
     spec = spec.model_copy(update={"out_dir": str(out)})
     settings, spec_path = spec.settings, result_path.with_name(result_path.stem + "-spec.json")
@@ -71,7 +75,8 @@ def run_measurement(name: str, spec: Spec, result_path: Path) -> dict:
 
     # In the measurement's folder: what a library writes to a relative path stays in the run (peft 0.21 copies an
     # offloaded checkpoint's weights to its absolute path made relative when it loads an adapter onto them).
-    proc, started = start_process([str(spec_path), str(result_path)], log_path, out, measurement_env(spec))
+    proc, started, lease = start_process([str(spec_path), str(result_path)], log_path, out, measurement_env(spec),
+                                         fresh)
     ended = threading.Event()
     reader = threading.Thread(target=follow, args=(log_path, ended, shown), daemon=True)
     reader.start()
@@ -80,8 +85,10 @@ def run_measurement(name: str, spec: Spec, result_path: Path) -> dict:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
-        return {"status": "error", "reason": f"the benchmark process ran past {settings.timeout_s:g} s"}
+        return {"status": "error", "reason": f"the benchmark process ran past {settings.timeout_s:g} s",
+                "process": started}
     finally:
+        release(lease)
         ended.set()
         reader.join(timeout=5)
         shutil.rmtree(out / "offload", ignore_errors=True)
@@ -91,71 +98,79 @@ def run_measurement(name: str, spec: Spec, result_path: Path) -> dict:
             or (tail[-1] if tail else "no output")
         why = "killed (out of memory?)" if code in (-9, 137) else f"exit code {code}"
         return {"status": "error", "reason": f"the benchmark process failed ({why}): {error}"
-                + (f"; under the limits {limits}" if limits else ""), "limits": limits, "log_tail": list(tail)[-15:]}
+                + (f"; under the limits {limits}" if limits else ""), "limits": limits, "log_tail": list(tail)[-15:],
+                "process": started}
     return {"status": "ok", **json.loads(result_path.read_text()), "process": started}
 
 
-def start_process(argv: list[str], log_path: Path, cwd: Path, env: dict):
-    """The measurement forked by this process's zygote where it can serve it, else a fresh interpreter: the process
-    (waited on and killed as a Popen is) and which it was."""
-    if (zygote := zygote_for(env)) is not None:
+def start_process(argv: list[str], log_path: Path, cwd: Path, env: dict, fresh: bool):
+    """The measurement forked by this process's zygote where one serves it, else a fresh interpreter: the process
+    (waited on and killed as a Popen is), which it was, and the zygote it holds until it ends."""
+    if not fresh and (zygote := lease_zygote(env)) is not None:
         try:
-            return zygote.start(argv, log_path, cwd, env, threads_of(env)), "forked"
+            return zygote.start(argv, log_path, cwd, env), "forked", zygote
         except ZygoteError as e:
+            release(zygote)
             log.info("benchmark: a fresh interpreter instead: %s", e)
-    with open(log_path, "a") as stderr:
-        return subprocess.Popen([sys.executable, "-m", "quantgate.bench.worker", *argv], stdout=subprocess.DEVNULL,
-                                stderr=stderr, cwd=cwd, env=env), "fresh"
+    with open(log_path, "a") as printed:
+        return subprocess.Popen([sys.executable, "-m", "quantgate.bench.worker", *argv], stdout=printed,
+                                stderr=printed, cwd=cwd, env=env), "fresh", None
 
 
 _zygote: dict = {"running": None, "failed_in": None}  # this process's zygote; the environment it failed in
 _zygote_lock = threading.Lock()
 
 
-def zygote_for(env: dict) -> Zygote | None:
-    """This process's zygote for a measurement in `env`: started on first use, started again where the environment
-    changed and nothing runs in it; None on a host with CUDA or where it cannot start."""
+def lease_zygote(env: dict) -> Zygote | None:
+    """This process's zygote for a measurement in `env`, held until `release`: started on first use, started again
+    where the environment its imports read changed and no measurement holds it; None on a host with CUDA, or where
+    none can start (the run's log says why)."""
     import torch
 
     if torch.cuda.is_available():
         return None
     with _zygote_lock:
         current = _zygote["running"]
-        if current is not None and current.serves(env):
-            return current
-        if _zygote["failed_in"] == strip(env) or (current is not None and current.busy()):
-            return None
-        if current is not None:
-            current.close()
-        try:
-            _zygote["running"] = Zygote(env, Path(tempfile.mkstemp(prefix="quantgate-zygote-", suffix=".log")[1]))
-        except ZygoteError as e:
-            _zygote.update(running=None, failed_in=strip(env))
-            log.info("benchmark: fresh interpreters: %s", e)
-            return None
-        atexit.register(_zygote["running"].close)
-        return _zygote["running"]
+        if current is None or not current.serves(env):
+            if _zygote["failed_in"] == imported_with(env) or (current is not None and current.users):
+                return None
+            if current is not None:
+                current.close()
+            fd, name = tempfile.mkstemp(prefix="quantgate-zygote-", suffix=".log")
+            os.close(fd)
+            try:
+                current = _zygote["running"] = Zygote(env, Path(name))
+            except Exception as e:  # noqa: BLE001 - whatever stops it, a fresh interpreter measures instead
+                _zygote.update(running=None, failed_in=imported_with(env))
+                log.info("benchmark: fresh interpreters for this environment: %s", e)
+                return None
+        current.users += 1
+        return current
 
 
-def threads_of(env: dict) -> int:
-    """The torch threads a fresh interpreter in `env` would run: OMP_NUM_THREADS, else this process's count (which
-    came from the same environment: nothing in quantgate sets it)."""
-    import torch
+def release(zygote: Zygote | None) -> None:
+    if zygote is not None:
+        with _zygote_lock:
+            zygote.users -= 1
 
-    value = env.get("OMP_NUM_THREADS", "")
-    return int(value) if value.isdigit() and int(value) > 0 else torch.get_num_threads()
+
+@atexit.register
+def _close_zygote() -> None:
+    if _zygote["running"] is not None:
+        _zygote["running"].close()
 
 
 def follow(path: Path, ended: threading.Event, on_line) -> None:
-    """Each line written to `path` until `ended` is set and nothing more comes."""
+    """Each line written to `path` until `ended` is set and a read after it finds nothing more."""
     with open(path, errors="replace") as f:
         pending = ""
         while True:
+            done = ended.is_set()
             if chunk := f.read():
                 *lines, pending = (pending + chunk).split("\n")
                 for line in lines:
                     on_line(line.rstrip())
-            elif ended.is_set():
+            elif done:
                 break
             else:
                 time.sleep(0.1)

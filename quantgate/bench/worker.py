@@ -1,6 +1,6 @@
-"""One measurement in a fresh process (`python -m quantgate.bench.worker SPEC OUT`): the model loaded as a user
-loads it, its memory sampled while it loads and while it generates, its latency; or its KV-cache capacity under a
-memory budget. The spec and the result are JSON files."""
+"""One measurement in a process of its own (`python -m quantgate.bench.worker SPEC OUT`, or forked by
+quantgate.bench.zygote): the model loaded as a user loads it, its memory sampled while it loads and while it
+generates, its latency; or its KV-cache capacity under a memory budget. The spec and the result are JSON files."""
 from __future__ import annotations
 
 import importlib

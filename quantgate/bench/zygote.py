@@ -2,14 +2,16 @@
 transformers once, then forks each measurement from itself, so a measurement starts in about 0.1 s instead of
 spending 4-5 s of CPU on imports (docs/benchmark.md, "A process of its own").
 
-A forked measurement is a process of its own as a fresh interpreter is: its own address space, allocator, threads
-and compile caches; the zygote holds no model, ran no model code and has a single thread when it forks. Where
-CUDA exists the launcher starts fresh interpreters instead: importing torchao asks the device for its
-capability, which initializes CUDA, and a CUDA context cannot cross a fork.
+A forked measurement is a process of its own: its own address space, allocator, threads and compile caches; the
+zygote holds no model, ran no model code and has a single thread when it forks. Where CUDA exists the launcher
+starts fresh interpreters instead: importing torchao asks the device for its capability, which initializes CUDA,
+and a CUDA context cannot cross a fork.
 
-Server: `python -m quantgate.bench.zygote`, one JSON line a request on stdin, one JSON line a reply on stdout."""
+Server: `python -P -m quantgate.bench.zygote`, one JSON line a request on stdin, one JSON line a reply on the
+descriptor it was started with as stdout (its own stdout then goes to its log, with whatever an import prints)."""
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import select
@@ -23,9 +25,15 @@ from pathlib import Path
 
 # What the zygote imports before it forks: what every measurement imports, the costly part of its start.
 PRELOAD = ("torch", "transformers.modeling_utils", "transformers.models.auto.modeling_auto", "quantgate.bench.worker")
-# Per measurement, not part of the imports: a request that differs from the zygote's environment only in these
-# is served by it.
-PER_MEASUREMENT = {"TORCHINDUCTOR_CACHE_DIR"}
+# The environment the zygote's imports may have read (thread pools, library settings, the interpreter's own): a
+# measurement whose environment differs in one of these gets a zygote of its own. The rest (a test's name, Prefect's
+# settings) the child takes as it is, as a library reads it when it is used.
+READ_AT_IMPORT = ("OMP_", "MKL_", "OPENBLAS_", "KMP_", "GOMP_", "TORCH", "PYTORCH_", "CUDA_", "NVIDIA_", "TRITON_",
+                  "TRANSFORMERS_", "HF_", "HUGGINGFACE_", "TOKENIZERS_", "PYTHON", "LD_", "TMP", "TEMP", "LANG",
+                  "LC_", "HOME", "XDG_", "PATH")
+PER_MEASUREMENT = {"TORCHINDUCTOR_CACHE_DIR"}  # read when inductor first compiles, in the child
+READY_S = 300  # the imports, on a loaded machine
+PR_SET_PDEATHSIG = 1
 
 
 class ZygoteError(RuntimeError):
@@ -34,23 +42,24 @@ class ZygoteError(RuntimeError):
 
 # ---------------------------------------------------------------- the server
 
-def native_threads() -> int:
-    return len(os.listdir("/proc/self/task"))
-
-
 def serve() -> None:
-    """Import PRELOAD, say whether forking is safe, then fork a measurement for each request until stdin closes;
-    every measurement still running then is killed."""
+    """Import PRELOAD, say whether forking is safe, then fork a measurement for each request until stdin closes or
+    SIGTERM comes; every measurement still running then is killed."""
     import importlib
 
+    replies = os.dup(1)
+    os.dup2(2, 1)  # what an import prints goes to the log, not into the replies
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     for module in PRELOAD:
         importlib.import_module(module)
-    # A thread other than this one (OpenMP's pool, started by an import) would not exist in a child.
-    threads = native_threads()
-    reply({"ready": threads == 1, "threads": threads})
-    if threads != 1:
+    import torch
+
+    threads = len(os.listdir("/proc/self/task"))  # another thread (an OpenMP pool) would not exist in a child
+    cuda = torch.cuda.is_initialized()
+    reply(replies, {"ready": threads == 1 and not cuda, "threads": threads, "cuda_initialized": cuda})
+    if threads != 1 or cuda:
         return
-    running: set[int] = set()
+    running: dict[int, int] = {}  # pid: request id
     buffered = b""
     try:
         while True:
@@ -65,117 +74,160 @@ def serve() -> None:
                     request = json.loads(line)
                     pid = os.fork()
                     if pid == 0:
-                        measure_in_child(request)  # never returns
-                    running.add(pid)
-                    reply({"id": request["id"], "pid": pid})
-            reap(running)
+                        measure_in_child(request, replies)  # never returns
+                    running[pid] = request["id"]
+                    reply(replies, {"id": request["id"], "pid": pid})
+            reap(running, replies)
     finally:
         for pid in running:
             os.kill(pid, signal.SIGKILL)
-        reap(running, block=True)
+        reap(running, replies, block=True)
 
 
-def reap(running: set[int], block: bool = False) -> None:
+def reap(running: dict[int, int], replies: int, block: bool = False) -> None:
     for pid in list(running):
         done, status = os.waitpid(pid, 0 if block else os.WNOHANG)
         if done:
-            running.discard(pid)
+            request_id = running.pop(pid)
             if not block:
-                reply({"pid": pid, "exit": os.waitstatus_to_exitcode(status)})
+                reply(replies, {"id": request_id, "exit": os.waitstatus_to_exitcode(status)})
 
 
-def reply(message: dict) -> None:
-    os.write(1, (json.dumps(message) + "\n").encode())
+def reply(fd: int, message: dict) -> None:
+    os.write(fd, (json.dumps(message) + "\n").encode())
 
 
-def measure_in_child(request: dict) -> None:
-    """In the forked child: the launcher's environment, folder and thread count, output to the measurement's log,
-    then the measurement (quantgate.bench.worker.main); exits with its status."""
+def measure_in_child(request: dict, replies: int) -> None:
+    """In the forked child: killed with the zygote; the launcher's environment, folder and thread count, output to
+    the measurement's log; then the measurement (quantgate.bench.worker.main), ended as an interpreter ends."""
     code = 1
     try:
-        os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.close(replies)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
         log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        os.dup2(log, 1)
-        os.dup2(log, 2)
+        for fd in (1, 2):
+            os.dup2(log, fd)
+        os.close(null)
         os.close(log)
         os.chdir(request["cwd"])
         os.environ.clear()
         os.environ.update(request["env"])
-        import random
+        code = run_as_interpreter(request)
+    finally:
+        os._exit(code)
 
-        import torch
 
-        from quantgate.bench import worker
+def run_as_interpreter(request: dict) -> int:
+    """The measurement, with a fresh interpreter's seeds and thread count, its exit code as Python would give it."""
+    import atexit
+    import random
 
-        random.seed()  # a fresh interpreter's own seed, not the zygote's shared with every sibling
-        torch.set_num_threads(request["threads"])
+    import torch
+
+    from quantgate.bench import worker
+
+    random.seed()  # a fresh interpreter's own seeds, not the zygote's, shared with every sibling
+    if "numpy" in sys.modules:
+        sys.modules["numpy"].random.seed()
+    torch.set_num_threads(request["threads"])
+    code = 0
+    try:
         worker.main(*request["argv"])
-        code = 0
     except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
+        code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+        if not isinstance(e.code, int | None):
+            print(e.code, file=sys.stderr)
+    except KeyboardInterrupt:
+        traceback.print_exc()
+        code = 128 + signal.SIGINT
     except BaseException:  # noqa: BLE001 - whatever it was, its traceback goes to the log, as an interpreter's would
         traceback.print_exc()
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        code = 1
+    atexit._run_exitfuncs()  # noqa: SLF001 - what an interpreter runs at its end (logging's flush among them)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    return code
 
 
 # ---------------------------------------------------------------- the launcher's side
 
 class Zygote:
-    """The running zygote of this process, started with the environment `env`; `start` forks one measurement."""
+    """A running zygote, started with the environment `env`; `start` forks one measurement."""
+
+    COMMAND = [sys.executable, "-P", "-m", "quantgate.bench.zygote"]  # -P: no folder of the launcher on sys.path
 
     def __init__(self, env: dict, log: Path):
         self.env, self.log = env, log
+        self.threads = default_threads(env)
         zygote_env = {**env, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # no thread pool before the fork
         with open(log, "w") as stderr:
-            self.proc = subprocess.Popen([sys.executable, "-m", "quantgate.bench.zygote"], env=zygote_env,
-                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr)
-        ready = self._read()
+            self.proc = subprocess.Popen(self.COMMAND, env=zygote_env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=stderr)
+        ready = self._ready()
         if not (ready or {}).get("ready"):
+            why = f"no zygote ({ready or 'it exited or did not answer'}); its log: {tail(log)}"
             self.close()
-            raise ZygoteError(f"no zygote: {ready or 'it exited'}; its log: {tail(log)}")
+            raise ZygoteError(why)
         self.lock, self.ids = threading.Lock(), iter(range(1 << 62))
         self.forked: dict[int, threading.Event] = {}  # request id: set when its pid comes, or the zygote dies
-        self.pids: dict[int, int] = {}
-        self.exits: dict[int, int] = {}  # pid: exit code
-        self.children: list[int] = []
+        self.pids: dict[int, int] = {}  # request id: pid
+        self.exits: dict[int, int] = {}  # request id: exit code
+        self.abandoned: set[int] = set()  # requests whose pid came too late: killed when it comes
+        self.users = 0  # measurements started or about to start: the zygote is not closed under them
         self.listener = threading.Thread(target=self._listen, daemon=True)
         self.listener.start()
 
-    def _read(self) -> dict | None:
+    def _ready(self) -> dict | None:
+        readable, _, _ = select.select([self.proc.stdout], [], [], READY_S)
+        if not readable:
+            return None
         line = self.proc.stdout.readline()
-        return json.loads(line) if line else None
+        try:
+            return json.loads(line) if line else None
+        except ValueError:
+            return {"ready": False, "said": line[:200].decode(errors="replace")}
 
     def _listen(self) -> None:
-        while (message := self._read()) is not None:
-            if "id" in message:
-                self.pids[message["id"]] = message["pid"]
-                self.forked.pop(message["id"]).set()
-            else:
-                self.exits[message["pid"]] = message["exit"]
+        for line in self.proc.stdout:
+            message = json.loads(line)
+            request_id = message["id"]
+            if "pid" not in message:
+                self.exits[request_id] = message["exit"]
+                continue
+            self.pids[request_id] = message["pid"]
+            with self.lock:
+                event = self.forked.pop(request_id, None)
+                late = request_id in self.abandoned
+            if late:
+                kill(message["pid"])  # its launcher already started a fresh interpreter for it
+            elif event is not None:
+                event.set()
         for event in list(self.forked.values()):  # the zygote died: nobody waits for ever
             event.set()
 
     def serves(self, env: dict) -> bool:
-        return self.proc.poll() is None and strip(env) == strip(self.env)
+        return self.proc.poll() is None and imported_with(env) == imported_with(self.env)
 
-    def busy(self) -> bool:
-        return self.proc.poll() is None and any(pid not in self.exits for pid in self.children)
-
-    def start(self, argv: list[str], log: Path, cwd: Path, env: dict, threads: int) -> "Forked":
+    def start(self, argv: list[str], log: Path, cwd: Path, env: dict) -> "Forked":
+        """Fork a measurement; ZygoteError where the zygote cannot (then nothing of it runs)."""
         with self.lock:
             request_id = next(self.ids)
             self.forked[request_id] = forked = threading.Event()
-            self.proc.stdin.write((json.dumps({"id": request_id, "argv": argv, "log": str(log), "cwd": str(cwd),
-                                               "env": env, "threads": threads}) + "\n").encode())
-            self.proc.stdin.flush()
-        forked.wait(30)
-        if (pid := self.pids.pop(request_id, None)) is None:
-            raise ZygoteError(f"the zygote did not fork the measurement; its log: {tail(self.log)}")
-        self.children.append(pid)
-        return Forked(self, pid)
+            try:
+                self.proc.stdin.write((json.dumps({"id": request_id, "argv": argv, "log": str(log), "cwd": str(cwd),
+                                                   "env": env, "threads": self.threads}) + "\n").encode())
+                self.proc.stdin.flush()
+            except (OSError, ValueError) as e:  # it died, or was closed
+                raise ZygoteError(f"the zygote cannot take a request: {e}; its log: {tail(self.log)}") from e
+        forked.wait(60)
+        with self.lock:
+            if (pid := self.pids.get(request_id)) is None:
+                self.abandoned.add(request_id)
+                raise ZygoteError(f"the zygote did not fork the measurement; its log: {tail(self.log)}")
+        return Forked(self, request_id, pid)
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -184,38 +236,54 @@ class Zygote:
                 self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+                self.proc.wait()
         Path(self.log).unlink(missing_ok=True)
 
 
 class Forked:
     """A measurement forked by the zygote, waited on and killed as a subprocess.Popen is."""
 
-    def __init__(self, zygote: Zygote, pid: int):
-        self.zygote, self.pid = zygote, pid
+    def __init__(self, zygote: Zygote, request_id: int, pid: int):
+        self.zygote, self.request_id, self.pid = zygote, request_id, pid
 
     def wait(self, timeout: float | None = None) -> int:
         deadline = None if timeout is None else time.monotonic() + timeout
-        while (code := self.zygote.exits.get(self.pid)) is None:
+        while (code := self.zygote.exits.get(self.request_id)) is None:
             if self.zygote.proc.poll() is not None:
                 self.zygote.listener.join(timeout=5)  # its last replies
-                if (code := self.zygote.exits.get(self.pid)) is not None:
+                if (code := self.zygote.exits.get(self.request_id)) is not None:
                     return code
-                self.kill()  # nobody is left to reap it: reported as killed
-                return -signal.SIGKILL
+                return -signal.SIGKILL  # its zygote died, and its death signal killed it
             if deadline is not None and time.monotonic() > deadline:
                 raise subprocess.TimeoutExpired(f"measurement {self.pid}", timeout)
             time.sleep(0.05)
         return code
 
     def kill(self) -> None:
-        try:
-            os.kill(self.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        if self.zygote.proc.poll() is None:  # else the pid is no longer its child, and may be another's
+            kill(self.pid)
 
 
-def strip(env: dict) -> dict:
-    return {k: v for k, v in env.items() if k not in PER_MEASUREMENT}
+def kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def imported_with(env: dict) -> dict:
+    return {k: v for k, v in env.items() if k.startswith(READ_AT_IMPORT) and k not in PER_MEASUREMENT}
+
+
+def default_threads(env: dict) -> int:
+    """The torch threads a fresh interpreter in `env` runs: MKL_NUM_THREADS, else OMP_NUM_THREADS (torch's order),
+    else what torch chooses on this host, asked of a fresh interpreter."""
+    for name in ("MKL_NUM_THREADS", "OMP_NUM_THREADS"):
+        if (value := env.get(name, "").split(",")[0].strip()).isdigit() and int(value) > 0:
+            return int(value)
+    probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"], env=env,
+                           capture_output=True, text=True, timeout=READY_S)
+    return int(probe.stdout.split()[-1]) if probe.returncode == 0 and probe.stdout.split() else os.cpu_count() or 1
 
 
 def tail(path: Path, lines: int = 5) -> str:
