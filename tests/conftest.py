@@ -67,6 +67,11 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.fast)
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip)
+    # The groups with an integration test first, each kept whole and in order: xdist hands the groups out in this
+    # order, so the long ones start first and the short ones fill the workers' ends (longest first).
+    group = lambda item: item.get_closest_marker("xdist_group").args[0]  # noqa: E731
+    long = {group(item) for item in items if "integration" in item.keywords}
+    items.sort(key=lambda item: group(item) not in long)
 
 
 @pytest.fixture(scope="session")
