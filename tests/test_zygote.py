@@ -61,11 +61,12 @@ def test_another_environment_gets_a_zygote_of_its_own_and_its_threads(tiny_llama
     env = launcher.measurement_env(spec_of(tiny_llama, tmp_path))
     before = launcher.lease_zygote(env)
     launcher.release(before)
-    monkeypatch.setenv("QUANTGATE_ANY_NAME", "read when used")  # not read by an import: the same zygote
+    monkeypatch.setenv("PREFECT_LOGGING_LEVEL", "DEBUG")  # not read by the zygote's imports: the same zygote
     assert launcher.lease_zygote(launcher.measurement_env(spec_of(tiny_llama, tmp_path))) is before
     launcher.release(before)
     threads = "2" if env.get("OMP_NUM_THREADS") != "2" else "1"
     monkeypatch.setenv("OMP_NUM_THREADS", threads)
+    monkeypatch.setenv("MKL_NUM_THREADS", threads)  # torch reads it over OMP_NUM_THREADS
     found = measure(tiny_llama, tmp_path / "b")
     assert found["process"] == "forked" and found["cpu_threads"] == int(threads)
     assert launcher._zygote["running"] is not before and before.proc.poll() is not None  # the old one closed

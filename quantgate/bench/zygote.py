@@ -29,7 +29,7 @@ PRELOAD = ("torch", "transformers.modeling_utils", "transformers.models.auto.mod
 # measurement whose environment differs in one of these gets a zygote of its own. The rest (a test's name, Prefect's
 # settings) the child takes as it is, as a library reads it when it is used.
 READ_AT_IMPORT = ("OMP_", "MKL_", "OPENBLAS_", "KMP_", "GOMP_", "TORCH", "PYTORCH_", "CUDA_", "NVIDIA_", "TRITON_",
-                  "TRANSFORMERS_", "HF_", "HUGGINGFACE_", "TOKENIZERS_", "PYTHON", "LD_", "TMP", "TEMP", "LANG",
+                  "TRANSFORMERS_", "HF_", "HUGGINGFACE_", "TOKENIZERS_", "PYTHON", "LD_", "TMP", "TEMP", "LANG", "QUANTGATE_",
                   "LC_", "HOME", "XDG_", "PATH")
 PER_MEASUREMENT = {"TORCHINDUCTOR_CACHE_DIR"}  # read when inductor first compiles, in the child
 READY_S = 300  # the imports, on a loaded machine
