@@ -67,11 +67,19 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.fast)
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip)
-    # The groups with an integration test first, each kept whole and in order: xdist hands the groups out in this
-    # order, so the long ones start first and the short ones fill the workers' ends (longest first).
+    # Longest first: the shared groups (the session flow, Qwen), then the other groups with an integration test,
+    # then the fast ones, each group whole and in order; xdist hands the groups out in this order
+    # (pytest_configure), so the short ones fill the workers' ends.
     group = lambda item: item.get_closest_marker("xdist_group").args[0]  # noqa: E731
     long = {group(item) for item in items if "integration" in item.keywords}
-    items.sort(key=lambda item: group(item) not in long)
+    items.sort(key=lambda item: (group(item) not in ONE_WORKER.values(), group(item) not in long))
+
+
+def pytest_configure(config):
+    """xdist hands groups out in the order collected (above), not by how many tests each has: a group of three
+    tests (the deployments, 190 s) handed out last kept one worker busy long after the other had finished."""
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
 
 
 @pytest.fixture(scope="session")

@@ -290,4 +290,12 @@ for line in sys.stdin:
      if [ ! -f "$gguf" ]; then cat /tmp/g/tm.* > "$gguf" && rm /tmp/g/tm.* && sha256sum "$gguf" || exit 1; fi
      timeout "${KNOWS_S:-580}" python3 docs/gpu/knows_on_gpu.py "$2" "$gguf" 2>"$OUT/knows-$2.err" | tee "$OUT/knows-$2.jsonl"
      grep -E "Error|Traceback" -A3 "$OUT/knows-$2.err" | tail -12 ;;
+  # The benchmark's launcher on CUDA (no zygote there: docs/benchmark.md, "A process of its own"), with the
+  # gpu-marked tests of the benchmark; carrying .gpu/w (cp312: transformers 5.23, torchao, pydantic...) and .gpu/pt
+  # (pytest, psutil, PyYAML for cp312).
+  launcher) install .gpu/w/*.whl .gpu/pt/*.whl
+     export PYTHONPATH=/tmp/site:.
+     timeout 240 python3 docs/gpu/launcher_on_gpu.py 2>"$OUT/launcher.err" | tee "$OUT/launcher.jsonl"
+     grep -E "Error|Traceback" -A3 "$OUT/launcher.err" | tail -12
+     timeout 300 python3 -m pytest -q -rs -m gpu -p no:cacheprovider tests/test_benchmark.py 2>&1 | tail -8 ;;
 esac
