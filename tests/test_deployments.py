@@ -65,14 +65,18 @@ def server(tmp_path_factory):
 
 
 def stop(processes) -> None:
+    """SIGTERM to each one's group, then 10 s for all of them together (not each: three workers waiting on their last
+    poll took 30 s), then SIGKILL to whatever is left."""
     for p in processes:
         if p.poll() is None:
             os.killpg(p.pid, 15)
+    deadline = time.monotonic() + 10
     for p in processes:
         try:
-            p.wait(timeout=10)
+            p.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:  # a worker waiting on its last poll: nothing left to lose
             os.killpg(p.pid, 9)
+            p.wait()
 
 
 def quick(tmp: Path, cache_dir: Path, model: Path) -> list[str]:
