@@ -2,6 +2,7 @@
 `quantize` deployment run with quick settings, and a nightly matrix of two cells shared by two workers.
 Everything started here is stopped at the end. The model is the tiny Llama: what is tested is the server, the
 workers and the deployments, each running the whole flow; the real models' flow is the session's (test_flow.py)."""
+import contextlib
 import itertools
 import json
 import os
@@ -75,7 +76,8 @@ def stop(processes) -> None:
         try:
             p.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:  # a worker waiting on its last poll: nothing left to lose
-            os.killpg(p.pid, 9)
+            with contextlib.suppress(ProcessLookupError):  # it ended just now
+                os.killpg(p.pid, 9)
             p.wait()
 
 

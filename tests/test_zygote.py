@@ -9,11 +9,14 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
+import torch
 
 from quantgate.bench import launcher, zygote
 from quantgate.bench.worker import Spec
 from quantgate.settings import BenchmarkSettings
 
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="no zygote where CUDA exists: fresh interpreters")
 QUICK = BenchmarkSettings(prompt_tokens=16, new_tokens=4, repeats=1, timeout_s=300)
 SLOW = QUICK.model_copy(update={"new_tokens": 4096, "repeats": 50})
 
@@ -47,12 +50,10 @@ def test_a_measurement_that_fails_or_overruns_is_recorded_and_its_process_gone(t
     assert failed["status"] == "error" and failed["process"] == "forked"
     assert failed["reason"].startswith("the benchmark process failed (exit code 1): ")
     assert "ValueError: Unrecognized model in " + str(empty) in failed["reason"]  # the exception, from its log
-    before = set(psutil.pids())
     overran = measure(tiny_llama, tmp_path / "b", SLOW.model_copy(update={"timeout_s": 3}))
     assert overran == {"status": "error", "reason": "the benchmark process ran past 3 s", "process": "forked"}
     assert launcher._zygote["running"].proc.poll() is None  # the zygote lives on; its child does not
-    assert not [p for p in set(psutil.pids()) - before if psutil.pid_exists(p)
-                and psutil.Process(p).ppid() == launcher._zygote["running"].proc.pid]
+    assert psutil.Process(launcher._zygote["running"].proc.pid).children() == []
 
 
 def test_another_environment_gets_a_zygote_of_its_own_and_its_threads(tiny_llama, tmp_path, monkeypatch):
@@ -93,7 +94,9 @@ def test_a_zygote_stopped_by_sigterm_ends_its_measurements(tiny_llama, tmp_path)
                     launcher.measurement_env(spec))
     time.sleep(1)
     assert psutil.Process(child.pid).ppid() == z.proc.pid
+    measured = psutil.Process(child.pid)
     os.kill(z.proc.pid, signal.SIGTERM)
-    assert z.proc.wait(timeout=30) == 0 and child.wait(timeout=30) == -signal.SIGKILL
-    assert not psutil.pid_exists(child.pid)
+    assert z.proc.wait(timeout=30) == 0
+    measured.wait(timeout=30)  # gone, whoever reaped it (the zygote before it exited)
+    assert not measured.is_running()
     z.close()

@@ -2,7 +2,7 @@
 where CUDA exists, each measurement a fresh interpreter whose output reaches its log; the benchmark step on a tiny
 random Llama on the GPU, one JSON line a check to stdout."""
 import json
-import sys
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -25,8 +25,10 @@ def tiny_llama(folder: Path) -> Path:
 def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="launcher-"))
     model = tiny_llama(work / "tiny")
-    print(json.dumps({"check": "lease_zygote", "cuda": torch.cuda.is_available(),
-                      "zygote": launcher.lease_zygote({"PATH": "/usr/bin"}) is not None}), flush=True)
+    zygote = launcher.lease_zygote({"PATH": "/usr/bin"})
+    launcher.release(zygote)
+    print(json.dumps({"check": "lease_zygote", "cuda": torch.cuda.is_available(), "zygote": zygote is not None}),
+          flush=True)
     settings = BenchmarkSettings(prompt_tokens=16, new_tokens=16, repeats=2)
     for processes in (1, 2):
         out = work / f"p{processes}"
@@ -38,9 +40,9 @@ def main() -> None:
                           "reason": found.get("reason"), "process": found.get("process"),
                           "device": found.get("device"), "path": found.get("latency", {}).get("path"),
                           "decode_ms_per_token": found.get("latency", {}).get("decode_ms_per_token"),
-                          "logs": logs, "log_has_lines": all("benchmark:" in (out / n).read_text() for n in logs)}),
+                          "logs": logs, "log_has_lines": bool(logs) and all("benchmark:" in (out / n).read_text() for n in logs)}),
               flush=True)
-    sys.exit(0)
+    shutil.rmtree(work)
 
 
 if __name__ == "__main__":

@@ -72,9 +72,10 @@ def serve() -> None:
                 while b"\n" in buffered:
                     line, buffered = buffered.split(b"\n", 1)
                     request = json.loads(line)
+                    zygote = os.getpid()
                     pid = os.fork()
                     if pid == 0:
-                        measure_in_child(request, replies)  # never returns
+                        measure_in_child(request, replies, zygote)  # never returns
                     running[pid] = request["id"]
                     reply(replies, {"id": request["id"], "pid": pid})
             reap(running, replies)
@@ -97,12 +98,14 @@ def reply(fd: int, message: dict) -> None:
     os.write(fd, (json.dumps(message) + "\n").encode())
 
 
-def measure_in_child(request: dict, replies: int) -> None:
+def measure_in_child(request: dict, replies: int, zygote: int) -> None:
     """In the forked child: killed with the zygote; the launcher's environment, folder and thread count, output to
     the measurement's log; then the measurement (quantgate.bench.worker.main), ended as an interpreter ends."""
     code = 1
     try:
         ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != zygote:  # it died before the death signal was asked for
+            return
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.close(replies)
         null = os.open(os.devnull, os.O_RDONLY)
