@@ -36,11 +36,12 @@ def main() -> None:
         found = benchmark("reference", str(model), None, "bfloat16", "cuda",
                           settings.model_copy(update={"processes": processes}), str(out)).model_dump()
         logs = sorted(p.name for p in out.glob("*-log.txt"))
+        lines = bool(logs) and all("benchmark:" in (out / n).read_text() for n in logs)
         print(json.dumps({"check": "benchmark", "processes": processes, "status": found["status"],
                           "reason": found.get("reason"), "process": found.get("process"),
                           "device": found.get("device"), "path": found.get("latency", {}).get("path"),
                           "decode_ms_per_token": found.get("latency", {}).get("decode_ms_per_token"),
-                          "logs": logs, "log_has_lines": bool(logs) and all("benchmark:" in (out / n).read_text() for n in logs)}),
+                          "logs": logs, "log_has_lines": lines}),
               flush=True)
     shutil.rmtree(work)
 

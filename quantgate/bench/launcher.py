@@ -10,7 +10,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import deque
@@ -136,10 +135,8 @@ def lease_zygote(env: dict) -> Zygote | None:
                 return None
             if current is not None:
                 current.close()
-            fd, name = tempfile.mkstemp(prefix="quantgate-zygote-", suffix=".log")
-            os.close(fd)
             try:
-                current = _zygote["running"] = Zygote(env, Path(name))
+                current = _zygote["running"] = Zygote(env)
             except Exception as e:  # noqa: BLE001 - whatever stops it, a fresh interpreter measures instead
                 _zygote.update(running=None, failed_in=imported_with(env))
                 log.info("benchmark: fresh interpreters for this environment: %s", e)

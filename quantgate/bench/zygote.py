@@ -18,6 +18,7 @@ import select
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -162,7 +163,12 @@ class Zygote:
 
     COMMAND = [sys.executable, "-P", "-m", "quantgate.bench.zygote"]  # -P: no folder of the launcher on sys.path
 
-    def __init__(self, env: dict, log: Path):
+    def __init__(self, env: dict, log: Path | None = None):
+        """`log`: where the zygote's own output goes (a temporary file by default), removed when it is closed."""
+        if log is None:
+            fd, name = tempfile.mkstemp(prefix="quantgate-zygote-", suffix=".log")
+            os.close(fd)
+            log = Path(name)
         self.env, self.log = env, log
         self.threads = default_threads(env)
         zygote_env = {**env, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # no thread pool before the fork
