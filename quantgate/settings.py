@@ -204,8 +204,9 @@ class BenchmarkSettings(StepSettings):
     # as one matmul each; the first 16 tokens are still checked against unfused eager decoding.
     fuse_projections: bool = True
     # The decode step's attention: math (torch's formula, fused by torch.compile: on the H100 1.7 ms
-    # a token less than cuDNN's kernel for a Gemma-3-12B shape) or auto (torch's choice).
-    decode_attention: Literal["math", "auto"] = "math"
+    # a token less than cuDNN's kernel for a Gemma-3-12B shape), gqa (the grouped KV heads read as they are, no
+    # float32 copy of the cache: quantgate/bench/attention.py) or auto (torch's choice).
+    decode_attention: Literal["math", "gqa", "auto"] = "math"
     sample_interval_ms: PositiveFloat = 5
     # Offloading, as accelerate takes it: per-device limits such as {0: 8GiB, cpu: 24GiB}; what
     # does not fit goes to the CPU, and to disk (a folder in the run) when offload_to_disk is set.

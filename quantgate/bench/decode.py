@@ -158,16 +158,25 @@ class StaticDecoder:
         return prefill.ms, decode.ms / (new_tokens - 1), tokens
 
 
-def decode_attention(choice: str):
+def decode_attention(choice: str, model=None):
     """math: torch's own SDPA formula, which torch.compile fuses into a few Triton kernels; for one
     query over a short static cache that beats the fused attention kernels, which (cuDNN's) also
-    need the mask written out per layer. auto: torch's choice. Otherwise SDPBackend names, comma-separated."""
-    from contextlib import nullcontext
+    need the mask written out per layer. gqa: quantgate.bench.attention's, the grouped KV heads read as they are
+    (the model's attention set while the step is traced). auto: torch's choice. Otherwise SDPBackend names,
+    comma-separated."""
+    from contextlib import ExitStack, nullcontext
 
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     if choice == "auto":
         return nullcontext()
+    if choice == "gqa":
+        from quantgate.bench.attention import attention_of, register
+
+        stack = ExitStack()
+        stack.enter_context(attention_of(model, register()))
+        stack.enter_context(sdpa_kernel([SDPBackend.MATH]))  # what is not one query token goes to SDPA's math
+        return stack
     return sdpa_kernel([getattr(SDPBackend, name.strip().upper()) for name in choice.split(",")])
 
 

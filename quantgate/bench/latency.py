@@ -74,7 +74,7 @@ def fast_path(model, ids: torch.Tensor, settings: BenchmarkSettings, fused: str)
     _, _, eager_tokens = decode_eager(model, ids, check)
     for scope in FALLBACKS[FALLBACKS.index(settings.compile_scope):]:
         try:
-            with decode_attention(settings.decode_attention):  # chosen while tracing and capturing
+            with decode_attention(settings.decode_attention, model):  # chosen while tracing and capturing
                 decoder = StaticDecoder(model, ids.shape[0], settings.prompt_tokens + settings.new_tokens,
                                         scope is not None, compile_mode=settings.compile_mode,
                                         coordinate_descent=settings.coordinate_descent, compile_scope=scope,
