@@ -173,6 +173,8 @@ def test_terminal_shows_steps_and_the_run_log_holds_the_libraries(flow_run):
     for chatter in ("Running loglikelihood requests", "lm_eval", "Finished in state"):
         assert chatter in log and chatter not in shown, chatter
     assert "quantgate.progress: bnb-nf4: evaluate ok" in log
+    # The benchmark's lines, logged from the thread that follows its process, count as the step's (Prefect's UI).
+    assert "bnb-nf4: benchmark: batch 1, repeat 1/1" in log and "without a flow run id" not in log
     assert "[run.log](run.log)" in (run_dir / "report.md").read_text()
 
 

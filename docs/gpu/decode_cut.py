@@ -13,7 +13,10 @@ Variants (VARIANTS, default "base pack pack-bf16"):
   pack-bf16  pack, and the math formula left in bf16 (torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp: the
              matmuls still accumulate in float32; no float32 copy of the cache).
   bf16       the float32 copy dropped, repeat_kv kept.
-Nothing of quantgate is changed: the variants patch transformers' module and torch's flag while they compile and run."""
+Nothing of quantgate is changed: the variants patch transformers' module and torch's flag while they compile and run.
+Inductor's FX-graph and AOTAutograd caches are off here: they do not key on torch's flag, and in the first H100 run
+(docs/gpu/output/h100-39-cut-g3.jsonl, caches on) `pack-bf16` and `bf16` reused the compiles of `pack` and `base` made
+earlier in the same process (the same kernels, float32 ones included, compiled in 0.5-0.9 s)."""
 import contextlib
 import json
 import os
@@ -36,6 +39,8 @@ from quantgate.config import load_config  # noqa: E402
 from quantgate.settings import BenchmarkSettings  # noqa: E402
 
 DEVICE = os.environ.get("DEVICE", "cuda")
+torch._inductor.config.fx_graph_cache = False  # each variant compiled afresh (see the docstring)
+torch._functorch.config.enable_autograd_cache = False
 PROMPT, NEW = int(os.environ.get("PROMPT", 256)), int(os.environ.get("NEW", 256))
 REPEATS, ROUNDS = int(os.environ.get("REPEATS", 5)), int(os.environ.get("ROUNDS", 2))
 PROFILE_STEPS = int(os.environ.get("PROFILE_STEPS", 10))

@@ -290,6 +290,15 @@ for line in sys.stdin:
      if [ ! -f "$gguf" ]; then cat /tmp/g/tm.* > "$gguf" && rm /tmp/g/tm.* && sha256sum "$gguf" || exit 1; fi
      timeout "${KNOWS_S:-580}" python3 docs/gpu/knows_on_gpu.py "$2" "$gguf" 2>"$OUT/knows-$2.err" | tee "$OUT/knows-$2.jsonl"
      grep -E "Error|Traceback" -A3 "$OUT/knows-$2.err" | tail -12 ;;
+  # Issue 39: the decode step's attention, math against gqa (quantgate/bench/attention.py), for each model in MODELS
+  # under each of ATTENTIONS, in a fresh process with its own inductor cache; carrying .gpu/w and .gpu/pt.
+  attention) install .gpu/w/*.whl .gpu/pt/*.whl
+     g3_checkpoint
+     for model in ${MODELS:-reference torchao-int4-weight-only}; do for a in ${ATTENTIONS:-math gqa}; do
+       ATTENTION=$a CD=0 SCOPE=layers TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-$model-$a BENCH_DIR=/tmp/bench-$model-$a \
+         timeout "${BENCH_S:-280}" python3 docs/gpu/bench_on_gpu.py /tmp/g3-12b "$model" 2>>"$OUT/bench.err" \
+         | sed "s/^{/{\"decode_attention\": \"$a\", /" | tee -a "$OUT/attention-g3.jsonl"; done; done
+     grep -E "Error|Traceback" -A3 "$OUT/bench.err" | tail -8 ;;
   # The benchmark's launcher on CUDA (no zygote there: docs/benchmark.md, "A process of its own"), with the
   # gpu-marked tests of the benchmark; carrying .gpu/w (cp312: transformers 5.23, torchao, pydantic...) and .gpu/pt
   # (pytest, psutil, PyYAML for cp312).

@@ -3,6 +3,7 @@ record of how the process died; several processes, the one with the median decod
 from __future__ import annotations
 
 import atexit
+import contextvars
 import json
 import logging
 import os
@@ -77,7 +78,9 @@ def run_measurement(name: str, spec: Spec, result_path: Path, fresh: bool = Fals
     proc, started, lease = start_process([str(spec_path), str(result_path)], log_path, out, measurement_env(spec),
                                          fresh)
     ended = threading.Event()
-    reader = threading.Thread(target=follow, args=(log_path, ended, shown), daemon=True)
+    # In this thread's context: its lines reach an orchestrator's handler as the step's own (Prefect's UI, not a
+    # warning that a log came from outside any run).
+    reader = threading.Thread(target=contextvars.copy_context().run, args=(follow, log_path, ended, shown), daemon=True)
     reader.start()
     try:
         code = proc.wait(timeout=settings.timeout_s)
