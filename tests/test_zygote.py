@@ -54,6 +54,9 @@ def test_a_measurement_that_fails_or_overruns_is_recorded_and_its_process_gone(t
     assert overran == {"status": "error", "reason": "the benchmark process ran past 3 s", "process": "forked"}
     assert launcher._zygote["running"].proc.poll() is None  # the zygote lives on; its child does not
     assert psutil.Process(launcher._zygote["running"].proc.pid).children() == []
+    # Its own log is read through an open handle, its file already unlinked: nothing left however the run ends.
+    log = launcher._zygote["running"].log
+    assert not Path(log.name).exists() and zygote.tail(log) != "unreadable"
 
 
 def test_another_environment_gets_a_zygote_of_its_own_and_its_threads(tiny_llama, tmp_path, monkeypatch):

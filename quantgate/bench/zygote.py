@@ -164,20 +164,25 @@ class Zygote:
     COMMAND = [sys.executable, "-P", "-m", "quantgate.bench.zygote"]  # -P: no folder of the launcher on sys.path
 
     def __init__(self, env: dict, log: Path | None = None):
-        """`log`: where the zygote's own output goes (a temporary file by default), removed when it is closed."""
-        if log is None:
+        """`log`: where the zygote's own output goes. By default a temporary file, unlinked as soon as it is open and
+        read through this handle: nothing is left in /tmp however this process ends (a SIGKILLed run left one)."""
+        temporary = log is None
+        if temporary:
             fd, name = tempfile.mkstemp(prefix="quantgate-zygote-", suffix=".log")
             os.close(fd)
             log = Path(name)
-        self.env, self.log = env, log
+        self.env = env
         self.threads = default_threads(env)
         zygote_env = {**env, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # no thread pool before the fork
         with open(log, "w") as stderr:
             self.proc = subprocess.Popen(self.COMMAND, env=zygote_env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                          stderr=stderr)
+        self.log = open(log, errors="replace")  # noqa: SIM115 - read until close()
+        if temporary:
+            log.unlink()
         ready = self._ready()
         if not (ready or {}).get("ready"):
-            why = f"no zygote ({ready or 'it exited or did not answer'}); its log: {tail(log)}"
+            why = f"no zygote ({ready or 'it exited or did not answer'}); its log: {tail(self.log)}"
             self.close()
             raise ZygoteError(why)
         self.lock, self.ids = threading.Lock(), iter(range(1 << 62))
@@ -246,7 +251,7 @@ class Zygote:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        Path(self.log).unlink(missing_ok=True)
+        self.log.close()
 
 
 class Forked:
@@ -295,10 +300,16 @@ def default_threads(env: dict) -> int:
     return int(probe.stdout.split()[-1]) if probe.returncode == 0 and probe.stdout.split() else os.cpu_count() or 1
 
 
-def tail(path: Path, lines: int = 5) -> str:
+def tail(log, lines: int = 5) -> str:
+    """The last lines of a log: an open text file (read again from its start) or a path."""
     try:
-        return " | ".join(Path(path).read_text(errors="replace").splitlines()[-lines:]) or "empty"
-    except OSError:
+        if isinstance(log, (str, Path)):
+            text = Path(log).read_text(errors="replace")
+        else:
+            log.seek(0)
+            text = log.read()
+        return " | ".join(text.splitlines()[-lines:]) or "empty"
+    except (OSError, ValueError):  # ValueError: the handle was closed
         return "unreadable"
 
 
