@@ -12,6 +12,7 @@ import json
 import logging
 import re
 import shutil
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -95,6 +96,9 @@ def convert_gguf(gguf: Path, out: Path, dtype: str, base_model: str | None) -> N
     log.info("converted %s to safetensors in %.1f s", gguf.name, time.perf_counter() - t0, extra=SHOWN)
 
 
+_GGUF_PATCH = threading.Lock()  # one conversion at a time patches gguf: overlapping, one would restore the other's
+
+
 @contextlib.contextmanager
 def one_gguf_reader():
     """transformers reads the GGUF's fields anew for the tokenizer, the config and the weights, each a GGUFReader
@@ -102,19 +106,20 @@ def one_gguf_reader():
     file is read once and its reader (read-only, memory-mapped) handed to all three."""
     import gguf
 
-    real, readers = gguf.GGUFReader, {}
+    with _GGUF_PATCH:
+        real, readers = gguf.GGUFReader, {}
 
-    def reader(path, mode="r"):
-        key = (str(Path(path).resolve()), mode)
-        if key not in readers:
-            readers[key] = real(path, mode)
-        return readers[key]
+        def reader(path, mode="r"):
+            key = (str(Path(path).resolve()), mode)
+            if key not in readers:
+                readers[key] = real(path, mode)
+            return readers[key]
 
-    gguf.GGUFReader = reader
-    try:
-        yield readers
-    finally:
-        gguf.GGUFReader = real
+        gguf.GGUFReader = reader
+        try:
+            yield readers
+        finally:
+            gguf.GGUFReader = real
 
 
 def fetch_hub(source: Source, out: Path) -> str:

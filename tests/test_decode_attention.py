@@ -36,12 +36,29 @@ def test_one_query_over_grouped_heads_matches_sdpas_formula(dtype, tolerance, ma
     assert (out.float() - expected).abs().max() <= tolerance
 
 
+def test_values_of_another_head_size_keep_theirs():
+    torch.manual_seed(0)  # DeepSeek-V2's attention: query and key heads of 24, value heads of 16
+    query, key, value = torch.randn(1, 8, 1, 24), torch.randn(1, 2, 30, 24), torch.randn(1, 2, 30, 16)
+    out, _ = gqa_decode_attention(Grouped(), query, key, value, None, scaling=0.2)
+    assert out.shape == (1, 1, 8, 16)
+    assert (out - sdpa_math(query, key, value, None, 0.2)).abs().max() <= 1e-5
+
+
 def test_a_prompt_goes_to_sdpa():
     torch.manual_seed(0)
     query, key, value = torch.randn(1, 8, 5, 16), torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16)
     out, _ = gqa_decode_attention(Grouped(), query, key, value, None, scaling=0.25)
     causal = torch.ones(5, 5, dtype=torch.bool).tril()
     assert torch.allclose(out, sdpa_math(query, key, value, causal, 0.25), atol=1e-5)
+
+
+def test_a_model_not_served_by_sdpa_keeps_its_own_attention(tiny_llama):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32, attn_implementation="eager")
+    with decode_attention("gqa", model):  # soft-capping or sinks need the model's own (eager) attention: left as is
+        assert model.config._attn_implementation == "eager"
+    assert model.config._attn_implementation == "eager"
 
 
 def test_the_static_decoder_gives_the_same_tokens_and_the_model_its_attention_back(tiny_llama, monkeypatch):

@@ -2,8 +2,10 @@
 are. Under torch.compile, transformers' SDPA wrapper copies K and V out to every query head (repeat_kv) and torch's
 math formula then converts them to float32: a float32 copy of twice the cache, every layer, every token (on the H100,
 1.19 of the 12B shape's 2.3 ms a token outside the weight matmuls; docs/benchmark.md). Here the query heads of each
-KV head are folded into rows of one matrix, Q K^T and P V run in the cache's own dtype (float32 accumulation), and the
-softmax in float32, as the math formula computes it. Any other call (a prompt, a soft-capped model) goes to SDPA."""
+KV head are folded into rows of one matrix, Q K^T and P V run in the cache's own dtype (float32 accumulation, the
+scores and probabilities rounded to it: looser than the math formula's float32, which the greedy tokens' agreement
+with eager decoding watches), the softmax in float32. A prompt goes to SDPA; a model that does not compute with SDPA
+(soft-capping, attention sinks, an eager-only tower) keeps its own attention (`decode_attention`)."""
 from __future__ import annotations
 
 import contextlib
@@ -11,6 +13,7 @@ import contextlib
 import torch
 
 NAME = "quantgate_gqa_decode"
+UNHANDLED = ("softcap", "position_bias", "s_aux", "sinks")  # arguments this formula does not apply: SDPA's call
 
 
 def gqa_decode_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
@@ -20,7 +23,7 @@ def gqa_decode_attention(module, query, key, value, attention_mask, dropout: flo
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     batch, heads, length, dim = query.shape
-    if length != 1 or kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None or dropout:
+    if length != 1 or dropout or any(kwargs.get(k) is not None for k in UNHANDLED):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     kv_heads = key.shape[1]
@@ -29,12 +32,12 @@ def gqa_decode_attention(module, query, key, value, attention_mask, dropout: flo
     scores = torch.matmul(rows, key.transpose(-1, -2)).float()  # (b, kv_heads, groups, k)
     if attention_mask is not None:
         if attention_mask.shape[1] == heads > 1:  # a mask per query head: folded as the heads are
-            attention_mask = attention_mask.reshape(batch, kv_heads, heads // kv_heads, -1)
+            attention_mask = attention_mask.reshape(attention_mask.shape[0], kv_heads, heads // kv_heads, -1)
         scores = (scores.masked_fill(~attention_mask, float("-inf")) if attention_mask.dtype == torch.bool
                   else scores + attention_mask)
     probs = torch.softmax(scores, dim=-1).to(value.dtype)
     out = torch.matmul(probs, value)  # (b, kv_heads, groups, d)
-    return out.reshape(batch, heads, 1, dim).transpose(1, 2).contiguous(), None
+    return out.reshape(batch, heads, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
 
 
 def register() -> str:
@@ -47,13 +50,28 @@ def register() -> str:
     return NAME
 
 
+def implementations(config) -> list[str | None]:
+    """The attention implementation of a config and of every config nested in it (a multimodal model's towers)."""
+    found = [config._attn_implementation]
+    for key in getattr(config, "sub_configs", {}):
+        if (sub := getattr(config, key, None)) is not None:
+            found += implementations(sub)
+    return found
+
+
+def served_by_sdpa(model) -> bool:
+    """Whether every part of the model computes attention with SDPA: the ones this attention may stand in for."""
+    return set(implementations(model.config)) == {"sdpa"}
+
+
 @contextlib.contextmanager
 def attention_of(model, implementation: str):
     """The model computes attention with `implementation` inside the block (while the decode step is traced and
-    captured), and as before after it."""
-    before = model.config._attn_implementation
+    captured), and with SDPA after it; only for a model served by SDPA throughout (served_by_sdpa)."""
+    if not served_by_sdpa(model):
+        raise ValueError(f"{type(model).__name__} does not compute attention with SDPA throughout")
     model.set_attn_implementation(implementation)
     try:
         yield
     finally:
-        model.set_attn_implementation(before)
+        model.set_attn_implementation("sdpa")

@@ -166,20 +166,22 @@ class Zygote:
     def __init__(self, env: dict, log: Path | None = None):
         """`log`: where the zygote's own output goes. By default a temporary file, unlinked as soon as it is open and
         read through this handle: nothing is left in /tmp however this process ends (a SIGKILLed run left one)."""
+        self.env = env
+        self.threads = default_threads(env)
+        zygote_env = {**env, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # no thread pool before the fork
         temporary = log is None
         if temporary:
             fd, name = tempfile.mkstemp(prefix="quantgate-zygote-", suffix=".log")
             os.close(fd)
             log = Path(name)
-        self.env = env
-        self.threads = default_threads(env)
-        zygote_env = {**env, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # no thread pool before the fork
-        with open(log, "w") as stderr:
-            self.proc = subprocess.Popen(self.COMMAND, env=zygote_env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                         stderr=stderr)
-        self.log = open(log, errors="replace")  # noqa: SIM115 - read until close()
-        if temporary:
-            log.unlink()
+        try:
+            with open(log, "w") as stderr:
+                self.proc = subprocess.Popen(self.COMMAND, env=zygote_env, stdin=subprocess.PIPE,
+                                             stdout=subprocess.PIPE, stderr=stderr)
+            self.log = open(log, errors="replace")  # noqa: SIM115 - read until close()
+        finally:
+            if temporary:
+                log.unlink(missing_ok=True)
         ready = self._ready()
         if not (ready or {}).get("ready"):
             why = f"no zygote ({ready or 'it exited or did not answer'}); its log: {tail(self.log)}"
@@ -301,13 +303,14 @@ def default_threads(env: dict) -> int:
 
 
 def tail(log, lines: int = 5) -> str:
-    """The last lines of a log: an open text file (read again from its start) or a path."""
+    """The last lines of a log: an open file (read from its start without moving it: callers may overlap) or a
+    path."""
     try:
         if isinstance(log, (str, Path)):
             text = Path(log).read_text(errors="replace")
         else:
-            log.seek(0)
-            text = log.read()
+            fd = log.fileno()
+            text = os.pread(fd, os.fstat(fd).st_size, 0).decode(errors="replace")
         return " | ".join(text.splitlines()[-lines:]) or "empty"
     except (OSError, ValueError):  # ValueError: the handle was closed
         return "unreadable"
