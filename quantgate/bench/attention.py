@@ -65,13 +65,18 @@ def served_by_sdpa(model) -> bool:
 
 
 @contextlib.contextmanager
-def attention_of(model, implementation: str):
-    """The model computes attention with `implementation` inside the block (while the decode step is traced and
-    captured), and with SDPA after it; only for a model served by SDPA throughout (served_by_sdpa)."""
-    if not served_by_sdpa(model):
-        raise ValueError(f"{type(model).__name__} does not compute attention with SDPA throughout")
-    model.set_attn_implementation(implementation)
+def gqa_decoding(model):
+    """While the decode step is traced and captured: this attention for a model served by SDPA throughout, set back
+    to SDPA after; a model that is not (soft-capping, sinks, an eager tower) keeps its own. Whatever reaches SDPA
+    runs its math formula."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    swapped = served_by_sdpa(model)
+    if swapped:
+        model.set_attn_implementation(register())
     try:
-        yield
+        with sdpa_kernel([SDPBackend.MATH]):
+            yield
     finally:
-        model.set_attn_implementation("sdpa")
+        if swapped:
+            model.set_attn_implementation("sdpa")

@@ -162,25 +162,19 @@ def decode_attention(choice: str, model=None):
     """math: torch's own SDPA formula, which torch.compile fuses into a few Triton kernels; for one
     query over a short static cache that beats the fused attention kernels, which (cuDNN's) also
     need the mask written out per layer. gqa: quantgate.bench.attention's, the grouped KV heads read as they are
-    (the model's attention set while the step is traced; math for a model not served by SDPA). auto: torch's choice. Otherwise SDPBackend names,
-    comma-separated."""
-    from contextlib import ExitStack, nullcontext
+    (set on `model` while the step is traced). auto: torch's choice. Otherwise SDPBackend names, comma-separated."""
+    from contextlib import nullcontext
 
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     if choice == "auto":
         return nullcontext()
     if choice == "gqa":
-        from quantgate.bench.attention import attention_of, register, served_by_sdpa
+        from quantgate.bench.attention import gqa_decoding
 
         if model is None:
             raise ValueError("decode_attention gqa is set on the model: pass it")
-        if not served_by_sdpa(model):  # soft-capping, sinks or an eager tower: its own attention, in math
-            return sdpa_kernel([SDPBackend.MATH])
-        stack = ExitStack()
-        stack.enter_context(attention_of(model, register()))
-        stack.enter_context(sdpa_kernel([SDPBackend.MATH]))  # what is not one query token goes to SDPA's math
-        return stack
+        return gqa_decoding(model)
     return sdpa_kernel([getattr(SDPBackend, name.strip().upper()) for name in choice.split(",")])
 
 

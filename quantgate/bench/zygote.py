@@ -303,14 +303,10 @@ def default_threads(env: dict) -> int:
 
 
 def tail(log, lines: int = 5) -> str:
-    """The last lines of a log: an open file (read from its start without moving it: callers may overlap) or a
-    path."""
+    """The last lines of an open log, read from its start without moving it (callers may overlap)."""
     try:
-        if isinstance(log, (str, Path)):
-            text = Path(log).read_text(errors="replace")
-        else:
-            fd = log.fileno()
-            text = os.pread(fd, os.fstat(fd).st_size, 0).decode(errors="replace")
+        fd = log.fileno()
+        text = os.pread(fd, os.fstat(fd).st_size, 0).decode(errors="replace")
         return " | ".join(text.splitlines()[-lines:]) or "empty"
     except (OSError, ValueError):  # ValueError: the handle was closed
         return "unreadable"
