@@ -7,6 +7,8 @@ runs reuse it after checking the hashes, and convert again when a file is missin
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import hashlib
 import json
 import logging
@@ -19,6 +21,7 @@ from pathlib import Path
 
 from quantgate import checkpoint
 from quantgate.files import foreign_entries, manifest, sha256_file, write_json
+from quantgate.formats import error_line
 from quantgate.sources import HUB_PATTERNS, PACKAGED_GGUF, DownloadError, Source, gguf_path, parse_source
 from quantgate.runlog import SHOWN
 
@@ -177,3 +180,56 @@ def fetched(source: str, revision: str | None, cache_dir: str, dtype: str) -> di
     return {"checkpoint": str(checkpoint_dir(src, cache)), "source": src.text, "revision": src.revision,
             "checkpoint_sha256": manifest["checkpoint_sha256"],
             "base_model": manifest.get("base_model"), "license": manifest.get("license")}
+
+
+# ---------------------------------------------------------------- configs
+
+def read_model_config(source: Source, cache_dir: Path):
+    """The model's transformers config, without loading any weights (for plans). A GGUF's is read from its
+    conversion in the cache where there is one (what the download step will use), since transformers otherwise
+    parses every tokenizer field of the GGUF to find it (6 of `quantgate plan`'s 7 s on SmolLM2)."""
+    from transformers import AutoConfig
+
+    if source.kind == "hf":
+        from huggingface_hub import hf_hub_download
+        try:
+            config_file = hf_hub_download(source.ref, "config.json", revision=source.revision)
+        except Exception as e:  # offline, gated, missing: all end the plan with the Hub's own words
+            raise DownloadError(f"{source.text}@{source.revision}: could not read config.json from the Hub: "
+                                f"{type(e).__name__}: {str(e).splitlines()[0]}") from None
+        return AutoConfig.from_pretrained(Path(config_file).parent)
+    if source.kind in ("pypi", "gguf"):
+        path = gguf_path(source, cache_dir)
+        if (converted := converted_config(source, cache_dir)) is not None:
+            return AutoConfig.from_pretrained(converted.parent)
+        stat = path.stat()
+        return copy.deepcopy(gguf_config(str(path), stat.st_size, stat.st_mtime_ns))
+    if not (Path(source.ref) / "config.json").is_file():
+        raise DownloadError(f"{source.ref}: not a checkpoint folder (no config.json)")
+    try:
+        return AutoConfig.from_pretrained(source.ref)
+    except Exception as e:  # not JSON, an unknown model_type, ...
+        raise DownloadError(f"{Path(source.ref) / 'config.json'}: transformers cannot read it: {error_line(e)}") from None
+
+
+@functools.lru_cache(maxsize=4)
+def gguf_config(path: str, size: int, mtime_ns: int):
+    """A GGUF's config as transformers reads it, once a process for the file as it is (its size and time)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(Path(path).parent, gguf_file=Path(path).name)
+
+
+def converted_config(source: Source, cache_dir: Path) -> Path | None:
+    """The config.json of a source's conversion in the cache, where the manifest lists it with these very bytes;
+    None otherwise (not converted yet, or damaged: the download step converts it again)."""
+    folder = checkpoint_dir(source, cache_dir)
+    try:
+        files = json.loads(manifest_path(source, cache_dir).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    entry = next((e for e in files if isinstance(e, dict) and e.get("path") == "config.json"), None)
+    config = folder / "config.json"
+    if entry is None or not config.is_file() or config.is_symlink() or sha256_file(config) != entry.get("sha256"):
+        return None
+    return config

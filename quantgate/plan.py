@@ -15,7 +15,8 @@ import torch
 from quantgate import adapters, modeling
 from quantgate.backends import PlanError, backend_of
 from quantgate.config import ConfigError
-from quantgate.sources import DownloadError, parse_source, read_model_config
+from quantgate.fetching import read_model_config
+from quantgate.sources import DownloadError, parse_source
 
 __all__ = ["PlanError", "checkpoint_bytes", "make_plans", "pattern_regex", "placement_lines", "plan_recipe",
            "planned_placement", "read_plan", "reconcile", "skeleton_of", "summarize", "tower_lines", "towers"]

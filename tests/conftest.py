@@ -178,12 +178,13 @@ def make_lora(base: Path, folder: Path, targets: list[str], scale: float, seed: 
 
 
 @pytest.fixture(scope="session")
-def smol_lora(smollm2, tmp_path_factory) -> Path:
+def smol_lora(tmp_path_factory) -> Path:
     """A LoRA of rank 8 on SmolLM2's q_proj and v_proj, trained 8 steps on WikiText-2's test text (tests/lora.py): an
-    adapter that changes what the model predicts, as a fine-tune does."""
-    from tests.lora import train_lora
+    adapter that changes what the model predicts, as a fine-tune does. Trained once and checked in (tests/golden/
+    README.md), since training it cost the session flow's setup 30 s of one core; a copy of it."""
+    import shutil
 
-    return train_lora(smollm2, tmp_path_factory.mktemp("adapters") / "wiki")
+    return Path(shutil.copytree(GOLDEN.parent / "lora-wiki", tmp_path_factory.mktemp("adapters") / "wiki"))
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,6 @@
 """A LoRA trained on shipped text: an adapter that changes what the model predicts, as a fine-tune does; the suite's
-(tests/conftest.py's smol_lora) and the one docs/bench/train_lora.py makes for runs outside the suite."""
+(tests/golden/lora-wiki, checked in: tests/golden/README.md) and the one docs/bench/train_lora.py makes for runs
+outside the suite."""
 from pathlib import Path
 
 import torch

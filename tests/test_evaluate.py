@@ -205,9 +205,14 @@ def test_wikitext_windows_go_one_at_a_time_under_auto(smollm2, tmp_path, monkeyp
     assert ppl["auto"]["word_perplexity"] == pytest.approx(ppl[3]["word_perplexity"], rel=1e-4)
 
 
-def test_some_subjects_are_asked_alone_as_lm_eval_asks_them_and_an_unknown_one_is_refused(tiny_llama, tmp_path):
+def test_some_subjects_are_asked_alone_as_lm_eval_asks_them_and_an_unknown_one_is_refused(tiny_llama, tmp_path,
+                                                                                          monkeypatch):
+    import torch.utils.collect_env
     from pydantic import ValidationError
     from transformers import AutoTokenizer
+
+    env_reports = []  # lm-eval's environment report (a `pip list` a call) is not asked for: env.json has it once
+    monkeypatch.setattr(torch.utils.collect_env, "get_pretty_env_info", lambda: env_reports.append(1) or "")
 
     model, tokenizer = modeling.load(tiny_llama, COMPUTE, "cpu"), AutoTokenizer.from_pretrained(tiny_llama)
     asked = EvaluateSettings(limit=3, batch_size=4, wikitext=False, mmlu_subjects=["virology", "anatomy", "virology"])
@@ -216,6 +221,7 @@ def test_some_subjects_are_asked_alone_as_lm_eval_asks_them_and_an_unknown_one_i
     found = lmeval.run_all(model, tokenizer, asked)["mmlu"]
     assert sorted(found["subjects"]) == ["anatomy", "virology"] and found["n"] == 6
     assert sorted(found["correct"]) == [f"{s}/{i}" for s in ("anatomy", "virology") for i in range(3)]
+    assert env_reports == []
     # lm_eval's command line on the same subjects: each subject's figure, and theirs weighted by size
     assert_same_mmlu(lm_eval_command_line(tiny_llama, tmp_path / "out", subjects=["virology", "anatomy"], limit=3),
                      found)

@@ -101,7 +101,8 @@ class GivenCheckpoint(Backend):
     def check_base(self, recipe: CheckpointRecipe, base_config, registry_dir: Path) -> None:
         from transformers import AutoConfig
 
-        from quantgate.sources import DownloadError, parse_source, read_model_config
+        from quantgate.fetching import read_model_config
+        from quantgate.sources import DownloadError, parse_source
 
         text = local_source(recipe, registry_dir)
         try:

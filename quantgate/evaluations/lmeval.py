@@ -25,6 +25,15 @@ def task_manager(with_lm_evals_own: bool = False):
     return TaskManager(include_path=str(TASKS_DIR), include_defaults=with_lm_evals_own)
 
 
+@functools.cache
+def without_env_report() -> None:
+    """lm-eval's results carry torch's collect_env, a `pip list` (and nvidia-smi) on every simple_evaluate, about
+    0.3 s each and three a model; quantgate keeps none of it, since the run's env.json records the environment once."""
+    from lm_eval import evaluator
+
+    evaluator.add_env_info = lambda storage: None
+
+
 def hf_lm(model, tokenizer, settings):
     """lm-eval's wrapper of the loaded model. `auto` probes batch sizes with full-length forwards: minutes on a
     CPU, so 8 there."""
@@ -40,6 +49,7 @@ def hf_lm(model, tokenizer, settings):
 def run_all(model, tokenizer, settings, floors: bool = False) -> dict:
     """Every enabled evaluation's results, per item included; with `floors` (the reference), each one's own spread
     where it measures one."""
+    without_env_report()
     lm = hf_lm(model, tokenizer, settings)
     manager = task_manager(with_lm_evals_own=settings.mmlu_source == "hub")
     results = {e.name: e.run(lm, tokenizer, settings, manager) for e in evaluations.enabled(settings)}
