@@ -203,10 +203,11 @@ class BenchmarkSettings(StepSettings):
     # On the fast path: sibling projections (q/k/v, gate/up) of plain and torchao-int4 weights run
     # as one matmul each; the first 16 tokens are still checked against unfused eager decoding.
     fuse_projections: bool = True
-    # The decode step's attention: math (torch's formula, fused by torch.compile: on the H100 1.7 ms
-    # a token less than cuDNN's kernel for a Gemma-3-12B shape), gqa (the grouped KV heads read as they are, no
-    # float32 copy of the cache: quantgate/bench/attention.py) or auto (torch's choice).
-    decode_attention: Literal["math", "gqa", "auto"] = "math"
+    # The decode step's attention: gqa (the grouped KV heads read as they are, no float32 copy of the cache:
+    # quantgate/bench/attention.py; on the H100 a Gemma-3-12B shape's bf16 step 1.06 ms shorter than under math),
+    # math (torch's formula, fused by torch.compile; 1.7 ms a token less than cuDNN's kernel there) or auto
+    # (torch's choice).
+    decode_attention: Literal["math", "gqa", "auto"] = "gqa"
     sample_interval_ms: PositiveFloat = 5
     # Offloading, as accelerate takes it: per-device limits such as {0: 8GiB, cpu: 24GiB}; what
     # does not fit goes to the CPU, and to disk (a folder in the run) when offload_to_disk is set.

@@ -41,7 +41,7 @@ def settings() -> BenchmarkSettings:
                              compile_mode=env.get("COMPILE_MODE", "default"), compile_scope=env.get("SCOPE", "layers"),
                              coordinate_descent=env.get("CD", "1") == "1",
                              autotune_pointwise=env.get("AUTOTUNE_POINTWISE", "0") == "1",
-                             decode_attention=env.get("ATTENTION", "math"),
+                             decode_attention=env.get("ATTENTION", BenchmarkSettings().decode_attention),
                              max_memory=json.loads(env["MAX_MEMORY"]) if env.get("MAX_MEMORY") else None)
 
 
