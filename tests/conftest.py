@@ -83,11 +83,24 @@ def pytest_configure(config):
 
 
 @pytest.fixture(scope="session")
-def prefect_server():
-    from prefect.testing.utilities import prefect_test_harness
+def prefect_server(tmp_path_factory):
+    """The suite's one Prefect server, shared by the xdist workers (tests/prefect_server.py), as this process's API
+    (a thread that runs a flow runs it in a copy of this context)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    with prefect_test_harness(server_startup_timeout=120):
+    from tests.prefect_server import url_of
+
+    with temporary_settings(updates={PREFECT_API_URL: url_of(tmp_path_factory.getbasetemp())}):
         yield
+
+
+def pytest_sessionfinish(session):
+    """The suite's Prefect server stopped by the process that outlives every worker: the controller, or the only one."""
+    factory = getattr(session.config, "_tmp_path_factory", None)
+    if factory is not None and not os.environ.get("PYTEST_XDIST_WORKER"):
+        from tests.prefect_server import stop
+
+        stop(factory.getbasetemp())
 
 
 @pytest.fixture(scope="session")
