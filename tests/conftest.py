@@ -84,14 +84,17 @@ def pytest_configure(config):
 
 @pytest.fixture(scope="session")
 def prefect_server(tmp_path_factory):
-    """The suite's one Prefect server, shared by the xdist workers (tests/prefect_server.py), as this process's API
-    (a thread that runs a flow runs it in a copy of this context)."""
+    """The suite's one Prefect server, shared by the xdist workers (tests/prefect_server.py), as this process's API:
+    in its settings and, as prefect_test_harness does, in the settings every thread starts with."""
+    from prefect.context import _temporary_global_settings_context, get_settings_context
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from tests.prefect_server import url_of
+    from tests.prefect_server import drain_workers, url_of
 
-    with temporary_settings(updates={PREFECT_API_URL: url_of(tmp_path_factory.getbasetemp())}):
+    with temporary_settings(updates={PREFECT_API_URL: url_of(tmp_path_factory.getbasetemp())}), \
+            _temporary_global_settings_context(get_settings_context()):
         yield
+        drain_workers()  # the logs and events still queued, sent while the server is there
 
 
 def pytest_sessionfinish(session):

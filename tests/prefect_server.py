@@ -3,6 +3,8 @@ one (uvicorn on Prefect's app, a SQLite database of its own) but shared by the x
 starts it, detached, and writes where it listens into the run's shared temp folder; the others read it there.
 pytest's controller stops it when the session ends (`stop`); a supervisor beside it stops it if the controller is
 gone first (a SIGKILLed pytest leaves no server behind)."""
+import contextlib
+import inspect
 import json
 import os
 import signal
@@ -37,28 +39,47 @@ def url_of(basetemp: Path) -> str:
         return json.loads(info.read_text())["url"]
 
 
-def start(folder: Path, watched: int, timeout_s: float = 120) -> dict:
-    """The server under its supervisor, in a process group of its own; returns once it answers /api/health."""
+def start(folder: Path, watched: int, timeout_s: float = 120, tries: int = 3) -> dict:
+    """The server under its supervisor, in a process group of its own; returns once it answers /api/health (on
+    another port where the one picked was taken meanwhile, as Prefect's temporary server does)."""
     from prefect.settings import get_current_settings
 
     folder.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **get_current_settings().to_environment_variables(exclude_unset=True),
            "PREFECT_UI_ENABLED": "0", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1",  # what Prefect's temporary server sets
            "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{folder / 'prefect.db'}"}
     env.pop("PREFECT_API_URL", None)
-    port = free_port()
-    log = open(folder / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "tests.prefect_server", str(watched), str(port)], cwd=PROJECT, env=env,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url, deadline = f"http://127.0.0.1:{port}/api", time.monotonic() + timeout_s
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2):
-                return {"url": url, "pgid": proc.pid}
-        except OSError:
-            time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
+    for _ in range(tries):
+        port, log = free_port(), open(folder / "server.log", "w")
+        proc = subprocess.Popen([sys.executable, "-m", "tests.prefect_server", str(watched), str(port)], cwd=PROJECT,
+                                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        url, deadline = f"http://127.0.0.1:{port}/api", time.monotonic() + timeout_s
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2):
+                    return {"url": url, "pgid": proc.pid}
+            except OSError:
+                time.sleep(0.2)
+        with contextlib.suppress(ProcessLookupError):  # ended by itself (its port taken): nothing left to stop
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
     raise RuntimeError(f"the suite's Prefect server did not start: {(folder / 'server.log').read_text()[-2000:]}")
+
+
+def drain_workers() -> None:
+    """Prefect's log and event workers' queues sent, as prefect_test_harness sends them before its server stops."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    async def drain():
+        for drained in (lambda: APILogWorker.instance().drain(), EventsWorker.drain_all):
+            with contextlib.suppress(RuntimeError):  # a worker that was never started
+                if inspect.isawaitable(result := drained()):
+                    await result
+
+    run_coro_as_sync(drain())
 
 
 def stop(basetemp: Path) -> None:

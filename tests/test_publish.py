@@ -204,7 +204,6 @@ def test_a_hub_upload_waits_for_approval_and_silence_publishes_nothing(
     one approved with `quantgate approve` (it uploads only then; 20 s to answer, room for a loaded CI host), one left
     unanswered: rejected when its time is up (a reviewer's rejection resumes the run the same way), and the run goes
     on to a normal end."""
-    import contextvars
     import threading
 
     from prefect.client.orchestration import get_client
@@ -222,8 +221,8 @@ def test_a_hub_upload_waits_for_approval_and_silence_publishes_nothing(
                  f"steps.publish={{target: hub, hub_repo: 'quantgate-test/{{model}}-{{recipe}}', "
                  f"hub_endpoint: '{hub.endpoint}', approve: true, approve_timeout_s: 20}}"]
     finished = {}
-    flow = threading.Thread(target=contextvars.copy_context().run, args=(lambda: finished.update(state=quantize_model(
-        str(PROJECT / "configs" / "default.yaml"), overrides=overrides, return_state=True)),))  # the suite's server
+    flow = threading.Thread(target=lambda: finished.update(state=quantize_model(
+        str(PROJECT / "configs" / "default.yaml"), overrides=overrides, return_state=True)))
     flow.start()
 
     def paused_for(recipe: str) -> tuple[str, str]:

@@ -34,12 +34,13 @@ def kind(name: str) -> str:
 
 
 def profile(checkpoint: str, name: str) -> None:
-    # SDPA: the benchmark's decode_attention (math, auto) or SDPBackend names, e.g. efficient_attention.
-    with decode_attention(os.environ.get("SDPA", "math")):
-        _profile(checkpoint, name)
+    model = loaded(checkpoint, name)
+    # SDPA: the benchmark's decode_attention (math, gqa, auto) or SDPBackend names, e.g. efficient_attention.
+    with decode_attention(os.environ.get("SDPA", "math"), model):
+        _profile(model, name)
 
 
-def _profile(checkpoint: str, name: str) -> None:
+def loaded(checkpoint: str, name: str):
     recipe = None if name == "reference" else \
         load_config(ROOT / "configs" / "default.yaml", [f"recipes=[{name}]"]).recipes[0].model_dump(mode="json")
     model = loader(Spec(checkpoint=checkpoint, recipe=recipe, mode="quantize_on_load", dtype="bfloat16",
@@ -47,6 +48,10 @@ def _profile(checkpoint: str, name: str) -> None:
     # The recipe's backend stacks its library's packed weights (torchao's int4), as the benchmark fuses them.
     fused = fuse_projections(model, backend_of(recipe) if recipe else None)["fused"]
     print(json.dumps({"model": name, "sdpa": os.environ.get("SDPA", "math"), "fused": fused}), flush=True)
+    return model
+
+
+def _profile(model, name: str) -> None:
     # AUTOTUNE_POINTWISE=1: as the six profiles of issue 19 ran (the step's default is off since).
     decoder = StaticDecoder(model, 1, 512, compiled=DEVICE == "cuda", graph=False,
                             autotune_pointwise=os.environ.get("AUTOTUNE_POINTWISE", "0") == "1")
