@@ -55,12 +55,16 @@ def write_manifest(folder: Path, manifest_file: Path, source: Source, extra: dic
     return record
 
 
-def check_manifest(folder: Path, manifest_file: Path) -> list[str]:
-    """Problems with a checkpoint folder against its manifest; empty when intact."""
+def check_manifest(folder: Path, manifest_file: Path, only: str | None = None) -> list[str]:
+    """Problems with a checkpoint folder against its manifest (with `only`, that one file of it); empty when intact."""
     if not manifest_file.is_file():
         return [f"{manifest_file}: missing"]
-    problems = []
-    for entry in json.loads(manifest_file.read_text())["files"]:
+    problems, entries = [], json.loads(manifest_file.read_text())["files"]
+    if only is not None:
+        entries = [e for e in entries if e["path"] == only]
+        if not entries:
+            return [f"{folder / only}: not in the manifest"]
+    for entry in entries:
         path = folder / entry["path"]
         if not path.is_file():
             problems.append(f"{path}: missing")
@@ -224,15 +228,9 @@ def gguf_config(path: str, revision: str | None, size: int, mtime_ns: int):
 def converted_config(source: Source, cache_dir: Path) -> Path | None:
     """The config.json of a source's conversion in the cache, where the manifest lists it with these very bytes;
     None otherwise (not converted yet, or damaged: the download step converts it again)."""
-    folder = checkpoint_dir(source, cache_dir)
+    config = checkpoint_dir(source, cache_dir) / "config.json"
     try:
-        files = json.loads(manifest_path(source, cache_dir).read_text())["files"]
-    except (OSError, ValueError, KeyError, TypeError):
+        problems = check_manifest(config.parent, manifest_path(source, cache_dir), only=config.name)
+    except (OSError, ValueError, KeyError, TypeError):  # a damaged manifest: the download step converts again
         return None
-    if not isinstance(files, list):  # a damaged manifest: the download step converts again
-        return None
-    entry = next((e for e in files if isinstance(e, dict) and e.get("path") == "config.json"), None)
-    config = folder / "config.json"
-    if entry is None or not config.is_file() or config.is_symlink() or sha256_file(config) != entry.get("sha256"):
-        return None
-    return config
+    return None if problems or config.is_symlink() else config

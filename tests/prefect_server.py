@@ -44,6 +44,8 @@ def start(folder: Path, watched: int, timeout_s: float = 120, tries: int = 3) ->
     another port where the one picked was taken meanwhile, as Prefect's temporary server does)."""
     from prefect.settings import get_current_settings
 
+    from tests.conftest import free_port
+
     folder.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **get_current_settings().to_environment_variables(exclude_unset=True),
            "PREFECT_UI_ENABLED": "0", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -51,9 +53,10 @@ def start(folder: Path, watched: int, timeout_s: float = 120, tries: int = 3) ->
            "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{folder / 'prefect.db'}"}
     env.pop("PREFECT_API_URL", None)
     for _ in range(tries):
-        port, log = free_port(), open(folder / "server.log", "w")
-        proc = subprocess.Popen([sys.executable, "-m", "tests.prefect_server", str(watched), str(port)], cwd=PROJECT,
-                                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        port = free_port()
+        with open(folder / "server.log", "w") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "tests.prefect_server", str(watched), str(port)],
+                                    cwd=PROJECT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         url, deadline = f"http://127.0.0.1:{port}/api", time.monotonic() + timeout_s
         while time.monotonic() < deadline and proc.poll() is None:
             try:
@@ -86,18 +89,8 @@ def stop(basetemp: Path) -> None:
     """The shared server stopped, where this run started one (called by the controller as the session ends)."""
     info = shared_root(basetemp) / INFO
     if info.is_file():
-        try:
+        with contextlib.suppress(ProcessLookupError):  # stopped by its supervisor already
             os.killpg(json.loads(info.read_text())["pgid"], signal.SIGTERM)
-        except ProcessLookupError:  # stopped by its supervisor already
-            pass
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def supervise(watched: int, port: int) -> None:
