@@ -3,6 +3,7 @@ import io
 import os
 import re
 import tempfile
+import threading
 from pathlib import Path
 
 # Prefect's database, results and cache records go to a throwaway home for the test session.
@@ -22,10 +23,11 @@ PROJECT = Path(__file__).resolve().parents[1]
 
 
 # What makes a test part of the integration tier: the real models, a whole flow's record, a Prefect server.
-INTEGRATION_FIXTURES = {"smollm2", "flow_run", "run_dir", "prefect_server", "qwen"}
+INTEGRATION_FIXTURES = {"smollm2", "flow_run", "run_dir", "adapter_flow", "prefect_server", "qwen"}
 # Under xdist (--dist loadgroup) a module's tests go to one worker, so its module fixtures are paid once, and the tests
 # of any module that use one of these session fixtures go to one worker together, so it is paid once in the suite.
-ONE_WORKER = {"flow_run": "session-flow", "run_dir": "session-flow", "qwen": "qwen"}
+ONE_WORKER = {"flow_run": "session-flow", "run_dir": "session-flow", "adapter_flow": "adapter-flow", "qwen": "qwen"}
+SHARED_FIRST = ["session-flow", "adapter-flow", "qwen"]  # the two flows first, one a worker, side by side
 GOLDEN = PROJECT / "tests" / "golden" / "run"
 # What the steps compute a bf16 checkpoint in on this CPU: float32 where bf16 would be emulated (about three times
 # slower), bf16 where native. A test computing a model outside the flow uses it too, to compare like with like.
@@ -67,12 +69,13 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.fast)
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip)
-    # Longest first: the shared groups (the session flow, Qwen), then the other groups with an integration test,
+    # Longest first: the shared groups (the two flows, Qwen), then the other groups with an integration test,
     # then the fast ones, each group whole and in order; xdist hands the groups out in this order
     # (pytest_configure), so the short ones fill the workers' ends.
     group = lambda item: item.get_closest_marker("xdist_group").args[0]  # noqa: E731
     long = {group(item) for item in items if "integration" in item.keywords}
-    items.sort(key=lambda item: (group(item) not in ONE_WORKER.values(), group(item) not in long))
+    shared = lambda name: SHARED_FIRST.index(name) if name in SHARED_FIRST else len(SHARED_FIRST)  # noqa: E731
+    items.sort(key=lambda item: (shared(group(item)), group(item) not in long))
 
 
 def pytest_configure(config):
@@ -80,6 +83,19 @@ def pytest_configure(config):
     tests (the deployments, 190 s) handed out last kept one worker busy long after the other had finished."""
     if hasattr(config.option, "loadscopereorder"):
         config.option.loadscopereorder = False
+
+
+def pytest_collection_finish(session):
+    """The suite's Prefect server started in the background once the tests are known to need it, so that its start
+    (about 10 s) overlaps SmolLM2's conversion instead of following it; `prefect_server` waits for it."""
+    if any("prefect_server" in getattr(item, "fixturenames", ()) for item in session.items):
+        from tests.prefect_server import url_of
+
+        def start():
+            with contextlib.suppress(Exception):  # not started: the fixture starts it and says why not
+                url_of(session.config._tmp_path_factory.getbasetemp())
+
+        threading.Thread(target=start, name="prefect-server-start", daemon=True).start()
 
 
 @pytest.fixture(scope="session")
@@ -203,15 +219,29 @@ def smol_lora(tmp_path_factory) -> Path:
     return Path(shutil.copytree(GOLDEN.parent / "lora-wiki", tmp_path_factory.mktemp("adapters") / "wiki"))
 
 
-@pytest.fixture(scope="session")
-def flow_run(tmp_path_factory, smollm2, smol_lora, cache_dir, prefect_server):
-    """`quantgate run` of the default config on SmolLM2 with quick settings, five recipes (one made to fail) and a
-    LoRA adapter served on them: the run directory, what the terminal showed, and the exit code."""
+def run_flow(runs: Path, cache_dir: Path, overrides: list[str]) -> tuple[Path, str, int]:
+    """`quantgate run` of the default config on SmolLM2 into `runs`, publishing to the registry there: the run
+    directory, what the terminal showed, and the exit code."""
     from quantgate import cli
 
+    overrides = [f"output.runs_dir={runs}", f"output.cache_dir={cache_dir}", f"output.history_db={runs / 'history.sqlite'}",
+                 f"steps.publish.registry_dir={runs / 'registry'}", *overrides]
+    terminal = io.StringIO()
+    with contextlib.redirect_stdout(terminal), contextlib.redirect_stderr(terminal):
+        code = cli.main(["run", str(PROJECT / "configs" / "default.yaml"),
+                         *[arg for item in overrides for arg in ("--set", item)]])
+    shown = terminal.getvalue()
+    return Path(re.search(r"^run directory: (.+)$", shown, re.M).group(1)), shown, code
+
+
+@pytest.fixture(scope="session")
+def flow_run(tmp_path_factory, smollm2, cache_dir, prefect_server):
+    """The session flow: four recipes (one made to fail, one failing its thresholds and remedied) with quick
+    settings, the long-sequence checks and the KV-cache capacity; the run directory, what the terminal showed, and
+    the exit code. The recipes served with an adapter, and FP8, are the adapter flow's (`adapter_flow`), run beside
+    it on the other xdist worker, so that neither flow is a test of over two minutes."""
     import tasks.quantize as step
 
-    runs = tmp_path_factory.mktemp("runs")
     real = step.load_quantized
 
     def int8_breaks(checkpoint, recipe, dtype, device, keep, tokenizer=None):
@@ -220,27 +250,29 @@ def flow_run(tmp_path_factory, smollm2, smol_lora, cache_dir, prefect_server):
         return real(checkpoint, recipe, dtype, device, keep, tokenizer)
 
     step.load_quantized = int8_breaks
-    overrides = [
-        f"output.runs_dir={runs}", f"output.cache_dir={cache_dir}", f"output.history_db={runs / 'history.sqlite'}",
-        # The long checks at a quick size: one WikiText stretch to 1,024 tokens, no long generation (the fast tier's
-        # tests/test_longrange.py generates; nf4's SmolLM2 repeats itself over 256 tokens: docs/validation.md).
-        "steps.validate={generate_prompts: 1, max_new_tokens: 8, long_context: 1024, long_sequences: 1, "
-        f"long_generations: 0, bucket_positions: 64, prompts: {SHORT_PROMPTS}}}", QUICK[1],
-        "steps.benchmark={prompt_tokens: 16, new_tokens: 4, repeats: 1, memory_budget: 4GiB, "
-        "kv_cache: {caches: [dynamic], prefill_chunk: 128, max_context: 256}}",  # static: tests/test_kvcache.py
-        f"steps.publish.registry_dir={runs / 'registry'}",
-        "steps.remedy={enabled: true, verdicts: [fail], top: 1}",  # int8-strict's: its attribution, no room to keep
-        "recipes=[bnb-nf4, {use: torchao-int8-weight-only, name: int8-strict, thresholds: {kl_mean_fail: 0.0001}}, bnb-int8, "
-        "torchao-int8-weight-only, fp8-block64]", f"adapters=[{{name: wiki, source: {smol_lora}}}]"]
-    terminal = io.StringIO()
     try:
-        with contextlib.redirect_stdout(terminal), contextlib.redirect_stderr(terminal):
-            code = cli.main(["run", str(PROJECT / "configs" / "default.yaml"),
-                             *[arg for item in overrides for arg in ("--set", item)]])
+        return run_flow(tmp_path_factory.mktemp("runs"), cache_dir, [
+            # The long checks at a quick size: one WikiText stretch to 1,024 tokens, no long generation (the fast
+            # tier's tests/test_longrange.py generates; nf4's SmolLM2 repeats itself over 256 tokens: docs/validation.md).
+            "steps.validate={generate_prompts: 1, max_new_tokens: 8, long_context: 1024, long_sequences: 1, "
+            f"long_generations: 0, bucket_positions: 64, prompts: {SHORT_PROMPTS}}}", QUICK[1],
+            "steps.benchmark={prompt_tokens: 16, new_tokens: 4, repeats: 1, memory_budget: 4GiB, "
+            "kv_cache: {caches: [dynamic], prefill_chunk: 128, max_context: 256}}",  # static: tests/test_kvcache.py
+            "steps.remedy={enabled: true, verdicts: [fail], top: 1}",  # int8-strict's: its attribution, no room to keep
+            "recipes=[bnb-nf4, {use: torchao-int8-weight-only, name: int8-strict, thresholds: {kl_mean_fail: 0.0001}}, "
+            "bnb-int8, torchao-int8-weight-only]"])
     finally:
         step.load_quantized = real
-    shown = terminal.getvalue()
-    return Path(re.search(r"^run directory: (.+)$", shown, re.M).group(1)), shown, code
+
+
+@pytest.fixture(scope="session")
+def adapter_flow(tmp_path_factory, smollm2, smol_lora, cache_dir, prefect_server) -> Path:
+    """The adapter flow: a LoRA served on int8 and on FP8 (on quantgate's reference kernel, no GPU), with the
+    suite's quick settings, both published to its registry: its run directory."""
+    run_dir, shown, code = run_flow(tmp_path_factory.mktemp("runs"), cache_dir, [
+        *QUICK, "recipes=[torchao-int8-weight-only, fp8-block64]", f"adapters=[{{name: wiki, source: {smol_lora}}}]"])
+    assert code == 0, shown
+    return run_dir
 
 
 @pytest.fixture(scope="session")

@@ -16,8 +16,7 @@ def test_run_record_files(run_dir):
     assert env["torch"] and env["transformers"] == "5.23.0" and env["prefect"] == "3.8.8"
     assert env["host"]["cpu_cores"] >= 1 and "device" in env
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    assert [r["name"] for r in config["recipes"]] == ["bnb-nf4", "int8-strict", "bnb-int8", "torchao-int8-weight-only",
-                                                      "fp8-block64"]
+    assert [r["name"] for r in config["recipes"]] == ["bnb-nf4", "int8-strict", "bnb-int8", "torchao-int8-weight-only"]
     # A partial thresholds override keeps the rest of the recipe family's thresholds.
     assert config["recipes"][1]["thresholds"]["kl_mean_fail"] == 0.0001
     assert config["recipes"][1]["thresholds"]["top1_fail"] == config["recipes"][3]["thresholds"]["top1_fail"]
@@ -141,20 +140,21 @@ def test_one_recipe_failing_leaves_the_others(run_dir):
 
 
 
-def test_fp8_runs_on_the_reference_kernel_without_a_gpu_or_the_hub(run_dir):
-    m = json.loads((run_dir / "metrics.json").read_text())
+def test_fp8_runs_on_the_reference_kernel_without_a_gpu_or_the_hub(adapter_flow):
+    m = json.loads((adapter_flow / "metrics.json").read_text())
     fp8 = m["recipes"]["fp8-block64"]
     assert fp8["status"] == "passed", fp8.get("reason")
     for step in ("quantize", "validate", "evaluate", "benchmark"):
         assert fp8[step]["kernel"].startswith("quantgate reference block-FP8 matmul"), step
-    assert fp8["validate"]["kl_mean"] < m["recipes"]["bnb-nf4"]["validate"]["kl_mean"]
+    # e4m3's three mantissa bits, a scale per 64x64 block, drift further than int8's seven bits with a scale per row.
+    assert fp8["validate"]["kl_mean"] > m["recipes"]["torchao-int8-weight-only"]["validate"]["kl_mean"]
     assert fp8["benchmark"]["latency"]["representative_of_serving"] is False
     assert any(w.startswith("benchmark: latency: measured on the quantgate reference") for w in fp8["warnings"])
 
 
 def test_report_lists_every_recipe(run_dir):
     report = (run_dir / "report.md").read_text()
-    for name in ("bnb-nf4", "int8-strict", "bnb-int8", "torchao-int8-weight-only", "fp8-block64"):
+    for name in ("bnb-nf4", "int8-strict", "bnb-int8", "torchao-int8-weight-only"):
         assert f"| {name} |" in report
     assert "planted failure" in report and "not_run" in report
     assert "## bnb-nf4: greedy generations" in report

@@ -1,4 +1,4 @@
-"""Gating a checkpoint quantgate did not make: a recipe published by the session's flow run is gated again
+"""Gating a checkpoint quantgate did not make: a recipe published by the adapter flow's run is gated again
 as a `checkpoint` candidate, and candidates of another shape are refused before any weight is loaded."""
 import contextlib
 import io
@@ -17,11 +17,11 @@ GIVEN = ("torchao-int8-weight-only", "fp8-block64")
 
 
 @pytest.fixture(scope="module")
-def given_run(run_dir, cache_dir, prefect_server):
-    """`quantgate run` whose candidates are two checkpoints the first flow run published to its registry."""
+def given_run(adapter_flow, cache_dir, prefect_server):
+    """`quantgate run` whose candidates are two checkpoints the adapter flow published to its registry."""
     from quantgate import cli
 
-    runs = run_dir.parent
+    run_dir, runs = adapter_flow, adapter_flow.parent
     candidates = ", ".join(f"{{use: checkpoint, name: given-{name}, source: 'registry:SmolLM2-135M-Instruct/{name}', "
                            f"thresholds: {{kl_mean_fail: 0.6}}}}" for name in GIVEN)
     overrides = [f"output.runs_dir={runs}", f"output.cache_dir={cache_dir}", f"output.history_db={runs / 'history.sqlite'}",
