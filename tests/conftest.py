@@ -54,7 +54,9 @@ QUICK = [f"steps.validate={{generate_prompts: 1, max_new_tokens: 8, long_context
 
 def pytest_itemcollected(item):
     """Its xdist group, set as it is collected: xdist's own pytest_collection_modifyitems reads it."""
-    shared = [ONE_WORKER[f] for f in getattr(item, "fixturenames", ()) if f in ONE_WORKER]
+    shared = sorted({ONE_WORKER[f] for f in getattr(item, "fixturenames", ()) if f in ONE_WORKER})
+    # the shared flows are made side by side on different workers: a test needing two would make one again
+    assert len(shared) <= 1, f"{item.nodeid} needs {' and '.join(shared)}: a test takes at most one of them"
     item.add_marker(pytest.mark.xdist_group(shared[0] if shared else item.module.__name__))
 
 
@@ -85,17 +87,27 @@ def pytest_configure(config):
         config.option.loadscopereorder = False
 
 
+SERVER_START: dict = {}  # the background start's thread, and its error where it failed
+
+
 def pytest_collection_finish(session):
     """The suite's Prefect server started in the background once the tests are known to need it, so that its start
     (about 10 s) overlaps SmolLM2's conversion instead of following it; `prefect_server` waits for it."""
-    if any("prefect_server" in getattr(item, "fixturenames", ()) for item in session.items):
-        from tests.prefect_server import url_of
+    if session.config.option.collectonly or not any(
+            "prefect_server" in getattr(item, "fixturenames", ()) for item in session.items):
+        return
+    from tests.prefect_server import url_of
 
-        def start():
-            with contextlib.suppress(Exception):  # not started: the fixture starts it and says why not
-                url_of(session.config._tmp_path_factory.getbasetemp())
+    basetemp = session.config._tmp_path_factory.getbasetemp()  # made here: making it is not thread-safe
 
-        threading.Thread(target=start, name="prefect-server-start", daemon=True).start()
+    def start():
+        try:
+            url_of(basetemp)
+        except Exception as e:  # raised by the fixture, in the test that needs the server
+            SERVER_START["error"] = e
+
+    SERVER_START["thread"] = threading.Thread(target=start, name="prefect-server-start", daemon=True)
+    SERVER_START["thread"].start()
 
 
 @pytest.fixture(scope="session")
@@ -107,6 +119,10 @@ def prefect_server(tmp_path_factory):
 
     from tests.prefect_server import drain_workers, url_of
 
+    if thread := SERVER_START.get("thread"):
+        thread.join()
+    if error := SERVER_START.get("error"):
+        raise error
     with temporary_settings(updates={PREFECT_API_URL: url_of(tmp_path_factory.getbasetemp())}), \
             _temporary_global_settings_context(get_settings_context()):
         yield
@@ -234,23 +250,32 @@ def run_flow(runs: Path, cache_dir: Path, overrides: list[str]) -> tuple[Path, s
     return Path(re.search(r"^run directory: (.+)$", shown, re.M).group(1)), shown, code
 
 
+@contextlib.contextmanager
+def quantize_fails(name: str):
+    """The recipe `name` made to error at quantize, as a backend raising would ("planted failure")."""
+    import tasks.quantize as step
+
+    real = step.load_quantized
+
+    def breaks(checkpoint, recipe, dtype, device, keep, tokenizer=None):
+        if recipe.name == name:
+            raise RuntimeError("planted failure")
+        return real(checkpoint, recipe, dtype, device, keep, tokenizer)
+
+    step.load_quantized = breaks
+    try:
+        yield
+    finally:
+        step.load_quantized = real
+
+
 @pytest.fixture(scope="session")
 def flow_run(tmp_path_factory, smollm2, cache_dir, prefect_server):
     """The session flow: four recipes (one made to fail, one failing its thresholds and remedied) with quick
     settings, the long-sequence checks and the KV-cache capacity; the run directory, what the terminal showed, and
     the exit code. The recipes served with an adapter, and FP8, are the adapter flow's (`adapter_flow`), run beside
     it on the other xdist worker, so that neither flow is a test of over two minutes."""
-    import tasks.quantize as step
-
-    real = step.load_quantized
-
-    def int8_breaks(checkpoint, recipe, dtype, device, keep, tokenizer=None):
-        if recipe.name == "bnb-int8":
-            raise RuntimeError("planted failure")
-        return real(checkpoint, recipe, dtype, device, keep, tokenizer)
-
-    step.load_quantized = int8_breaks
-    try:
+    with quantize_fails("bnb-int8"):
         return run_flow(tmp_path_factory.mktemp("runs"), cache_dir, [
             # The long checks at a quick size: one WikiText stretch to 1,024 tokens, no long generation (the fast
             # tier's tests/test_longrange.py generates; nf4's SmolLM2 repeats itself over 256 tokens: docs/validation.md).
@@ -261,17 +286,18 @@ def flow_run(tmp_path_factory, smollm2, cache_dir, prefect_server):
             "steps.remedy={enabled: true, verdicts: [fail], top: 1}",  # int8-strict's: its attribution, no room to keep
             "recipes=[bnb-nf4, {use: torchao-int8-weight-only, name: int8-strict, thresholds: {kl_mean_fail: 0.0001}}, "
             "bnb-int8, torchao-int8-weight-only]"])
-    finally:
-        step.load_quantized = real
 
 
 @pytest.fixture(scope="session")
 def adapter_flow(tmp_path_factory, smollm2, smol_lora, cache_dir, prefect_server) -> Path:
-    """The adapter flow: a LoRA served on int8 and on FP8 (on quantgate's reference kernel, no GPU), with the
-    suite's quick settings, both published to its registry: its run directory."""
-    run_dir, shown, code = run_flow(tmp_path_factory.mktemp("runs"), cache_dir, [
-        *QUICK, "recipes=[torchao-int8-weight-only, fp8-block64]", f"adapters=[{{name: wiki, source: {smol_lora}}}]"])
-    assert code == 0, shown
+    """The adapter flow: a LoRA served on int8 and on FP8 (on quantgate's reference kernel, no GPU), both published
+    to its registry, and on no recipe that did not get that far (bnb-int8, made to error at quantize: no cost), with
+    the suite's quick settings: its run directory."""
+    with quantize_fails("bnb-int8"):
+        run_dir, shown, code = run_flow(tmp_path_factory.mktemp("runs"), cache_dir, [
+            *QUICK, "recipes=[torchao-int8-weight-only, fp8-block64, bnb-int8]",
+            f"adapters=[{{name: wiki, source: {smol_lora}}}]"])
+    assert code == 1 and "planted failure" in shown, shown  # the run's status: error, bnb-int8's
     return run_dir
 
 
