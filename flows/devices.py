@@ -1,10 +1,12 @@
-"""One step at a time per device: a Prefect global concurrency limit of 1 for each device a run computes on
-(`model.device_lock`), held while a step computes, whatever the number of workers or hosts sharing the server."""
+"""Device slots across runs: a Prefect global concurrency limit for each device a run computes on
+(`model.device_lock`), made with `model.device_slots` slots, one held while a model step computes, whatever the number
+of workers or hosts sharing the server; the benchmark, which times, holds every slot, so no other step shares it."""
 from __future__ import annotations
 
 import contextlib
 import logging
 import time
+from dataclasses import dataclass
 
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
@@ -16,41 +18,56 @@ from quantgate.runlog import SHOWN
 from quantgate.settings import ModelSpec
 
 log = logging.getLogger("quantgate.progress")
+TIMED = {"benchmark"}  # steps that measure time: alone on their devices
 
 
-def device_limits(model: ModelSpec, placement: str | dict) -> tuple[str, ...]:
-    """The names of the limits a run's model steps hold: `quantgate-gpu-<uuid>` for each GPU it computes on, and
-    with `all` `quantgate-cpu-<host>` too (a GPU run's steps use the host's cores as well)."""
+@dataclass(frozen=True)
+class Devices:
+    """The limits a run's model steps hold, and the slots each is made with where it is missing."""
+    names: tuple[str, ...] = ()
+    slots: int = 1
+
+    def __str__(self) -> str:
+        return ", ".join(self.names)
+
+
+def device_limits(model: ModelSpec, placement: str | dict) -> Devices:
+    """The limits a run's model steps hold: `quantgate-gpu-<uuid>` for each GPU it computes on, and with `all`
+    `quantgate-cpu-<host>` too (a GPU run's steps use the host's cores as well)."""
     if model.device_lock == "none":
-        return ()
+        return Devices(slots=model.device_slots)
     used = [d for d in modeling.devices_used(placement) if d.startswith("gpu-")]
     if model.device_lock == "all":
         used += modeling.devices_used("cpu")
-    return tuple(f"quantgate-{d}" for d in used)
+    return Devices(tuple(f"quantgate-{d}" for d in used), model.device_slots)
 
 
-def made(client, name: str) -> None:
-    """The limit of 1, made where it is missing; one an operator set otherwise is left as it is."""
+def made(client, name: str, slots: int) -> int:
+    """The limit's slots: made with `slots` where it is missing; one an operator set otherwise is left as it is."""
     try:
-        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=slots))
+        return slots
     except ObjectAlreadyExists:  # made earlier, or by another run just now
-        pass
+        return client.read_global_concurrency_limit_by_name(name).limit
 
 
 @contextlib.contextmanager
-def held(names: tuple[str, ...], group: str, step: str):
-    """The devices held for one step; made where missing (limit 1), waited for where another run holds them."""
-    if not names:
+def held(devices: Devices, group: str, step: str):
+    """A slot of each device held for one step, or every slot for a timed one; waited for where other runs hold
+    them. Limits of the same size are taken together, in order of size, so two runs never wait on each other."""
+    if not devices.names:
         yield
         return
     with get_client(sync_client=True) as client:
-        for name in names:
-            made(client, name)
+        sizes = {name: made(client, name, devices.slots) for name in devices.names}
+    occupy = sizes if step in TIMED else dict.fromkeys(sizes, 1)
     t0 = time.perf_counter()
-    # strict: a limit that vanished raises rather than letting two steps share the device; a server that misses a
-    # lease renewal for a moment does not stop an hours-long step
-    with concurrency(list(names), occupy=1, strict=True, raise_on_lease_renewal_failure=False):
+    with contextlib.ExitStack() as stack:
+        for count in sorted(set(occupy.values())):
+            # strict: a limit that vanished raises rather than letting two steps share the device; a server that
+            # misses a lease renewal for a moment does not stop an hours-long step
+            stack.enter_context(concurrency(sorted(n for n, c in occupy.items() if c == count), occupy=count,
+                                            strict=True, raise_on_lease_renewal_failure=False))
         if (waited := time.perf_counter() - t0) > 1:
-            log.info("%s: %s waited %.0f s for %s, held by another run", group, step, waited, ", ".join(names),
-                     extra=SHOWN)
+            log.info("%s: %s waited %.0f s for %s, held by another run", group, step, waited, devices, extra=SHOWN)
         yield

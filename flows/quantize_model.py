@@ -13,7 +13,7 @@ from prefect.logging.handlers import APILogHandler
 
 from flows.approval import ask
 from flows.artifacts import create_artifacts
-from flows.devices import device_limits
+from flows.devices import Devices, device_limits
 from flows.remedy import remedy_recipe
 from flows.steps import (adapters_task, benchmark_task, download_task, evaluate_task, publish_task, quantize_task,
                          reference_task, run_step, validate_task)
@@ -37,7 +37,7 @@ class Model:
     device: str | dict
     reference: Reference
     benchmark: Benchmarked | None
-    hold: tuple[str, ...]  # the devices its steps hold while they compute (flows.devices)
+    hold: Devices  # the devices its steps hold while they compute (flows.devices)
 
 
 @flow(name="quantize-model")

@@ -13,7 +13,7 @@ from pathlib import Path
 from prefect import task
 from prefect.context import TaskRunContext
 
-from flows.devices import held
+from flows.devices import Devices, held
 from quantgate.fetching import intact, manifest_path
 from quantgate.results import StepResult
 from quantgate.runlog import SHOWN, announce, raise_if_signalled
@@ -68,7 +68,7 @@ benchmark_task = task(benchmark, name="benchmark", task_run_name="benchmark-{nam
 publish_task = task(publish, name="publish", task_run_name="publish-{recipe}")
 
 
-def run_step(step_task, settings, result_type: type[StepResult], group: str, step: str, /, hold: tuple[str, ...] = (),
+def run_step(step_task, settings, result_type: type[StepResult], group: str, step: str, /, hold: Devices = Devices(),
              **params) -> StepResult:
     """Run a step's task under its settings' timeout and retries, holding the devices named in `hold`
     (flows.devices), announcing its start and end (group is the recipe, or `model`); any way it ends becomes its
@@ -79,7 +79,7 @@ def run_step(step_task, settings, result_type: type[StepResult], group: str, ste
     try:
         devices.enter_context(held(hold, group, step))
     except Exception as e:  # the device's limit could not be had (Prefect's server gone, the limit deleted)
-        result = result_type(status="error", reason=f"holding {', '.join(hold)}: {type(e).__name__}: {e}")
+        result = result_type(status="error", reason=f"holding {hold}: {type(e).__name__}: {e}")
         announce(group, step, "end", result.status, 0.0, result.reason)
         return result
     try:
@@ -93,7 +93,7 @@ def run_step(step_task, settings, result_type: type[StepResult], group: str, ste
             devices.close()
         except Exception as e:  # the step's work is done; an unreleased slot's lease ends by itself
             logging.getLogger("quantgate.progress").warning("%s: %s: releasing %s: %s: %s", group, step,
-                                                            ", ".join(hold), type(e).__name__, e)
+                                                            hold, type(e).__name__, e)
     raise_if_signalled()  # the step ended, but the run was told to stop while it ran
     if state.is_completed():
         result = state.result()

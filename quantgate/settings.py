@@ -30,10 +30,14 @@ class ModelSpec(Strict):
     # lets what does not fit go to host memory (offloading). null: each GPU's own memory.
     max_memory: dict[Union[int, Literal["cpu"]], Annotated[str, StringConstraints(
         pattern=r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$")]] | None = None
-    # Which devices one step at a time may use, across every run and worker sharing the Prefect server: each GPU
-    # the run computes on (a Prefect global concurrency limit of 1 per GPU, made on first use); `all`: the host's
+    # Which devices a run's model steps hold a slot of, across every run and worker sharing the Prefect server: each
+    # GPU the run computes on (a Prefect global concurrency limit per GPU, made on first use); `all`: the host's
     # CPU too (CPU hosts running several cells); `none`: no limit.
     device_lock: Literal["gpu", "all", "none"] = "gpu"
+    # How many model steps, of any runs, may share a device at once: the limit's slots where it is made (one an
+    # operator made keeps its own). The benchmark takes every slot: it times alone. More than 1 where the device's
+    # memory holds several runs' models (a nightly's cells on one H200, a worker with --limit 2 or more).
+    device_slots: PositiveInt = 1
 
     @field_validator("source")
     @classmethod

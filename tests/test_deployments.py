@@ -213,3 +213,52 @@ def model_steps(metrics: dict) -> list[dict]:
 def interval(step: dict) -> tuple[float, float]:
     start = datetime.fromisoformat(step["started_at"]).timestamp()
     return start, start + step["seconds"]
+
+
+def test_steps_share_a_device_of_two_slots_and_the_benchmark_holds_it_alone(prefect_server):
+    """model.device_slots: 2 - two runs' validate steps hold a slot each at once; a benchmark takes both, so it starts
+    once they have left, and a step asking meanwhile waits for it; a limit an operator made with one slot keeps it."""
+    import uuid
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+
+    from flows.devices import Devices, held
+
+    spans, inside = {}, {}
+
+    def step(devices, step_name, name, seconds, meet=None):
+        with held(devices, name, step_name):
+            start = time.monotonic()
+            inside.setdefault(name, threading.Event()).set()
+            if meet:
+                meet.wait()  # both inside at once, or the barrier breaks and the test fails
+            time.sleep(seconds)
+            spans[name] = (start, time.monotonic())
+
+    def run(*calls):
+        threads = [threading.Thread(target=step, args=call) for call in calls]
+        for thread in threads:
+            thread.start()
+        return threads
+
+    two = Devices((f"quantgate-test-{uuid.uuid4().hex[:8]}",), slots=2)
+    together = threading.Barrier(2, timeout=60)
+    threads = run((two, "validate", "a", 2.0, together), (two, "validate", "b", 2.0, together))
+    inside.setdefault("a", threading.Event()).wait(60)
+    threads += run((two, "benchmark", "bench", 2.0))
+    inside.setdefault("bench", threading.Event()).wait(60)
+    threads += run((two, "validate", "c", 0.1))
+    for thread in threads:
+        thread.join(120)
+    assert not together.broken and set(spans) == {"a", "b", "bench", "c"}
+    assert spans["bench"][0] >= max(spans["a"][1], spans["b"][1]) and spans["c"][0] >= spans["bench"][1]
+
+    # An operator's limit of one slot: steps one at a time, and a benchmark takes that one slot.
+    one = Devices((f"quantgate-test-{uuid.uuid4().hex[:8]}",), slots=2)
+    with get_client(sync_client=True) as client:
+        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=one.names[0], limit=1))
+    for thread in run((one, "validate", "d", 1.0), (one, "validate", "e", 1.0), (one, "benchmark", "bench1", 0.1)):
+        thread.join(120)
+    d, e = sorted((spans["d"], spans["e"]))
+    assert d[1] <= e[0] and "bench1" in spans
