@@ -1,9 +1,11 @@
 """Device slots across runs: a Prefect global concurrency limit for each device a run computes on
 (`model.device_lock`), made with `model.device_slots` slots, one held while a model step computes, whatever the number
-of workers or hosts sharing the server; the benchmark, which times, holds every slot, so no other step shares it."""
+of workers or hosts sharing the server; the benchmark, which times, holds every slot, so no other step shares it, and
+a turnstile of one slot per device keeps later steps from taking the slots it waits for."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -19,6 +21,7 @@ from quantgate.settings import ModelSpec
 
 log = logging.getLogger("quantgate.progress")
 TIMED = {"benchmark"}  # steps that measure time: alone on their devices
+TURNSTILE = "-turnstile"
 
 
 @dataclass(frozen=True)
@@ -48,26 +51,39 @@ def made(client, name: str, slots: int) -> int:
         client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=slots))
         return slots
     except ObjectAlreadyExists:  # made earlier, or by another run just now
-        return client.read_global_concurrency_limit_by_name(name).limit
+        size = client.read_global_concurrency_limit_by_name(name).limit
+    if size != slots and not name.endswith(TURNSTILE):
+        log.warning("%s has %d slots where model.device_slots asks for %d: kept (`prefect gcl update %s --limit %d` "
+                    "changes it)", name, size, slots, name, slots)
+    return size
 
 
 @contextlib.contextmanager
 def held(devices: Devices, group: str, step: str):
     """A slot of each device held for one step, or every slot for a timed one; waited for where other runs hold
-    them. Limits of the same size are taken together, in order of size, so two runs never wait on each other."""
+    them. A turnstile of one slot per device goes first: a step passes it to take its slot, a timed step keeps it
+    until it ends, so steps arriving meanwhile wait behind it instead of taking each slot it waits for."""
     if not devices.names:
         yield
         return
     with get_client(sync_client=True) as client:
-        sizes = {name: made(client, name, devices.slots) for name in devices.names}
-    occupy = sizes if step in TIMED else dict.fromkeys(sizes, 1)
+        sizes = {name: max(made(client, name, devices.slots), 1) for name in devices.names}
+        turnstiles = sorted(name + TURNSTILE for name in devices.names)
+        for name in turnstiles:
+            made(client, name, 1)
+    timed = step in TIMED
     t0 = time.perf_counter()
-    with contextlib.ExitStack() as stack:
-        for count in sorted(set(occupy.values())):
-            # strict: a limit that vanished raises rather than letting two steps share the device; a server that
-            # misses a lease renewal for a moment does not stop an hours-long step
-            stack.enter_context(concurrency(sorted(n for n, c in occupy.items() if c == count), occupy=count,
-                                            strict=True, raise_on_lease_renewal_failure=False))
+    # strict: a limit that vanished raises rather than letting two steps share the device; a server that misses a
+    # lease renewal for a moment does not stop an hours-long step
+    hold = functools.partial(concurrency, strict=True, raise_on_lease_renewal_failure=False)
+    with contextlib.ExitStack() as slots:
+        with contextlib.ExitStack() as gate:
+            gate.enter_context(hold(turnstiles, occupy=1))
+            occupy = sizes if timed else dict.fromkeys(sizes, 1)
+            for count in sorted(set(occupy.values())):  # only a timed step holds slots while it waits for more
+                slots.enter_context(hold(sorted(n for n, c in occupy.items() if c == count), occupy=count))
+            if timed:
+                slots.enter_context(gate.pop_all())  # the turnstile kept until the timed step ends
         if (waited := time.perf_counter() - t0) > 1:
             log.info("%s: %s waited %.0f s for %s, held by another run", group, step, waited, devices, extra=SHOWN)
         yield

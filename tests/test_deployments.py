@@ -217,13 +217,14 @@ def interval(step: dict) -> tuple[float, float]:
 
 def test_steps_share_a_device_of_two_slots_and_the_benchmark_holds_it_alone(prefect_server):
     """model.device_slots: 2 - two runs' validate steps hold a slot each at once; a benchmark takes both, so it starts
-    once they have left, and a step asking meanwhile waits for it; a limit an operator made with one slot keeps it."""
+    once the step before it has left, and a step arriving while it waits, with a slot free, waits behind it (the
+    turnstile); a limit an operator made with one slot keeps it."""
     import uuid
 
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 
-    from flows.devices import Devices, held
+    from flows.devices import TURNSTILE, Devices, held
 
     spans, inside = {}, {}
 
@@ -237,28 +238,47 @@ def test_steps_share_a_device_of_two_slots_and_the_benchmark_holds_it_alone(pref
             spans[name] = (start, time.monotonic())
 
     def run(*calls):
-        threads = [threading.Thread(target=step, args=call) for call in calls]
+        threads = [threading.Thread(target=step, args=call, daemon=True) for call in calls]
         for thread in threads:
             thread.start()
         return threads
 
+    def joined(threads):
+        for thread in threads:
+            thread.join(120)
+        return not any(thread.is_alive() for thread in threads)
+
     two = Devices((f"quantgate-test-{uuid.uuid4().hex[:8]}",), slots=2)
     together = threading.Barrier(2, timeout=60)
-    threads = run((two, "validate", "a", 2.0, together), (two, "validate", "b", 2.0, together))
-    inside.setdefault("a", threading.Event()).wait(60)
-    threads += run((two, "benchmark", "bench", 2.0))
-    inside.setdefault("bench", threading.Event()).wait(60)
-    threads += run((two, "validate", "c", 0.1))
-    for thread in threads:
-        thread.join(120)
-    assert not together.broken and set(spans) == {"a", "b", "bench", "c"}
-    assert spans["bench"][0] >= max(spans["a"][1], spans["b"][1]) and spans["c"][0] >= spans["bench"][1]
+    assert joined(run((two, "validate", "a", 0.5, together), (two, "validate", "b", 0.5, together)))
+    assert not together.broken and set(spans) == {"a", "b"}
+
+    threads = run((two, "validate", "c", 10.0))
+    inside.setdefault("c", threading.Event()).wait(60)
+    threads += run((two, "benchmark", "bench", 1.0))
+    with get_client(sync_client=True) as client:  # the benchmark waits, holding the turnstile, one slot still free
+        deadline = time.monotonic() + 5
+        while not (turnstile := client.read_global_concurrency_limit_by_name(two.names[0] + TURNSTILE).active_slots):
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+    assert turnstile == 1 and "bench" not in spans
+    # Another run's step, from its own process (Prefect's client queues the requests of one process in order):
+    # where no turnstile held it back, it would take the free slot at once, and the next, ahead of the benchmark.
+    from prefect.settings import PREFECT_API_URL
+
+    other = subprocess.run([sys.executable, "-c", "import time; from flows.devices import Devices, held\n"
+                            f"with held(Devices(({two.names[0]!r},), 2), 'd', 'validate'):\n"
+                            "    print(time.monotonic())"], cwd=PROJECT, capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()})
+    assert other.returncode == 0, other.stderr
+    assert joined(threads) and set(spans) >= {"c", "bench"}
+    assert spans["bench"][0] >= spans["c"][1] and float(other.stdout.split()[-1]) >= spans["bench"][1]
 
     # An operator's limit of one slot: steps one at a time, and a benchmark takes that one slot.
     one = Devices((f"quantgate-test-{uuid.uuid4().hex[:8]}",), slots=2)
     with get_client(sync_client=True) as client:
         client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=one.names[0], limit=1))
-    for thread in run((one, "validate", "d", 1.0), (one, "validate", "e", 1.0), (one, "benchmark", "bench1", 0.1)):
-        thread.join(120)
-    d, e = sorted((spans["d"], spans["e"]))
-    assert d[1] <= e[0] and "bench1" in spans
+    assert joined(run((one, "validate", "e", 1.0), (one, "validate", "f", 1.0), (one, "benchmark", "bench1", 0.1)))
+    e, f = sorted((spans["e"], spans["f"]))
+    assert e[1] <= f[0] and "bench1" in spans
