@@ -53,7 +53,7 @@ def made(client, name: str, slots: int) -> int:
     except ObjectAlreadyExists:  # made earlier, or by another run just now
         size = client.read_global_concurrency_limit_by_name(name).limit
     if size != slots and not name.endswith(TURNSTILE):
-        log.warning("%s has %d slots where model.device_slots asks for %d: kept (`prefect gcl update %s --limit %d` "
+        log.warning("%s keeps its size, %d, where model.device_slots asks for %d (`prefect gcl update %s --limit %d` "
                     "changes it)", name, size, slots, name, slots)
     return size
 

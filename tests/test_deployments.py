@@ -215,7 +215,7 @@ def interval(step: dict) -> tuple[float, float]:
     return start, start + step["seconds"]
 
 
-def test_steps_share_a_device_of_two_slots_and_the_benchmark_holds_it_alone(prefect_server):
+def test_steps_share_a_device_of_two_slots_and_the_benchmark_holds_it_alone(prefect_server, caplog):
     """model.device_slots: 2 - two runs' validate steps hold a slot each at once; a benchmark takes both, so it starts
     once the step before it has left, and a step arriving while it waits, with a slot free, waits behind it (the
     turnstile); a limit an operator made with one slot keeps it."""
@@ -282,3 +282,5 @@ def test_steps_share_a_device_of_two_slots_and_the_benchmark_holds_it_alone(pref
     assert joined(run((one, "validate", "e", 1.0), (one, "validate", "f", 1.0), (one, "benchmark", "bench1", 0.1)))
     e, f = sorted((spans["e"], spans["f"]))
     assert e[1] <= f[0] and "bench1" in spans
+    assert f"{one.names[0]} keeps its size, 1, where model.device_slots asks for 2 (`prefect gcl update {one.names[0]} " \
+        "--limit 2` changes it)" in caplog.messages
