@@ -71,19 +71,18 @@ def held(devices: Devices, group: str, step: str):
         turnstiles = sorted(name + TURNSTILE for name in devices.names)
         for name in turnstiles:
             made(client, name, 1)
-    timed = step in TIMED
     t0 = time.perf_counter()
     # strict: a limit that vanished raises rather than letting two steps share the device; a server that misses a
     # lease renewal for a moment does not stop an hours-long step
     hold = functools.partial(concurrency, strict=True, raise_on_lease_renewal_failure=False)
-    with contextlib.ExitStack() as slots:
-        with contextlib.ExitStack() as gate:
-            gate.enter_context(hold(turnstiles, occupy=1))
-            occupy = sizes if timed else dict.fromkeys(sizes, 1)
-            for count in sorted(set(occupy.values())):  # only a timed step holds slots while it waits for more
-                slots.enter_context(hold(sorted(n for n, c in occupy.items() if c == count), occupy=count))
-            if timed:
-                slots.enter_context(gate.pop_all())  # the turnstile kept until the timed step ends
+    with contextlib.ExitStack() as stack:
+        if step in TIMED:  # the turnstile kept until it ends; limits of one size together, smallest first
+            stack.enter_context(hold(turnstiles, occupy=1))
+            for count in sorted(set(sizes.values())):
+                stack.enter_context(hold(sorted(n for n, c in sizes.items() if c == count), occupy=count))
+        else:  # through the turnstile to a slot of each device
+            with hold(turnstiles, occupy=1):
+                stack.enter_context(hold(sorted(sizes), occupy=1))
         if (waited := time.perf_counter() - t0) > 1:
             log.info("%s: %s waited %.0f s for %s, held by another run", group, step, waited, devices, extra=SHOWN)
         yield

