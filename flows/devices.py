@@ -1,12 +1,14 @@
 """Device slots across runs: a Prefect global concurrency limit for each device a run computes on
 (`model.device_lock`), made with `model.device_slots` slots, one held while a model step computes, whatever the number
 of workers or hosts sharing the server; the benchmark, which times, holds every slot, so no other step shares it, and
-a turnstile of one slot per device keeps later steps from taking the slots it waits for."""
+a turnstile of one slot per device keeps later steps from taking the slots it waits for. Within a run, recipes gated
+side by side take turns the same way (Turns)."""
 from __future__ import annotations
 
 import contextlib
 import functools
 import logging
+import threading
 import time
 from dataclasses import dataclass
 
@@ -58,8 +60,59 @@ def made(client, name: str, slots: int) -> int:
     return size
 
 
+class Turns:
+    """Within one run: steps share the machine, a timed step has it alone. A timed step waiting stops new steps from
+    starting, so recipes gated side by side (model.recipes_at_once) do not keep it waiting."""
+
+    def __init__(self):
+        self.changed = threading.Condition()
+        self.sharing, self.alone, self.waiting = 0, False, 0
+
+    def wait(self, ready) -> None:
+        while not ready():
+            self.changed.wait(0.5)  # short waits: a stop lands between them
+
+    @contextlib.contextmanager
+    def shared(self):
+        with self.changed:
+            self.wait(lambda: not self.alone and not self.waiting)
+            self.sharing += 1
+        try:
+            yield
+        finally:
+            with self.changed:
+                self.sharing -= 1
+                self.changed.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self):
+        with self.changed:
+            self.waiting += 1
+            try:
+                self.wait(lambda: not self.alone and not self.sharing)
+            finally:
+                self.waiting -= 1
+            self.alone = True
+        try:
+            yield
+        finally:
+            with self.changed:
+                self.alone = False
+                self.changed.notify_all()
+
+
+TURNS = Turns()
+
+
 @contextlib.contextmanager
 def held(devices: Devices, group: str, step: str):
+    """The run's own turn (a timed step alone, others together: Turns), then the devices' slots across runs."""
+    with TURNS.exclusive() if step in TIMED else TURNS.shared(), slots(devices, group, step):
+        yield
+
+
+@contextlib.contextmanager
+def slots(devices: Devices, group: str, step: str):
     """A slot of each device held for one step, or every slot for a timed one; waited for where other runs hold
     them. A turnstile of one slot per device goes first: a step passes it to take its slot, a timed step keeps it
     until it ends, so steps arriving meanwhile wait behind it instead of taking each slot it waits for."""

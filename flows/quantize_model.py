@@ -1,10 +1,11 @@
-"""The quantize-model flow: download → reference → for each recipe: quantize → validate (→ remedy where it warns or
-fails and steps.remedy is on) → adapters (where the config serves any) → evaluate → benchmark → publish. Each step is a plain function of tasks/ run as a
-Prefect task (flows.steps); one recipe failing leaves the others running, and a recipe stops at its first step that
-does not end ok. Everything the libraries
-print goes to the run's log (runs/<run_id>/run.log)."""
+"""The quantize-model flow: download → reference → for each recipe (`model.recipes_at_once` at a time, each then in a
+worker process of its own: flows.workers): quantize → validate (→ remedy where it warns or fails and steps.remedy is
+on) → adapters (where the config serves any) → evaluate → benchmark → publish. Each step is a plain function of tasks/
+run as a Prefect task (flows.steps); one recipe failing leaves the others running, and a recipe stops at its first step
+that does not end ok. Everything the libraries print goes to the run's log (runs/<run_id>/run.log)."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from prefect import State, flow
@@ -17,6 +18,7 @@ from flows.devices import Devices, device_limits
 from flows.remedy import remedy_recipe
 from flows.steps import (adapters_task, benchmark_task, download_task, evaluate_task, publish_task, quantize_task,
                          reference_task, run_step, validate_task)
+from flows.workers import each_recipe
 from quantgate import history, modeling, runlog
 from quantgate.backends import RecipeBase
 from quantgate.config import RunConfig, load_config, writable
@@ -27,6 +29,8 @@ from quantgate.record import RunRecord
 from quantgate.results import (AdaptersChecked, Benchmarked, Downloaded, Evaluated, Published, Quantized, Reference,
                                Validated)
 from quantgate.settle import settle
+
+log = logging.getLogger("quantgate.progress")
 
 
 @dataclass
@@ -52,8 +56,8 @@ def quantize_model(config_path: str = str(DEFAULT_CONFIG), overrides: list[str] 
         with runlog.stop_on_signals(), runlog.to_file(run.dir / "run.log", ui=APILogHandler()):
             model = gate_model(run, config)
             awaiting: list[str] = []  # recipes whose Hub upload waits for a reviewer: asked once every recipe is gated
-            for recipe in config.recipes if model else []:
-                gate_recipe(run, config, model, recipe, awaiting)
+            each_recipe(config.recipes if model else [], config.model.recipes_at_once,
+                        lambda recipe: gate_recipe(run, config, model, recipe, awaiting))
             for name in awaiting:
                 publish_approved(run, config, name)
             runlog.raise_if_signalled()  # told to stop after the last step began: interrupted, not passed
@@ -86,6 +90,10 @@ def gate_model(run: RunRecord, config: RunConfig) -> Model | None:
     compute = modeling.compute_dtype(model.dtype, model.device, model.compute_dtype)
     device = modeling.placement(model.device, model.max_memory)  # one GPU, several, or the CPU: every step's
     hold = device_limits(model, device)
+    if hold.names and hold.slots < min(model.recipes_at_once, len(config.recipes)):
+        log.warning("model.recipes_at_once is %d but model.device_slots %d: the recipes' steps on %s take turns; "
+                    "set model.device_slots to %d for them to compute at once", model.recipes_at_once, hold.slots,
+                    hold, model.recipes_at_once)
     reference = run_step(reference_task, steps.reference, Reference, "model", "reference", hold, download=download,
                          dtype=model.dtype, compute_dtype=compute, device=device, cache_dir=cache,
                          validate=steps.validate, evaluate=steps.evaluate, adapters_served=config.adapters)
@@ -119,7 +127,7 @@ def gate_recipe(run: RunRecord, config: RunConfig, model: Model, recipe: RecipeB
                          settings=steps.validate, compute_dtype=model.compute_dtype, served=config.model.dtype)
     went_on = run.set_step(name, "validate", validated)
     if steps.remedy.enabled and validated.verdict in steps.remedy.verdicts:
-        run.set_remedy(name, remedy_recipe(run.dir, config, run.metrics, recipe, steps.remedy))
+        run.set_remedy(name, remedy_recipe(run.dir, config, run.snapshot(), recipe, steps.remedy))
     if not went_on:
         if validated.status == "failed" and steps.publish.force:
             publish(run, config, name, awaiting)

@@ -11,6 +11,7 @@ from prefect.states import Failed
 
 from flows.devices import device_limits
 from flows.steps import quantize_task, run_step, validate_task
+from flows.workers import in_worker
 from quantgate import modeling
 from quantgate.backends import RecipeBase
 from quantgate.config import RunConfig
@@ -19,7 +20,7 @@ from quantgate.results import Quantized, ReferenceValidation, Remedied, Validate
 from quantgate.settings import RemedySettings
 from tasks import remedy as step
 
-remedy_task = task(step.remedy, name="remedy", task_run_name="remedy-{recipe.name}")
+remedy_task = task(in_worker(step.remedy), name="remedy", task_run_name="remedy-{recipe.name}")
 
 
 def remedy_recipe(run_dir: Path, config: RunConfig, metrics: dict, recipe: RecipeBase, settings: RemedySettings) -> Remedied:

@@ -14,6 +14,7 @@ from prefect import task
 from prefect.context import TaskRunContext
 
 from flows.devices import Devices, held
+from flows.workers import in_worker
 from quantgate.fetching import intact, manifest_path
 from quantgate.results import StepResult
 from quantgate.runlog import SHOWN, announce, raise_if_signalled
@@ -59,12 +60,13 @@ def transient(task, task_run, state) -> bool:
 
 download_task = task(download_as_data, name="download", cache_key_fn=download_cache_key, persist_result=True,
                      result_serializer="json", retry_delay_seconds=10, retry_condition_fn=transient)
-reference_task = task(reference, name="reference")
-quantize_task = task(quantize, name="quantize", task_run_name="quantize-{recipe.name}")
-validate_task = task(validate, name="validate", task_run_name="validate-{recipe.name}")
-adapters_task = task(check_adapters, name="adapters", task_run_name="adapters-{recipe.name}")
-evaluate_task = task(evaluate, name="evaluate", task_run_name="evaluate-{recipe.name}")
-benchmark_task = task(benchmark, name="benchmark", task_run_name="benchmark-{name}")
+# The model steps: in the recipe's worker process where recipes are gated side by side (flows.workers).
+reference_task = task(in_worker(reference), name="reference")
+quantize_task = task(in_worker(quantize), name="quantize", task_run_name="quantize-{recipe.name}")
+validate_task = task(in_worker(validate), name="validate", task_run_name="validate-{recipe.name}")
+adapters_task = task(in_worker(check_adapters), name="adapters", task_run_name="adapters-{recipe.name}")
+evaluate_task = task(in_worker(evaluate), name="evaluate", task_run_name="evaluate-{recipe.name}")
+benchmark_task = task(in_worker(benchmark), name="benchmark", task_run_name="benchmark-{name}")
 publish_task = task(publish, name="publish", task_run_name="publish-{recipe}")
 
 

@@ -2,10 +2,13 @@
 metrics.json (always written atomically), report.md and <recipe>/plan.json."""
 from __future__ import annotations
 
+import copy
+import functools
 import os
 import secrets
 import socket
 import shutil
+import threading
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -22,8 +25,18 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def locked(method):
+    """One thread at a time in the record: recipes gated side by side (model.recipes_at_once) write it from threads."""
+    @functools.wraps(method)
+    def one_at_a_time(self, *args, **kwargs):
+        with self.lock:
+            return method(self, *args, **kwargs)
+    return one_at_a_time
+
+
 class RunRecord:
     def __init__(self, config: RunConfig, config_path: str, nightly_id: str | None = None):
+        self.lock = threading.RLock()
         self.run_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
         self.dir = Path(config.output.runs_dir).resolve() / self.run_id
         self.dir.mkdir(parents=True)
@@ -39,12 +52,14 @@ class RunRecord:
                 "status": "pending", "steps": {s: {"status": "not_run"} for s in STEPS}}
         self.save()
 
+    @locked
     def save(self) -> None:
         write_json(self.dir / "metrics.json", self.metrics)
 
     def recipe_dir(self, name: str) -> Path:
         return under(self.dir, name)
 
+    @locked
     def set_model(self, download: Downloaded) -> None:
         model = self.metrics["model"]
         model["download"] = download.view()
@@ -55,12 +70,14 @@ class RunRecord:
             self._settle_recipes("error", f"download: {download.reason}")
         self.save()
 
+    @locked
     def set_reference(self, result: Reference) -> None:
         self.metrics["reference"] = result.record()
         if not result.ok:  # nothing to compare a recipe with: none runs, none reads passed
             self._settle_recipes("error", f"reference: {result.reason or ''}")
         self.save()
 
+    @locked
     def set_base_broken(self, reason: str) -> None:
         """The unquantized model itself goes non-finite: no recipe's verdict could mean anything, so none runs."""
         self.metrics["base_broken"] = reason
@@ -72,10 +89,12 @@ class RunRecord:
         for entry in self.metrics["recipes"].values():
             entry.update(status=status, reason=reason)
 
+    @locked
     def set_reference_benchmark(self, result: StepResult) -> None:
         self.metrics["reference"]["benchmark"] = result.record()
         self.save()
 
+    @locked
     def set_step(self, recipe: str, step: str, result: StepResult) -> bool:
         """Record one step of a recipe; a step that did not end ok settles the recipe's status.
         Whether the step ended ok (and the recipe goes on)."""
@@ -88,6 +107,7 @@ class RunRecord:
         self.save()
         return result.ok
 
+    @locked
     def set_adapters(self, recipe: str, result: StepResult) -> bool:
         """A recipe's served adapters under `adapters.<name>`; one whose effect the recipe loses fails the recipe (the
         model it serves is base and adapter). Whether the recipe goes on."""
@@ -98,6 +118,7 @@ class RunRecord:
         self.save()
         return result.ok
 
+    @locked
     def set_remedy(self, recipe: str, result: StepResult) -> None:
         """A recipe's remedy (its status stays the verdict's); the attribution goes under its validate entry."""
         entry, record = self.metrics["recipes"][recipe], result.record()
@@ -106,6 +127,12 @@ class RunRecord:
         entry["remedy"] = record
         self.save()
 
+    @locked
+    def snapshot(self) -> dict:
+        """A copy of the record as it stands, for a step to read while other recipes write theirs."""
+        return copy.deepcopy(self.metrics)
+
+    @locked
     def interrupt(self, why: str) -> None:
         """A stopped run (SIGINT, SIGTERM): the record says so and where each recipe had got to."""
         stop(self.dir, self.metrics, f"stopped by {why}", f"the run was stopped ({why})")
@@ -116,6 +143,7 @@ class RunRecord:
         steps = [self.metrics["model"].get("download"), ref or None, ref.get("benchmark") if ref else None]
         return any(s is not None and s["status"] not in ("ok", "skipped", "not_run") for s in steps)
 
+    @locked
     def finish(self) -> dict:
         for entry in self.metrics["recipes"].values():
             if entry["status"] == "pending":

@@ -45,12 +45,16 @@ class LogStream(io.TextIOBase):
 
 
 class Bars(logging.Handler):
-    """The progress records as bars, quantgate's warnings as lines above them."""
+    """The progress records as bars, one per group (the model, each recipe), quantgate's warnings as lines above them.
+    A group's bar stays while one of its steps runs, so recipes gated side by side each have theirs; an idle group's
+    bar is closed when another group starts a step, and drawn again, its count kept, when it starts its next."""
 
     def __init__(self, stream):
         super().__init__(logging.INFO)
         self.stream, self.tty = stream, stream.isatty()
-        self.bar, self.group = None, None
+        self.bars: dict[str, tqdm] = {}
+        self.running: dict[str, int] = {}  # steps started and not yet ended, by group
+        self.counts: dict[str, tuple[int, int]] = {}  # steps ended, and steps in all, by group
 
     def emit(self, record: logging.LogRecord) -> None:
         event = getattr(record, "event", None)
@@ -70,28 +74,35 @@ class Bars(logging.Handler):
         tqdm.write(text, file=self.stream)
 
     def start(self, group: str, step: str) -> None:
-        if group != self.group:
-            self.close()
-            self.group = group
-            total = len(MODEL_STEPS if group == "model" else STEPS)
-            self.bar = tqdm(total=total, desc=f"{group:<26}", file=self.stream, disable=not self.tty, leave=True,
-                            bar_format="{desc} {bar:12} {n_fmt}/{total_fmt} steps [{elapsed}] {postfix}")
+        for idle in [g for g in self.bars if g != group and not self.running.get(g)]:
+            self.bars.pop(idle).close()
+        done, total = self.counts.get(group, (0, len(MODEL_STEPS if group == "model" else STEPS)))
         if group != "model" and step not in STEPS:  # a step only some configs run (adapters)
-            self.bar.total += 1
-        self.bar.set_postfix_str(f"{step}...")
+            total += 1
+        self.counts[group] = done, total
+        self.running[group] = self.running.get(group, 0) + 1
+        if group not in self.bars:
+            self.bars[group] = tqdm(total=total, initial=done, desc=f"{group:<26}", file=self.stream,
+                                    disable=not self.tty, leave=True,
+                                    bar_format="{desc} {bar:12} {n_fmt}/{total_fmt} steps [{elapsed}] {postfix}")
+        self.bars[group].total = total
+        self.bars[group].set_postfix_str(f"{step}...")
 
     def end(self, record: logging.LogRecord) -> None:
-        done = f"{record.step} {record.status} ({record.seconds:.1f} s)"
-        if self.tty:
-            self.bar.update(1)
-            self.bar.set_postfix_str(done + (f": {record.reason[:80]}" if record.reason else ""))
+        group, done = record.group, f"{record.step} {record.status} ({record.seconds:.1f} s)"
+        self.running[group] = max(self.running.get(group, 0) - 1, 0)
+        finished, total = self.counts.get(group, (0, 0))
+        self.counts[group] = finished + 1, total
+        if self.tty and group in self.bars:
+            self.bars[group].update(1)
+            self.bars[group].set_postfix_str(done + (f": {record.reason[:80]}" if record.reason else ""))
         else:
-            self.line(f"{record.group:<26} {done}" + (f": {record.reason[:160]}" if record.reason else ""))
+            self.line(f"{group:<26} {done}" + (f": {record.reason[:160]}" if record.reason else ""))
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
+        for bar in self.bars.values():
+            bar.close()
+        self.bars.clear()
 
 
 @contextmanager

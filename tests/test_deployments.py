@@ -224,12 +224,12 @@ def test_steps_share_a_device_of_two_slots_and_the_benchmark_holds_it_alone(pref
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 
-    from flows.devices import TURNSTILE, Devices, held
+    from flows.devices import TURNSTILE, Devices, slots
 
     spans, inside = {}, {}
 
-    def step(devices, step_name, name, seconds, meet=None):
-        with held(devices, name, step_name):
+    def step(devices, step_name, name, seconds, meet=None):  # threads here stand for runs: their slots, not the turns
+        with slots(devices, name, step_name):
             start = time.monotonic()
             inside.setdefault(name, threading.Event()).set()
             if meet:

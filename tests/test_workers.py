@@ -1,0 +1,203 @@
+"""Recipes side by side (flows.workers): a step in a worker process of its own, its result, its log records, its
+prints and its exception brought back; the process-wide state a model load changes stays in the worker; recipes
+gated at once overlap in time, each in its own process, and a stop ends every worker."""
+import logging
+import os
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+from pydantic import BaseModel
+
+from flows.workers import Worker, WorkerGone, _live, each_recipe, in_worker
+
+
+class Answer(BaseModel):
+    pid: int
+    dtype: str
+
+
+def loads_a_model(dtype: str) -> Answer:
+    """What transformers' from_pretrained does to the process: the default dtype set, for the length of a load."""
+    torch.set_default_dtype(getattr(torch, dtype))
+    logging.getLogger("quantgate.test").info("loaded in %s", dtype)
+    print("a library's print")
+    return Answer(pid=os.getpid(), dtype=str(torch.get_default_dtype()))
+
+
+class Stubborn(Exception):
+    def __init__(self, a, b):  # two required arguments: pickle cannot rebuild it
+        super().__init__(f"{a} and {b}")
+
+
+def raises(kind: str):
+    if kind == "value":
+        raise ValueError("the recipe's block size 96 does not divide 1536")
+    raise Stubborn("one", "two")
+
+
+def exits():
+    os._exit(3)  # as the kernel's OOM killer would end it
+
+
+def spans(seconds: float) -> tuple[int, float, float]:
+    start = time.time()
+    time.sleep(seconds)
+    return os.getpid(), start, time.time()
+
+
+@pytest.fixture
+def worker():
+    w = Worker("int8")
+    yield w
+    w.close()
+
+
+def test_a_step_in_a_worker_returns_its_typed_result_and_its_logs_and_leaves_this_process_as_it_was(worker, caplog):
+    caplog.set_level(logging.INFO)
+    answer = worker.call(loads_a_model, ("float64",), {})
+    assert isinstance(answer, Answer) and answer.pid != os.getpid() and answer.dtype == "torch.float64"
+    assert torch.get_default_dtype() == torch.float32  # the worker's load changed the worker's state only
+    records = {(r.name, r.getMessage()) for r in caplog.records}
+    assert ("quantgate.test", "loaded in float64") in records
+    assert ("output", "stdout: a library's print") in records
+    assert worker.call(loads_a_model, ("float32",), {}).pid == answer.pid  # the recipe's next step: the same process
+
+
+def test_a_steps_exception_comes_back_with_its_type_or_named_where_it_does_not_pickle(worker):
+    with pytest.raises(ValueError, match="block size 96"):
+        worker.call(raises, ("value",), {})
+    with pytest.raises(RuntimeError, match=r"^Stubborn: one and two$"):
+        worker.call(raises, ("stubborn",), {})
+
+
+def test_a_worker_that_dies_mid_step_is_an_error_and_the_next_call_gets_a_fresh_one(worker):
+    first = worker.call(spans, (0,), {})[0]
+    with pytest.raises(WorkerGone, match=r"int8's worker process ended \(exit code 3\)"):
+        worker.call(exits, (), {})
+    assert worker.call(spans, (0,), {})[0] != first
+
+
+def test_recipes_at_once_overlap_each_in_its_own_process_and_one_at_a_time_stays_here():
+    timed = in_worker(spans)
+    recipes = [SimpleNamespace(name=n) for n in ("int8", "nf4", "fp8")]
+    seen = {}
+    each_recipe(recipes, 2, lambda recipe: seen.__setitem__(recipe.name, timed(2.0)))
+    pids = {pid for pid, _, _ in seen.values()}
+    assert len(pids) == 3 and os.getpid() not in pids  # a fresh process per recipe
+    (_, s1, e1), (_, s2, e2) = seen["int8"], seen["nf4"]
+    assert s2 < e1 and s1 < e2  # the first two ran at once
+    assert seen["fp8"][1] >= min(e1, e2) - 0.1  # the third waited for a place
+    assert not _live
+    here = {}
+    each_recipe(recipes[:2], 1, lambda recipe: here.__setitem__(recipe.name, timed(0)))
+    assert {pid for pid, _, _ in here.values()} == {os.getpid()}
+
+
+def test_a_stop_ends_every_worker_and_the_recipes_not_begun():
+    slow = in_worker(spans)
+    started = []
+
+    def gate(recipe):
+        started.append(recipe.name)
+        if recipe.name == "int8":
+            time.sleep(3)  # the other recipe's worker is busy by then
+            raise KeyboardInterrupt
+        slow(60)
+
+    t0 = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        each_recipe([SimpleNamespace(name=n) for n in ("int8", "nf4", "fp8")], 2, gate)
+    assert time.perf_counter() - t0 < 30 and not _live
+    assert "fp8" not in started
+
+
+def test_within_a_run_steps_share_and_a_timed_step_waits_for_them_then_holds_back_new_ones():
+    import threading
+
+    from flows.devices import Turns
+
+    turns, spans = Turns(), {}
+
+    def step(name, timed, seconds, after=0.0):
+        time.sleep(after)
+        with turns.exclusive() if timed else turns.shared():
+            start = time.monotonic()
+            time.sleep(seconds)
+            spans[name] = (start, time.monotonic())
+
+    calls = [("validate-a", False, 1.0), ("validate-b", False, 1.0), ("benchmark", True, 1.0, 0.2),
+             ("evaluate-c", False, 0.2, 0.5)]  # c arrives while the benchmark waits
+    threads = [threading.Thread(target=step, args=call) for call in calls]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    a, b, bench, c = (spans[name] for name in ("validate-a", "validate-b", "benchmark", "evaluate-c"))
+    assert a[0] < b[1] and b[0] < a[1]  # shared
+    assert bench[0] >= max(a[1], b[1]) and c[0] >= bench[1]  # alone, and ahead of the step that came after it
+
+
+def test_a_timeout_in_the_recipes_thread_ends_the_step_and_its_worker(worker):
+    """Prefect times a task out in a thread by raising TimeoutError into it (its cancel scope): the wait for the
+    worker must give way, and the worker, mid-step, must go."""
+    import threading
+
+    from prefect.utilities.timeout import timeout
+
+    seen = {}
+
+    def call():
+        t0 = time.monotonic()
+        try:
+            with timeout(1.0):
+                worker.call(spans, (60,), {})
+        except TimeoutError as e:
+            seen["error"], seen["after"] = e, time.monotonic() - t0
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    thread.join(30)
+    assert isinstance(seen.get("error"), TimeoutError) and seen["after"] < 5 and worker.process is None
+
+
+@pytest.mark.integration  # a whole flow, with a Prefect server
+def test_two_recipes_at_once_gate_side_by_side_each_in_its_process_and_the_benchmarks_time_alone(
+        tiny_llama, cache_dir, prefect_server, tmp_path):
+    import json
+    import re
+    from datetime import datetime
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterTaskRunId, TaskRunFilter, TaskRunFilterName
+
+    from tests.conftest import QUICK, run_flow
+
+    recipes = ("torchao-int8-weight-only", "quanto-int8")
+    run_dir, shown, code = run_flow(tmp_path / "runs", cache_dir, [
+        f"model.source={tiny_llama}", "model.dtype=float32", *QUICK, "model.recipes_at_once=2",
+        f"recipes=[{', '.join(recipes)}]"])
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert code == 0 and metrics["status"] == "passed", shown
+
+    def span(step: dict) -> tuple[float, float]:
+        start = datetime.fromisoformat(step["started_at"]).timestamp()
+        return start, start + step["seconds"]
+
+    steps = {(r, s): span(v) for r in recipes for s, v in metrics["recipes"][r]["steps"].items() if v.get("started_at")}
+    a, b = steps[(recipes[0], "quantize")], steps[(recipes[1], "quantize")]
+    assert a[0] < b[1] and b[0] < a[1]  # side by side
+    for (recipe, step), (start, end) in steps.items():
+        if step == "benchmark":  # alone: no other step of the run within it
+            assert all(e <= start + 0.05 or s >= end - 0.05 for key, (s, e) in steps.items() if key != (recipe, step))
+
+    log = (run_dir / "run.log").read_text()
+    pids = {r: re.search(rf"quantgate.workers: {re.escape(r)}: worker process (\d+) started", log) for r in recipes}
+    assert all(pids.values()) and len({m.group(1) for m in pids.values()}) == 2
+    # A record logged in the worker: in the run's log, and in the task run's logs in Prefect.
+    assert "quantgate: evaluate quanto-int8:" in log
+    with get_client(sync_client=True) as client:
+        task_run = client.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(any_=["evaluate-quanto-int8"])))
+        logs = client.read_logs(log_filter=LogFilter(task_run_id=LogFilterTaskRunId(any_=[task_run[-1].id])))
+    assert any(entry.message.startswith("evaluate quanto-int8:") for entry in logs), [e.message for e in logs]
