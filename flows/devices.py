@@ -6,7 +6,6 @@ side by side take turns the same way (Turns)."""
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import threading
 import time
@@ -18,11 +17,13 @@ from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectAlreadyExists
 
 from quantgate import modeling
-from quantgate.runlog import SHOWN
+from quantgate.runlog import SHOWN, raise_if_signalled
 from quantgate.settings import ModelSpec
 
 log = logging.getLogger("quantgate.progress")
 TIMED = {"benchmark"}  # steps that measure time: alone on their devices
+ASIDE = {"download"}  # runs before any recipe: no turn, no slot (publish hashes files: not beside a benchmark)
+TRY_S = 2.0  # a slot's wait is tried this long at a time
 TURNSTILE = "-turnstile"
 
 
@@ -71,6 +72,7 @@ class Turns:
     def wait(self, ready) -> None:
         while not ready():
             self.changed.wait(0.5)  # short waits: a stop lands between them
+            raise_if_signalled()
 
     @contextlib.contextmanager
     def shared(self):
@@ -106,9 +108,25 @@ TURNS = Turns()
 
 @contextlib.contextmanager
 def held(devices: Devices, group: str, step: str):
-    """The run's own turn (a timed step alone, others together: Turns), then the devices' slots across runs."""
+    """The run's own turn (a timed step alone, others together: Turns), then the devices' slots across runs (where
+    `devices` names any: download and publish name none)."""
+    if step in ASIDE:
+        yield
+        return
     with TURNS.exclusive() if step in TIMED else TURNS.shared(), slots(devices, group, step):
         yield
+
+
+def take(stack: contextlib.ExitStack, names: list[str], occupy: int) -> None:
+    """`occupy` slots of each limit, held until the stack closes; waited for in short tries, so a stop lands between
+    them (Prefect's own wait has no end)."""
+    while True:
+        try:
+            stack.enter_context(concurrency(names, occupy=occupy, timeout_seconds=TRY_S, strict=True,
+                                            raise_on_lease_renewal_failure=False))
+            return
+        except TimeoutError:
+            raise_if_signalled()
 
 
 @contextlib.contextmanager
@@ -125,17 +143,17 @@ def slots(devices: Devices, group: str, step: str):
         for name in turnstiles:
             made(client, name, 1)
     t0 = time.perf_counter()
-    # strict: a limit that vanished raises rather than letting two steps share the device; a server that misses a
-    # lease renewal for a moment does not stop an hours-long step
-    hold = functools.partial(concurrency, strict=True, raise_on_lease_renewal_failure=False)
+    # strict (take): a limit that vanished raises rather than letting two steps share the device; a server that misses
+    # a lease renewal for a moment does not stop an hours-long step
     with contextlib.ExitStack() as stack:
         if step in TIMED:  # the turnstile kept until it ends; limits of one size together, smallest first
-            stack.enter_context(hold(turnstiles, occupy=1))
+            take(stack, turnstiles, 1)
             for count in sorted(set(sizes.values())):
-                stack.enter_context(hold(sorted(n for n, c in sizes.items() if c == count), occupy=count))
+                take(stack, sorted(n for n, c in sizes.items() if c == count), count)
         else:  # through the turnstile to a slot of each device
-            with hold(turnstiles, occupy=1):
-                stack.enter_context(hold(sorted(sizes), occupy=1))
+            with contextlib.ExitStack() as turnstile:
+                take(turnstile, turnstiles, 1)
+                take(stack, sorted(sizes), 1)
         if (waited := time.perf_counter() - t0) > 1:
             log.info("%s: %s waited %.0f s for %s, held by another run", group, step, waited, devices, extra=SHOWN)
         yield

@@ -1,13 +1,15 @@
 """Recipes gated side by side (`model.recipes_at_once`). Loading a model changes process-wide state (torch's default
 dtype, its init functions), so two recipes cannot compute in threads of one process: each recipe gets a worker
 process of its own, and its model steps run there. The flow process keeps the Prefect task runs, their timeouts and
-the run's record; a worker's log records come back into the task run that called it, and so into the run's log."""
+the run's record; a worker's log records come back into the task run that called it, and so into the run's log.
+Workers are started with `spawn`: a script that gates recipes side by side needs an `if __name__ == "__main__"` guard."""
 from __future__ import annotations
 
 import contextvars
 import functools
 import logging
 import multiprocessing
+import os
 import pickle
 import signal
 import sys
@@ -15,12 +17,14 @@ import threading
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 
-from quantgate.runlog import INFO_LOGGERS, Stopped
+import psutil
+
+from quantgate.runlog import INFO_LOGGERS, raise_if_signalled, stop_requested
 
 log = logging.getLogger("quantgate.workers")
 _current: contextvars.ContextVar[Worker | None] = contextvars.ContextVar("quantgate_worker", default=None)
 _live: set[Worker] = set()
-_stopping = threading.Event()
+_starting = threading.Lock()  # a stop either sees a worker in _live or the worker sees the stop
 
 
 class WorkerGone(RuntimeError):
@@ -30,19 +34,19 @@ class WorkerGone(RuntimeError):
 class Worker:
     """A process that runs the step functions it is sent, one at a time, sending back their results and log records."""
 
-    def __init__(self, label: str):
-        self.label, self.process, self.conn = label, None, None
+    def __init__(self, label: str, threads: int = 0):
+        self.label, self.threads, self.process, self.conn = label, threads, None, None
         self.closing = threading.Lock()
 
     def start(self) -> None:
-        if _stopping.is_set():
-            raise Stopped("the run is stopping")
         spawn = multiprocessing.get_context("spawn")  # fork would copy the flow's threads and Prefect's clients
-        self.conn, child = spawn.Pipe()
-        self.process = spawn.Process(target=serve, args=(child,), name=f"quantgate-{self.label}")
-        self.process.start()
+        with _starting:
+            raise_if_signalled()
+            self.conn, child = spawn.Pipe()
+            self.process = spawn.Process(target=serve, args=(child, self.threads), name=f"quantgate-{self.label}")
+            self.process.start()
+            _live.add(self)
         child.close()
-        _live.add(self)
         log.info("%s: worker process %d started", self.label, self.process.pid)
 
     def call(self, fn, args: tuple, kwargs: dict):
@@ -66,6 +70,7 @@ class Worker:
         conn, process = self.conn, self.process  # a stop may close the worker meanwhile
         try:
             while not conn.poll(0.5):  # short waits: a task's timeout or a stop lands between them
+                raise_if_signalled()
                 if not process.is_alive():
                     self.gone(process)
             return conn.recv()
@@ -74,12 +79,12 @@ class Worker:
             self.gone(process)
 
     def gone(self, process):
-        if _stopping.is_set():
-            raise Stopped("the run is stopping")
+        raise_if_signalled()
         raise WorkerGone(f"{self.label}'s worker process ended (exit code {process.exitcode}) during the step")
 
     def close(self, wait_s: float = 10) -> None:
-        """Its pipe closed, which ends an idle worker's loop; terminated where it has not ended within wait_s."""
+        """Its pipe closed, which ends an idle worker's loop; where it has not ended within wait_s, it and what it
+        started (a benchmark's own process) are killed: the worker ignores SIGTERM, so its end is the flow's."""
         with self.closing:  # its recipe's thread and a stop may close it at once
             process, self.process = self.process, None
             if process is None:
@@ -87,12 +92,26 @@ class Worker:
             self.conn.close()
             process.join(wait_s)
             if process.is_alive():
-                process.terminate()
-                process.join(10)
-            if process.is_alive():
-                process.kill()
+                kill_tree(process.pid)
                 process.join()
             _live.discard(self)
+
+
+def kill_tree(pid: int) -> None:
+    try:
+        root = psutil.Process(pid)
+        children = root.children(recursive=True)
+        root.kill()
+    except psutil.NoSuchProcess:
+        return
+    for child in children:
+        try:
+            child.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(children, timeout=10)
+    for child in alive:
+        child.kill()
 
 
 def in_worker(fn):
@@ -104,31 +123,58 @@ def in_worker(fn):
     return step
 
 
+class ThreadTimeouts(logging.Filter):
+    """Prefect warns, for every task with a timeout run outside the main thread, that its timeout cannot interrupt a
+    blocking call; the wait for a worker blocks half a second at a time, so the timeout does interrupt it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Timeout of")
+
+
 def each_recipe(recipes: list, at_once: int, gate) -> None:
-    """gate(recipe) for every recipe: one after another, or up to `at_once` at a time, each in its own worker."""
+    """gate(recipe) for every recipe: one after another, or up to `at_once` at a time, each in its own worker. One
+    recipe's error leaves the others running; Ctrl-C or SIGTERM ends every worker and starts no more recipes."""
     if at_once == 1 or len(recipes) < 2:
         for recipe in recipes:
             gate(recipe)
         return
+    import torch
+
     free_cached_memory()
+    # The host's cores shared out: on 2 cores, two recipes of 2 threads each ran validate 2-5x slower than one
+    # after the other (docs/nightly.md). A benchmark's own process keeps every core: it runs alone.
+    threads = max(1, torch.get_num_threads() // min(at_once, len(recipes)))
+    quiet = ThreadTimeouts()
+    logging.getLogger("prefect.task_runs").addFilter(quiet)
     pool = ThreadPoolExecutor(min(at_once, len(recipes)), thread_name_prefix="recipe")
-    # A copy of the flow's context per recipe: Prefect's run context travels in it, and one copy runs in one thread.
-    futures = [pool.submit(contextvars.copy_context().run, in_own_worker, gate, recipe) for recipe in recipes]
     try:
-        for future in futures:
-            future.result()
-    except BaseException:  # Ctrl-C, SIGTERM: the workers end, and the recipes not begun never start
-        _stopping.set()
-        for worker in list(_live):
-            worker.close(wait_s=0)
+        # A copy of the flow's context per recipe: Prefect's run context travels in it; one copy runs in one thread.
+        futures = [pool.submit(contextvars.copy_context().run, in_own_worker, gate, recipe, threads) for recipe in recipes]
+        errors = [(recipe, error) for recipe, future in zip(recipes, futures) if (error := future.exception())]
+    except BaseException:  # Ctrl-C, SIGTERM
+        stop_workers()
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-        _stopping.clear()  # every recipe's thread has ended
+        stop_requested.clear()  # every recipe's thread has ended
+        logging.getLogger("prefect.task_runs").removeFilter(quiet)
+    for recipe, error in errors[1:]:
+        if isinstance(error, Exception):  # not a stop's
+            log.error("%s: %s: %s", recipe.name, type(error).__name__, error)
+    if errors:
+        raise errors[0][1]
+
+
+def stop_workers() -> None:
+    with _starting:
+        stop_requested.set()
+        workers = list(_live)
+    for worker in workers:
+        worker.close(wait_s=0)
 
 
 def free_cached_memory() -> None:
-    """What this process's steps (the reference's) left in torch's CUDA cache, handed back for the workers' models."""
+    """What this process's steps left in torch's CUDA cache (the reference's), handed back for the workers' models."""
     import gc
 
     import torch
@@ -138,17 +184,16 @@ def free_cached_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def in_own_worker(gate, recipe) -> None:
-    if _stopping.is_set():
-        raise Stopped("the run is stopping")
-    worker = Worker(recipe.name)
+def in_own_worker(gate, recipe, threads: int) -> None:
+    raise_if_signalled()
+    worker = Worker(recipe.name, threads)
     token = _current.set(worker)
     try:
         gate(recipe)
     except Exception:
         raise
     except BaseException:  # a stop: before this thread takes the next recipe
-        _stopping.set()
+        stop_workers()
         raise
     finally:
         _current.reset(token)
@@ -172,16 +217,28 @@ class Forward(logging.Handler):
         fields = dict(record.__dict__, msg=record.getMessage(), args=None, exc_info=None)
         if record.exc_info:
             fields["exc_text"] = "".join(traceback.format_exception(*record.exc_info))
-        try:
-            pickle.dumps(fields)
-        except Exception:  # noqa: BLE001 - an `extra=` value that does not pickle: the record without extras
-            fields = {k: fields[k] for k in ("name", "levelno", "levelname", "msg", "created", "exc_text")}
-        self.send(("log", fields))
+        self.send(("log", {k: v for k, v in fields.items() if pickles(v)}))
 
 
-def serve(conn) -> None:
-    """The worker's loop: a call in, its result or exception out; its log records and prints forwarded meanwhile."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the flow's: it ends this process
+def pickles(value) -> bool:
+    try:
+        pickle.dumps(value)
+        return True
+    except Exception:  # noqa: BLE001 - an `extra=` value that does not pickle: the record goes without it
+        return False
+
+
+def serve(conn, threads: int) -> None:
+    """The worker's loop: a call in, its result or exception out; its log records and prints forwarded meanwhile.
+    `threads`: torch's CPU threads here (0: its default)."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    # Ctrl-C and a SIGTERM to the process group are the flow's: it ends the workers (Worker.close) once it has
+    # recorded why.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     lock = threading.Lock()  # a library's thread may log while the step sends its result
 
     def send(message) -> None:
@@ -199,6 +256,7 @@ def serve(conn) -> None:
         except BaseException as e:  # noqa: BLE001 - every way a step ends goes back to the flow
             log.info("%s raised in the worker:\n%s", fn.__name__, traceback.format_exc())
             send(("error", portable(e)))
+        free_cached_memory()  # an idle worker holds no GPU memory while another recipe's benchmark measures
 
 
 def forward_logs(send) -> None:
@@ -215,6 +273,22 @@ def forward_logs(send) -> None:
     hf_logging.enable_propagation()
     logging.captureWarnings(True)
     sys.stdout, sys.stderr = LogStream("stdout"), LogStream("stderr")
+    for fd, name in ((1, "stdout"), (2, "stderr")):  # what writes to the descriptors (torch's own log handlers, C++)
+        captured(fd, LogStream(name))
+
+
+def captured(fd: int, stream) -> None:
+    """The descriptor made the write end of a pipe whose lines a thread hands to `stream`."""
+    read, write = os.pipe()
+    os.dup2(write, fd)
+    os.close(write)
+
+    def pump() -> None:
+        with os.fdopen(read, "r", errors="replace") as lines:
+            for line in lines:
+                stream.write(line)
+
+    threading.Thread(target=pump, name=f"quantgate-fd{fd}", daemon=True).start()
 
 
 def portable(error: BaseException) -> BaseException:

@@ -76,6 +76,9 @@ class Stopped(KeyboardInterrupt):
 
 
 _signalled: str | None = None  # the signal received inside stop_on_signals' block, until the block ends
+# Set while a run's recipes gated side by side stop (flows.workers): their threads, waiting for a turn, a device's slot
+# or a worker, give way at their next check, as a signal only the main thread receives cannot make them.
+stop_requested = threading.Event()
 
 
 @contextmanager
@@ -106,6 +109,8 @@ def raise_if_signalled() -> None:
     once, in asyncio's transport finalizer). SIGINT's KeyboardInterrupt is Python's own, and not remembered."""
     if _signalled:
         raise Stopped(_signalled)
+    if stop_requested.is_set():
+        raise Stopped("the run is stopping")
 
 
 def stop_children(timeout_s: float = 10, spare=lambda process: False) -> int:

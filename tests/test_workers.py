@@ -162,6 +162,81 @@ def test_a_timeout_in_the_recipes_thread_ends_the_step_and_its_worker(worker):
     assert isinstance(seen.get("error"), TimeoutError) and seen["after"] < 5 and worker.process is None
 
 
+def starts_a_child(pid_file: str) -> None:
+    """A step that starts a process of its own, as the benchmark's measurement is, and waits."""
+    import subprocess
+
+    child = subprocess.Popen(["sleep", "120"])
+    with open(pid_file, "w") as f:
+        f.write(str(child.pid))
+    time.sleep(120)
+
+
+def test_a_worker_ended_mid_step_takes_the_processes_it_started_with_it(worker, tmp_path):
+    import threading
+
+    import psutil
+    from prefect.utilities.timeout import timeout
+
+    pid_file = tmp_path / "child.pid"
+
+    def call():
+        with pytest.raises(TimeoutError):
+            with timeout(3.0):
+                worker.call(starts_a_child, (str(pid_file),), {})
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    thread.join(60)
+    child = int(pid_file.read_text())
+    gone = not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE
+    assert gone and worker.process is None
+
+
+def test_one_recipes_error_leaves_the_others_to_finish_and_is_raised_once_they_have():
+    timed = in_worker(spans)
+    finished = {}
+
+    def gate(recipe):
+        if recipe.name == "int8":
+            raise ValueError("int8's record could not be written")
+        finished[recipe.name] = timed(1.0)
+
+    with pytest.raises(ValueError, match="record could not be written"):
+        each_recipe([SimpleNamespace(name=n) for n in ("int8", "nf4", "fp8")], 2, gate)
+    assert set(finished) == {"nf4", "fp8"} and not _live
+
+
+def test_a_stop_reaches_a_step_waiting_for_its_turn_and_a_step_about_to_start():
+    import threading
+
+    from flows.devices import Turns
+    from quantgate.runlog import Stopped, raise_if_signalled, stop_requested
+
+    turns, outcome = Turns(), {}
+
+    def benchmark():
+        try:
+            with turns.exclusive():
+                outcome["benchmark"] = "timed"
+        except Stopped as e:
+            outcome["benchmark"] = f"stopped after {time.monotonic() - t0:.1f} s: {e}"
+
+    with turns.shared():  # a step in flight, and a benchmark waiting for it
+        t0 = time.monotonic()
+        thread = threading.Thread(target=benchmark)
+        thread.start()
+        time.sleep(1)
+        stop_requested.set()
+        try:
+            thread.join(10)
+            with pytest.raises(Stopped, match="the run is stopping"):
+                raise_if_signalled()  # as run_step does before a step: a publish does not start
+        finally:
+            stop_requested.clear()
+    assert outcome["benchmark"].startswith("stopped after") and float(outcome["benchmark"].split()[2]) < 3
+
+
 @pytest.mark.integration  # a whole flow, with a Prefect server
 def test_two_recipes_at_once_gate_side_by_side_each_in_its_process_and_the_benchmarks_time_alone(
         tiny_llama, cache_dir, prefect_server, tmp_path):
