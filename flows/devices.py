@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.concurrency.sync import concurrency
-from prefect.exceptions import ObjectAlreadyExists
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
 from quantgate import modeling
 from quantgate.runlog import SHOWN, raise_if_signalled
@@ -49,12 +49,16 @@ def device_limits(model: ModelSpec, placement: str | dict) -> Devices:
 
 
 def made(client, name: str, slots: int) -> int:
-    """The limit's slots: made with `slots` where it is missing; one an operator set otherwise is left as it is."""
+    """The limit's slots: made with `slots` where it is missing; one an operator set otherwise is left as it is. Read
+    first: the server logs a traceback for every limit made twice (28 in one flow on the GPU)."""
     try:
-        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=slots))
-        return slots
-    except ObjectAlreadyExists:  # made earlier, or by another run just now
         size = client.read_global_concurrency_limit_by_name(name).limit
+    except ObjectNotFound:
+        try:
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=slots))
+            return slots
+        except ObjectAlreadyExists:  # made by another run just now
+            size = client.read_global_concurrency_limit_by_name(name).limit
     if size != slots and not name.endswith(TURNSTILE):
         log.warning("%s keeps its size, %d, where model.device_slots asks for %d (`prefect gcl update %s --limit %d` "
                     "changes it)", name, size, slots, name, slots)

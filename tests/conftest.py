@@ -252,7 +252,8 @@ def run_flow(runs: Path, cache_dir: Path, overrides: list[str]) -> tuple[Path, s
 
 @contextlib.contextmanager
 def quantize_fails(name: str):
-    """The recipe `name` made to error at quantize, as a backend raising would ("planted failure")."""
+    """The recipe `name` made to error at quantize, as a backend raising would ("planted failure"); in this process
+    only, so not where recipes are gated side by side (`model.recipes_at_once` > 1 computes in worker processes)."""
     import tasks.quantize as step
 
     real = step.load_quantized

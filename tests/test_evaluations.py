@@ -100,3 +100,14 @@ def test_a_significant_drop_of_a_registered_evaluation_is_a_regression(only_pref
     assert gate.regressions(worse, base, GateSettings()) == [
         "significant Preference drop: -0.5000 [-0.7000, -0.3000] (baseline +0.0000, not significant)"]
     assert gate.regressions(base, base, GateSettings()) == []
+
+
+def test_a_tasks_documents_are_fingerprinted_by_their_rows_not_by_pickling_the_table():
+    """datasets' own fingerprint pickles the Arrow table with dill, which failed under Python 3.12 on the GPU machine
+    ("Can't pickle <class 'MonthDayNano'>"); lm-eval's caches key on the fingerprint, so equal rows must give equal
+    fingerprints and different rows different ones."""
+    from quantgate.evaluations.tasks.quantgate_tasks import _dataset
+
+    one, again, other = _dataset([{"page": "a b"}]), _dataset([{"page": "a b"}]), _dataset([{"page": "a c"}])
+    assert one._fingerprint == again._fingerprint != other._fingerprint
+    assert one[0] == {"page": "a b"} and len(other) == 1

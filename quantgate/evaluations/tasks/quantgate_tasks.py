@@ -35,6 +35,13 @@ def humaneval_result(doc, results):
 
 
 def _dataset(rows: list[dict]):
-    import datasets
+    import hashlib
+    import json
 
-    return datasets.Dataset.from_list(rows)
+    import datasets
+    from datasets.table import InMemoryTable
+
+    # Its fingerprint from the rows themselves: datasets' own hashes the Arrow table with dill, which fails under
+    # Python 3.12 ("Can't pickle <class 'MonthDayNano'>", seen on the GPU machine with datasets 5.2 and pyarrow 24-26).
+    fingerprint = hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return datasets.Dataset(InMemoryTable.from_pylist(rows), fingerprint=fingerprint)
