@@ -141,8 +141,8 @@ def each_recipe(recipes: list, at_once: int, gate) -> None:
     import torch
 
     free_cached_memory()
-    # The host's cores shared out: on 2 cores, two recipes of 2 threads each ran validate 2-5x slower than one
-    # after the other (docs/nightly.md). A benchmark's own process keeps every core: it runs alone.
+    # The host's cores shared out: on 2 cores, two recipes of 2 threads each ran validate five times slower than
+    # alone (docs/nightly.md). A benchmark's own process keeps every core: it runs alone.
     threads = max(1, torch.get_num_threads() // min(at_once, len(recipes)))
     quiet = ThreadTimeouts()
     logging.getLogger("prefect.task_runs").addFilter(quiet)
