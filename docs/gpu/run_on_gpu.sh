@@ -208,17 +208,18 @@ for line in sys.stdin:
      grep -E "benchmark:|Error|Traceback" "$OUT/kv.err" | tail -${TAIL:-20} ;;
   # The whole flow on the GPU (issues 19 and 39). Its wheels are the closure of pyproject's dependencies for cp312, less
   # torch, numpy, scipy and what the image already holds at a version that serves (pandas, matplotlib, scikit-learn,
-  # pillow, fonttools, lxml, contourpy, kiwisolver): 190 MB in four calls of at most 50 MB to one warm machine, each
-  # `wheels DIR` copying its folder to /tmp/w: .gpu/f1 (bitsandbytes), .gpu/f2 (pyarrow's first 45 MB, split -b
-  # 45000000 -d -a 1 WHEEL pyarrow.part), .gpu/f3 (pyarrow's second piece and half the rest), then `flow` carrying
-  # .gpu/f4 (the other half; SmolLM2's tokenizer files in tok/, copied into the checkpoint it builds: the steps
-  # tokenize). Made here with `pip download --no-deps --only-binary=:all: --python-version 3.12 ...` of each pinned
-  # name (`pip wheel --no-deps` for hqq, rouge-score, sqlitedict and word2number, which have only sdists). `flow`
+  # pillow, fonttools, lxml, contourpy, kiwisolver) and with Prefect's extras (greenlet, h2, hpack, hyperframe): 190 MB
+  # in calls of at most 50 MB with the tree to one warm machine, each `wheels DIR` copying its folder to /tmp/w:
+  # .gpu/f1 (bitsandbytes), .gpu/f2 (pyarrow's first 45 MB, split -b 45000000 -d -a 1 WHEEL pyarrow.part), .gpu/f3 and
+  # .gpu/f3b (pyarrow's second piece and half the rest), then `flow` carrying .gpu/f4 (the other half; SmolLM2's
+  # tokenizer files in tok/, copied into the checkpoint it builds: the steps tokenize) and .gpu/f5 (the extras). Made
+  # here with `pip download --no-deps --only-binary=:all: --python-version 3.12 ...` of each pinned name (`pip wheel
+  # --no-deps` for hqq, rouge-score, sqlitedict and word2number, which have only sdists). `flow`
   # installs them, starts `quantgate run docs/gpu/flow_g3.yaml` in a session of its own (it outlives the call; on a
   # GPU of under 100 GB two recipes at a time, not three) and waits POLL_S; `flow-poll` waits for its end and brings
   # back the log, the record and the report.
   wheels) mkdir -p /tmp/w && cp "$2"/* /tmp/w/ && ls /tmp/w | wc -l ;;
-  flow) cp .gpu/f4/*.whl /tmp/w/ && cat /tmp/w/pyarrow.part0 /tmp/w/pyarrow.part1 > /tmp/w/pyarrow-26.0.1-cp312-cp312-manylinux_2_28_x86_64.whl || exit 1
+  flow) cp .gpu/f4/*.whl .gpu/f5/*.whl /tmp/w/ && cat /tmp/w/pyarrow.part0 /tmp/w/pyarrow.part1 > /tmp/w/pyarrow-26.0.1-cp312-cp312-manylinux_2_28_x86_64.whl || exit 1
      install /tmp/w/*.whl
      python3 -c "import prefect, lm_eval, datasets, pyarrow, bitsandbytes, transformers; print('prefect', prefect.__version__, 'lm_eval', lm_eval.__version__, 'transformers', transformers.__version__)" || exit 1
      nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
