@@ -11,9 +11,11 @@ import threading
 import time
 from dataclasses import dataclass
 
+import httpx
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-from prefect.concurrency.sync import concurrency
+from prefect.client.schemas.responses import ConcurrencyLimitWithLeaseResponse
+from prefect.concurrency._leases import maintain_concurrency_lease
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
 from quantgate import modeling
@@ -23,7 +25,8 @@ from quantgate.settings import ModelSpec
 log = logging.getLogger("quantgate.progress")
 TIMED = {"benchmark"}  # steps that measure time: alone on their devices
 ASIDE = {"download"}  # runs before any recipe: no turn, no slot (publish hashes files: not beside a benchmark)
-TRY_S = 2.0  # a slot's wait is tried this long at a time
+TRY_S = 2.0  # the longest wait between two requests for a slot
+LEASE_S = 300  # a slot's lease, renewed while its step runs: what a killed run holds it for at most
 TURNSTILE = "-turnstile"
 
 
@@ -122,15 +125,36 @@ def held(devices: Devices, group: str, step: str):
 
 
 def take(stack: contextlib.ExitStack, names: list[str], occupy: int) -> None:
-    """`occupy` slots of each limit, held until the stack closes; waited for in short tries, so a stop lands between
-    them (Prefect's own wait has no end)."""
-    while True:
-        try:
-            stack.enter_context(concurrency(names, occupy=occupy, timeout_seconds=TRY_S, strict=True,
-                                            raise_on_lease_renewal_failure=False))
-            return
-        except TimeoutError:
-            raise_if_signalled()
+    """`occupy` slots of each limit under one lease, held (and renewed) until the stack closes. Asked for one request
+    at a time, waiting what the server's Retry-After says but at most TRY_S between checks for a stop: Prefect's own
+    wait has no end, and its timeout can cancel a request the server grants, leaving the slots held until the lease
+    expires."""
+    with get_client(sync_client=True) as client:
+        while True:
+            try:
+                response = client.increment_concurrency_slots_with_lease(names=names, slots=occupy, mode="concurrency",
+                                                                         lease_duration=LEASE_S)
+                break
+            except httpx.HTTPStatusError as e:
+                if e.response.status_code != 423:  # 423: no slots free yet
+                    raise
+                wait = min(float(e.response.headers.get("Retry-After", TRY_S)), TRY_S)
+                for _ in range(max(int(wait / 0.25), 1)):
+                    raise_if_signalled()
+                    time.sleep(0.25)
+    granted = ConcurrencyLimitWithLeaseResponse.model_validate(response.json())
+    if len(granted.limits) != len(names):  # a limit deleted meanwhile: two steps would share the device
+        client_release(granted.lease_id)
+        raise RuntimeError(f"the device limits {sorted(names)} are not all there (found "
+                           f"{sorted(limit.name for limit in granted.limits)})")
+    stack.callback(client_release, granted.lease_id)
+    # A server that misses a renewal for a moment does not stop an hours-long step.
+    stack.enter_context(maintain_concurrency_lease(granted.lease_id, LEASE_S, raise_on_lease_renewal_failure=False))
+
+
+def client_release(lease_id) -> None:
+    with get_client(sync_client=True) as client:
+        client.release_concurrency_slots_with_lease(lease_id=lease_id)
 
 
 @contextlib.contextmanager
@@ -147,8 +171,6 @@ def slots(devices: Devices, group: str, step: str):
         for name in turnstiles:
             made(client, name, 1)
     t0 = time.perf_counter()
-    # strict (take): a limit that vanished raises rather than letting two steps share the device; a server that misses
-    # a lease renewal for a moment does not stop an hours-long step
     with contextlib.ExitStack() as stack:
         if step in TIMED:  # the turnstile kept until it ends; limits of one size together, smallest first
             take(stack, turnstiles, 1)

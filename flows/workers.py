@@ -140,6 +140,7 @@ def each_recipe(recipes: list, at_once: int, gate) -> None:
         return
     import torch
 
+    stop_requested.clear()  # a stop of an earlier call cut short by a second Ctrl-C
     free_cached_memory()
     # The host's cores shared out: on 2 cores, two recipes of 2 threads each ran validate five times slower than
     # alone (docs/nightly.md). A benchmark's own process keeps every core: it runs alone.
@@ -161,8 +162,9 @@ def each_recipe(recipes: list, at_once: int, gate) -> None:
     for recipe, error in errors[1:]:
         if isinstance(error, Exception):  # not a stop's
             log.error("%s: %s: %s", recipe.name, type(error).__name__, error)
-    if errors:
-        raise errors[0][1]
+    stops = [error for _, error in errors if not isinstance(error, Exception)]
+    if stops or errors:  # a stop first: the flow marks the run interrupted only for one
+        raise (stops or [errors[0][1]])[0]
 
 
 def stop_workers() -> None:
@@ -284,7 +286,7 @@ def captured(fd: int, stream) -> None:
     os.close(write)
 
     def pump() -> None:
-        with os.fdopen(read, "r", errors="replace") as lines:
+        with os.fdopen(read, "r", errors="replace", newline="") as lines:  # a bar's \r redraws kept for LogStream
             for line in lines:
                 stream.write(line)
 
@@ -292,7 +294,10 @@ def captured(fd: int, stream) -> None:
 
 
 def portable(error: BaseException) -> BaseException:
-    """The exception itself where it pickles; else a RuntimeError that names its type and message."""
+    """The exception itself where it pickles; else a RuntimeError that names its type and message, as for a step's
+    SystemExit, which the flow would take for a stop."""
+    if not isinstance(error, Exception):
+        return RuntimeError(f"{type(error).__name__}: {error}")
     try:
         pickle.dumps(error)
         type(error)(*error.args)  # what the flow's side does to rebuild it
