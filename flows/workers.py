@@ -238,9 +238,10 @@ def serve(conn, threads: int) -> None:
     if threads:
         torch.set_num_threads(threads)
     # Ctrl-C and a SIGTERM to the process group are the flow's: it ends the workers (Worker.close) once it has
-    # recorded why.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # recorded why. A handler that does nothing, not SIG_IGN: what the worker starts (a benchmark's process) gets the
+    # default again at exec, so a SIGTERM still ends it.
+    signal.signal(signal.SIGINT, ignored)
+    signal.signal(signal.SIGTERM, ignored)
     lock = threading.Lock()  # a library's thread may log while the step sends its result
 
     def send(message) -> None:
@@ -259,6 +260,10 @@ def serve(conn, threads: int) -> None:
             log.info("%s raised in the worker:\n%s", fn.__name__, traceback.format_exc())
             send(("error", portable(e)))
         free_cached_memory()  # an idle worker holds no GPU memory while another recipe's benchmark measures
+
+
+def ignored(signum, frame) -> None:
+    pass
 
 
 def forward_logs(send) -> None:

@@ -276,3 +276,23 @@ def test_two_recipes_at_once_gate_side_by_side_each_in_its_process_and_the_bench
         task_run = client.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(any_=["evaluate-quanto-int8"])))
         logs = client.read_logs(log_filter=LogFilter(task_run_id=LogFilterTaskRunId(any_=[task_run[-1].id])))
     assert any(entry.message.startswith("evaluate quanto-int8:") for entry in logs), [e.message for e in logs]
+
+
+def starts_and_signals_a_child() -> int:
+    """What a benchmark's process does with SIGTERM when the worker started it: the default, it ends."""
+    import signal
+    import subprocess
+
+    child = subprocess.Popen(["sleep", "60"])
+    child.send_signal(signal.SIGTERM)
+    return child.wait(10)
+
+
+def test_a_worker_ignores_sigterm_but_what_it_starts_does_not(worker):
+    import signal
+
+    assert worker.call(spans, (0,), {})  # started
+    os.kill(worker.process.pid, signal.SIGTERM)  # as a SIGTERM to the run's process group reaches it
+    time.sleep(0.5)
+    assert worker.process.is_alive()
+    assert worker.call(starts_and_signals_a_child, (), {}) == -signal.SIGTERM
