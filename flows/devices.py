@@ -181,5 +181,6 @@ def slots(devices: Devices, group: str, step: str):
                 take(turnstile, turnstiles, 1)
                 take(stack, sorted(sizes), 1)
         if (waited := time.perf_counter() - t0) > 1:
-            log.info("%s: %s waited %.0f s for %s, held by another run", group, step, waited, devices, extra=SHOWN)
+            log.info("%s: %s waited %.0f s for %s, held by other steps (of this run or others)", group, step, waited,
+                     devices, extra=SHOWN)
         yield

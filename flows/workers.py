@@ -2,7 +2,8 @@
 dtype, its init functions), so two recipes cannot compute in threads of one process: each recipe gets a worker
 process of its own, and its model steps run there. The flow process keeps the Prefect task runs, their timeouts and
 the run's record; a worker's log records come back into the task run that called it, and so into the run's log.
-Workers are started with `spawn`: a script that gates recipes side by side needs an `if __name__ == "__main__"` guard."""
+Workers are started with `spawn`: a script that gates recipes side by side needs an `if __name__ == "__main__"`
+guard."""
 from __future__ import annotations
 
 import contextvars
@@ -150,7 +151,8 @@ def each_recipe(recipes: list, at_once: int, gate) -> None:
     pool = ThreadPoolExecutor(min(at_once, len(recipes)), thread_name_prefix="recipe")
     try:
         # A copy of the flow's context per recipe: Prefect's run context travels in it; one copy runs in one thread.
-        futures = [pool.submit(contextvars.copy_context().run, in_own_worker, gate, recipe, threads) for recipe in recipes]
+        futures = [pool.submit(contextvars.copy_context().run, in_own_worker, gate, recipe, threads)
+                   for recipe in recipes]
         errors = [(recipe, error) for recipe, future in zip(recipes, futures) if (error := future.exception())]
     except BaseException:  # Ctrl-C, SIGTERM
         stop_workers()
@@ -267,7 +269,8 @@ def ignored(signum, frame) -> None:
 
 
 def forward_logs(send) -> None:
-    """The worker's records, Python warnings and prints forwarded, at the levels the run's log keeps (runlog.to_file)."""
+    """The worker's records, Python warnings and prints forwarded, at the levels the run's log keeps
+    (runlog.to_file)."""
     from transformers.utils import logging as hf_logging
 
     from quantgate.terminal import LogStream

@@ -273,7 +273,8 @@ def test_two_recipes_at_once_gate_side_by_side_each_in_its_process_and_the_bench
     # A record logged in the worker: in the run's log, and in the task run's logs in Prefect.
     assert "quantgate: evaluate quanto-int8:" in log
     with get_client(sync_client=True) as client:
-        task_run = client.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(any_=["evaluate-quanto-int8"])))
+        named = TaskRunFilter(name=TaskRunFilterName(any_=["evaluate-quanto-int8"]))
+        task_run = client.read_task_runs(task_run_filter=named)
         logs = client.read_logs(log_filter=LogFilter(task_run_id=LogFilterTaskRunId(any_=[task_run[-1].id])))
     assert any(entry.message.startswith("evaluate quanto-int8:") for entry in logs), [e.message for e in logs]
 
