@@ -19,7 +19,7 @@ from prefect.concurrency._leases import maintain_concurrency_lease
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
 from quantgate import modeling
-from quantgate.runlog import SHOWN, raise_if_signalled
+from quantgate.runlog import SHOWN, pause, raise_if_signalled
 from quantgate.settings import ModelSpec
 
 log = logging.getLogger("quantgate.progress")
@@ -138,10 +138,7 @@ def take(stack: contextlib.ExitStack, names: list[str], occupy: int) -> None:
             except httpx.HTTPStatusError as e:
                 if e.response.status_code != 423:  # 423: no slots free yet
                     raise
-                wait = min(float(e.response.headers.get("Retry-After", TRY_S)), TRY_S)
-                for _ in range(max(int(wait / 0.25), 1)):
-                    raise_if_signalled()
-                    time.sleep(0.25)
+                pause(min(float(e.response.headers.get("Retry-After", TRY_S)), TRY_S))
     granted = ConcurrencyLimitWithLeaseResponse.model_validate(response.json())
     if len(granted.limits) != len(names):  # a limit deleted meanwhile: two steps would share the device
         client_release(granted.lease_id)

@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import psutil
 
-from quantgate.runlog import INFO_LOGGERS, raise_if_signalled, stop_requested
+from quantgate.runlog import libraries_to_root, raise_if_signalled, stop_children, stop_requested
 
 log = logging.getLogger("quantgate.workers")
 _current: contextvars.ContextVar[Worker | None] = contextvars.ContextVar("quantgate_worker", default=None)
@@ -99,20 +99,13 @@ class Worker:
 
 
 def kill_tree(pid: int) -> None:
+    """What the worker started, then the worker (which ignores SIGTERM)."""
     try:
         root = psutil.Process(pid)
-        children = root.children(recursive=True)
+        stop_children(parent=root)
         root.kill()
     except psutil.NoSuchProcess:
-        return
-    for child in children:
-        try:
-            child.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(children, timeout=10)
-    for child in alive:
-        child.kill()
+        pass
 
 
 def in_worker(fn):
@@ -161,12 +154,14 @@ def each_recipe(recipes: list, at_once: int, gate) -> None:
         pool.shutdown(wait=True, cancel_futures=True)
         stop_requested.clear()  # every recipe's thread has ended
         logging.getLogger("prefect.task_runs").removeFilter(quiet)
-    for recipe, error in errors[1:]:
-        if isinstance(error, Exception):  # not a stop's
+    if not errors:
+        return
+    # A stop first: the flow marks the run interrupted only for one. The other recipes' errors go to the log.
+    first = next((e for _, e in errors if not isinstance(e, Exception)), errors[0][1])
+    for recipe, error in errors:
+        if error is not first and isinstance(error, Exception):
             log.error("%s: %s: %s", recipe.name, type(error).__name__, error)
-    stops = [error for _, error in errors if not isinstance(error, Exception)]
-    if stops or errors:  # a stop first: the flow marks the run interrupted only for one
-        raise (stops or [errors[0][1]])[0]
+    raise first
 
 
 def stop_workers() -> None:
@@ -221,14 +216,16 @@ class Forward(logging.Handler):
         fields = dict(record.__dict__, msg=record.getMessage(), args=None, exc_info=None)
         if record.exc_info:
             fields["exc_text"] = "".join(traceback.format_exception(*record.exc_info))
-        self.send(("log", {k: v for k, v in fields.items() if pickles(v)}))
+        if not pickles(fields):  # an `extra=` value that does not pickle: the record goes without it
+            fields = {k: v for k, v in fields.items() if pickles(v)}
+        self.send(("log", fields))
 
 
 def pickles(value) -> bool:
     try:
         pickle.dumps(value)
         return True
-    except Exception:  # noqa: BLE001 - an `extra=` value that does not pickle: the record goes without it
+    except Exception:  # noqa: BLE001 - whatever a library passed
         return False
 
 
@@ -271,17 +268,10 @@ def ignored(signum, frame) -> None:
 def forward_logs(send) -> None:
     """The worker's records, Python warnings and prints forwarded, at the levels the run's log keeps
     (runlog.to_file)."""
-    from transformers.utils import logging as hf_logging
-
     from quantgate.terminal import LogStream
 
-    root = logging.getLogger()
-    root.handlers[:] = [Forward(send)]
-    for name in INFO_LOGGERS:
-        logging.getLogger(name).setLevel(logging.INFO)
-    hf_logging.disable_default_handler()
-    hf_logging.enable_propagation()
-    logging.captureWarnings(True)
+    logging.getLogger().handlers[:] = [Forward(send)]
+    libraries_to_root()  # for the worker's life: not undone
     sys.stdout, sys.stderr = LogStream("stdout"), LogStream("stderr")
     for fd, name in ((1, "stdout"), (2, "stderr")):  # what writes to the descriptors (torch's own log handlers, C++)
         captured(fd, LogStream(name))
@@ -304,11 +294,12 @@ def captured(fd: int, stream) -> None:
 def portable(error: BaseException) -> BaseException:
     """The exception itself where it pickles; else a RuntimeError that names its type and message, as for a step's
     SystemExit, which the flow would take for a stop."""
+    named = RuntimeError(f"{type(error).__name__}: {error}")
     if not isinstance(error, Exception):
-        return RuntimeError(f"{type(error).__name__}: {error}")
+        return named
     try:
         pickle.dumps(error)
         type(error)(*error.args)  # what the flow's side does to rebuild it
         return error
     except Exception:  # noqa: BLE001 - a library's exception class with required arguments, or unpicklable state
-        return RuntimeError(f"{type(error).__name__}: {error}")
+        return named

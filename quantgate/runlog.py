@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -36,20 +37,12 @@ def announce(group: str, step: str, event: str, status: str | None = None, secon
 def to_file(path: Path, ui: logging.Handler | None = None):
     """Send every log record of this process, Python warnings included, to `path` while the block runs; and
     quantgate's own records to `ui` (the orchestrator's log handler, which shows them in its UI), if given."""
-    from transformers.utils import logging as hf_logging
-
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter(FORMAT, "%H:%M:%S"))
     handler.setLevel(logging.INFO)
-    levels = {name: logging.getLogger(name).level for name in INFO_LOGGERS}
-    for name in INFO_LOGGERS:
-        logging.getLogger(name).setLevel(logging.INFO)
     root = logging.getLogger()
     root.addHandler(handler)
-    # transformers logs through its own stderr handler and does not propagate: route it to the root.
-    hf_logging.disable_default_handler()
-    hf_logging.enable_propagation()
-    logging.captureWarnings(True)
+    restore = libraries_to_root()
     # Set on the logger here rather than through the orchestrator's settings, which a worker may not have set.
     quantgate = logging.getLogger("quantgate")
     api = ui if ui is not None and not any(type(h) is type(ui) for h in quantgate.handlers) else None
@@ -60,15 +53,39 @@ def to_file(path: Path, ui: logging.Handler | None = None):
     try:
         yield path
     finally:
-        logging.captureWarnings(False)
         if api:
             quantgate.removeHandler(api)
-        hf_logging.disable_propagation()
-        hf_logging.enable_default_handler()
+        restore()
         root.removeHandler(handler)
         handler.close()
+
+
+def libraries_to_root():
+    """The libraries' records at the levels a run's log keeps, through the root logger: INFO for INFO_LOGGERS,
+    transformers' own (which it writes to stderr and does not propagate) and Python warnings. Returns what undoes it."""
+    from transformers.utils import logging as hf_logging
+
+    levels = {name: logging.getLogger(name).level for name in INFO_LOGGERS}
+    for name in INFO_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO)
+    hf_logging.disable_default_handler()
+    hf_logging.enable_propagation()
+    logging.captureWarnings(True)
+
+    def restore() -> None:
+        logging.captureWarnings(False)
+        hf_logging.disable_propagation()
+        hf_logging.enable_default_handler()
         for name, level in levels.items():
             logging.getLogger(name).setLevel(level)
+    return restore
+
+
+def pause(seconds: float) -> None:
+    """time.sleep in quarter seconds, raising where the run was told to stop meanwhile (raise_if_signalled)."""
+    for _ in range(max(round(seconds / 0.25), 1)):
+        raise_if_signalled()
+        time.sleep(0.25)
 
 
 class Stopped(KeyboardInterrupt):
@@ -113,12 +130,13 @@ def raise_if_signalled() -> None:
         raise Stopped("the run is stopping")
 
 
-def stop_children(timeout_s: float = 10, spare=lambda process: False) -> int:
-    """Terminate this process's children (a benchmark's own process, a sandbox), killing what is left after
-    timeout_s; returns how many there were. `spare`: children left to their owner's own shutdown."""
+def stop_children(timeout_s: float = 10, spare=lambda process: False, parent=None) -> int:
+    """Terminate the children of `parent` (this process by default: a benchmark's own process, a sandbox), killing
+    what is left after timeout_s; returns how many there were. `spare`: children left to their owner's shutdown."""
     import psutil
 
-    children = [c for c in psutil.Process().children(recursive=True) if not _spared(c, spare)]
+    parent = parent or psutil.Process()
+    children = [c for c in parent.children(recursive=True) if not _spared(c, spare)]
     for child in children:
         try:
             child.terminate()

@@ -53,7 +53,7 @@ class Bars(logging.Handler):
         super().__init__(logging.INFO)
         self.stream, self.tty = stream, stream.isatty()
         self.bars: dict[str, tqdm] = {}
-        self.running: dict[str, int] = {}  # steps started and not yet ended, by group
+        self.running: set[str] = set()  # groups with a step started and not yet ended (a group runs one at a time)
         self.counts: dict[str, tuple[int, int]] = {}  # steps ended, and steps in all, by group
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -74,13 +74,13 @@ class Bars(logging.Handler):
         tqdm.write(text, file=self.stream)
 
     def start(self, group: str, step: str) -> None:
-        for idle in [g for g in self.bars if g != group and not self.running.get(g)]:
+        for idle in [g for g in self.bars if g != group and g not in self.running]:
             self.bars.pop(idle).close()
         done, total = self.counts.get(group, (0, len(MODEL_STEPS if group == "model" else STEPS)))
         if group != "model" and step not in STEPS:  # a step only some configs run (adapters)
             total += 1
         self.counts[group] = done, total
-        self.running[group] = self.running.get(group, 0) + 1
+        self.running.add(group)
         if group not in self.bars:
             self.bars[group] = tqdm(total=total, initial=done, desc=f"{group:<26}", file=self.stream,
                                     disable=not self.tty, leave=True,
@@ -90,7 +90,7 @@ class Bars(logging.Handler):
 
     def end(self, record: logging.LogRecord) -> None:
         group, done = record.group, f"{record.step} {record.status} ({record.seconds:.1f} s)"
-        self.running[group] = max(self.running.get(group, 0) - 1, 0)
+        self.running.discard(group)
         finished, total = self.counts.get(group, (0, 0))
         self.counts[group] = finished + 1, total
         if self.tty and group in self.bars:

@@ -139,9 +139,9 @@ def test_within_a_run_steps_share_and_a_timed_step_waits_for_them_then_holds_bac
     assert bench[0] >= max(a[1], b[1]) and c[0] >= bench[1]  # alone, and ahead of the step that came after it
 
 
-def test_a_timeout_in_the_recipes_thread_ends_the_step_and_its_worker(worker):
-    """Prefect times a task out in a thread by raising TimeoutError into it (its cancel scope): the wait for the
-    worker must give way, and the worker, mid-step, must go."""
+def timed_out(worker, fn, args: tuple, seconds: float) -> tuple[BaseException | None, float]:
+    """worker.call(fn, *args) in a thread under Prefect's timeout, as a task run in a recipe's thread is (Prefect raises
+    TimeoutError into the thread, its cancel scope): what it raised, and after how long."""
     import threading
 
     from prefect.utilities.timeout import timeout
@@ -151,15 +151,22 @@ def test_a_timeout_in_the_recipes_thread_ends_the_step_and_its_worker(worker):
     def call():
         t0 = time.monotonic()
         try:
-            with timeout(1.0):
-                worker.call(spans, (60,), {})
-        except TimeoutError as e:
-            seen["error"], seen["after"] = e, time.monotonic() - t0
+            with timeout(seconds):
+                worker.call(fn, args, {})
+        except BaseException as e:  # noqa: BLE001 - what the caller asserts on
+            seen["error"] = e
+        seen["after"] = time.monotonic() - t0
 
     thread = threading.Thread(target=call)
     thread.start()
-    thread.join(30)
-    assert isinstance(seen.get("error"), TimeoutError) and seen["after"] < 5 and worker.process is None
+    thread.join(60)
+    return seen.get("error"), seen.get("after", float("inf"))
+
+
+def test_a_timeout_in_the_recipes_thread_ends_the_step_and_its_worker(worker):
+    """The wait for the worker must give way, and the worker, mid-step, must go."""
+    error, after = timed_out(worker, spans, (60,), 1.0)
+    assert isinstance(error, TimeoutError) and after < 5 and worker.process is None
 
 
 def starts_a_child(pid_file: str) -> None:
@@ -173,21 +180,11 @@ def starts_a_child(pid_file: str) -> None:
 
 
 def test_a_worker_ended_mid_step_takes_the_processes_it_started_with_it(worker, tmp_path):
-    import threading
-
     import psutil
-    from prefect.utilities.timeout import timeout
 
     pid_file = tmp_path / "child.pid"
-
-    def call():
-        with pytest.raises(TimeoutError):
-            with timeout(3.0):
-                worker.call(starts_a_child, (str(pid_file),), {})
-
-    thread = threading.Thread(target=call)
-    thread.start()
-    thread.join(60)
+    error, _ = timed_out(worker, starts_a_child, (str(pid_file),), 3.0)
+    assert isinstance(error, TimeoutError)
     child = int(pid_file.read_text())
     gone = not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE
     assert gone and worker.process is None
