@@ -1,8 +1,8 @@
 """Device slots across runs: a Prefect global concurrency limit for each device a run computes on
 (`model.device_lock`), made with `model.device_slots` slots, one held while a model step computes, whatever the number
-of workers or hosts sharing the server; the benchmark, which times, holds every slot, so no other step shares it, and
-a turnstile of one slot per device keeps later steps from taking the slots it waits for. Within a run, recipes gated
-side by side take turns the same way (Turns)."""
+of workers or hosts sharing the server; the benchmark, while it times, holds every slot, so no other step shares it,
+and a turnstile of one slot per device keeps later steps from taking the slots it waits for. Within a run, recipes
+gated side by side take turns the same way (Turns)."""
 from __future__ import annotations
 
 import contextlib
@@ -23,7 +23,7 @@ from quantgate.runlog import SHOWN, pause, raise_if_signalled
 from quantgate.settings import ModelSpec
 
 log = logging.getLogger("quantgate.progress")
-TIMED = {"benchmark"}  # steps that measure time: alone on their devices
+TIMED = {"benchmark"}  # steps that measure time: alone on their devices while they measure (Hold.alone)
 ASIDE = {"download"}  # runs before any recipe: no turn, no slot (publish hashes files: not beside a benchmark)
 TRY_S = 2.0  # the longest wait between two requests for a slot
 LEASE_S = 300  # a slot's lease, renewed while its step runs: what a killed run holds it for at most
@@ -113,15 +113,38 @@ class Turns:
 TURNS = Turns()
 
 
-@contextlib.contextmanager
-def held(devices: Devices, group: str, step: str):
-    """The run's own turn (a timed step alone, others together: Turns), then the devices' slots across runs (where
-    `devices` names any: download and publish name none)."""
-    if step in ASIDE:
-        yield
-        return
-    with TURNS.exclusive() if step in TIMED else TURNS.shared(), slots(devices, group, step):
-        yield
+class Hold:
+    """A step's hold on its devices while it runs: the run's turn (Turns) and the devices' slots across runs, shared
+    with other steps; a timed step shares them while it loads and compiles, and has them to itself (`alone`) while it
+    measures. Steps ASIDE hold nothing."""
+
+    def __init__(self, devices: Devices, group: str, step: str):
+        self.devices, self.group, self.step = devices, group, step
+        self.stack = contextlib.ExitStack()
+
+    def __enter__(self) -> Hold:
+        if self.step not in ASIDE:
+            self.take(alone=False)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stack.close()
+
+    def take(self, alone: bool) -> None:
+        self.stack.enter_context(TURNS.exclusive() if alone else TURNS.shared())
+        self.stack.enter_context(slots(self.devices, self.group, self.step, alone))
+
+    @contextlib.contextmanager
+    def alone(self):
+        """The devices to this step alone, its shared turn and slot given back first (two steps each keeping theirs
+        while they wait for the rest would wait for ever), and taken again after."""
+        self.stack.close()
+        try:
+            self.take(alone=True)
+            yield
+        finally:
+            self.stack.close()
+            self.take(alone=False)
 
 
 def take(stack: contextlib.ExitStack, names: list[str], occupy: int) -> None:
@@ -155,10 +178,10 @@ def client_release(lease_id) -> None:
 
 
 @contextlib.contextmanager
-def slots(devices: Devices, group: str, step: str):
-    """A slot of each device held for one step, or every slot for a timed one; waited for where other runs hold
-    them. A turnstile of one slot per device goes first: a step passes it to take its slot, a timed step keeps it
-    until it ends, so steps arriving meanwhile wait behind it instead of taking each slot it waits for."""
+def slots(devices: Devices, group: str, step: str, alone: bool):
+    """A slot of each device held for one step, or every slot where it is to have them alone; waited for where other
+    runs hold them. A turnstile of one slot per device goes first: a step passes it to take its slot, a step alone
+    keeps it until it ends, so steps arriving meanwhile wait behind it instead of taking each slot it waits for."""
     if not devices.names:
         yield
         return
@@ -169,7 +192,7 @@ def slots(devices: Devices, group: str, step: str):
             made(client, name, 1)
     t0 = time.perf_counter()
     with contextlib.ExitStack() as stack:
-        if step in TIMED:  # the turnstile kept until it ends; limits of one size together, smallest first
+        if alone:  # the turnstile kept until it ends; limits of one size together, smallest first
             take(stack, turnstiles, 1)
             for count in sorted(set(sizes.values())):
                 take(stack, sorted(n for n, c in sizes.items() if c == count), count)

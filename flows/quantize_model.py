@@ -1,12 +1,14 @@
-"""The quantize-model flow: download → reference → for each recipe (`model.recipes_at_once` at a time, each then in a
-worker process of its own: flows.workers): quantize → validate (→ remedy where it warns or fails and steps.remedy is
+"""The quantize-model flow: download → reference → the reference's benchmark, then for each recipe
+(`model.recipes_at_once` at a time, each then in a worker process of its own, the reference's benchmark beside them:
+flows.workers): quantize → validate (→ remedy where it warns or fails and steps.remedy is
 on) → adapters (where the config serves any) → evaluate → benchmark → publish. Each step is a plain function of tasks/
 run as a Prefect task (flows.steps); one recipe failing leaves the others running, and a recipe stops at its first step
 that does not end ok. Everything the libraries print goes to the run's log (runs/<run_id>/run.log)."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 
 from prefect import State, flow
 from prefect.states import Failed
@@ -40,8 +42,15 @@ class Model:
     compute_dtype: str
     device: str | dict
     reference: Reference
-    benchmark: Benchmarked | None
     hold: Devices  # the devices its steps hold while they compute (flows.devices)
+    benchmark: Benchmarked | None = None  # once benchmarked, where it went ok
+    benchmarked: threading.Event = field(default_factory=threading.Event)
+
+    def reference_benchmark(self) -> Benchmarked | None:
+        """The reference's benchmark, waited for where it runs beside the recipes."""
+        while not self.benchmarked.wait(0.5):
+            runlog.raise_if_signalled()
+        return self.benchmark
 
 
 @flow(name="quantize-model")
@@ -57,7 +66,8 @@ def quantize_model(config_path: str = str(DEFAULT_CONFIG), overrides: list[str] 
             model = gate_model(run, config)
             awaiting: list[str] = []  # recipes whose Hub upload waits for a reviewer: asked once every recipe is gated
             each_recipe(config.recipes if model else [], config.model.recipes_at_once,
-                        lambda recipe: gate_recipe(run, config, model, recipe, awaiting))
+                        lambda recipe: gate_recipe(run, config, model, recipe, awaiting),
+                        first=model and (lambda: benchmark_reference(run, config, model)))
             for name in awaiting:
                 publish_approved(run, config, name)
             runlog.raise_if_signalled()  # told to stop after the last step began: interrupted, not passed
@@ -80,7 +90,7 @@ def outcome(run: RunRecord) -> str | State:
 
 
 def gate_model(run: RunRecord, config: RunConfig) -> Model | None:
-    """Download, measure the reference once, benchmark it: what every recipe is compared with."""
+    """Download, measure the reference once: what every recipe is compared with."""
     model, steps, cache = config.model, config.steps, str(config.output.cache_dir)
     download = run_step(download_task, steps.download, Downloaded, "model", "download", source=model.source,
                         revision=model.revision, cache_dir=cache, dtype=model.dtype)
@@ -106,11 +116,21 @@ def gate_model(run: RunRecord, config: RunConfig) -> Model | None:
     if overflow := reference.validate.overflow:
         run.set_base_broken(f"the base model is broken where it is served: {overflow_reason(overflow)}")
         return None
-    benchmark = run_step(benchmark_task, steps.benchmark, Benchmarked, "model", "benchmark", hold, name="reference",
-                         checkpoint=download.checkpoint, recipe=None, dtype=model.dtype, device=device,
-                         settings=steps.benchmark, out_dir=str(run.dir / "reference"), cache_dir=cache)
-    run.set_reference_benchmark(benchmark)
-    return Model(download.checkpoint, compute, device, reference, benchmark if benchmark.ok else None, hold)
+    return Model(download.checkpoint, compute, device, reference, hold)
+
+
+def benchmark_reference(run: RunRecord, config: RunConfig, model: Model) -> None:
+    """The reference's benchmark, what each recipe's is compared with: before the recipes, or beside them."""
+    try:
+        steps = config.steps
+        benchmark = run_step(benchmark_task, steps.benchmark, Benchmarked, "model", "benchmark", model.hold,
+                             name="reference", checkpoint=model.checkpoint, recipe=None, dtype=config.model.dtype,
+                             device=model.device, settings=steps.benchmark, out_dir=str(run.dir / "reference"),
+                             cache_dir=str(config.output.cache_dir))
+        run.set_reference_benchmark(benchmark)
+        model.benchmark = benchmark if benchmark.ok else None
+    finally:
+        model.benchmarked.set()  # a recipe waiting for it goes on, without the comparison where it did not end ok
 
 
 def gate_recipe(run: RunRecord, config: RunConfig, model: Model, recipe: RecipeBase, awaiting: list[str]) -> None:
@@ -148,7 +168,8 @@ def gate_recipe(run: RunRecord, config: RunConfig, model: Model, recipe: RecipeB
         return
     benchmarked = run_step(benchmark_task, steps.benchmark, Benchmarked, name, "benchmark", model.hold, name=name,
                            checkpoint=quantized.checkpoint, recipe=recipe, dtype=config.model.dtype,
-                           device=model.device, settings=steps.benchmark, out_dir=out, reference=model.benchmark,
+                           device=model.device, settings=steps.benchmark, out_dir=out,
+                           reference=model.reference_benchmark(),
                            base_checkpoint=model.checkpoint, cache_dir=cache,
                            adapters_served={n: a["folder"] for n, a in served.items()} if steps.benchmark.adapters else None)
     if run.set_step(name, "benchmark", benchmarked):

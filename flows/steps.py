@@ -13,7 +13,7 @@ from pathlib import Path
 from prefect import task
 from prefect.context import TaskRunContext
 
-from flows.devices import Devices, held
+from flows.devices import TIMED, Devices, Hold
 from flows.workers import in_worker
 from quantgate.fetching import intact, manifest_path
 from quantgate.results import StepResult
@@ -66,7 +66,8 @@ quantize_task = task(in_worker(quantize), name="quantize", task_run_name="quanti
 validate_task = task(in_worker(validate), name="validate", task_run_name="validate-{recipe.name}")
 adapters_task = task(in_worker(check_adapters), name="adapters", task_run_name="adapters-{recipe.name}")
 evaluate_task = task(in_worker(evaluate), name="evaluate", task_run_name="evaluate-{recipe.name}")
-benchmark_task = task(in_worker(benchmark), name="benchmark", task_run_name="benchmark-{name}")
+# Here, not in a worker: it loads nothing itself, and asks this process for the device alone (Hold.alone) as it times.
+benchmark_task = task(benchmark, name="benchmark", task_run_name="benchmark-{name}")
 publish_task = task(publish, name="publish", task_run_name="publish-{recipe}")
 
 
@@ -79,7 +80,7 @@ def run_step(step_task, settings, result_type: type[StepResult], group: str, ste
     announce(group, step, "start")
     devices = contextlib.ExitStack()
     try:
-        devices.enter_context(held(hold, group, step))
+        holding = devices.enter_context(Hold(hold, group, step))
     except Exception as e:  # the device's limit could not be had (Prefect's server gone, the limit deleted)
         result = result_type(status="error", reason=f"holding {hold}: {type(e).__name__}: {e}")
         announce(group, step, "end", result.status, 0.0, result.reason)
@@ -87,6 +88,8 @@ def run_step(step_task, settings, result_type: type[StepResult], group: str, ste
     try:
         started_at = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
         t0 = time.perf_counter()
+        if step in TIMED:
+            params["alone"] = holding.alone
         state = step_task.with_options(timeout_seconds=settings.timeout_s, retries=settings.retries)(
             **params, return_state=True)
         seconds = round(time.perf_counter() - t0, 2)

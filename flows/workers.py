@@ -125,28 +125,30 @@ class ThreadTimeouts(logging.Filter):
         return not record.getMessage().startswith("Timeout of")
 
 
-def each_recipe(recipes: list, at_once: int, gate) -> None:
-    """gate(recipe) for every recipe: one after another, or up to `at_once` at a time, each in its own worker. One
-    recipe's error leaves the others running; Ctrl-C or SIGTERM ends every worker and starts no more recipes."""
+def each_recipe(recipes: list, at_once: int, gate, first=None) -> None:
+    """first() (the reference's benchmark), then gate(recipe) for every recipe: one after another, or up to `at_once`
+    at a time, each in its own worker, first() beside them in this process. One recipe's error leaves the others
+    running; Ctrl-C or SIGTERM ends every worker and starts no more recipes."""
     if at_once == 1 or len(recipes) < 2:
-        for recipe in recipes:
-            gate(recipe)
+        for job in [first] * (first is not None) + [functools.partial(gate, recipe) for recipe in recipes]:
+            job()
         return
     import torch
 
     stop_requested.clear()  # a stop of an earlier call cut short by a second Ctrl-C
     free_cached_memory()
     # The host's cores shared out: on 2 cores, two recipes of 2 threads each ran validate five times slower than
-    # alone (docs/nightly.md). A benchmark's own process keeps every core: it runs alone.
+    # alone (docs/nightly.md). A benchmark's own process keeps every core while it times: it times alone.
     threads = max(1, torch.get_num_threads() // min(at_once, len(recipes)))
     quiet = ThreadTimeouts()
     logging.getLogger("prefect.task_runs").addFilter(quiet)
-    pool = ThreadPoolExecutor(min(at_once, len(recipes)), thread_name_prefix="recipe")
+    pool = ThreadPoolExecutor(min(at_once, len(recipes)) + (first is not None), thread_name_prefix="recipe")
     try:
-        # A copy of the flow's context per recipe: Prefect's run context travels in it; one copy runs in one thread.
-        futures = [pool.submit(contextvars.copy_context().run, in_own_worker, gate, recipe, threads)
-                   for recipe in recipes]
-        errors = [(recipe, error) for recipe, future in zip(recipes, futures) if (error := future.exception())]
+        # A copy of the flow's context per thread: Prefect's run context travels in it; one copy runs in one thread.
+        futures = {"the reference's benchmark": pool.submit(contextvars.copy_context().run, first)} if first else {}
+        futures.update({recipe.name: pool.submit(contextvars.copy_context().run, in_own_worker, gate, recipe, threads)
+                        for recipe in recipes})
+        errors = [(name, error) for name, future in futures.items() if (error := future.exception())]
     except BaseException:  # Ctrl-C, SIGTERM
         stop_workers()
         raise
@@ -156,12 +158,12 @@ def each_recipe(recipes: list, at_once: int, gate) -> None:
         logging.getLogger("prefect.task_runs").removeFilter(quiet)
     if not errors:
         return
-    # A stop first: the flow marks the run interrupted only for one. The other recipes' errors go to the log.
-    first = next((e for _, e in errors if not isinstance(e, Exception)), errors[0][1])
-    for recipe, error in errors:
-        if error is not first and isinstance(error, Exception):
-            log.error("%s: %s: %s", recipe.name, type(error).__name__, error)
-    raise first
+    # A stop first: the flow marks the run interrupted only for one. The other errors go to the log.
+    first_error = next((e for _, e in errors if not isinstance(e, Exception)), errors[0][1])
+    for name, error in errors:
+        if error is not first_error and isinstance(error, Exception):
+            log.error("%s: %s: %s", name, type(error).__name__, error)
+    raise first_error
 
 
 def stop_workers() -> None:

@@ -22,13 +22,16 @@ from quantgate.settings import BenchmarkSettings
 def benchmark(name: str, checkpoint: str, recipe: RecipeBase | None, dtype: str, device: str | dict,
               settings: BenchmarkSettings, out_dir: str, reference: Benchmarked | None = None,
               base_checkpoint: str | None = None, cache_dir: str | None = None,
-              adapters_served: dict[str, str] | None = None) -> Benchmarked:
+              adapters_served: dict[str, str] | None = None, alone=None) -> Benchmarked:
     """Measure one model in processes of its own: the reference (recipe None) or a recipe's saved checkpoint, what
     ships. Where the recipe's backend quantizes while loading and `base_checkpoint` is given, the reference
     quantized while loading is measured too (`quantize_on_load`). A process that dies (out of memory, a load that
     fails under a memory limit) becomes a record with its error. Inductor's compiled kernels are kept in
     `cache_dir`/inductor, so a model compiled once compiles again in a fraction of the time on the next run.
-    `adapters_served` (name: folder): each measured again with the adapter on top, against the model without it."""
+    `adapters_served` (name: folder): each measured again with the adapter on top, against the model without it.
+    `alone()`, where given, is a context in which the device is the step's alone (an orchestrator's turn): each
+    process loads and compiles sharing the device, and times (or searches the KV cache's capacity) inside it; the
+    memory of quantizing while loading, which times nothing, is measured outside it."""
     if recipe is not None and (skipped := cuda_skip(recipe, modeling.resolve_device(device))):
         return Benchmarked(**skipped)
     out = Path(out_dir)
@@ -37,7 +40,7 @@ def benchmark(name: str, checkpoint: str, recipe: RecipeBase | None, dtype: str,
                 settings=settings, out_dir=str(out), copy_bandwidth=reference and reference.copy_bandwidth,
                 mode="reference" if recipe is None else "saved",
                 inductor_cache=str(Path(cache_dir) / "inductor") if cache_dir else None)
-    result = measured_in_processes(name, spec, out, settings.processes)
+    result = measured_in_processes(name, spec, out, settings.processes, alone)
     if result["status"] != "ok":
         return Benchmarked(**result)
     if reference and reference.latency:
@@ -45,10 +48,10 @@ def benchmark(name: str, checkpoint: str, recipe: RecipeBase | None, dtype: str,
     warnings = list(result["diagnostics"]) + latency_warnings(result)
     if settings.memory_budget:
         result["kv_cache"] = kv_cache = run_measurement(name, spec.model_copy(update={"measure": "kv_cache"}),
-                                                        out / "benchmark-kv-cache.json")
+                                                        out / "benchmark-kv-cache.json", alone=alone)
         warnings += kv_cache_warnings(kv_cache)
     for adapter, folder in (adapters_served or {}).items():
-        result.setdefault("adapters", {})[adapter] = with_adapter(name, spec, adapter, folder, result, out)
+        result.setdefault("adapters", {})[adapter] = with_adapter(name, spec, adapter, folder, result, out, alone)
         warnings += [f"adapter {adapter}: {w}" for w in adapter_warnings(result["adapters"][adapter])]
     if base_checkpoint and settings.quantize_on_load and quantizes_while_loading(recipe):
         on_load = run_measurement(name, spec.model_copy(update={"checkpoint": base_checkpoint, "latency": False,
@@ -61,17 +64,17 @@ def benchmark(name: str, checkpoint: str, recipe: RecipeBase | None, dtype: str,
     return Benchmarked(**{**result, "warnings": warnings})
 
 
-def with_adapter(name: str, spec: Spec, adapter: str, folder: str, alone: dict, out: Path) -> dict:
+def with_adapter(name: str, spec: Spec, adapter: str, folder: str, without: dict, out: Path, alone=None) -> dict:
     """The model with a served adapter on top, in a process of its own: its memory and latency, and the decode time
     and private memory it adds to the model's own figures of this step."""
     found = run_measurement(f"{name} with {adapter}", spec.model_copy(update={"adapter": folder}),
-                            out / f"benchmark-adapter-{adapter}.json")
+                            out / f"benchmark-adapter-{adapter}.json", alone=alone)
     if found["status"] != "ok":
         return found
-    mine, theirs = found["latency"]["decode_ms_per_token"], alone["latency"]["decode_ms_per_token"]
+    mine, theirs = found["latency"]["decode_ms_per_token"], without["latency"]["decode_ms_per_token"]
     found["decode_ms_added"] = round(mine - theirs, 4)
     found["decode_ratio"] = round(mine / theirs, 4)
-    found["real_bytes_added"] = found["real_bytes"] - alone["real_bytes"]
+    found["real_bytes_added"] = found["real_bytes"] - without["real_bytes"]
     return found
 
 

@@ -6,6 +6,7 @@ import os
 import time
 import types
 import weakref
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -72,12 +73,22 @@ def test_quantized_too_late_is_diagnosed_on_both_sides():
 
 @pytest.fixture(scope="module")
 def measured(smollm2, tmp_path_factory):
+    import contextlib
+
     out = tmp_path_factory.mktemp("bench")
     ref = benchmark("reference", str(smollm2), None, "bfloat16", "cpu", SMALL, str(out / "reference"))
+    turns = []
+
+    @contextlib.contextmanager
+    def alone():  # as the flow's turn: what the measurement's log said when it was asked for, and when given back
+        turns.append({"asked_after": (out / "int8" / "benchmark-log.txt").read_text()})
+        yield
+        turns[-1]["given_back"] = time.time()
+
     int8 = benchmark("torchao-int8-weight-only", saved(smollm2, "torchao-int8-weight-only", out),
                      recipe("torchao-int8-weight-only"), "bfloat16", "cpu", SMALL, str(out / "int8"), reference=ref,
-                     base_checkpoint=str(smollm2))
-    return ref.model_dump(), int8.model_dump()
+                     base_checkpoint=str(smollm2), alone=alone)
+    return ref.model_dump(), {**int8.model_dump(), "turns": turns}
 
 
 def test_reference_and_recipe_latency_from_one_run(measured):
@@ -116,6 +127,18 @@ def test_the_benchmark_loads_the_saved_checkpoint_and_keeps_quantize_on_load_apa
     assert on_load["status"] == "ok" and "latency" not in on_load
     assert on_load["memory"]["host_private_peak"] > 0 and on_load["real_bytes"] == int8["real_bytes"]
     assert int8["memory"]["host_private_peak"] != on_load["memory"]["host_private_peak"]
+
+
+def test_the_benchmark_loads_sharing_the_device_and_times_with_it_alone(measured):
+    """Given a turn (the flow's Hold.alone), the measurement asks for it once loaded and warmed up, before anything
+    is timed, and gives it back when it ends; the memory of quantizing while loading times nothing and asks for none."""
+    _, int8 = measured
+    [turn] = int8["turns"]
+    assert "benchmark: loaded in" in turn["asked_after"] and "repeat 1/" not in turn["asked_after"]
+    alone = int8["alone"]
+    assert alone["waited_s"] >= 0 and alone["seconds"] > 0 and "alone" not in int8["quantize_on_load"]
+    started = datetime.fromisoformat(alone["started_at"]).timestamp()
+    assert started <= turn["given_back"] <= started + alone["seconds"] + 1
 
 
 def test_offloading_limits(smollm2, tmp_path):
@@ -324,6 +347,27 @@ def test_fused_tinygemm_int4_drops_torchao_k_padding():
     for a, b in zip(fused, separate):
         # tinygemm splits k across its warps differently for 3 k-tiles than for 8: fp32 sums reorder.
         torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
+
+
+def test_the_wait_for_the_device_alone_is_not_timed_out(tmp_path):
+    """A measurement ready to time waits for its turn as long as other steps hold it; timeout_s counts from its go."""
+    import subprocess
+    import sys
+
+    from quantgate.bench.launcher import waited
+
+    ready, go = tmp_path / "ready", tmp_path / "go"
+    script = (f"import pathlib, time; pathlib.Path({str(ready)!r}).touch()\n"
+              f"while not pathlib.Path({str(go)!r}).exists(): time.sleep(0.02)\ntime.sleep(0.3)")
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    assert waited(proc, 1.0, (ready, go), lambda: time.sleep(2.0)) == 0  # the turn came after twice the timeout
+    stuck = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        with pytest.raises(subprocess.TimeoutExpired):
+            waited(stuck, 1.0, (ready.with_name("never"), go.with_name("never-go")), lambda: None)
+    finally:
+        stuck.kill()
+        stuck.wait()
 
 
 def test_several_measurement_processes_give_the_median_and_their_spread(smollm2, tmp_path, caplog):

@@ -229,7 +229,7 @@ def test_steps_share_a_device_of_two_slots_and_the_benchmark_holds_it_alone(pref
     spans, inside = {}, {}
 
     def step(devices, step_name, name, seconds, meet=None):  # threads here stand for runs: their slots, not the turns
-        with slots(devices, name, step_name):
+        with slots(devices, name, step_name, alone=step_name == "benchmark"):
             start = time.monotonic()
             inside.setdefault(name, threading.Event()).set()
             if meet:
@@ -267,8 +267,8 @@ def test_steps_share_a_device_of_two_slots_and_the_benchmark_holds_it_alone(pref
     # where no turnstile held it back, it would take the free slot at once, and the next, ahead of the benchmark.
     from prefect.settings import PREFECT_API_URL
 
-    other = subprocess.run([sys.executable, "-c", "import time; from flows.devices import Devices, held\n"
-                            f"with held(Devices(({two.names[0]!r},), 2), 'd', 'validate'):\n"
+    other = subprocess.run([sys.executable, "-c", "import time; from flows.devices import Devices, Hold\n"
+                            f"with Hold(Devices(({two.names[0]!r},), 2), 'd', 'validate'):\n"
                             "    print(time.monotonic())"], cwd=PROJECT, capture_output=True, text=True, timeout=120,
                            env={**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()})
     assert other.returncode == 0, other.stderr

@@ -139,6 +139,42 @@ def test_within_a_run_steps_share_and_a_timed_step_waits_for_them_then_holds_bac
     assert bench[0] >= max(a[1], b[1]) and c[0] >= bench[1]  # alone, and ahead of the step that came after it
 
 
+def test_a_timed_step_shares_the_run_while_it_prepares_and_has_it_alone_while_it_measures():
+    import threading
+
+    from flows.devices import Devices, Hold
+
+    spans = {}
+
+    def step(name, seconds, after=0.0):
+        time.sleep(after)
+        with Hold(Devices(), name, "validate"):
+            start = time.monotonic()
+            time.sleep(seconds)
+            spans[name] = (start, time.monotonic())
+
+    def benchmark():
+        with Hold(Devices(), "bench", "benchmark") as hold:
+            spans["prepare"] = (time.monotonic(),)
+            time.sleep(0.5)  # loads and compiles beside validate-a
+            with hold.alone():
+                start = time.monotonic()
+                time.sleep(1.0)
+                spans["alone"] = (start, time.monotonic())
+            spans["after"] = (time.monotonic(),)  # shares again: the memory of quantizing while loading
+
+    calls = [(step, ("validate-a", 1.5)), (benchmark, ()), (step, ("evaluate-c", 0.5, 1.0))]
+    threads = [threading.Thread(target=fn, args=args) for fn, args in calls]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    a, alone, c = spans["validate-a"], spans["alone"], spans["evaluate-c"]
+    assert spans["prepare"][0] < a[1]  # prepared beside a step in flight
+    assert alone[0] >= a[1] and c[0] >= alone[1]  # measured alone; c, arriving meanwhile, waited behind it
+    assert spans["after"][0] >= alone[1]
+
+
 def timed_out(worker, fn, args: tuple, seconds: float) -> tuple[BaseException | None, float]:
     """worker.call(fn, *args) in a thread under Prefect's timeout, as a task run in a recipe's thread is (Prefect raises
     TimeoutError into the thread, its cancel scope): what it raised, and after how long."""
@@ -260,9 +296,13 @@ def test_two_recipes_at_once_gate_side_by_side_each_in_its_process_and_the_bench
     steps = {(r, s): span(v) for r in recipes for s, v in metrics["recipes"][r]["steps"].items() if v.get("started_at")}
     a, b = steps[(recipes[0], "quantize")], steps[(recipes[1], "quantize")]
     assert a[0] < b[1] and b[0] < a[1]  # side by side
-    for (recipe, step), (start, end) in steps.items():
-        if step == "benchmark":  # alone: no other step of the run within it
-            assert all(e <= start + 0.05 or s >= end - 0.05 for key, (s, e) in steps.items() if key != (recipe, step))
+    # Each benchmark loads sharing the device and times alone: no other step of the run, nor another's time alone,
+    # within its time alone (another benchmark's step may be loading before it, or waiting for its turn).
+    alone = {r: span(metrics["recipes"][r]["benchmark"]["alone"]) for r in recipes}
+    for recipe, (start, end) in alone.items():
+        others = [v for (_, step), v in steps.items() if step != "benchmark"]
+        others += [v for r, v in alone.items() if r != recipe]
+        assert all(e <= start + 0.05 or s >= end - 0.05 for s, e in others), (recipe, start, end)
 
     log = (run_dir / "run.log").read_text()
     pids = {r: re.search(rf"quantgate.workers: {re.escape(r)}: worker process (\d+) started", log) for r in recipes}

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import logging
 import statistics
+import time
 
 import torch
 
 from quantgate import modeling
 from quantgate.bench.decode import COMPILE_LABELS, FALLBACKS, StaticDecoder, decode_attention, decode_eager, prompt_ids
 from quantgate.bench.fusion import fuse_projections
-from quantgate.measure import Timer
+from quantgate.measure import Timer, others_busy
 from quantgate.settings import BenchmarkSettings
 
 log = logging.getLogger("quantgate.benchmark")
@@ -120,11 +121,14 @@ def timed_runs(decoding: Decoding, ids: torch.Tensor, settings: BenchmarkSetting
             "greedy_agreement_with_eager": decoding.agreement, "first_divergence_from_eager": decoding.divergence}
 
 
-def measure_latency(model, settings: BenchmarkSettings, bytes_per_token: int, bandwidth: float, backend=None) -> dict:
+def measure_latency(model, settings: BenchmarkSettings, bytes_per_token: int, bandwidth: float | None, backend=None,
+                    ready=None) -> dict:
     """Per batch size: warm-up, then the median of `repeats` runs; the fast path where it works. The bandwidth
-    floor: the weight bytes a step reads over the copy bandwidth. `backend` fuses its own packed projections."""
+    floor: the weight bytes a step reads over the copy bandwidth (measured here where None). `backend` fuses its own
+    packed projections. `ready()` is called once, after the first compile, before anything is timed: it returns
+    when the device is the measurement's alone (the flow's turn), so loading and compiling share it."""
     device, vocab = modeling.model_device(model), model.get_input_embeddings().weight.shape[0]
-    results, fusion, why_eager = [], None, eager_reason(model, settings)
+    results, fusion, why_eager, others = [], None, eager_reason(model, settings), 0.0
     for batch in settings.batch_sizes:
         ids = prompt_ids(vocab, batch, settings.prompt_tokens, device)
         decode_eager(model, ids[:, : min(settings.prompt_tokens, 16)], 2)  # warm-up: kernels, allocator
@@ -136,7 +140,10 @@ def measure_latency(model, settings: BenchmarkSettings, bytes_per_token: int, ba
                      fusion["unfused"] or "none", fusion["padding_bytes_dropped"] / 1e9)
         fused = " + fused projections" if fusion and fusion["fused"] else ""
         decoding = Decoding(model) if why_eager else fast_path(model, ids, settings, fused)
-        entry = timed_runs(decoding, ids, settings)
+        if not results:
+            bandwidth = alone_from_here(ready, device, bandwidth, bytes_per_token)
+        entry, busy = others_busy(lambda: timed_runs(decoding, ids, settings))
+        others = max(others, busy)
         if "torch.compile" in decoding.path:
             entry.update(coordinate_descent=settings.coordinate_descent, autotune_pointwise=settings.autotune_pointwise)
         if decoding.path == "eager" and (why := why_eager or decoding.fallback):
@@ -149,4 +156,16 @@ def measure_latency(model, settings: BenchmarkSettings, bytes_per_token: int, ba
     return {**{k: first[k] for k in ("decode_ms_per_token", "decode_spread", "prefill_ms", "tokens_per_s", "total_s",
                                       "path", "compile_s") if k in first}, "decode_spread_over": "repeats",
             **({"of_bandwidth_floor": first["of_bandwidth_floor"]} if "of_bandwidth_floor" in first else {}),
-            **({"projections": fusion} if fusion else {}), "runs": results}
+            **({"projections": fusion} if fusion else {}), "runs": results, "copy_bandwidth": bandwidth,
+            "other_busy_cores": others}
+
+
+def alone_from_here(ready, device: torch.device, bandwidth: float | None, bytes_per_token: int) -> float:
+    """Waits for the device to itself (ready), then measures its copy bandwidth where not given: what is timed."""
+    if ready is not None:
+        t0 = time.perf_counter()
+        ready()
+        log.info("benchmark: waited %.1f s for the device alone", time.perf_counter() - t0)
+    bandwidth = bandwidth or copy_bandwidth(device)
+    log.info("benchmark: floor %.3f ms/token at %.0f GB/s", bytes_per_token / bandwidth * 1000, bandwidth / 1e9)
+    return bandwidth

@@ -3,6 +3,7 @@ record of how the process died; several processes, the one with the median decod
 from __future__ import annotations
 
 import atexit
+import contextlib
 import contextvars
 import json
 import logging
@@ -14,23 +15,25 @@ import sys
 import threading
 import time
 from collections import deque
+from datetime import datetime, timezone
 from pathlib import Path
 
 from quantgate.bench.worker import Spec, limits_of
 from quantgate.bench.zygote import Zygote, ZygoteError, imported_with
 from quantgate.files import write_json
+from quantgate.runlog import raise_if_signalled
 
 log = logging.getLogger("quantgate.benchmark")
 
 
-def measured_in_processes(name: str, spec: Spec, out: Path, processes: int) -> dict:
+def measured_in_processes(name: str, spec: Spec, out: Path, processes: int, alone=None) -> dict:
     """The measurement in `processes` processes of its own: the one with the median decode figure, with every
     process's figure and their spread, (max - min) / median, in its latency (one process: its repeats' spread).
     Several are fresh interpreters, never forked: siblings forked from one zygote share its address layout and
     hash seed, which fresh processes do not, and the spread is meant to show what a fresh process varies by."""
     if processes == 1:
-        return run_measurement(name, spec, out / "benchmark.json")
-    results = [run_measurement(name, spec, out / f"benchmark-process{i}.json", fresh=True)
+        return run_measurement(name, spec, out / "benchmark.json", alone=alone)
+    results = [run_measurement(name, spec, out / f"benchmark-process{i}.json", fresh=True, alone=alone)
                for i in range(1, processes + 1)]
     if failed := next((r for r in results if r["status"] != "ok"), None):
         return failed
@@ -55,16 +58,19 @@ def measurement_env(spec: Spec) -> dict:
     return env
 
 
-def run_measurement(name: str, spec: Spec, result_path: Path, fresh: bool = False) -> dict:
+def run_measurement(name: str, spec: Spec, result_path: Path, fresh: bool = False, alone=None) -> dict:
     """quantgate.bench.worker on SPEC in a process of its own (a fresh interpreter where `fresh`) under the step's
     timeout; its result, or a record of its error. What it printed goes to `<result>-log.txt` beside the result,
-    its `benchmark:` lines to the step's log."""
+    its `benchmark:` lines to the step's log. With `alone` (a context manager factory: the device to this process
+    alone), the process loads and compiles first, then measures inside `alone()`; its wait for it is not timed out."""
     out, result_path = Path(spec.out_dir).resolve(), result_path.resolve()
-    spec = spec.model_copy(update={"out_dir": str(out)})
+    turn = tuple(result_path.with_name(f"{result_path.stem}-{what}") for what in ("ready", "go")) if alone else None
+    spec = spec.model_copy(update={"out_dir": str(out), "turn": turn and tuple(map(str, turn))})
     settings, spec_path = spec.settings, result_path.with_name(result_path.stem + "-spec.json")
     log_path = result_path.with_name(result_path.stem + "-log.txt")
     write_json(spec_path, spec.model_dump(mode="json"))
-    result_path.unlink(missing_ok=True)
+    for stale in (result_path, *(turn or ())):
+        stale.unlink(missing_ok=True)
     log_path.write_text("")
     tail: deque[str] = deque(maxlen=40)
 
@@ -82,14 +88,17 @@ def run_measurement(name: str, spec: Spec, result_path: Path, fresh: bool = Fals
     # warning that a log came from outside any run).
     reader = threading.Thread(target=contextvars.copy_context().run, args=(follow, log_path, ended, shown), daemon=True)
     reader.start()
+    held, code = Alone(alone), None
     try:
-        code = proc.wait(timeout=settings.timeout_s)
+        code = waited(proc, settings.timeout_s, turn, held.take)
     except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
         return {"status": "error", "reason": f"the benchmark process ran past {settings.timeout_s:g} s",
-                "process": started}
+                "process": started, **held.span}
     finally:
+        if code is None:  # a timeout, a stop, the step's own timeout raised in this thread
+            proc.kill()
+            proc.wait()
+        held.close()
         release(lease)
         ended.set()
         reader.join(timeout=5)
@@ -101,8 +110,47 @@ def run_measurement(name: str, spec: Spec, result_path: Path, fresh: bool = Fals
         why = "killed (out of memory?)" if code in (-9, 137) else f"exit code {code}"
         return {"status": "error", "reason": f"the benchmark process failed ({why}): {error}"
                 + (f"; under the limits {limits}" if limits else ""), "limits": limits, "log_tail": list(tail)[-15:],
-                "process": started}
-    return {"status": "ok", **json.loads(result_path.read_text()), "process": started}
+                "process": started, **held.span}
+    return {"status": "ok", **json.loads(result_path.read_text()), "process": started, **held.span}
+
+
+class Alone:
+    """A measurement's time with the device to itself (`alone()`, an orchestrator's turn): taken once it is ready,
+    given back when it ends, and its span for the record (`alone`: when, how long, how long it waited)."""
+
+    def __init__(self, alone):
+        self.alone, self.stack, self.span, self.since = alone, contextlib.ExitStack(), {}, None
+
+    def take(self) -> None:
+        t0 = time.monotonic()
+        self.stack.enter_context(self.alone())
+        self.since = time.monotonic()
+        self.span = {"alone": {"started_at": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+                               "waited_s": round(self.since - t0, 2)}}
+
+    def close(self) -> None:
+        if self.since is not None:  # before it is given back: giving it back may wait (a share taken again after it)
+            self.span["alone"]["seconds"] = round(time.monotonic() - self.since, 2)
+        self.stack.close()
+
+
+def waited(proc, timeout_s: float, turn: tuple[Path, Path] | None, take_turn) -> int:
+    """The process's exit code, once it ends within timeout_s; where it says it is ready to measure (turn's first
+    file), its turn taken (take_turn) and its go given (the second file): timeout_s to be ready, and timeout_s again
+    from its go; the wait for the turn does not count."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return proc.wait(timeout=0.05)
+        except subprocess.TimeoutExpired:
+            pass
+        raise_if_signalled()
+        if turn and not turn[1].exists() and turn[0].exists():
+            take_turn()
+            turn[1].touch()
+            deadline = time.monotonic() + timeout_s
+        if time.monotonic() > deadline:
+            raise subprocess.TimeoutExpired(f"measurement {proc.pid}", timeout_s)
 
 
 def start_process(argv: list[str], log_path: Path, cwd: Path, env: dict, fresh: bool):

@@ -17,10 +17,10 @@ from pydantic import BaseModel
 from quantgate import kvcache, modeling
 from quantgate.backends import backend_of, fp8_kernel, parse_recipe
 from quantgate.bench.decode import prompt_ids
-from quantgate.bench.latency import copy_bandwidth, measure_latency, weight_bytes_per_token
+from quantgate.bench.latency import measure_latency, weight_bytes_per_token
 from quantgate.files import WEIGHT_FILES, write_json
 from quantgate.loading import growth, kernel_of, load_quantized
-from quantgate.measure import BUSY_CORES, MemorySampler, others_busy, proc_status
+from quantgate.measure import BUSY_CORES, MemorySampler, proc_status
 from quantgate.paths import DATA_DIR
 from quantgate.plan import kept, plan_recipe
 from quantgate.settings import BenchmarkSettings
@@ -42,6 +42,8 @@ class Spec(BaseModel):
     latency: bool = True  # false: memory while loading only
     measure: Literal["latency", "kv_cache"] = "latency"
     adapter: str | None = None  # a served LoRA adapter's folder, loaded by peft on top of the model
+    # (ready, go) files: the process waits, loaded and compiled, for the device to itself before it measures
+    turn: tuple[str, str] | None = None
 
 
 def largest_shard(checkpoint: Path) -> int:
@@ -152,20 +154,31 @@ def measure(spec: Spec) -> dict:
 def generate_measured(model, spec: Spec, sampler: MemorySampler, load_s: float) -> dict:
     """Latency, with the memory of generating sampled as the phase `infer`."""
     device = modeling.model_device(model)
-    bandwidth = spec.copy_bandwidth or copy_bandwidth(device)
     with sampler.phase("infer"):
         first_forward(model, device)
         real = modeling.real_bytes(model)  # what it runs in: a library may expand its weights on the first forward
         per_token = weight_bytes_per_token(model, real)
-        log.info("benchmark: loaded in %.1f s, real bytes %.3f GB, floor %.3f ms/token at %.0f GB/s", load_s,
-                 real / 1e9, per_token / bandwidth * 1000, bandwidth / 1e9)
-        latency, others = others_busy(lambda: measure_latency(model, spec.settings, per_token, bandwidth,
-                                                              backend_for(spec)))
-    latency["other_busy_cores"] = others
-    if others > BUSY_CORES:
+        log.info("benchmark: loaded in %.1f s, real bytes %.3f GB", load_s, real / 1e9)
+        latency = measure_latency(model, spec.settings, per_token, spec.copy_bandwidth, backend_for(spec),
+                                  ready=spec.turn and (lambda: wait_for_turn(spec)))
+    bandwidth = latency.pop("copy_bandwidth")
+    if latency["other_busy_cores"] > BUSY_CORES:
         latency["comparable"] = False
     return {"real_bytes": real, "latency": latency, "copy_bandwidth": bandwidth, "weight_bytes_per_token": per_token,
             "placement": modeling.devices_of(model), "device": str(device), "cpu_threads": torch.get_num_threads()}
+
+
+def wait_for_turn(spec: Spec) -> None:
+    """Tells the launcher the model is ready to be measured, then waits for its go: the device to itself (the flow's
+    turn), up to the step's timeout."""
+    ready, go = map(Path, spec.turn)
+    ready.touch()
+    deadline = time.monotonic() + spec.settings.timeout_s
+    while not go.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no turn on the device within steps.benchmark.timeout_s "
+                               f"({spec.settings.timeout_s:g} s)")
+        time.sleep(0.02)
 
 
 def backend_for(spec: Spec):
@@ -202,6 +215,8 @@ def measure_kv_cache(spec: Spec) -> dict:
     cache, and the quantized caches' KL on a long prompt."""
     settings, kv = spec.settings, spec.settings.kv_cache
     model = loader(spec)()
+    if spec.turn:
+        wait_for_turn(spec)
     spread = modeling.devices_of(model)["param_bytes_by_device"]  # offloaded weights count as a device
     if len(spread) > 1:
         return {"status": "not_run",
