@@ -69,8 +69,8 @@ def made(client, name: str, slots: int) -> int:
 
 
 class Turns:
-    """Within one run: steps share the machine, a timed step has it alone. A timed step waiting stops new steps from
-    starting, so recipes gated side by side (model.recipes_at_once) do not keep it waiting."""
+    """Within one run: steps share the machine, a timed step has it alone while it times. A step waiting to be alone
+    stops new steps from starting, so recipes gated side by side (model.recipes_at_once) do not keep it waiting."""
 
     def __init__(self):
         self.changed = threading.Condition()
@@ -94,11 +94,17 @@ class Turns:
                 self.changed.notify_all()
 
     @contextlib.contextmanager
-    def exclusive(self):
+    def upgraded(self):
+        """A sharing step alone: its share given up while it waits (two steps waiting so would wait for each other)
+        and taken back, at once, after."""
         with self.changed:
+            self.sharing -= 1
             self.waiting += 1
             try:
                 self.wait(lambda: not self.alone and not self.sharing)
+            except BaseException:
+                self.sharing += 1  # the step still ends as one sharing: its hold gives the share up
+                raise
             finally:
                 self.waiting -= 1
             self.alone = True
@@ -106,7 +112,7 @@ class Turns:
             yield
         finally:
             with self.changed:
-                self.alone = False
+                self.alone, self.sharing = False, self.sharing + 1
                 self.changed.notify_all()
 
 
@@ -114,37 +120,39 @@ TURNS = Turns()
 
 
 class Hold:
-    """A step's hold on its devices while it runs: the run's turn (Turns) and the devices' slots across runs, shared
-    with other steps; a timed step shares them while it loads and compiles, and has them to itself (`alone`) while it
-    measures. Steps ASIDE hold nothing."""
+    """A step's hold on its devices while it runs: a share of the run's turn (Turns) and a slot of each device across
+    runs; a timed step has them to itself (`alone`) while it measures, and shares them while it loads and compiles.
+    Steps ASIDE hold nothing."""
 
     def __init__(self, devices: Devices, group: str, step: str):
         self.devices, self.group, self.step = devices, group, step
-        self.stack = contextlib.ExitStack()
+        self.share, self.slot = contextlib.ExitStack(), contextlib.ExitStack()
 
     def __enter__(self) -> Hold:
         if self.step not in ASIDE:
-            self.take(alone=False)
+            self.share.enter_context(TURNS.shared())
+            self.slot.enter_context(slots(self.devices, self.group, self.step, alone=False))
         return self
 
     def __exit__(self, *exc) -> None:
-        self.stack.close()
-
-    def take(self, alone: bool) -> None:
-        self.stack.enter_context(TURNS.exclusive() if alone else TURNS.shared())
-        self.stack.enter_context(slots(self.devices, self.group, self.step, alone))
+        self.slot.close()
+        self.share.close()
 
     @contextlib.contextmanager
     def alone(self):
-        """The devices to this step alone, its shared turn and slot given back first (two steps each keeping theirs
-        while they wait for the rest would wait for ever), and taken again after."""
-        self.stack.close()
-        try:
-            self.take(alone=True)
-            yield
-        finally:
-            self.stack.close()
-            self.take(alone=False)
+        """The devices to this step alone. Where a device has more than one slot, the step's own is given back while
+        it waits for them all (two steps each keeping one would wait for each other), and taken again after; where
+        each has one, the step's slot is the device's."""
+        with TURNS.upgraded():
+            if all(size == 1 for size in limit_sizes(self.devices).values()):
+                yield
+                return
+            self.slot.close()
+            try:
+                with slots(self.devices, self.group, self.step, alone=True):
+                    yield
+            finally:
+                self.slot.enter_context(slots(self.devices, self.group, self.step, alone=False))
 
 
 def take(stack: contextlib.ExitStack, names: list[str], occupy: int) -> None:
@@ -177,6 +185,16 @@ def client_release(lease_id) -> None:
         client.release_concurrency_slots_with_lease(lease_id=lease_id)
 
 
+def limit_sizes(devices: Devices) -> dict[str, int]:
+    """Each device limit's slots (its turnstile made too where missing); none where the run holds no devices."""
+    if not devices.names:
+        return {}
+    with get_client(sync_client=True) as client:
+        for name in devices.names:
+            made(client, name + TURNSTILE, 1)
+        return {name: max(made(client, name, devices.slots), 1) for name in devices.names}
+
+
 @contextlib.contextmanager
 def slots(devices: Devices, group: str, step: str, alone: bool):
     """A slot of each device held for one step, or every slot where it is to have them alone; waited for where other
@@ -185,11 +203,7 @@ def slots(devices: Devices, group: str, step: str, alone: bool):
     if not devices.names:
         yield
         return
-    with get_client(sync_client=True) as client:
-        sizes = {name: max(made(client, name, devices.slots), 1) for name in devices.names}
-        turnstiles = sorted(name + TURNSTILE for name in devices.names)
-        for name in turnstiles:
-            made(client, name, 1)
+    sizes, turnstiles = limit_sizes(devices), sorted(name + TURNSTILE for name in devices.names)
     t0 = time.perf_counter()
     with contextlib.ExitStack() as stack:
         if alone:  # the turnstile kept until it ends; limits of one size together, smallest first

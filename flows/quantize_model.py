@@ -100,10 +100,12 @@ def gate_model(run: RunRecord, config: RunConfig) -> Model | None:
     compute = modeling.compute_dtype(model.dtype, model.device, model.compute_dtype)
     device = modeling.placement(model.device, model.max_memory)  # one GPU, several, or the CPU: every step's
     hold = device_limits(model, device)
-    if hold.names and hold.slots < min(model.recipes_at_once, len(config.recipes)):
+    at_once = min(model.recipes_at_once, len(config.recipes))
+    wanted = at_once + (at_once > 1)  # side by side, the reference's benchmark loads beside the first recipes
+    if hold.names and hold.slots < wanted:
         log.warning("model.recipes_at_once is %d but model.device_slots %d: the recipes' steps on %s take turns; "
-                    "set model.device_slots to %d for them to compute at once", model.recipes_at_once, hold.slots,
-                    hold, model.recipes_at_once)
+                    "set model.device_slots to %d for them to compute at once (the reference's benchmark with them)",
+                    model.recipes_at_once, hold.slots, hold, wanted)
     reference = run_step(reference_task, steps.reference, Reference, "model", "reference", hold, download=download,
                          dtype=model.dtype, compute_dtype=compute, device=device, cache_dir=cache,
                          validate=steps.validate, evaluate=steps.evaluate, adapters_served=config.adapters)

@@ -11,6 +11,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 
 from flows.devices import TIMED, Devices, Hold
@@ -66,8 +67,9 @@ quantize_task = task(in_worker(quantize), name="quantize", task_run_name="quanti
 validate_task = task(in_worker(validate), name="validate", task_run_name="validate-{recipe.name}")
 adapters_task = task(in_worker(check_adapters), name="adapters", task_run_name="adapters-{recipe.name}")
 evaluate_task = task(in_worker(evaluate), name="evaluate", task_run_name="evaluate-{recipe.name}")
-# Here, not in a worker: it loads nothing itself, and asks this process for the device alone (Hold.alone) as it times.
-benchmark_task = task(benchmark, name="benchmark", task_run_name="benchmark-{name}")
+# Here, not in a worker: it loads nothing itself, and asks this process for the device alone (Hold.alone) as it times;
+# no cache key: that request, a function, is one of its inputs.
+benchmark_task = task(benchmark, name="benchmark", task_run_name="benchmark-{name}", cache_policy=NO_CACHE)
 publish_task = task(publish, name="publish", task_run_name="publish-{recipe}")
 
 

@@ -56,10 +56,11 @@ def reference_sequences(model, tokenizer, settings) -> list[dict]:
     for i, text in enumerate(articles(settings.long_sequences)):
         ids = tokenizer(text[:tokens * 40], return_tensors="pt").input_ids[:, :tokens]  # generous: cut, then tokenize
         found.append({"id": f"wikitext-{i + 1}", "ids": ids, **top_at(model, ids.to(device), settings)})
-    for prompt in [p for p in load_prompts(settings) if p["chat"]][:settings.long_generations]:
-        ids = encode(tokenizer, prompt).to(device)
-        made = generated(model, tokenizer, ids, settings.long_new_tokens)
-        found.append({"id": f"generation-{prompt['id']}", "ids": made["ids"], "prompt_tokens": ids.shape[1],
+    prompts = [p for p in load_prompts(settings) if p["chat"]][:settings.long_generations]
+    ids = [encode(tokenizer, prompt).to(device) for prompt in prompts]
+    made = generated(model, tokenizer, ids, settings.long_new_tokens) if ids else []
+    for prompt, tokens, made in zip(prompts, ids, made):
+        found.append({"id": f"generation-{prompt['id']}", "ids": made["ids"], "prompt_tokens": tokens.shape[1],
                       "degeneration": made["degeneration"], "text": made["text"],
                       **top_at(model, made["ids"].to(device), settings)})
     return found
@@ -73,16 +74,27 @@ def top_at(model, ids: torch.Tensor, settings) -> dict:
 
 
 @torch.no_grad()
-def generated(model, tokenizer, ids: torch.Tensor, new_tokens: int) -> dict:
-    """A greedy generation of `new_tokens` (no early stop, so every model's is as long), its degeneration figures."""
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                         min_new_tokens=new_tokens, do_sample=False, output_scores=True, return_dict_in_generate=True,
-                         pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-    new = out.sequences[0, ids.shape[1]:].cpu()
-    logp = torch.log_softmax(torch.stack(out.scores)[:, 0].float(), -1)
-    entropy = float(-(logp.exp() * logp).nan_to_num().sum(-1).mean())
-    return {"ids": out.sequences.cpu(), "text": tokenizer.decode(new, skip_special_tokens=True),
-            "degeneration": {**degeneration(new.tolist()), "entropy": round(entropy, 4)}}
+def generated(model, tokenizer, prompts: list[torch.Tensor], new_tokens: int) -> list[dict]:
+    """Greedy generations of `new_tokens` (no early stop, so every model's is as long), each with its degeneration
+    figures: the prompts in one batch, left-padded, so a step decodes them all at once (a 12B model took 78 s for
+    four one after another on the H100: docs/BENCHMARKS.md)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    width, device = max(p.shape[1] for p in prompts), prompts[0].device
+    ids = torch.full((len(prompts), width), pad, dtype=prompts[0].dtype, device=device)
+    mask = torch.zeros_like(ids)
+    for i, prompt in enumerate(prompts):
+        ids[i, width - prompt.shape[1]:], mask[i, width - prompt.shape[1]:] = prompt[0], 1
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                         do_sample=False, output_scores=True, return_dict_in_generate=True, pad_token_id=pad)
+    logp = torch.log_softmax(torch.stack(out.scores).float(), -1)  # [new tokens, prompts, vocab]
+    made = []
+    for i, prompt in enumerate(prompts):
+        new = out.sequences[i, width:].cpu()
+        entropy = float(-(logp[:, i].exp() * logp[:, i]).nan_to_num().sum(-1).mean())
+        made.append({"ids": torch.cat([prompt[0].cpu(), new])[None],
+                     "text": tokenizer.decode(new, skip_special_tokens=True),
+                     "degeneration": {**degeneration(new.tolist()), "entropy": round(entropy, 4)}})
+    return made
 
 
 def degeneration(tokens: list[int]) -> dict:
@@ -113,13 +125,13 @@ def compare(model, tokenizer, stats: list[dict], settings) -> dict:
             top1.append(float(measured["top1"][j]))
     longest = max(s["ids"].shape[1] for s in stats)
     rows = [bucket_row(a, min(b, longest), kl, top1) for (a, b), (kl, top1) in sorted(per.items())]
-    generations = []
-    for ref in [s for s in stats if "degeneration" in s]:
-        prompt = ref["ids"][:, :ref["prompt_tokens"]].to(device)
-        made = generated(model, tokenizer, prompt, ref["ids"].shape[1] - ref["prompt_tokens"])
-        generations.append({"prompt": ref["id"].removeprefix("generation-"), "reference": ref["degeneration"],
-                            "quantized": made["degeneration"], "reference_text": ref["text"],
-                            "quantized_text": made["text"]})
+    refs = [s for s in stats if "degeneration" in s]
+    prompts = [ref["ids"][:, :ref["prompt_tokens"]].to(device) for ref in refs]
+    new_tokens = {ref["ids"].shape[1] - ref["prompt_tokens"] for ref in refs}  # one length: none stops early
+    made = generated(model, tokenizer, prompts, new_tokens.pop()) if refs else []
+    generations = [{"prompt": ref["id"].removeprefix("generation-"), "reference": ref["degeneration"],
+                    "quantized": own["degeneration"], "reference_text": ref["text"], "quantized_text": own["text"]}
+                   for ref, own in zip(refs, made)]
     return {"longest": longest, "sequences": len(stats), "buckets": rows, "generations": generations}
 
 
@@ -162,7 +174,8 @@ def verdicts(long: dict, t) -> tuple[str, list[str]]:
 def cache_name(settings) -> str:
     """The cache file's name, keyed by the settings and the data it reads (the rest is the reference folder's key)."""
     spec = [settings.long_context, settings.long_sequences, settings.long_generations, settings.long_new_tokens,
-            settings.bucket_positions, settings.top_k, sha256_file(DATA_DIR / "wikitext2" / "test.txt")]
+            settings.bucket_positions, settings.top_k, sha256_file(DATA_DIR / "wikitext2" / "test.txt"),
+            "generations batched"]  # how they are made: a cache of the one-at-a-time reference is not reused
     return f"long-{hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:16]}.pt"
 
 

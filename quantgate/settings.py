@@ -35,12 +35,13 @@ class ModelSpec(Strict):
     # CPU too (CPU hosts running several cells); `none`: no limit.
     device_lock: Literal["gpu", "all", "none"] = "gpu"
     # How many model steps, of any runs, may share a device at once: the limit's slots where it is made (one an
-    # operator made keeps its own). The benchmark takes every slot: it times alone. More than 1 where the device's
-    # memory holds several runs' models (a nightly's cells on one H200, a worker with --limit 2 or more).
+    # operator made keeps its own). The benchmark takes every slot while it times: it times alone. More than 1 where
+    # the device's memory holds several runs' models (a nightly's cells on one H200, a worker with --limit 2 or more).
     device_slots: PositiveInt = 1
     # How many recipes a run gates at once, each in a worker process of its own: where the device's memory holds
-    # that many candidates beside each other (the 12B shape's three on one H200). Their steps still take the device's
-    # slots (device_slots), and the benchmark still times alone.
+    # that many candidates beside each other (the 12B shape's three on one H200), and the reference's benchmark loads
+    # beside them. Their steps still take the device's slots (device_slots: one more than this), and each benchmark
+    # still times alone.
     recipes_at_once: PositiveInt = 1
 
     @field_validator("source")

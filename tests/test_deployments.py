@@ -275,6 +275,23 @@ def test_steps_share_a_device_of_two_slots_and_the_benchmark_holds_it_alone(pref
     assert joined(threads) and set(spans) >= {"c", "bench"}
     assert spans["bench"][0] >= spans["c"][1] and float(other.stdout.split()[-1]) >= spans["bench"][1]
 
+    # A benchmark's Hold: one slot while it loads, then both (and the turnstile) while it times, once the step beside it
+    # has left, its own given back meanwhile; then one again.
+    from flows.devices import Hold
+
+    def active(name: str) -> int:
+        with get_client(sync_client=True) as client:
+            return client.read_global_concurrency_limit_by_name(name).active_slots
+
+    threads = run((two, "validate", "g", 1.5))
+    inside.setdefault("g", threading.Event()).wait(60)
+    with Hold(two, "bench2", "benchmark") as hold:
+        assert active(two.names[0]) == 2
+        with hold.alone():
+            timed = (time.monotonic(), active(two.names[0]), active(two.names[0] + TURNSTILE))
+        assert active(two.names[0]) == 1 and active(two.names[0] + TURNSTILE) == 0
+    assert joined(threads) and timed[0] >= spans["g"][1] and timed[1:] == (2, 1)
+
     # An operator's limit of one slot: steps one at a time, and a benchmark takes that one slot.
     one = Devices((f"quantgate-test-{uuid.uuid4().hex[:8]}",), slots=2)
     with get_client(sync_client=True) as client:

@@ -60,6 +60,26 @@ def test_a_fault_past_the_short_prompts_passes_them_and_fails_its_bucket(measure
     assert now["generations"][0]["quantized"] == now["generations"][0]["reference"]  # the generation stays short of it
 
 
+def test_generations_made_together_are_each_what_it_would_be_alone(tiny_llama):
+    """Left-padded into one batch, each prompt's greedy tokens and figures are the ones it gets generated alone."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from quantgate.drift import encode, load_prompts
+
+    torch.manual_seed(0)
+    # Weights drawn wide: a next token that depends on its context (the suite's tiny Llama repeats its last token).
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_llama, initializer_range=1.0)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    prompts = [encode(tokenizer, p) for p in load_prompts(SETTINGS) if p["chat"]][:3]
+    assert len({p.shape[1] for p in prompts}) > 1  # lengths differ: padded
+    together = longrange.generated(model, tokenizer, prompts, 24)
+    for prompt, made in zip(prompts, together):
+        [alone] = longrange.generated(model, tokenizer, [prompt], 24)
+        assert torch.equal(made["ids"], alone["ids"]) and made["ids"].shape[1] == prompt.shape[1] + 24
+        assert made["degeneration"]["distinct_2"] == alone["degeneration"]["distinct_2"]
+        assert made["degeneration"]["entropy"] == pytest.approx(alone["degeneration"]["entropy"], abs=2e-4)
+
+
 def test_long_generations_that_repeat_more_than_the_reference_fail():
     assert longrange.degeneration([1, 2, 3, 4] * 10) == {"tokens": 40, "repetition": 0.8919, "distinct_2": 0.1026}
     assert longrange.degeneration(list(range(40)))["repetition"] == 0.0

@@ -114,6 +114,7 @@ def test_a_stop_ends_every_worker_and_the_recipes_not_begun():
 
 
 def test_within_a_run_steps_share_and_a_timed_step_waits_for_them_then_holds_back_new_ones():
+    import contextlib
     import threading
 
     from flows.devices import Turns
@@ -122,7 +123,7 @@ def test_within_a_run_steps_share_and_a_timed_step_waits_for_them_then_holds_bac
 
     def step(name, timed, seconds, after=0.0):
         time.sleep(after)
-        with turns.exclusive() if timed else turns.shared():
+        with turns.shared(), turns.upgraded() if timed else contextlib.nullcontext():
             start = time.monotonic()
             time.sleep(seconds)
             spans[name] = (start, time.monotonic())
@@ -250,7 +251,7 @@ def test_a_stop_reaches_a_step_waiting_for_its_turn_and_a_step_about_to_start():
 
     def benchmark():
         try:
-            with turns.exclusive():
+            with turns.shared(), turns.upgraded():
                 outcome["benchmark"] = "timed"
         except Stopped as e:
             outcome["benchmark"] = f"stopped after {time.monotonic() - t0:.1f} s: {e}"

@@ -228,7 +228,7 @@ for line in sys.stdin:
      export PATH=/tmp/site/bin:$PATH PREFECT_HOME=/tmp/prefect-home HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
      date +%s > /tmp/flow.start
      setsid bash -c "PYTHONPATH=/tmp/site:$PWD python3 -m quantgate.cli run docs/gpu/flow_g3.yaml --set model.recipes_at_once=$at_once \
-       --set model.device_slots=$at_once > /tmp/flow.log 2>&1; echo \$? > /tmp/flow.rc" &
+       --set model.device_slots=$((at_once + 1)) > /tmp/flow.log 2>&1; echo \$? > /tmp/flow.rc" &
      sleep "${POLL_S:-60}"; tail -20 /tmp/flow.log ;;
   flow-poll) for _ in $(seq 1 "${POLL_S:-540}"); do [ -f /tmp/flow.rc ] && break; sleep 1; done
      echo "elapsed $(( $(date +%s) - $(cat /tmp/flow.start) )) s, exit code $(cat /tmp/flow.rc 2>/dev/null || echo running)"
