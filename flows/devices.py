@@ -98,13 +98,14 @@ class Turns:
         """A sharing step alone: its share given up while it waits (two steps waiting so would wait for each other)
         and taken back, at once, after."""
         with self.changed:
-            self.sharing -= 1
             self.waiting += 1
             try:
-                self.wait(lambda: not self.alone and not self.sharing)
-            except BaseException:
-                self.sharing += 1  # the step still ends as one sharing: its hold gives the share up
-                raise
+                self.sharing -= 1
+                try:
+                    self.wait(lambda: not self.alone and not self.sharing)
+                except BaseException:
+                    self.sharing += 1  # the step still ends as one sharing: its hold gives the share up
+                    raise
             finally:
                 self.waiting -= 1
             self.alone = True
@@ -120,7 +121,7 @@ TURNS = Turns()
 
 
 class Hold:
-    """A step's hold on its devices while it runs: a share of the run's turn (Turns) and a slot of each device across
+    """A step's hold on its devices while it runs: a share of the run's turn (Turns), then a slot of each device across
     runs; a timed step has them to itself (`alone`) while it measures, and shares them while it loads and compiles.
     Steps ASIDE hold nothing."""
 
@@ -140,19 +141,13 @@ class Hold:
 
     @contextlib.contextmanager
     def alone(self):
-        """The devices to this step alone. Where a device has more than one slot, the step's own is given back while
-        it waits for them all (two steps each keeping one would wait for each other), and taken again after; where
-        each has one, the step's slot is the device's."""
-        with TURNS.upgraded():
-            if all(size == 1 for size in limit_sizes(self.devices).values()):
-                yield
-                return
-            self.slot.close()
-            try:
-                with slots(self.devices, self.group, self.step, alone=True):
-                    yield
-            finally:
-                self.slot.enter_context(slots(self.devices, self.group, self.step, alone=False))
+        """The devices to this step alone. Its slot is given back first: the run's turn is always had before the
+        devices' slots, so a step waiting for its turn keeps none that a step ahead of it waits for (two benchmarks
+        of one run, a step of this run and another run's benchmark). Taken again after, where the step goes on."""
+        self.slot.close()
+        with TURNS.upgraded(), slots(self.devices, self.group, self.step, alone=True):
+            yield
+        self.slot.enter_context(slots(self.devices, self.group, self.step, alone=False))
 
 
 def take(stack: contextlib.ExitStack, names: list[str], occupy: int) -> None:

@@ -90,10 +90,10 @@ def run_step(step_task, settings, result_type: type[StepResult], group: str, ste
     try:
         started_at = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
         t0 = time.perf_counter()
-        if step in TIMED:
-            params["alone"] = holding.alone
-        state = step_task.with_options(timeout_seconds=settings.timeout_s, retries=settings.retries)(
-            **params, return_state=True)
+        timeout = settings.timeout_s
+        if step in TIMED:  # it waits for the device alone inside its task: each of its processes has the timeout
+            params["alone"], timeout = holding.alone, None
+        state = step_task.with_options(timeout_seconds=timeout, retries=settings.retries)(**params, return_state=True)
         seconds = round(time.perf_counter() - t0, 2)
     finally:
         try:

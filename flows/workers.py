@@ -142,10 +142,11 @@ def each_recipe(recipes: list, at_once: int, gate, first=None) -> None:
     threads = max(1, torch.get_num_threads() // min(at_once, len(recipes)))
     quiet = ThreadTimeouts()
     logging.getLogger("prefect.task_runs").addFilter(quiet)
-    pool = ThreadPoolExecutor(min(at_once, len(recipes)) + (first is not None), thread_name_prefix="recipe")
+    # first() in a thread of its own: in the recipes' pool, its thread would take a recipe after it, one too many.
+    pool, aside = ThreadPoolExecutor(min(at_once, len(recipes)), thread_name_prefix="recipe"), ThreadPoolExecutor(1)
     try:
         # A copy of the flow's context per thread: Prefect's run context travels in it; one copy runs in one thread.
-        futures = {"the reference's benchmark": pool.submit(contextvars.copy_context().run, first)} if first else {}
+        futures = {"the reference's benchmark": aside.submit(contextvars.copy_context().run, first)} if first else {}
         futures.update({recipe.name: pool.submit(contextvars.copy_context().run, in_own_worker, gate, recipe, threads)
                         for recipe in recipes})
         errors = [(name, error) for name, future in futures.items() if (error := future.exception())]
@@ -154,6 +155,7 @@ def each_recipe(recipes: list, at_once: int, gate, first=None) -> None:
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+        aside.shutdown(wait=True)
         stop_requested.clear()  # every recipe's thread has ended
         logging.getLogger("prefect.task_runs").removeFilter(quiet)
     if not errors:

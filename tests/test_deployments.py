@@ -197,17 +197,26 @@ def test_a_regressed_nightly_alerts_and_its_two_cells_on_one_worker_never_share_
                    if (d / "metrics.json").is_file()), key=lambda m: m["started_at"])
     tonight = runs[1:]  # the first is the baseline night's
     assert len(tonight) == 2 and tonight[0]["finished_at"] > tonight[1]["started_at"]  # the two cells ran at once
-    held = [(run["run_id"], *interval(step)) for run in tonight for step in model_steps(run)]
+    held = [(run["run_id"], *span) for run in tonight for span in device_spans(run)]
     for a, b in itertools.combinations(held, 2):
         assert a[0] == b[0] or a[2] <= b[1] or b[2] <= a[1], (a, b)
 
 
-def model_steps(metrics: dict) -> list[dict]:
-    """The steps that computed on the device: the reference's, and each recipe's but download and publish."""
-    steps = [metrics["reference"], metrics["reference"].get("benchmark", {})]
-    for entry in metrics["recipes"].values():
-        steps += [v for k, v in entry["steps"].items() if k != "publish"]
-    return [s for s in steps if s.get("started_at")]
+def device_spans(metrics: dict) -> list[tuple[float, float]]:
+    """When a run's steps held the device: each model step's span but download and publish, a benchmark's as its load
+    (from its start to when it asked for the device alone) and its time alone; between the two it holds nothing."""
+    steps = [metrics["reference"]] + [v for entry in metrics["recipes"].values()
+                                      for k, v in entry["steps"].items() if k not in ("publish", "benchmark")]
+    spans = [interval(step) for step in steps if step.get("started_at")]
+    reference = metrics["reference"].get("benchmark", {})
+    benchmarks = [(reference, reference)] + [(e["steps"].get("benchmark", {}), e.get("benchmark", {}))
+                                             for e in metrics["recipes"].values()]
+    for step, measured in benchmarks:  # the step's span, and what it measured: a benchmark that ran was alone a while
+        if step.get("started_at"):
+            alone = measured["alone"]
+            start, (from_, until) = interval(step)[0], interval(alone)
+            spans += [(start, from_ - alone["waited_s"]), (from_, until)]
+    return spans
 
 
 def interval(step: dict) -> tuple[float, float]:
@@ -291,6 +300,43 @@ def test_steps_share_a_device_of_two_slots_and_the_benchmark_holds_it_alone(pref
             timed = (time.monotonic(), active(two.names[0]), active(two.names[0] + TURNSTILE))
         assert active(two.names[0]) == 1 and active(two.names[0] + TURNSTILE) == 0
     assert joined(threads) and timed[0] >= spans["g"][1] and timed[1:] == (2, 1)
+
+    # Two benchmarks of one run loading at once, each then asking for the device alone: both time, one after the other
+    # (each gives its slot back before it waits for the run's turn: kept, each would hold the slot the other waits for).
+    timed = {}
+
+    def bench(name, devices):
+        with Hold(devices, name, "benchmark") as hold:
+            loaded.wait(30)
+            with hold.alone():
+                start = time.monotonic()
+                time.sleep(0.5)
+                timed[name] = (start, time.monotonic(), active(devices.names[0]))
+
+    loaded = threading.Barrier(2, timeout=30)
+    pair = [threading.Thread(target=bench, args=(name, two), daemon=True) for name in ("b1", "b2")]
+    for thread in pair:
+        thread.start()
+    assert joined(pair), "two benchmarks waiting for each other"
+    (s1, e1, n1), (s2, e2, n2) = timed["b1"], timed["b2"]
+    assert n1 == n2 == 2 and (e1 <= s2 or e2 <= s1)
+    # A device of one slot: a step of the run, its turn taken, waiting for the slot the loading benchmark holds; the
+    # benchmark gives it up, the step runs and ends, then the benchmark times.
+    single = Devices((f"quantgate-test-{uuid.uuid4().hex[:8]}",), slots=1)
+
+    def held_for(devices, seconds):
+        with Hold(devices, "v", "validate"):
+            start = time.monotonic()
+            time.sleep(seconds)
+            return start, time.monotonic()
+
+    with Hold(single, "bench3", "benchmark") as hold:
+        late = threading.Thread(target=lambda: spans.__setitem__("v", held_for(single, 0.5)), daemon=True)
+        late.start()
+        time.sleep(1.0)  # it has the run's turn, and waits for the slot
+        with hold.alone():
+            timed["b3"] = time.monotonic()
+    assert joined([late]) and timed["b3"] >= spans["v"][1]
 
     # An operator's limit of one slot: steps one at a time, and a benchmark takes that one slot.
     one = Devices((f"quantgate-test-{uuid.uuid4().hex[:8]}",), slots=2)

@@ -165,11 +165,12 @@ def test_a_timed_step_shares_the_run_while_it_prepares_and_has_it_alone_while_it
             spans["after"] = (time.monotonic(),)  # shares again: the memory of quantizing while loading
 
     calls = [(step, ("validate-a", 1.5)), (benchmark, ()), (step, ("evaluate-c", 0.5, 1.0))]
-    threads = [threading.Thread(target=fn, args=args) for fn, args in calls]
+    threads = [threading.Thread(target=fn, args=args, daemon=True) for fn, args in calls]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(30)
+    assert not any(thread.is_alive() for thread in threads), "a step never got its turn"
     a, alone, c = spans["validate-a"], spans["alone"], spans["evaluate-c"]
     assert spans["prepare"][0] < a[1]  # prepared beside a step in flight
     assert alone[0] >= a[1] and c[0] >= alone[1]  # measured alone; c, arriving meanwhile, waited behind it

@@ -308,4 +308,15 @@ for line in sys.stdin:
      timeout 240 python3 docs/gpu/launcher_on_gpu.py 2>"$OUT/launcher.err" | tee "$OUT/launcher.jsonl"
      grep -E "Error|Traceback" -A3 "$OUT/launcher.err" | tail -12
      timeout 300 python3 -m pytest -q -rs -m gpu -p no:cacheprovider tests/test_benchmark.py 2>&1 | tail -8 ;;
+  # Issue 39: validate's long generations one prompt at a time against in one batch (docs/bench/generations_batched.py),
+  # the bf16 12B shape, fresh processes alternating, ROUNDS of each; carrying .gpu/w, .gpu/f4/tok (the steps tokenize) and
+  # .gpu/hx (huggingface_hub's network stack: httpx2, httpcore2, truststore, h11, anyio and theirs, from .gpu/f3 and f4),
+  # installed first on a fresh machine.
+  generations) install .gpu/hx/*.whl .gpu/w/*.whl
+     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+     g3_checkpoint; cp .gpu/f4/tok/* /tmp/g3-12b/
+     for r in $(seq 1 "${ROUNDS:-2}"); do for how in alone together; do
+       PYTHONPATH=/tmp/site:$PWD timeout 150 python3 docs/bench/generations_batched.py /tmp/g3-12b $how bfloat16 cuda 2>>"$OUT/generations.err" \
+         | sed "s/^{/{\"round\": $r, /" | tee -a "$OUT/generations.jsonl" | cut -c1-160; done; done
+     grep -E "Error|Traceback" -A3 "$OUT/generations.err" | tail -8 ;;
 esac

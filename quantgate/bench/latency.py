@@ -125,8 +125,9 @@ def measure_latency(model, settings: BenchmarkSettings, bytes_per_token: int, ba
                     ready=None) -> dict:
     """Per batch size: warm-up, then the median of `repeats` runs; the fast path where it works. The bandwidth
     floor: the weight bytes a step reads over the copy bandwidth (measured here where None). `backend` fuses its own
-    packed projections. `ready()` is called once, after the first compile, before anything is timed: it returns
-    when the device is the measurement's alone (the flow's turn), so loading and compiling share it."""
+    packed projections. `ready()` is called once, after the first batch size's compile, before anything is timed: it
+    returns when the device is the measurement's alone (the flow's turn), so loading and compiling share it (more batch
+    sizes compile within the turn)."""
     device, vocab = modeling.model_device(model), model.get_input_embeddings().weight.shape[0]
     results, fusion, why_eager, others = [], None, eager_reason(model, settings), 0.0
     for batch in settings.batch_sizes:

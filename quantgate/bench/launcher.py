@@ -3,7 +3,6 @@ record of how the process died; several processes, the one with the median decod
 from __future__ import annotations
 
 import atexit
-import contextlib
 import contextvars
 import json
 import logging
@@ -98,11 +97,11 @@ def run_measurement(name: str, spec: Spec, result_path: Path, fresh: bool = Fals
         if code is None:  # a timeout, a stop, the step's own timeout raised in this thread
             proc.kill()
             proc.wait()
-        held.close()
         release(lease)
         ended.set()
         reader.join(timeout=5)
         shutil.rmtree(out / "offload", ignore_errors=True)
+        held.close(*sys.exc_info())  # last: giving the device back may wait, or raise with the run stopping
     limits = limits_of(settings)
     if code != 0 or not result_path.is_file():
         error = next((line for line in reversed(tail) if re.match(r"^[\w.]+(Error|Exception)\b", line)), None) \
@@ -116,22 +115,25 @@ def run_measurement(name: str, spec: Spec, result_path: Path, fresh: bool = Fals
 
 class Alone:
     """A measurement's time with the device to itself (`alone()`, an orchestrator's turn): taken once it is ready,
-    given back when it ends, and its span for the record (`alone`: when, how long, how long it waited)."""
+    given back when it ends (told of an exception in flight, so a step that stops does not wait to go on), and its
+    span for the record (`alone`: when, how long, how long it waited)."""
 
     def __init__(self, alone):
-        self.alone, self.stack, self.span, self.since = alone, contextlib.ExitStack(), {}, None
+        self.alone, self.held, self.span, self.since = alone, None, {}, None
 
     def take(self) -> None:
-        t0 = time.monotonic()
-        self.stack.enter_context(self.alone())
-        self.since = time.monotonic()
+        t0, held = time.monotonic(), self.alone()
+        held.__enter__()
+        self.held, self.since = held, time.monotonic()
         self.span = {"alone": {"started_at": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
                                "waited_s": round(self.since - t0, 2)}}
 
-    def close(self) -> None:
-        if self.since is not None:  # before it is given back: giving it back may wait (a share taken again after it)
-            self.span["alone"]["seconds"] = round(time.monotonic() - self.since, 2)
-        self.stack.close()
+    def close(self, *exc) -> None:
+        if self.held is None:
+            return
+        self.span["alone"]["seconds"] = round(time.monotonic() - self.since, 2)  # before giving it back, which may wait
+        held, self.held = self.held, None
+        held.__exit__(*exc)
 
 
 def waited(proc, timeout_s: float, turn: tuple[Path, Path] | None, take_turn) -> int:
