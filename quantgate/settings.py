@@ -185,6 +185,8 @@ class KVCacheSettings(Strict):
 
 class BenchmarkSettings(StepSettings):
     key = "benchmark"
+    # timeout_s: each measurement process's, to be ready and again from its go; the step's wait for the device alone
+    # (the steps in flight running to their end) has none (docs/benchmark.md).
     prompt_tokens: PositiveInt = 256
     new_tokens: int = Field(256, ge=2)
     batch_sizes: list[PositiveInt] = Field([1], min_length=1)  # the first is the headline figure
