@@ -58,7 +58,7 @@ def reference_sequences(model, tokenizer, settings) -> list[dict]:
         found.append({"id": f"wikitext-{i + 1}", "ids": ids, **top_at(model, ids.to(device), settings)})
     prompts = [p for p in load_prompts(settings) if p["chat"]][:settings.long_generations]
     ids = [encode(tokenizer, prompt).to(device) for prompt in prompts]
-    made = generated(model, tokenizer, ids, settings.long_new_tokens) if ids else []
+    made = generated(model, tokenizer, ids, settings.long_new_tokens, settings.long_generation_batch) if ids else []
     for prompt, tokens, made in zip(prompts, ids, made):
         found.append({"id": f"generation-{prompt['id']}", "ids": made["ids"], "prompt_tokens": tokens.shape[1],
                       "degeneration": made["degeneration"], "text": made["text"],
@@ -73,11 +73,16 @@ def top_at(model, ids: torch.Tensor, settings) -> dict:
     return {"positions": positions, "top_logp": top.values.cpu(), "top_idx": top.indices.cpu()}
 
 
-@torch.no_grad()
-def generated(model, tokenizer, prompts: list[torch.Tensor], new_tokens: int) -> list[dict]:
+def generated(model, tokenizer, prompts: list[torch.Tensor], new_tokens: int, batch: int = 1) -> list[dict]:
     """Greedy generations of `new_tokens` (no early stop, so every model's is as long), each with its degeneration
-    figures: the prompts in one batch, left-padded, so a step decodes them all at once (a 12B model took 78 s for
-    four one after another on the H100: docs/BENCHMARKS.md)."""
+    figures, `batch` prompts a decode step (steps.validate.long_generation_batch)."""
+    return [made for i in range(0, len(prompts), batch)
+            for made in generated_together(model, tokenizer, prompts[i:i + batch], new_tokens)]
+
+
+@torch.no_grad()
+def generated_together(model, tokenizer, prompts: list[torch.Tensor], new_tokens: int) -> list[dict]:
+    """The prompts' generations in one batch, left-padded and the padding masked out."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     width, device = max(p.shape[1] for p in prompts), prompts[0].device
     ids = torch.full((len(prompts), width), pad, dtype=prompts[0].dtype, device=device)
@@ -128,7 +133,7 @@ def compare(model, tokenizer, stats: list[dict], settings) -> dict:
     refs = [s for s in stats if "degeneration" in s]
     prompts = [ref["ids"][:, :ref["prompt_tokens"]].to(device) for ref in refs]
     new_tokens = {ref["ids"].shape[1] - ref["prompt_tokens"] for ref in refs}  # one length: none stops early
-    made = generated(model, tokenizer, prompts, new_tokens.pop()) if refs else []
+    made = generated(model, tokenizer, prompts, new_tokens.pop(), settings.long_generation_batch) if refs else []
     generations = [{"prompt": ref["id"].removeprefix("generation-"), "reference": ref["degeneration"],
                     "quantized": own["degeneration"], "reference_text": ref["text"], "quantized_text": own["text"]}
                    for ref, own in zip(refs, made)]
@@ -174,8 +179,9 @@ def verdicts(long: dict, t) -> tuple[str, list[str]]:
 def cache_name(settings) -> str:
     """The cache file's name, keyed by the settings and the data it reads (the rest is the reference folder's key)."""
     spec = [settings.long_context, settings.long_sequences, settings.long_generations, settings.long_new_tokens,
-            settings.bucket_positions, settings.top_k, sha256_file(DATA_DIR / "wikitext2" / "test.txt"),
-            "generations batched"]  # how they are made: a cache of the one-at-a-time reference is not reused
+            settings.bucket_positions, settings.top_k, sha256_file(DATA_DIR / "wikitext2" / "test.txt")]
+    if settings.long_generation_batch > 1:  # batched, the generations are others (docs/validation.md)
+        spec.append(f"generation batch {settings.long_generation_batch}")
     return f"long-{hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:16]}.pt"
 
 

@@ -115,6 +115,9 @@ class ValidateSettings(StepSettings):
     long_sequences: int = Field(2, ge=0)
     long_generations: int = Field(4, ge=0)
     long_new_tokens: PositiveInt = 256
+    # Long generations decoded a batch at a time, left-padded: several times faster on a GPU, but in bf16 a batch's
+    # sums round otherwise and greedy paths part at near-ties, so the gate's verdicts may move (docs/validation.md).
+    long_generation_batch: PositiveInt = 1
     bucket_positions: PositiveInt = 128  # positions compared per bucket and sequence, evenly spaced
     # The prompts compared token by token (quantgate/prompts.py): the shipped 20, or a JSONL file of a team's own.
     prompts: Rooted = validation_prompts.DEFAULT

@@ -72,9 +72,8 @@ def test_generations_made_together_are_each_what_it_would_be_alone(tiny_llama):
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
     prompts = [encode(tokenizer, p) for p in load_prompts(SETTINGS) if p["chat"]][:3]
     assert len({p.shape[1] for p in prompts}) > 1  # lengths differ: padded
-    together = longrange.generated(model, tokenizer, prompts, 24)
-    for prompt, made in zip(prompts, together):
-        [alone] = longrange.generated(model, tokenizer, [prompt], 24)
+    together = longrange.generated(model, tokenizer, prompts, 24, batch=3)
+    for prompt, made, alone in zip(prompts, together, longrange.generated(model, tokenizer, prompts, 24)):
         assert torch.equal(made["ids"], alone["ids"]) and made["ids"].shape[1] == prompt.shape[1] + 24
         assert made["degeneration"]["distinct_2"] == alone["degeneration"]["distinct_2"]
         assert made["degeneration"]["entropy"] == pytest.approx(alone["degeneration"]["entropy"], abs=2e-4)

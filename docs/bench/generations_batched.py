@@ -1,5 +1,5 @@
 """What batching validate's long generations saves: the long-checks' chat prompts generated greedily in one batch
-(quantgate.longrange.generated, as validate does now) or one at a time, in this process, on a checkpoint; one JSON
+(steps.validate.long_generation_batch: 4) or one at a time (the default), in this process, on a checkpoint; one JSON
 line with the seconds and each generation's tokens, so fresh processes can be compared (docs/validation.md).
 Usage: python docs/bench/generations_batched.py CHECKPOINT together|alone [DTYPE] [DEVICE]"""
 import json
@@ -20,10 +20,8 @@ def main(checkpoint: str, how: str, dtype: str = "bfloat16", device: str = "cpu"
     on = modeling.model_device(model)
     prompts = [encode(tokenizer, p).to(on) for p in load_prompts(settings) if p["chat"]][:settings.long_generations]
     t0 = time.perf_counter()
-    if how == "together":
-        made = longrange.generated(model, tokenizer, prompts, settings.long_new_tokens)
-    else:
-        made = [longrange.generated(model, tokenizer, [p], settings.long_new_tokens)[0] for p in prompts]
+    made = longrange.generated(model, tokenizer, prompts, settings.long_new_tokens,
+                               batch=len(prompts) if how == "together" else 1)
     seconds = time.perf_counter() - t0
     print(json.dumps({"how": how, "seconds": round(seconds, 2), "prompts": len(prompts),
                       "new_tokens": settings.long_new_tokens, "threads": torch.get_num_threads(),
