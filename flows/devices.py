@@ -126,14 +126,18 @@ class Hold:
     Steps ASIDE hold nothing."""
 
     def __init__(self, devices: Devices, group: str, step: str):
-        self.devices, self.group, self.step = devices, group, step
+        self.devices, self.group, self.step, self.sizes = devices, group, step, None
         self.share, self.slot = contextlib.ExitStack(), contextlib.ExitStack()
 
     def __enter__(self) -> Hold:
         if self.step not in ASIDE:
             self.share.enter_context(TURNS.shared())
-            self.slot.enter_context(slots(self.devices, self.group, self.step, alone=False))
+            self.sizes = limit_sizes(self.devices)  # read once a step: its slots are asked for up to three times
+            self.slot.enter_context(self.slots(alone=False))
         return self
+
+    def slots(self, alone: bool):
+        return slots(self.devices, self.group, self.step, alone, self.sizes)
 
     def __exit__(self, *exc) -> None:
         self.slot.close()
@@ -145,9 +149,9 @@ class Hold:
         devices' slots, so a step waiting for its turn keeps none that a step ahead of it waits for (two benchmarks
         of one run, a step of this run and another run's benchmark). Taken again after, where the step goes on."""
         self.slot.close()
-        with TURNS.upgraded(), slots(self.devices, self.group, self.step, alone=True):
+        with TURNS.upgraded(), self.slots(alone=True):
             yield
-        self.slot.enter_context(slots(self.devices, self.group, self.step, alone=False))
+        self.slot.enter_context(self.slots(alone=False))
 
 
 def take(stack: contextlib.ExitStack, names: list[str], occupy: int) -> None:
@@ -191,14 +195,15 @@ def limit_sizes(devices: Devices) -> dict[str, int]:
 
 
 @contextlib.contextmanager
-def slots(devices: Devices, group: str, step: str, alone: bool):
+def slots(devices: Devices, group: str, step: str, alone: bool, sizes: dict[str, int] | None = None):
     """A slot of each device held for one step, or every slot where it is to have them alone; waited for where other
     runs hold them. A turnstile of one slot per device goes first: a step passes it to take its slot, a step alone
-    keeps it until it ends, so steps arriving meanwhile wait behind it instead of taking each slot it waits for."""
+    keeps it until it ends, so steps arriving meanwhile wait behind it instead of taking each slot it waits for.
+    `sizes`: the limits' slots (limit_sizes), where the caller has read them."""
     if not devices.names:
         yield
         return
-    sizes, turnstiles = limit_sizes(devices), sorted(name + TURNSTILE for name in devices.names)
+    sizes, turnstiles = sizes or limit_sizes(devices), sorted(name + TURNSTILE for name in devices.names)
     t0 = time.perf_counter()
     with contextlib.ExitStack() as stack:
         if alone:  # the turnstile kept until it ends; limits of one size together, smallest first

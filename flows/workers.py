@@ -130,8 +130,10 @@ def each_recipe(recipes: list, at_once: int, gate, first=None) -> None:
     at a time, each in its own worker, first() beside them in this process. One recipe's error leaves the others
     running; Ctrl-C or SIGTERM ends every worker and starts no more recipes."""
     if at_once == 1 or len(recipes) < 2:
-        for job in [first] * (first is not None) + [functools.partial(gate, recipe) for recipe in recipes]:
-            job()
+        if first is not None:
+            first()
+        for recipe in recipes:
+            gate(recipe)
         return
     import torch
 
