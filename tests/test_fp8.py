@@ -87,6 +87,70 @@ def test_kept_float_weights_give_the_same_products_and_follow_an_edit(monkeypatc
     assert id(big) not in fp8_kernel._kept
 
 
+def test_scales_laid_out_for_the_block_scaled_matmul_keep_their_values(monkeypatch):
+    """A 128x128 layer whose scale rows are 30 blocks wide (Gemma 3 12B's 3840 inputs) gets rows padded to 32 once,
+    as torch's block-scaled matmul reads them; its values, shape and products stay as they were."""
+    from transformers.integrations.finegrained_fp8 import FP8Linear
+
+    torch.manual_seed(3)
+    layer = FP8Linear(3840, 256, block_size=(128, 128))
+    layer.weight.data, layer.weight_scale_inv.data = blocky(256, 3840, (128, 128))
+    plain = torch.nn.Module()
+    plain.weight, plain.weight_scale_inv = torch.nn.Parameter(torch.ones(256, 3840)), torch.nn.Parameter(torch.ones(2, 30))
+    before, x = layer.weight_scale_inv.detach().clone(), torch.randn(2, 3840)
+    expected = fp8_kernel.matmul_2d(x, layer.weight, layer.weight_scale_inv, [128, 128], torch.float32)
+    assert fp8_kernel.lay_out_scales(torch.nn.Sequential(layer)) == 0  # no block-scaled matmul in this process
+    monkeypatch.setattr(fp8_kernel, "_padded_rows", True)
+    model = torch.nn.Sequential(layer, FP8Linear(256, 128, block_size=(64, 64)), plain)
+    assert fp8_kernel.lay_out_scales(model) == 1  # the 64x64 layer and the module without block_size stay
+    scales = layer.weight_scale_inv
+    assert scales.shape == (2, 30) and scales.stride() == (32, 1) and torch.equal(scales, before)
+    assert fp8_kernel.weight_scales(scales, True).data_ptr() == scales.data_ptr()  # read as it is: no copy per call
+    assert fp8_kernel.weight_scales(before, True).stride() == (1, 32)  # a layer not laid out is padded per call
+    assert fp8_kernel.weight_scales(before, False).stride() == (1, 30)
+    assert fp8_kernel.lay_out_scales(model) == 0
+    assert not fp8_kernel.blockwise_runs(x, layer.weight, [128, 128], None)  # a CPU tensor: the reference
+    torch.testing.assert_close(fp8_kernel.matmul_2d(x, layer.weight, scales, [128, 128], torch.float32), expected)
+
+
+def test_the_kernel_named_follows_the_block_size(monkeypatch):
+    from quantgate.backends import backend_of, parse_recipe
+
+    block128, block64 = parse_recipe({"name": "fp8-block128", "method": "fp8"}), \
+        parse_recipe({"name": "fp8-block64", "method": "fp8", "weight_block_size": [64, 64]})
+    backend = backend_of(block128)
+    assert backend.kernel(block128) == backend.kernel(block64) == fp8_kernel.REFERENCE  # no GPU here
+    assert "not an FP8 serving kernel" in backend.latency_caveat(block128)
+    monkeypatch.setattr(fp8_kernel, "install", lambda: fp8_kernel.SCALED_MM)  # as on a Hopper GPU
+    assert backend.kernel(block128) == fp8_kernel.SCALED_MM and backend.latency_caveat(block128) is None
+    assert backend.kernel(block64) == fp8_kernel.REFERENCE and "correctness reference" in backend.latency_caveat(block64)
+
+
+@pytest.mark.gpu
+def test_block_scaled_matmul_on_the_gpu_computes_what_the_reference_does():
+    """torch's block-scaled FP8 matmul against the reference on Gemma 3 12B's shapes, one token and five, eager and
+    compiled, with its scales padded per call and laid out once."""
+    fp8_kernel.install()
+    if fp8_kernel._padded_rows is None:
+        pytest.skip(f"no block-scaled FP8 matmul on {torch.cuda.get_device_name()} with torch {torch.__version__}")
+    torch.manual_seed(4)
+    for n, k in ((8192, 3840), (3840, 15360)):
+        weight, scale = (t.cuda() for t in blocky(n, k, (128, 128)))
+        for rows in (1, 5):
+            x = torch.randn(rows, k, dtype=torch.bfloat16, device="cuda")
+            reference = fp8_kernel._product(x, fp8_kernel.dequantize_weight(weight, scale, (128, 128)), (128, 128))
+            for call in (fp8_kernel.blockwise_matmul, torch.compile(fp8_kernel.blockwise_matmul, fullgraph=True)):
+                out = call(x, weight, scale, torch.float32)  # scales padded per call
+                error = ((out - reference).norm() / reference.norm()).item()
+                assert out.shape == (rows, n) and error < 1e-3, (n, k, rows, error)
+        layer = torch.nn.Module()
+        layer.weight, layer.weight_scale_inv, layer.block_size = weight, torch.nn.Parameter(scale), (128, 128)
+        fp8_kernel.lay_out_scales(layer)
+        x = torch.randn(1, k, dtype=torch.bfloat16, device="cuda")
+        torch.testing.assert_close(fp8_kernel.matmul_2d(x, weight, layer.weight_scale_inv, [128, 128], torch.float32),
+                                   fp8_kernel.blockwise_matmul(x, weight, scale, torch.float32))
+
+
 @pytest.fixture(scope="module")
 def tiny(smollm2, tmp_path_factory):
     """A small random Llama whose layers 128x128 blocks divide, with SmolLM2's tokenizer, and a copy of it

@@ -8,7 +8,6 @@ a decode step reads them; one JSON line per (shape, kernel) with the median time
 import itertools
 import json
 import os
-import statistics
 import sys
 from pathlib import Path
 
@@ -18,10 +17,10 @@ from torchao.quantization import Int4WeightOnlyConfig, quantize_
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from graph_timing import graph_us  # noqa: E402
 from int4_gemv import int4_gemv, launch_config  # noqa: E402
 
 from quantgate.modeling import real_bytes  # noqa: E402
-from quantgate.measure import Timer  # noqa: E402
 
 # (name, out_features, in_features) of one Gemma 3 12B decoder layer; q/k/v and gate/up fused.
 SHAPES = [("qkv", 8192, 3840), ("o", 3840, 4096), ("gate_up", 30720, 3840), ("down", 3840, 15360)]
@@ -56,23 +55,6 @@ def linears(out_features: int, in_features: int, packing: str, copies: int) -> t
         for linear in made:
             quantize_(linear, Int4WeightOnlyConfig(group_size=128, int4_packing_format=packing))
     return made, original
-
-
-def graph_us(calls: list, copies: int) -> float:
-    for call in calls:  # warm-up (and Triton's compile), outside the graph
-        call()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for call in calls:
-            call()
-    times = []
-    for _ in range(20):
-        with Timer(torch.device("cuda")) as t:
-            graph.replay()
-        times.append(t.ms / copies)
-    del graph
-    return statistics.median(times) * 1000
 
 
 @torch.no_grad()

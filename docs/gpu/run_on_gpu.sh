@@ -17,6 +17,16 @@ install() {
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$@" || exit 1
   site
 }
+# The flow's wheels (see `flow` below), installed once a machine.
+flow_wheels() {
+  if [ ! -f /tmp/site/.flow ]; then
+    cp .gpu/f4/*.whl .gpu/f5/*.whl /tmp/w/ && cat /tmp/w/pyarrow.part0 /tmp/w/pyarrow.part1 > /tmp/w/pyarrow-26.0.1-cp312-cp312-manylinux_2_28_x86_64.whl || exit 1
+    install /tmp/w/*.whl
+    touch /tmp/site/.flow
+  fi
+  site
+  python3 -c "import prefect, lm_eval, datasets, pyarrow, bitsandbytes, transformers; print('prefect', prefect.__version__, 'lm_eval', lm_eval.__version__, 'transformers', transformers.__version__)" || exit 1
+}
 # The Gemma-3-12B-shaped checkpoint, built once a machine.
 g3_checkpoint() {
   [ -f /tmp/g3-12b/config.json ] || timeout 200 python3 docs/gpu/bench_on_gpu.py make /tmp/g3-12b 2>&1 | grep -v "Loading\|Writing"
@@ -219,9 +229,7 @@ for line in sys.stdin:
   # GPU of under 100 GB two recipes at a time, not three) and waits POLL_S; `flow-poll` waits for its end and brings
   # back the log, the record and the report.
   wheels) mkdir -p /tmp/w && cp "$2"/* /tmp/w/ && ls /tmp/w | wc -l ;;
-  flow) cp .gpu/f4/*.whl .gpu/f5/*.whl /tmp/w/ && cat /tmp/w/pyarrow.part0 /tmp/w/pyarrow.part1 > /tmp/w/pyarrow-26.0.1-cp312-cp312-manylinux_2_28_x86_64.whl || exit 1
-     install /tmp/w/*.whl
-     python3 -c "import prefect, lm_eval, datasets, pyarrow, bitsandbytes, transformers; print('prefect', prefect.__version__, 'lm_eval', lm_eval.__version__, 'transformers', transformers.__version__)" || exit 1
+  flow) flow_wheels
      nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
      g3_checkpoint; cp .gpu/f4/tok/* /tmp/g3-12b/
      at_once=3; [ "$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)" -lt 100000 ] && at_once=2
@@ -234,6 +242,12 @@ for line in sys.stdin:
      echo "elapsed $(( $(date +%s) - $(cat /tmp/flow.start) )) s, exit code $(cat /tmp/flow.rc 2>/dev/null || echo running)"
      tail -25 /tmp/flow.log; cp /tmp/flow.log "$OUT/"
      run=$(ls -td /tmp/qg-runs/*/ 2>/dev/null | head -1); [ -n "$run" ] && cp "$run/metrics.json" "$run/report.md" "$run/run.log" "$run/summary.png" "$OUT/" 2>/dev/null ;;
+  # Block FP8 on torch's block-scaled matmul (issue 39): the fp8 gpu-marked tests, then docs/gpu/fp8_kernels.py; after
+  # the `wheels` calls, carrying .gpu/f4 and .gpu/f5 (pytest's wheels there too), as `flow` does, which then installs nothing.
+  fp8-kernels) flow_wheels
+     timeout 200 python3 -m pytest -q -rs -p no:cacheprovider -m gpu tests/test_fp8.py 2>&1 | tail -8
+     timeout "${BENCH_S:-200}" python3 docs/gpu/fp8_kernels.py 2>"$OUT/fp8-kernels.err" | tee "$OUT/fp8-kernels.jsonl"
+     grep -E "Error|Traceback" -A3 "$OUT/fp8-kernels.err" | tail -8 ;;
   # The gpu-marked tests, on the machine the flow's wheels went to.
   flow-gtest) site
      timeout "${TEST_S:-400}" python3 -m pytest -q -rs -m gpu tests/test_benchmark.py 2>&1 | tail -15 ;;

@@ -1,6 +1,7 @@
 """transformers' FineGrainedFP8: float8 e4m3 weights in blocks with one scale each, activations quantized
 per token and block at run time. Its matmul comes from the Hub (`kernels-community/finegrained-fp8`);
-where that cannot be had, quantgate's reference kernel (fp8_kernel.py) stands in, on a GPU or a CPU."""
+where that cannot be had, torch's block-scaled FP8 matmul runs 128x128 blocks on a Hopper GPU, and quantgate's
+reference kernel (fp8_kernel.py) the rest, on a GPU or a CPU."""
 from __future__ import annotations
 
 import functools
@@ -51,8 +52,9 @@ class FineGrainedFp8(Backend):
         rows, cols = recipe.weight_block_size
         return 8 + 32 / (rows * cols)  # a float32 scale per block
 
-    def kernel(self, recipe) -> str:
-        return ready()
+    def kernel(self, recipe: FineGrainedFp8Recipe) -> str:
+        cpu_quantizer()
+        return fp8_kernel.kernel_for(recipe.weight_block_size)
 
     def finer(self, recipe: FineGrainedFp8Recipe) -> list[tuple[str, dict]]:
         # Halving keeps every dim the blocks divided divisible; 32 is as fine as a scale per block stays cheap.
@@ -63,7 +65,7 @@ class FineGrainedFp8(Backend):
         return found
 
     def latency_caveat(self, recipe) -> str | None:
-        if ready() == fp8_kernel.REFERENCE:
+        if self.kernel(recipe) == fp8_kernel.REFERENCE:
             return f"measured on the {fp8_kernel.REFERENCE}, a correctness reference, not an FP8 serving kernel"
         return None
 
@@ -91,7 +93,9 @@ class FineGrainedFp8(Backend):
 
     def load(self, path: Path, device: str, dtype: str = "auto", **load_kwargs):
         ready()
-        return modeling.load(path, dtype, device, **load_kwargs)
+        model = modeling.load(path, dtype, device, **load_kwargs)
+        fp8_kernel.lay_out_scales(model)  # loaded to compute, never saved again
+        return model
 
 
 register(FineGrainedFp8())

@@ -12,6 +12,11 @@ On a CPU, turning every weight into float32 at every call costs 30 times the mat
 the float32 weights are kept while they fit `keep_bytes` (a quarter of the memory available when first asked);
 the same numbers, computed once. The benchmark's processes keep none, since they measure the model's memory.
 
+On a Hopper GPU with cuBLAS 12.9 or later, 128x128 weight blocks run on torch's own block-scaled FP8 matmul
+(`torch._scaled_mm`, 1x128 activation blocks against 128x128 weight blocks): the same quantization of the
+activations, the products in FP8 tensor cores, a serving kernel. Other block sizes, and other devices, run the
+reference.
+
 transformers 5.23 takes it two ways: `_FINEGRAINED_FP8` (the cache `load_finegrained_fp8_kernel`
 reads before asking for the `kernels` package) and the name lookup of `lazy_load_kernel`.
 """
@@ -26,6 +31,7 @@ import torch
 FP8_MAX = 448.0
 REFERENCE = "quantgate reference block-FP8 matmul (torch, dequantized per block, float32 sums)"
 HUB = "kernels-community/finegrained-fp8 (the Hub kernel, through the kernels package)"
+SCALED_MM = "torch._scaled_mm, 1x128 activation blocks against 128x128 weight blocks (cuBLAS, FP8 tensor cores)"
 
 
 def quantize_activations(x: torch.Tensor, block_k: int, scale: torch.Tensor | None = None) -> torch.Tensor:
@@ -126,8 +132,91 @@ def _product(input, weights: torch.Tensor, block_size, activation_scale=None) ->
 
 def matmul_2d(input, weight, weight_scale_inv, block_size, output_dtype=None, activation_scale=None):
     """input (..., K) @ weight (N, K).T, as `matmul_2d` of the Hub kernel."""
+    if blockwise_runs(input, weight, block_size, activation_scale):
+        return blockwise_matmul(input, weight, weight_scale_inv, output_dtype or input.dtype)
     out = _product(input, float_weights(weight, weight_scale_inv, block_size), block_size, activation_scale)
     return out.to(output_dtype or input.dtype)
+
+
+# How this process's torch takes 128x128 weight scales (see blockwise_probe); None: no block-scaled matmul here.
+_padded_rows: bool | None = None
+
+
+def blockwise_runs(input, weight, block_size, activation_scale) -> bool:
+    return (_padded_rows is not None and input.is_cuda and activation_scale is None and block_size is not None
+            and tuple(block_size) == (128, 128) and weight.dtype == torch.float8_e4m3fn)
+
+
+def activation_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, K) activations as e4m3 codes and their scales (M, K/128), as quantize_activations makes them."""
+    groups = x.float().unflatten(-1, (-1, 128))
+    scales = groups.abs().amax(-1, keepdim=True) / FP8_MAX
+    codes = (groups / scales.clamp(min=1e-12)).to(torch.float8_e4m3fn).flatten(-2)
+    return codes, scales.squeeze(-1)
+
+
+def weight_scales(scale_inv: torch.Tensor, padded_rows: bool) -> torch.Tensor:
+    """(N/128, K/128) scales as _scaled_mm's scale_b: transposed, each row padded to 4 blocks (16 bytes) where this
+    torch wants it. A layer whose scales are laid out so already (lay_out_scales) is a view, with no copy."""
+    cols = scale_inv.shape[1]
+    width = cols + (-cols % 4 if padded_rows else 0)
+    if scale_inv.stride() != (width, 1):
+        scale_inv = torch.nn.functional.pad(scale_inv, (0, width - cols))[:, :cols]
+    return scale_inv.t()
+
+
+def blockwise_matmul(input, weight, weight_scale_inv, output_dtype) -> torch.Tensor:
+    x = input.reshape(-1, input.shape[-1])
+    codes, scales = activation_blocks(x)  # left to torch.compile, which fuses them with what comes before
+    out = scaled_blocks_mm(codes, scales, weight, weight_scale_inv, output_dtype)
+    return out.reshape(*input.shape[:-1], weight.shape[0])
+
+
+# An op of its own, so torch.compile keeps the scales' strides as cuBLAS wants them instead of choosing its own.
+@torch.library.custom_op("quantgate::scaled_blocks_mm", mutates_args=())
+def scaled_blocks_mm(codes: torch.Tensor, scales: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor,
+                     out_dtype: torch.dtype) -> torch.Tensor:
+    if codes.shape[0] > 1:
+        scales = scales.t().contiguous().t()  # outer-dim-major, as cuBLAS reads them
+    return torch._scaled_mm(codes, weight.t(), scale_a=scales, scale_b=weight_scales(weight_scale_inv, _padded_rows),
+                            out_dtype=out_dtype)
+
+
+@scaled_blocks_mm.register_fake
+def _(codes, scales, weight, weight_scale_inv, out_dtype):
+    return codes.new_empty(codes.shape[0], weight.shape[0], dtype=out_dtype)
+
+
+def blockwise_probe() -> bool | None:
+    """Whether torch's block-scaled FP8 matmul runs on this GPU, and with which weight-scale layout: torch releases
+    differ (rows padded to 16 bytes or not), and it needs a Hopper GPU and cuBLAS 12.9. None: it does not run."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
+        return None
+    codes = torch.ones(16, 384, device="cuda").to(torch.float8_e4m3fn)
+    for padded in (True, False):
+        try:
+            out = torch._scaled_mm(codes, codes[:128].t(), scale_a=torch.ones(16, 3, device="cuda").t().contiguous().t(),
+                                   scale_b=weight_scales(torch.ones(1, 3, device="cuda"), padded), out_dtype=torch.float32)
+        except RuntimeError:
+            continue
+        if torch.equal(out, torch.full_like(out, 384.0)):
+            return padded
+    return None
+
+
+def lay_out_scales(model: torch.nn.Module) -> int:
+    """Each 128x128 layer's scales laid out once as the block-scaled matmul reads them, so no call pads them; the
+    values and shape unchanged. Only for a model loaded to compute, never one about to be saved. Layers changed."""
+    changed = 0
+    for module in model.modules() if _padded_rows else ():
+        scales, weight = getattr(module, "weight_scale_inv", None), getattr(module, "weight", None)
+        if scales is None or weight is None or scales.dim() != 2 or \
+                tuple(getattr(module, "block_size", None) or ()) != (128, 128):
+            continue
+        laid_out = weight_scales(scales.data, True).t()
+        if laid_out.data_ptr() != scales.data_ptr():
+            scales.data, changed = laid_out, changed + 1
+    return changed
 
 
 def _expert(weight, weight_scale_inv, block_size, expert: int, kept) -> torch.Tensor:
@@ -167,9 +256,10 @@ def install() -> str:
     from transformers.integrations import finegrained_fp8, hub_kernels
     from transformers.utils import is_kernels_available
 
+    global _padded_rows
     current = finegrained_fp8._FINEGRAINED_FP8
     if current is not None:
-        return REFERENCE if current.matmul is matmul_2d else HUB
+        return (SCALED_MM if _padded_rows is not None else REFERENCE) if current.matmul is matmul_2d else HUB
     if is_kernels_available():
         try:
             finegrained_fp8.load_finegrained_fp8_kernel()
@@ -179,4 +269,11 @@ def install() -> str:
     hub_kernels._KERNEL_MODULE_MAPPING["finegrained-fp8"] = sys.modules[__name__]
     finegrained_fp8._FINEGRAINED_FP8 = finegrained_fp8.FineGrainedFP8(
         matmul=matmul_2d, batched_matmul=matmul_batched, grouped_matmul=matmul_grouped)
-    return REFERENCE
+    _padded_rows = blockwise_probe()
+    return SCALED_MM if _padded_rows is not None else REFERENCE
+
+
+def kernel_for(block_size) -> str:
+    """The kernel a layer of these blocks runs on in this process, on its GPU where it has one."""
+    name = install()
+    return REFERENCE if name == SCALED_MM and tuple(block_size) != (128, 128) else name
