@@ -100,14 +100,15 @@ def test_scales_laid_out_for_the_block_scaled_matmul_keep_their_values(monkeypat
     before, x = layer.weight_scale_inv.detach().clone(), torch.randn(2, 3840)
     expected = fp8_kernel.matmul_2d(x, layer.weight, layer.weight_scale_inv, [128, 128], torch.float32)
     assert fp8_kernel.lay_out_scales(torch.nn.Sequential(layer)) == 0  # no block-scaled matmul in this process
-    monkeypatch.setattr(fp8_kernel, "_padded_rows", True)
+    monkeypatch.setattr(fp8_kernel, "_blockwise", True)
     model = torch.nn.Sequential(layer, FP8Linear(256, 128, block_size=(64, 64)), plain)
     assert fp8_kernel.lay_out_scales(model) == 1  # the 64x64 layer and the module without block_size stay
     scales = layer.weight_scale_inv
     assert scales.shape == (2, 30) and scales.stride() == (32, 1) and torch.equal(scales, before)
-    assert fp8_kernel.weight_scales(scales, True).data_ptr() == scales.data_ptr()  # read as it is: no copy per call
-    assert fp8_kernel.weight_scales(before, True).stride() == (1, 32)  # a layer not laid out is padded per call
-    assert fp8_kernel.weight_scales(before, False).stride() == (1, 30)
+    read = fp8_kernel.weight_scales(scales)  # in place, no copy per call
+    assert read.data_ptr() == scales.data_ptr() and read.shape == (32, 2) and read.stride() == (1, 32)
+    padded = fp8_kernel.weight_scales(before)  # a layer not laid out: padded at the call
+    assert padded.stride() == (1, 32) and torch.equal(padded[:30], before.t()) and not padded[30:].any()
     assert fp8_kernel.lay_out_scales(model) == 0
     assert not fp8_kernel.blockwise_runs(x, layer.weight, [128, 128], None)  # a CPU tensor: the reference
     torch.testing.assert_close(fp8_kernel.matmul_2d(x, layer.weight, scales, [128, 128], torch.float32), expected)
@@ -131,7 +132,7 @@ def test_block_scaled_matmul_on_the_gpu_computes_what_the_reference_does():
     """torch's block-scaled FP8 matmul against the reference on Gemma 3 12B's shapes, one token and five, eager and
     compiled, with its scales padded per call and laid out once."""
     fp8_kernel.install()
-    if fp8_kernel._padded_rows is None:
+    if not fp8_kernel._blockwise:
         pytest.skip(f"no block-scaled FP8 matmul on {torch.cuda.get_device_name()} with torch {torch.__version__}")
     torch.manual_seed(4)
     for n, k in ((8192, 3840), (3840, 15360)):

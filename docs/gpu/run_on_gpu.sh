@@ -242,9 +242,10 @@ for line in sys.stdin:
      echo "elapsed $(( $(date +%s) - $(cat /tmp/flow.start) )) s, exit code $(cat /tmp/flow.rc 2>/dev/null || echo running)"
      tail -25 /tmp/flow.log; cp /tmp/flow.log "$OUT/"
      run=$(ls -td /tmp/qg-runs/*/ 2>/dev/null | head -1); [ -n "$run" ] && cp "$run/metrics.json" "$run/report.md" "$run/run.log" "$run/summary.png" "$OUT/" 2>/dev/null ;;
-  # Block FP8 on torch's block-scaled matmul (issue 39): the fp8 gpu-marked tests, then docs/gpu/fp8_kernels.py; after
-  # the `wheels` calls, carrying .gpu/f4 and .gpu/f5 (pytest's wheels there too), as `flow` does, which then installs nothing.
-  fp8-kernels) flow_wheels
+  # Block FP8 on torch's block-scaled matmul (issue 39): the layouts this torch takes (docs/gpu/scaled_mm_layouts.py),
+  # the fp8 gpu-marked tests, then docs/gpu/fp8_kernels.py; carrying .gpu/w and .gpu/pt (pytest, iniconfig, pluggy).
+  fp8-kernels) install .gpu/w/*.whl .gpu/pt/*.whl
+     python3 docs/gpu/scaled_mm_layouts.py > "$OUT/scaled-mm-layouts.txt" 2>&1
      timeout 200 python3 -m pytest -q -rs -p no:cacheprovider -m gpu tests/test_fp8.py 2>&1 | tail -8
      timeout "${BENCH_S:-200}" python3 docs/gpu/fp8_kernels.py 2>"$OUT/fp8-kernels.err" | tee "$OUT/fp8-kernels.jsonl"
      grep -E "Error|Traceback" -A3 "$OUT/fp8-kernels.err" | tail -8 ;;

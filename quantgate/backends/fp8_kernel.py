@@ -13,7 +13,7 @@ the float32 weights are kept while they fit `keep_bytes` (a quarter of the memor
 the same numbers, computed once. The benchmark's processes keep none, since they measure the model's memory.
 
 On a Hopper GPU with cuBLAS 12.9 or later, 128x128 weight blocks run on torch's own block-scaled FP8 matmul
-(`torch._scaled_mm`, 1x128 activation blocks against 128x128 weight blocks): the same quantization of the
+(`torch.nn.functional.scaled_mm`, 1x128 activation blocks against 128x128 weight blocks): the same quantization of the
 activations, the products in FP8 tensor cores, a serving kernel. Other block sizes, and other devices, run the
 reference.
 
@@ -31,7 +31,7 @@ import torch
 FP8_MAX = 448.0
 REFERENCE = "quantgate reference block-FP8 matmul (torch, dequantized per block, float32 sums)"
 HUB = "kernels-community/finegrained-fp8 (the Hub kernel, through the kernels package)"
-SCALED_MM = "torch._scaled_mm, 1x128 activation blocks against 128x128 weight blocks (cuBLAS, FP8 tensor cores)"
+SCALED_MM = "torch's scaled_mm, 1x128 activation blocks against 128x128 weight blocks (cuBLAS, FP8 tensor cores)"
 
 
 def quantize_activations(x: torch.Tensor, block_k: int, scale: torch.Tensor | None = None) -> torch.Tensor:
@@ -138,12 +138,12 @@ def matmul_2d(input, weight, weight_scale_inv, block_size, output_dtype=None, ac
     return out.to(output_dtype or input.dtype)
 
 
-# How this process's torch takes 128x128 weight scales (see blockwise_probe); None: no block-scaled matmul here.
-_padded_rows: bool | None = None
+# Whether torch's block-scaled FP8 matmul computes right in this process (blockwise_probe).
+_blockwise = False
 
 
 def blockwise_runs(input, weight, block_size, activation_scale) -> bool:
-    return (_padded_rows is not None and input.is_cuda and activation_scale is None and block_size is not None
+    return (_blockwise and input.is_cuda and activation_scale is None and block_size is not None
             and tuple(block_size) == (128, 128) and weight.dtype == torch.float8_e4m3fn)
 
 
@@ -155,20 +155,31 @@ def activation_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return codes, scales.squeeze(-1)
 
 
-def weight_scales(scale_inv: torch.Tensor, padded_rows: bool) -> torch.Tensor:
-    """(N/128, K/128) scales as _scaled_mm's scale_b: transposed, each row padded to 4 blocks (16 bytes) where this
-    torch wants it. A layer whose scales are laid out so already (lay_out_scales) is a view, with no copy."""
-    cols = scale_inv.shape[1]
-    width = cols + (-cols % 4 if padded_rows else 0)
-    if scale_inv.stride() != (width, 1):
-        scale_inv = torch.nn.functional.pad(scale_inv, (0, width - cols))[:, :cols]
-    return scale_inv.t()
+def weight_scales(scale_inv: torch.Tensor) -> torch.Tensor:
+    """(N/128, K/128) scales as scaled_mm's scale_b: each row padded to 4 blocks (16 bytes), transposed. A layer's
+    scales laid out so at load (lay_out_scales) are read in place; others are padded at each call."""
+    rows, cols = scale_inv.shape
+    width = cols + -cols % 4
+    if scale_inv.stride() == (width, 1):
+        return scale_inv.as_strided((rows, width), (width, 1)).t()
+    return torch.nn.functional.pad(scale_inv, (0, width - cols)).t()
+
+
+def outer_major(scales: torch.Tensor) -> torch.Tensor:
+    """(M, K/128) activation scales with strides (1, M), as cuBLAS reads them."""
+    rows, cols = scales.shape
+    if scales.stride() == (1, rows):
+        return scales
+    laid = torch.empty_strided((rows, cols), (1, rows), dtype=scales.dtype, device=scales.device)
+    return laid.copy_(scales)
 
 
 def blockwise_matmul(input, weight, weight_scale_inv, output_dtype) -> torch.Tensor:
     x = input.reshape(-1, input.shape[-1])
-    codes, scales = activation_blocks(x)  # left to torch.compile, which fuses them with what comes before
-    out = scaled_blocks_mm(codes, scales, weight, weight_scale_inv, output_dtype)
+    rows = x.shape[0]
+    # cuBLAS multiplies block-scaled FP8 from 4 rows up (torch 2.11, CUDA 13): a token's row gets 3 of zeros.
+    codes, scales = activation_blocks(torch.nn.functional.pad(x, (0, 0, 0, -rows % 4)))
+    out = scaled_blocks_mm(codes, scales.t().contiguous().t(), weight, weight_scale_inv, output_dtype)[:rows]
     return out.reshape(*input.shape[:-1], weight.shape[0])
 
 
@@ -176,10 +187,10 @@ def blockwise_matmul(input, weight, weight_scale_inv, output_dtype) -> torch.Ten
 @torch.library.custom_op("quantgate::scaled_blocks_mm", mutates_args=())
 def scaled_blocks_mm(codes: torch.Tensor, scales: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor,
                      out_dtype: torch.dtype) -> torch.Tensor:
-    if codes.shape[0] > 1:
-        scales = scales.t().contiguous().t()  # outer-dim-major, as cuBLAS reads them
-    return torch._scaled_mm(codes, weight.t(), scale_a=scales, scale_b=weight_scales(weight_scale_inv, _padded_rows),
-                            out_dtype=out_dtype)
+    from torch.nn.functional import ScalingType, scaled_mm
+
+    return scaled_mm(codes, weight.t(), outer_major(scales), ScalingType.BlockWise1x128,
+                     weight_scales(weight_scale_inv), ScalingType.BlockWise128x128, output_dtype=out_dtype)
 
 
 @scaled_blocks_mm.register_fake
@@ -187,33 +198,35 @@ def _(codes, scales, weight, weight_scale_inv, out_dtype):
     return codes.new_empty(codes.shape[0], weight.shape[0], dtype=out_dtype)
 
 
-def blockwise_probe() -> bool | None:
-    """Whether torch's block-scaled FP8 matmul runs on this GPU, and with which weight-scale layout: torch releases
-    differ (rows padded to 16 bytes or not), and it needs a Hopper GPU and cuBLAS 12.9. None: it does not run."""
+def blockwise_probe() -> bool:
+    """Whether torch's block-scaled FP8 matmul runs and computes right here: it needs a Hopper GPU, cuBLAS 12.9 and
+    torch's `scaled_mm` (2.10 on). torch 2.11's older `_scaled_mm` takes 30 K blocks' scales but reads them 32 apart,
+    a wrong product without an error: the probe has 3 K blocks, each scale its own, checked against the exact one."""
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
-        return None
-    codes = torch.ones(16, 384, device="cuda").to(torch.float8_e4m3fn)
-    for padded in (True, False):
-        try:
-            out = torch._scaled_mm(codes, codes[:128].t(), scale_a=torch.ones(16, 3, device="cuda").t().contiguous().t(),
-                                   scale_b=weight_scales(torch.ones(1, 3, device="cuda"), padded), out_dtype=torch.float32)
-        except RuntimeError:
-            continue
-        if torch.equal(out, torch.full_like(out, 384.0)):
-            return padded
-    return None
+        return False
+    generator = torch.Generator("cuda").manual_seed(0)
+    codes = torch.randn(4, 384, device="cuda", generator=generator).clamp(-8, 8).to(torch.float8_e4m3fn)
+    weight = torch.randn(256, 384, device="cuda", generator=generator).clamp(-8, 8).to(torch.float8_e4m3fn)
+    scales, scale_inv = (torch.rand(shape, device="cuda", generator=generator) + 0.5 for shape in ((4, 3), (2, 3)))
+    exact = (dequantize_weight(codes, scales, (1, 128)) @ dequantize_weight(weight, scale_inv, (128, 128)).T)
+    try:
+        out = scaled_blocks_mm(codes, scales, weight, scale_inv, torch.float32)
+    except (RuntimeError, ImportError, ValueError):  # no such op in this torch, or not on this GPU and cuBLAS
+        return False
+    return bool(((out - exact).norm() / exact.norm()) < 1e-3)
 
 
 def lay_out_scales(model: torch.nn.Module) -> int:
-    """Each 128x128 layer's scales laid out once as the block-scaled matmul reads them, so no call pads them; the
-    values and shape unchanged. Only for a model loaded to compute, never one about to be saved. Layers changed."""
+    """Each 128x128 layer's scales laid out once as the block-scaled matmul reads them (rows padded to 4 blocks), so
+    no call pads them; values and shape as they were. Only for a model loaded to compute, never one about to be
+    saved. Layers changed."""
     changed = 0
-    for module in model.modules() if _padded_rows else ():
+    for module in model.modules() if _blockwise else ():
         scales, weight = getattr(module, "weight_scale_inv", None), getattr(module, "weight", None)
         if scales is None or weight is None or scales.dim() != 2 or \
                 tuple(getattr(module, "block_size", None) or ()) != (128, 128):
             continue
-        laid_out = weight_scales(scales.data, True).t()
+        laid_out = weight_scales(scales.data).t()[:, :scales.shape[1]]
         if laid_out.data_ptr() != scales.data_ptr():
             scales.data, changed = laid_out, changed + 1
     return changed
@@ -256,10 +269,10 @@ def install() -> str:
     from transformers.integrations import finegrained_fp8, hub_kernels
     from transformers.utils import is_kernels_available
 
-    global _padded_rows
+    global _blockwise
     current = finegrained_fp8._FINEGRAINED_FP8
     if current is not None:
-        return (SCALED_MM if _padded_rows is not None else REFERENCE) if current.matmul is matmul_2d else HUB
+        return (SCALED_MM if _blockwise else REFERENCE) if current.matmul is matmul_2d else HUB
     if is_kernels_available():
         try:
             finegrained_fp8.load_finegrained_fp8_kernel()
@@ -269,8 +282,8 @@ def install() -> str:
     hub_kernels._KERNEL_MODULE_MAPPING["finegrained-fp8"] = sys.modules[__name__]
     finegrained_fp8._FINEGRAINED_FP8 = finegrained_fp8.FineGrainedFP8(
         matmul=matmul_2d, batched_matmul=matmul_batched, grouped_matmul=matmul_grouped)
-    _padded_rows = blockwise_probe()
-    return SCALED_MM if _padded_rows is not None else REFERENCE
+    _blockwise = blockwise_probe()
+    return SCALED_MM if _blockwise else REFERENCE
 
 
 def kernel_for(block_size) -> str:
