@@ -111,6 +111,10 @@ def test_scales_laid_out_for_the_block_scaled_matmul_keep_their_values(monkeypat
     assert padded.stride() == (1, 32) and torch.equal(padded[:30], before.t()) and not padded[30:].any()
     assert fp8_kernel.lay_out_scales(model) == 0
     assert not fp8_kernel.blockwise_runs(x, layer.weight, [128, 128], None)  # a CPU tensor: the reference
+    codes, token = fp8_kernel.activation_blocks(x[:1])  # one token, as a decode step has it: padded to 4 rows
+    four, laid = fp8_kernel.four_rows(codes, token)
+    assert four.shape == (4, 3840) and torch.equal(four[:1].view(torch.uint8), codes.view(torch.uint8))
+    assert not four[1:].view(torch.uint8).any() and laid.stride() == (1, 4) and torch.equal(laid[:1], token)
     torch.testing.assert_close(fp8_kernel.matmul_2d(x, layer.weight, scales, [128, 128], torch.float32), expected)
 
 

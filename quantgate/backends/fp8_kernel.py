@@ -165,32 +165,39 @@ def weight_scales(scale_inv: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.pad(scale_inv, (0, width - cols)).t()
 
 
-def outer_major(scales: torch.Tensor) -> torch.Tensor:
-    """(M, K/128) activation scales with strides (1, M), as cuBLAS reads them."""
-    rows, cols = scales.shape
-    if scales.stride() == (1, rows):
-        return scales
-    laid = torch.empty_strided((rows, cols), (1, rows), dtype=scales.dtype, device=scales.device)
-    return laid.copy_(scales)
-
-
 def blockwise_matmul(input, weight, weight_scale_inv, output_dtype) -> torch.Tensor:
     x = input.reshape(-1, input.shape[-1])
-    rows = x.shape[0]
-    # cuBLAS multiplies block-scaled FP8 from 4 rows up (torch 2.11, CUDA 13): a token's row gets 3 of zeros.
-    codes, scales = activation_blocks(torch.nn.functional.pad(x, (0, 0, 0, -rows % 4)))
-    out = scaled_blocks_mm(codes, scales.t().contiguous().t(), weight, weight_scale_inv, output_dtype)[:rows]
+    codes, scales = activation_blocks(x)  # left to torch.compile, which fuses them with what comes before
+    out = scaled_blocks_mm(codes, scales, weight, weight_scale_inv, output_dtype)
     return out.reshape(*input.shape[:-1], weight.shape[0])
 
 
-# An op of its own, so torch.compile keeps the scales' strides as cuBLAS wants them instead of choosing its own.
+def four_rows(codes: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes with rows of zeros to a multiple of 4, and their scales with strides (1, rows), as cuBLAS takes them:
+    from 4 rows up (torch 2.11, CUDA 13), the scales outer-dim-major. Padding rows' scales are left unset: their
+    products are dropped."""
+    rows, blocks = scales.shape
+    padded = rows + -rows % 4
+    if padded != rows:
+        codes = torch.nn.functional.pad(codes.view(torch.uint8), (0, 0, 0, padded - rows)).view(codes.dtype)
+    if scales.stride() != (1, padded) or padded != rows:
+        laid = torch.empty_strided((padded, blocks), (1, padded), dtype=scales.dtype, device=scales.device)
+        laid[:rows].copy_(scales)
+        scales = laid
+    return codes, scales
+
+
+# An op of its own: torch.compile keeps the scales' strides as cuBLAS wants them, and Inductor's Triton code
+# generation failed on the rows' padding and transposed scales traced with the activations' quantization.
 @torch.library.custom_op("quantgate::scaled_blocks_mm", mutates_args=())
 def scaled_blocks_mm(codes: torch.Tensor, scales: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor,
                      out_dtype: torch.dtype) -> torch.Tensor:
     from torch.nn.functional import ScalingType, scaled_mm
 
-    return scaled_mm(codes, weight.t(), outer_major(scales), ScalingType.BlockWise1x128,
-                     weight_scales(weight_scale_inv), ScalingType.BlockWise128x128, output_dtype=out_dtype)
+    rows = codes.shape[0]
+    codes, scales = four_rows(codes, scales)
+    return scaled_mm(codes, weight.t(), scales, ScalingType.BlockWise1x128, weight_scales(weight_scale_inv),
+                     ScalingType.BlockWise128x128, output_dtype=out_dtype)[:rows]
 
 
 @scaled_blocks_mm.register_fake
