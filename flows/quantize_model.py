@@ -1,9 +1,10 @@
 """The quantize-model flow: download → reference → the reference's benchmark, then for each recipe
-(`model.recipes_at_once` at a time, each then in a worker process of its own, the reference's benchmark beside them:
-flows.workers): quantize → validate (→ remedy where it warns or fails and steps.remedy is
-on) → adapters (where the config serves any) → evaluate → benchmark → publish. Each step is a plain function of tasks/
-run as a Prefect task (flows.steps); one recipe failing leaves the others running, and a recipe stops at its first step
-that does not end ok. Everything the libraries print goes to the run's log (runs/<run_id>/run.log)."""
+(`model.recipes_at_once` at a time, each then in a worker process of its own, the reference's steps beside them and
+each recipe waiting for the reference after its quantize: flows.workers): quantize → validate (→ remedy where it warns
+or fails and steps.remedy is on) → adapters (where the config serves any) → evaluate → benchmark → publish. Each step
+is a plain function of tasks/ run as a Prefect task (flows.steps); one recipe failing leaves the others running, and a
+recipe stops at its first step that does not end ok. Everything the libraries print goes to the run's log
+(runs/<run_id>/run.log)."""
 from __future__ import annotations
 
 import logging
@@ -38,19 +39,37 @@ log = logging.getLogger("quantgate.progress")
 @dataclass
 class Model:
     """What every recipe of the run is compared with: the reference checkpoint, measured once."""
-    checkpoint: str
+    download: Downloaded
     compute_dtype: str
     device: str | dict
-    reference: Reference
     hold: Devices  # the devices its steps hold while they compute (flows.devices)
+    reference: Reference | None = None  # once measured, where it went ok and the base is sound
+    referenced: threading.Event = field(default_factory=threading.Event)
     benchmark: Benchmarked | None = None  # once benchmarked, where it went ok
     benchmarked: threading.Event = field(default_factory=threading.Event)
 
+    @property
+    def checkpoint(self) -> str:
+        return self.download.checkpoint
+
+    def reference_result(self) -> Reference | None:
+        """The reference, waited for where it is measured beside the recipes; None: nothing to compare with."""
+        wait_for(self.referenced)
+        return self.reference
+
+    def without_reference(self) -> bool:
+        """Whether the reference is known already to have left nothing to compare with."""
+        return self.referenced.is_set() and self.reference is None
+
     def reference_benchmark(self) -> Benchmarked | None:
         """The reference's benchmark, waited for where it runs beside the recipes."""
-        while not self.benchmarked.wait(0.5):
-            runlog.raise_if_signalled()
+        wait_for(self.benchmarked)
         return self.benchmark
+
+
+def wait_for(event: threading.Event) -> None:
+    while not event.wait(0.5):
+        runlog.raise_if_signalled()
 
 
 @flow(name="quantize-model")
@@ -63,11 +82,11 @@ def quantize_model(config_path: str = str(DEFAULT_CONFIG), overrides: list[str] 
     run = RunRecord(config, config_path, nightly_id)
     try:
         with runlog.stop_on_signals(), runlog.to_file(run.dir / "run.log", ui=APILogHandler()):
-            model = gate_model(run, config)
+            model = prepare_model(run, config)
             awaiting: list[str] = []  # recipes whose Hub upload waits for a reviewer: asked once every recipe is gated
             each_recipe(config.recipes if model else [], config.model.recipes_at_once,
                         lambda recipe: gate_recipe(run, config, model, recipe, awaiting),
-                        first=model and (lambda: benchmark_reference(run, config, model)))
+                        first=model and (lambda: measure_model(run, config, model)))
             for name in awaiting:
                 publish_approved(run, config, name)
             runlog.raise_if_signalled()  # told to stop after the last step began: interrupted, not passed
@@ -89,10 +108,10 @@ def outcome(run: RunRecord) -> str | State:
                   data=str(run.dir))
 
 
-def gate_model(run: RunRecord, config: RunConfig) -> Model | None:
-    """Download, measure the reference once: what every recipe is compared with."""
-    model, steps, cache = config.model, config.steps, str(config.output.cache_dir)
-    download = run_step(download_task, steps.download, Downloaded, "model", "download", source=model.source,
+def prepare_model(run: RunRecord, config: RunConfig) -> Model | None:
+    """The download, and where the model's and the recipes' steps compute."""
+    model, cache = config.model, str(config.output.cache_dir)
+    download = run_step(download_task, config.steps.download, Downloaded, "model", "download", source=model.source,
                         revision=model.revision, cache_dir=cache, dtype=model.dtype)
     run.set_model(download)
     if not download.ok:
@@ -101,14 +120,35 @@ def gate_model(run: RunRecord, config: RunConfig) -> Model | None:
     device = modeling.placement(model.device, model.max_memory)  # one GPU, several, or the CPU: every step's
     hold = device_limits(model, device)
     at_once = min(model.recipes_at_once, len(config.recipes))
-    wanted = at_once + (at_once > 1)  # side by side, the reference's benchmark loads beside the first recipes
+    wanted = at_once + (at_once > 1)  # side by side, the reference's steps run beside the first recipes
     if hold.names and hold.slots < wanted:
         log.warning("model.recipes_at_once is %d but model.device_slots %d: the recipes' steps on %s take turns; "
-                    "set model.device_slots to %d for them to compute at once (the reference's benchmark with them)",
+                    "set model.device_slots to %d for them to compute at once (the reference's steps with them)",
                     model.recipes_at_once, hold.slots, hold, wanted)
-    reference = run_step(reference_task, steps.reference, Reference, "model", "reference", hold, download=download,
-                         dtype=model.dtype, compute_dtype=compute, device=device, cache_dir=cache,
-                         validate=steps.validate, evaluate=steps.evaluate, adapters_served=config.adapters)
+    return Model(download, compute, device, hold)
+
+
+def measure_model(run: RunRecord, config: RunConfig, model: Model) -> None:
+    """The reference step, then its benchmark: before the recipes, or beside them, where the recipes quantize before
+    they wait for it."""
+    try:
+        model.reference = measure_reference(run, config, model)
+    finally:
+        model.referenced.set()
+    if model.reference is None:
+        model.benchmarked.set()
+        return
+    benchmark_reference(run, config, model)
+
+
+def measure_reference(run: RunRecord, config: RunConfig, model: Model) -> Reference | None:
+    """The reference, measured once: what every recipe is compared with; None where it did not end ok or the base
+    model itself is broken."""
+    steps = config.steps
+    reference = run_step(reference_task, steps.reference, Reference, "model", "reference", model.hold,
+                         download=model.download, dtype=config.model.dtype, compute_dtype=model.compute_dtype,
+                         device=model.device, cache_dir=str(config.output.cache_dir), validate=steps.validate,
+                         evaluate=steps.evaluate, adapters_served=config.adapters)
     run.set_reference(reference)
     if not reference.ok:
         return None  # nothing to compare a recipe with: the run's error (run.finish)
@@ -118,7 +158,7 @@ def gate_model(run: RunRecord, config: RunConfig) -> Model | None:
     if overflow := reference.validate.overflow:
         run.set_base_broken(f"the base model is broken where it is served: {overflow_reason(overflow)}")
         return None
-    return Model(download.checkpoint, compute, device, reference, hold)
+    return reference
 
 
 def benchmark_reference(run: RunRecord, config: RunConfig, model: Model) -> None:
@@ -138,14 +178,16 @@ def benchmark_reference(run: RunRecord, config: RunConfig, model: Model) -> None
 def gate_recipe(run: RunRecord, config: RunConfig, model: Model, recipe: RecipeBase, awaiting: list[str]) -> None:
     """One recipe through the steps, stopping at the first that does not end ok."""
     steps, name, out, cache = config.steps, recipe.name, str(run.recipe_dir(recipe.name)), str(config.output.cache_dir)
+    if model.without_reference():  # measured before the recipes, and nothing to compare with: the record says why
+        return
     quantized = run_step(quantize_task, steps.quantize, Quantized, name, "quantize", model.hold, checkpoint=model.checkpoint,
                          recipe=recipe, dtype=config.model.dtype, device=model.device, out_dir=out,
                          roundtrip_min_top1=steps.quantize.roundtrip_min_top1, cache_dir=cache,
                          registry_dir=str(steps.publish.registry_dir))
-    if not run.set_step(name, "quantize", quantized):
+    if not run.set_step(name, "quantize", quantized) or (reference := model.reference_result()) is None:
         return
     validated = run_step(validate_task, steps.validate, Validated, name, "validate", model.hold, checkpoint=quantized.checkpoint,
-                         recipe=recipe, reference=model.reference.validate, device=model.device,
+                         recipe=recipe, reference=reference.validate, device=model.device,
                          settings=steps.validate, compute_dtype=model.compute_dtype, served=config.model.dtype)
     went_on = run.set_step(name, "validate", validated)
     if steps.remedy.enabled and validated.verdict in steps.remedy.verdicts:
@@ -154,16 +196,16 @@ def gate_recipe(run: RunRecord, config: RunConfig, model: Model, recipe: RecipeB
         if validated.status == "failed" and steps.publish.force:
             publish(run, config, name, awaiting)
         return
-    if model.reference.adapters and not run.set_adapters(name, run_step(
+    if reference.adapters and not run.set_adapters(name, run_step(
             adapters_task, steps.validate, AdaptersChecked, name, "adapters", model.hold, checkpoint=quantized.checkpoint,
-            recipe=recipe, references=model.reference.adapters, base_stats=model.reference.validate.path,
+            recipe=recipe, references=reference.adapters, base_stats=reference.validate.path,
             device=model.device, settings=steps.validate, compute_dtype=model.compute_dtype, served=config.model.dtype)):
         if steps.publish.force:
             publish(run, config, name, awaiting)
         return
-    served = {n: a for n, a in (model.reference.adapters or {}).items() if "error" not in a}  # kept by this recipe
+    served = {n: a for n, a in (reference.adapters or {}).items() if "error" not in a}  # kept by this recipe
     evaluated = run_step(evaluate_task, steps.evaluate, Evaluated, name, "evaluate", model.hold, checkpoint=quantized.checkpoint,
-                         recipe=recipe, reference=model.reference.evaluate, device=model.device,
+                         recipe=recipe, reference=reference.evaluate, device=model.device,
                          settings=steps.evaluate, out_dir=out, compute_dtype=model.compute_dtype,
                          adapters_served={n: a for n, a in served.items() if a.get("evaluate")})
     if not run.set_step(name, "evaluate", evaluated):

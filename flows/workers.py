@@ -126,7 +126,7 @@ class ThreadTimeouts(logging.Filter):
 
 
 def each_recipe(recipes: list, at_once: int, gate, first=None) -> None:
-    """first() (the reference's benchmark), then gate(recipe) for every recipe: one after another, or up to `at_once`
+    """first() (the reference's steps), then gate(recipe) for every recipe: one after another, or up to `at_once`
     at a time, each in its own worker, first() beside them in this process. One recipe's error leaves the others
     running; Ctrl-C or SIGTERM ends every worker and starts no more recipes."""
     if at_once == 1 or len(recipes) < 2:
@@ -148,7 +148,7 @@ def each_recipe(recipes: list, at_once: int, gate, first=None) -> None:
     pool, aside = ThreadPoolExecutor(min(at_once, len(recipes)), thread_name_prefix="recipe"), ThreadPoolExecutor(1)
     try:
         # A copy of the flow's context per thread: Prefect's run context travels in it; one copy runs in one thread.
-        futures = {"the reference's benchmark": aside.submit(contextvars.copy_context().run, first)} if first else {}
+        futures = {"the reference": aside.submit(contextvars.copy_context().run, first)} if first else {}
         futures.update({recipe.name: pool.submit(contextvars.copy_context().run, in_own_worker, gate, recipe, threads)
                         for recipe in recipes})
         errors = [(name, error) for name, future in futures.items() if (error := future.exception())]

@@ -298,6 +298,10 @@ def test_two_recipes_at_once_gate_side_by_side_each_in_its_process_and_the_bench
     steps = {(r, s): span(v) for r in recipes for s, v in metrics["recipes"][r]["steps"].items() if v.get("started_at")}
     a, b = steps[(recipes[0], "quantize")], steps[(recipes[1], "quantize")]
     assert a[0] < b[1] and b[0] < a[1]  # side by side
+    # The reference measured beside the recipes' quantize; each recipe's validate waits for it.
+    reference = span(metrics["reference"])
+    assert reference[0] < max(a[1], b[1]) and min(a[0], b[0]) < reference[1]
+    assert all(steps[(r, "validate")][0] >= reference[1] - 0.05 for r in recipes)
     # Each benchmark loads sharing the device and times alone: no other step of the run, nor another's time alone,
     # within its time alone (another benchmark's step may be loading before it, or waiting for its turn).
     alone = {r: span(metrics["recipes"][r]["benchmark"]["alone"]) for r in recipes}
