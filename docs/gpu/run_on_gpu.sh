@@ -27,6 +27,12 @@ flow_wheels() {
   site
   python3 -c "import prefect, lm_eval, datasets, pyarrow, bitsandbytes, transformers; print('prefect', prefect.__version__, 'lm_eval', lm_eval.__version__, 'transformers', transformers.__version__)" || exit 1
 }
+fp8_kernels() {
+  python3 docs/gpu/scaled_mm_layouts.py > "$OUT/scaled-mm-layouts.txt" 2>&1
+  timeout 200 python3 -m pytest -q -rs -p no:cacheprovider -m gpu tests/test_fp8.py 2>&1 | tail -8
+  timeout "${BENCH_S:-200}" python3 docs/gpu/fp8_kernels.py 2>"$OUT/fp8-kernels.err" > "$OUT/fp8-kernels.jsonl"
+  tail -1 "$OUT/fp8-kernels.jsonl"; grep -E "Error|Traceback" -A3 "$OUT/fp8-kernels.err" | tail -8
+}
 # The Gemma-3-12B-shaped checkpoint, built once a machine.
 g3_checkpoint() {
   [ -f /tmp/g3-12b/config.json ] || timeout 200 python3 docs/gpu/bench_on_gpu.py make /tmp/g3-12b 2>&1 | grep -v "Loading\|Writing"
@@ -230,6 +236,7 @@ for line in sys.stdin:
   # back the log, the record and the report.
   wheels) mkdir -p /tmp/w && cp "$2"/* /tmp/w/ && ls /tmp/w | wc -l ;;
   flow) flow_wheels
+     [ -n "${FP8:-}" ] && fp8_kernels
      nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
      g3_checkpoint; cp .gpu/f4/tok/* /tmp/g3-12b/
      at_once=3; [ "$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)" -lt 100000 ] && at_once=2
@@ -244,11 +251,9 @@ for line in sys.stdin:
      run=$(ls -td /tmp/qg-runs/*/ 2>/dev/null | head -1); [ -n "$run" ] && cp "$run/metrics.json" "$run/report.md" "$run/run.log" "$run/summary.png" "$OUT/" 2>/dev/null ;;
   # Block FP8 on torch's block-scaled matmul (issue 39): the layouts this torch takes (docs/gpu/scaled_mm_layouts.py),
   # the fp8 gpu-marked tests, then docs/gpu/fp8_kernels.py; carrying .gpu/w and .gpu/pt (pytest, iniconfig, pluggy).
+  # FP8=1 with `flow` runs them first, on the flow's wheels (pytest's there too, in .gpu/f5).
   fp8-kernels) install .gpu/w/*.whl .gpu/pt/*.whl
-     python3 docs/gpu/scaled_mm_layouts.py > "$OUT/scaled-mm-layouts.txt" 2>&1
-     timeout 200 python3 -m pytest -q -rs -p no:cacheprovider -m gpu tests/test_fp8.py 2>&1 | tail -8
-     timeout "${BENCH_S:-200}" python3 docs/gpu/fp8_kernels.py 2>"$OUT/fp8-kernels.err" | tee "$OUT/fp8-kernels.jsonl"
-     grep -E "Error|Traceback" -A3 "$OUT/fp8-kernels.err" | tail -8 ;;
+     fp8_kernels ;;
   # The gpu-marked tests, on the machine the flow's wheels went to.
   flow-gtest) site
      timeout "${TEST_S:-400}" python3 -m pytest -q -rs -m gpu tests/test_benchmark.py 2>&1 | tail -15 ;;
