@@ -254,6 +254,14 @@ for line in sys.stdin:
   # FP8=1 with `flow` runs them first, on the flow's wheels (pytest's there too, in .gpu/f5).
   fp8-kernels) install .gpu/w/*.whl .gpu/pt/*.whl
      fp8_kernels ;;
+  # Block FP8 128x128's decode on torch's block-scaled matmul (issue 39): the saved checkpoint made by the quantize step,
+  # then benchmarked as the flow does (compile per layer, coordinate descent off); carrying .gpu/w, .gpu/pt (pytest,
+  # iniconfig, pluggy; SmolLM2's tokenizer files in tok/) and .gpu/hx.
+  fp8-bench) install .gpu/w/*.whl .gpu/pt/*.whl .gpu/hx/*.whl
+     g3_checkpoint
+     MODE=saved TOKENIZER_DIR=.gpu/pt/tok CD=0 SCOPE=layers BENCH_DIR=/tmp/bench-fp8 timeout "${BENCH_S:-330}" \
+       python3 docs/gpu/bench_on_gpu.py /tmp/g3-12b fp8-block128 2>>"$OUT/fp8-bench.err" | tee "$OUT/fp8-bench.jsonl"
+     grep -E "benchmark:|Error|Traceback" "$OUT/fp8-bench.err" | tail -${TAIL:-20} ;;
   # The gpu-marked tests, on the machine the flow's wheels went to.
   flow-gtest) site
      timeout "${TEST_S:-400}" python3 -m pytest -q -rs -m gpu tests/test_benchmark.py 2>&1 | tail -15 ;;

@@ -65,8 +65,12 @@ class FineGrainedFp8(Backend):
         return found
 
     def latency_caveat(self, recipe) -> str | None:
-        if self.kernel(recipe) == fp8_kernel.REFERENCE:
+        kernel = self.kernel(recipe)
+        if kernel == fp8_kernel.REFERENCE:
             return f"measured on the {fp8_kernel.REFERENCE}, a correctness reference, not an FP8 serving kernel"
+        if kernel == fp8_kernel.SCALED_MM:  # cuBLAS's GEMM, 4 rows a tile at one token: no faster than bf16 there
+            return (f"measured on {fp8_kernel.SCALED_MM}, a GEMM for many rows; servers such as vLLM run block FP8 "
+                    "on kernels of their own (CUTLASS, Triton, DeepGEMM), not measured here")
         return None
 
     def fallback(self, recipe: FineGrainedFp8Recipe, name: str, out_features: int, in_features: int) -> str | None:
