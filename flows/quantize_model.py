@@ -21,7 +21,7 @@ from flows.devices import Devices, device_limits
 from flows.remedy import remedy_recipe
 from flows.steps import (adapters_task, benchmark_task, download_task, evaluate_task, publish_task, quantize_task,
                          reference_task, run_step, validate_task)
-from flows.workers import each_recipe
+from flows.workers import each_recipe, free_cached_memory
 from quantgate import history, modeling, runlog
 from quantgate.backends import RecipeBase
 from quantgate.config import RunConfig, load_config, writable
@@ -135,6 +135,7 @@ def measure_model(run: RunRecord, config: RunConfig, model: Model) -> None:
         model.reference = measure_reference(run, config, model)
     finally:
         model.referenced.set()
+    free_cached_memory()  # the reference's GPU memory, cached in this process, back for the recipes' models
     if model.reference is None:
         model.benchmarked.set()
         return

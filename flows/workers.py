@@ -138,7 +138,6 @@ def each_recipe(recipes: list, at_once: int, gate, first=None) -> None:
     import torch
 
     stop_requested.clear()  # a stop of an earlier call cut short by a second Ctrl-C
-    free_cached_memory()
     # The host's cores shared out: on 2 cores, two recipes of 2 threads each ran validate five times slower than
     # alone (docs/nightly.md). A benchmark's own process keeps every core while it times: it times alone.
     threads = max(1, torch.get_num_threads() // min(at_once, len(recipes)))
@@ -179,7 +178,7 @@ def stop_workers() -> None:
 
 
 def free_cached_memory() -> None:
-    """What this process's steps left in torch's CUDA cache (the reference's), handed back for the workers' models."""
+    """What this process's steps left in torch's CUDA cache (the reference's), handed back for the other models."""
     import gc
 
     import torch
