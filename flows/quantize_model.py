@@ -21,7 +21,7 @@ from flows.devices import Devices, device_limits
 from flows.remedy import remedy_recipe
 from flows.steps import (adapters_task, benchmark_task, download_task, evaluate_task, publish_task, quantize_task,
                          reference_task, run_step, validate_task)
-from flows.workers import each_recipe, free_cached_memory
+from flows.workers import each_recipe
 from quantgate import history, modeling, runlog
 from quantgate.backends import RecipeBase
 from quantgate.config import RunConfig, load_config, writable
@@ -135,11 +135,10 @@ def measure_model(run: RunRecord, config: RunConfig, model: Model) -> None:
         model.reference = measure_reference(run, config, model)
     finally:
         model.referenced.set()
-    free_cached_memory()  # the reference's GPU memory, cached in this process, back for the recipes' models
-    if model.reference is None:
-        model.benchmarked.set()
-        return
-    benchmark_reference(run, config, model)
+        if model.reference is None:  # no benchmark follows: a recipe waiting for its figures goes on without them
+            model.benchmarked.set()
+    if model.reference is not None:
+        benchmark_reference(run, config, model)
 
 
 def measure_reference(run: RunRecord, config: RunConfig, model: Model) -> Reference | None:

@@ -127,8 +127,8 @@ class ThreadTimeouts(logging.Filter):
 
 def each_recipe(recipes: list, at_once: int, gate, first=None) -> None:
     """first() (the reference's steps), then gate(recipe) for every recipe: one after another, or up to `at_once`
-    at a time, each in its own worker, first() beside them in this process. One recipe's error leaves the others
-    running; Ctrl-C or SIGTERM ends every worker and starts no more recipes."""
+    at a time, each in its own worker, first() beside them in a worker of its own. One recipe's error leaves the
+    others running; Ctrl-C or SIGTERM ends every worker and starts no more recipes."""
     if at_once == 1 or len(recipes) < 2:
         if first is not None:
             first()
@@ -140,16 +140,17 @@ def each_recipe(recipes: list, at_once: int, gate, first=None) -> None:
     stop_requested.clear()  # a stop of an earlier call cut short by a second Ctrl-C
     # The host's cores shared out: on 2 cores, two recipes of 2 threads each ran validate five times slower than
     # alone (docs/nightly.md). A benchmark's own process keeps every core while it times: it times alone.
-    threads = max(1, torch.get_num_threads() // min(at_once, len(recipes)))
+    threads = max(1, torch.get_num_threads() // (min(at_once, len(recipes)) + (first is not None)))
     quiet = ThreadTimeouts()
     logging.getLogger("prefect.task_runs").addFilter(quiet)
     # first() in a thread of its own: in the recipes' pool, its thread would take a recipe after it, one too many.
     pool, aside = ThreadPoolExecutor(min(at_once, len(recipes)), thread_name_prefix="recipe"), ThreadPoolExecutor(1)
     try:
         # A copy of the flow's context per thread: Prefect's run context travels in it; one copy runs in one thread.
-        futures = {"the reference": aside.submit(contextvars.copy_context().run, first)} if first else {}
-        futures.update({recipe.name: pool.submit(contextvars.copy_context().run, in_own_worker, gate, recipe, threads)
-                        for recipe in recipes})
+        futures = {"the reference": aside.submit(contextvars.copy_context().run, in_own_worker, "reference", first,
+                                                 threads)} if first else {}
+        futures.update({recipe.name: pool.submit(contextvars.copy_context().run, in_own_worker, recipe.name,
+                                                 functools.partial(gate, recipe), threads) for recipe in recipes})
         errors = [(name, error) for name, future in futures.items() if (error := future.exception())]
     except BaseException:  # Ctrl-C, SIGTERM
         stop_workers()
@@ -188,12 +189,13 @@ def free_cached_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def in_own_worker(gate, recipe, threads: int) -> None:
+def in_own_worker(name: str, work, threads: int) -> None:
+    """work(), its model steps in a worker process of its own, named `name` in the log."""
     raise_if_signalled()
-    worker = Worker(recipe.name, threads)
+    worker = Worker(name, threads)
     token = _current.set(worker)
     try:
-        gate(recipe)
+        work()
     except Exception:
         raise
     except BaseException:  # a stop: before this thread takes the next recipe

@@ -85,9 +85,11 @@ class RunRecord:
         self.save()
 
     def _settle_recipes(self, status: str, reason: str) -> None:
-        """Every recipe ends here, before any of its steps, for a reason of the model's."""
+        """Every recipe not yet settled ends here for a reason of the model's: before any of its steps, or, side by
+        side, after a quantize that ran beside the reference (a recipe's own failure keeps its reason)."""
         for entry in self.metrics["recipes"].values():
-            entry.update(status=status, reason=reason)
+            if entry["status"] == "pending":
+                entry.update(status=status, reason=reason)
 
     @locked
     def set_reference_benchmark(self, result: StepResult) -> None:

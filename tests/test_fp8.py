@@ -110,7 +110,12 @@ def test_scales_laid_out_for_the_block_scaled_matmul_keep_their_values(monkeypat
     padded = fp8_kernel.weight_scales(before)  # a layer not laid out: padded at the call
     assert padded.stride() == (1, 32) and torch.equal(padded[:30], before.t()) and not padded[30:].any()
     assert fp8_kernel.lay_out_scales(model) == 0
-    assert not fp8_kernel.blockwise_runs(x, layer.weight, [128, 128], None)  # a CPU tensor: the reference
+    assert not fp8_kernel.blockwise_runs(x, layer.weight, scales, [128, 128], None, None)  # a CPU tensor: the reference
+    assert fp8_kernel.fits_blockwise(layer.weight, scales, torch.bfloat16)
+    ragged, ragged_scales = blocky(256, 3840 + 64, (64, 64))  # a checkpoint made elsewhere: its edge blocks ragged
+    assert not fp8_kernel.fits_blockwise(ragged, ragged_scales[::2, ::2], torch.bfloat16)
+    assert not fp8_kernel.fits_blockwise(layer.weight, scales.to(torch.float8_e8m0fnu), torch.bfloat16)  # UE8M0
+    assert not fp8_kernel.fits_blockwise(layer.weight, scales, torch.float16)  # an output the probe did not check
     codes, token = fp8_kernel.activation_blocks(x[:1])  # one token, as a decode step has it: padded to 4 rows
     four, laid = fp8_kernel.four_rows(codes, token)
     assert four.shape == (4, 3840) and torch.equal(four[:1].view(torch.uint8), codes.view(torch.uint8))
@@ -126,7 +131,7 @@ def test_the_kernel_named_follows_the_block_size(monkeypatch):
     backend = backend_of(block128)
     assert backend.kernel(block128) == backend.kernel(block64) == fp8_kernel.REFERENCE  # no GPU here
     assert "not an FP8 serving kernel" in backend.latency_caveat(block128)
-    monkeypatch.setattr(fp8_kernel, "install", lambda: fp8_kernel.SCALED_MM)  # as on a Hopper GPU
+    monkeypatch.setattr(fp8_kernel, "_scaled_mm_ran", True)  # as after a forward on a Hopper GPU
     assert backend.kernel(block128) == fp8_kernel.SCALED_MM and "kernels of their own" in backend.latency_caveat(block128)
     assert backend.kernel(block64) == fp8_kernel.REFERENCE and "correctness reference" in backend.latency_caveat(block64)
 
@@ -136,7 +141,7 @@ def test_block_scaled_matmul_on_the_gpu_computes_what_the_reference_does():
     """torch's block-scaled FP8 matmul against the reference on Gemma 3 12B's shapes, one token and five, eager and
     compiled, with its scales padded per call and laid out once."""
     fp8_kernel.install()
-    if not fp8_kernel._blockwise:
+    if not fp8_kernel.probe(torch.device("cuda")):
         pytest.skip(f"no block-scaled FP8 matmul on {torch.cuda.get_device_name()} with torch {torch.__version__}")
     torch.manual_seed(4)
     for n, k in ((8192, 3840), (3840, 15360)):

@@ -60,10 +60,11 @@ def time_shape(name: str, n: int, k: int, rows: int) -> list[dict]:
 
 
 def main() -> None:
-    name = fp8_kernel.install()
+    fp8_kernel.install()
+    runs = fp8_kernel.probe(torch.device("cuda"))
     print(json.dumps({"torch": torch.__version__, "cuda": torch.version.cuda, "device": torch.cuda.get_device_name(),
-                      "kernel": name}), flush=True)
-    if not fp8_kernel._blockwise:
+                      "block_scaled_matmul": runs}), flush=True)
+    if not runs:
         return
     total: dict = {}
     for rows in (1, 256):

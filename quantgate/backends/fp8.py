@@ -95,10 +95,14 @@ class FineGrainedFp8(Backend):
         ready()
         return FineGrainedFP8Config(weight_block_size=tuple(recipe.weight_block_size), modules_to_not_convert=keep)
 
+    def after_load(self, model, recipe, keep: list[str], tokenizer):
+        fp8_kernel.use_blockwise(model, lay_out=False)  # quantized while loading: it may be saved next
+        return model
+
     def load(self, path: Path, device: str, dtype: str = "auto", **load_kwargs):
         ready()
         model = modeling.load(path, dtype, device, **load_kwargs)
-        fp8_kernel.lay_out_scales(model)  # loaded to compute, never saved again
+        fp8_kernel.use_blockwise(model, lay_out=True)  # loaded to compute, never saved again
         return model
 
 

@@ -132,19 +132,31 @@ def _product(input, weights: torch.Tensor, block_size, activation_scale=None) ->
 
 def matmul_2d(input, weight, weight_scale_inv, block_size, output_dtype=None, activation_scale=None):
     """input (..., K) @ weight (N, K).T, as `matmul_2d` of the Hub kernel."""
-    if blockwise_runs(input, weight, block_size, activation_scale):
+    if blockwise_runs(input, weight, weight_scale_inv, block_size, activation_scale, output_dtype):
         return blockwise_matmul(input, weight, weight_scale_inv, output_dtype or input.dtype)
     out = _product(input, float_weights(weight, weight_scale_inv, block_size), block_size, activation_scale)
     return out.to(output_dtype or input.dtype)
 
 
-# Whether torch's block-scaled FP8 matmul computes right in this process (blockwise_probe).
-_blockwise = False
+# Whether torch's block-scaled FP8 matmul computes right in this process: None until a model on a GPU is loaded
+# (use_blockwise), so a process that only plans or launches (the flow's) never touches CUDA for it.
+_blockwise: bool | None = None
+_scaled_mm_ran = False  # set where the op ran: the record names the kernel that ran, not the one that might have
 
 
-def blockwise_runs(input, weight, block_size, activation_scale) -> bool:
-    return (_blockwise and input.is_cuda and activation_scale is None and block_size is not None
-            and tuple(block_size) == (128, 128) and weight.dtype == torch.float8_e4m3fn)
+def blockwise_runs(input, weight, weight_scale_inv, block_size, activation_scale, output_dtype) -> bool:
+    """Whether this call can run on the block-scaled matmul: a GPU tensor, dynamic activations, 128x128 blocks."""
+    return (bool(_blockwise) and input.is_cuda and activation_scale is None and block_size is not None
+            and tuple(block_size) == (128, 128) and fits_blockwise(weight, weight_scale_inv, output_dtype or input.dtype))
+
+
+def fits_blockwise(weight, weight_scale_inv, output_dtype) -> bool:
+    """Blocks that divide the layer (a checkpoint made elsewhere may have ragged edges), e4m3 weights, float32 scales
+    (not UE8M0), and a 16- or 32-bit output as the probe checked."""
+    n, k = weight.shape
+    return (weight.dtype == torch.float8_e4m3fn and n % 128 == 0 and k % 128 == 0
+            and weight_scale_inv.dtype == torch.float32 and tuple(weight_scale_inv.shape) == (n // 128, k // 128)
+            and output_dtype in (torch.bfloat16, torch.float32))
 
 
 def activation_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,7 +172,8 @@ def weight_scales(scale_inv: torch.Tensor) -> torch.Tensor:
     scales laid out so at load (lay_out_scales) are read in place; others are padded at each call."""
     rows, cols = scale_inv.shape
     width = cols + -cols % 4
-    if scale_inv.stride() == (width, 1):
+    held = scale_inv.untyped_storage().nbytes() // scale_inv.element_size() - scale_inv.storage_offset()
+    if scale_inv.stride() == (width, 1) and held >= rows * width:  # its rows' padding is there to read
         return scale_inv.as_strided((rows, width), (width, 1)).t()
     return torch.nn.functional.pad(scale_inv, (0, width - cols)).t()
 
@@ -187,11 +200,7 @@ def four_rows(codes: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, 
     return codes, scales
 
 
-# An op of its own: torch.compile keeps the scales' strides as cuBLAS wants them, and Inductor's Triton code
-# generation failed on the rows' padding and transposed scales traced with the activations' quantization.
-@torch.library.custom_op("quantgate::scaled_blocks_mm", mutates_args=())
-def scaled_blocks_mm(codes: torch.Tensor, scales: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor,
-                     out_dtype: torch.dtype) -> torch.Tensor:
+def scaled_blocks_product(codes, scales, weight, weight_scale_inv, out_dtype) -> torch.Tensor:
     from torch.nn.functional import ScalingType, scaled_mm
 
     rows = codes.shape[0]
@@ -200,27 +209,57 @@ def scaled_blocks_mm(codes: torch.Tensor, scales: torch.Tensor, weight: torch.Te
                      ScalingType.BlockWise128x128, output_dtype=out_dtype)[:rows]
 
 
+# An op of its own: torch.compile keeps the scales' strides as cuBLAS wants them, and Inductor's Triton code
+# generation failed on the rows' padding and transposed scales traced with the activations' quantization.
+@torch.library.custom_op("quantgate::scaled_blocks_mm", mutates_args=())
+def scaled_blocks_mm(codes: torch.Tensor, scales: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor,
+                     out_dtype: torch.dtype) -> torch.Tensor:
+    global _scaled_mm_ran
+    _scaled_mm_ran = True
+    return scaled_blocks_product(codes, scales, weight, weight_scale_inv, out_dtype)
+
+
 @scaled_blocks_mm.register_fake
 def _(codes, scales, weight, weight_scale_inv, out_dtype):
     return codes.new_empty(codes.shape[0], weight.shape[0], dtype=out_dtype)
 
 
-def blockwise_probe() -> bool:
+def blockwise_probe(device: torch.device) -> bool:
     """Whether torch's block-scaled FP8 matmul runs and computes right here: it needs a Hopper GPU, cuBLAS 12.9 and
     torch's `scaled_mm` (2.10 on). torch 2.11's older `_scaled_mm` takes 30 K blocks' scales but reads them 32 apart,
     a wrong product without an error: the probe has 3 K blocks, each scale its own, checked against the exact one."""
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
+    if torch.cuda.get_device_capability(device)[0] != 9:
         return False
-    generator = torch.Generator("cuda").manual_seed(0)
-    codes = torch.randn(4, 384, device="cuda", generator=generator).clamp(-8, 8).to(torch.float8_e4m3fn)
-    weight = torch.randn(256, 384, device="cuda", generator=generator).clamp(-8, 8).to(torch.float8_e4m3fn)
-    scales, scale_inv = (torch.rand(shape, device="cuda", generator=generator) + 0.5 for shape in ((4, 3), (2, 3)))
+    generator = torch.Generator(device).manual_seed(0)
+    codes = torch.randn(4, 384, device=device, generator=generator).clamp(-8, 8).to(torch.float8_e4m3fn)
+    weight = torch.randn(256, 384, device=device, generator=generator).clamp(-8, 8).to(torch.float8_e4m3fn)
+    scales, scale_inv = (torch.rand(shape, device=device, generator=generator) + 0.5 for shape in ((4, 3), (2, 3)))
     exact = (dequantize_weight(codes, scales, (1, 128)) @ dequantize_weight(weight, scale_inv, (128, 128)).T)
     try:
-        out = scaled_blocks_mm(codes, scales, weight, scale_inv, torch.float32)
+        out = scaled_blocks_product(codes, scales, weight, scale_inv, torch.float32)
     except (RuntimeError, ImportError, ValueError):  # no such op in this torch, or not on this GPU and cuBLAS
         return False
     return bool(((out - exact).norm() / exact.norm()) < 1e-3)
+
+
+def probe(device: torch.device) -> bool:
+    """blockwise_probe's answer, asked once a process."""
+    global _blockwise
+    with _lock:
+        if _blockwise is None:
+            _blockwise = blockwise_probe(device)
+        return _blockwise
+
+
+def use_blockwise(model: torch.nn.Module, lay_out: bool) -> None:
+    """Probes, once a process, whether the block-scaled matmul runs on the GPU the model's FP8 layers sit on; where it
+    does and `lay_out`, lays their scales out for it (a model loaded to compute, never one about to be saved)."""
+    devices = {m.weight.device for m in model.modules()
+               if getattr(m, "weight_scale_inv", None) is not None and m.weight.device.type == "cuda"}
+    if not devices:
+        return
+    if probe(min(devices, key=str)) and lay_out:
+        lay_out_scales(model)
 
 
 def lay_out_scales(model: torch.nn.Module) -> int:
@@ -276,10 +315,9 @@ def install() -> str:
     from transformers.integrations import finegrained_fp8, hub_kernels
     from transformers.utils import is_kernels_available
 
-    global _blockwise
     current = finegrained_fp8._FINEGRAINED_FP8
     if current is not None:
-        return (SCALED_MM if _blockwise else REFERENCE) if current.matmul is matmul_2d else HUB
+        return REFERENCE if current.matmul is matmul_2d else HUB
     if is_kernels_available():
         try:
             finegrained_fp8.load_finegrained_fp8_kernel()
@@ -289,11 +327,13 @@ def install() -> str:
     hub_kernels._KERNEL_MODULE_MAPPING["finegrained-fp8"] = sys.modules[__name__]
     finegrained_fp8._FINEGRAINED_FP8 = finegrained_fp8.FineGrainedFP8(
         matmul=matmul_2d, batched_matmul=matmul_batched, grouped_matmul=matmul_grouped)
-    _blockwise = blockwise_probe()
-    return SCALED_MM if _blockwise else REFERENCE
+    return REFERENCE
 
 
 def kernel_for(block_size) -> str:
-    """The kernel a layer of these blocks runs on in this process, on its GPU where it has one."""
+    """The kernel this process's layers of these blocks ran on: the Hub's, torch's block-scaled matmul where it ran
+    (128x128 blocks on a Hopper GPU), else the reference."""
     name = install()
-    return REFERENCE if name == SCALED_MM and tuple(block_size) != (128, 128) else name
+    if name == HUB:
+        return HUB
+    return SCALED_MM if _scaled_mm_ran and tuple(block_size) == (128, 128) else REFERENCE
