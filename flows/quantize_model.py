@@ -21,7 +21,7 @@ from flows.devices import Devices, device_limits
 from flows.remedy import remedy_recipe
 from flows.steps import (adapters_task, benchmark_task, download_task, evaluate_task, publish_task, quantize_task,
                          reference_task, run_step, validate_task)
-from flows.workers import each_recipe
+from flows.workers import each_recipe, free_cached_memory, leave_worker
 from quantgate import history, modeling, runlog
 from quantgate.backends import RecipeBase
 from quantgate.config import RunConfig, load_config, writable
@@ -138,6 +138,8 @@ def measure_model(run: RunRecord, config: RunConfig, model: Model) -> None:
         if model.reference is None:  # no benchmark follows: a recipe waiting for its figures goes on without them
             model.benchmarked.set()
     if model.reference is not None:
+        leave_worker()  # side by side: the reference's worker ends with its step
+        free_cached_memory()  # one at a time: its GPU memory, cached here, back before its benchmark loads it again
         benchmark_reference(run, config, model)
 
 

@@ -189,6 +189,15 @@ def free_cached_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def leave_worker() -> None:
+    """The calling thread's worker closed before its work ends; its later steps run here (the reference's benchmark
+    needs none, and an idle worker would hold its CUDA context and host memory meanwhile)."""
+    worker = _current.get()
+    if worker is not None:
+        _current.set(None)
+        worker.close()
+
+
 def in_own_worker(name: str, work, threads: int) -> None:
     """work(), its model steps in a worker process of its own, named `name` in the log."""
     raise_if_signalled()

@@ -101,7 +101,7 @@ def run(args) -> int:
     print()
     print(_table(summary_header(), summary_rows(metrics)))
     if metrics.get("base_broken"):
-        print(f"\n{metrics['base_broken']}: no recipe was run")
+        print(f"\n{metrics['base_broken']}: no recipe was gated")
     print(f"\nrun {metrics['run_id']}: {metrics['status']}")
     print(f"run directory: {run_dir}")
     return 0 if metrics["status"] == "passed" else 1

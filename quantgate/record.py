@@ -81,7 +81,7 @@ class RunRecord:
     def set_base_broken(self, reason: str) -> None:
         """The unquantized model itself goes non-finite: no recipe's verdict could mean anything, so none runs."""
         self.metrics["base_broken"] = reason
-        self._settle_recipes("skipped", f"not run: {reason}")
+        self._settle_recipes("skipped", f"not gated: {reason}")
         self.save()
 
     def _settle_recipes(self, status: str, reason: str) -> None:

@@ -61,8 +61,8 @@ def summary_rows(metrics: dict) -> list[list[str]]:
 
 def note(metrics: dict, entry: dict) -> str:
     """The row's reason, or its first warning and how many more."""
-    if metrics.get("base_broken"):  # said once, under the table, not in every row
-        return "not run: the base model is broken"
+    if metrics.get("base_broken") and entry.get("reason", "").startswith("not gated: "):  # said under the table
+        return "not gated: the base model is broken"
     warnings = entry.get("warnings", [])
     more = f" (+{len(warnings) - 1} more)" if len(warnings) > 1 else ""
     return entry.get("reason") or (f"{warnings[0]}{more}" if warnings else "")
@@ -156,7 +156,7 @@ def render_report(metrics: dict, figure: str | None = None) -> str:
              f"{metrics['reference'].get('dtype', '–')}); everything the libraries printed: [run.log](run.log)", "",
              *table(summary_header(), summary_rows(metrics))]
     if metrics.get("base_broken"):
-        lines += ["", f"**{text(metrics['base_broken'])}.** No recipe was run: none of their verdicts could mean "
+        lines += ["", f"**{text(metrics['base_broken'])}.** No recipe was gated: none of their verdicts could mean "
                       "anything."]
     if figure:
         lines += ["", f"![MMLU delta against memory and speed]({figure})"]

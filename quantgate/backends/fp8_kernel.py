@@ -138,8 +138,8 @@ def matmul_2d(input, weight, weight_scale_inv, block_size, output_dtype=None, ac
     return out.to(output_dtype or input.dtype)
 
 
-# Whether torch's block-scaled FP8 matmul computes right in this process: None until a model on a GPU is loaded
-# (use_blockwise), so a process that only plans or launches (the flow's) never touches CUDA for it.
+# Whether torch's block-scaled FP8 matmul computes right in this process: None until a model's FP8 layers are loaded
+# onto a GPU (use_blockwise), so a process that only plans or launches never touches CUDA for it.
 _blockwise: bool | None = None
 _scaled_mm_ran = False  # set where the op ran: the record names the kernel that ran, not the one that might have
 
@@ -254,9 +254,11 @@ def probe(device: torch.device) -> bool:
 def use_blockwise(model: torch.nn.Module, lay_out: bool) -> None:
     """Probes, once a process, whether the block-scaled matmul runs on the GPU the model's FP8 layers sit on; where it
     does and `lay_out`, lays their scales out for it (a model loaded to compute, never one about to be saved)."""
+    global _scaled_mm_ran
+    _scaled_mm_ran = False  # the record names what this model's layers ran on, not an earlier model's
     devices = {m.weight.device for m in model.modules()
                if getattr(m, "weight_scale_inv", None) is not None and m.weight.device.type == "cuda"}
-    if not devices:
+    if not devices or install() != REFERENCE:  # the Hub's kernel serves them: its scales as they are
         return
     if probe(min(devices, key=str)) and lay_out:
         lay_out_scales(model)
