@@ -256,8 +256,8 @@ def use_blockwise(model: torch.nn.Module, lay_out: bool) -> None:
     does and `lay_out`, lays their scales out for it (a model loaded to compute, never one about to be saved)."""
     global _scaled_mm_ran
     _scaled_mm_ran = False  # the record names what this model's layers ran on, not an earlier model's
-    devices = {m.weight.device for m in model.modules()
-               if getattr(m, "weight_scale_inv", None) is not None and m.weight.device.type == "cuda"}
+    devices = {m.weight.device for m in model.modules() if getattr(m, "weight_scale_inv", None) is not None
+               and getattr(m, "weight", None) is not None and m.weight.device.type == "cuda"}
     if not devices or install() != REFERENCE:  # the Hub's kernel serves them: its scales as they are
         return
     if probe(min(devices, key=str)) and lay_out:
