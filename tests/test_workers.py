@@ -10,7 +10,7 @@ import pytest
 import torch
 from pydantic import BaseModel
 
-from flows.workers import Worker, WorkerGone, _live, each_recipe, in_worker
+from flows.workers import Worker, WorkerGone, _current, _live, each_recipe, in_worker, leave_worker
 
 
 class Answer(BaseModel):
@@ -93,6 +93,23 @@ def test_recipes_at_once_overlap_each_in_its_own_process_and_one_at_a_time_stays
     here = {}
     each_recipe(recipes[:2], 1, lambda recipe: here.__setitem__(recipe.name, timed(0)))
     assert {pid for pid, _, _ in here.values()} == {os.getpid()}
+
+
+def test_first_runs_beside_the_recipes_in_a_worker_it_can_leave_for_what_follows():
+    """The reference's steps beside the recipes: its step in a worker of its own, its benchmark here once it has left
+    the worker (which ends then, not after the benchmark)."""
+    timed = in_worker(spans)
+    seen = {}
+
+    def first():
+        seen["reference"], mine = timed(0), _current.get()
+        leave_worker()
+        seen["ended"] = mine.process is None and mine not in _live
+        seen["benchmark"] = timed(0)
+
+    each_recipe([SimpleNamespace(name="int8")] * 2, 2, lambda recipe: timed(1.0), first=first)
+    assert seen["reference"][0] != os.getpid() and seen["ended"] and seen["benchmark"][0] == os.getpid()
+    assert not _live
 
 
 def test_a_stop_ends_every_worker_and_the_recipes_not_begun():
