@@ -15,7 +15,7 @@ from pathlib import Path
 from quantgate.config import RunConfig, dump_config
 from quantgate.environment import environment
 from quantgate.files import under, write_json
-from quantgate.report import STEPS, write_report
+from quantgate.report import NOT_GATED, STEPS, write_report
 from quantgate.results import Downloaded, Reference, StepResult
 
 SCHEMA = 1
@@ -81,7 +81,7 @@ class RunRecord:
     def set_base_broken(self, reason: str) -> None:
         """The unquantized model itself goes non-finite: no recipe's verdict could mean anything, so none runs."""
         self.metrics["base_broken"] = reason
-        self._settle_recipes("skipped", f"not gated: {reason}")
+        self._settle_recipes("skipped", f"{NOT_GATED}{reason}")
         self.save()
 
     def _settle_recipes(self, status: str, reason: str) -> None:

@@ -59,10 +59,13 @@ def summary_rows(metrics: dict) -> list[list[str]]:
     return rows
 
 
+NOT_GATED = "not gated: "  # a recipe's reason where the model's own fault stopped it (RunRecord.set_base_broken)
+
+
 def note(metrics: dict, entry: dict) -> str:
     """The row's reason, or its first warning and how many more."""
-    if metrics.get("base_broken") and entry.get("reason", "").startswith("not gated: "):  # said under the table
-        return "not gated: the base model is broken"
+    if metrics.get("base_broken") and entry.get("reason", "").startswith(NOT_GATED):  # said under the table
+        return f"{NOT_GATED}the base model is broken"
     warnings = entry.get("warnings", [])
     more = f" (+{len(warnings) - 1} more)" if len(warnings) > 1 else ""
     return entry.get("reason") or (f"{warnings[0]}{more}" if warnings else "")

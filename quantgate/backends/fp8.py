@@ -53,8 +53,7 @@ class FineGrainedFp8(Backend):
         return 8 + 32 / (rows * cols)  # a float32 scale per block
 
     def kernel(self, recipe: FineGrainedFp8Recipe) -> str:
-        cpu_quantizer()
-        return fp8_kernel.kernel_for(recipe.weight_block_size)
+        return fp8_kernel.kernel_for(ready(), recipe.weight_block_size)
 
     def finer(self, recipe: FineGrainedFp8Recipe) -> list[tuple[str, dict]]:
         # Halving keeps every dim the blocks divided divisible; 32 is as fine as a scale per block stays cheap.

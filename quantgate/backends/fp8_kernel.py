@@ -42,10 +42,17 @@ def quantize_activations(x: torch.Tensor, block_k: int, scale: torch.Tensor | No
         return (x / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float() * scale
     k = x.shape[-1]
     padded = torch.nn.functional.pad(x, (0, -k % block_k))  # zeros leave each block's amax as it is
-    groups = padded.unflatten(-1, (-1, block_k))
+    codes, scales = activation_blocks(padded, block_k)
+    return (codes.float().unflatten(-1, (-1, block_k)) * scales[..., None]).flatten(-2)[..., :k]
+
+
+def activation_blocks(x: torch.Tensor, block_k: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., K) activations as e4m3 codes and their scales (..., K/block_k): amax / 448 per token and K block, as the
+    Hub kernel quantizes them (the scale floored at 1e-12 where it divides)."""
+    groups = x.float().unflatten(-1, (-1, block_k))
     scales = groups.abs().amax(-1, keepdim=True) / FP8_MAX
-    quantized = (groups / scales.clamp(min=1e-12)).to(torch.float8_e4m3fn)
-    return (quantized.float() * scales).flatten(-2)[..., :k]
+    codes = (groups / scales.clamp(min=1e-12)).to(torch.float8_e4m3fn).flatten(-2)
+    return codes, scales.squeeze(-1)
 
 
 # Every e4m3 code as float32: looking codes up converts a CPU tensor twice as fast as `.float()`, exactly.
@@ -159,14 +166,6 @@ def fits_blockwise(weight, weight_scale_inv, output_dtype) -> bool:
             and output_dtype in (torch.bfloat16, torch.float32))
 
 
-def activation_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(M, K) activations as e4m3 codes and their scales (M, K/128), as quantize_activations makes them."""
-    groups = x.float().unflatten(-1, (-1, 128))
-    scales = groups.abs().amax(-1, keepdim=True) / FP8_MAX
-    codes = (groups / scales.clamp(min=1e-12)).to(torch.float8_e4m3fn).flatten(-2)
-    return codes, scales.squeeze(-1)
-
-
 def weight_scales(scale_inv: torch.Tensor) -> torch.Tensor:
     """(N/128, K/128) scales as scaled_mm's scale_b: each row padded to 4 blocks (16 bytes), transposed. A layer's
     scales laid out so at load (lay_out_scales) are read in place; others are padded at each call."""
@@ -193,7 +192,7 @@ def four_rows(codes: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, 
     padded = rows + -rows % 4
     if padded != rows:
         codes = torch.nn.functional.pad(codes.view(torch.uint8), (0, 0, 0, padded - rows)).view(codes.dtype)
-    if scales.stride() != (1, padded) or padded != rows:
+    if padded != rows or scales.stride() != (1, rows):
         laid = torch.empty_strided((padded, blocks), (1, padded), dtype=scales.dtype, device=scales.device)
         laid[:rows].copy_(scales)
         scales = laid
@@ -332,10 +331,9 @@ def install() -> str:
     return REFERENCE
 
 
-def kernel_for(block_size) -> str:
-    """The kernel this process's layers of these blocks ran on: the Hub's, torch's block-scaled matmul where it ran
-    (128x128 blocks on a Hopper GPU), else the reference."""
-    name = install()
-    if name == HUB:
+def kernel_for(installed: str, block_size) -> str:
+    """The kernel this process's layers of these blocks ran on, `installed` the one install() put in: the Hub's, or
+    torch's block-scaled matmul where it ran (128x128 blocks on a Hopper GPU), else the reference."""
+    if installed == HUB:
         return HUB
     return SCALED_MM if _scaled_mm_ran and tuple(block_size) == (128, 128) else REFERENCE
