@@ -8,6 +8,10 @@ usually mapped file pages, not a private copy; GPU peaks allocated and reserved;
 Latency is batch 1, 256 prompt tokens and 256 new ones by default: prefill, then greedy decode."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
+import threading
 from pathlib import Path
 
 from quantgate import modeling
@@ -31,7 +35,8 @@ def benchmark(name: str, checkpoint: str, recipe: RecipeBase | None, dtype: str,
     `adapters_served` (name: folder): each measured again with the adapter on top, against the model without it.
     `alone()`, where given, is a context in which the device is the step's alone (an orchestrator's turn): each
     process loads and compiles sharing the device, and times (or searches the KV cache's capacity) inside it; the
-    memory of quantizing while loading, which times nothing, is measured outside it."""
+    memory of quantizing while loading, which times nothing, is measured beside the load and compile, and ends
+    before the first turn is taken."""
     if recipe is not None and (skipped := cuda_skip(recipe, modeling.resolve_device(device))):
         return Benchmarked(**skipped)
     out = Path(out_dir)
@@ -40,7 +45,12 @@ def benchmark(name: str, checkpoint: str, recipe: RecipeBase | None, dtype: str,
                 settings=settings, out_dir=str(out), copy_bandwidth=reference and reference.copy_bandwidth,
                 mode="reference" if recipe is None else "saved",
                 inductor_cache=str(Path(cache_dir) / "inductor") if cache_dir else None)
-    result = measured_in_processes(name, spec, out, settings.processes, alone)
+    on_load = None
+    if base_checkpoint and settings.quantize_on_load and quantizes_while_loading(recipe):
+        on_load = QuantizeOnLoad(name, spec.model_copy(update={"checkpoint": base_checkpoint, "latency": False,
+                                                               "mode": "quantize_on_load"}), out, beside=bool(alone))
+    with on_load or contextlib.nullcontext():
+        result = measured_in_processes(name, spec, out, settings.processes, on_load.before(alone) if on_load else alone)
     if result["status"] != "ok":
         return Benchmarked(**result)
     if reference and reference.latency:
@@ -53,15 +63,55 @@ def benchmark(name: str, checkpoint: str, recipe: RecipeBase | None, dtype: str,
     for adapter, folder in (adapters_served or {}).items():
         result.setdefault("adapters", {})[adapter] = with_adapter(name, spec, adapter, folder, result, out, alone)
         warnings += [f"adapter {adapter}: {w}" for w in adapter_warnings(result["adapters"][adapter])]
-    if base_checkpoint and settings.quantize_on_load and quantizes_while_loading(recipe):
-        on_load = run_measurement(name, spec.model_copy(update={"checkpoint": base_checkpoint, "latency": False,
-                                                                "mode": "quantize_on_load"}),
-                                  out / "benchmark-quantize-on-load.json")
-        result["quantize_on_load"] = on_load
-        warnings += [f"quantize on load: {d}" for d in on_load.get("diagnostics", [])]
-        if on_load["status"] != "ok":
-            warnings.append(f"quantize on load: {on_load['reason']}")
+    if on_load:
+        result["quantize_on_load"] = found = on_load.result()
+        warnings += [f"quantize on load: {d}" for d in found.get("diagnostics", [])]
+        if found["status"] != "ok":
+            warnings.append(f"quantize on load: {found['reason']}")
     return Benchmarked(**{**result, "warnings": warnings})
+
+
+class QuantizeOnLoad:
+    """The memory of loading the reference quantized on the fly, in a process of its own. It times nothing: given the
+    device alone for the timing (`beside`), it runs beside the measurement's load and compile, and the timing's turn
+    waits for it to end; else after the measurement, so that nothing shares the host while it times."""
+
+    def __init__(self, name: str, spec: Spec, out: Path, beside: bool):
+        self.measure = functools.partial(run_measurement, name, spec, out / "benchmark-quantize-on-load.json")
+        self.beside, self.found, self.thread = beside, None, None
+
+    def __enter__(self):
+        if self.beside:  # in this context, so its log lines stay the step's
+            self.thread = threading.Thread(target=contextvars.copy_context().run, args=(self.run,), daemon=True)
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.thread:
+            self.thread.join()
+
+    def run(self) -> None:
+        try:
+            self.found = self.measure()
+        except Exception as e:  # noqa: BLE001 - a record of why, as for a process that failed
+            self.found = {"status": "error", "reason": f"{type(e).__name__}: {e}"}
+
+    def before(self, alone):
+        """`alone`, taken once this measurement has ended."""
+        if not self.beside:
+            return alone
+
+        @contextlib.contextmanager
+        def after_it():
+            self.__exit__()
+            with alone():
+                yield
+        return after_it
+
+    def result(self) -> dict:
+        if self.found is None and not self.beside:
+            self.run()
+        return self.found or {"status": "error", "reason": "the measurement's thread ended without a result"}
 
 
 def with_adapter(name: str, spec: Spec, adapter: str, folder: str, without: dict, out: Path, alone=None) -> dict:

@@ -81,7 +81,8 @@ def measured(smollm2, tmp_path_factory):
 
     @contextlib.contextmanager
     def alone():  # as the flow's turn: what the measurement's log said when it was asked for, and when given back
-        turns.append({"asked_after": (out / "int8" / "benchmark-log.txt").read_text()})
+        turns.append({"asked_after": (out / "int8" / "benchmark-log.txt").read_text(),
+                      "on_load_ended": (out / "int8" / "benchmark-quantize-on-load.json").is_file()})
         yield
         turns[-1]["given_back"] = time.time()
 
@@ -131,10 +132,15 @@ def test_the_benchmark_loads_the_saved_checkpoint_and_keeps_quantize_on_load_apa
 
 def test_the_benchmark_loads_sharing_the_device_and_times_with_it_alone(measured):
     """Given a turn (the flow's Hold.alone), the measurement asks for it once loaded and warmed up, before anything
-    is timed, and gives it back when it ends; the memory of quantizing while loading times nothing and asks for none."""
+    is timed, and gives it back when it ends; the memory of quantizing while loading times nothing and asks for none:
+    it runs beside the load, and has ended before the turn is taken."""
     _, int8 = measured
     [turn] = int8["turns"]
     assert "benchmark: loaded in" in turn["asked_after"] and "repeat 1/" not in turn["asked_after"]
+    assert turn["on_load_ended"]
+    folder = Path(int8["loaded"]).parents[1] / "int8"
+    # Started before the measurement said it was ready to time (its turn's first file): beside its load.
+    assert (folder / "benchmark-quantize-on-load-spec.json").stat().st_mtime < (folder / "benchmark-ready").stat().st_mtime
     alone = int8["alone"]
     assert alone["waited_s"] >= 0 and alone["seconds"] > 0 and "alone" not in int8["quantize_on_load"]
     started = datetime.fromisoformat(alone["started_at"]).timestamp()
