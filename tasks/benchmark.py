@@ -9,16 +9,17 @@ Latency is batch 1, 256 prompt tokens and 256 new ones by default: prefill, then
 from __future__ import annotations
 
 import contextlib
-import contextvars
-import functools
-import threading
 from pathlib import Path
+
+import psutil
+import torch
 
 from quantgate import modeling
 from quantgate.backends import RecipeBase, backend_of
-from quantgate.bench.launcher import measured_in_processes, run_measurement
-from quantgate.bench.worker import Spec
+from quantgate.bench.launcher import Beside, measured_in_processes, run_measurement
+from quantgate.bench.worker import Spec, largest_shard, weight_bytes
 from quantgate.loading import cuda_skip
+from quantgate.plan import MEMORY_SPARE
 from quantgate.results import Benchmarked
 from quantgate.settings import BenchmarkSettings
 
@@ -35,8 +36,9 @@ def benchmark(name: str, checkpoint: str, recipe: RecipeBase | None, dtype: str,
     `adapters_served` (name: folder): each measured again with the adapter on top, against the model without it.
     `alone()`, where given, is a context in which the device is the step's alone (an orchestrator's turn): each
     process loads and compiles sharing the device, and times (or searches the KV cache's capacity) inside it; the
-    memory of quantizing while loading, which times nothing, is measured beside the load and compile, and ends
-    before the first turn is taken."""
+    memory of quantizing while loading, which times nothing, is measured beside the first load and compile where
+    there is room for both (room_beside), and ends before the first turn is asked for. Otherwise, and without
+    `alone`, it is measured after the others, so that nothing shares the host while they time."""
     if recipe is not None and (skipped := cuda_skip(recipe, modeling.resolve_device(device))):
         return Benchmarked(**skipped)
     out = Path(out_dir)
@@ -47,8 +49,10 @@ def benchmark(name: str, checkpoint: str, recipe: RecipeBase | None, dtype: str,
                 inductor_cache=str(Path(cache_dir) / "inductor") if cache_dir else None)
     on_load = None
     if base_checkpoint and settings.quantize_on_load and quantizes_while_loading(recipe):
-        on_load = QuantizeOnLoad(name, spec.model_copy(update={"checkpoint": base_checkpoint, "latency": False,
-                                                               "mode": "quantize_on_load"}), out, beside=bool(alone))
+        beside = bool(alone) and room_beside(checkpoint, base_checkpoint, device, settings)
+        on_load_spec = spec.model_copy(update={"checkpoint": base_checkpoint, "latency": False,
+                                               "mode": "quantize_on_load"})
+        on_load = Beside(f"{name} (quantize on load)", on_load_spec, out / "benchmark-quantize-on-load.json", beside)
     with on_load or contextlib.nullcontext():
         result = measured_in_processes(name, spec, out, settings.processes, on_load.before(alone) if on_load else alone)
     if result["status"] != "ok":
@@ -69,49 +73,6 @@ def benchmark(name: str, checkpoint: str, recipe: RecipeBase | None, dtype: str,
         if found["status"] != "ok":
             warnings.append(f"quantize on load: {found['reason']}")
     return Benchmarked(**{**result, "warnings": warnings})
-
-
-class QuantizeOnLoad:
-    """The memory of loading the reference quantized on the fly, in a process of its own. It times nothing: given the
-    device alone for the timing (`beside`), it runs beside the measurement's load and compile, and the timing's turn
-    waits for it to end; else after the measurement, so that nothing shares the host while it times."""
-
-    def __init__(self, name: str, spec: Spec, out: Path, beside: bool):
-        self.measure = functools.partial(run_measurement, name, spec, out / "benchmark-quantize-on-load.json")
-        self.beside, self.found, self.thread = beside, None, None
-
-    def __enter__(self):
-        if self.beside:  # in this context, so its log lines stay the step's
-            self.thread = threading.Thread(target=contextvars.copy_context().run, args=(self.run,), daemon=True)
-            self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.thread:
-            self.thread.join()
-
-    def run(self) -> None:
-        try:
-            self.found = self.measure()
-        except Exception as e:  # noqa: BLE001 - a record of why, as for a process that failed
-            self.found = {"status": "error", "reason": f"{type(e).__name__}: {e}"}
-
-    def before(self, alone):
-        """`alone`, taken once this measurement has ended."""
-        if not self.beside:
-            return alone
-
-        @contextlib.contextmanager
-        def after_it():
-            self.__exit__()
-            with alone():
-                yield
-        return after_it
-
-    def result(self) -> dict:
-        if self.found is None and not self.beside:
-            self.run()
-        return self.found or {"status": "error", "reason": "the measurement's thread ended without a result"}
 
 
 def with_adapter(name: str, spec: Spec, adapter: str, folder: str, without: dict, out: Path, alone=None) -> dict:
@@ -160,6 +121,19 @@ def kv_cache_warnings(kv_cache: dict) -> list[str]:
         return [f"KV cache: each token of context took {kv_cache['bytes_per_token_measured']:,} bytes, the config "
                 f"says {kv_cache['bytes_per_token_config']:,} ({ratio:.2f}x)"]
     return []
+
+
+def room_beside(checkpoint: str, base_checkpoint: str, device: str | dict, settings: BenchmarkSettings) -> bool:
+    """Whether quantizing the reference while loading fits beside the recipe's own load: one device, no memory
+    limits set, and free memory for both quantized models and the largest shard the reference loads through."""
+    if settings.max_memory or settings.offload_to_disk or isinstance(device, dict):
+        return False
+    resolved = modeling.resolve_device(device)
+    if resolved.startswith("cuda"):
+        free = torch.cuda.mem_get_info(torch.device(resolved))[0]
+    else:
+        free = psutil.virtual_memory().available
+    return MEMORY_SPARE * (2 * weight_bytes(checkpoint) + largest_shard(Path(base_checkpoint))) <= free
 
 
 def quantizes_while_loading(recipe: RecipeBase | None) -> bool:

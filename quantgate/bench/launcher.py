@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import contextvars
+import functools
 import json
 import logging
 import os
@@ -100,7 +101,7 @@ def run_measurement(name: str, spec: Spec, result_path: Path, fresh: bool = Fals
         release(lease)
         ended.set()
         reader.join(timeout=5)
-        shutil.rmtree(out / "offload", ignore_errors=True)
+        shutil.rmtree(spec.offload_folder, ignore_errors=True)
         held.close(*sys.exc_info())  # last: giving the device back may wait, or raise with the run stopping
     limits = limits_of(settings)
     if code != 0 or not result_path.is_file():
@@ -113,6 +114,51 @@ def run_measurement(name: str, spec: Spec, result_path: Path, fresh: bool = Fals
     return {"status": "ok", **json.loads(result_path.read_text()), "process": started, **held.span}
 
 
+class Beside:
+    """A measurement that times nothing (run_measurement's arguments), in a thread of its own beside the others where
+    `beside`, and then asked for by `before(alone)`, a turn that waits for it to end first; else run by `result()`,
+    after them."""
+
+    def __init__(self, name: str, spec: Spec, result_path: Path, beside: bool):
+        self.measure = functools.partial(run_measurement, name, spec, result_path)
+        self.name, self.beside, self.found, self.thread = name, beside, None, None
+
+    def __enter__(self):
+        if self.beside:  # in this context, so that its log lines stay the step's
+            self.thread = threading.Thread(target=contextvars.copy_context().run, args=(self.run,), daemon=True)
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.thread:
+            self.thread.join()
+
+    def run(self) -> None:
+        try:
+            self.found = self.measure()
+        except BaseException as e:  # noqa: BLE001 - a stop reaches the step's own thread too; here, a record of why
+            self.found = {"status": "error", "reason": f"{type(e).__name__}: {e}"}
+
+    def before(self, alone):
+        """`alone`, asked for once this measurement has ended: its wait for it is not the turn's."""
+        if not self.beside:
+            return alone
+
+        def after_it():
+            t0 = time.monotonic()
+            self.__exit__()
+            if (seconds := time.monotonic() - t0) >= 0.1:
+                log.info("%s: benchmark: its end waited for, %.1f s, before asking for the device alone", self.name,
+                         seconds)
+            return alone()
+        return after_it
+
+    def result(self) -> dict:
+        if self.found is None and not self.beside:
+            self.run()
+        return self.found or {"status": "error", "reason": "the measurement's thread ended without a result"}
+
+
 class Alone:
     """A measurement's time with the device to itself (`alone()`, an orchestrator's turn): taken once it is ready,
     given back when it ends (told of an exception in flight, so a step that stops does not wait to go on), and its
@@ -122,7 +168,8 @@ class Alone:
         self.alone, self.held, self.span, self.since = alone, None, {}, None
 
     def take(self) -> None:
-        t0, held = time.monotonic(), self.alone()
+        held = self.alone()  # a turn that first waits for a measurement beside (Beside.before) waits here
+        t0 = time.monotonic()
         held.__enter__()
         self.held, self.since = held, time.monotonic()
         self.span = {"alone": {"started_at": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),

@@ -45,9 +45,18 @@ class Spec(BaseModel):
     # (ready, go) files: the process waits, loaded and compiled, for the device to itself before it measures
     turn: tuple[str, str] | None = None
 
+    @property
+    def offload_folder(self) -> Path:
+        """Where its weights offloaded to disk go, one folder a mode: quantize-on-load runs beside the others."""
+        return Path(self.out_dir) / f"offload-{self.mode}"
+
 
 def largest_shard(checkpoint: Path) -> int:
     return max((p.stat().st_size for pattern in WEIGHT_FILES for p in Path(checkpoint).glob(pattern)), default=0)
+
+
+def weight_bytes(checkpoint: str | Path) -> int:
+    return sum(p.stat().st_size for pattern in WEIGHT_FILES for p in Path(checkpoint).glob(pattern))
 
 
 def diagnose(memory: dict, real_bytes: int, shard: int, baseline_private: int) -> list[str]:
@@ -95,7 +104,7 @@ def model_loader(spec: Spec):
     if spec.settings.max_memory:
         kwargs["max_memory"] = {int(k) if str(k).isdigit() else k: v for k, v in spec.settings.max_memory.items()}
     if spec.settings.offload_to_disk:
-        kwargs["offload_folder"] = str(Path(spec.out_dir) / "offload")
+        kwargs["offload_folder"] = str(spec.offload_folder)
     device = "auto" if kwargs else modeling.resolve_device(spec.device)
     config = AutoConfig.from_pretrained(spec.checkpoint)
     modeling.model_class(config)
