@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from quantgate import checkpoint
-from quantgate.files import foreign_entries, manifest, sha256_file, write_json
+from quantgate.files import foreign_entries, manifest, sha256_file, sha256_files, write_json
 from quantgate.formats import error_line
 from quantgate.sources import HUB_PATTERNS, PACKAGED_GGUF, DownloadError, Source, gguf_path, parse_source
 from quantgate.runlog import SHOWN
@@ -64,6 +64,8 @@ def check_manifest(folder: Path, manifest_file: Path, only: str | None = None) -
         entries = [e for e in entries if e["path"] == only]
         if not entries:
             return [f"{folder / only}: not in the manifest"]
+    sized = [e for e in entries if (p := folder / e["path"]).is_file() and p.stat().st_size == e["bytes"]]
+    digests = dict(zip(map(id, sized), sha256_files([folder / e["path"] for e in sized])))  # all at once, then in order
     for entry in entries:
         path = folder / entry["path"]
         if not path.is_file():
@@ -71,7 +73,7 @@ def check_manifest(folder: Path, manifest_file: Path, only: str | None = None) -
         elif (size := path.stat().st_size) != entry["bytes"]:
             what = "truncated" if size < entry["bytes"] else "grown"
             problems.append(f"{path}: {size} bytes, the manifest says {entry['bytes']} bytes ({what})")
-        elif sha256_file(path) != entry["sha256"]:
+        elif (digests.get(id(entry)) or sha256_file(path)) != entry["sha256"]:
             problems.append(f"{path}: sha256 differs from the manifest (corrupted)")
     return problems
 

@@ -9,6 +9,7 @@ import os
 import re
 import stat
 import unicodedata
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from quantgate.formats import error_line
@@ -57,6 +58,13 @@ def sha256_file(path: Path) -> str:
         while block := f.read(1 << 24):
             digest.update(block)
     return digest.hexdigest()
+
+
+def sha256_files(paths: list[Path]) -> list[str]:
+    """Each file's sha256, a thread a core: hashlib lets go of the GIL while it hashes, so a checkpoint's shards hash
+    at once (docs/BENCHMARKS.md, "Hashing a checkpoint's shards at once")."""
+    with ThreadPoolExecutor(max_workers=max(1, min(len(paths), os.cpu_count() or 1))) as pool:
+        return list(pool.map(sha256_file, paths))
 
 
 # A name's characters that no checkpoint file needs: control and format characters (a newline, an escape, a
@@ -131,8 +139,9 @@ def manifest(folder: Path, exclude: tuple[Path, ...] = ()) -> list[dict]:
     the folder holds a link, a device or an odd name (foreign_entries): no manifest covers a file not its own."""
     if found := foreign_entries(folder):
         raise ValueError(f"{folder}: " + "; ".join(found))
-    return [{"path": str(p.relative_to(folder)), "bytes": p.stat().st_size, "sha256": sha256_file(p)}
-            for p in sorted(Path(folder).rglob("*")) if p.is_file() and p not in exclude]
+    files = [p for p in sorted(Path(folder).rglob("*")) if p.is_file() and p not in exclude]
+    return [{"path": str(p.relative_to(folder)), "bytes": p.stat().st_size, "sha256": digest}
+            for p, digest in zip(files, sha256_files(files))]
 
 
 def save_tensors(path: Path, stats) -> Path:

