@@ -148,8 +148,8 @@ class Beside:
             t0 = time.monotonic()
             self.__exit__()
             if (seconds := time.monotonic() - t0) >= 0.1:
-                log.info("%s: benchmark: its end waited for, %.1f s, before asking for the device alone", self.name,
-                         seconds)
+                log.info("%s: benchmark: the measurement beside it waited %.1f s for it to end before asking for "
+                         "the device alone", self.name, seconds)
             return alone()
         return after_it
 
