@@ -63,7 +63,7 @@ def sha256_file(path: Path) -> str:
 def sha256_files(paths: list[Path]) -> list[str]:
     """Each file's sha256, a thread a core: hashlib lets go of the GIL while it hashes, so a checkpoint's shards hash
     at once (docs/BENCHMARKS.md, "Hashing a checkpoint's shards at once")."""
-    with ThreadPoolExecutor(max_workers=max(1, min(len(paths), os.cpu_count() or 1))) as pool:
+    with ThreadPoolExecutor(max_workers=max(1, min(len(paths), len(os.sched_getaffinity(0))))) as pool:
         return list(pool.map(sha256_file, paths))
 
 

@@ -123,9 +123,13 @@ def kv_cache_warnings(kv_cache: dict) -> list[str]:
     return []
 
 
+PROCESS_BYTES = 1_500_000_000  # a measurement process's own: a CUDA context, compiled kernels and graphs, the cache
+
+
 def room_beside(checkpoint: str, base_checkpoint: str, device: str | dict, settings: BenchmarkSettings) -> bool:
     """Whether quantizing the reference while loading fits beside the recipe's own load: one device, no memory
-    limits set, and free memory for both quantized models and the largest shard the reference loads through."""
+    limits set, and free memory for both quantized models, the largest shard the reference loads through and each
+    process's own."""
     if settings.max_memory or settings.offload_to_disk or isinstance(device, dict):
         return False
     resolved = modeling.resolve_device(device)
@@ -133,7 +137,8 @@ def room_beside(checkpoint: str, base_checkpoint: str, device: str | dict, setti
         free = torch.cuda.mem_get_info(torch.device(resolved))[0]
     else:
         free = psutil.virtual_memory().available
-    return MEMORY_SPARE * (2 * weight_bytes(checkpoint) + largest_shard(Path(base_checkpoint))) <= free
+    needed = MEMORY_SPARE * (2 * weight_bytes(checkpoint) + largest_shard(Path(base_checkpoint))) + 2 * PROCESS_BYTES
+    return needed <= free
 
 
 def quantizes_while_loading(recipe: RecipeBase | None) -> bool:

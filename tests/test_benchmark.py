@@ -72,19 +72,19 @@ def test_quantized_too_late_is_diagnosed_on_both_sides():
 
 
 def test_quantize_on_load_runs_beside_only_where_both_models_fit(tmp_path, monkeypatch):
-    """Both quantized models and the largest shard the reference loads through, with the plan's spare, against the
-    device's free memory; never beside under memory limits or over several GPUs."""
+    """Both quantized models and the largest shard the reference loads through, with the plan's spare, and each
+    process's own, against the device's free memory; never beside under memory limits or over several GPUs."""
     import psutil
 
     from quantgate.plan import MEMORY_SPARE
-    from tasks.benchmark import room_beside
+    from tasks.benchmark import PROCESS_BYTES, room_beside
 
     saved_dir, base = tmp_path / "saved", tmp_path / "base"
     for folder, shards in ((saved_dir, [300]), (base, [500, 700])):
         folder.mkdir()
         for i, size in enumerate(shards):
             (folder / f"model-{i}.safetensors").write_bytes(b"\0" * size)
-    needed = MEMORY_SPARE * (2 * 300 + 700)
+    needed = MEMORY_SPARE * (2 * 300 + 700) + 2 * PROCESS_BYTES
     available = lambda n: lambda: types.SimpleNamespace(available=n)  # noqa: E731
     monkeypatch.setattr(psutil, "virtual_memory", available(needed + 1))
     assert room_beside(str(saved_dir), str(base), "cpu", SMALL)
@@ -458,3 +458,22 @@ def test_the_shipped_decode_path_is_checked_over_the_whole_generation(monkeypatc
     assert decoding.divergence == 20 and decoding.agreement == pytest.approx(20 / 40)
     timed = latency.timed_runs(decoding, ids, BenchmarkSettings(prompt_tokens=12, new_tokens=40, repeats=1))
     assert timed["first_divergence_from_eager"] == 20 and timed["greedy_agreement_with_eager"] == 0.5
+
+
+def test_a_measurement_beside_a_step_that_stops_is_killed_not_waited_for():
+    """A step that stops (Ctrl-C, an error) leaves no measurement beside it running to its timeout."""
+    import subprocess
+    import threading
+
+    from quantgate.bench.launcher import Cancelled, waited
+
+    proc, cancel = subprocess.Popen(["sleep", "60"]), threading.Event()
+    threading.Timer(0.3, cancel.set).start()
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(Cancelled):
+            waited(proc, 600, None, None, cancel)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert time.monotonic() - t0 < 5

@@ -58,7 +58,8 @@ def measurement_env(spec: Spec) -> dict:
     return env
 
 
-def run_measurement(name: str, spec: Spec, result_path: Path, fresh: bool = False, alone=None) -> dict:
+def run_measurement(name: str, spec: Spec, result_path: Path, fresh: bool = False, alone=None,
+                    cancel: threading.Event | None = None) -> dict:
     """quantgate.bench.worker on SPEC in a process of its own (a fresh interpreter where `fresh`) under the step's
     timeout; its result, or a record of its error. What it printed goes to `<result>-log.txt` beside the result,
     its `benchmark:` lines to the step's log. With `alone` (a context manager factory: the device to this process
@@ -90,7 +91,7 @@ def run_measurement(name: str, spec: Spec, result_path: Path, fresh: bool = Fals
     reader.start()
     held, code = Alone(alone), None
     try:
-        code = waited(proc, settings.timeout_s, turn, held.take)
+        code = waited(proc, settings.timeout_s, turn, held.take, cancel)
     except subprocess.TimeoutExpired:
         return {"status": "error", "reason": f"the benchmark process ran past {settings.timeout_s:g} s",
                 "process": started, **held.span}
@@ -114,13 +115,18 @@ def run_measurement(name: str, spec: Spec, result_path: Path, fresh: bool = Fals
     return {"status": "ok", **json.loads(result_path.read_text()), "process": started, **held.span}
 
 
+class Cancelled(RuntimeError):
+    """A measurement beside a step that ended first: its process is killed."""
+
+
 class Beside:
     """A measurement that times nothing (run_measurement's arguments), in a thread of its own beside the others where
     `beside`, and then asked for by `before(alone)`, a turn that waits for it to end first; else run by `result()`,
     after them."""
 
     def __init__(self, name: str, spec: Spec, result_path: Path, beside: bool):
-        self.measure = functools.partial(run_measurement, name, spec, result_path)
+        self.cancel = threading.Event()
+        self.measure = functools.partial(run_measurement, name, spec, result_path, cancel=self.cancel)
         self.name, self.beside, self.found, self.thread = name, beside, None, None
 
     def __enter__(self):
@@ -131,6 +137,8 @@ class Beside:
 
     def __exit__(self, *exc) -> None:
         if self.thread:
+            if exc and exc[0] is not None:  # the step stops: its process killed, not waited for
+                self.cancel.set()
             self.thread.join()
 
     def run(self) -> None:
@@ -183,7 +191,8 @@ class Alone:
         held.__exit__(*exc)
 
 
-def waited(proc, timeout_s: float, turn: tuple[Path, Path] | None, take_turn) -> int:
+def waited(proc, timeout_s: float, turn: tuple[Path, Path] | None, take_turn,
+           cancel: threading.Event | None = None) -> int:
     """The process's exit code, once it ends within timeout_s; where it says it is ready to measure (turn's first
     file), its turn taken (take_turn) and its go given (the second file): timeout_s to be ready, and timeout_s again
     from its go; the wait for the turn does not count."""
@@ -194,6 +203,8 @@ def waited(proc, timeout_s: float, turn: tuple[Path, Path] | None, take_turn) ->
         except subprocess.TimeoutExpired:
             pass
         raise_if_signalled()
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("the step it ran beside ended first")
         if turn and not turn[1].exists() and turn[0].exists():
             take_turn()
             turn[1].touch()
