@@ -64,8 +64,8 @@ def check_manifest(folder: Path, manifest_file: Path, only: str | None = None) -
         entries = [e for e in entries if e["path"] == only]
         if not entries:
             return [f"{folder / only}: not in the manifest"]
-    sized = [e for e in entries if (p := folder / e["path"]).is_file() and p.stat().st_size == e["bytes"]]
-    digests = dict(zip(map(id, sized), sha256_files([folder / e["path"] for e in sized])))  # all at once, then in order
+    sized = [p for e in entries if (p := folder / e["path"]).is_file() and p.stat().st_size == e["bytes"]]
+    digests = dict(zip(sized, sha256_files(sized)))  # all at once, then named in the manifest's order
     for entry in entries:
         path = folder / entry["path"]
         if not path.is_file():
@@ -73,7 +73,7 @@ def check_manifest(folder: Path, manifest_file: Path, only: str | None = None) -
         elif (size := path.stat().st_size) != entry["bytes"]:
             what = "truncated" if size < entry["bytes"] else "grown"
             problems.append(f"{path}: {size} bytes, the manifest says {entry['bytes']} bytes ({what})")
-        elif (digests.get(id(entry)) or sha256_file(path)) != entry["sha256"]:
+        elif (digests.get(path) or sha256_file(path)) != entry["sha256"]:
             problems.append(f"{path}: sha256 differs from the manifest (corrupted)")
     return problems
 

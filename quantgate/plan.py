@@ -246,6 +246,13 @@ def adapter_errors(config, config_path, model: torch.nn.Module) -> list[ConfigEr
 MEMORY_SPARE = 1.10  # activations, the loader's buffers and the libraries beside the weights
 
 
+def free_memory(device: str) -> int:
+    """Bytes free where a model of `device` ("cpu", "cuda", "cuda:N") would load: the GPU's, or the host's."""
+    if device.startswith("cuda"):
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    return psutil.virtual_memory().available
+
+
 def memory_shortfall(model: torch.nn.Module, config) -> str | None:
     """Why the unquantized reference cannot be loaded here (its weights in the dtype it computes in, against the
     memory the device has free), or None. Limits set in model.max_memory are planned_placement's to check."""
@@ -259,12 +266,10 @@ def memory_shortfall(model: torch.nn.Module, config) -> str | None:
                                    config.model.compute_dtype)
     count = sum(p.numel() for p in model.parameters())
     needed = count * torch.empty(0, dtype=getattr(torch, dtype)).element_size()
-    if isinstance(device, str) and device.startswith("cuda"):
-        free, where = torch.cuda.mem_get_info(torch.device(device))[0], f"GPU {torch.device(device).index or 0}"
-    elif isinstance(device, str):
-        free, where = psutil.virtual_memory().available, "this host"
-    else:
+    if not isinstance(device, str):
         return None  # several GPUs: planned_placement, with each GPU's own limit
+    free = free_memory(device)
+    where = f"GPU {torch.device(device).index or 0}" if device.startswith("cuda") else "this host"
     if needed * MEMORY_SPARE <= free:
         return None
     return (f"the unquantized model ({count:,} parameters) needs about {needed / 1e9:.2f} GB in {dtype} to load, "

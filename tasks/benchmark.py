@@ -11,15 +11,12 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-import psutil
-import torch
-
 from quantgate import modeling
 from quantgate.backends import RecipeBase, backend_of
 from quantgate.bench.launcher import Beside, measured_in_processes, run_measurement
 from quantgate.bench.worker import Spec, largest_shard, weight_bytes
 from quantgate.loading import cuda_skip
-from quantgate.plan import MEMORY_SPARE
+from quantgate.plan import MEMORY_SPARE, free_memory
 from quantgate.results import Benchmarked
 from quantgate.settings import BenchmarkSettings
 
@@ -132,13 +129,8 @@ def room_beside(checkpoint: str, base_checkpoint: str, device: str | dict, setti
     process's own."""
     if settings.max_memory or settings.offload_to_disk or isinstance(device, dict):
         return False
-    resolved = modeling.resolve_device(device)
-    if resolved.startswith("cuda"):
-        free = torch.cuda.mem_get_info(torch.device(resolved))[0]
-    else:
-        free = psutil.virtual_memory().available
     needed = MEMORY_SPARE * (2 * weight_bytes(checkpoint) + largest_shard(Path(base_checkpoint))) + 2 * PROCESS_BYTES
-    return needed <= free
+    return needed <= free_memory(modeling.resolve_device(device))
 
 
 def quantizes_while_loading(recipe: RecipeBase | None) -> bool:

@@ -51,12 +51,16 @@ class Spec(BaseModel):
         return Path(self.out_dir) / f"offload-{self.mode}"
 
 
+def weight_file_sizes(checkpoint: str | Path) -> list[int]:
+    return [p.stat().st_size for pattern in WEIGHT_FILES for p in Path(checkpoint).glob(pattern)]
+
+
 def largest_shard(checkpoint: Path) -> int:
-    return max((p.stat().st_size for pattern in WEIGHT_FILES for p in Path(checkpoint).glob(pattern)), default=0)
+    return max(weight_file_sizes(checkpoint), default=0)
 
 
 def weight_bytes(checkpoint: str | Path) -> int:
-    return sum(p.stat().st_size for pattern in WEIGHT_FILES for p in Path(checkpoint).glob(pattern))
+    return sum(weight_file_sizes(checkpoint))
 
 
 def diagnose(memory: dict, real_bytes: int, shard: int, baseline_private: int) -> list[str]:
