@@ -227,6 +227,25 @@ def is_quantized(module: torch.nn.Module) -> bool:
     return weight is not None and low_precision(weight)
 
 
+def tied_output_embedding(model: torch.nn.Module) -> bool:
+    """Whether the output embedding (the head) shares its weight with the input embedding."""
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return out is not None and out.weight is model.get_input_embeddings().weight
+
+
+def untie_output_embedding(model: torch.nn.Module) -> torch.nn.Module:
+    """The head given a copy of its own of the input embedding's weight, and the configs told, so the head can be
+    quantized alone and saved apart; returns the head."""
+    head = model.get_output_embeddings()
+    if tied_output_embedding(model):
+        head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+        for config in {id(c): c for c in (model.config, model.config.get_text_config(decoder=True))}.values():
+            config.tie_word_embeddings = False
+        # transformers saves and reloads by this mapping, made when the model was built.
+        model.all_tied_weights_keys = model.get_expanded_tied_weights_keys(all_submodels=True)
+    return head
+
+
 def held_as(module: torch.nn.Module) -> str:
     """What a Linear-like module holds its weight as: its class, and the weight's tensor class or dtype."""
     weight = next((p for p in module.parameters(recurse=False) if p.ndim == 3), None) if is_experts(module) \

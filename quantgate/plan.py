@@ -78,8 +78,7 @@ def plan_recipe(model: torch.nn.Module, recipe) -> list[dict]:
         by = next((p for p, regex in compiled if regex.match(name)), None)
         if by is not None:
             entry.update(status="skipped", reason=f"skip pattern '{by}'")
-        elif name == head:
-            # Every library here keeps the output embedding in high precision by default.
+        elif name == head and not backend.quantizes_output_embedding(recipe):
             entry.update(status="skipped", reason="output embedding (kept in high precision by default)")
         elif modeling.is_experts(module) and (problem := backend.experts(recipe, name, expert_shapes(module))):
             entry.update(status="fallback", reason=problem)
@@ -142,13 +141,16 @@ def weights_of(entry: dict) -> int:
 
 def checkpoint_bytes(model: torch.nn.Module, entries: list[dict], dtype: str, stored_bits: float | None) -> int:
     """The saved weights' bytes by the plan: every parameter (tied ones once) in dtype, the quantized
-    weights at stored_bits each."""
+    weights at stored_bits each; a quantized head tied to the input embedding is untied, and the embedding stays."""
     dtype_bytes = getattr(torch, dtype).itemsize
     total = sum(p.numel() for p in model.parameters()) * dtype_bytes
     if stored_bits is None:
         return total
-    quantized = sum(weights_of(e) for e in entries if e["status"] == "quantized")
-    return round(total - quantized * (dtype_bytes - stored_bits / 8))
+    quantized = [e for e in entries if e["status"] == "quantized"]
+    head = output_embedding_name(model)
+    tied = modeling.tied_output_embedding(model)
+    untied = sum(weights_of(e) for e in quantized if e["module"] == head) if tied else 0
+    return round(total + untied * dtype_bytes - sum(weights_of(e) for e in quantized) * (dtype_bytes - stored_bits / 8))
 
 
 def summarize(entries: list[dict]) -> dict:

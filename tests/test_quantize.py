@@ -152,3 +152,21 @@ def test_int4_plain_packing_without_mslk_is_a_clear_error():
     with pytest.raises(ValueError, match="torchao-int4-weight-only: int4_packing_format 'plain' needs the mslk"):
         backend_of(recipe).load_config(recipe, [])
     assert backend_of(recipe).load_config(recipe.model_copy(update={"int4_packing_format": "tile_packed_to_4d"}), [])
+
+
+def test_a_recipe_that_quantizes_the_head_unties_it_and_ships_it_quantized(tiny_llama, tmp_path):
+    recipe = load_config(PROJECT / "configs" / "default.yaml",
+                         ["recipes=[{use: torchao-int8-weight-only, quantize_output_embedding: true}]"]).recipes[0]
+    result = step.quantize(str(tiny_llama), recipe, "bfloat16", "cpu", str(tmp_path), roundtrip_min_top1=0.9)
+    assert result.status == "ok", result.reason
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["summary"] == {"quantized": 15, "skipped": 0, "fallback": 0}
+    assert plan["modules"][-1] == {"module": "lm_head", "shape": [49152, 64], "status": "quantized"}
+    # Untied: the input embedding stays in bf16 (6.3 MB) beside the int8 head, and the estimate counts both; it leaves
+    # out int8's scale per row, 3% of this 64-wide model's weights.
+    assert 0 < result.checkpoint_bytes / result.checkpoint_bytes_estimated - 1 < 0.04
+    assert json.loads((tmp_path / "checkpoint" / "config.json").read_text())["tie_word_embeddings"] is False
+    reloaded = step.load_saved(tmp_path / "checkpoint", recipe, "cpu")
+    assert type(reloaded.lm_head.weight).__name__ == "Int8Tensor"
+    assert reloaded.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert result.roundtrip["top1_agreement"] == 1.0

@@ -316,8 +316,8 @@ for line in sys.stdin:
          timeout "${BENCH_S:-280}" python3 docs/gpu/bench_on_gpu.py /tmp/g3-12b "$model" 2>>"$OUT/bench.err" \
          | sed "s/^{/{\"decode_attention\": \"$a\", /" | tee -a "$OUT/attention-g3.jsonl"; done; done
      grep -E "Error|Traceback" -A3 "$OUT/bench.err" | tail -8 ;;
-  # Fresh-process rounds (ROUNDS="1 2 3") of the bf16 reference then torchao int4 on the 12B shape, the default
-  # decode attention (gqa), each round its own inductor cache (issue 39); carrying .gpu/w.
+  # Fresh-process rounds (ROUNDS="1 2 3") of the bf16 reference then torchao int4 (or MODELS) on the 12B shape, the
+  # default decode attention (gqa), each round its own inductor cache (issue 39); carrying .gpu/w.
   rounds) install .gpu/w/*.whl
      { nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,power.limit --format=csv
        python3 -c "import torch, transformers, torchao, triton; print(torch.__version__, transformers.__version__, torchao.__version__, triton.__version__)"; } | tee -a "$OUT/env.txt"
@@ -325,7 +325,7 @@ for line in sys.stdin:
      for r in ${ROUNDS:-1}; do
        nvidia-smi --query-gpu=clocks.sm,clocks_throttle_reasons.active,temperature.gpu,power.draw --format=csv,noheader >> "$OUT/clocks.txt"
        CD=0 SCOPE=layers TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-r$r BENCH_DIR=/tmp/bench-r$r \
-         timeout "${BENCH_S:-400}" python3 docs/gpu/bench_on_gpu.py /tmp/g3-12b reference torchao-int4-weight-only \
+         timeout "${BENCH_S:-400}" python3 docs/gpu/bench_on_gpu.py /tmp/g3-12b ${MODELS:-reference torchao-int4-weight-only} \
          2>>"$OUT/bench.err" | sed "s/^{/{\"round\": $r, /" | tee -a "$OUT/rounds-g3.jsonl"; done
      grep -E "Error|Traceback" -A3 "$OUT/bench.err" | tail -8 ;;
   # The benchmark's launcher on CUDA (no zygote there: docs/benchmark.md, "A process of its own"), with the

@@ -116,6 +116,11 @@ class Backend:
         words, and the recipe fields that change it. The remedy tries them beside keeping modules."""
         return []
 
+    def quantizes_output_embedding(self, recipe) -> bool:
+        """Whether the recipe quantizes the output embedding (the head), which every library here keeps in high
+        precision by default."""
+        return False
+
     def check_plan(self, recipe, entries: list[dict]) -> None:
         """Raises PlanError where the library cannot do what the whole plan asks."""
 

@@ -7,6 +7,7 @@ from typing import Literal
 import torch
 from pydantic import PositiveInt
 
+from quantgate import modeling
 from quantgate.backends import Backend, RecipeBase, register
 
 CUDA_ONLY = ("int4_weight_only", "float8_dynamic_activation")
@@ -22,6 +23,9 @@ class TorchAoRecipe(RecipeBase):
     # batch 1 on the H100 both ran slower than tinygemm (docs/BENCHMARKS.md).
     int4_packing_format: Literal["tile_packed_to_4d", "plain"] = "tile_packed_to_4d"
     int4_qparams: Literal["hqq", "tinygemm"] = "hqq"
+    # The head too (untied from the input embedding, which stays): at batch 1 it is a large share of what a 4-bit
+    # decode step reads (Gemma 3 12B's 262,144 x 3,840).
+    quantize_output_embedding: bool = False
 
 
 class TorchAo(Backend):
@@ -43,23 +47,28 @@ class TorchAo(Backend):
             return f"float8 matmuls need both dims multiple of 16, got {out_features}x{in_features}"
         return None
 
+    def quantizes_output_embedding(self, recipe: TorchAoRecipe) -> bool:
+        return recipe.quantize_output_embedding
+
     def load_config(self, recipe: TorchAoRecipe, keep: list[str]):
-        from torchao import quantization as ao
         from transformers import TorchAoConfig
 
         if recipe.scheme == "int4_weight_only" and recipe.int4_packing_format == "plain" \
                 and importlib.util.find_spec("mslk") is None:
             raise ValueError(f"recipe {recipe.name}: int4_packing_format 'plain' needs the mslk package "
                              "(pip install mslk-cuda); 'tile_packed_to_4d' needs nothing more")
-        quant_type = {
-            "int8_weight_only": lambda: ao.Int8WeightOnlyConfig(),
-            "int8_dynamic_activation": lambda: ao.Int8DynamicActivationInt8WeightConfig(),
-            "int4_weight_only": lambda: ao.Int4WeightOnlyConfig(
-                group_size=recipe.group_size, int4_packing_format=recipe.int4_packing_format,
-                int4_choose_qparams_algorithm=recipe.int4_qparams),
-            "float8_dynamic_activation": lambda: ao.Float8DynamicActivationFloat8WeightConfig(granularity=ao.PerRow()),
-        }[recipe.scheme]()
-        return TorchAoConfig(quant_type, modules_to_not_convert=keep)
+        return TorchAoConfig(quant_type(recipe), modules_to_not_convert=keep)
+
+    def after_load(self, model, recipe: TorchAoRecipe, keep: list[str], tokenizer):
+        # A tied head is not quantized while loading: transformers ties it to the embedding after.
+        head = model.get_output_embeddings()
+        name = next(n for n, module in model.named_modules() if module is head)
+        if recipe.quantize_output_embedding and name not in keep and not modeling.is_quantized(head):
+            from torchao.quantization import quantize_
+
+            head = modeling.untie_output_embedding(model)
+            quantize_(model, quant_type(recipe), filter_fn=lambda module, _: module is head)
+        return model
 
     def fused_matmul(self, weights: list[torch.Tensor], bias: torch.Tensor | None) -> torch.nn.Module | str | None:
         from quantgate.bench.fusion import PlainMatmul
@@ -75,6 +84,20 @@ class TorchAo(Backend):
                               first.block_size, torch.Size([sum(w.shape[0] for w in weights), first.shape[1]]))
         group = tinygemm_group(stacked)
         return TinygemmMatmul(stacked, bias, group) if group else PlainMatmul(stacked, bias)
+
+
+def quant_type(recipe: TorchAoRecipe):
+    """torchao's config for the recipe's scheme."""
+    from torchao import quantization as ao
+
+    return {
+        "int8_weight_only": lambda: ao.Int8WeightOnlyConfig(),
+        "int8_dynamic_activation": lambda: ao.Int8DynamicActivationInt8WeightConfig(),
+        "int4_weight_only": lambda: ao.Int4WeightOnlyConfig(
+            group_size=recipe.group_size, int4_packing_format=recipe.int4_packing_format,
+            int4_choose_qparams_algorithm=recipe.int4_qparams),
+        "float8_dynamic_activation": lambda: ao.Float8DynamicActivationFloat8WeightConfig(granularity=ao.PerRow()),
+    }[recipe.scheme]()
 
 
 def tinygemm_group(weight) -> int | None:
