@@ -170,3 +170,15 @@ def test_a_recipe_that_quantizes_the_head_unties_it_and_ships_it_quantized(tiny_
     assert type(reloaded.lm_head.weight).__name__ == "Int8Tensor"
     assert reloaded.model.embed_tokens.weight.dtype == torch.bfloat16
     assert result.roundtrip["top1_agreement"] == 1.0
+
+
+def test_a_checkpoint_is_saved_in_shards_that_hash_at_once(tiny_llama, tmp_path, monkeypatch):
+    import quantgate.backends
+
+    monkeypatch.setattr(quantgate.backends, "SHARD_SIZE", "2MB")  # the tiny model's 6.3 MB embedding stays whole
+    result = step.quantize(str(tiny_llama), RECIPES["torchao-int8-weight-only"], "bfloat16", "cpu", str(tmp_path),
+                           roundtrip_min_top1=0.9)
+    assert result.status == "ok", result.reason
+    shards = sorted(p.name for p in (tmp_path / "checkpoint").glob("*.safetensors"))
+    assert len(shards) > 1 and (tmp_path / "checkpoint" / "model.safetensors.index.json").is_file(), shards
+    assert result.roundtrip["top1_agreement"] == 1.0

@@ -24,6 +24,11 @@ from quantgate import modeling
 from quantgate.files import slug
 
 
+# transformers writes up to 50 GB a file: a 12B checkpoint in one file is hashed by one thread when it is published;
+# shards of 2 GB hash at once (quantgate.files.sha256_files).
+SHARD_SIZE = "2GB"
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -145,7 +150,7 @@ class Backend:
         return modeling.is_quantized(module)
 
     def save(self, model: torch.nn.Module, recipe, path: Path) -> None:
-        model.save_pretrained(path)
+        model.save_pretrained(path, max_shard_size=SHARD_SIZE)
 
     def load(self, path: Path, device: str, dtype: str = "auto", **load_kwargs) -> torch.nn.Module:
         """A saved checkpoint, computing in `dtype` where the library allows (load_kwargs: max_memory,

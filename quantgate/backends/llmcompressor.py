@@ -12,7 +12,7 @@ from typing import Literal
 import torch
 from pydantic import PositiveInt
 
-from quantgate.backends import Backend, PlanError, RecipeBase, register
+from quantgate.backends import SHARD_SIZE, Backend, PlanError, RecipeBase, register
 
 
 class GptqRecipe(RecipeBase):
@@ -54,7 +54,7 @@ class LlmCompressorGptq(Backend):
         return model
 
     def save(self, model, recipe, path) -> None:
-        model.save_pretrained(path, save_compressed=True)
+        model.save_pretrained(path, save_compressed=True, max_shard_size=SHARD_SIZE)
 
     def latency_caveat(self, recipe) -> str | None:
         return ("transformers runs compressed-tensors int4 by decompressing the weights to bf16 on the first "
