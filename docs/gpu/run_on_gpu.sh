@@ -20,7 +20,7 @@ install() {
 # The flow's wheels (see `flow` below), installed once a machine.
 flow_wheels() {
   if [ ! -f /tmp/site/.flow ]; then
-    cp .gpu/f4/*.whl .gpu/f5/*.whl /tmp/w/ && cat /tmp/w/pyarrow.part0 /tmp/w/pyarrow.part1 > /tmp/w/pyarrow-26.0.1-cp312-cp312-manylinux_2_28_x86_64.whl || exit 1
+    cp .gpu/v3/*.whl /tmp/w/ && cat /tmp/w/pyarrow.part0 /tmp/w/pyarrow.part1 > /tmp/w/pyarrow-26.0.1-cp312-cp312-manylinux_2_28_x86_64.whl || exit 1
     install /tmp/w/*.whl
     touch /tmp/site/.flow
   fi
@@ -224,13 +224,14 @@ for line in sys.stdin:
      grep -E "benchmark:|Error|Traceback" "$OUT/kv.err" | tail -${TAIL:-20} ;;
   # The whole flow on the GPU (issues 19 and 39). Its wheels are the closure of pyproject's dependencies for cp312, less
   # torch, numpy, scipy and what the image already holds at a version that serves (pandas, matplotlib, scikit-learn,
-  # pillow, fonttools, lxml, contourpy, kiwisolver) and with Prefect's extras (greenlet, h2, hpack, hyperframe): 190 MB
-  # in calls of at most 50 MB with the tree to one warm machine, each `wheels DIR` copying its folder to /tmp/w:
-  # .gpu/f1 (bitsandbytes), .gpu/f2 (pyarrow's first 45 MB, split -b 45000000 -d -a 1 WHEEL pyarrow.part), .gpu/f3 and
-  # .gpu/f3b (pyarrow's second piece and half the rest), then `flow` carrying .gpu/f4 (the other half; SmolLM2's
-  # tokenizer files in tok/, copied into the checkpoint it builds: the steps tokenize) and .gpu/f5 (the extras). Made
-  # here with `pip download --no-deps --only-binary=:all: --python-version 3.12 ...` of each pinned name (`pip wheel
-  # --no-deps` for hqq, rouge-score, sqlitedict and word2number, which have only sdists). `flow`
+  # pillow, fonttools, lxml, contourpy, kiwisolver) and with Prefect's extras (greenlet, h2, hpack, hyperframe): 150 MB
+  # in three calls of at most 51 MB beside the tree's 16 MB (a call carries 64 MiB) to one warm machine: `wheels .gpu/v1`
+  # (bitsandbytes with only its CPU and CUDA 13 libraries, the image's torch being cu130: 7 MB of 43; pyarrow's first
+  # 43.5 MB, split -b 43500000 -d -a 1 WHEEL pyarrow.part) and `wheels .gpu/v2` (pyarrow's second piece and half the
+  # rest), each copying its folder to /tmp/w, then `flow` carrying .gpu/v3 (the other half; SmolLM2's tokenizer files
+  # in tok/, copied into the checkpoint it builds: the steps tokenize). Made here with `pip download --no-deps
+  # --only-binary=:all: --python-version 3.12 ...` of each pinned name (`pip wheel --no-deps` for hqq, rouge-score,
+  # sqlitedict and word2number, which have only sdists). `flow`
   # installs them, starts `quantgate run docs/gpu/flow_g3.yaml` in a session of its own (it outlives the call; on a
   # GPU of under 100 GB two recipes at a time, not three) and waits POLL_S; `flow-poll` waits for its end and brings
   # back the log, the record and the report.
@@ -238,7 +239,7 @@ for line in sys.stdin:
   flow) flow_wheels
      [ -n "${FP8:-}" ] && fp8_kernels
      nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
-     g3_checkpoint; cp .gpu/f4/tok/* /tmp/g3-12b/
+     g3_checkpoint; cp .gpu/v3/tok/* /tmp/g3-12b/
      at_once=3; [ "$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)" -lt 100000 ] && at_once=2
      export PATH=/tmp/site/bin:$PATH PREFECT_HOME=/tmp/prefect-home HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
      date +%s > /tmp/flow.start
@@ -251,7 +252,7 @@ for line in sys.stdin:
      run=$(ls -td /tmp/qg-runs/*/ 2>/dev/null | head -1); [ -n "$run" ] && cp "$run/metrics.json" "$run/report.md" "$run/run.log" "$run/summary.png" "$OUT/" 2>/dev/null ;;
   # Block FP8 on torch's block-scaled matmul (issue 39): the layouts this torch takes (docs/gpu/scaled_mm_layouts.py),
   # the fp8 gpu-marked tests, then docs/gpu/fp8_kernels.py; carrying .gpu/w and .gpu/pt (pytest, iniconfig, pluggy).
-  # FP8=1 with `flow` runs them first, on the flow's wheels (pytest's there too, in .gpu/f5).
+  # FP8=1 with `flow` runs them first, on the flow's wheels (pytest's there too, in .gpu/v3).
   fp8-kernels) install .gpu/w/*.whl .gpu/pt/*.whl
      fp8_kernels ;;
   # Block FP8 128x128's decode on torch's block-scaled matmul (issue 39): the saved checkpoint made by the quantize step,
@@ -337,12 +338,12 @@ for line in sys.stdin:
      grep -E "Error|Traceback" -A3 "$OUT/launcher.err" | tail -12
      timeout 300 python3 -m pytest -q -rs -m gpu -p no:cacheprovider tests/test_benchmark.py 2>&1 | tail -8 ;;
   # Issue 39: validate's long generations one prompt at a time against in one batch (docs/bench/generations_batched.py),
-  # the bf16 12B shape, fresh processes alternating, ROUNDS of each; carrying .gpu/w, .gpu/f4/tok (the steps tokenize) and
-  # .gpu/hx (huggingface_hub's network stack: httpx2, httpcore2, truststore, h11, anyio and theirs, from .gpu/f3 and f4),
+  # the bf16 12B shape, fresh processes alternating, ROUNDS of each; carrying .gpu/w, .gpu/v3/tok (the steps tokenize) and
+  # .gpu/hx (huggingface_hub's network stack: httpx2, httpcore2, truststore, h11, anyio and theirs, from .gpu/v2 and v3),
   # installed first on a fresh machine.
   generations) install .gpu/hx/*.whl .gpu/w/*.whl
      nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
-     g3_checkpoint; cp .gpu/f4/tok/* /tmp/g3-12b/
+     g3_checkpoint; cp .gpu/v3/tok/* /tmp/g3-12b/
      for r in $(seq 1 "${ROUNDS:-2}"); do for how in alone together; do
        PYTHONPATH=/tmp/site:$PWD timeout 150 python3 docs/bench/generations_batched.py /tmp/g3-12b $how bfloat16 cuda 2>>"$OUT/generations.err" \
          | sed "s/^{/{\"round\": $r, /" | tee -a "$OUT/generations.jsonl" | cut -c1-160; done; done
