@@ -230,7 +230,11 @@ def is_quantized(module: torch.nn.Module) -> bool:
 def tied_output_embedding(model: torch.nn.Module) -> bool:
     """Whether the output embedding (the head) shares its weight with the input embedding."""
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return out is not None and out.weight is model.get_input_embeddings().weight
+    if out is None:
+        return False
+    head, emb = out.weight, model.get_input_embeddings().weight
+    # A quantized head (a tensor subclass) has no storage of its own to compare: it is never tied.
+    return head is emb or not (low_precision(head) or low_precision(emb)) and head.data_ptr() == emb.data_ptr()
 
 
 def untie_output_embedding(model: torch.nn.Module) -> torch.nn.Module:

@@ -170,6 +170,24 @@ def test_the_benchmark_loads_sharing_the_device_and_times_with_it_alone(measured
     assert started <= turn["given_back"] <= started + alone["seconds"] + 1
 
 
+def test_a_decode_step_reads_a_quantized_head_and_not_the_embedding_beside_it():
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from quantgate.bench.latency import weight_bytes_per_token
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+    tied = modeling.real_bytes(model)
+    assert weight_bytes_per_token(model, tied) == tied  # the tied head reads the embedding whole
+    head = modeling.untie_output_embedding(model)
+    assert not model.config.tie_word_embeddings and head.weight is not model.get_input_embeddings().weight
+    quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda module, _: module is head)
+    embedding = 4096 * 64 * 4  # float32, only indexed
+    assert weight_bytes_per_token(model, modeling.real_bytes(model)) == modeling.real_bytes(model) - embedding
+    assert modeling.real_bytes(model) - tied < 4096 * 64 * 1.1  # int8 head and its scales
+
+
 def test_offloading_limits(smollm2, tmp_path):
     settings = SMALL.model_copy(update={"max_memory": {"cpu": "120MB"}, "offload_to_disk": True,
                                         "new_tokens": 3, "repeats": 1})

@@ -39,10 +39,9 @@ def copy_bandwidth(device: torch.device, repeats: int = 10) -> float:
 def weight_bytes_per_token(model: torch.nn.Module, real_bytes: int) -> int:
     """Weight bytes a decode step reads: all of them, less an input embedding that is only indexed
     (a tied output head reads it whole, and real_bytes counts shared storage once)."""
-    emb = model.get_input_embeddings().weight
-    out = model.get_output_embeddings()
-    if out is not None and out.weight.untyped_storage().data_ptr() == emb.untyped_storage().data_ptr():
+    if modeling.tied_output_embedding(model):
         return real_bytes
+    emb = model.get_input_embeddings().weight
     return real_bytes - emb.numel() * emb.element_size()
 
 
