@@ -454,9 +454,21 @@ def test_a_timing_that_shared_its_machine_says_so():
     assert result == "measured" and BUSY_CORES < others <= os.cpu_count() + 0.1, others
 
 
+def test_eager_choices_along_a_generation_are_eager_decoding_s_own_tokens():
+    """One forward over the prompt and a greedy generation picks, at each position, the token that decoding it one
+    step at a time picked: the check reads eager decoding's choices without decoding eagerly."""
+    from quantgate.bench.decode import eager_choices
+
+    model = tiny_gemma3()  # past its sliding window of 8
+    ids = prompt_ids(512, 2, 12, torch.device("cpu"))
+    _, _, tokens = decode_eager(model, ids, 40)
+    assert torch.equal(eager_choices(model, ids, tokens), tokens)
+
+
 def test_the_shipped_decode_path_is_checked_over_the_whole_generation(monkeypatch):
     """A decode path that agrees with eager decoding for its first 20 tokens and then goes wrong (output right eagerly
-    and wrong only under the graph, vLLM #46329): found at token 20, which a check of the first 16 missed."""
+    and wrong only under the graph, vLLM #46329): found at token 20, which a check of the first 16 missed; eager's
+    choice given the wrong tokens before it is none of them."""
     from quantgate.bench import latency
 
     model = tiny_gemma3()

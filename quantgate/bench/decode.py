@@ -34,6 +34,15 @@ def decode_eager(model, ids: torch.Tensor, new_tokens: int) -> tuple[float, floa
     return prefill.ms, decode.ms / (new_tokens - 1), torch.cat(tokens, 1)
 
 
+@torch.no_grad()
+def eager_choices(model, ids: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Eager decoding's greedy choice at each position of `tokens`, given the prompt and the tokens before it: one
+    forward over them all, as a speculative decoder checks a draft (a wrong token is caught where it is made, and one
+    near-tie that parts does not make every later token differ)."""
+    seen = torch.cat([ids, tokens[:, :-1]], 1)
+    return model(input_ids=seen, use_cache=False, logits_to_keep=tokens.shape[1]).logits.argmax(-1)
+
+
 def decoder_layers(model) -> torch.nn.ModuleList:
     layers = getattr(model.get_decoder(), "layers", None)
     if not isinstance(layers, torch.nn.ModuleList):

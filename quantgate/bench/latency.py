@@ -10,7 +10,8 @@ import time
 import torch
 
 from quantgate import modeling
-from quantgate.bench.decode import COMPILE_LABELS, FALLBACKS, StaticDecoder, decode_attention, decode_eager, prompt_ids
+from quantgate.bench.decode import (COMPILE_LABELS, FALLBACKS, StaticDecoder, decode_attention, decode_eager,
+                                    eager_choices, prompt_ids)
 from quantgate.bench.fusion import fuse_projections
 from quantgate.measure import Timer, others_busy
 from quantgate.settings import BenchmarkSettings
@@ -70,11 +71,11 @@ def eager_reason(model, settings: BenchmarkSettings) -> str | None:
 
 
 def fast_path(model, ids: torch.Tensor, settings: BenchmarkSettings, fused: str) -> Decoding:
-    """The static-cache decoder through the compile scopes in their fallback order, its whole greedy generation
-    checked against eager decoding's; eager with the last failure's reason where none captures."""
+    """The static-cache decoder through the compile scopes in their fallback order, each token of its whole greedy
+    generation checked against eager decoding's choice there; eager with the last failure's reason where none
+    captures."""
     decoding = Decoding(model)
     check = settings.new_tokens  # output right eagerly and wrong under the graph can start late (vLLM #46329)
-    _, _, eager_tokens = decode_eager(model, ids, check)
     for scope in FALLBACKS[FALLBACKS.index(settings.compile_scope):]:
         try:
             with decode_attention(settings.decode_attention, model):  # chosen while tracing and capturing
@@ -91,6 +92,7 @@ def fast_path(model, ids: torch.Tensor, settings: BenchmarkSettings, fused: str)
         decoding.path = (f"static cache{fused} + {COMPILE_LABELS[scope]} + CUDA graph" if scope
                          else f"static cache{fused} + CUDA graph (eager kernels)")
         _, _, fast_tokens = decoding.run(ids, check)
+        eager_tokens = eager_choices(model, ids, fast_tokens)  # one forward, not a token-by-token eager decode
         same = (fast_tokens == eager_tokens).all(0)
         decoding.agreement = float((fast_tokens == eager_tokens).float().mean())
         decoding.divergence = None if bool(same.all()) else int((~same).nonzero()[0])
