@@ -329,6 +329,11 @@ for line in sys.stdin:
          timeout "${BENCH_S:-400}" python3 docs/gpu/bench_on_gpu.py /tmp/g3-12b ${MODELS:-reference torchao-int4-weight-only} \
          2>>"$OUT/bench.err" | sed "s/^{/{\"round\": $r, /" | tee -a "$OUT/rounds-g3.jsonl"; done
      grep -E "Error|Traceback" -A3 "$OUT/bench.err" | tail -8 ;;
+  # Issue 39: where a benchmark process's start goes on a CUDA host, and whether a process forked after the zygote's
+  # imports can use CUDA (docs/gpu/process_start.py); on the flow's wheels (after `flow`), or carrying .gpu/w.
+  starts) [ -f /tmp/site/.flow ] && site || install .gpu/w/*.whl
+     python3 docs/gpu/process_start.py 2>"$OUT/starts.err" | tee "$OUT/starts.jsonl"
+     grep -E "Error|Traceback" -A3 "$OUT/starts.err" | tail -8 ;;
   # The benchmark's launcher on CUDA (no zygote there: docs/benchmark.md, "A process of its own"), with the
   # gpu-marked tests of the benchmark; carrying .gpu/w (cp312: transformers 5.23, torchao, pydantic...) and .gpu/pt
   # (pytest, psutil, PyYAML for cp312).
