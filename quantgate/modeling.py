@@ -227,20 +227,31 @@ def is_quantized(module: torch.nn.Module) -> bool:
     return weight is not None and low_precision(weight)
 
 
+def output_embedding_name(model: torch.nn.Module) -> str | None:
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return next((name for name, module in model.named_modules() if module is out), None) if out is not None else None
+
+
 def tied_output_embedding(model: torch.nn.Module) -> bool:
     """Whether the output embedding (the head) shares its weight with the input embedding."""
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if out is None:
         return False
     head, emb = out.weight, model.get_input_embeddings().weight
-    # A quantized head (a tensor subclass) has no storage of its own to compare: it is never tied.
-    return head is emb or not (low_precision(head) or low_precision(emb)) and head.data_ptr() == emb.data_ptr()
+    if head is emb:
+        return True
+    # A quantized head (a tensor subclass) has no storage of its own to compare, and on the meta device (a
+    # skeleton, weights offloaded to disk) every data_ptr is 0: neither is tied unless it is the same tensor.
+    plain = not (low_precision(head) or low_precision(emb)) and "meta" not in (head.device.type, emb.device.type)
+    return plain and head.data_ptr() == emb.data_ptr()
 
 
 def untie_output_embedding(model: torch.nn.Module) -> torch.nn.Module:
     """The head given a copy of its own of the input embedding's weight, and the configs told, so the head can be
     quantized alone and saved apart; returns the head."""
     head = model.get_output_embeddings()
+    if head.weight.device.type == "meta":
+        raise ValueError("the output embedding is offloaded (on the meta device): it cannot be untied and quantized")
     if tied_output_embedding(model):
         head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)
         for config in {id(c): c for c in (model.config, model.config.get_text_config(decoder=True))}.values():

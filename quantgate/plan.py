@@ -28,11 +28,6 @@ def pattern_regex(pattern: str) -> re.Pattern:
     return re.compile(rf"^{body}(\..+)?$")
 
 
-def output_embedding_name(model: torch.nn.Module) -> str | None:
-    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return next((name for name, module in model.named_modules() if module is out), None) if out is not None else None
-
-
 def skip_patterns(model: torch.nn.Module, skip: list[str]) -> list[tuple[str, re.Pattern]]:
     """The recipe's skip patterns, each checked to match some module (with a suggestion when not)."""
     names = [name for name, _ in model.named_modules() if name]
@@ -69,7 +64,7 @@ def plan_recipe(model: torch.nn.Module, recipe) -> list[dict]:
     """One entry per Linear of the model; raises PlanError for patterns or shapes that don't fit."""
     backend = backend_of(recipe)
     compiled = skip_patterns(model, recipe.skip)
-    head = output_embedding_name(model)
+    head = modeling.output_embedding_name(model)
     entries = []
     for name, module in model.named_modules():
         if not planned(module):
@@ -147,7 +142,7 @@ def checkpoint_bytes(model: torch.nn.Module, entries: list[dict], dtype: str, st
     if stored_bits is None:
         return total
     quantized = [e for e in entries if e["status"] == "quantized"]
-    head = output_embedding_name(model)
+    head = modeling.output_embedding_name(model)
     tied = modeling.tied_output_embedding(model)
     untied = sum(weights_of(e) for e in quantized if e["module"] == head) if tied else 0
     return round(total + untied * dtype_bytes - sum(weights_of(e) for e in quantized) * (dtype_bytes - stored_bits / 8))

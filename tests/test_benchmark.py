@@ -464,6 +464,16 @@ def test_eager_choices_along_a_generation_are_eager_decoding_s_own_tokens():
     _, _, tokens = decode_eager(model, ids, 40)
     assert torch.equal(eager_choices(model, ids, tokens), tokens)
 
+    class EveryLogit(torch.nn.Module):  # a forward that takes logits_to_keep and returns every position's anyway
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, input_ids, logits_to_keep=0, **kwargs):
+            return self.inner(input_ids=input_ids, **kwargs)
+
+    assert torch.equal(eager_choices(EveryLogit(), ids, tokens), tokens)
+
 
 def test_the_shipped_decode_path_is_checked_over_the_whole_generation(monkeypatch):
     """A decode path that agrees with eager decoding for its first 20 tokens and then goes wrong (output right eagerly

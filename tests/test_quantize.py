@@ -154,9 +154,11 @@ def test_int4_plain_packing_without_mslk_is_a_clear_error():
     assert backend_of(recipe).load_config(recipe.model_copy(update={"int4_packing_format": "tile_packed_to_4d"}), [])
 
 
+HEAD_TOO = "recipes=[{use: torchao-int8-weight-only, quantize_output_embedding: true}]"
+
+
 def test_a_recipe_that_quantizes_the_head_unties_it_and_ships_it_quantized(tiny_llama, tmp_path):
-    recipe = load_config(PROJECT / "configs" / "default.yaml",
-                         ["recipes=[{use: torchao-int8-weight-only, quantize_output_embedding: true}]"]).recipes[0]
+    recipe = load_config(PROJECT / "configs" / "default.yaml", [HEAD_TOO]).recipes[0]
     result = step.quantize(str(tiny_llama), recipe, "bfloat16", "cpu", str(tmp_path), roundtrip_min_top1=0.9)
     assert result.status == "ok", result.reason
     plan = json.loads((tmp_path / "plan.json").read_text())
@@ -170,6 +172,36 @@ def test_a_recipe_that_quantizes_the_head_unties_it_and_ships_it_quantized(tiny_
     assert type(reloaded.lm_head.weight).__name__ == "Int8Tensor"
     assert reloaded.model.embed_tokens.weight.dtype == torch.bfloat16
     assert result.roundtrip["top1_agreement"] == 1.0
+
+
+def test_torchao_leaves_a_model_without_a_head_alone():
+    from transformers import LlamaConfig, LlamaModel
+
+    model = LlamaModel(LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2))
+    assert model.get_output_embeddings() is None
+    for recipe in load_config(PROJECT / "configs" / "default.yaml", [HEAD_TOO]).recipes + [RECIPES["torchao-int8-weight-only"]]:
+        assert backend_of(recipe).after_load(model, recipe, [], None) is model
+
+
+def test_the_disk_estimate_of_an_untied_head_counts_it_once(tiny_tokenizer, tmp_path):
+    """On the skeleton (meta device) every data_ptr is 0: an untied head must not read as tied to the embedding."""
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=8192, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "untied")
+    for file in tiny_tokenizer.iterdir():
+        shutil.copy(file, tmp_path / "untied" / file.name)
+    recipe = load_config(PROJECT / "configs" / "default.yaml", [HEAD_TOO]).recipes[0]
+    result = step.quantize(str(tmp_path / "untied"), recipe, "bfloat16", "cpu", str(tmp_path / "q"),
+                           roundtrip_min_top1=0.9)
+    assert result.status == "ok", result.reason
+    # bf16 embedding 1.0 MB and int8 head 0.5 MB; an estimate that took the head for tied would add 1.0 MB more.
+    assert 0 < result.checkpoint_bytes / result.checkpoint_bytes_estimated - 1 < 0.04
 
 
 def test_a_checkpoint_is_saved_in_shards_that_hash_at_once(tiny_llama, tmp_path, monkeypatch):

@@ -25,7 +25,8 @@ from quantgate.files import slug
 
 
 # transformers writes up to 50 GB a file: a 12B checkpoint in one file is hashed by one thread when it is published;
-# shards of 2 GB hash at once (quantgate.files.sha256_files).
+# shards of 2 GB hash at once (quantgate.files.sha256_files). quanto's save and hqq's own format take no shard size:
+# theirs stay one file.
 SHARD_SIZE = "2GB"
 
 

@@ -61,13 +61,13 @@ class TorchAo(Backend):
 
     def after_load(self, model, recipe: TorchAoRecipe, keep: list[str], tokenizer):
         # A tied head is not quantized while loading: transformers ties it to the embedding after.
-        head = model.get_output_embeddings()
-        name = next(n for n, module in model.named_modules() if module is head)
-        if recipe.quantize_output_embedding and name not in keep and not modeling.is_quantized(head):
-            from torchao.quantization import quantize_
+        name = modeling.output_embedding_name(model) if recipe.quantize_output_embedding else None
+        if name is None or name in keep or modeling.is_quantized(model.get_output_embeddings()):
+            return model
+        from torchao.quantization import quantize_
 
-            head = modeling.untie_output_embedding(model)
-            quantize_(model, quant_type(recipe), filter_fn=lambda module, _: module is head)
+        head = modeling.untie_output_embedding(model)
+        quantize_(model, quant_type(recipe), filter_fn=lambda module, _: module is head)
         return model
 
     def fused_matmul(self, weights: list[torch.Tensor], bias: torch.Tensor | None) -> torch.nn.Module | str | None:
