@@ -318,7 +318,8 @@ for line in sys.stdin:
          | sed "s/^{/{\"decode_attention\": \"$a\", /" | tee -a "$OUT/attention-g3.jsonl"; done; done
      grep -E "Error|Traceback" -A3 "$OUT/bench.err" | tail -8 ;;
   # Fresh-process rounds (ROUNDS="1 2 3") of the bf16 reference then torchao int4 (or MODELS) on the 12B shape, the
-  # default decode attention (gqa), each round its own inductor cache (issue 39); carrying .gpu/w.
+  # default decode attention (gqa), each round its own inductor cache (issue 39); carrying .gpu/w. PLAIN=1: each round
+  # then a plain decode loop with no quantgate code in a process of its own (docs/gpu/plain_loop.py), the yardstick.
   rounds) install .gpu/w/*.whl
      { nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,power.limit --format=csv
        python3 -c "import torch, transformers, torchao, triton; print(torch.__version__, transformers.__version__, torchao.__version__, triton.__version__)"; } | tee -a "$OUT/env.txt"
@@ -327,7 +328,10 @@ for line in sys.stdin:
        nvidia-smi --query-gpu=clocks.sm,clocks_throttle_reasons.active,temperature.gpu,power.draw --format=csv,noheader >> "$OUT/clocks.txt"
        CD=0 SCOPE=layers TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-r$r BENCH_DIR=/tmp/bench-r$r \
          timeout "${BENCH_S:-400}" python3 docs/gpu/bench_on_gpu.py /tmp/g3-12b ${MODELS:-reference torchao-int4-weight-only} \
-         2>>"$OUT/bench.err" | sed "s/^{/{\"round\": $r, /" | tee -a "$OUT/rounds-g3.jsonl"; done
+         2>>"$OUT/bench.err" | sed "s/^{/{\"round\": $r, /" | tee -a "$OUT/rounds-g3.jsonl"
+       [ -n "${PLAIN:-}" ] && TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-plain-r$r timeout "${PLAIN_S:-300}" \
+         python3 docs/gpu/plain_loop.py /tmp/g3-12b 2>>"$OUT/plain.err" | sed "s/^{/{\"round\": $r, /" | tee -a "$OUT/rounds-g3.jsonl"
+     done
      grep -E "Error|Traceback" -A3 "$OUT/bench.err" | tail -8 ;;
   # Issue 39: where a benchmark process's start goes on a CUDA host, and whether a process forked after the zygote's
   # imports can use CUDA (docs/gpu/process_start.py); on the flow's wheels (after `flow`), or carrying .gpu/w.
