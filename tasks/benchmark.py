@@ -93,7 +93,7 @@ def adapter_warnings(found: dict) -> list[str]:
 
 
 # The least share of the fast path's tokens that eager decoding picks too, each given the tokens before it: a right path
-# reads near 1 (a near-tie that parts costs one token of the 256), a path that goes wrong late many.
+# reads near 1 (a near-tie that parts costs one token), a path that goes wrong late many.
 MIN_AGREEMENT = 0.9
 
 

@@ -23,8 +23,8 @@ class TorchAoRecipe(RecipeBase):
     # batch 1 on the H100 both ran slower than tinygemm (docs/BENCHMARKS.md).
     int4_packing_format: Literal["tile_packed_to_4d", "plain"] = "tile_packed_to_4d"
     int4_qparams: Literal["hqq", "tinygemm"] = "hqq"
-    # The head too (untied from the input embedding, which stays): at batch 1 it is a large share of what a 4-bit
-    # decode step reads (Gemma 3 12B's 262,144 x 3,840).
+    # The head too (untied from the input embedding, which stays): with a large vocabulary it is a large share of
+    # what a 4-bit decode step reads at batch 1 (docs/BENCHMARKS.md).
     quantize_output_embedding: bool = False
 
 

@@ -40,7 +40,7 @@ def eager_choices(model, ids: torch.Tensor, tokens: torch.Tensor) -> torch.Tenso
     forward over them all, as a speculative decoder checks a draft (a wrong token is caught where it is made, and one
     near-tie that parts does not make every later token differ)."""
     seen, n = torch.cat([ids, tokens[:, :-1]], 1), tokens.shape[1]
-    # A row at a time: the logits of 256 positions over a 262k vocabulary are 134 MB in bf16 a row.
+    # A row at a time: a whole batch's logits over a large vocabulary would be held at once.
     return torch.cat([model(input_ids=row[None], use_cache=False, logits_to_keep=n).logits[:, -n:].argmax(-1)
                       for row in seen])
 
