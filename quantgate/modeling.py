@@ -227,14 +227,19 @@ def is_quantized(module: torch.nn.Module) -> bool:
     return weight is not None and low_precision(weight)
 
 
+def output_embedding(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The head, where the model has one."""
+    return model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+
+
 def output_embedding_name(model: torch.nn.Module) -> str | None:
-    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    out = output_embedding(model)
     return next((name for name, module in model.named_modules() if module is out), None) if out is not None else None
 
 
 def tied_output_embedding(model: torch.nn.Module) -> bool:
     """Whether the output embedding (the head) shares its weight with the input embedding."""
-    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    out = output_embedding(model)
     if out is None:
         return False
     head, emb = out.weight, model.get_input_embeddings().weight

@@ -136,8 +136,11 @@ class Beside:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.join(cancel=bool(exc) and exc[0] is not None)  # the step stops: its process killed, not waited for
+
+    def join(self, cancel: bool = False) -> None:
         if self.thread:
-            if exc and exc[0] is not None:  # the step stops: its process killed, not waited for
+            if cancel:
                 self.cancel.set()
             self.thread.join()
 
@@ -154,7 +157,7 @@ class Beside:
 
         def after_it():
             t0 = time.monotonic()
-            self.__exit__()
+            self.join()
             if (seconds := time.monotonic() - t0) >= 0.1:
                 log.info("%s: benchmark: the measurement beside it waited %.1f s for it to end before asking for "
                          "the device alone", self.name, seconds)
