@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import os
 import threading
 import time
 from contextlib import contextmanager
@@ -22,6 +23,15 @@ def proc_status() -> dict[str, int]:
             if key in ("RssAnon", "RssFile", "VmHWM", "VmRSS"):
                 fields[key] = int(value.split()[0]) * 1024
     return fields
+
+
+def process_age_s() -> float:
+    """Seconds since this process began (its fork; for an interpreter, the fork before its exec), from /proc."""
+    with open("/proc/self/stat") as f:
+        start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, counted after the name
+    with open("/proc/uptime") as f:
+        uptime = float(f.read().split()[0])
+    return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
 
 
 class Timer:

@@ -3,6 +3,8 @@ import functools
 import json
 import logging
 import os
+import subprocess
+import sys
 import time
 import types
 import weakref
@@ -56,6 +58,14 @@ def test_sampler_sees_a_planted_private_allocation_during_a_load(smollm2):
     # The planted buffer is gone once the load is over: the next phase does not see it.
     assert quiet["host_private_peak"] < peaks["host_private_peak"] - 300_000_000
     assert modeling.real_bytes(model) == 269030272
+
+
+def test_a_process_knows_how_long_ago_it_began():
+    # A fresh interpreter that sleeps before asking: its age counts the sleep and the interpreter's start before it.
+    code = "import time; time.sleep(0.5); from quantgate.measure import process_age_s; print(process_age_s())"
+    age = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                               cwd=PROJECT).stdout)
+    assert age >= 0.5 - 0.01  # /proc counts in ticks of 10 ms
 
 
 def test_quantized_too_late_is_diagnosed_on_both_sides():

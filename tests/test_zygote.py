@@ -41,6 +41,10 @@ def test_a_forked_measurement_measures_what_a_fresh_interpreter_does(tiny_llama,
     # What each printed is in its log beside its result, the step's lines among it.
     for folder in ("f", "n"):
         assert "benchmark: batch 1, repeat 1/1" in (tmp_path / folder / "benchmark-log.txt").read_text()
+    # Where a process's start went is in both records; the forked one did no imports of its own.
+    for result in (forked, fresh):
+        assert min(result["process_up_s"], result["prepare_s"], result["first_forward_s"]) >= 0, result
+    assert forked["process_up_s"] < fresh["process_up_s"]
 
 
 def test_a_measurement_that_fails_or_overruns_is_recorded_and_its_process_gone(tiny_llama, tmp_path):

@@ -27,6 +27,15 @@ flow_wheels() {
   site
   python3 -c "import prefect, lm_eval, datasets, pyarrow, bitsandbytes, transformers; print('prefect', prefect.__version__, 'lm_eval', lm_eval.__version__, 'transformers', transformers.__version__)" || exit 1
 }
+# Waits up to $1 s for the flow `flow` started to end; its elapsed time, its log's tail and what its run folder holds.
+flow_poll() {
+  for _ in $(seq 1 "$1"); do [ -f /tmp/flow.rc ] && break; sleep 1; done
+  echo "elapsed $(( $(date +%s) - $(cat /tmp/flow.start) )) s, exit code $(cat /tmp/flow.rc 2>/dev/null || echo running)"
+  tail -25 /tmp/flow.log; cp /tmp/flow.log "$OUT/"
+  run=$(ls -td /tmp/qg-runs/*/ 2>/dev/null | head -1)
+  [ -n "$run" ] && cp "$run/metrics.json" "$run/report.md" "$run/run.log" "$run/summary.png" "$OUT/" 2>/dev/null
+  [ -n "$run" ] && find "$run" -name "benchmark*-log.txt" | tar czf "$OUT/benchmark-logs.tgz" -T - 2>/dev/null
+}
 fp8_kernels() {
   python3 docs/gpu/scaled_mm_layouts.py > "$OUT/scaled-mm-layouts.txt" 2>&1
   timeout 200 python3 -m pytest -q -rs -p no:cacheprovider -m gpu tests/test_fp8.py 2>&1 | tail -8
@@ -242,14 +251,12 @@ for line in sys.stdin:
      g3_checkpoint; cp .gpu/v3/tok/* /tmp/g3-12b/
      at_once=3; [ "$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)" -lt 100000 ] && at_once=2
      export PATH=/tmp/site/bin:$PATH PREFECT_HOME=/tmp/prefect-home HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
-     date +%s > /tmp/flow.start
+     date +%s > /tmp/flow.start; rm -f /tmp/flow.rc
      setsid bash -c "PYTHONPATH=/tmp/site:$PWD python3 -m quantgate.cli run docs/gpu/flow_g3.yaml --set model.recipes_at_once=$at_once \
        --set model.device_slots=$((at_once + 1)) > /tmp/flow.log 2>&1; echo \$? > /tmp/flow.rc" &
-     sleep "${POLL_S:-60}"; tail -20 /tmp/flow.log ;;
-  flow-poll) for _ in $(seq 1 "${POLL_S:-540}"); do [ -f /tmp/flow.rc ] && break; sleep 1; done
-     echo "elapsed $(( $(date +%s) - $(cat /tmp/flow.start) )) s, exit code $(cat /tmp/flow.rc 2>/dev/null || echo running)"
-     tail -25 /tmp/flow.log; cp /tmp/flow.log "$OUT/"
-     run=$(ls -td /tmp/qg-runs/*/ 2>/dev/null | head -1); [ -n "$run" ] && cp "$run/metrics.json" "$run/report.md" "$run/run.log" "$run/summary.png" "$OUT/" 2>/dev/null ;;
+     flow_poll "${POLL_S:-60}" ;;
+  # What a flow started by `flow` left, once it ended or POLL_S seconds passed.
+  flow-poll) flow_poll "${POLL_S:-540}" ;;
   # Block FP8 on torch's block-scaled matmul (issue 39): the layouts this torch takes (docs/gpu/scaled_mm_layouts.py),
   # the fp8 gpu-marked tests, then docs/gpu/fp8_kernels.py; carrying .gpu/w and .gpu/pt (pytest, iniconfig, pluggy).
   # FP8=1 with `flow` runs them first, on the flow's wheels (pytest's there too, in .gpu/v3).

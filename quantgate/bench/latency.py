@@ -77,6 +77,7 @@ def fast_path(model, ids: torch.Tensor, settings: BenchmarkSettings, fused: str)
     decoding = Decoding(model)
     check = settings.new_tokens  # output right eagerly and wrong under the graph can start late (vLLM #46329)
     for scope in FALLBACKS[FALLBACKS.index(settings.compile_scope):]:
+        t0 = time.perf_counter()
         try:
             with decode_attention(settings.decode_attention, model):  # chosen while tracing and capturing
                 decoder = StaticDecoder(model, ids.shape[0], settings.prompt_tokens + settings.new_tokens,
@@ -91,11 +92,14 @@ def fast_path(model, ids: torch.Tensor, settings: BenchmarkSettings, fused: str)
         decoding.run, decoding.compile_s = decoder.run, decoder.compile_s
         decoding.path = (f"static cache{fused} + {COMPILE_LABELS[scope]} + CUDA graph" if scope
                          else f"static cache{fused} + CUDA graph (eager kernels)")
+        t1 = time.perf_counter()
         _, _, fast_tokens = decoding.run(ids, check)
         eager_tokens = eager_choices(model, ids, fast_tokens)  # one forward, not a token-by-token eager decode
         same = (fast_tokens == eager_tokens).all(0)
         decoding.agreement = float((fast_tokens == eager_tokens).float().mean())
         decoding.divergence = None if bool(same.all()) else int((~same).nonzero()[0])
+        log.info("benchmark: %s built in %.1f s (compile %.1f s), checked against eager in %.1f s: %.1f%% agree",
+                 decoding.path, t1 - t0, decoder.compile_s or 0.0, time.perf_counter() - t1, 100 * decoding.agreement)
         break
     return decoding
 

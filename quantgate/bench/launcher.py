@@ -84,6 +84,7 @@ def run_measurement(name: str, spec: Spec, result_path: Path, fresh: bool = Fals
     # offloaded checkpoint's weights to its absolute path made relative when it loads an adapter onto them).
     proc, started, lease = start_process([str(spec_path), str(result_path)], log_path, out, measurement_env(spec),
                                          fresh)
+    log.info("%s: benchmark: %s process %d started", name, started, proc.pid)
     ended = threading.Event()
     # In this thread's context: its lines reach an orchestrator's handler as the step's own (Prefect's UI, not a
     # warning that a log came from outside any run).

@@ -20,7 +20,7 @@ from quantgate.bench.decode import prompt_ids
 from quantgate.bench.latency import measure_latency, weight_bytes_per_token
 from quantgate.files import WEIGHT_FILES, write_json
 from quantgate.loading import growth, kernel_of, load_quantized
-from quantgate.measure import BUSY_CORES, MemorySampler, proc_status
+from quantgate.measure import BUSY_CORES, MemorySampler, proc_status, process_age_s
 from quantgate.paths import DATA_DIR
 from quantgate.plan import kept, plan_recipe
 from quantgate.settings import BenchmarkSettings
@@ -137,7 +137,9 @@ def first_forward(model, device: torch.device) -> None:
 
 def measure(spec: Spec) -> dict:
     """Memory while loading, then (unless the spec says latency: false) memory and latency while generating."""
+    t0 = time.perf_counter()
     load_model = loader(spec)  # first: the sampler's baseline holds the libraries it imports
+    prepare_s = time.perf_counter() - t0
     sampler = MemorySampler(spec.settings.sample_interval_ms)
     try:
         t0 = time.perf_counter()
@@ -148,10 +150,11 @@ def measure(spec: Spec) -> dict:
         shard = largest_shard(spec.checkpoint)
         diagnostics = diagnose({"load": load}, at_load, shard, sampler.baseline["RssAnon"])
         if not spec.latency:
+            log.info("benchmark: loaded in %.1f s (libraries and plan %.1f s before)", load_s, prepare_s)
             return {"real_bytes": at_load, "load_s": round(load_s, 2), "largest_shard": shard,
                     "memory": {**load, "host_private_baseline": sampler.baseline["RssAnon"]},
                     "diagnostics": diagnostics}
-        inferred = generate_measured(model, spec, sampler, load_s)
+        inferred = generate_measured(model, spec, sampler, load_s, prepare_s)
         if grown := growth(at_load, inferred["real_bytes"], "model"):
             diagnostics.append(grown)
         return {"real_bytes_at_load": at_load, "load_s": round(load_s, 2), **inferred, "largest_shard": shard,
@@ -164,20 +167,24 @@ def measure(spec: Spec) -> dict:
         sampler.close()
 
 
-def generate_measured(model, spec: Spec, sampler: MemorySampler, load_s: float) -> dict:
+def generate_measured(model, spec: Spec, sampler: MemorySampler, load_s: float, prepare_s: float) -> dict:
     """Latency, with the memory of generating sampled as the phase `infer`."""
     device = modeling.model_device(model)
     with sampler.phase("infer"):
+        t0 = time.perf_counter()
         first_forward(model, device)
+        forward_s = time.perf_counter() - t0
         real = modeling.real_bytes(model)  # what it runs in: a library may expand its weights on the first forward
         per_token = weight_bytes_per_token(model, real)
-        log.info("benchmark: loaded in %.1f s, real bytes %.3f GB", load_s, real / 1e9)
+        log.info("benchmark: loaded in %.1f s (libraries and plan %.1f s before, first forward %.1f s after), real "
+                 "bytes %.3f GB", load_s, prepare_s, forward_s, real / 1e9)
         latency = measure_latency(model, spec.settings, per_token, spec.copy_bandwidth, backend_for(spec),
                                   ready=spec.turn and (lambda: wait_for_turn(spec)))
     bandwidth = latency.pop("copy_bandwidth")
     if latency["other_busy_cores"] > BUSY_CORES:
         latency["comparable"] = False
     return {"real_bytes": real, "latency": latency, "copy_bandwidth": bandwidth, "weight_bytes_per_token": per_token,
+            "prepare_s": round(prepare_s, 2), "first_forward_s": round(forward_s, 2),
             "placement": modeling.devices_of(model), "device": str(device), "cpu_threads": torch.get_num_threads()}
 
 
@@ -250,11 +257,14 @@ def measure_kv_cache(spec: Spec) -> dict:
 
 
 def main(spec_path: str, out_path: str) -> None:
+    up_s = process_age_s()  # first: what the interpreter's start and this module's imports took
     # force: importing Prefect gave the root its own handler and WARNING, which dropped these lines
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr, force=True)
+    log.info("benchmark: process up %.1f s after it began (interpreter and imports)", up_s)
     spec = Spec.model_validate_json(Path(spec_path).read_text())
     fp8_kernel.keep_bytes = 0  # the model's memory is measured here: no float32 copies of FP8 weights
-    write_json(Path(out_path), measure_kv_cache(spec) if spec.measure == "kv_cache" else measure(spec))
+    result = measure_kv_cache(spec) if spec.measure == "kv_cache" else measure(spec)
+    write_json(Path(out_path), {**result, "process_up_s": round(up_s, 2)})
 
 
 if __name__ == "__main__":
