@@ -1,7 +1,7 @@
 """The quantize-model flow: download → reference → the reference's benchmark, then for each recipe
 (`model.recipes_at_once` at a time, each then in a worker process of its own, the reference's steps beside them and
-each recipe waiting for the reference after its quantize: flows.workers): quantize → validate (→ remedy where it warns
-or fails and steps.remedy is on) → adapters (where the config serves any) → evaluate → benchmark → publish. Each step
+each recipe waiting for the reference after its quantize, making its own generations meanwhile: flows.workers):
+quantize → (generate) → validate (→ remedy where it warns or fails and steps.remedy is on) → adapters (where the config serves any) → evaluate → benchmark → publish. Each step
 is a plain function of tasks/ run as a Prefect task (flows.steps); one recipe failing leaves the others running, and a
 recipe stops at its first step that does not end ok. Everything the libraries print goes to the run's log
 (runs/<run_id>/run.log)."""
@@ -19,8 +19,8 @@ from flows.approval import ask
 from flows.artifacts import create_artifacts
 from flows.devices import Devices, device_limits
 from flows.remedy import remedy_recipe
-from flows.steps import (adapters_task, benchmark_task, download_task, evaluate_task, publish_task, quantize_task,
-                         reference_task, run_step, validate_task)
+from flows.steps import (adapters_task, benchmark_task, download_task, evaluate_task, generate_task, publish_task,
+                         quantize_task, reference_task, run_step, validate_task)
 from flows.workers import each_recipe, free_cached_memory, leave_worker
 from quantgate import history, modeling, runlog
 from quantgate.backends import RecipeBase
@@ -29,8 +29,8 @@ from quantgate.nonfinite import nonfinite_reason, overflow_reason
 from quantgate.paths import DEFAULT_CONFIG
 from quantgate.plan import make_plans
 from quantgate.record import RunRecord
-from quantgate.results import (AdaptersChecked, Benchmarked, Downloaded, Evaluated, Published, Quantized, Reference,
-                               Validated)
+from quantgate.results import (AdaptersChecked, Benchmarked, Downloaded, Evaluated, Generated, Published, Quantized,
+                               Reference, Validated)
 from quantgate.settle import settle
 
 log = logging.getLogger("quantgate.progress")
@@ -186,11 +186,16 @@ def gate_recipe(run: RunRecord, config: RunConfig, model: Model, recipe: RecipeB
                          recipe=recipe, dtype=config.model.dtype, device=model.device, out_dir=out,
                          roundtrip_min_top1=steps.quantize.roundtrip_min_top1, cache_dir=cache,
                          registry_dir=str(steps.publish.registry_dir))
-    if not run.set_step(name, "quantize", quantized) or (reference := model.reference_result()) is None:
+    if not run.set_step(name, "quantize", quantized):
+        return
+    if generated := generate_meanwhile(config, model, recipe, quantized, out):
+        run.set_generated(name, generated)
+    if (reference := model.reference_result()) is None:
         return
     validated = run_step(validate_task, steps.validate, Validated, name, "validate", model.hold, checkpoint=quantized.checkpoint,
                          recipe=recipe, reference=reference.validate, device=model.device,
-                         settings=steps.validate, compute_dtype=model.compute_dtype, served=config.model.dtype)
+                         settings=steps.validate, compute_dtype=model.compute_dtype, served=config.model.dtype,
+                         generated=generated.path if generated and generated.ok else None)
     went_on = run.set_step(name, "validate", validated)
     if steps.remedy.enabled and validated.verdict in steps.remedy.verdicts:
         run.set_remedy(name, remedy_recipe(run.dir, config, run.snapshot(), recipe, steps.remedy))
@@ -220,6 +225,18 @@ def gate_recipe(run: RunRecord, config: RunConfig, model: Model, recipe: RecipeB
                            adapters_served={n: a["folder"] for n, a in served.items()} if steps.benchmark.adapters else None)
     if run.set_step(name, "benchmark", benchmarked):
         publish(run, config, name, awaiting)
+
+
+def generate_meanwhile(config: RunConfig, model: Model, recipe: RecipeBase, quantized: Quantized,
+                       out: str) -> Generated | None:
+    """The recipe's own generations, made while the reference beside it is still measured (validate then only
+    compares): time the recipe would spend waiting. None where the reference has ended, or validation makes none."""
+    settings = config.steps.validate
+    if model.referenced.is_set() or not (settings.generate_prompts or (settings.long_context and settings.long_generations)):
+        return None
+    return run_step(generate_task, settings, Generated, recipe.name, "generate", model.hold,
+                    checkpoint=quantized.checkpoint, recipe=recipe, device=model.device, settings=settings, out_dir=out,
+                    compute_dtype=model.compute_dtype)
 
 
 def publish(run: RunRecord, config: RunConfig, recipe: str, awaiting: list[str]) -> None:

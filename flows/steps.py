@@ -27,7 +27,7 @@ from tasks.evaluate import evaluate
 from tasks.publish import publish
 from tasks.quantize import quantize
 from tasks.reference import reference
-from tasks.validate import validate
+from tasks.validate import generate, validate
 
 log = logging.getLogger("quantgate.download")
 
@@ -64,6 +64,7 @@ download_task = task(download_as_data, name="download", cache_key_fn=download_ca
 # The model steps: in the recipe's worker process where recipes are gated side by side (flows.workers).
 reference_task = task(in_worker(reference), name="reference")
 quantize_task = task(in_worker(quantize), name="quantize", task_run_name="quantize-{recipe.name}")
+generate_task = task(in_worker(generate), name="generate", task_run_name="generate-{recipe.name}")
 validate_task = task(in_worker(validate), name="validate", task_run_name="validate-{recipe.name}")
 adapters_task = task(in_worker(check_adapters), name="adapters", task_run_name="adapters-{recipe.name}")
 evaluate_task = task(in_worker(evaluate), name="evaluate", task_run_name="evaluate-{recipe.name}")

@@ -93,9 +93,15 @@ def measure_reference(model, tokenizer, settings: ValidateSettings, served: str 
         per_prompt.append({"id": prompt["id"], "ids": ids.cpu(), "top_logp": top.values.cpu(),
                            "top_idx": top.indices.cpu(), "positions": positions.cpu(),
                            "hidden": torch.stack([h[0, positions.to(h.device)].float().cpu() for h in hidden])})
-    chat = [p for p in prompts if p["chat"]][:settings.generate_prompts]
     return {"prompts": per_prompt, "nonfinite": nonfinite, "overflow": overflow,
-            "generations": dict(zip([p["id"] for p in chat], generate(model, tokenizer, chat, settings.max_new_tokens)))}
+            "generations": own_generations(model, tokenizer, settings)}
+
+
+def own_generations(model, tokenizer, settings: ValidateSettings) -> dict[str, str]:
+    """The model's greedy generations from the first generate_prompts chat prompts, by prompt id: what compare sets
+    beside the reference's, and needs nothing of the reference's to make."""
+    chat = [p for p in load_prompts(settings) if p["chat"]][:settings.generate_prompts]
+    return dict(zip([p["id"] for p in chat], generate(model, tokenizer, chat, settings.max_new_tokens)))
 
 
 def reference_stats(model, tokenizer, checkpoint_sha256: str, dtype: str, cache_dir: Path,
@@ -153,9 +159,11 @@ def compare_prompt(ref: dict, logits: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def compare(model, tokenizer, stats: dict, settings: ValidateSettings, served: str | None = None, each=None) -> dict:
+def compare(model, tokenizer, stats: dict, settings: ValidateSettings, served: str | None = None, each=None,
+            made_before: dict[str, str] | None = None) -> dict:
     """A model against the reference's measurements: per-token KL, top-1 and top-5, per-layer hidden-state
-    cosine, where it goes non-finite or past the range of the dtype it is served in, and its generations. `each`,
+    cosine, where it goes non-finite or past the range of the dtype it is served in, and its generations (those in
+    `made_before`, by own_generations, where it holds every prompt the reference generated from). `each`,
     if given, is called with each prompt's reference measurements, the model's logits and their comparison."""
     kls, top1, top5, cosines, found = [], [], [], [], {"nonfinite": None, "layer": None, "overflow": None}
     limit = serving_limit(served, modeling.computed_dtype(model))
@@ -182,7 +190,12 @@ def compare(model, tokenizer, stats: dict, settings: ValidateSettings, served: s
         "max_divergence_layer": int(drops.argmax()) if len(drops) else None}
     prompts = {p["id"]: p for p in load_prompts(settings)}
     try:
-        texts = generate(model, tokenizer, [prompts[i] for i in stats["generations"]], settings.max_new_tokens)
+        if made_before is not None:  # whether the generations made before stood in for making them here
+            metrics["generated_before"] = set(stats["generations"]) <= set(made_before)
+        if metrics.get("generated_before"):
+            texts = [made_before[i] for i in stats["generations"]]
+        else:
+            texts = generate(model, tokenizer, [prompts[i] for i in stats["generations"]], settings.max_new_tokens)
         metrics["generations"] = [{"prompt": i, "reference": stats["generations"][i], "quantized": text}
                                   for i, text in zip(stats["generations"], texts)]
     except Exception as e:  # a CUDA device-side assert included: a failed recipe, not a crashed flow

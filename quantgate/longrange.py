@@ -56,14 +56,22 @@ def reference_sequences(model, tokenizer, settings) -> list[dict]:
     for i, text in enumerate(articles(settings.long_sequences)):
         ids = tokenizer(text[:tokens * 40], return_tensors="pt").input_ids[:, :tokens]  # generous: cut, then tokenize
         found.append({"id": f"wikitext-{i + 1}", "ids": ids, **top_at(model, ids.to(device), settings)})
-    prompts = [p for p in load_prompts(settings) if p["chat"]][:settings.long_generations]
-    ids = [encode(tokenizer, prompt).to(device) for prompt in prompts]
-    made = generated(model, tokenizer, ids, settings.long_new_tokens, settings.long_generation_batch) if ids else []
-    for prompt, tokens, made in zip(prompts, ids, made):
-        found.append({"id": f"generation-{prompt['id']}", "ids": made["ids"], "prompt_tokens": tokens.shape[1],
+    for made in own_generations(model, tokenizer, settings):
+        found.append({"id": f"generation-{made['prompt']}", "ids": made["ids"], "prompt_tokens": made["prompt_tokens"],
                       "degeneration": made["degeneration"], "text": made["text"],
                       **top_at(model, made["ids"].to(device), settings)})
     return found
+
+
+def own_generations(model, tokenizer, settings) -> list[dict]:
+    """The model's long greedy generations from the first long_generations chat prompts: each its prompt's id, its
+    prompt and generated ids, text and degeneration figures. Nothing of the reference's is needed to make them."""
+    device = modeling.model_device(model)
+    prompts = [p for p in load_prompts(settings) if p["chat"]][:settings.long_generations]
+    ids = [encode(tokenizer, prompt).to(device) for prompt in prompts]
+    made = generated(model, tokenizer, ids, settings.long_new_tokens, settings.long_generation_batch) if ids else []
+    return [{"prompt": prompt["id"], "prompt_tokens": tokens.shape[1], **own}
+            for prompt, tokens, own in zip(prompts, ids, made)]
 
 
 def top_at(model, ids: torch.Tensor, settings) -> dict:
@@ -117,9 +125,10 @@ def bucket_of(position: int) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def compare(model, tokenizer, stats: list[dict], settings) -> dict:
+def compare(model, tokenizer, stats: list[dict], settings, made_before: list[dict] | None = None) -> dict:
     """A model against the reference's long sequences: KL and top-1 per position bucket, teacher-forced on the
-    reference's tokens; and its own long greedy generations from the same prompts, beside the reference's."""
+    reference's tokens; and its own long greedy generations from the same prompts, beside the reference's (those in
+    `made_before`, by own_generations, where they start from the reference's prompts and are as long)."""
     device, per = modeling.model_device(model), {}
     for ref in stats:
         logits = model(input_ids=ref["ids"].to(device), logits_to_keep=ref["positions"].to(device)).logits[0]
@@ -131,13 +140,31 @@ def compare(model, tokenizer, stats: list[dict], settings) -> dict:
     longest = max(s["ids"].shape[1] for s in stats)
     rows = [bucket_row(a, min(b, longest), kl, top1) for (a, b), (kl, top1) in sorted(per.items())]
     refs = [s for s in stats if "degeneration" in s]
-    prompts = [ref["ids"][:, :ref["prompt_tokens"]].to(device) for ref in refs]
-    new_tokens = {ref["ids"].shape[1] - ref["prompt_tokens"] for ref in refs}  # one length: none stops early
-    made = generated(model, tokenizer, prompts, new_tokens.pop(), settings.long_generation_batch) if refs else []
+    made = taken = made_from_reference_prompts(refs, made_before)
+    if made is None:
+        prompts = [ref["ids"][:, :ref["prompt_tokens"]].to(device) for ref in refs]
+        new_tokens = {ref["ids"].shape[1] - ref["prompt_tokens"] for ref in refs}  # one length: none stops early
+        made = generated(model, tokenizer, prompts, new_tokens.pop(), settings.long_generation_batch) if refs else []
     generations = [{"prompt": ref["id"].removeprefix("generation-"), "reference": ref["degeneration"],
                     "quantized": own["degeneration"], "reference_text": ref["text"], "quantized_text": own["text"]}
                    for ref, own in zip(refs, made)]
-    return {"longest": longest, "sequences": len(stats), "buckets": rows, "generations": generations}
+    return {"longest": longest, "sequences": len(stats), "buckets": rows, "generations": generations,
+            **({"generated_before": taken is not None} if made_before is not None else {})}
+
+
+def made_from_reference_prompts(refs: list[dict], made_before: list[dict] | None) -> list[dict] | None:
+    """`made_before`'s generations in the order of the reference's, where each starts from the reference's prompt
+    tokens and is as long as its generation; else None (a tokenizer or setting that differs: generated again)."""
+    if made_before is None:
+        return None
+    own = {made["prompt"]: made for made in made_before}
+    picked = [own.get(ref["id"].removeprefix("generation-")) for ref in refs]
+    return picked if all(same_start(ref, made) for ref, made in zip(refs, picked)) else None
+
+
+def same_start(ref: dict, made: dict | None) -> bool:
+    n = ref["prompt_tokens"]
+    return made is not None and made["ids"].shape == ref["ids"].shape and torch.equal(made["ids"][:, :n], ref["ids"][:, :n])
 
 
 def bucket_row(start: int, end: int, kl: list[float], top1: list[float]) -> dict:

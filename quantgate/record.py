@@ -121,6 +121,13 @@ class RunRecord:
         return result.ok
 
     @locked
+    def set_generated(self, recipe: str, result: StepResult) -> None:
+        """A recipe's own generations made while the reference was measured, in its `steps`; one that did not end ok
+        leaves the recipe's status (validate makes them itself)."""
+        self.metrics["recipes"][recipe]["steps"]["generate"] = result.view()
+        self.save()
+
+    @locked
     def set_remedy(self, recipe: str, result: StepResult) -> None:
         """A recipe's remedy (its status stays the verdict's); the attribution goes under its validate entry."""
         entry, record = self.metrics["recipes"][recipe], result.record()

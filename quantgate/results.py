@@ -93,6 +93,12 @@ class Quantized(StepResult):
     real_bytes: int | None = None
 
 
+class Generated(StepResult):
+    """A recipe's own generations from the validation prompts, made before the reference was measured (tasks/validate
+    generate): the file that holds them, which validate reads instead of generating."""
+    path: str | None = None
+
+
 class Validated(StepResult):
     verdict: Literal["pass", "warn", "fail"] | None = None
     reasons: list[str] = []

@@ -79,6 +79,22 @@ def test_generations_made_together_are_each_what_it_would_be_alone(tiny_llama):
         assert made["degeneration"]["entropy"] == pytest.approx(alone["degeneration"]["entropy"], abs=2e-4)
 
 
+def test_long_generations_made_before_stand_in_where_they_start_from_the_reference_prompts(measured):
+    model, tokenizer, _, stats, _ = measured
+    made = longrange.own_generations(model, tokenizer, SETTINGS)
+    plain = longrange.compare(model, tokenizer, stats, SETTINGS)
+    before = longrange.compare(model, tokenizer, stats, SETTINGS, made_before=made)
+    assert before["generated_before"] is True and before["generations"] == plain["generations"]
+    assert "generated_before" not in plain
+    # What compare sets beside the reference's is what it was given: a planted text shows.
+    planted = longrange.compare(model, tokenizer, stats, SETTINGS, made_before=[{**m, "text": "planted"} for m in made])
+    assert [g["quantized_text"] for g in planted["generations"]] == ["planted"] * len(made) == ["planted"]
+    # Made from other prompt tokens (another tokenizer's): made again here, the planted text not taken.
+    moved = [{**m, "ids": m["ids"].roll(1, 1), "text": "planted"} for m in made]
+    again = longrange.compare(model, tokenizer, stats, SETTINGS, made_before=moved)
+    assert again["generated_before"] is False and again["generations"] == plain["generations"]
+
+
 def test_long_generations_that_repeat_more_than_the_reference_fail():
     assert longrange.degeneration([1, 2, 3, 4] * 10) == {"tokens": 40, "repetition": 0.8919, "distinct_2": 0.1026}
     assert longrange.degeneration(list(range(40)))["repetition"] == 0.0

@@ -41,9 +41,9 @@ def edited_checkpoint(smollm2, tmp_path, edit, dtype=None):
     return folder
 
 
-def run(folder, reference, recipe=INT8, compute_dtype=COMPUTE):
+def run(folder, reference, recipe=INT8, compute_dtype=COMPUTE, generated=None):
     return step.validate(str(folder), recipe, ReferenceValidation(**reference), "cpu", SETTINGS,
-                         compute_dtype).model_dump()
+                         compute_dtype, generated=generated).model_dump()
 
 
 def test_prompt_set():
@@ -61,6 +61,21 @@ def test_unchanged_model_passes_exactly(smollm2, reference):
     assert result["tokens"] == sum(p["ids"].shape[1] for p in stats["prompts"])
     assert all(c > 0.9999 for c in result["hidden_cosine"])
     assert all(g["reference"] == g["quantized"] for g in result["generations"])
+
+
+def test_generations_made_before_the_reference_stand_in_for_validate_s_own(smollm2, reference, tmp_path):
+    from quantgate.files import save_tensors
+
+    made = step.generate(str(smollm2), INT8, "cpu", SETTINGS, str(tmp_path), COMPUTE)
+    saved = torch.load(made.path, weights_only=True)
+    assert made.status == "ok" and len(saved["short"]) == SETTINGS.generate_prompts
+    plain = run(smollm2, reference)
+    before = run(smollm2, reference, generated=made.path)
+    assert before["generated_before"] is True and before["generations"] == plain["generations"]
+    assert before["verdict"] == plain["verdict"] == "pass" and "generated_before" not in plain
+    # What validate sets beside the reference's is the file's: a planted text shows.
+    save_tensors(planted := tmp_path / "planted.pt", {"short": dict.fromkeys(saved["short"], "planted"), "long": []})
+    assert [g["quantized"] for g in run(smollm2, reference, generated=str(planted))["generations"]] == ["planted"]
 
 
 def test_nan_in_a_weight_names_that_module(smollm2, tmp_path, reference):
