@@ -1,10 +1,10 @@
 """The quantize-model flow: download → reference → the reference's benchmark, then for each recipe
 (`model.recipes_at_once` at a time, each then in a worker process of its own, the reference's steps beside them and
 each recipe waiting for the reference after its quantize, making its own generations meanwhile: flows.workers):
-quantize → (generate) → validate (→ remedy where it warns or fails and steps.remedy is on) → adapters (where the config serves any) → evaluate → benchmark → publish. Each step
-is a plain function of tasks/ run as a Prefect task (flows.steps); one recipe failing leaves the others running, and a
-recipe stops at its first step that does not end ok. Everything the libraries print goes to the run's log
-(runs/<run_id>/run.log)."""
+quantize → (generate) → validate (→ remedy where it warns or fails and steps.remedy is on) → adapters (where the
+config serves any) → evaluate → benchmark → publish. Each step is a plain function of tasks/ run as a Prefect task
+(flows.steps); one recipe failing leaves the others running, and a recipe stops at its first step that does not end
+ok. Everything the libraries print goes to the run's log (runs/<run_id>/run.log)."""
 from __future__ import annotations
 
 import logging
