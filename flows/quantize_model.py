@@ -32,6 +32,7 @@ from quantgate.record import RunRecord
 from quantgate.results import (AdaptersChecked, Benchmarked, Downloaded, Evaluated, Generated, Published, Quantized,
                                Reference, Validated)
 from quantgate.settle import settle
+from tasks.benchmark import prepare as prepare_measurements
 
 log = logging.getLogger("quantgate.progress")
 
@@ -116,6 +117,7 @@ def prepare_model(run: RunRecord, config: RunConfig) -> Model | None:
     run.set_model(download)
     if not download.ok:
         return None
+    prepare_measurements()  # the first benchmark's process, importing while the reference and recipes start
     compute = modeling.compute_dtype(model.dtype, model.device, model.compute_dtype)
     device = modeling.placement(model.device, model.max_memory)  # one GPU, several, or the CPU: every step's
     hold = device_limits(model, device)

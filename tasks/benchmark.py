@@ -13,7 +13,7 @@ from pathlib import Path
 
 from quantgate import modeling
 from quantgate.backends import RecipeBase, backend_of
-from quantgate.bench.launcher import Beside, measured_in_processes, run_measurement
+from quantgate.bench.launcher import Beside, measured_in_processes, prepare_standby, run_measurement
 from quantgate.bench.worker import Spec, largest_shard, weight_bytes
 from quantgate.loading import cuda_skip
 from quantgate.plan import MEMORY_SPARE, free_memory
@@ -70,6 +70,12 @@ def benchmark(name: str, checkpoint: str, recipe: RecipeBase | None, dtype: str,
         if found["status"] != "ok":
             warnings.append(f"quantize on load: {found['reason']}")
     return Benchmarked(**{**result, "warnings": warnings})
+
+
+def prepare() -> None:
+    """Where measurement processes start in standbys (a host with CUDA, where none is forked), the first started
+    now: a run calls this at its start, so that the first benchmark finds its interpreter's imports done."""
+    prepare_standby()
 
 
 def with_adapter(name: str, spec: Spec, adapter: str, folder: str, without: dict, out: Path, alone=None) -> dict:

@@ -12,7 +12,7 @@ import psutil
 import pytest
 import torch
 
-from quantgate.bench import launcher, zygote
+from quantgate.bench import launcher, standby, zygote
 from quantgate.bench.worker import Spec
 from quantgate.settings import BenchmarkSettings
 
@@ -107,3 +107,67 @@ def test_a_zygote_stopped_by_sigterm_ends_its_measurements(tiny_llama, tmp_path)
     measured.wait(timeout=30)  # gone, whoever reaped it (the zygote before it exited)
     assert not measured.is_running()
     z.close()
+
+
+@pytest.fixture
+def standing_by(monkeypatch):
+    """Measurements start in standbys, as on a host with CUDA (no zygote forks there); the standbys the test's own."""
+    monkeypatch.setattr(launcher, "stands_by", lambda: True)
+    monkeypatch.setattr(launcher, "lease_zygote", lambda env: None)
+    monkeypatch.setitem(launcher._standby, "next", None)
+    yield
+    if launcher._standby["next"] is not None:
+        launcher._standby["next"].close()
+
+
+def test_a_measurement_in_a_standby_measures_what_a_fresh_interpreter_does(tiny_llama, tmp_path, standing_by,
+                                                                            monkeypatch):
+    launcher.prepare_standby()  # as a run does at its start
+    first = launcher._standby["next"]
+    found = measure(tiny_llama, tmp_path / "s")
+    assert found["status"] == "ok" and found["process"] == "standby", found.get("reason")
+    assert "was asked for (a standby" in (tmp_path / "s" / "benchmark-log.txt").read_text()
+    assert first.proc.poll() == 0  # it measured, then ended as an interpreter ends
+    following = launcher._standby["next"]  # started in its place, for the next measurement
+    assert following is not first and following.proc.poll() is None
+    monkeypatch.setattr(launcher, "stands_by", lambda: False)
+    fresh = measure(tiny_llama, tmp_path / "n", fresh=True)
+    assert fresh["process"] == "fresh"
+    for key in ("real_bytes", "real_bytes_at_load", "weight_bytes_per_token", "cpu_threads", "dtype", "device"):
+        assert found[key] == fresh[key], key
+    # Its imports were done before it was asked for; a fresh interpreter's are not.
+    assert found["process_up_s"] < fresh["process_up_s"]
+
+
+def test_the_next_standby_waits_while_a_measurement_times(standing_by):
+    def reaches(proc, wanted: set[str]) -> str:
+        deadline = time.monotonic() + 10
+        while (now := psutil.Process(proc.pid).status()) not in wanted and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return now
+
+    with launcher.timing():
+        launcher.prepare_standby()
+        standby = launcher._standby["next"]
+        # Its imports would share the host with the timing.
+        assert reaches(standby.proc, {psutil.STATUS_STOPPED}) == psutil.STATUS_STOPPED
+    assert reaches(standby.proc, {psutil.STATUS_RUNNING, psutil.STATUS_SLEEPING}) != psutil.STATUS_STOPPED
+    standby.close()
+    assert standby.proc.returncode == 0  # closed unused, it ends of itself
+
+
+def test_a_standby_for_another_environment_or_one_that_fails_leaves_a_fresh_interpreter_to_measure(
+        tiny_llama, tmp_path, standing_by, monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="quantgate.benchmark")
+    launcher.prepare_standby()
+    before = launcher._standby["next"]
+    monkeypatch.setenv("OMP_NUM_THREADS", "1" if os.environ.get("OMP_NUM_THREADS") != "1" else "2")  # read at import
+    assert measure(tiny_llama, tmp_path / "a")["process"] == "fresh"
+    assert before.proc.poll() is not None  # closed unused
+    assert launcher._standby["next"].serves(launcher.measurement_env())  # the next one, in the new environment
+    launcher._standby["next"].close()
+    monkeypatch.setattr(standby.Standby, "COMMAND", [zygote.sys.executable, "-c", "print('no torch here'); exit(3)"])
+    launcher.prepare_standby()
+    found = measure(tiny_llama, tmp_path / "b")
+    assert found["status"] == "ok" and found["process"] == "fresh"
+    assert "a fresh interpreter instead: the standby is not ready" in caplog.text and "no torch here" in caplog.text

@@ -3,6 +3,7 @@ record of how the process died; several processes, the one with the median decod
 from __future__ import annotations
 
 import atexit
+import contextlib
 import contextvars
 import functools
 import json
@@ -19,6 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from quantgate.bench.worker import Spec, limits_of
+from quantgate.bench.standby import Standby
 from quantgate.bench.zygote import Zygote, ZygoteError, imported_with
 from quantgate.files import write_json
 from quantgate.runlog import raise_if_signalled
@@ -47,12 +49,12 @@ def measured_in_processes(name: str, spec: Spec, out: Path, processes: int, alon
     return chosen
 
 
-def measurement_env(spec: Spec) -> dict:
+def measurement_env(spec: Spec | None = None) -> dict:
     # The worker runs in the measurement's folder (below); quantgate is imported from where this file is.
     project = str(Path(__file__).resolve().parents[2])
     env = {**os.environ, "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": os.pathsep.join(p for p in (project, os.environ.get("PYTHONPATH")) if p)}
-    if spec.inductor_cache:
+    if spec and spec.inductor_cache:
         # set over any inherited value: inductor writes its /tmp default into the environment once used
         env["TORCHINDUCTOR_CACHE_DIR"] = spec.inductor_cache
     return env
@@ -90,7 +92,9 @@ def run_measurement(name: str, spec: Spec, result_path: Path, fresh: bool = Fals
     # warning that a log came from outside any run).
     reader = threading.Thread(target=contextvars.copy_context().run, args=(follow, log_path, ended, shown), daemon=True)
     reader.start()
-    held, code = Alone(alone), None
+    held, code, quiet = Alone(alone), None, contextlib.ExitStack()
+    if alone is None and spec.latency:  # no turn says when it times: the whole of its life
+        quiet.enter_context(timing())
     try:
         code = waited(proc, settings.timeout_s, turn, held.take, cancel)
     except subprocess.TimeoutExpired:
@@ -101,6 +105,7 @@ def run_measurement(name: str, spec: Spec, result_path: Path, fresh: bool = Fals
             proc.kill()
             proc.wait()
         release(lease)
+        quiet.close()
         ended.set()
         reader.join(timeout=5)
         shutil.rmtree(spec.offload_folder, ignore_errors=True)
@@ -178,11 +183,13 @@ class Alone:
 
     def __init__(self, alone):
         self.alone, self.held, self.span, self.since = alone, None, {}, None
+        self.quiet = contextlib.ExitStack()
 
     def take(self) -> None:
         held = self.alone()  # a turn that first waits for a measurement beside (Beside.before) waits here
         t0 = time.monotonic()
         held.__enter__()
+        self.quiet.enter_context(timing())
         self.held, self.since = held, time.monotonic()
         self.span = {"alone": {"started_at": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
                                "waited_s": round(self.since - t0, 2)}}
@@ -191,6 +198,7 @@ class Alone:
         if self.held is None:
             return
         self.span["alone"]["seconds"] = round(time.monotonic() - self.since, 2)  # before giving it back, which may wait
+        self.quiet.close()
         held, self.held = self.held, None
         held.__exit__(*exc)
 
@@ -218,13 +226,19 @@ def waited(proc, timeout_s: float, turn: tuple[Path, Path] | None, take_turn,
 
 
 def start_process(argv: list[str], log_path: Path, cwd: Path, env: dict, fresh: bool):
-    """The measurement forked by this process's zygote where one serves it, else a fresh interpreter: the process
-    (waited on and killed as a Popen is), which it was, and the zygote it holds until it ends."""
+    """The measurement forked by this process's zygote where one serves it, else in a standby where one stands by
+    (a fresh interpreter, started before it was needed), else in a fresh interpreter: the process (waited on and
+    killed as a Popen is), which it was, and the zygote it holds until it ends."""
     if not fresh and (zygote := lease_zygote(env)) is not None:
         try:
             return zygote.start(argv, log_path, cwd, env), "forked", zygote
         except ZygoteError as e:
             release(zygote)
+            log.info("benchmark: a fresh interpreter instead: %s", e)
+    if (standby := take_standby(env)) is not None:
+        try:
+            return standby.start(argv, log_path, cwd, env), "standby", None
+        except ZygoteError as e:
             log.info("benchmark: a fresh interpreter instead: %s", e)
     with open(log_path, "a") as printed:
         return subprocess.Popen([sys.executable, "-m", "quantgate.bench.worker", *argv], stdout=printed,
@@ -270,6 +284,63 @@ def release(zygote: Zygote | None) -> None:
 def _close_zygote() -> None:
     if _zygote["running"] is not None:
         _zygote["running"].close()
+    if _standby["next"] is not None:
+        _standby["next"].close()
+
+
+# The next measurement's standby, and how many measurements time now (it is paused while any does).
+_standby: dict = {"next": None, "timing": 0}
+_standby_lock = threading.Lock()
+
+
+def stands_by() -> bool:
+    """Whether measurements start in standbys here: where no zygote forks them, a host with CUDA."""
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def take_standby(env: dict) -> Standby | None:
+    """The standby started for a measurement in `env`, if one was (None: a fresh interpreter measures), and the next
+    one started in its place."""
+    if not stands_by():
+        return None
+    with _standby_lock:
+        current, _standby["next"] = _standby["next"], None
+        if current is not None and not current.serves(env):
+            current.close()
+            current = None
+        _standby["next"] = Standby(env, paused=_standby["timing"] > 0)
+    return current
+
+
+def prepare_standby() -> None:
+    """A standby for the next measurement, started now where measurements start in standbys: its imports done by
+    the time it is asked for."""
+    if not stands_by():
+        return
+    env = measurement_env()
+    with _standby_lock:
+        if _standby["next"] is None or not _standby["next"].serves(env):
+            if _standby["next"] is not None:
+                _standby["next"].close()
+            _standby["next"] = Standby(env, paused=_standby["timing"] > 0)
+
+
+@contextlib.contextmanager
+def timing():
+    """A measurement times within: the next standby's imports wait (paused) until no measurement does."""
+    with _standby_lock:
+        _standby["timing"] += 1
+        if _standby["next"] is not None:
+            _standby["next"].pause()
+    try:
+        yield
+    finally:
+        with _standby_lock:
+            _standby["timing"] -= 1
+            if _standby["timing"] == 0 and _standby["next"] is not None:
+                _standby["next"].resume()
 
 
 def follow(path: Path, ended: threading.Event, on_line) -> None:

@@ -256,11 +256,14 @@ def measure_kv_cache(spec: Spec) -> dict:
     return {"status": "ok", **result}
 
 
-def main(spec_path: str, out_path: str) -> None:
-    up_s = process_age_s()  # first: what the interpreter's start and this module's imports took
+def main(spec_path: str, out_path: str, asked_at: float | None = None) -> None:
+    """`asked_at`: when a standby, its imports done before, was asked for this measurement (time.monotonic)."""
+    # first: what the interpreter's start and this module's imports took, or the standby's handing over
+    up_s = process_age_s() if asked_at is None else time.monotonic() - asked_at
     # force: importing Prefect gave the root its own handler and WARNING, which dropped these lines
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr, force=True)
-    log.info("benchmark: process up %.1f s after it began (interpreter and imports)", up_s)
+    log.info("benchmark: process up %.1f s after it %s", up_s, "began (interpreter and imports)" if asked_at is None
+             else "was asked for (a standby: its imports were done before)")
     spec = Spec.model_validate_json(Path(spec_path).read_text())
     fp8_kernel.keep_bytes = 0  # the model's memory is measured here: no float32 copies of FP8 weights
     result = measure_kv_cache(spec) if spec.measure == "kv_cache" else measure(spec)

@@ -23,6 +23,7 @@ import threading
 import time
 import traceback
 from pathlib import Path
+from typing import IO
 
 # What the zygote imports before it forks: what every measurement imports, the costly part of its start.
 PRELOAD = ("torch", "transformers.modeling_utils", "transformers.models.auto.modeling_auto", "quantgate.bench.worker")
@@ -100,32 +101,38 @@ def reply(fd: int, message: dict) -> None:
 
 
 def measure_in_child(request: dict, replies: int, zygote: int) -> None:
-    """In the forked child: killed with the zygote; the launcher's environment, folder and thread count, output to
-    the measurement's log; then the measurement (quantgate.bench.worker.main), ended as an interpreter ends."""
+    """In the forked child: killed with the zygote; then the measurement (measure_here)."""
     code = 1
     try:
         ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != zygote:  # it died before the death signal was asked for
             return
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        os.close(replies)
-        null = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(null, 0)
-        log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        for fd in (1, 2):
-            os.dup2(log, fd)
-        os.close(null)
-        os.close(log)
-        os.chdir(request["cwd"])
-        os.environ.clear()
-        os.environ.update(request["env"])
-        code = run_as_interpreter(request)
+        code = measure_here(request, replies)
     finally:
         os._exit(code)
 
 
-def run_as_interpreter(request: dict) -> int:
-    """The measurement, with a fresh interpreter's seeds and thread count, its exit code as Python would give it."""
+def measure_here(request: dict, replies: int, asked_at: float | None = None) -> int:
+    """In the process that measures: the launcher's environment and folder, output to the measurement's log; then
+    the measurement (quantgate.bench.worker.main), its exit code as an interpreter's."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.close(replies)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    for fd in (1, 2):
+        os.dup2(log, fd)
+    os.close(null)
+    os.close(log)
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    return run_as_interpreter(request, asked_at)
+
+
+def run_as_interpreter(request: dict, asked_at: float | None = None) -> int:
+    """The measurement, with a fresh interpreter's seeds and thread count (where the request names one: a forked
+    child's), its exit code as Python would give it."""
     import atexit
     import random
 
@@ -136,10 +143,11 @@ def run_as_interpreter(request: dict) -> int:
     random.seed()  # a fresh interpreter's own seeds, not the zygote's, shared with every sibling
     if "numpy" in sys.modules:
         sys.modules["numpy"].random.seed()
-    torch.set_num_threads(request["threads"])
+    if request.get("threads"):
+        torch.set_num_threads(request["threads"])
     code = 0
     try:
-        worker.main(*request["argv"])
+        worker.main(*request["argv"], asked_at=asked_at)
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
         if not isinstance(e.code, int | None):
@@ -164,24 +172,11 @@ class Zygote:
     COMMAND = [sys.executable, "-P", "-m", "quantgate.bench.zygote"]  # -P: no folder of the launcher on sys.path
 
     def __init__(self, env: dict, log: Path | None = None):
-        """`log`: where the zygote's own output goes. By default a temporary file, unlinked as soon as it is open and
-        read through this handle: nothing is left in /tmp however this process ends (a SIGKILLed run left one)."""
+        """`log`: where the zygote's own output goes (by default a temporary file: popen_logged)."""
         self.env = env
         self.threads = default_threads(env)
         zygote_env = {**env, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # no thread pool before the fork
-        temporary = log is None
-        if temporary:
-            fd, name = tempfile.mkstemp(prefix="quantgate-zygote-", suffix=".log")
-            os.close(fd)
-            log = Path(name)
-        try:
-            with open(log, "w") as stderr:
-                self.proc = subprocess.Popen(self.COMMAND, env=zygote_env, stdin=subprocess.PIPE,
-                                             stdout=subprocess.PIPE, stderr=stderr)
-            self.log = open(log, errors="replace")  # noqa: SIM115 - read until close()
-        finally:
-            if temporary:
-                log.unlink(missing_ok=True)
+        self.proc, self.log = popen_logged(self.COMMAND, zygote_env, log)
         ready = self._ready()
         if not (ready or {}).get("ready"):
             why = f"no zygote ({ready or 'it exited or did not answer'}); its log: {tail(self.log)}"
@@ -197,14 +192,7 @@ class Zygote:
         self.listener.start()
 
     def _ready(self) -> dict | None:
-        readable, _, _ = select.select([self.proc.stdout], [], [], READY_S)
-        if not readable:
-            return None
-        line = self.proc.stdout.readline()
-        try:
-            return json.loads(line) if line else None
-        except ValueError:
-            return {"ready": False, "said": line[:200].decode(errors="replace")}
+        return first_reply(self.proc)
 
     def _listen(self) -> None:
         for line in self.proc.stdout:
@@ -254,6 +242,36 @@ class Zygote:
                 self.proc.kill()
                 self.proc.wait()
         self.log.close()
+
+
+def popen_logged(command: list[str], env: dict, log: Path | None = None) -> tuple[subprocess.Popen, IO]:
+    """`command` with pipes to and from it, its own output (what an import prints) to `log`, read through the handle
+    returned. By default a temporary file, unlinked as soon as it is open: nothing is left in /tmp however this
+    process ends (a SIGKILLed run left one)."""
+    temporary = log is None
+    if temporary:
+        fd, name = tempfile.mkstemp(prefix="quantgate-zygote-", suffix=".log")
+        os.close(fd)
+        log = Path(name)
+    try:
+        with open(log, "w") as stderr:
+            proc = subprocess.Popen(command, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr)
+        return proc, open(log, errors="replace")  # noqa: SIM115 - read until close()
+    finally:
+        if temporary:
+            log.unlink(missing_ok=True)
+
+
+def first_reply(proc: subprocess.Popen) -> dict | None:
+    """The first JSON line a zygote or standby writes (that it is ready), waited for up to READY_S."""
+    readable, _, _ = select.select([proc.stdout], [], [], READY_S)
+    if not readable:
+        return None
+    line = proc.stdout.readline()
+    try:
+        return json.loads(line) if line else None
+    except ValueError:
+        return {"ready": False, "said": line[:200].decode(errors="replace")}
 
 
 class Forked:

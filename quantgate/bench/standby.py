@@ -1,0 +1,101 @@
+"""A standby for a benchmark's measurement on a host with CUDA, where no zygote forks one (quantgate.bench.zygote
+says why): a fresh interpreter started before it is needed, which imports what a measurement imports, says so, and
+then runs the one measurement it is asked for in itself. Its start (on the lent GPU machines, most of a fresh
+process's first seconds) is off the measurement's path, and it is a fresh interpreter as any other.
+
+Server: `python -P -m quantgate.bench.standby`: one JSON line on stdout when ready, one request on stdin."""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from quantgate.bench.zygote import (PRELOAD, ZygoteError, first_reply, imported_with, measure_here, popen_logged,
+                                    reply, tail)
+
+
+def stand_by() -> None:
+    """Import PRELOAD, say so, then run the one measurement asked for in this process (measure_here); nothing
+    asked (stdin closed): end."""
+    replies = os.dup(1)
+    os.dup2(2, 1)  # what an import prints goes to the log, not into the replies
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    for module in PRELOAD:
+        importlib.import_module(module)
+    reply(replies, {"ready": True})
+    line = sys.stdin.readline()
+    if not line:
+        return  # closed unused
+    asked_at = time.monotonic()
+    code = 1
+    try:
+        code = measure_here(json.loads(line), replies, asked_at)
+    finally:
+        os._exit(code)
+
+
+
+class Standby:
+    """A standby (stand_by) started with the environment `env`, importing until it says it is ready; `start` hands
+    it one measurement. Paused (SIGSTOP) while a measurement is timed, its imports not sharing the host then."""
+
+    COMMAND = [sys.executable, "-P", "-m", "quantgate.bench.standby"]
+
+    def __init__(self, env: dict, paused: bool = False):
+        self.env = env
+        self.proc, self.log = popen_logged(self.COMMAND, env)
+        self.paused = False
+        if paused:
+            self.pause()
+
+    def serves(self, env: dict) -> bool:
+        return self.proc.poll() is None and imported_with(env) == imported_with(self.env)
+
+    def pause(self) -> None:
+        if not self.paused and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGSTOP)
+            self.paused = True
+
+    def resume(self) -> None:
+        if self.paused:
+            self.proc.send_signal(signal.SIGCONT)
+            self.paused = False
+
+    def start(self, argv: list[str], log: Path, cwd: Path, env: dict) -> subprocess.Popen:
+        """The measurement in this standby, once its imports are done: the process, waited on and killed as any
+        Popen; ZygoteError where it cannot take it (then nothing of it runs)."""
+        self.resume()
+        if not (ready := first_reply(self.proc) or {}).get("ready"):
+            self.close()
+            raise ZygoteError(f"the standby is not ready ({ready or 'it exited or did not answer'}); its log: "
+                              f"{tail(self.log)}")
+        try:
+            self.proc.stdin.write((json.dumps({"argv": argv, "log": str(log), "cwd": str(cwd), "env": env}) + "\n")
+                                  .encode())
+            self.proc.stdin.close()
+        except (OSError, ValueError) as e:
+            self.close()
+            raise ZygoteError(f"the standby cannot take a request: {e}; its log: {tail(self.log)}") from e
+        self.proc.stdout.close()  # it writes no more replies
+        return self.proc
+
+    def close(self) -> None:
+        """An unused standby ends (its stdin closed); one that measures is the launcher's to wait for."""
+        self.resume()
+        if self.proc.poll() is None and not self.proc.stdin.closed:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+if __name__ == "__main__":
+    stand_by()
