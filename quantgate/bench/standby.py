@@ -85,10 +85,12 @@ class Standby:
         return self.proc
 
     def close(self) -> None:
-        """An unused standby ends (its stdin closed); one that measures is the launcher's to wait for."""
+        """An unused standby ends, at once where it still imports (SIGTERM: it exits as asked); one that measures is
+        the launcher's to wait for."""
         self.resume()
         if self.proc.poll() is None and not self.proc.stdin.closed:
             self.proc.stdin.close()
+            self.proc.terminate()
             try:
                 self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
