@@ -153,7 +153,8 @@ def test_the_next_standby_waits_while_a_measurement_times(standing_by):
         assert reaches(standby.proc, {psutil.STATUS_STOPPED}) == psutil.STATUS_STOPPED
     assert reaches(standby.proc, {psutil.STATUS_RUNNING, psutil.STATUS_SLEEPING}) != psutil.STATUS_STOPPED
     standby.close()
-    assert standby.proc.returncode == 0  # closed unused, it ends of itself
+    # Closed unused, it ends at once: as it asked (0), or, before it could ask, as SIGTERM ends a process.
+    assert standby.proc.returncode in (0, -signal.SIGTERM)
 
 
 def test_a_standby_for_another_environment_or_one_that_fails_leaves_a_fresh_interpreter_to_measure(
