@@ -1,9 +1,11 @@
-"""The benchmark's launcher on a CUDA host (issue 34's zygote, docs/benchmark.md "A process of its own"): no zygote
-where CUDA exists, each measurement a fresh interpreter whose output reaches its log; the benchmark step on a tiny
-random Llama on the GPU, one JSON line a check to stdout."""
+"""The benchmark's launcher on a CUDA host (docs/benchmark.md "A process of its own"): no zygote where CUDA exists;
+each measurement in a standby started before it was needed (tasks.benchmark.prepare, as a run does at its start), or,
+with standbys off, in a fresh interpreter: what each one's start took (process_up_s) on this host, whose output reaches
+its log; the benchmark step on a tiny random Llama on the GPU, one JSON line a check to stdout."""
 import json
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -11,7 +13,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from quantgate.bench import launcher
 from quantgate.settings import BenchmarkSettings
-from tasks.benchmark import benchmark
+from tasks.benchmark import benchmark, prepare
+
+SETTINGS = BenchmarkSettings(prompt_tokens=16, new_tokens=16, repeats=2)
 
 
 def tiny_llama(folder: Path) -> Path:
@@ -22,27 +26,36 @@ def tiny_llama(folder: Path) -> Path:
     return folder
 
 
+def measured(model: Path, out: Path, processes: int, standbys: bool) -> None:
+    out.mkdir()
+    launcher.stands_by = (lambda: True) if standbys else (lambda: False)
+    t0 = time.perf_counter()
+    found = benchmark("reference", str(model), None, "bfloat16", "cuda",
+                      SETTINGS.model_copy(update={"processes": processes}), str(out)).model_dump()
+    logs = sorted(p.name for p in out.glob("*-log.txt"))
+    lines = bool(logs) and all("benchmark:" in (out / n).read_text() for n in logs)
+    print(json.dumps({"check": "benchmark", "processes": processes, "standbys": standbys, "status": found["status"],
+                      "reason": found.get("reason"), "process": found.get("process"),
+                      "process_up_s": found.get("process_up_s"), "prepare_s": found.get("prepare_s"),
+                      "load_s": found.get("load_s"), "first_forward_s": found.get("first_forward_s"),
+                      "step_s": round(time.perf_counter() - t0, 2), "device": found.get("device"),
+                      "path": found.get("latency", {}).get("path"),
+                      "decode_ms_per_token": found.get("latency", {}).get("decode_ms_per_token"),
+                      "logs": logs, "log_has_lines": lines}), flush=True)
+
+
 def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="launcher-"))
-    model = tiny_llama(work / "tiny")
+    prepare()  # as a run does at its start: the first standby imports while the model is made
     zygote = launcher.lease_zygote({"PATH": "/usr/bin"})
     launcher.release(zygote)
-    print(json.dumps({"check": "lease_zygote", "cuda": torch.cuda.is_available(), "zygote": zygote is not None}),
-          flush=True)
-    settings = BenchmarkSettings(prompt_tokens=16, new_tokens=16, repeats=2)
-    for processes in (1, 2):
-        out = work / f"p{processes}"
-        out.mkdir()
-        found = benchmark("reference", str(model), None, "bfloat16", "cuda",
-                          settings.model_copy(update={"processes": processes}), str(out)).model_dump()
-        logs = sorted(p.name for p in out.glob("*-log.txt"))
-        lines = bool(logs) and all("benchmark:" in (out / n).read_text() for n in logs)
-        print(json.dumps({"check": "benchmark", "processes": processes, "status": found["status"],
-                          "reason": found.get("reason"), "process": found.get("process"),
-                          "device": found.get("device"), "path": found.get("latency", {}).get("path"),
-                          "decode_ms_per_token": found.get("latency", {}).get("decode_ms_per_token"),
-                          "logs": logs, "log_has_lines": lines}),
-              flush=True)
+    print(json.dumps({"check": "lease_zygote", "cuda": torch.cuda.is_available(), "zygote": zygote is not None,
+                      "stands_by": launcher.stands_by()}), flush=True)
+    model = tiny_llama(work / "tiny")
+    time.sleep(20)  # the standby's imports done, as a run's would be by its first benchmark
+    measured(model, work / "standby", 1, standbys=True)
+    measured(model, work / "fresh", 1, standbys=False)
+    measured(model, work / "two", 2, standbys=True)
     shutil.rmtree(work)
 
 

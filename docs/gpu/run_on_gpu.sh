@@ -345,9 +345,9 @@ for line in sys.stdin:
   starts) [ -f /tmp/site/.flow ] && site || install .gpu/w/*.whl
      python3 docs/gpu/process_start.py 2>"$OUT/starts.err" | tee "$OUT/starts.jsonl"
      grep -E "Error|Traceback" -A3 "$OUT/starts.err" | tail -8 ;;
-  # The benchmark's launcher on CUDA (no zygote there: docs/benchmark.md, "A process of its own"), with the
-  # gpu-marked tests of the benchmark; carrying .gpu/w (cp312: transformers 5.23, torchao, pydantic...) and .gpu/pt
-  # (pytest, psutil, PyYAML for cp312).
+  # The benchmark's launcher on CUDA (no zygote there; a standby, else a fresh interpreter: docs/benchmark.md, "A
+  # process of its own"), with the gpu-marked tests of the benchmark; carrying .gpu/w (cp312: transformers 5.23,
+  # torchao, pydantic...) and .gpu/pt (pytest, psutil, PyYAML for cp312).
   launcher) install .gpu/w/*.whl .gpu/pt/*.whl
      export PYTHONPATH=/tmp/site:.
      timeout 240 python3 docs/gpu/launcher_on_gpu.py 2>"$OUT/launcher.err" | tee "$OUT/launcher.jsonl"
