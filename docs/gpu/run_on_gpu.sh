@@ -352,7 +352,7 @@ for line in sys.stdin:
      export PYTHONPATH=/tmp/site:.
      timeout 240 python3 docs/gpu/launcher_on_gpu.py 2>"$OUT/launcher.err" | tee "$OUT/launcher.jsonl"
      grep -E "Error|Traceback" -A3 "$OUT/launcher.err" | tail -12
-     timeout 300 python3 -m pytest -q -rs -m gpu -p no:cacheprovider tests/test_benchmark.py 2>&1 | tail -8 ;;
+     [ -n "${NO_TESTS:-}" ] || timeout 300 python3 -m pytest -q -rs -m gpu -p no:cacheprovider tests/test_benchmark.py 2>&1 | tail -8 ;;
   # Issue 39: validate's long generations one prompt at a time against in one batch (docs/bench/generations_batched.py),
   # the bf16 12B shape, fresh processes alternating, ROUNDS of each; carrying .gpu/w, .gpu/v3/tok (the steps tokenize) and
   # .gpu/hx (huggingface_hub's network stack: httpx2, httpcore2, truststore, h11, anyio and theirs, from .gpu/v2 and v3),
