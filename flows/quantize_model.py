@@ -21,7 +21,7 @@ from flows.devices import Devices, device_limits
 from flows.remedy import remedy_recipe
 from flows.steps import (adapters_task, benchmark_task, download_task, evaluate_task, generate_task, publish_task,
                          quantize_task, reference_task, run_step, validate_task)
-from flows.workers import each_recipe, free_cached_memory, leave_worker
+from flows.workers import each_recipe, free_cached_memory, leave_worker, renew_worker
 from quantgate import history, modeling, runlog
 from quantgate.backends import RecipeBase
 from quantgate.config import RunConfig, load_config, writable
@@ -192,6 +192,8 @@ def gate_recipe(run: RunRecord, config: RunConfig, model: Model, recipe: RecipeB
         return
     if generated := generate_meanwhile(config, model, recipe, quantized, out):
         run.set_generated(name, generated)
+        if not generated.ok:
+            renew_worker()  # validate in a new process: a device-side assert leaves a CUDA context unusable
     if (reference := model.reference_result()) is None:
         return
     validated = run_step(validate_task, steps.validate, Validated, name, "validate", model.hold, checkpoint=quantized.checkpoint,

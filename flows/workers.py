@@ -198,6 +198,13 @@ def leave_worker() -> None:
         worker.close()
 
 
+def renew_worker() -> None:
+    """The calling thread's worker closed, its next step in a new one: after a step that may have left its process
+    unusable (a CUDA device-side assert poisons the context)."""
+    if (worker := _current.get()) is not None:
+        worker.close()
+
+
 def in_own_worker(name: str, work, threads: int) -> None:
     """work(), its model steps in a worker process of its own, named `name` in the log."""
     raise_if_signalled()

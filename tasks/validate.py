@@ -24,6 +24,8 @@ def generate(checkpoint: str, recipe: RecipeBase, device: str | dict, settings: 
     validate: they need nothing of the reference's, so a flow makes them while the reference is still measured."""
     from transformers import AutoTokenizer
 
+    if stored.scan(Path(checkpoint)).get("findings"):  # validate fails it before loading: nothing to generate for
+        return Generated(status="not_run", reason="its stored tensors hold what no forward makes right")
     model = load_saved(Path(checkpoint), recipe, modeling.resolve_device(device), compute_dtype)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     with modeling.timed(f"generate {recipe.name}"):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from pydantic import BaseModel
 
-from flows.workers import Worker, WorkerGone, _current, _live, each_recipe, in_worker, leave_worker
+from flows.workers import Worker, WorkerGone, _current, _live, each_recipe, in_worker, leave_worker, renew_worker
 
 
 class Answer(BaseModel):
@@ -63,6 +63,18 @@ def test_a_step_in_a_worker_returns_its_typed_result_and_its_logs_and_leaves_thi
     assert ("quantgate.test", "loaded in float64") in records
     assert ("output", "stdout: a library's print") in records
     assert worker.call(loads_a_model, ("float32",), {}).pid == answer.pid  # the recipe's next step: the same process
+
+
+def test_a_renewed_worker_runs_the_recipes_next_step_in_a_new_process(worker):
+    token = _current.set(worker)
+    try:
+        step = in_worker(loads_a_model)
+        first = step("float32").pid
+        renew_worker()  # after a step that may have left its process unusable
+        second = step("float32").pid
+        assert first != second != os.getpid() and _current.get() is worker  # still the recipe's worker, anew
+    finally:
+        _current.reset(token)
 
 
 def test_a_steps_exception_comes_back_with_its_type_or_named_where_it_does_not_pickle(worker):

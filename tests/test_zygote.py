@@ -124,6 +124,7 @@ def test_a_measurement_in_a_standby_measures_what_a_fresh_interpreter_does(tiny_
                                                                             monkeypatch):
     launcher.prepare_standby()  # as a run does at its start
     first = launcher._standby["next"]
+    assert first.wait_ready()["ready"]  # as by the first benchmark of a run
     found = measure(tiny_llama, tmp_path / "s")
     assert found["status"] == "ok" and found["process"] == "standby", found.get("reason")
     assert "was asked for (a standby" in (tmp_path / "s" / "benchmark-log.txt").read_text()
@@ -164,7 +165,8 @@ def test_a_standby_for_another_environment_or_one_that_fails_leaves_a_fresh_inte
     before = launcher._standby["next"]
     monkeypatch.setenv("OMP_NUM_THREADS", "1" if os.environ.get("OMP_NUM_THREADS") != "1" else "2")  # read at import
     assert measure(tiny_llama, tmp_path / "a")["process"] == "fresh"
-    assert before.proc.poll() is not None  # closed unused
+    assert before.proc.poll() is not None  # closed unused, and the run's log says why
+    assert "instead of the standby: started with other import-time variables: OMP_NUM_THREADS" in caplog.text
     assert launcher._standby["next"].serves(launcher.measurement_env())  # the next one, in the new environment
     launcher._standby["next"].close()
     monkeypatch.setattr(standby.Standby, "COMMAND", [zygote.sys.executable, "-c", "print('no torch here'); exit(3)"])

@@ -306,11 +306,11 @@ def take_standby(env: dict) -> Standby | None:
     if not stands_by():
         return None
     with _standby_lock:
-        current, _standby["next"] = _standby["next"], None
-        if current is not None and not current.serves(env):
-            current.close()
-            current = None
-        _standby["next"] = Standby(env, paused=_standby["timing"] > 0)
+        current, _standby["next"] = _standby["next"], new_standby(env)
+    if current is not None and not current.serves(env):
+        log.info("benchmark: a fresh interpreter instead of the standby: %s", current.why_not(env))
+        current.close()  # out of the lock: a timing's start and end do not wait for it
+        current = None
     return current
 
 
@@ -321,10 +321,22 @@ def prepare_standby() -> None:
         return
     env = measurement_env()
     with _standby_lock:
-        if _standby["next"] is None or not _standby["next"].serves(env):
-            if _standby["next"] is not None:
-                _standby["next"].close()
-            _standby["next"] = Standby(env, paused=_standby["timing"] > 0)
+        old = _standby["next"]
+        if old is not None and old.serves(env):
+            return
+        _standby["next"] = new_standby(env)
+    if old is not None:
+        old.close()
+
+
+def new_standby(env: dict) -> Standby | None:
+    """A standby started in `env` (paused while a measurement times), or None where it could not start: a fresh
+    interpreter then measures, as it would without standbys. Called under _standby_lock."""
+    try:
+        return Standby(env, paused=_standby["timing"] > 0)
+    except Exception as e:  # noqa: BLE001 - an optimisation only: the run goes on without it
+        log.info("benchmark: no standby started: %s: %s", type(e).__name__, e)
+        return None
 
 
 @contextlib.contextmanager

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 from quantgate.bench.zygote import (PRELOAD, ZygoteError, first_reply, imported_with, measure_here, popen_logged,
@@ -31,13 +32,14 @@ def stand_by() -> None:
     line = sys.stdin.readline()
     if not line:
         return  # closed unused
-    asked_at = time.monotonic()
     code = 1
     try:
-        code = measure_here(json.loads(line), replies, asked_at)
+        request = json.loads(line)
+        code = measure_here(request, replies, request["asked_at"], "standby")
+    except BaseException:  # noqa: BLE001 - before the measurement ran: its traceback to whichever log fd 2 is
+        traceback.print_exc()
     finally:
         os._exit(code)
-
 
 
 class Standby:
@@ -49,7 +51,7 @@ class Standby:
     def __init__(self, env: dict, paused: bool = False):
         self.env = env
         self.proc, self.log = popen_logged(self.COMMAND, env)
-        self.paused = False
+        self.paused, self.said = False, None
         if paused:
             self.pause()
 
@@ -66,22 +68,33 @@ class Standby:
             self.proc.send_signal(signal.SIGCONT)
             self.paused = False
 
+    def wait_ready(self) -> dict:
+        """What it said first (ready, or why not), waited for once (first_reply)."""
+        if self.said is None:
+            try:
+                self.said = first_reply(self.proc) or {}
+            except Exception as e:  # noqa: BLE001 - whatever it was, a fresh interpreter measures instead
+                self.said = {"ready": False, "error": f"{type(e).__name__}: {e}"}
+        return self.said
+
     def start(self, argv: list[str], log: Path, cwd: Path, env: dict) -> subprocess.Popen:
         """The measurement in this standby, once its imports are done: the process, waited on and killed as any
         Popen; ZygoteError where it cannot take it (then nothing of it runs)."""
+        asked_at = time.monotonic()  # the measurement's start counts any wait for the imports (one clock: the host's)
         self.resume()
-        if not (ready := first_reply(self.proc) or {}).get("ready"):
+        if not (ready := self.wait_ready()).get("ready"):
             self.close()
             raise ZygoteError(f"the standby is not ready ({ready or 'it exited or did not answer'}); its log: "
                               f"{tail(self.log)}")
         try:
-            self.proc.stdin.write((json.dumps({"argv": argv, "log": str(log), "cwd": str(cwd), "env": env}) + "\n")
-                                  .encode())
+            request = {"argv": argv, "log": str(log), "cwd": str(cwd), "env": env, "asked_at": asked_at}
+            self.proc.stdin.write((json.dumps(request) + "\n").encode())
             self.proc.stdin.close()
         except (OSError, ValueError) as e:
             self.close()
             raise ZygoteError(f"the standby cannot take a request: {e}; its log: {tail(self.log)}") from e
         self.proc.stdout.close()  # it writes no more replies
+        self.log.close()  # from here its output is the measurement's, in the measurement's log
         return self.proc
 
     def close(self) -> None:
@@ -96,7 +109,17 @@ class Standby:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        self.log.close()
+        for handle in (self.proc.stdout, self.log):
+            if handle is not None and not handle.closed:
+                handle.close()
+
+    def why_not(self, env: dict) -> str:
+        """Why it does not serve a measurement in `env`: it ended, or the import-time variables that differ."""
+        if (code := self.proc.poll()) is not None:
+            return f"it ended (exit code {code}); its log: {tail(self.log)}"
+        mine, theirs = imported_with(self.env), imported_with(env)
+        return "started with other import-time variables: " + ", ".join(
+            sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k)))
 
 
 if __name__ == "__main__":

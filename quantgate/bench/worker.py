@@ -151,7 +151,8 @@ def measure(spec: Spec) -> dict:
         diagnostics = diagnose({"load": load}, at_load, shard, sampler.baseline["RssAnon"])
         if not spec.latency:
             log.info("benchmark: loaded in %.1f s (libraries and plan %.1f s before)", load_s, prepare_s)
-            return {"real_bytes": at_load, "load_s": round(load_s, 2), "largest_shard": shard,
+            return {"real_bytes": at_load, "load_s": round(load_s, 2), "prepare_s": round(prepare_s, 2),
+                    "largest_shard": shard,
                     "memory": {**load, "host_private_baseline": sampler.baseline["RssAnon"]},
                     "diagnostics": diagnostics}
         inferred = generate_measured(model, spec, sampler, load_s, prepare_s)
@@ -256,14 +257,17 @@ def measure_kv_cache(spec: Spec) -> dict:
     return {"status": "ok", **result}
 
 
-def main(spec_path: str, out_path: str, asked_at: float | None = None) -> None:
-    """`asked_at`: when a standby, its imports done before, was asked for this measurement (time.monotonic)."""
-    # first: what the interpreter's start and this module's imports took, or the standby's handing over
+STARTS = {"fresh": "began (its interpreter and imports)", "forked": "was forked (its imports the zygote's)",
+          "standby": "was asked for (a standby: its imports done before, or waited for)"}
+
+
+def main(spec_path: str, out_path: str, asked_at: float | None = None, how: str = "fresh") -> None:
+    """`how` it started (STARTS); `asked_at`: when a standby was asked for this measurement (time.monotonic)."""
+    # first: since the process began, or since the standby was asked (its imports done, or their end waited for)
     up_s = process_age_s() if asked_at is None else time.monotonic() - asked_at
     # force: importing Prefect gave the root its own handler and WARNING, which dropped these lines
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr, force=True)
-    log.info("benchmark: process up %.1f s after it %s", up_s, "began (interpreter and imports)" if asked_at is None
-             else "was asked for (a standby: its imports were done before)")
+    log.info("benchmark: process up %.1f s after it %s", up_s, STARTS[how])
     spec = Spec.model_validate_json(Path(spec_path).read_text())
     fp8_kernel.keep_bytes = 0  # the model's memory is measured here: no float32 copies of FP8 weights
     result = measure_kv_cache(spec) if spec.measure == "kv_cache" else measure(spec)

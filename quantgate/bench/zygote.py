@@ -107,12 +107,12 @@ def measure_in_child(request: dict, replies: int, zygote: int) -> None:
         ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != zygote:  # it died before the death signal was asked for
             return
-        code = measure_here(request, replies)
+        code = measure_here(request, replies, how="forked")
     finally:
         os._exit(code)
 
 
-def measure_here(request: dict, replies: int, asked_at: float | None = None) -> int:
+def measure_here(request: dict, replies: int, asked_at: float | None = None, how: str = "forked") -> int:
     """In the process that measures: the launcher's environment and folder, output to the measurement's log; then
     the measurement (quantgate.bench.worker.main), its exit code as an interpreter's."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -127,10 +127,10 @@ def measure_here(request: dict, replies: int, asked_at: float | None = None) -> 
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
-    return run_as_interpreter(request, asked_at)
+    return run_as_interpreter(request, asked_at, how)
 
 
-def run_as_interpreter(request: dict, asked_at: float | None = None) -> int:
+def run_as_interpreter(request: dict, asked_at: float | None = None, how: str = "forked") -> int:
     """The measurement, with a fresh interpreter's seeds and thread count (where the request names one: a forked
     child's), its exit code as Python would give it."""
     import atexit
@@ -147,7 +147,7 @@ def run_as_interpreter(request: dict, asked_at: float | None = None) -> int:
         torch.set_num_threads(request["threads"])
     code = 0
     try:
-        worker.main(*request["argv"], asked_at=asked_at)
+        worker.main(*request["argv"], asked_at=asked_at, how=how)
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
         if not isinstance(e.code, int | None):
