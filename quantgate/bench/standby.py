@@ -18,6 +18,7 @@ from pathlib import Path
 
 from quantgate.bench.zygote import (PRELOAD, ZygoteError, first_reply, imported_with, measure_here, popen_logged,
                                     reply, tail)
+from quantgate.runlog import raise_if_signalled
 
 
 def stand_by() -> None:
@@ -72,7 +73,7 @@ class Standby:
         """What it said first (ready, or why not), waited for once (first_reply)."""
         if self.said is None:
             try:
-                self.said = first_reply(self.proc) or {}
+                self.said = first_reply(self.proc, raise_if_signalled) or {}
             except Exception as e:  # noqa: BLE001 - whatever it was, a fresh interpreter measures instead
                 self.said = {"ready": False, "error": f"{type(e).__name__}: {e}"}
         return self.said
@@ -82,7 +83,12 @@ class Standby:
         Popen; ZygoteError where it cannot take it (then nothing of it runs)."""
         asked_at = time.monotonic()  # the measurement's start counts any wait for the imports (one clock: the host's)
         self.resume()
-        if not (ready := self.wait_ready()).get("ready"):
+        try:
+            ready = self.wait_ready()
+        except BaseException:  # a stop: it goes with the run
+            self.close()
+            raise
+        if not ready.get("ready"):
             self.close()
             raise ZygoteError(f"the standby is not ready ({ready or 'it exited or did not answer'}); its log: "
                               f"{tail(self.log)}")

@@ -262,11 +262,15 @@ def popen_logged(command: list[str], env: dict, log: Path | None = None) -> tupl
             log.unlink(missing_ok=True)
 
 
-def first_reply(proc: subprocess.Popen) -> dict | None:
-    """The first JSON line a zygote or standby writes (that it is ready), waited for up to READY_S."""
-    readable, _, _ = select.select([proc.stdout], [], [], READY_S)
-    if not readable:
-        return None
+def first_reply(proc: subprocess.Popen, check=None) -> dict | None:
+    """The first JSON line a zygote or standby writes (that it is ready), waited for up to READY_S; `check()` is
+    called every half second meanwhile (a run's stop raises there)."""
+    deadline = time.monotonic() + READY_S
+    while not select.select([proc.stdout], [], [], 0.5)[0]:
+        if check is not None:
+            check()
+        if time.monotonic() > deadline:
+            return None
     line = proc.stdout.readline()
     try:
         return json.loads(line) if line else None
