@@ -234,9 +234,11 @@ def gate_recipe(run: RunRecord, config: RunConfig, model: Model, recipe: RecipeB
 def generate_meanwhile(config: RunConfig, model: Model, recipe: RecipeBase, quantized: Quantized,
                        out: str) -> Generated | None:
     """The recipe's own generations, made while the reference beside it is still measured (validate then only
-    compares): time the recipe would spend waiting. None where the reference has ended, or validation makes none."""
+    compares), a bet on time the recipe would spend waiting. None where the reference has ended, or validation makes
+    none."""
     settings = config.steps.validate
-    if model.referenced.is_set() or not (settings.generate_prompts or (settings.long_context and settings.long_generations)):
+    makes_some = settings.generate_prompts or (settings.long_context and settings.long_generations)
+    if model.referenced.is_set() or not makes_some:
         return None
     return run_step(generate_task, settings, Generated, recipe.name, "generate", model.hold,
                     checkpoint=quantized.checkpoint, recipe=recipe, device=model.device, settings=settings, out_dir=out,
