@@ -1,7 +1,7 @@
 """The benchmark's launcher on a CUDA host (docs/benchmark.md "A process of its own"): no zygote where CUDA exists;
-each measurement in a standby started before it was needed (tasks.benchmark.prepare, as a run does at its start), or,
-with standbys off, in a fresh interpreter: what each one's start took (process_up_s) on this host, whose output reaches
-its log; the benchmark step on a tiny random Llama on the GPU, one JSON line a check to stdout."""
+each measurement in a standby started before it was needed (tasks.benchmark.prepare, as a run does after its
+download), or, with standbys off, in a fresh interpreter: what each one's start took (process_up_s) on this host,
+whose output reaches its log; the benchmark step on a tiny random Llama on the GPU, one JSON line a check to stdout."""
 import json
 import shutil
 import tempfile
@@ -46,7 +46,7 @@ def measured(model: Path, out: Path, processes: int, standbys: bool) -> None:
 
 def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="launcher-"))
-    prepare()  # as a run does at its start: the first standby imports while the model is made
+    prepare()  # as a run does after its download: the first standby imports while the model is made
     zygote = launcher.lease_zygote({"PATH": "/usr/bin"})
     launcher.release(zygote)
     print(json.dumps({"check": "lease_zygote", "cuda": torch.cuda.is_available(), "zygote": zygote is not None,
