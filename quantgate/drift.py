@@ -97,10 +97,15 @@ def measure_reference(model, tokenizer, settings: ValidateSettings, served: str 
             "generations": own_generations(model, tokenizer, settings)}
 
 
+def chat_prompts(settings: ValidateSettings, count: int) -> list[dict]:
+    """The first `count` chat prompts of the validation set: what both models generate from."""
+    return [p for p in load_prompts(settings) if p["chat"]][:count]
+
+
 def own_generations(model, tokenizer, settings: ValidateSettings) -> dict[str, str]:
     """The model's greedy generations from the first generate_prompts chat prompts, by prompt id: what compare sets
     beside the reference's, and needs nothing of the reference's to make."""
-    chat = [p for p in load_prompts(settings) if p["chat"]][:settings.generate_prompts]
+    chat = chat_prompts(settings, settings.generate_prompts)
     return dict(zip([p["id"] for p in chat], generate(model, tokenizer, chat, settings.max_new_tokens)))
 
 

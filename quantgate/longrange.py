@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from quantgate import modeling
-from quantgate.drift import compare_prompt, encode, load_prompts
+from quantgate.drift import chat_prompts, compare_prompt, encode
 from quantgate.files import cached_tensors, save_tensors, sha256_file
 from quantgate.paths import DATA_DIR
 from quantgate.runlog import SHOWN
@@ -67,7 +67,7 @@ def own_generations(model, tokenizer, settings) -> list[dict]:
     """The model's long greedy generations from the first long_generations chat prompts: each its prompt's id, its
     prompt and generated ids, text and degeneration figures. Nothing of the reference's is needed to make them."""
     device = modeling.model_device(model)
-    prompts = [p for p in load_prompts(settings) if p["chat"]][:settings.long_generations]
+    prompts = chat_prompts(settings, settings.long_generations)
     ids = [encode(tokenizer, prompt).to(device) for prompt in prompts]
     made = generated(model, tokenizer, ids, settings.long_new_tokens, settings.long_generation_batch) if ids else []
     return [{"prompt": prompt["id"], "prompt_tokens": tokens.shape[1], **own}

@@ -94,8 +94,8 @@ class Quantized(StepResult):
 
 
 class Generated(StepResult):
-    """A recipe's own generations from the validation prompts, made while the reference was still being measured (tasks/validate
-    generate): the file that holds them, which validate reads instead of generating."""
+    """A recipe's own generations from the validation prompts, made while the reference was still being measured
+    (tasks/validate generate): the file that holds them, which validate reads instead of generating."""
     path: str | None = None
 
 

@@ -13,7 +13,7 @@ from quantgate.backends import RecipeBase
 from quantgate.drift import SEVERITY, verdict
 from quantgate.loading import kernel_of, load_saved
 from quantgate.processors import load_processor
-from quantgate.files import save_tensors
+from quantgate.files import cached_tensors, save_tensors
 from quantgate.results import Generated, ReferenceValidation, Validated
 from quantgate.settings import ValidateSettings
 
@@ -24,12 +24,13 @@ def generate(checkpoint: str, recipe: RecipeBase, device: str | dict, settings: 
     validate: they need nothing of the reference's, so a flow makes them while the reference is still measured."""
     from transformers import AutoTokenizer
 
-    if stored.scan(Path(checkpoint)).get("findings"):  # validate fails it before loading: nothing to generate for
+    scanned = stored.scan(Path(checkpoint))
+    if scanned.get("findings"):  # validate fails it before loading: nothing to generate for
         return Generated(status="not_run", reason="its stored tensors hold what no forward makes right")
     model = load_saved(Path(checkpoint), recipe, modeling.resolve_device(device), compute_dtype)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     with modeling.timed(f"generate {recipe.name}"):
-        made = {"short": drift.own_generations(model, tokenizer, settings),
+        made = {"short": drift.own_generations(model, tokenizer, settings), "stored": scanned,  # validate's, read once
                 "long": longrange.own_generations(model, tokenizer, settings) if settings.long_context else []}
     return Generated(status="ok", path=str(save_tensors(Path(out_dir) / "generations.pt", made)))
 
@@ -42,11 +43,11 @@ def validate(checkpoint: str, recipe: RecipeBase, reference: ReferenceValidation
     `generated`: the file of the recipe's own generations made before (generate), used where they fit."""
     from transformers import AutoTokenizer
 
-    scanned = stored.scan(Path(checkpoint))
+    made = (cached_tensors(Path(generated)) or {}) if generated else {}  # unreadable: made here, as without it
+    scanned = made.get("stored") or stored.scan(Path(checkpoint))
     if scanned.get("findings"):  # no forward makes these right: fail before loading
         return broken_storage(scanned, reference)
     stats = torch.load(reference.path, weights_only=True)  # the reference step wrote it this run, or checked it
-    made = torch.load(generated, weights_only=True) if generated else {}  # this run's own file
     t0 = time.perf_counter()
     model = load_saved(Path(checkpoint), recipe, modeling.resolve_device(device), compute_dtype)
     load_s = round(time.perf_counter() - t0, 2)

@@ -6,7 +6,6 @@ process's first seconds) is off the measurement's path, and it is a fresh interp
 Server: `python -P -m quantgate.bench.standby`: one JSON line on stdout when ready, one request on stdin."""
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import signal
@@ -16,7 +15,7 @@ import time
 import traceback
 from pathlib import Path
 
-from quantgate.bench.zygote import (PRELOAD, ZygoteError, first_reply, imported_with, measure_here, popen_logged,
+from quantgate.bench.zygote import (ZygoteError, first_reply, imported_with, measure_here, popen_logged, preloaded,
                                     reply, tail)
 from quantgate.runlog import raise_if_signalled
 
@@ -24,11 +23,7 @@ from quantgate.runlog import raise_if_signalled
 def stand_by() -> None:
     """Import PRELOAD, say so, then run the one measurement asked for in this process (measure_here); nothing
     asked (stdin closed): end."""
-    replies = os.dup(1)
-    os.dup2(2, 1)  # what an import prints goes to the log, not into the replies
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    for module in PRELOAD:
-        importlib.import_module(module)
+    replies = preloaded()
     reply(replies, {"ready": True})
     line = sys.stdin.readline()
     if not line:

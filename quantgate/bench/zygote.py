@@ -44,9 +44,9 @@ class ZygoteError(RuntimeError):
 
 # ---------------------------------------------------------------- the server
 
-def serve() -> None:
-    """Import PRELOAD, say whether forking is safe, then fork a measurement for each request until stdin closes or
-    SIGTERM comes; every measurement still running then is killed."""
+def preloaded() -> int:
+    """A server's start (the zygote's, a standby's): SIGTERM ends it, its stdout goes to its log and PRELOAD is
+    imported; the descriptor its replies go to."""
     import importlib
 
     replies = os.dup(1)
@@ -54,6 +54,13 @@ def serve() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     for module in PRELOAD:
         importlib.import_module(module)
+    return replies
+
+
+def serve() -> None:
+    """Import PRELOAD, say whether forking is safe, then fork a measurement for each request until stdin closes or
+    SIGTERM comes; every measurement still running then is killed."""
+    replies = preloaded()
     import torch
 
     threads = len(os.listdir("/proc/self/task"))  # another thread (an OpenMP pool) would not exist in a child
