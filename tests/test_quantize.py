@@ -214,3 +214,62 @@ def test_a_checkpoint_is_saved_in_shards_that_hash_at_once(tiny_llama, tmp_path,
     shards = sorted(p.name for p in (tmp_path / "checkpoint").glob("*.safetensors"))
     assert len(shards) > 1 and (tmp_path / "checkpoint" / "model.safetensors.index.json").is_file(), shards
     assert result.roundtrip["top1_agreement"] == 1.0
+
+
+def int4_part(rows: int, first_value: int, k: int = 256, group: int = 128):
+    """A tinygemm-layout int4 weight of `rows` rows (padded to whole 8-row tiles) whose bytes count up from
+    first_value: built directly, as torchao's quantize_ (CUDA only) would lay it out."""
+    from torchao.quantization.quantize_.workflows.int4.int4_tile_packed_to_4d_tensor import Int4TilePackedTo4dTensor
+
+    tiles = -(-rows // 8)
+    qdata = torch.arange(first_value, first_value + tiles * (k // 128) * 32 * 4, dtype=torch.int32).reshape(
+        tiles, k // 128, 32, 4)
+    scale_and_zero = torch.full((k // group, tiles * 8, 2), float(first_value // 1000), dtype=torch.bfloat16)
+    return Int4TilePackedTo4dTensor(qdata, scale_and_zero, [1, group], torch.Size([rows, k]))
+
+
+def test_int4_parts_stack_by_rows_in_order():
+    from quantgate.backends.torchao import stackable, stacked_rows
+
+    parts = [int4_part(16, 0), int4_part(8, 10_000), int4_part(5, 20_000)]  # only the last padded
+    assert stackable(parts)
+    stacked = stacked_rows(parts)
+    assert stacked.shape == (29, 256)
+    assert torch.equal(stacked.qdata, torch.cat([p.qdata for p in parts]))
+    assert stacked.scale_and_zero.shape == (2, 32, 2)
+    assert stacked.scale_and_zero[0, :, 0].tolist() == [0.0] * 16 + [10.0] * 8 + [20.0] * 8
+    # Padding inside the stack would shift every later row: refused.
+    assert not stackable([int4_part(5, 0), int4_part(8, 10_000)])
+    assert not stackable([int4_part(8, 0), int4_part(8, 10_000, group=64)])
+
+
+@pytest.mark.gpu
+def test_a_head_quantized_by_rows_matches_it_quantized_whole_in_less_memory():
+    """torchao's int4 (HQQ's search, in float32) on a head of 40,004 rows, 4,096 at a time, against at once: the same
+    products within HQQ's search noise, the same storage, a fraction of the peak memory."""
+    from torchao.quantization import quantize_
+
+    from quantgate.backends.torchao import quantize_by_rows, quant_type
+
+    recipe = RECIPES["torchao-int4-weight-only"]
+    torch.manual_seed(0)
+    weight = torch.randn(40_004, 1024, device="cuda", dtype=torch.bfloat16) / 32
+    x = torch.randn(3, 1024, device="cuda", dtype=torch.bfloat16)
+    heads, peaks = {}, {}
+    for how in ("whole", "by_rows"):
+        head = torch.nn.Linear(1024, 40_004, bias=False, device="cuda", dtype=torch.bfloat16)
+        head.weight = torch.nn.Parameter(weight.clone(), requires_grad=False)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        quantize_(head, quant_type(recipe)) if how == "whole" else quantize_by_rows(head, quant_type(recipe), 4096)
+        peaks[how] = torch.cuda.max_memory_allocated() - start
+        heads[how] = head
+    whole, by_rows = heads["whole"].weight, heads["by_rows"].weight
+    assert type(by_rows) is type(whole) and by_rows.shape == whole.shape == (40_004, 1024)
+    assert by_rows.qdata.shape == whole.qdata.shape and by_rows.scale_and_zero.shape == whole.scale_and_zero.shape
+    with torch.no_grad():
+        exact, a, b = x @ weight.T, heads["whole"](x), heads["by_rows"](x)
+    error = {name: float((y - exact).float().norm() / exact.float().norm()) for name, y in (("whole", a), ("by_rows", b))}
+    assert error["by_rows"] < 1.05 * error["whole"], error
+    assert peaks["by_rows"] < peaks["whole"] / 3, peaks

@@ -325,9 +325,11 @@ for line in sys.stdin:
          | sed "s/^{/{\"decode_attention\": \"$a\", /" | tee -a "$OUT/attention-g3.jsonl"; done; done
      grep -E "Error|Traceback" -A3 "$OUT/bench.err" | tail -8 ;;
   # Fresh-process rounds (ROUNDS="1 2 3") of the bf16 reference then torchao int4 (or MODELS) on the 12B shape, the
-  # default decode attention (gqa), each round its own inductor cache (issue 39); carrying .gpu/w. PLAIN=1: each round
-  # then a plain decode loop with no quantgate code in a process of its own (docs/gpu/plain_loop.py), the yardstick.
-  rounds) install .gpu/w/*.whl
+  # default decode attention (gqa), each round its own inductor cache (issue 39); carrying .gpu/w and .gpu/hx (the
+  # huggingface_hub in .gpu/w imports httpx2, which is in .gpu/hx; on a machine the flow's wheels went to, .gpu/w
+  # alone). PLAIN=1: each round then a plain decode loop with no quantgate code in a process of its own
+  # (docs/gpu/plain_loop.py), the yardstick.
+  rounds) install .gpu/w/*.whl $(ls .gpu/hx/*.whl 2>/dev/null)
      { nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,power.limit --format=csv
        python3 -c "import torch, transformers, torchao, triton; print(torch.__version__, transformers.__version__, torchao.__version__, triton.__version__)"; } | tee -a "$OUT/env.txt"
      g3_checkpoint
@@ -347,8 +349,8 @@ for line in sys.stdin:
      grep -E "Error|Traceback" -A3 "$OUT/starts.err" | tail -8 ;;
   # The benchmark's launcher on CUDA (no zygote there; a standby, else a fresh interpreter: docs/benchmark.md, "A
   # process of its own"), with the gpu-marked tests of the benchmark; carrying .gpu/w (cp312: transformers 5.23,
-  # torchao, pydantic...) and .gpu/pt (pytest, psutil, PyYAML for cp312).
-  launcher) install .gpu/w/*.whl .gpu/pt/*.whl
+  # torchao, pydantic...), .gpu/hx (httpx2 and its stack, as for `rounds`) and .gpu/pt (pytest, psutil, PyYAML for cp312).
+  launcher) install .gpu/w/*.whl $(ls .gpu/hx/*.whl 2>/dev/null) .gpu/pt/*.whl
      export PYTHONPATH=/tmp/site:.
      timeout 240 python3 docs/gpu/launcher_on_gpu.py 2>"$OUT/launcher.err" | tee "$OUT/launcher.jsonl"
      grep -E "Error|Traceback" -A3 "$OUT/launcher.err" | tail -12

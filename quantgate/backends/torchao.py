@@ -12,6 +12,7 @@ from quantgate.backends import Backend, RecipeBase, register
 
 CUDA_ONLY = ("int4_weight_only", "float8_dynamic_activation")
 TINYGEMM_K_TILE = 128  # k values per tile of tinygemm's layout with torchao's inner_k_tiles of 8
+HEAD_ROWS = 16384  # a head's rows quantized at a time: float32 work of 0.3 GB a copy where its width is 4,096
 
 
 class TorchAoRecipe(RecipeBase):
@@ -67,7 +68,10 @@ class TorchAo(Backend):
         from torchao.quantization import quantize_
 
         head = modeling.untie_output_embedding(model)
-        quantize_(model, quant_type(recipe), filter_fn=lambda module, _: module is head)
+        if recipe.scheme == "int4_weight_only" and recipe.int4_packing_format == "tile_packed_to_4d":
+            quantize_by_rows(head, quant_type(recipe))
+        else:
+            quantize_(model, quant_type(recipe), filter_fn=lambda module, _: module is head)
         return model
 
     def fused_matmul(self, weights: list[torch.Tensor], bias: torch.Tensor | None) -> torch.nn.Module | str | None:
@@ -76,12 +80,10 @@ class TorchAo(Backend):
         first, kind = weights[0], type(weights[0]).__name__
         if kind != "Int4TilePackedTo4dTensor" or any(type(w) is not type(first) for w in weights):
             return None
-        # tinygemm's layout: qdata [n/8, k/128, 32, 4] and scale_and_zero [k/group, n, 2], so rows stack when no
-        # part was padded to a multiple of 8 rows.
-        if any(w.shape[0] % 8 or w.act_pre_scale is not None or w.block_size != first.block_size for w in weights):
+        # The last part's padding too: the fused output is cut apart at each part's rows.
+        if any(w.shape[0] % 8 for w in weights) or not stackable(weights):
             return f"{kind}: padded rows, activation scales or different groups"
-        stacked = type(first)(torch.cat([w.qdata for w in weights]), torch.cat([w.scale_and_zero for w in weights], 1),
-                              first.block_size, torch.Size([sum(w.shape[0] for w in weights), first.shape[1]]))
+        stacked = stacked_rows(weights)
         group = tinygemm_group(stacked)
         return TinygemmMatmul(stacked, bias, group) if group else PlainMatmul(stacked, bias)
 
@@ -98,6 +100,40 @@ def quant_type(recipe: TorchAoRecipe):
             int4_choose_qparams_algorithm=recipe.int4_qparams),
         "float8_dynamic_activation": lambda: ao.Float8DynamicActivationFloat8WeightConfig(granularity=ao.PerRow()),
     }[recipe.scheme]()
+
+
+def quantize_by_rows(linear: torch.nn.Module, config, rows: int = HEAD_ROWS) -> None:
+    """The Linear's weight quantized to int4 in tinygemm's layout `rows` output rows at a time, the parts stacked into
+    one weight. torchao quantizes a weight at once, in float32 with HQQ's search: a 262,144-row head took 24 GB of GPU
+    memory beyond the model (docs/BENCHMARKS.md)."""
+    from torchao.quantization import quantize_
+
+    weight, parts = linear.weight, []
+    for start in range(0, weight.shape[0], rows):
+        part = torch.nn.Linear(weight.shape[1], min(rows, weight.shape[0] - start), bias=False, device="meta")
+        part.weight = torch.nn.Parameter(weight[start:start + rows], requires_grad=False)
+        quantize_(part, config)
+        parts.append(part.weight)
+    if not stackable(parts):
+        raise ValueError(f"quantized by rows, {linear} holds {type(parts[0]).__name__} parts that do not stack")
+    linear.weight = torch.nn.Parameter(stacked_rows(parts), requires_grad=False)
+
+
+def stackable(weights: list) -> bool:
+    """Whether int4 weights stack along their rows (stacked_rows): tinygemm's layout, the same groups, no activation
+    scales, and every one but the last whole 8-row tiles (padding only at the end)."""
+    first = weights[0]
+    return (type(first).__name__ == "Int4TilePackedTo4dTensor" and all(type(w) is type(first) for w in weights)
+            and all(w.act_pre_scale is None and w.block_size == first.block_size for w in weights)
+            and not any(w.shape[0] % 8 for w in weights[:-1]))
+
+
+def stacked_rows(weights: list):
+    """One int4 weight of the weights' rows in order. tinygemm's layout: qdata [n/8, k/128, 32, 4] and scale_and_zero
+    [k/group, n, 2], so rows stack along those dimensions."""
+    first = weights[0]
+    return type(first)(torch.cat([w.qdata for w in weights]), torch.cat([w.scale_and_zero for w in weights], 1),
+                       first.block_size, torch.Size([sum(w.shape[0] for w in weights), first.shape[1]]))
 
 
 def tinygemm_group(weight) -> int | None:
