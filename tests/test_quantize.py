@@ -243,6 +243,20 @@ def test_int4_parts_stack_by_rows_in_order():
     assert not stackable([int4_part(8, 0), int4_part(8, 10_000, group=64)])
 
 
+def test_an_int4_weight_stacked_by_rows_saves_and_loads_as_torchao_made_it():
+    """transformers saves and loads a torchao checkpoint through torchao's safetensors flattening: the stacked weight
+    comes back whole, its class, shape and groups kept."""
+    from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict, unflatten_tensor_state_dict
+
+    from quantgate.backends.torchao import stacked_rows
+
+    stacked = stacked_rows([int4_part(16, 0), int4_part(5, 10_000)])
+    loaded, left = unflatten_tensor_state_dict(*flatten_tensor_state_dict({"lm_head.weight": stacked}))
+    back = loaded["lm_head.weight"]
+    assert type(back) is type(stacked) and back.shape == (21, 256) and back.block_size == [1, 128] and not left
+    assert torch.equal(back.qdata, stacked.qdata) and torch.equal(back.scale_and_zero, stacked.scale_and_zero)
+
+
 @pytest.mark.gpu
 def test_a_head_quantized_by_rows_matches_it_quantized_whole_in_less_memory():
     """torchao's int4 (HQQ's search, in float32) on a head of 40,004 rows, 4,096 at a time, against at once: the same
