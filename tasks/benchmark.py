@@ -73,8 +73,9 @@ def benchmark(name: str, checkpoint: str, recipe: RecipeBase | None, dtype: str,
 
 
 def prepare() -> None:
-    """Where measurement processes start in standbys (a host with CUDA, where none is forked), the first started
-    now: a run calls this once its download has ended, so that the first benchmark finds its interpreter's imports done."""
+    """Where measurement processes start in standbys (a host with CUDA, where none is forked), the first ones started
+    now: a run calls this once its download has ended, so that the first benchmark finds its interpreters' imports
+    done."""
     prepare_standby()
 
 

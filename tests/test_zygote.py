@@ -114,23 +114,24 @@ def standing_by(monkeypatch):
     """Measurements start in standbys, as on a host with CUDA (no zygote forks there); the standbys the test's own."""
     monkeypatch.setattr(launcher, "stands_by", lambda: True)
     monkeypatch.setattr(launcher, "lease_zygote", lambda env: None)
-    monkeypatch.setitem(launcher._standby, "next", None)
+    monkeypatch.setitem(launcher._standby, "ready", [])
     yield
-    if launcher._standby["next"] is not None:
-        launcher._standby["next"].close()
+    for unused in launcher._standby["ready"]:
+        unused.close()
 
 
 def test_a_measurement_in_a_standby_measures_what_a_fresh_interpreter_does(tiny_llama, tmp_path, standing_by,
                                                                             monkeypatch):
     launcher.prepare_standby()  # as a run does at its start
-    first = launcher._standby["next"]
+    first = launcher._standby["ready"][0]
     assert first.wait_ready()["ready"]  # as by the first benchmark of a run
     found = measure(tiny_llama, tmp_path / "s")
     assert found["status"] == "ok" and found["process"] == "standby", found.get("reason")
     assert "was asked for (a standby" in (tmp_path / "s" / "benchmark-log.txt").read_text()
     assert first.proc.poll() == 0  # it measured, then ended as an interpreter ends
-    following = launcher._standby["next"]  # started in its place, for the next measurement
-    assert following is not first and following.proc.poll() is None
+    following = launcher._standby["ready"]  # one started in its place, for the next measurements
+    assert len(following) == launcher.STANDBYS and first not in following
+    assert all(s.proc.poll() is None for s in following)
     monkeypatch.setattr(launcher, "stands_by", lambda: False)
     fresh = measure(tiny_llama, tmp_path / "n", fresh=True)
     assert fresh["process"] == "fresh"
@@ -149,28 +150,49 @@ def test_the_next_standby_waits_while_a_measurement_times(standing_by):
 
     with launcher.timing():
         launcher.prepare_standby()
-        standby = launcher._standby["next"]
-        # Its imports would share the host with the timing.
-        assert reaches(standby.proc, {psutil.STATUS_STOPPED}) == psutil.STATUS_STOPPED
-    assert reaches(standby.proc, {psutil.STATUS_RUNNING, psutil.STATUS_SLEEPING}) != psutil.STATUS_STOPPED
-    standby.close()
-    # Closed unused, it ends at once: as it asked (0), or, before it could ask, as SIGTERM ends a process.
-    assert standby.proc.returncode in (0, -signal.SIGTERM)
+        standbys = list(launcher._standby["ready"])
+        # Their imports would share the host with the timing.
+        assert [reaches(s.proc, {psutil.STATUS_STOPPED}) for s in standbys] == [psutil.STATUS_STOPPED] * 2
+    for standby in standbys:
+        assert reaches(standby.proc, {psutil.STATUS_RUNNING, psutil.STATUS_SLEEPING}) != psutil.STATUS_STOPPED
+        standby.close()
+        # Closed unused, it ends at once: as it asked (0), or, before it could ask, as SIGTERM ends a process.
+        assert standby.proc.returncode in (0, -signal.SIGTERM)
+    launcher._standby["ready"].clear()
 
 
 def test_a_standby_for_another_environment_or_one_that_fails_leaves_a_fresh_interpreter_to_measure(
         tiny_llama, tmp_path, standing_by, monkeypatch, caplog):
     caplog.set_level(logging.INFO, logger="quantgate.benchmark")
     launcher.prepare_standby()
-    before = launcher._standby["next"]
+    before = list(launcher._standby["ready"])
     monkeypatch.setenv("OMP_NUM_THREADS", "1" if os.environ.get("OMP_NUM_THREADS") != "1" else "2")  # read at import
     assert measure(tiny_llama, tmp_path / "a")["process"] == "fresh"
-    assert before.proc.poll() is not None  # closed unused, and the run's log says why
+    assert all(s.proc.poll() is not None for s in before)  # closed unused, and the run's log says why
     assert "instead of the standby: started with other import-time variables: OMP_NUM_THREADS" in caplog.text
-    assert launcher._standby["next"].serves(launcher.measurement_env())  # the next one, in the new environment
-    launcher._standby["next"].close()
+    now = launcher._standby["ready"]  # the next ones, in the new environment
+    assert len(now) == launcher.STANDBYS and all(s.serves(launcher.measurement_env()) for s in now)
+    for unused in now:
+        unused.close()
+    now.clear()
     monkeypatch.setattr(standby.Standby, "COMMAND", [zygote.sys.executable, "-c", "print('no torch here'); exit(3)"])
     launcher.prepare_standby()
     found = measure(tiny_llama, tmp_path / "b")
     assert found["status"] == "ok" and found["process"] == "fresh"
-    assert "a fresh interpreter instead: the standby is not ready" in caplog.text and "no torch here" in caplog.text
+    # Asked for while it still ran, or found ended: either way the log says why, with what it printed.
+    assert ("a fresh interpreter instead: the standby is not ready" in caplog.text
+            or "instead of the standby: it ended (exit code 3)" in caplog.text) and "no torch here" in caplog.text
+
+
+def test_two_measurements_started_at_once_each_find_a_standby_ready(standing_by):
+    """A benchmark step starts its measurement and the quantize-on-load beside it together: both find their imports
+    done, and the pool is filled again behind them."""
+    launcher.prepare_standby()
+    assert all(s.wait_ready()["ready"] for s in launcher._standby["ready"])
+    env = launcher.measurement_env()
+    taken = [launcher.take_standby(env), launcher.take_standby(env)]
+    assert None not in taken and taken[0] is not taken[1]
+    assert all(s.wait_ready()["ready"] and s.proc.poll() is None for s in taken)
+    assert len(launcher._standby["ready"]) == launcher.STANDBYS and not set(taken) & set(launcher._standby["ready"])
+    for unused in taken:
+        unused.close()

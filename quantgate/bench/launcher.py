@@ -284,13 +284,15 @@ def release(zygote: Zygote | None) -> None:
 def _close_zygote() -> None:
     if _zygote["running"] is not None:
         _zygote["running"].close()
-    if _standby["next"] is not None:
-        _standby["next"].close()
+    for unused in _standby["ready"]:
+        unused.close()
 
 
-# The next measurement's standby, and how many measurements time now (it is paused while any does).
-_standby: dict = {"next": None, "timing": 0}
+# The next measurements' standbys, oldest first, and how many measurements time now (they are paused while any does).
+_standby: dict = {"ready": [], "timing": 0}
 _standby_lock = threading.Lock()
+# A benchmark step starts two processes at once, its measurement and the quantize-on-load beside it: each finds one.
+STANDBYS = 2
 
 
 def stands_by() -> bool:
@@ -301,32 +303,39 @@ def stands_by() -> bool:
 
 
 def take_standby(env: dict) -> Standby | None:
-    """The standby started for a measurement in `env`, if one was (None: a fresh interpreter measures), and the next
-    one started in its place."""
+    """The oldest standby started for measurements in `env`, if one was (None: a fresh interpreter measures); ones
+    that ended or were started in another environment closed, and new ones started up to STANDBYS."""
     if not stands_by():
         return None
     with _standby_lock:
-        current, _standby["next"] = _standby["next"], new_standby(env)
-    if current is not None and not current.serves(env):
-        log.info("benchmark: a fresh interpreter instead of the standby: %s", current.why_not(env))
-        current.close()  # out of the lock: a timing's start and end do not wait for it
-        current = None
+        current, stale = pool_taken(env)
+    for unused in stale:  # out of the lock: a timing's start and end do not wait for them
+        log.info("benchmark: a fresh interpreter instead of the standby: %s", unused.why_not(env))
+        unused.close()
     return current
 
 
 def prepare_standby() -> None:
-    """A standby for the next measurement, started now where measurements start in standbys: its imports done by
-    the time it is asked for."""
+    """STANDBYS standbys for the next measurements, started now where measurements start in standbys: their imports
+    done by the time they are asked for."""
     if not stands_by():
         return
-    env = measurement_env()
     with _standby_lock:
-        old = _standby["next"]
-        if old is not None and old.serves(env):
-            return
-        _standby["next"] = new_standby(env)
-    if old is not None:
-        old.close()
+        _, stale = pool_taken(measurement_env(), take=False)
+    for unused in stale:
+        unused.close()
+
+
+def pool_taken(env: dict, take: bool = True) -> tuple[Standby | None, list[Standby]]:
+    """The oldest standby that serves `env` taken from the pool (where `take`), the ones that do not serve it taken
+    out, and new ones started up to STANDBYS: (the one taken, the ones to close). Called under _standby_lock."""
+    ready = _standby["ready"]
+    stale = [s for s in ready if not s.serves(env)]
+    ready[:] = [s for s in ready if s not in stale]
+    current = ready.pop(0) if take and ready else None
+    while len(ready) < STANDBYS and (fresh := new_standby(env)) is not None:
+        ready.append(fresh)
+    return current, stale
 
 
 def new_standby(env: dict) -> Standby | None:
@@ -341,18 +350,19 @@ def new_standby(env: dict) -> Standby | None:
 
 @contextlib.contextmanager
 def timing():
-    """A measurement times within: the next standby's imports wait (paused) until no measurement does."""
+    """A measurement times within: the standbys' imports wait (paused) until no measurement does."""
     with _standby_lock:
         _standby["timing"] += 1
-        if _standby["next"] is not None:
-            _standby["next"].pause()
+        for waiting in _standby["ready"]:
+            waiting.pause()
     try:
         yield
     finally:
         with _standby_lock:
             _standby["timing"] -= 1
-            if _standby["timing"] == 0 and _standby["next"] is not None:
-                _standby["next"].resume()
+            if _standby["timing"] == 0:
+                for waiting in _standby["ready"]:
+                    waiting.resume()
 
 
 def follow(path: Path, ended: threading.Event, on_line) -> None:
