@@ -310,7 +310,8 @@ def take_standby(env: dict) -> Standby | None:
     with _standby_lock:
         current, stale = pool_taken(env)
     for unused in stale:  # out of the lock: a timing's start and end do not wait for them
-        log.info("benchmark: a fresh interpreter instead of the standby: %s", unused.why_not(env))
+        log.info("benchmark: %s: %s", "a standby closed unused" if current else
+                 "a fresh interpreter instead of the standby", unused.why_not(env))
         unused.close()
     return current
 
