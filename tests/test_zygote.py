@@ -5,6 +5,7 @@ interpreter where no zygote starts, and a zygote's children ended with it."""
 import logging
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -152,7 +153,8 @@ def test_the_next_standby_waits_while_a_measurement_times(standing_by):
         launcher.prepare_standby()
         standbys = list(launcher._standby["ready"])
         # Their imports would share the host with the timing.
-        assert [reaches(s.proc, {psutil.STATUS_STOPPED}) for s in standbys] == [psutil.STATUS_STOPPED] * 2
+        states = [reaches(s.proc, {psutil.STATUS_STOPPED}) for s in standbys]
+        assert states == [psutil.STATUS_STOPPED] * launcher.STANDBYS
     for standby in standbys:
         assert reaches(standby.proc, {psutil.STATUS_RUNNING, psutil.STATUS_SLEEPING}) != psutil.STATUS_STOPPED
         standby.close()
@@ -189,8 +191,17 @@ def test_two_measurements_started_at_once_each_find_a_standby_ready(standing_by)
     done, and the pool is filled again behind them."""
     launcher.prepare_standby()
     assert all(s.wait_ready()["ready"] for s in launcher._standby["ready"])
-    env = launcher.measurement_env()
-    taken = [launcher.take_standby(env), launcher.take_standby(env)]
+    env, together, taken = launcher.measurement_env(), threading.Barrier(2), []
+
+    def take() -> None:
+        together.wait()
+        taken.append(launcher.take_standby(env))
+
+    threads = [threading.Thread(target=take) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
     assert None not in taken and taken[0] is not taken[1]
     assert all(s.wait_ready()["ready"] and s.proc.poll() is None for s in taken)
     assert len(launcher._standby["ready"]) == launcher.STANDBYS and not set(taken) & set(launcher._standby["ready"])

@@ -12,7 +12,7 @@ from quantgate.backends import Backend, RecipeBase, register
 
 CUDA_ONLY = ("int4_weight_only", "float8_dynamic_activation")
 TINYGEMM_K_TILE = 128  # k values per tile of tinygemm's layout with torchao's inner_k_tiles of 8
-HEAD_ROWS = 16384  # a head's rows quantized at a time: float32 work of 0.3 GB a copy where its width is 4,096
+HEAD_ROWS = 16384  # a head's rows quantized at a time: HQQ's float32 copies of a part, not of the whole head
 
 
 class TorchAoRecipe(RecipeBase):
@@ -103,11 +103,14 @@ def quant_type(recipe: TorchAoRecipe):
 
 
 def quantize_by_rows(linear: torch.nn.Module, config, rows: int = HEAD_ROWS) -> None:
-    """The Linear's weight quantized to int4 in tinygemm's layout `rows` output rows at a time, the parts stacked into
-    one weight. torchao quantizes a weight at once, in float32 with HQQ's search: a 262,144-row head took 24 GB of GPU
-    memory beyond the model (docs/BENCHMARKS.md)."""
+    """The Linear's weight quantized by `config` (int4 in tinygemm's layout) `rows` output rows at a time, the parts
+    stacked into one weight. torchao quantizes a weight at once, in float32 copies with HQQ's search, which for a
+    large vocabulary's head took more GPU memory than the whole load before it (docs/BENCHMARKS.md, "The head in int4
+    too")."""
     from torchao.quantization import quantize_
 
+    if rows % 8:
+        raise ValueError(f"rows {rows}: parts stack in whole 8-row tiles, so rows must be a multiple of 8")
     weight, parts = linear.weight, []
     for start in range(0, weight.shape[0], rows):
         part = torch.nn.Linear(weight.shape[1], min(rows, weight.shape[0] - start), bias=False, device="meta")

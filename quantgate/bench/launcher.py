@@ -309,9 +309,9 @@ def take_standby(env: dict) -> Standby | None:
         return None
     with _standby_lock:
         current, stale = pool_taken(env)
-    for unused in stale:  # out of the lock: a timing's start and end do not wait for them
-        log.info("benchmark: %s: %s", "a standby closed unused" if current else
-                 "a fresh interpreter instead of the standby", unused.why_not(env))
+    for n, unused in enumerate(stale):  # out of the lock: closing waits for the process, a timing's start and end not
+        log.info("benchmark: %s: %s", "a fresh interpreter instead of the standby" if n == 0 and current is None
+                 else "a standby closed unused", unused.why_not(env))
         unused.close()
     return current
 
