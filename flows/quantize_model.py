@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from prefect import State, flow
@@ -66,6 +67,11 @@ class Model:
         """The reference's benchmark, waited for where it runs beside the recipes."""
         wait_for(self.benchmarked)
         return self.benchmark
+
+    def reference_benchmark_later(self) -> Benchmarked | Callable[[], Benchmarked | None] | None:
+        """The reference's benchmark where it has ended, else the wait for it: a recipe's benchmark then loads and
+        compiles while the reference's runs, and waits only to compare."""
+        return self.benchmark if self.benchmarked.is_set() else self.reference_benchmark
 
 
 def wait_for(event: threading.Event) -> None:
@@ -224,7 +230,7 @@ def gate_recipe(run: RunRecord, config: RunConfig, model: Model, recipe: RecipeB
     benchmarked = run_step(benchmark_task, steps.benchmark, Benchmarked, name, "benchmark", model.hold, name=name,
                            checkpoint=quantized.checkpoint, recipe=recipe, dtype=config.model.dtype,
                            device=model.device, settings=steps.benchmark, out_dir=out,
-                           reference=model.reference_benchmark(),
+                           reference=model.reference_benchmark_later(),
                            base_checkpoint=model.checkpoint, cache_dir=cache,
                            adapters_served={n: a["folder"] for n, a in served.items()} if steps.benchmark.adapters else None)
     if run.set_step(name, "benchmark", benchmarked):

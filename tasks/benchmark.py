@@ -9,6 +9,7 @@ Latency is batch 1, 256 prompt tokens and 256 new ones by default: prefill, then
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from pathlib import Path
 
 from quantgate import modeling
@@ -22,7 +23,8 @@ from quantgate.settings import BenchmarkSettings
 
 
 def benchmark(name: str, checkpoint: str, recipe: RecipeBase | None, dtype: str, device: str | dict,
-              settings: BenchmarkSettings, out_dir: str, reference: Benchmarked | None = None,
+              settings: BenchmarkSettings, out_dir: str,
+              reference: Benchmarked | Callable[[], Benchmarked | None] | None = None,
               base_checkpoint: str | None = None, cache_dir: str | None = None,
               adapters_served: dict[str, str] | None = None, alone=None) -> Benchmarked:
     """Measure one model in processes of its own: the reference (recipe None) or a recipe's saved checkpoint, what
@@ -31,6 +33,8 @@ def benchmark(name: str, checkpoint: str, recipe: RecipeBase | None, dtype: str,
     fails under a memory limit) becomes a record with its error. Inductor's compiled kernels are kept in
     `cache_dir`/inductor, so a model compiled once compiles again in a fraction of the time on the next run.
     `adapters_served` (name: folder): each measured again with the adapter on top, against the model without it.
+    `reference`: the reference's benchmark, or a function that waits for it, called once this model is measured (its
+    copy bandwidth then measured here, not taken from the reference's).
     `alone()`, where given, is a context in which the device is the step's alone (an orchestrator's turn): each
     process loads and compiles sharing the device, and times (or searches the KV cache's capacity) inside it; the
     memory of quantizing while loading, which times nothing, is measured beside the first load and compile where
@@ -41,7 +45,8 @@ def benchmark(name: str, checkpoint: str, recipe: RecipeBase | None, dtype: str,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     spec = Spec(checkpoint=checkpoint, recipe=recipe and recipe.model_dump(mode="json"), dtype=dtype, device=device,
-                settings=settings, out_dir=str(out), copy_bandwidth=reference and reference.copy_bandwidth,
+                settings=settings, out_dir=str(out),
+                copy_bandwidth=reference.copy_bandwidth if isinstance(reference, Benchmarked) else None,
                 mode="reference" if recipe is None else "saved",
                 inductor_cache=str(Path(cache_dir) / "inductor") if cache_dir else None)
     on_load = None
@@ -54,6 +59,8 @@ def benchmark(name: str, checkpoint: str, recipe: RecipeBase | None, dtype: str,
         result = measured_in_processes(name, spec, out, settings.processes, on_load.before(alone) if on_load else alone)
     if result["status"] != "ok":
         return Benchmarked(**result)
+    if callable(reference):
+        reference = reference()
     if reference and reference.latency:
         compare_with_reference(result, reference)
     warnings = list(result["diagnostics"]) + latency_warnings(result)

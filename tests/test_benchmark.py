@@ -150,6 +150,25 @@ def test_reference_and_recipe_latency_from_one_run(measured):
     assert int8["real_bytes"] < ref["real_bytes"] and int8["weight_bytes_per_token"] < ref["weight_bytes_per_token"]
 
 
+def test_a_reference_still_being_measured_is_waited_for_only_to_compare(tiny_llama, tmp_path):
+    """In a flow, a recipe's benchmark may start while the reference's runs: it is given the wait for it, which it
+    calls once measured, and measures its own copy bandwidth meanwhile."""
+    first = benchmark("reference", str(tiny_llama), None, "bfloat16", "cpu", SMALL, str(tmp_path / "first"))
+    called_once_measured = []
+
+    def reference_when_done():
+        called_once_measured.append((tmp_path / "second" / "benchmark.json").is_file())
+        return first
+
+    second = benchmark("again", str(tiny_llama), None, "bfloat16", "cpu", SMALL, str(tmp_path / "second"),
+                       reference=reference_when_done)
+    assert first.status == second.status == "ok", (first.reason, second.reason)
+    assert called_once_measured == [True]
+    assert second.latency["speedup_vs_reference"] == pytest.approx(
+        first.latency["decode_ms_per_token"] / second.latency["decode_ms_per_token"], rel=0.01)
+    assert second.copy_bandwidth > 0 and second.copy_bandwidth != first.copy_bandwidth  # its own, not given
+
+
 def test_the_benchmark_loads_the_saved_checkpoint_and_keeps_quantize_on_load_apart(measured, smollm2):
     ref, int8 = measured
     # Inference figures come from what ships: the recipe's own checkpoint folder.

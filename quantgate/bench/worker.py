@@ -36,7 +36,7 @@ class Spec(BaseModel):
     device: str | dict
     settings: BenchmarkSettings
     out_dir: str
-    copy_bandwidth: float | None = None  # the reference's, measured once a run
+    copy_bandwidth: float | None = None  # the reference's, where measured before; None: measured here
     mode: Literal["reference", "saved", "quantize_on_load"] = "reference"
     inductor_cache: str | None = None
     latency: bool = True  # false: memory while loading only
