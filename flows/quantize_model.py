@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from prefect import State, flow
@@ -33,6 +32,7 @@ from quantgate.record import RunRecord
 from quantgate.results import (AdaptersChecked, Benchmarked, Downloaded, Evaluated, Generated, Published, Quantized,
                                Reference, Validated)
 from quantgate.settle import settle
+from tasks.benchmark import compared
 from tasks.benchmark import prepare as prepare_measurements
 
 log = logging.getLogger("quantgate.progress")
@@ -68,10 +68,9 @@ class Model:
         wait_for(self.benchmarked)
         return self.benchmark
 
-    def reference_benchmark_later(self) -> Benchmarked | Callable[[], Benchmarked | None] | None:
-        """The reference's benchmark where it has ended, else the wait for it: a recipe's benchmark then loads and
-        compiles while the reference's runs, and waits only to compare."""
-        return self.benchmark if self.benchmarked.is_set() else self.reference_benchmark
+    def reference_benchmark_now(self) -> Benchmarked | None:
+        """The reference's benchmark where it has ended ok; None where it has not ended (yet)."""
+        return self.benchmark if self.benchmarked.is_set() else None
 
 
 def wait_for(event: threading.Event) -> None:
@@ -227,12 +226,15 @@ def gate_recipe(run: RunRecord, config: RunConfig, model: Model, recipe: RecipeB
                          adapters_served={n: a for n, a in served.items() if a.get("evaluate")})
     if not run.set_step(name, "evaluate", evaluated):
         return
+    # Not waited for: the reference's benchmark may still run; compared after, once no step holds the device.
+    reference_now = model.reference_benchmark_now()
     benchmarked = run_step(benchmark_task, steps.benchmark, Benchmarked, name, "benchmark", model.hold, name=name,
                            checkpoint=quantized.checkpoint, recipe=recipe, dtype=config.model.dtype,
-                           device=model.device, settings=steps.benchmark, out_dir=out,
-                           reference=model.reference_benchmark_later(),
+                           device=model.device, settings=steps.benchmark, out_dir=out, reference=reference_now,
                            base_checkpoint=model.checkpoint, cache_dir=cache,
                            adapters_served={n: a["folder"] for n, a in served.items()} if steps.benchmark.adapters else None)
+    if reference_now is None:
+        benchmarked = compared(benchmarked, model.reference_benchmark())
     if run.set_step(name, "benchmark", benchmarked):
         publish(run, config, name, awaiting)
 

@@ -9,7 +9,6 @@ Latency is batch 1, 256 prompt tokens and 256 new ones by default: prefill, then
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
 from pathlib import Path
 
 from quantgate import modeling
@@ -23,8 +22,7 @@ from quantgate.settings import BenchmarkSettings
 
 
 def benchmark(name: str, checkpoint: str, recipe: RecipeBase | None, dtype: str, device: str | dict,
-              settings: BenchmarkSettings, out_dir: str,
-              reference: Benchmarked | Callable[[], Benchmarked | None] | None = None,
+              settings: BenchmarkSettings, out_dir: str, reference: Benchmarked | None = None,
               base_checkpoint: str | None = None, cache_dir: str | None = None,
               adapters_served: dict[str, str] | None = None, alone=None) -> Benchmarked:
     """Measure one model in processes of its own: the reference (recipe None) or a recipe's saved checkpoint, what
@@ -33,8 +31,8 @@ def benchmark(name: str, checkpoint: str, recipe: RecipeBase | None, dtype: str,
     fails under a memory limit) becomes a record with its error. Inductor's compiled kernels are kept in
     `cache_dir`/inductor, so a model compiled once compiles again in a fraction of the time on the next run.
     `adapters_served` (name: folder): each measured again with the adapter on top, against the model without it.
-    `reference`: the reference's benchmark, or a function that waits for it, called once this model is measured (its
-    copy bandwidth then measured here, not taken from the reference's).
+    `reference`: the reference's benchmark, whose copy bandwidth this one's floor takes and which it is compared with;
+    without it, the bandwidth is measured here (`compared` adds the comparison later).
     `alone()`, where given, is a context in which the device is the step's alone (an orchestrator's turn): each
     process loads and compiles sharing the device, and times (or searches the KV cache's capacity) inside it; the
     memory of quantizing while loading, which times nothing, is measured beside the first load and compile where
@@ -45,8 +43,7 @@ def benchmark(name: str, checkpoint: str, recipe: RecipeBase | None, dtype: str,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     spec = Spec(checkpoint=checkpoint, recipe=recipe and recipe.model_dump(mode="json"), dtype=dtype, device=device,
-                settings=settings, out_dir=str(out),
-                copy_bandwidth=reference.copy_bandwidth if isinstance(reference, Benchmarked) else None,
+                settings=settings, out_dir=str(out), copy_bandwidth=reference and reference.copy_bandwidth,
                 mode="reference" if recipe is None else "saved",
                 inductor_cache=str(Path(cache_dir) / "inductor") if cache_dir else None)
     on_load = None
@@ -59,8 +56,6 @@ def benchmark(name: str, checkpoint: str, recipe: RecipeBase | None, dtype: str,
         result = measured_in_processes(name, spec, out, settings.processes, on_load.before(alone) if on_load else alone)
     if result["status"] != "ok":
         return Benchmarked(**result)
-    if callable(reference):
-        reference = reference()
     if reference and reference.latency:
         compare_with_reference(result, reference)
     warnings = list(result["diagnostics"]) + latency_warnings(result)
@@ -154,6 +149,15 @@ def room_beside(checkpoint: str, base_checkpoint: str, device: str | dict, setti
 
 def quantizes_while_loading(recipe: RecipeBase | None) -> bool:
     return recipe is not None and backend_of(recipe).load_config(recipe, []) is not None
+
+
+def compared(benchmarked: Benchmarked, reference: Benchmarked | None) -> Benchmarked:
+    """A benchmark measured without the reference's figures, compared with them where both ended ok."""
+    if not (benchmarked.ok and reference and reference.latency):
+        return benchmarked
+    result = benchmarked.model_dump()
+    compare_with_reference(result, reference)
+    return Benchmarked(**result)
 
 
 def compare_with_reference(result: dict, reference: Benchmarked) -> None:
