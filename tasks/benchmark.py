@@ -155,9 +155,9 @@ def compared(benchmarked: Benchmarked, reference: Benchmarked | None) -> Benchma
     """A benchmark measured without the reference's figures, compared with them where both ended ok."""
     if not (benchmarked.ok and reference and reference.latency):
         return benchmarked
-    result = benchmarked.model_dump()
+    result = {"latency": dict(benchmarked.latency), "memory": dict(benchmarked.memory)}
     compare_with_reference(result, reference)
-    return Benchmarked(**result)
+    return benchmarked.model_copy(update=result)  # the fields the step set, and no others, stay set
 
 
 def compare_with_reference(result: dict, reference: Benchmarked) -> None:

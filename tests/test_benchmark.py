@@ -165,6 +165,7 @@ def test_a_benchmark_measured_before_the_references_ended_is_compared_after(tiny
     assert later.latency["speedup_vs_reference"] == pytest.approx(
         first.latency["decode_ms_per_token"] / alone.latency["decode_ms_per_token"], rel=0.01)
     assert later.copy_bandwidth == alone.copy_bandwidth and later.warnings == alone.warnings
+    assert later.model_fields_set == alone.model_fields_set and "speedup_vs_reference" not in alone.latency
     assert compared(alone, None) is alone
 
 

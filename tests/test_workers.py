@@ -304,17 +304,34 @@ def test_a_stop_reaches_a_step_waiting_for_its_turn_and_a_step_about_to_start():
 
 @pytest.mark.integration  # a whole flow, with a Prefect server
 def test_two_recipes_at_once_gate_side_by_side_each_in_its_process_and_the_benchmarks_time_alone(
-        tiny_llama, cache_dir, prefect_server, tmp_path):
+        tiny_llama, cache_dir, prefect_server, tmp_path, monkeypatch):
     import json
     import re
+    import threading
     from datetime import datetime
 
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterTaskRunId, TaskRunFilter, TaskRunFilterName
 
+    import flows.quantize_model as flow
     from tests.conftest import QUICK, run_flow
 
     recipes = ("torchao-int8-weight-only", "quanto-int8")
+    # The reference's benchmark held back until a recipe's benchmark has begun: that one measures without its figures.
+    recipe_benchmark_began, began_before = threading.Event(), []
+    now, benchmark_reference = flow.Model.reference_benchmark_now, flow.benchmark_reference
+
+    def reference_benchmark_now(model):
+        began_before.append((found := now(model)) is None)
+        recipe_benchmark_began.set()
+        return found
+
+    def held_back(run, config, model):
+        recipe_benchmark_began.wait(300)
+        benchmark_reference(run, config, model)
+
+    monkeypatch.setattr(flow.Model, "reference_benchmark_now", reference_benchmark_now)
+    monkeypatch.setattr(flow, "benchmark_reference", held_back)
     run_dir, shown, code = run_flow(tmp_path / "runs", cache_dir, [
         f"model.source={tiny_llama}", "model.dtype=float32", *QUICK, "model.recipes_at_once=2",
         f"recipes=[{', '.join(recipes)}]"])
@@ -347,6 +364,10 @@ def test_two_recipes_at_once_gate_side_by_side_each_in_its_process_and_the_bench
         others = [v for (_, step), v in steps.items() if step != "benchmark"]
         others += [v for r, v in alone.items() if r != recipe]
         assert all(e <= start + 0.05 or s >= end - 0.05 for s, e in others), (recipe, start, end)
+
+    # The first recipe's benchmark began before the reference's had ended, and was compared with it after.
+    assert began_before[0] is True
+    assert all(metrics["recipes"][r]["benchmark"]["latency"]["speedup_vs_reference"] > 0 for r in recipes)
 
     log = (run_dir / "run.log").read_text()
     pids = {r: re.search(rf"quantgate.workers: {re.escape(r)}: worker process (\d+) started", log) for r in recipes}
