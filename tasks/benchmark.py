@@ -31,8 +31,8 @@ def benchmark(name: str, checkpoint: str, recipe: RecipeBase | None, dtype: str,
     fails under a memory limit) becomes a record with its error. Inductor's compiled kernels are kept in
     `cache_dir`/inductor, so a model compiled once compiles again in a fraction of the time on the next run.
     `adapters_served` (name: folder): each measured again with the adapter on top, against the model without it.
-    `reference`: the reference's benchmark, whose copy bandwidth this one's floor takes and which it is compared with;
-    without it, the bandwidth is measured here (`compared` adds the comparison later).
+    `reference`: the reference's benchmark, whose copy bandwidth this one's floor takes and which it is compared with
+    (`compared`); without it, the bandwidth is measured here.
     `alone()`, where given, is a context in which the device is the step's alone (an orchestrator's turn): each
     process loads and compiles sharing the device, and times (or searches the KV cache's capacity) inside it; the
     memory of quantizing while loading, which times nothing, is measured beside the first load and compile where
@@ -56,8 +56,6 @@ def benchmark(name: str, checkpoint: str, recipe: RecipeBase | None, dtype: str,
         result = measured_in_processes(name, spec, out, settings.processes, on_load.before(alone) if on_load else alone)
     if result["status"] != "ok":
         return Benchmarked(**result)
-    if reference and reference.latency:
-        compare_with_reference(result, reference)
     warnings = list(result["diagnostics"]) + latency_warnings(result)
     if settings.memory_budget:
         result["kv_cache"] = kv_cache = run_measurement(name, spec.model_copy(update={"measure": "kv_cache"}),
@@ -71,7 +69,7 @@ def benchmark(name: str, checkpoint: str, recipe: RecipeBase | None, dtype: str,
         warnings += [f"quantize on load: {d}" for d in found.get("diagnostics", [])]
         if found["status"] != "ok":
             warnings.append(f"quantize on load: {found['reason']}")
-    return Benchmarked(**{**result, "warnings": warnings})
+    return compared(Benchmarked(**{**result, "warnings": warnings}), reference)
 
 
 def prepare() -> None:
@@ -152,7 +150,8 @@ def quantizes_while_loading(recipe: RecipeBase | None) -> bool:
 
 
 def compared(benchmarked: Benchmarked, reference: Benchmarked | None) -> Benchmarked:
-    """A benchmark measured without the reference's figures, compared with them where both ended ok."""
+    """The benchmark with its speedup over the reference and its GPU peak's reduction, where both ended ok: at the
+    step's end, or after it for one measured before the reference's benchmark had ended."""
     if not (benchmarked.ok and reference and reference.latency):
         return benchmarked
     result = {"latency": dict(benchmarked.latency), "memory": dict(benchmarked.memory)}

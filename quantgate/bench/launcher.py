@@ -308,7 +308,9 @@ def take_standby(env: dict) -> Standby | None:
     if not stands_by():
         return None
     with _standby_lock:
-        current, stale = pool_taken(env)
+        stale = weeded(env)
+        current = _standby["ready"].pop(0) if _standby["ready"] else None
+        refill(env)
     for n, unused in enumerate(stale):  # out of the lock: closing waits for the process, a timing's start and end not
         log.info("benchmark: %s: %s", "a fresh interpreter instead of the standby" if n == 0 and current is None
                  else "a standby closed unused", unused.why_not(env))
@@ -321,22 +323,26 @@ def prepare_standby() -> None:
     done by the time they are asked for."""
     if not stands_by():
         return
+    env = measurement_env()
     with _standby_lock:
-        _, stale = pool_taken(measurement_env(), take=False)
+        stale = weeded(env)
+        refill(env)
     for unused in stale:
         unused.close()
 
 
-def pool_taken(env: dict, take: bool = True) -> tuple[Standby | None, list[Standby]]:
-    """The oldest standby that serves `env` taken from the pool (where `take`), the ones that do not serve it taken
-    out, and new ones started up to STANDBYS: (the one taken, the ones to close). Called under _standby_lock."""
+def weeded(env: dict) -> list[Standby]:
+    """The pool's standbys that do not serve `env` (ended, or another environment), taken out of it. Under the lock."""
     ready = _standby["ready"]
     stale = [s for s in ready if not s.serves(env)]
     ready[:] = [s for s in ready if s not in stale]
-    current = ready.pop(0) if take and ready else None
-    while len(ready) < STANDBYS and (fresh := new_standby(env)) is not None:
-        ready.append(fresh)
-    return current, stale
+    return stale
+
+
+def refill(env: dict) -> None:
+    """New standbys in `env` until the pool holds STANDBYS, or one cannot start. Under the lock."""
+    while len(_standby["ready"]) < STANDBYS and (fresh := new_standby(env)) is not None:
+        _standby["ready"].append(fresh)
 
 
 def new_standby(env: dict) -> Standby | None:
