@@ -6,6 +6,7 @@
 #   pip download --no-deps ... -d .gpu/b torchao==0.18.0 optimum-quanto==0.2.7 gguf==0.19.0 pydantic==2.14.3 \
 #       pydantic-core annotated-types typing-inspection;  -d .gpu/c bitsandbytes==0.50.2
 # Usage on the device: bash docs/gpu/run_on_gpu.sh a|b|c   (carry .gpu/a, .gpu/b, .gpu/c)
+# The folders the later modes carry (.gpu/w, .gpu/hx, .gpu/pt; the flow's .gpu/v1...) are made by docs/gpu/wheels.py.
 # Validation on the Gemma-3-12B-shaped checkpoint is one call on its own: bash docs/gpu/run_on_gpu.sh d
 # carrying .gpu/d (bitsandbytes, torchao and pydantic wheels as above, SmolLM2's tokenizer files in tok/).
 set -u
@@ -18,9 +19,13 @@ install() {
   site
 }
 # The flow's wheels (see `flow` below), installed once a machine.
+# The flow's last wheel folder (docs/gpu/wheels.py flow), the one `flow` carries.
+last_folder() { ls -d .gpu/v[0-9]* | sort -V | tail -1; }
 flow_wheels() {
   if [ ! -f /tmp/site/.flow ]; then
-    cp .gpu/v3/*.whl /tmp/w/ && cat /tmp/w/pyarrow.part0 /tmp/w/pyarrow.part1 > /tmp/w/pyarrow-26.0.1-cp312-cp312-manylinux_2_28_x86_64.whl || exit 1
+    cp "$(last_folder)"/*.whl* /tmp/w/ || exit 1
+    # Wheels too big for one call came in pieces, one a folder.
+    for first in /tmp/w/*.whl.part0; do [ -e "$first" ] && cat "${first%.part0}".part* > "${first%.part0}"; done
     install /tmp/w/*.whl
     touch /tmp/site/.flow
   fi
@@ -231,24 +236,19 @@ for line in sys.stdin:
      timeout "${BENCH_S:-580}" python3 docs/gpu/bench_on_gpu.py capacity /tmp/g3-12b ${MODELS:-reference bnb-nf4 torchao-int4-weight-only} \
        2>>"$OUT/kv.err" | tee -a "$OUT/kv-g3.jsonl"
      grep -E "benchmark:|Error|Traceback" "$OUT/kv.err" | tail -${TAIL:-20} ;;
-  # The whole flow on the GPU (issues 19 and 39). Its wheels are the closure of pyproject's dependencies for cp312, less
-  # torch, numpy, scipy and what the image already holds at a version that serves (pandas, matplotlib, scikit-learn,
-  # pillow, fonttools, lxml, contourpy, kiwisolver) and with Prefect's extras (greenlet, h2, hpack, hyperframe): 150 MB
-  # in three calls of at most 51 MB beside the tree's 16 MB (a call carries 64 MiB) to one warm machine: `wheels .gpu/v1`
-  # (bitsandbytes with only its CPU and CUDA 13 libraries, the image's torch being cu130: 7 MB of 43; pyarrow's first
-  # 43.5 MB, split -b 43500000 -d -a 1 WHEEL pyarrow.part) and `wheels .gpu/v2` (pyarrow's second piece and half the
-  # rest), each copying its folder to /tmp/w, then `flow` carrying .gpu/v3 (the other half; SmolLM2's tokenizer files
-  # in tok/, copied into the checkpoint it builds: the steps tokenize). Made here with `pip download --no-deps
-  # --only-binary=:all: --python-version 3.12 ...` of each pinned name (`pip wheel --no-deps` for hqq, rouge-score,
-  # sqlitedict and word2number, which have only sdists). `flow`
-  # installs them, starts `quantgate run docs/gpu/flow_g3.yaml` in a session of its own (it outlives the call; on a
-  # GPU of under 100 GB two recipes at a time, not three) and waits POLL_S; `flow-poll` waits for its end and brings
-  # back the log, the record and the report.
+  # The whole flow on the GPU (issues 19 and 39). Its wheels: `docs/gpu/wheels.py flow` (the closure of pyproject's
+  # dependencies for cp312 at this checkout's versions, less what the image holds; bitsandbytes with only its CPU and
+  # CUDA 13.0 libraries; pyarrow in one piece a folder; SmolLM2's tokenizer files in the last folder's tok/, copied into
+  # the checkpoint: the steps tokenize), about 150 MB in folders of under 48 MB, each beside the tree's 16 MB in a call
+  # (a call carries 64 MiB) to one warm machine: `wheels .gpu/vK` for each but the last (each copies its folder to
+  # /tmp/w), then `flow` carrying the last. `flow` installs them, starts `quantgate run docs/gpu/flow_g3.yaml` in a
+  # session of its own (it outlives the call; on a GPU of under 100 GB two recipes at a time, not three) and waits
+  # POLL_S; `flow-poll` waits for its end and brings back the log, the record and the report.
   wheels) mkdir -p /tmp/w && cp "$2"/* /tmp/w/ && ls /tmp/w | wc -l ;;
   flow) flow_wheels
      [ -n "${FP8:-}" ] && fp8_kernels
      nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
-     g3_checkpoint; cp .gpu/v3/tok/* /tmp/g3-12b/
+     g3_checkpoint; cp "$(last_folder)"/tok/* /tmp/g3-12b/
      at_once=3; [ "$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)" -lt 100000 ] && at_once=2
      export PATH=/tmp/site/bin:$PATH PREFECT_HOME=/tmp/prefect-home HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
      date +%s > /tmp/flow.start; rm -f /tmp/flow.rc
@@ -259,7 +259,7 @@ for line in sys.stdin:
   flow-poll) flow_poll "${POLL_S:-540}" ;;
   # Block FP8 on torch's block-scaled matmul (issue 39): the layouts this torch takes (docs/gpu/scaled_mm_layouts.py),
   # the fp8 gpu-marked tests, then docs/gpu/fp8_kernels.py; carrying .gpu/w and .gpu/pt (pytest, iniconfig, pluggy).
-  # FP8=1 with `flow` runs them first, on the flow's wheels (pytest's there too, in .gpu/v3).
+  # FP8=1 with `flow` runs them first, on the flow's wheels (pytest's among them).
   fp8-kernels) install .gpu/w/*.whl .gpu/pt/*.whl
      fp8_kernels ;;
   # Block FP8 128x128's decode on torch's block-scaled matmul (issue 39): the saved checkpoint made by the quantize step,
@@ -326,10 +326,9 @@ for line in sys.stdin:
      grep -E "Error|Traceback" -A3 "$OUT/bench.err" | tail -8 ;;
   # Fresh-process rounds (ROUNDS="1 2 3") of the bf16 reference then torchao int4 (or MODELS) on the 12B shape, the
   # default decode attention (gqa), each round its own inductor cache (issue 39); carrying .gpu/w and .gpu/hx (the
-  # huggingface_hub in .gpu/w imports httpx2, which is in .gpu/hx; on a machine the flow's wheels went to, .gpu/w
-  # alone). PLAIN=1: each round then a plain decode loop with no quantgate code in a process of its own
+  # huggingface_hub in .gpu/w imports httpx2, which is in .gpu/hx), or nothing on a machine the flow's wheels went to. PLAIN=1: each round then a plain decode loop with no quantgate code in a process of its own
   # (docs/gpu/plain_loop.py), the yardstick.
-  rounds) install .gpu/w/*.whl $(ls .gpu/hx/*.whl 2>/dev/null)
+  rounds) [ -f /tmp/site/.flow ] && site || install .gpu/w/*.whl $(ls .gpu/hx/*.whl 2>/dev/null)
      { nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,power.limit --format=csv
        python3 -c "import torch, transformers, torchao, triton; print(torch.__version__, transformers.__version__, torchao.__version__, triton.__version__)"; } | tee -a "$OUT/env.txt"
      g3_checkpoint
@@ -356,12 +355,12 @@ for line in sys.stdin:
      grep -E "Error|Traceback" -A3 "$OUT/launcher.err" | tail -12
      [ -n "${NO_TESTS:-}" ] || timeout 300 python3 -m pytest -q -rs -m gpu -p no:cacheprovider tests/test_benchmark.py 2>&1 | tail -8 ;;
   # Issue 39: validate's long generations one prompt at a time against in one batch (docs/bench/generations_batched.py),
-  # the bf16 12B shape, fresh processes alternating, ROUNDS of each; carrying .gpu/w, .gpu/v3/tok (the steps tokenize) and
-  # .gpu/hx (huggingface_hub's network stack: httpx2, httpcore2, truststore, h11, anyio and theirs, from .gpu/v2 and v3),
+  # the bf16 12B shape, fresh processes alternating, ROUNDS of each; carrying .gpu/w, .gpu/pt/tok (the steps tokenize) and
+  # .gpu/hx (huggingface_hub's network stack: httpx2, httpcore2, truststore, h11, anyio and theirs),
   # installed first on a fresh machine.
   generations) install .gpu/hx/*.whl .gpu/w/*.whl
      nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
-     g3_checkpoint; cp .gpu/v3/tok/* /tmp/g3-12b/
+     g3_checkpoint; cp .gpu/pt/tok/* /tmp/g3-12b/
      for r in $(seq 1 "${ROUNDS:-2}"); do for how in alone together; do
        PYTHONPATH=/tmp/site:$PWD timeout 150 python3 docs/bench/generations_batched.py /tmp/g3-12b $how bfloat16 cuda 2>>"$OUT/generations.err" \
          | sed "s/^{/{\"round\": $r, /" | tee -a "$OUT/generations.jsonl" | cut -c1-160; done; done
