@@ -36,7 +36,7 @@ def kind(name: str) -> str:
 def profile(checkpoint: str, name: str) -> None:
     model = loaded(checkpoint, name)
     # SDPA: the benchmark's decode_attention (math, gqa, auto) or SDPBackend names, e.g. efficient_attention.
-    with decode_attention(os.environ.get("SDPA", "math"), model):
+    with decode_attention(os.environ.get("SDPA", "gqa"), model):
         _profile(model, name)
 
 
@@ -47,7 +47,7 @@ def loaded(checkpoint: str, name: str):
                         device=DEVICE, settings=BenchmarkSettings(), out_dir="/tmp"))()
     # The recipe's backend stacks its library's packed weights (torchao's int4), as the benchmark fuses them.
     fused = fuse_projections(model, backend_of(recipe) if recipe else None)["fused"]
-    print(json.dumps({"model": name, "sdpa": os.environ.get("SDPA", "math"), "fused": fused}), flush=True)
+    print(json.dumps({"model": name, "sdpa": os.environ.get("SDPA", "gqa"), "fused": fused}), flush=True)
     return model
 
 

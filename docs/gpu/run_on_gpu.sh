@@ -121,11 +121,11 @@ case "$1" in
   kernels) install ${WHEELS:-.gpu/f}/*.whl
      PACKINGS="${PACKINGS:-bf16 tile_packed_to_4d preshuffled plain triton}" timeout "${BENCH_S:-500}" \
        python3 docs/gpu/int4_kernels.py 2>&1 | grep -v Warning | tee "$OUT/int4-kernels.jsonl" ;;
-  # Where a decode step's GPU time goes: docs/gpu/profile_decode.py, carrying .gpu/b; SDPAS lists
-  # the attention settings to profile (the benchmark's math by default).
-  prof) install .gpu/b/*.whl
+  # Where a decode step's GPU time goes: docs/gpu/profile_decode.py, carrying .gpu/w and .gpu/hx (nothing on a machine
+  # the flow's wheels went to); SDPAS lists the attention settings to profile (the benchmark's gqa by default).
+  prof) [ -f /tmp/site/.flow ] && site || install .gpu/w/*.whl .gpu/hx/*.whl
      g3_checkpoint
-     for sdpa in ${SDPAS:-math}; do SDPA=$sdpa timeout "${BENCH_S:-540}" python3 docs/gpu/profile_decode.py /tmp/g3-12b \
+     for sdpa in ${SDPAS:-gqa}; do SDPA=$sdpa timeout "${BENCH_S:-540}" python3 docs/gpu/profile_decode.py /tmp/g3-12b \
        ${MODELS:-reference torchao-int4-weight-only} 2>>"$OUT/profile.err" | tee -a "$OUT/profile-g3.jsonl"; done
      grep -E "Error|error" "$OUT/profile.err" | tail -5 ;;
   # Issue 15: HQQ and GPTQ (llm-compressor) decode beside torchao int4 on the Gemma-3-12B-shaped checkpoint,
