@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
                        help="override a config field, e.g. --set steps.quantize.timeout_s=600")
         p.set_defaults(fn=fn)
     sub.choices["plan"].add_argument("--json", action="store_true", help="print the plans as JSON")
-    p = sub.add_parser("report", help="render a run directory's report.md, summary.png and cards again")
+    p = sub.add_parser("report", help="render a run directory's report.md, summary.png, timeline.png and cards again")
     p.add_argument("run_dir", type=Path)
     p.set_defaults(fn=report)
     p = sub.add_parser("remedy", help="which modules cause a recipe's drift, and the recipe that passes")

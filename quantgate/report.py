@@ -11,6 +11,7 @@ from quantgate.formats import (ADAPTER_HEADER, adapter_benchmark_lines, adapter_
                                adapter_row, code, context_line, gb, kl_line, num, peak_memory, scored, text,
                                tower_measures)
 from quantgate.plan import tower_lines
+from quantgate.timeline import time_to_verdict
 
 STEPS = ("quantize", "validate", "evaluate", "benchmark", "publish")
 KV_CACHE_HEADER = ["model", "budget", "cache", "context tokens", "decode ms/token there", "stopped by"]
@@ -142,14 +143,16 @@ def table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def write_report(run_dir: Path, metrics: dict) -> None:
-    """report.md and summary.png from the run's record (also `quantgate report RUN_DIR`)."""
+    """report.md, summary.png and timeline.png from the run's record (also `quantgate report RUN_DIR`)."""
     from quantgate.figure import plot_run
+    from quantgate.timeline import plot_timeline
 
-    figure = plot_run(metrics, run_dir / "summary.png")
-    write_atomic(run_dir / "report.md", render_report(metrics, figure.name if figure else None))
+    figure, timeline = plot_run(metrics, run_dir / "summary.png"), plot_timeline(metrics, run_dir / "timeline.png")
+    write_atomic(run_dir / "report.md", render_report(metrics, figure.name if figure else None,
+                                                      timeline.name if timeline else None))
 
 
-def render_report(metrics: dict, figure: str | None = None) -> str:
+def render_report(metrics: dict, figure: str | None = None, timeline: str | None = None) -> str:
     model = metrics["model"]
     lines = [f"# quantgate run {metrics['run_id']}", "",
              f"- model: {code(model['source'])} (revision {code(model.get('revision'))}, checkpoint sha256 "
@@ -163,7 +166,7 @@ def render_report(metrics: dict, figure: str | None = None) -> str:
                       "anything."]
     if figure:
         lines += ["", f"![MMLU delta against memory and speed]({figure})"]
-    lines += accuracy_lines(metrics) + step_lines(metrics) + benchmark_lines(metrics) + kv_cache_lines(metrics)
+    lines += accuracy_lines(metrics) + step_lines(metrics, timeline) + benchmark_lines(metrics) + kv_cache_lines(metrics)
     tower_rows = [(name, line) for name, entry in metrics["recipes"].items()
                   for line in tower_lines(entry.get("quantize", {}).get("towers", {}))]
     if tower_rows:
@@ -197,7 +200,7 @@ def accuracy_lines(metrics: dict) -> list[str]:
     return ["", "## Accuracy", "", said, "", *rows] if rows else []
 
 
-def step_lines(metrics: dict) -> list[str]:
+def step_lines(metrics: dict, timeline: str | None = None) -> list[str]:
     model, ref = metrics["model"], metrics["reference"]
     seconds = [("download", model.get("download", {}).get("seconds")), ("reference load", ref.get("load_s")),
                ("reference validate", ref.get("validate_s")), ("reference evaluate", ref.get("evaluate_s")),
@@ -209,6 +212,10 @@ def step_lines(metrics: dict) -> list[str]:
         cells = [s["status"] + (f" ({s['seconds']:.1f} s)" if s.get("seconds") is not None else "")
                  for s in (entry["steps"][step] for step in STEPS)]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if (finish := time_to_verdict(metrics)) is not None:
+        lines += ["", f"The verdict came {finish:.0f} s after the run's start."]
+    if timeline:
+        lines += ["", f"![Each step's span from the run's start]({timeline})"]
     return lines
 
 
