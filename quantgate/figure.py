@@ -42,8 +42,19 @@ def plot_run(metrics: dict, path: Path) -> Path | None:
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("MMLU delta vs reference (points, 95% CI)")
-    # A name is text, never mathtext: a `$` in a folder name would be parsed as math (and fail to render).
-    fig.suptitle(f"{metrics['model']['source']} — run {metrics['run_id']}".replace("$", r"\$"))
+    fig.suptitle(plain(f"{metrics['model']['source']} — run {metrics['run_id']}"))
+    return saved(fig, path)
+
+
+def plain(name: str) -> str:
+    """A name as text, never mathtext: a `$` in a folder name would be parsed as math (and fail to render)."""
+    return name.replace("$", r"\$")
+
+
+def saved(fig, path: Path) -> Path:
+    """The figure laid out and written as a PNG, whole or not at all; closed."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=110)

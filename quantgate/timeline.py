@@ -2,12 +2,11 @@
 row and each recipe's on its own, with the benchmarks' waits for the device and their time alone on it."""
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from quantgate.files import write_atomic
+from quantgate.figure import plain, saved
 
 # One colour a step, the same in every run's figure.
 COLOURS = {"download": "#8c8c8c", "reference": "#4c72b0", "quantize": "#dd8452", "generate": "#c9a0dc",
@@ -100,14 +99,9 @@ def plot_timeline(metrics: dict, path: Path) -> Path | None:
     if any(s.status not in ("ok", "skipped") for s in found):
         legend.append(Patch(facecolor="white", edgecolor="#c44e52", hatch="xx", label="did not end ok"))
     ax.legend(handles=legend, loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
-    ax.set_yticks(range(len(rows)), [r.replace("$", r"\$") for r in rows])
+    ax.set_yticks(range(len(rows)), [plain(r) for r in rows])
     ax.set_ylim(len(rows) - 0.5, -0.5)
     ax.set_xlabel("seconds from the run's start")
     ax.grid(axis="x", alpha=0.3)
-    # A name is text, never mathtext: a `$` in a folder name would be parsed as math (and fail to render).
-    ax.set_title(f"{metrics['model']['source']} — run {metrics['run_id']}: where the time went".replace("$", r"\$"))
-    fig.tight_layout()
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=110)
-    plt.close(fig)
-    return write_atomic(path, png.getvalue())
+    ax.set_title(plain(f"{metrics['model']['source']} — run {metrics['run_id']}: where the time went"))
+    return saved(fig, path)
