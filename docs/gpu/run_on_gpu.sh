@@ -38,7 +38,7 @@ flow_poll() {
   echo "elapsed $(( $(date +%s) - $(cat /tmp/flow.start) )) s, exit code $(cat /tmp/flow.rc 2>/dev/null || echo running)"
   tail -25 /tmp/flow.log; cp /tmp/flow.log "$OUT/"
   run=$(ls -td /tmp/qg-runs/*/ 2>/dev/null | head -1)
-  [ -n "$run" ] && cp "$run/metrics.json" "$run/report.md" "$run/run.log" "$run/summary.png" "$OUT/" 2>/dev/null
+  [ -n "$run" ] && cp "$run/metrics.json" "$run/report.md" "$run/run.log" "$run/summary.png" "$run/timeline.png" "$OUT/" 2>/dev/null
   [ -n "$run" ] && find "$run" -name "benchmark*-log.txt" | tar czf "$OUT/benchmark-logs.tgz" -T - 2>/dev/null
 }
 fp8_kernels() {
