@@ -341,6 +341,11 @@ for line in sys.stdin:
          python3 docs/gpu/plain_loop.py /tmp/g3-12b 2>>"$OUT/plain.err" | sed "s/^{/{\"round\": $r, /" | tee -a "$OUT/rounds-g3.jsonl"
      done
      grep -E "Error|Traceback" -A3 "$OUT/bench.err" | tail -8 ;;
+  # Issue 39: the decode step's attention alone, formula against formula (docs/gpu/attention_variants.py); the image's
+  # torch is enough, nothing carried.
+  attention-variants) timeout "${BENCH_S:-200}" python3 docs/gpu/attention_variants.py 2>"$OUT/attention-variants.err" \
+       | tee "$OUT/attention-variants.jsonl"
+     grep -E "Error|Traceback" -A3 "$OUT/attention-variants.err" | tail -8 ;;
   # Issue 39: where a benchmark process's start goes on a CUDA host, and whether a process forked after the zygote's
   # imports can use CUDA (docs/gpu/process_start.py); on the flow's wheels (after `flow`), or carrying .gpu/w.
   starts) [ -f /tmp/site/.flow ] && site || install .gpu/w/*.whl

@@ -22,9 +22,9 @@ from packaging.utils import canonicalize_name
 ROOT = Path(__file__).resolve().parents[2]
 GPU = ROOT / ".gpu"
 # In the image already, with torch 2.11 (or heavy, and at a version that serves).
+# Not pytz: the image's pandas 3 does without it, and Prefect's server imports it.
 IN_IMAGE = {"torch", "triton", "numpy", "scipy", "pandas", "matplotlib", "scikit-learn", "pillow", "fonttools", "lxml",
-            "contourpy", "kiwisolver", "cycler", "pyparsing", "sympy", "mpmath", "networkx", "setuptools",
-            "python-dateutil", "six", "pytz", "tzdata", "joblib", "threadpoolctl"}
+            "contourpy", "kiwisolver", "cycler", "pyparsing", "sympy", "mpmath", "networkx", "setuptools"}
 BENCH = ["transformers", "torchao", "accelerate", "pydantic", "psutil", "pyyaml", "safetensors", "gguf"]
 # huggingface_hub's network stack, kept apart: a machine the flow's wheels went to has it already.
 NETWORK = ["httpx2", "httpcore2", "h11", "anyio", "idna", "certifi", "truststore", "sniffio", "httpx", "httpcore"]
