@@ -6,7 +6,9 @@ gated side by side take turns the same way (Turns)."""
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
+import multiprocessing
 import threading
 import time
 from dataclasses import dataclass
@@ -70,11 +72,14 @@ def made(client, name: str, slots: int) -> int:
 
 class Turns:
     """Within one run: steps share the machine, a timed step has it alone while it times. A step waiting to be alone
-    stops new steps from starting, so recipes gated side by side (model.recipes_at_once) do not keep it waiting."""
+    stops new steps from starting, so recipes gated side by side (model.recipes_at_once) do not keep it waiting, and
+    the steps running give way at their next point (quantgate.sharing) where they have them. `wanted` is set while a
+    step waits: the recipes' worker processes read it."""
 
     def __init__(self):
         self.changed = threading.Condition()
         self.sharing, self.alone, self.waiting = 0, False, 0
+        self.wanted = multiprocessing.get_context("spawn").Event()
 
     def wait(self, ready) -> None:
         while not ready():
@@ -99,6 +104,7 @@ class Turns:
         and taken back, at once, after."""
         with self.changed:
             self.waiting += 1
+            self.wanted.set()
             try:
                 self.sharing -= 1
                 try:
@@ -108,6 +114,8 @@ class Turns:
                     raise
             finally:
                 self.waiting -= 1
+                if not self.waiting:
+                    self.wanted.clear()
             self.alone = True
         try:
             yield
@@ -117,7 +125,23 @@ class Turns:
                 self.changed.notify_all()
 
 
+    def give_way(self) -> bool:
+        """A sharing step's share given up while a step waits to be alone, and taken back once none waits or is
+        alone; False where none waited."""
+        with self.changed:
+            if not self.waiting:
+                return False
+            self.sharing -= 1
+            self.changed.notify_all()
+            try:
+                self.wait(lambda: not self.alone and not self.waiting)
+            finally:
+                self.sharing += 1
+        return True
+
+
 TURNS = Turns()
+_holding: contextvars.ContextVar[Hold | None] = contextvars.ContextVar("quantgate_hold", default=None)
 
 
 class Hold:
@@ -134,14 +158,33 @@ class Hold:
             self.share.enter_context(TURNS.shared())
             self.sizes = limit_sizes(self.devices)  # read once a step: its slots are asked for up to three times
             self.slot.enter_context(self.slots(alone=False))
+        self.token = _holding.set(self)
         return self
 
     def slots(self, alone: bool):
         return slots(self.devices, self.group, self.step, alone, self.sizes)
 
     def __exit__(self, *exc) -> None:
+        _holding.reset(self.token)
         self.slot.close()
         self.share.close()
+
+    def give_way(self) -> float:
+        """Where a step of this run waits to time alone: this step's share and slot given up until it has timed, then
+        taken back (quantgate.sharing); the seconds it gave way."""
+        if self.step in TIMED or self.step in ASIDE or not TURNS.waiting:
+            return 0.0
+        t0 = time.perf_counter()
+        self.slot.close()
+        try:
+            gave = TURNS.give_way()
+        finally:
+            self.slot.enter_context(self.slots(alone=False))
+        seconds = time.perf_counter() - t0
+        if gave:
+            log.info("%s: %s gave the device way for %.0f s to a step timing alone", self.group, self.step, seconds,
+                     extra=SHOWN)
+        return seconds
 
     @contextlib.contextmanager
     def alone(self):
@@ -152,6 +195,12 @@ class Hold:
         with TURNS.upgraded(), self.slots(alone=True):
             yield
         self.slot.enter_context(self.slots(alone=False))
+
+
+def give_way_here() -> float:
+    """The calling step's hold gives way (Hold.give_way); nothing outside a step."""
+    hold = _holding.get()
+    return hold.give_way() if hold else 0.0
 
 
 def take(stack: contextlib.ExitStack, names: list[str], occupy: int) -> None:

@@ -40,11 +40,14 @@ class Worker:
         self.closing = threading.Lock()
 
     def start(self) -> None:
+        from flows.devices import TURNS  # here, not at the top: a worker process imports this module, not Prefect
+
         spawn = multiprocessing.get_context("spawn")  # fork would copy the flow's threads and Prefect's clients
         with _starting:
             raise_if_signalled()
             self.conn, child = spawn.Pipe()
-            self.process = spawn.Process(target=serve, args=(child, self.threads), name=f"quantgate-{self.label}")
+            self.process = spawn.Process(target=serve, args=(child, self.threads, TURNS.wanted),
+                                         name=f"quantgate-{self.label}")
             self.process.start()
             _live.add(self)
         child.close()
@@ -57,8 +60,12 @@ class Worker:
         try:
             self.conn.send((fn, args, kwargs))
             kind, payload = self.receive()
-            while kind == "log":
-                replay(payload)
+            while kind in ("log", "give_way"):
+                if kind == "log":
+                    replay(payload)
+                else:  # the step is at a point where it can wait while a benchmark of this run times
+                    from flows.devices import give_way_here
+                    self.conn.send(("go_on", give_way_here()))
                 kind, payload = self.receive()
         except BaseException:  # a timeout, a stop, the process gone: a step left mid-way, whose process is not reused
             self.close(wait_s=0)
@@ -252,10 +259,13 @@ def pickles(value) -> bool:
         return False
 
 
-def serve(conn, threads: int) -> None:
+def serve(conn, threads: int, wanted=None) -> None:
     """The worker's loop: a call in, its result or exception out; its log records and prints forwarded meanwhile.
-    `threads`: torch's CPU threads here (0: its default)."""
+    `threads`: torch's CPU threads here (0: its default). `wanted`: set while a step of the run waits to time alone;
+    a step then gives way at its next point (quantgate.sharing), asking the flow when to go on."""
     import torch
+
+    from quantgate.sharing import ways_to_give
 
     if threads:
         torch.set_num_threads(threads)
@@ -270,7 +280,13 @@ def serve(conn, threads: int) -> None:
         with lock:
             conn.send(message)
 
+    def went_on() -> None:
+        send(("give_way", None))
+        conn.recv()  # ("go_on", seconds): the benchmark has timed
+
     forward_logs(send)
+    if wanted is not None:
+        ways_to_give(wanted.is_set, went_on)
     while True:
         try:
             fn, args, kwargs = conn.recv()

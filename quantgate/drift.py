@@ -19,6 +19,7 @@ from quantgate.nonfinite import (NonFiniteScan, explain_nonfinite, first_nonfini
 from quantgate import prompts as validation_prompts
 from quantgate.runlog import SHOWN
 from quantgate.settings import ValidateSettings
+from quantgate.sharing import each_token, give_way
 from quantgate.backends import ValidateThresholds
 
 log = logging.getLogger("quantgate.validate")
@@ -70,7 +71,8 @@ def generate(model, tokenizer, prompts: list[dict], max_new_tokens: int) -> list
     for prompt in prompts:
         ids = encode(tokenizer, prompt).to(device)
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+                             do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+                             stopping_criteria=each_token())
         texts.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
     return texts
 
@@ -82,6 +84,7 @@ def measure_reference(model, tokenizer, settings: ValidateSettings, served: str 
     prompts, per_prompt, nonfinite, overflow = load_prompts(settings), [], None, None
     limit = serving_limit(served, modeling.computed_dtype(model))
     for prompt in prompts:
+        give_way()
         ids = encode(tokenizer, prompt).to(device)
         logits, hidden, flagged, over = forward_scanned(model, ids, limit)
         if flagged and nonfinite is None and (found := explain_nonfinite(model, ids)):
@@ -173,6 +176,7 @@ def compare(model, tokenizer, stats: dict, settings: ValidateSettings, served: s
     kls, top1, top5, cosines, found = [], [], [], [], {"nonfinite": None, "layer": None, "overflow": None}
     limit = serving_limit(served, modeling.computed_dtype(model))
     for ref in stats["prompts"]:
+        give_way()
         logits, cosine = compare_one(model, ref, limit, served, found)
         per_token = compare_prompt(ref, logits)
         if each:

@@ -18,6 +18,7 @@ from quantgate.drift import chat_prompts, compare_prompt, encode
 from quantgate.files import cached_tensors, save_tensors, sha256_file
 from quantgate.paths import DATA_DIR
 from quantgate.runlog import SHOWN
+from quantgate.sharing import each_token, give_way
 
 log = logging.getLogger("quantgate.validate")
 EDGES = (0, 128, 512, 2048, 8192, 32768, 131072)
@@ -75,6 +76,7 @@ def own_generations(model, tokenizer, settings) -> list[dict]:
 
 
 def top_at(model, ids: torch.Tensor, settings) -> dict:
+    give_way()
     positions = sampled(ids.shape[1], settings.bucket_positions)
     logits = model(input_ids=ids, logits_to_keep=positions.to(ids.device)).logits[0].float()
     top = torch.log_softmax(logits, -1).topk(settings.top_k, -1)
@@ -98,7 +100,8 @@ def generated_together(model, tokenizer, prompts: list[torch.Tensor], new_tokens
     for i, prompt in enumerate(prompts):
         ids[i, width - prompt.shape[1]:], mask[i, width - prompt.shape[1]:] = prompt[0], 1
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                         do_sample=False, output_scores=True, return_dict_in_generate=True, pad_token_id=pad)
+                         do_sample=False, output_scores=True, return_dict_in_generate=True, pad_token_id=pad,
+                         stopping_criteria=each_token())
     logp = torch.log_softmax(torch.stack(out.scores).float(), -1)  # [new tokens, prompts, vocab]
     made = []
     for i, prompt in enumerate(prompts):
@@ -131,6 +134,7 @@ def compare(model, tokenizer, stats: list[dict], settings, made_before: list[dic
     `made_before`, by own_generations, where they start from the reference's prompts and are as long)."""
     device, per = modeling.model_device(model), {}
     for ref in stats:
+        give_way()
         logits = model(input_ids=ref["ids"].to(device), logits_to_keep=ref["positions"].to(device)).logits[0]
         measured = compare_prompt(ref, logits.float().cpu())
         for j, position in enumerate(ref["positions"].tolist()):

@@ -1,12 +1,8 @@
 """Where a run's time went: each step's span from the run's record, and the figure drawn from them."""
 import json
 
-import pytest
-
 from quantgate import cli
 from quantgate.timeline import ALONE, WAITING, Span, plot_timeline, spans, time_to_verdict
-
-pytestmark = pytest.mark.fast
 
 
 def record() -> dict:

@@ -399,3 +399,84 @@ def test_a_worker_ignores_sigterm_but_what_it_starts_does_not(worker):
     time.sleep(0.5)
     assert worker.process.is_alive()
     assert worker.call(starts_and_signals_a_child, (), {}) == -signal.SIGTERM
+
+
+def gives_way_between_units(units: int, seconds: float, started: str) -> list[tuple[float, float]]:
+    """A long step's units of work, each after a point where it gives way (quantgate.sharing): when each ran."""
+    from pathlib import Path
+
+    from quantgate.sharing import give_way
+
+    Path(started).touch()
+    ran = []
+    for _ in range(units):
+        give_way()
+        start = time.time()
+        time.sleep(seconds)
+        ran.append((start, time.time()))
+    return ran
+
+
+def test_a_long_step_in_a_worker_gives_way_at_its_next_point_while_a_benchmark_of_the_run_times(worker, tmp_path):
+    import threading
+
+    from flows.devices import TURNS, Devices, Hold
+
+    started, seen = tmp_path / "started", {}
+
+    def validate():
+        with Hold(Devices(), "int8", "validate"):
+            seen["units"] = worker.call(gives_way_between_units, (16, 0.25, str(started)), {})
+
+    def benchmark():
+        while not started.exists():
+            time.sleep(0.05)
+        time.sleep(0.6)  # the step is mid-way: 4 s of units, 3.4 s of them left
+        with Hold(Devices(), "bench", "benchmark") as hold:
+            asked = time.time()
+            with hold.alone():
+                start = time.time()
+                time.sleep(1.0)
+                seen["alone"] = (asked, start, time.time())
+
+    threads = [threading.Thread(target=fn, daemon=True) for fn in (validate, benchmark)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not any(thread.is_alive() for thread in threads), "a step never got its turn"
+    (asked, start, end), units = seen["alone"], seen["units"]
+    assert start - asked < 1.0  # at most one unit's wait, not the step's 3.4 s left
+    assert not [u for u in units if u[0] < end and u[1] > start]  # no unit ran while it timed
+    assert units[-1][1] > end and len(units) == 16  # the step went on after it, and did all its work
+    assert not TURNS.wanted.is_set() and TURNS.sharing == 0 and not TURNS.alone
+
+
+def test_a_step_gives_way_only_where_its_orchestrator_said_how():
+    from quantgate import sharing
+
+    calls = []
+    sharing.give_way()  # nothing set: nothing happens
+    try:
+        sharing.ways_to_give(lambda: False, lambda: calls.append("gave"))
+        sharing.give_way()
+        sharing.ways_to_give(lambda: True, lambda: calls.append("gave"))
+        sharing.give_way()
+    finally:
+        sharing.ways_to_give(None, None)
+    assert calls == ["gave"]
+
+
+def test_a_generation_gives_way_after_each_token(tiny_llama):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from quantgate import drift, sharing
+
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(tiny_llama), AutoTokenizer.from_pretrained(tiny_llama)
+    asked = []
+    try:
+        sharing.ways_to_give(lambda: True, lambda: asked.append(1))
+        texts = drift.generate(model, tokenizer, [{"id": "p", "text": "The tower", "chat": False}], max_new_tokens=6)
+    finally:
+        sharing.ways_to_give(None, None)
+    assert len(texts) == 1 and len(asked) == 6  # once a token, none stopped early
