@@ -124,7 +124,6 @@ class Turns:
                 self.alone, self.sharing = False, self.sharing + 1
                 self.changed.notify_all()
 
-
     def give_way(self) -> bool:
         """A sharing step's share given up while a step waits to be alone, and taken back once none waits or is
         alone; False where none waited."""
