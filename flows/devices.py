@@ -168,22 +168,20 @@ class Hold:
         self.slot.close()
         self.share.close()
 
-    def give_way(self) -> float:
+    def give_way(self) -> None:
         """Where a step of this run waits to time alone: this step's share and slot given up until it has timed, then
-        taken back (quantgate.sharing); the seconds it gave way."""
+        taken back (quantgate.sharing)."""
         if self.step in TIMED or self.step in ASIDE or not TURNS.waiting:
-            return 0.0
+            return
         t0 = time.perf_counter()
         self.slot.close()
         try:
             gave = TURNS.give_way()
         finally:
             self.slot.enter_context(self.slots(alone=False))
-        seconds = time.perf_counter() - t0
         if gave:
-            log.info("%s: %s gave the device way for %.0f s to a step timing alone", self.group, self.step, seconds,
-                     extra=SHOWN)
-        return seconds
+            log.info("%s: %s gave the device way for %.0f s to a step timing alone", self.group, self.step,
+                     time.perf_counter() - t0, extra=SHOWN)
 
     @contextlib.contextmanager
     def alone(self):
@@ -196,10 +194,10 @@ class Hold:
         self.slot.enter_context(self.slots(alone=False))
 
 
-def give_way_here() -> float:
+def give_way_here() -> None:
     """The calling step's hold gives way (Hold.give_way); nothing outside a step."""
-    hold = _holding.get()
-    return hold.give_way() if hold else 0.0
+    if (hold := _holding.get()) is not None:
+        hold.give_way()
 
 
 def take(stack: contextlib.ExitStack, names: list[str], occupy: int) -> None:

@@ -65,7 +65,8 @@ class Worker:
                     replay(payload)
                 else:  # the step is at a point where it can wait while a benchmark of this run times
                     from flows.devices import give_way_here
-                    self.conn.send(("go_on", give_way_here()))
+                    give_way_here()
+                    self.conn.send(("go_on", None))
                 kind, payload = self.receive()
         except BaseException:  # a timeout, a stop, the process gone: a step left mid-way, whose process is not reused
             self.close(wait_s=0)
@@ -282,7 +283,7 @@ def serve(conn, threads: int, wanted=None) -> None:
 
     def went_on() -> None:
         send(("give_way", None))
-        conn.recv()  # ("go_on", seconds): the benchmark has timed
+        conn.recv()  # ("go_on", None): the benchmark has timed
 
     forward_logs(send)
     if wanted is not None:

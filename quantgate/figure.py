@@ -10,11 +10,7 @@ from quantgate.files import write_atomic
 def plot_run(metrics: dict, path: Path) -> Path | None:
     """Each recipe's MMLU delta (95% CI) against its memory and its decode speedup; the reference at
     zero. None when no recipe has both an evaluation and a benchmark."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     ref = metrics["reference"]
     points = []
     for name, entry in metrics["recipes"].items():
@@ -46,6 +42,16 @@ def plot_run(metrics: dict, path: Path) -> Path | None:
     return saved(fig, path)
 
 
+def pyplot():
+    """matplotlib's pyplot on its file-only backend: a run draws with no display."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def plain(name: str) -> str:
     """A name as text, never mathtext: a `$` in a folder name would be parsed as math (and fail to render)."""
     return name.replace("$", r"\$")
@@ -53,8 +59,7 @@ def plain(name: str) -> str:
 
 def saved(fig, path: Path) -> Path:
     """The figure laid out and written as a PNG, whole or not at all; closed."""
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig.tight_layout()
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=110)

@@ -6,13 +6,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from quantgate.figure import plain, saved
+from quantgate.figure import plain, pyplot, saved
 
 # One colour a step, the same in every run's figure.
 COLOURS = {"download": "#8c8c8c", "reference": "#4c72b0", "quantize": "#dd8452", "generate": "#c9a0dc",
            "validate": "#55a868", "adapters": "#8172b3", "evaluate": "#937860", "benchmark": "#da8bc3",
            "publish": "#64b5cd", "remedy": "#ccb974"}
-WAITING, ALONE = "waiting to time alone", "timing alone"
+WAITING, ALONE = "waiting to time alone", "timing alone"  # drawn inside a benchmark's bar
+COLOURS.update({WAITING: "#d9d9d9", ALONE: "#222222"})
 
 
 @dataclass(frozen=True)
@@ -68,11 +69,9 @@ def time_to_verdict(metrics: dict) -> float | None:
 def plot_timeline(metrics: dict, path: Path) -> Path | None:
     """Each row's steps as bars on one time axis, a benchmark's wait and time alone drawn inside its bar, failed steps
     hatched, the finish marked. None where the record has no step's span."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
+
+    plt = pyplot()
 
     found = spans(metrics)
     if not found:
@@ -81,21 +80,18 @@ def plot_timeline(metrics: dict, path: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(12, 1.6 + 0.5 * max(len(rows), 4)))
     for span in found:
         y = rows.index(span.row)
-        if span.label in (WAITING, ALONE):  # inside the benchmark's bar: thinner, on top
-            colour, height = ("#d9d9d9", 0.3) if span.label == WAITING else ("#222222", 0.3)
-        else:
-            colour, height = COLOURS.get(span.label, "#999999"), 0.7
+        height = 0.3 if span.label in (WAITING, ALONE) else 0.7  # inside the benchmark's bar: thinner, on top
         hatch = None if span.status in ("ok", "skipped") else "xx"
-        ax.broken_barh([(span.start_s, span.seconds)], (y - height / 2, height), facecolors=colour, hatch=hatch,
+        ax.broken_barh([(span.start_s, span.seconds)], (y - height / 2, height),
+                       facecolors=COLOURS.get(span.label, "#999999"), hatch=hatch,
                        edgecolor="white" if hatch is None else "#c44e52", linewidth=0.5)
     finish = time_to_verdict(metrics)
     if finish is not None:
         ax.axvline(finish, color="#c44e52", linewidth=1)
         ax.annotate(f"verdict at {finish:.0f} s", (finish, len(rows) - 0.5), textcoords="offset points",
                     xytext=(-4, 2), ha="right", fontsize=8, color="#c44e52")
-    labels = [step for step in COLOURS if any(s.label == step for s in found)]
-    legend = [Patch(facecolor=COLOURS.get(label, "#999999"), label=label) for label in labels]
-    legend += [Patch(facecolor="#d9d9d9", label=WAITING), Patch(facecolor="#222222", label=ALONE)]
+    labels = [step for step in COLOURS if step in (WAITING, ALONE) or any(s.label == step for s in found)]
+    legend = [Patch(facecolor=COLOURS[label], label=label) for label in labels]
     if any(s.status not in ("ok", "skipped") for s in found):
         legend.append(Patch(facecolor="white", edgecolor="#c44e52", hatch="xx", label="did not end ok"))
     ax.legend(handles=legend, loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)

@@ -19,6 +19,8 @@ install() {
   site
 }
 # The flow's wheels (see `flow` below), installed once a machine.
+# The flow's wheels where `flow` installed them on this machine, else the wheels given.
+flow_site_or() { if [ -f /tmp/site/.flow ]; then site; else install "$@"; fi; }
 # The flow's last wheel folder (docs/gpu/wheels.py flow), the one `flow` carries.
 last_folder() { ls -d .gpu/v[0-9]* | sort -V | tail -1; }
 flow_wheels() {
@@ -123,7 +125,7 @@ case "$1" in
        python3 docs/gpu/int4_kernels.py 2>&1 | grep -v Warning | tee "$OUT/int4-kernels.jsonl" ;;
   # Where a decode step's GPU time goes: docs/gpu/profile_decode.py, carrying .gpu/w and .gpu/hx (nothing on a machine
   # the flow's wheels went to); SDPAS lists the attention settings to profile (the benchmark's gqa by default).
-  prof) [ -f /tmp/site/.flow ] && site || install .gpu/w/*.whl .gpu/hx/*.whl
+  prof) flow_site_or .gpu/w/*.whl .gpu/hx/*.whl
      g3_checkpoint
      for sdpa in ${SDPAS:-gqa}; do SDPA=$sdpa timeout "${BENCH_S:-540}" python3 docs/gpu/profile_decode.py /tmp/g3-12b \
        ${MODELS:-reference torchao-int4-weight-only} 2>>"$OUT/profile.err" | tee -a "$OUT/profile-g3.jsonl"; done
@@ -328,7 +330,7 @@ for line in sys.stdin:
   # default decode attention (gqa), each round its own inductor cache (issue 39); carrying .gpu/w and .gpu/hx (the
   # huggingface_hub in .gpu/w imports httpx2, which is in .gpu/hx), or nothing on a machine the flow's wheels went to. PLAIN=1: each round then a plain decode loop with no quantgate code in a process of its own
   # (docs/gpu/plain_loop.py), the yardstick.
-  rounds) [ -f /tmp/site/.flow ] && site || install .gpu/w/*.whl $(ls .gpu/hx/*.whl 2>/dev/null)
+  rounds) flow_site_or .gpu/w/*.whl $(ls .gpu/hx/*.whl 2>/dev/null)
      { nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,power.limit --format=csv
        python3 -c "import torch, transformers, torchao, triton; print(torch.__version__, transformers.__version__, torchao.__version__, triton.__version__)"; } | tee -a "$OUT/env.txt"
      g3_checkpoint
@@ -348,7 +350,7 @@ for line in sys.stdin:
      grep -E "Error|Traceback" -A3 "$OUT/attention-variants.err" | tail -8 ;;
   # Issue 39: where a benchmark process's start goes on a CUDA host, and whether a process forked after the zygote's
   # imports can use CUDA (docs/gpu/process_start.py); on the flow's wheels (after `flow`), or carrying .gpu/w.
-  starts) [ -f /tmp/site/.flow ] && site || install .gpu/w/*.whl
+  starts) flow_site_or .gpu/w/*.whl
      python3 docs/gpu/process_start.py 2>"$OUT/starts.err" | tee "$OUT/starts.jsonl"
      grep -E "Error|Traceback" -A3 "$OUT/starts.err" | tail -8 ;;
   # The benchmark's launcher on CUDA (no zygote there; a standby, else a fresh interpreter: docs/benchmark.md, "A
